@@ -1,0 +1,1 @@
+"""SAM model builders, checkpoints, preprocessing and the trainable wrapper."""

@@ -1,0 +1,115 @@
+"""Image, prompt and mask transforms between the original image frame and SAM's input frame.
+
+Two modes, chosen by the model config (``model.preprocess``):
+
+* ``sam``: the official pipeline, identical to ``SamPredictor.set_image``: resize the longest side
+  to ``image_size`` with ``ResizeLongestSide`` (PIL bilinear), normalise with SAM's pixel mean/std,
+  pad bottom-right to ``image_size x image_size``.
+* ``medsam``: MedSAM's training pipeline: resize to ``image_size x image_size`` (no aspect
+  preservation, no padding), min-max scale to [0, 1], no mean/std.
+
+Prompts are (x, y) = (column, row) pixel coordinates; arrays are indexed (row, col).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+PreprocessMode = Literal["sam", "medsam"]
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class SamTransform:
+    """Maps images, prompts and masks into the model's input frame and logits back out.
+
+    Args:
+        image_size: side of the square model input (1024 for official SAM, 256 for ``tiny``).
+        mode: ``"sam"`` or ``"medsam"`` (see module docstring).
+    """
+
+    def __init__(self, image_size: int, mode: PreprocessMode = "sam") -> None:
+        if mode not in ("sam", "medsam"):
+            raise ValueError(f"model.preprocess must be 'sam' or 'medsam', got {mode!r}")
+        self.image_size = int(image_size)
+        self.mode = mode
+        self._resize = ResizeLongestSide(self.image_size)
+        self._mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's low-resolution logits (image_size / 4)."""
+        return self.image_size // 4
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the image inside the model input before padding."""
+        if self.mode == "medsam":
+            return self.image_size, self.image_size
+        return ResizeLongestSide.get_preprocess_shape(*original_size, self.image_size)
+
+    def apply_image(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 image -> (3, S, S) float32 model input."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+        if self.mode == "medsam":
+            x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+            x = F.interpolate(
+                x, (self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
+            )[0]
+            lo, hi = x.min(), x.max()
+            return (x - lo) / torch.clamp(hi - lo, min=1e-8)
+        resized = torch.as_tensor(self._resize.apply_image(image)).permute(2, 0, 1).float()
+        x = (resized - self._mean) / self._std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def apply_coords(self, coords: np.ndarray | torch.Tensor, original_size: tuple[int, int]):
+        """(..., 2) (x, y) coordinates in original pixels -> model input frame (float)."""
+        h, w = original_size
+        new_h, new_w = self.input_size(original_size)
+        scale = np.array([new_w / w, new_h / h], dtype=np.float64)
+        if isinstance(coords, torch.Tensor):
+            return coords.float() * torch.as_tensor(scale, dtype=torch.float32, device=coords.device)
+        return np.asarray(coords, dtype=np.float64) * scale
+
+    def apply_boxes(self, boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int]):
+        """(N, 4) boxes [x_min, y_min, x_max, y_max] in original pixels -> model input frame."""
+        return self.apply_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def masks_to_low_res(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(K, H, W) binary masks -> (K, S/4, S/4) float {0, 1} targets aligned with the logits.
+
+        The mask is resized (nearest) into the input frame, padded like the image, then
+        4x4-averaged and thresholded at 0.5, so target pixel (i, j) covers the same input pixels
+        as logit pixel (i, j).
+        """
+        m = torch.as_tensor(np.asarray(masks)).float()[None]
+        if m.shape[1] == 0:
+            return torch.zeros(0, self.low_res_size, self.low_res_size)
+        h, w = self.input_size(tuple(m.shape[-2:]))
+        m = F.interpolate(m, (h, w), mode="nearest")
+        m = F.pad(m, (0, self.image_size - w, 0, self.image_size - h))
+        m = F.avg_pool2d(m, 4)
+        return (m[0] >= 0.5).float()
+
+    def postprocess(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
+        """(N, C, S/4, S/4) logits -> (N, C, H, W) logits at the original size.
+
+        ``sam`` mode equals ``Sam.postprocess_masks``: upsample to S, crop the padding, resize to
+        the original size. ``medsam`` mode resizes straight to the original size, as MedSAM does.
+        """
+        if self.mode == "medsam":
+            return F.interpolate(low_res_logits, original_size, mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            low_res_logits, (self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        h, w = self.input_size(original_size)
+        x = x[..., :h, :w]
+        return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
