@@ -76,7 +76,8 @@ class SamTransform:
         new_h, new_w = self.input_size(original_size)
         scale = np.array([new_w / w, new_h / h], dtype=np.float64)
         if isinstance(coords, torch.Tensor):
-            return coords.float() * torch.as_tensor(scale, dtype=torch.float32, device=coords.device)
+            factor = torch.as_tensor(scale, dtype=torch.float32, device=coords.device)
+            return coords.float() * factor
         return np.asarray(coords, dtype=np.float64) * scale
 
     def apply_boxes(self, boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int]):
@@ -106,7 +107,8 @@ class SamTransform:
         the original size. ``medsam`` mode resizes straight to the original size, as MedSAM does.
         """
         if self.mode == "medsam":
-            return F.interpolate(low_res_logits, original_size, mode="bilinear", align_corners=False)
+            size = tuple(original_size)
+            return F.interpolate(low_res_logits, size, mode="bilinear", align_corners=False)
         x = F.interpolate(
             low_res_logits, (self.image_size, self.image_size), mode="bilinear", align_corners=False
         )

@@ -1,0 +1,156 @@
+"""Reading, checking, loading and exporting SAM weights.
+
+Accepted files: the official SAM ``.pth`` (a flat state dict), MedSAM's full state dict (flat or
+under ``"model"``), our Lightning ``.ckpt`` (under ``"state_dict"``, keys prefixed ``model.sam.``,
+LoRA adapters unmerged) and our exported ``sam_finetuned.pth`` (official format). Every file is read
+with ``torch.load(..., weights_only=True)``: a file that needs pickled code is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sam_ft.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "model.", "sam.", "_orig_mod.")
+_LORA_BASE = re.compile(r"^(?P<stem>.*)\.base\.(?P<param>weight|bias)$")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Official-format SAM state dict from any accepted file (prefixes stripped, LoRA merged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refusing {path}: it holds pickled Python objects, which could run code when loaded "
+            f"({first}). Re-save it as a plain state dict of tensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {detail}"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not contain a state dict of tensors")
+    return merge_lora(strip_prefixes(obj))
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``model.``, ``sam.``) until the official names show.
+
+    Keys outside the SAM model (e.g. a Lightning module's loss buffers) are dropped only when they
+    never reach an official top-level name (``image_encoder``, ``prompt_encoder``, ...).
+    """
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    tops = ("image_encoder.", "prompt_encoder.", "mask_decoder.", "pixel_mean", "pixel_std")
+    if any(k.startswith(tops) for k in out):
+        out = {k: v for k, v in out.items() if k.startswith(tops)}
+    return out
+
+
+def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold LoRA adapters into their base weights: ``W = W0 + scale * B @ A``.
+
+    Our adapters are stored as ``<stem>.base.weight``, ``<stem>.lora_a`` (r, in),
+    ``<stem>.lora_b`` (out, r) and ``<stem>.lora_scale`` (a 0-d tensor).
+    """
+    if not any(k.endswith(".lora_a") for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.endswith((".lora_a", ".lora_b", ".lora_scale")):
+            continue
+        match = _LORA_BASE.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        stem, param = match["stem"], match["param"]
+        if param == "weight" and f"{stem}.lora_a" in state:
+            a, b = state[f"{stem}.lora_a"].float(), state[f"{stem}.lora_b"].float()
+            scale = state[f"{stem}.lora_scale"].float()
+            value = (value.float() + scale * (b @ a)).to(value.dtype)
+        out[f"{stem}.{param}"] = value
+    return out
+
+
+def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
+    """Name the known architecture whose encoder width and depth match ``state``, if any."""
+    from sam_ft.model.builders import SPECS
+
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    block = re.compile(r"image_encoder\.blocks\.(\d+)\.")
+    blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
+    arch = (patch.shape[0], len(blocks))
+    names = [n for n, s in SPECS.items() if (s.encoder_embed_dim, s.encoder_depth) == arch]
+    label = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H", "tiny": "tiny"}
+    pretty = " or ".join(dict.fromkeys(label.get(n, n) for n in names if n != "medsam"))
+    return pretty or f"an unknown encoder (width {arch[0]}, {arch[1]} blocks)"
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
+    """Load ``state`` into a ``Sam`` strictly; on any mismatch raise one readable error.
+
+    The error lists missing, unexpected and misshaped keys (a few of each) and the likely cause.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or misshaped):
+        model.load_state_dict(state, strict=True)
+        return
+    lines = [f"{source} does not fit model {name!r}:"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+            lines.append(f"  {title}: {shown}")
+    found = describe_architecture(state)
+    wanted = describe_architecture(expected)
+    if found and found != wanted:
+        lines.append(f"  likely cause: this looks like a {found} checkpoint; you asked for {name}")
+    elif any(k.startswith("image_encoder.pos_embed") for k in misshaped):
+        lines.append("  likely cause: the checkpoint was trained at another model.image_size")
+    raise CheckpointError("\n".join(lines))
+
+
+def export_official(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s weights as an official SAM state dict (LoRA merged).
+
+    ``segment_anything.sam_model_registry[<arch>](checkpoint=path)`` loads the file unchanged.
+    """
+    state = merge_lora(strip_prefixes({k: v.detach().cpu() for k, v in model.state_dict().items()}))
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"refusing to export {path}: parameter {key} is not finite")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,80 @@
+"""Fetch published weights into a local cache, verified by SHA-256, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sam_ft.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """``$SAM_FT_CACHE``, default ``~/.cache/sam_ft``."""
+    return Path(os.environ.get("SAM_FT_CACHE", Path.home() / ".cache" / "sam_ft")).expanduser()
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = None) -> Path:
+    """Return the cached file for ``url``, downloading it first if needed.
+
+    A cached file is reused only if its hash matches (when a hash is known). The download goes to
+    a temporary file in the cache directory and is renamed into place after verification, so a
+    killed download or a concurrent job never leaves a partial file under the final name.
+
+    Raises:
+        CheckpointError: offline or unreachable URL (the message says where to put the file by
+            hand), or a SHA-256 mismatch.
+    """
+    directory = Path(directory or cache_dir())
+    target = directory / filename
+    if target.exists():
+        if sha256 is None or sha256_of(target) == sha256:
+            return target
+        log.warning("%s does not match its published SHA-256; downloading it again", target)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {filename}")
+                with bar:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"could not download {url} ({err}). If this machine is offline, download the "
+                f"file elsewhere and put it at {target} (or set SAM_FT_CACHE to its folder)."
+            ) from None
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CheckpointError(
+                f"SHA-256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}. "
+                "The file was not saved."
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("saved %s", target)
+    return target

@@ -1,0 +1,158 @@
+"""SAM split into a differentiable ``encode`` and a batched ``decode``.
+
+``Sam.forward`` runs under ``torch.no_grad()``, so training calls the three parts directly. The
+decode path mirrors ``SamPredictor.predict_torch`` call for call (same prompt encoder padding, same
+decoder inputs, same postprocessing), which the parity test pins.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sam_ft.model.preprocess import SamTransform
+from sam_ft.prompts.types import Prompt
+
+
+class TrainableSam(nn.Module):
+    """A ``Sam`` with gradients, many prompts per decoder call, and input/output transforms.
+
+    Args:
+        sam: the model (any of ``sam_ft.model.builders``).
+        preprocess: ``"sam"`` or ``"medsam"``; how images and prompts enter the model.
+        grad_checkpointing: recompute trainable encoder blocks in the backward pass to save
+            activation memory.
+    """
+
+    def __init__(self, sam: Sam, preprocess: str = "sam", grad_checkpointing: bool = False):
+        super().__init__()
+        self.sam = sam
+        self.transform = SamTransform(sam.image_encoder.img_size, preprocess)
+        self.grad_checkpointing = grad_checkpointing
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True when no image-encoder parameter trains: embeddings may then be cached."""
+        return not any(p.requires_grad for p in self.sam.image_encoder.parameters())
+
+    def train(self, mode: bool = True) -> TrainableSam:
+        """Set train mode, but keep every fully frozen submodule in eval mode."""
+        super().train(mode)
+        if mode:
+            parts = [self.sam.prompt_encoder, self.sam.mask_decoder, self.sam.image_encoder]
+            parts += list(self.sam.image_encoder.blocks)
+            for module in parts:
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, S, S) float model input (same as ``SamPredictor.set_image``)."""
+        return self.transform.apply_image(image)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings."""
+        enc = self.sam.image_encoder
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return enc(images)
+        # Same computation as ImageEncoderViT.forward, with trainable blocks recomputed in backward.
+        x = enc.patch_embed(images)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for block in enc.blocks:
+            trains = any(p.requires_grad for p in block.parameters())
+            x = checkpoint(block, x, use_reentrant=False) if trains else block(x)
+        return enc.neck(x.permute(0, 3, 1, 2))
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        prompts: list[Prompt],
+        original_size: tuple[int, int],
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode all prompts of ONE image.
+
+        Prompts of the same structure (box or not, number of points, mask or not) share one
+        decoder call, so N box prompts cost one call.
+
+        Args:
+            embedding: (C, h, w) image embedding from ``encode``.
+            prompts: N prompts, (x, y) coordinates in ORIGINAL-image pixels.
+            original_size: (H, W) of the original image.
+            multimask_output: 3 masks per prompt if True, else 1.
+
+        Returns:
+            low-res mask logits (N, M, S/4, S/4) and IoU predictions (N, M), M = 3 or 1, in the
+            order of ``prompts``.
+        """
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, prompt in enumerate(prompts):
+            groups[prompt.structure].append(i)
+        n_out = 3 if multimask_output else 1
+        side = self.transform.low_res_size
+        logits = embedding.new_empty((len(prompts), n_out, side, side))
+        ious = embedding.new_empty((len(prompts), n_out))
+        for idx in groups.values():
+            group_logits, group_iou = self._decode_group(
+                embedding, [prompts[i] for i in idx], original_size, multimask_output
+            )
+            logits[idx] = group_logits.to(logits.dtype)
+            ious[idx] = group_iou.to(ious.dtype)
+        return logits, ious
+
+    def _decode_group(self, embedding, prompts, original_size, multimask_output):
+        device = embedding.device
+        first = prompts[0]
+        points = boxes = masks = None
+        if first.points is not None:
+            coords = np.stack([p.points for p in prompts])
+            coords = self.transform.apply_coords(coords, original_size)
+            labels = np.stack([p.point_labels for p in prompts])
+            points = (
+                torch.as_tensor(coords, dtype=torch.float32, device=device),
+                torch.as_tensor(labels, dtype=torch.int64, device=device),
+            )
+        if first.box is not None:
+            box = self.transform.apply_boxes(np.stack([p.box for p in prompts]), original_size)
+            boxes = torch.as_tensor(box, dtype=torch.float32, device=device)
+        if first.mask_logits is not None:
+            masks = torch.stack([torch.as_tensor(p.mask_logits) for p in prompts])[:, None]
+            masks = masks.to(device=device, dtype=torch.float32)
+        pe = self.sam.prompt_encoder
+        sparse, dense = pe(points=points, boxes=boxes, masks=masks)
+        return self.sam.mask_decoder(
+            image_embeddings=embedding[None],
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def postprocess(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
+        """(N, M, S/4, S/4) logits -> (N, M, H, W) logits at the original image size."""
+        return self.transform.postprocess(low_res_logits, original_size)
+
+    @torch.no_grad()
+    def predict(
+        self, image: np.ndarray, prompts: list[Prompt], multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image, many prompts, no gradients: the zero-shot path.
+
+        Returns:
+            logits (N, M, H, W) at the original size, IoU predictions (N, M), low-res logits.
+        """
+        device = next(self.parameters()).device
+        embedding = self.encode(self.preprocess(image)[None].to(device))[0]
+        low, iou = self.decode(embedding, prompts, image.shape[:2], multimask_output)
+        return self.postprocess(low, image.shape[:2]), iou, low
