@@ -1,0 +1,115 @@
+"""Which parts of SAM train: the ``finetune`` config group.
+
+Modes:
+    decoder         the paper's: image and prompt encoder frozen, mask decoder trains.
+    decoder_prompt  mask decoder + prompt encoder.
+    encoder_last_n  the last ``last_n`` ViT blocks + the neck + the mask decoder.
+    lora            rank-``rank`` adapters on every encoder block's attention qkv + the decoder;
+                    merged into plain weights on export.
+    full            everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sam_ft.errors import ConfigError
+from sam_ft.model.trainable import TrainableSam
+
+log = logging.getLogger(__name__)
+
+MODES = ("decoder", "decoder_prompt", "encoder_last_n", "lora", "full")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * x A^T B^T`` with A (r, in), B (out, r); B starts at zero.
+
+    Keys: ``base.weight``, ``base.bias``, ``lora_a``, ``lora_b``, ``lora_scale``: the checkpoint
+    reader (``sam_ft.model.checkpoint.merge_lora``) folds them back into one ``nn.Linear``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.register_buffer("lora_scale", torch.tensor(alpha / rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
+
+
+@dataclass
+class Finetune:
+    """Freezes and adapts a ``TrainableSam`` for one finetuning mode.
+
+    Args:
+        name: one of ``MODES``.
+        last_n: encoder blocks trained by ``encoder_last_n``.
+        rank, alpha: LoRA rank and scaling (scale = alpha / rank).
+        encoder_lr_scale: learning-rate multiplier for encoder parameters when they train.
+    """
+
+    name: str = "decoder"
+    last_n: int = 2
+    rank: int = 4
+    alpha: float = 4.0
+    encoder_lr_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in MODES:
+            raise ConfigError(f"finetune.name={self.name!r} is not one of {list(MODES)}")
+
+    def apply(self, model: TrainableSam) -> dict[str, int]:
+        """Set ``requires_grad`` per mode (adding LoRA adapters if asked); log and return counts."""
+        sam = model.sam
+        sam.requires_grad_(self.name == "full")
+        sam.mask_decoder.requires_grad_(True)
+        if self.name == "decoder_prompt":
+            sam.prompt_encoder.requires_grad_(True)
+        elif self.name == "encoder_last_n":
+            blocks = sam.image_encoder.blocks
+            if not 1 <= self.last_n <= len(blocks):
+                raise ConfigError(
+                    f"finetune.last_n={self.last_n}: the encoder has {len(blocks)} blocks"
+                )
+            for block in blocks[len(blocks) - self.last_n :]:
+                block.requires_grad_(True)
+            sam.image_encoder.neck.requires_grad_(True)
+        elif self.name == "lora":
+            for block in sam.image_encoder.blocks:
+                if not isinstance(block.attn.qkv, LoRALinear):
+                    block.attn.qkv = LoRALinear(block.attn.qkv, self.rank, self.alpha)
+                block.attn.qkv.lora_a.requires_grad_(True)
+                block.attn.qkv.lora_b.requires_grad_(True)
+        counts = count_parameters(model)
+        log.info(
+            "finetune=%s: %s trainable / %s frozen parameters",
+            self.name,
+            f"{counts['trainable']:,}",
+            f"{counts['frozen']:,}",
+        )
+        return counts
+
+    def param_groups(self, model: TrainableSam, lr: float) -> list[dict]:
+        """Optimizer groups: encoder parameters at ``lr * encoder_lr_scale``, the rest at ``lr``."""
+        encoder, rest = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (encoder if name.startswith("sam.image_encoder.") else rest).append(param)
+        groups = [{"params": rest, "lr": lr, "name": "decoder"}]
+        if encoder:
+            groups.append({"params": encoder, "lr": lr * self.encoder_lr_scale, "name": "encoder"})
+        return groups
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable}
