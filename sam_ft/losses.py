@@ -1,0 +1,162 @@
+"""Segmentation losses for SAM's mask decoder (Hydra config group ``loss``).
+
+Two mask losses, each per object and per predicted mask, then averaged over objects:
+
+* ``dice_ce``: soft Dice + binary cross-entropy on sigmoid logits, the study's finetuning loss
+  (MONAI ``DiceCELoss(sigmoid=True)`` with per-sample Dice).
+* ``focal_dice``: 20 x focal + 1 x Dice, SAM's own training loss (focal alpha 0.25, gamma 2, as
+  in DETR / ``torchvision.ops.sigmoid_focal_loss``).
+
+With multimask output (C = 3) only the mask with the lowest loss counts for each object, as SAM
+trains its ambiguity-aware output. An optional MSE term trains the IoU head towards the true IoU
+of each binarised mask, which keeps ``predicted_iou`` mask selection meaningful after finetuning.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, FocalLoss
+from torch import nn
+
+LossKind = Literal["dice_ce", "focal_dice"]
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of ``logits > 0`` with a {0, 1} target, per mask: (..., h, w) -> (...).
+
+    Two empty masks have IoU 1 (perfect agreement), so the IoU head is not taught that a correct
+    empty prediction is a failure.
+    """
+    pred = logits > 0
+    tgt = target > 0.5
+    inter = (pred & tgt).sum(dim=(-2, -1)).float()
+    union = (pred | tgt).sum(dim=(-2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+class SegmentationLoss(nn.Module):
+    """Per-object mask loss with best-of-C selection and an optional IoU-head MSE.
+
+    Args:
+        kind: ``"dice_ce"`` (the study's) or ``"focal_dice"`` (SAM's).
+        iou_weight: weight of the IoU-head MSE; 0 disables it (``iou_pred`` may then be None).
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term (``dice_ce``).
+        focal_weight: weight of the focal term (``focal_dice``; SAM uses 20 with Dice at 1).
+        focal_alpha: focal loss weight of the foreground class (0.25 as in SAM/DETR; None = off).
+        focal_gamma: focal loss focusing exponent.
+        iou_on: ``"all"`` trains the IoU head on all C masks (it must rank them to select one at
+            inference); ``"best"`` only on the mask that the mask loss kept.
+        smooth: Dice smoothing added to numerator and denominator (MONAI's default 1e-5).
+    """
+
+    def __init__(
+        self,
+        kind: LossKind = "dice_ce",
+        iou_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        focal_weight: float = 20.0,
+        focal_alpha: float | None = 0.25,
+        focal_gamma: float = 2.0,
+        iou_on: Literal["all", "best"] = "all",
+        smooth: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if kind not in ("dice_ce", "focal_dice"):
+            raise ValueError(f"loss kind must be 'dice_ce' or 'focal_dice', got {kind!r}")
+        if iou_on not in ("all", "best"):
+            raise ValueError(f"iou_on must be 'all' or 'best', got {iou_on!r}")
+        self.kind = kind
+        self.iou_weight = float(iou_weight)
+        self.dice_weight = float(dice_weight)
+        self.pixel_weight = float(ce_weight if kind == "dice_ce" else focal_weight)
+        self.pixel_name = "ce" if kind == "dice_ce" else "focal"
+        self.iou_on = iou_on
+        # reduction="none" keeps one Dice per (object, mask): per-object Dice, never batch-global.
+        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
+        self.focal = (
+            FocalLoss(gamma=focal_gamma, alpha=focal_alpha, reduction="none")
+            if kind == "focal_dice"
+            else None
+        )
+
+    def per_mask(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted Dice and pixel (CE or focal) loss of every mask -> dict of (N, C) tensors."""
+        t = target.to(logits.dtype).unsqueeze(1).expand_as(logits)
+        dice = self.dice(logits, t).reshape(logits.shape[:2])
+        if self.focal is None:
+            pix = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+        else:
+            pix = self.focal(logits, t)
+        return {"dice": dice, self.pixel_name: pix.mean(dim=(-2, -1))}
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        iou_pred: torch.Tensor | None,
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of a batch of objects.
+
+        Args:
+            logits: (N, C, h, w) mask logits, C = 1 or 3 (multimask).
+            iou_pred: (N, C) IoU-head predictions, or None when ``iou_weight == 0``.
+            target: (N, h, w) float {0, 1} ground truth at the logits' resolution.
+
+        Returns:
+            ``(loss, parts)``: the scalar loss, and detached scalars ``dice``, ``ce`` or
+            ``focal``, ``iou_mse`` and ``iou`` (true IoU of the kept masks), each averaged over
+            objects.
+        """
+        if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(
+                f"expected logits (N, C, h, w) and target (N, h, w), got {tuple(logits.shape)} "
+                f"and {tuple(target.shape)}"
+            )
+        # Losses in float32 even under mixed precision: sigmoid/log terms lose too much in fp16.
+        logits = logits.float()
+        target = target.float()
+        n = logits.shape[0]
+        if n == 0:
+            zero = logits.sum() * 0.0
+            return zero, {
+                "dice": zero.detach(),
+                self.pixel_name: zero.detach(),
+                "iou_mse": zero.detach(),
+                "iou": zero.detach(),
+            }
+        parts = self.per_mask(logits, target)
+        seg = self.dice_weight * parts["dice"] + self.pixel_weight * parts[self.pixel_name]
+        best = seg.detach().argmin(dim=1)  # (N,) mask kept per object
+        rows = torch.arange(n, device=logits.device)
+        loss = seg[rows, best].mean()
+
+        with torch.no_grad():
+            true_iou = mask_iou(logits, target.unsqueeze(1))  # (N, C)
+        iou_mse = torch.zeros((), device=logits.device)
+        if iou_pred is not None:
+            iou_pred = iou_pred.float().reshape(n, -1)
+            if self.iou_on == "all":
+                iou_mse = F.mse_loss(iou_pred, true_iou)
+            else:
+                iou_mse = F.mse_loss(iou_pred[rows, best], true_iou[rows, best])
+        elif self.iou_weight > 0:
+            raise ValueError("iou_pred is needed when iou_weight > 0")
+        if self.iou_weight > 0:
+            loss = loss + self.iou_weight * iou_mse
+
+        out = {k: v[rows, best].mean().detach() for k, v in parts.items()}
+        out["iou_mse"] = iou_mse.detach()
+        out["iou"] = true_iou[rows, best].mean()
+        return loss, out
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, dice_weight={self.dice_weight:g}, "
+            f"{self.pixel_name}_weight={self.pixel_weight:g}, iou_weight={self.iou_weight:g}, "
+            f"iou_on={self.iou_on}"
+        )

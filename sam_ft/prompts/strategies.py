@@ -1,0 +1,260 @@
+"""The study's evaluation prompt strategies (S1-S6), their seeding, and SAM mask selection.
+
+Prompts are (x, y) = (column, row) in ORIGINAL-image pixels; masks are (H, W) arrays indexed
+(row, col). Evaluation calls :func:`make_eval_prompt` once per (object, strategy, jitter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sam_ft.prompts.geometry import enlarged_box, mask_box, mask_centroid
+from sam_ft.prompts.jitter import JitterRange, jitter_name, jitter_prompt, parse_jitter_name
+from sam_ft.prompts.types import Prompt
+
+STRATEGIES: tuple[str, ...] = ("everything", "point1", "point5", "point5_neg5", "box", "box_point1")
+"""Strategy names as used in configs and output tables, in the study's order S1-S6."""
+
+STRATEGY_IDS: dict[str, str] = {name: f"S{i + 1}" for i, name in enumerate(STRATEGIES)}
+
+# (positives, negatives, box) of each per-object strategy; `everything` has no per-object prompt.
+_LAYOUT: dict[str, tuple[int, int, bool]] = {
+    "point1": (1, 0, False),
+    "point5": (5, 0, False),
+    "point5_neg5": (5, 5, False),
+    "box": (0, 0, True),
+    "box_point1": (1, 0, True),
+}
+
+NEGATIVE_BOX_FACTOR = 2.0
+"""Negatives are drawn inside the tight box enlarged this many times about its centre."""
+
+PAD_LABEL = -1
+"""SAM's "not a point" label, used only when no negative pixel exists (the prompt encoder ignores
+such points), so a strategy always yields the number of points its name promises."""
+
+
+def prompt_rng(
+    seed: int,
+    case: str,
+    slice_index: int,
+    label: int,
+    strategy: str,
+    jitter: JitterRange | Sequence[float] | str | None,
+) -> np.random.Generator:
+    """Generator seeded by sha256 of (seed, case, slice, object label, strategy, jitter name).
+
+    Python's ``hash()`` is salted per process, so it would give different prompts in two runs;
+    sha256 of a canonical JSON string does not. ``strategy`` may also be a sub-stream name (e.g.
+    ``"positives"``). Streams are stable for a fixed numpy version (numpy does not promise
+    ``Generator`` method streams across versions).
+    """
+    key = json.dumps(
+        [int(seed), str(case), int(slice_index), int(label), str(strategy), jitter_name(jitter)]
+    )
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    entropy = int.from_bytes(digest, "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def _draw_distinct(n: int, k: int, rng: np.random.Generator, taken: set[int]) -> list[int]:
+    """k indices in [0, n) not in ``taken``, drawn one at a time.
+
+    Drawing one at a time makes the first j draws independent of k, so point5's first points equal
+    point1's for the same stream. Falls back to repeats when fewer than k indices are free.
+    """
+    out: list[int] = []
+    distinct = n - len(taken) >= k
+    while len(out) < k:
+        i = int(rng.integers(n))
+        if distinct and (i in taken or i in out):
+            continue
+        out.append(i)
+    return out
+
+
+def positive_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n positive points of an (H, W) bool mask -> (n, 2) float (x, y).
+
+    The first is the centroid (floored mean column, mean row) when that pixel is in the mask,
+    else a pixel drawn uniformly from the mask; the rest are drawn uniformly without replacement
+    from the other mask pixels (with replacement only if the mask has fewer than n pixels).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0:
+        return np.zeros((0, 2))
+    w = mask.shape[1]
+    flat = np.flatnonzero(mask)  # sorted row-major indices of the mask's pixels
+    cx, cy = mask_centroid(mask)
+    chosen: list[int] = []
+    if mask[cy, cx]:
+        chosen.append(int(np.searchsorted(flat, cy * w + cx)))
+    chosen += _draw_distinct(len(flat), n - len(chosen), rng, set(chosen))
+    rows, cols = np.divmod(flat[chosen], w)
+    return np.stack([cols, rows], axis=-1).astype(np.float64)
+
+
+def negative_points(
+    mask: np.ndarray, n: int, rng: np.random.Generator, factor: float = NEGATIVE_BOX_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """n negative points inside the tight box enlarged ``factor`` x (clipped), outside the mask.
+
+    Returns ``(points (n, 2) float (x, y), labels (n,) int)``. Points are drawn uniformly without
+    replacement. If the enlarged box has no background pixel (a mask filling it, e.g. a thin line)
+    they come from the whole image's background; if the mask covers the whole image, the points
+    are (0, 0) with label ``PAD_LABEL`` (-1), which SAM ignores.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    x0, y0, x1, y1 = enlarged_box(mask_box(mask), factor, mask.shape)
+    region = np.zeros_like(mask)
+    region[y0 : y1 + 1, x0 : x1 + 1] = True
+    region &= ~mask
+    if not region.any():
+        region = ~mask
+    flat = np.flatnonzero(region)
+    if len(flat) == 0:
+        return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
+    rows, cols = np.divmod(flat[_draw_distinct(len(flat), n, rng, set())], mask.shape[1])
+    return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
+
+
+def make_prompt(
+    mask: np.ndarray,
+    strategy: str,
+    rng: np.random.Generator,
+    neg_rng: np.random.Generator | None = None,
+) -> Prompt:
+    """Unjittered prompt of one per-object strategy (all of S2-S6) for an (H, W) bool mask.
+
+    ``rng`` draws positives, ``neg_rng`` (default ``rng``) negatives.
+    """
+    if strategy not in _LAYOUT:
+        raise ValueError(
+            f"strategy {strategy!r} has no per-object prompt; choose from {sorted(_LAYOUT)}"
+            + (
+                " (everything uses point_grid and match_masks_to_objects)"
+                if strategy == "everything"
+                else ""
+            )
+        )
+    n_pos, n_neg, with_box = _LAYOUT[strategy]
+    box = mask_box(mask) if with_box else None
+    if n_pos + n_neg == 0:
+        return Prompt(box=box)
+    pos = positive_points(mask, n_pos, rng)
+    neg, neg_labels = negative_points(mask, n_neg, rng if neg_rng is None else neg_rng)
+    points = np.concatenate([pos, neg])
+    labels = np.concatenate([np.ones(n_pos, dtype=np.int64), neg_labels])
+    return Prompt(box=box, points=points, point_labels=labels)
+
+
+def make_eval_prompt(
+    mask: np.ndarray,
+    strategy: str,
+    jitter: JitterRange | Sequence[float] | str | None,
+    *,
+    seed: int,
+    case: str,
+    slice_index: int,
+    label: int,
+) -> Prompt:
+    """The evaluation prompt for one object: a pure function of its arguments.
+
+    The unjittered prompt draws positives and negatives from two streams keyed by (seed, case,
+    slice, label) only, so prompts nest across strategies (point1's point is point5's first, and
+    point5_neg5 adds negatives to point5's points) and every jitter level moves the same base
+    prompt. The jitter offsets come from a stream keyed by strategy and jitter name.
+
+    Args:
+        mask: (H, W) bool ground-truth mask of the object, original resolution.
+        strategy: one of ``STRATEGIES`` except ``"everything"``.
+        jitter: ``None``/``"none"``, a name such as ``"0-10"``, or a ``[lo, hi]`` range in pixels.
+        seed, case, slice_index, label: identity of the object (``label`` is its label value).
+
+    Returns:
+        Prompt in original-image (x, y) pixel coordinates.
+    """
+    if isinstance(jitter, str):
+        jitter = parse_jitter_name(jitter)
+    ident = (seed, case, slice_index, label)
+    base = make_prompt(
+        mask,
+        strategy,
+        prompt_rng(*ident, "positives", None),
+        prompt_rng(*ident, "negatives", None),
+    )
+    if jitter is None:
+        return base
+    return jitter_prompt(base, tuple(jitter), prompt_rng(*ident, strategy, jitter), mask.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask selection among SAM's outputs
+
+MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single")
+"""``oracle``: best of 3 by Dice vs GT (the study's); ``predicted_iou``: best of 3 by SAM's IoU
+head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask."""
+
+
+def needs_multimask(mode: str) -> bool:
+    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``."""
+    if mode not in MASK_SELECTIONS:
+        raise ValueError(f"mask selection must be one of {MASK_SELECTIONS}, got {mode!r}")
+    return mode != "single"
+
+
+def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy() if x.dtype != torch.bool else x.cpu().numpy()
+    return np.asarray(x)
+
+
+def select_masks(
+    masks: np.ndarray | torch.Tensor,
+    iou_pred: np.ndarray | torch.Tensor | None,
+    gt: np.ndarray | torch.Tensor | None,
+    mode: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep one of SAM's C masks per object.
+
+    Args:
+        masks: (N, C, H, W) bool masks, or float logits (binarised at > 0, SAM's threshold).
+        iou_pred: (N, C) SAM IoU predictions; needed for ``predicted_iou``.
+        gt: (N, H, W) bool ground truth at the masks' resolution; needed for ``oracle``.
+        mode: one of ``MASK_SELECTIONS``.
+
+    Returns:
+        (N, H, W) bool chosen masks and (N,) int64 chosen channel. Ties go to the lower channel.
+    """
+    needs_multimask(mode)
+    m = _to_numpy(masks)
+    if m.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) masks, got shape {m.shape}")
+    m = m if m.dtype == bool else m > 0.0
+    n, c = m.shape[:2]
+    if c == 1:
+        index = np.zeros(n, dtype=np.int64)
+    elif mode == "single":
+        raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
+    elif mode == "predicted_iou":
+        if iou_pred is None:
+            raise ValueError("mask selection 'predicted_iou' needs iou_pred")
+        index = _to_numpy(iou_pred).reshape(n, c).argmax(axis=1)
+    else:
+        if gt is None:
+            raise ValueError("mask selection 'oracle' needs the ground truth")
+        g = _to_numpy(gt).astype(bool)[:, None]  # (N, 1, H, W)
+        inter = (m & g).sum(axis=(2, 3), dtype=np.int64)
+        denom = m.sum(axis=(2, 3), dtype=np.int64) + g.sum(axis=(2, 3), dtype=np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.where(denom > 0, 2.0 * inter / denom, 1.0)
+        index = dice.argmax(axis=1)
+    index = index.astype(np.int64)
+    return m[np.arange(n), index], index
