@@ -1,0 +1,342 @@
+"""Evaluation prompts on tiny hand-made masks: geometry, S1-S6, jitter, seeding, mask selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.utils.amg import build_point_grid
+
+from sam_ft.prompts.geometry import (
+    dice_matrix,
+    enlarged_box,
+    mask_box,
+    mask_centroid,
+    match_masks_to_objects,
+    point_grid,
+)
+from sam_ft.prompts.jitter import (
+    jitter_levels,
+    jitter_name,
+    jitter_prompt,
+    parse_jitter_name,
+    random_offsets,
+)
+from sam_ft.prompts.strategies import (
+    MASK_SELECTIONS,
+    STRATEGIES,
+    STRATEGY_IDS,
+    make_eval_prompt,
+    needs_multimask,
+    negative_points,
+    positive_points,
+    prompt_rng,
+    select_masks,
+)
+from sam_ft.prompts.types import Prompt
+
+IDENT = {"seed": 0, "case": "case_001", "slice_index": 12, "label": 3}
+
+
+def rect(h: int, w: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """(h, w) mask with rows r0..r1 and columns c0..c1 (inclusive) set."""
+    m = np.zeros((h, w), dtype=bool)
+    m[r0 : r1 + 1, c0 : c1 + 1] = True
+    return m
+
+
+def ring(size: int = 21, outer: int = 8, inner: int = 4) -> np.ndarray:
+    """Square ring centred in a (size, size) image: its centroid is the empty centre."""
+    c = size // 2
+    m = rect(size, size, c - outer, c + outer, c - outer, c + outer)
+    m[c - inner : c + inner + 1, c - inner : c + inner + 1] = False
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def test_box_is_x_then_y_on_a_non_square_mask():
+    # Rows 2..4, columns 5..13 of a 10 x 20 image: x spans columns, y spans rows.
+    m = rect(10, 20, 2, 4, 5, 13)
+    np.testing.assert_array_equal(mask_box(m), [5, 2, 13, 4])
+
+
+def test_single_pixel_box_and_centroid():
+    m = np.zeros((6, 9), dtype=bool)
+    m[4, 7] = True
+    np.testing.assert_array_equal(mask_box(m), [7, 4, 7, 4])
+    assert mask_centroid(m) == (7, 4)
+
+
+def test_centroid_is_floored_mean_column_row():
+    # Rows {1, 2} and columns {2, 3, 4, 5}: mean row 1.5 -> 1, mean column 3.5 -> 3.
+    m = rect(8, 10, 1, 2, 2, 5)
+    assert mask_centroid(m) == (3, 1)
+
+
+def test_empty_mask_raises():
+    with pytest.raises(ValueError, match="empty"):
+        mask_box(np.zeros((4, 4), dtype=bool))
+
+
+def test_enlarged_box_doubles_pixel_extent_and_clips():
+    # 10 columns (10..19) and 4 rows (20..23) -> 20 columns (5..24), 8 rows (18..25).
+    np.testing.assert_array_equal(enlarged_box([10, 20, 19, 23], 2.0, (100, 100)), [5, 18, 24, 25])
+    # Near the corner it is clipped to the image.
+    np.testing.assert_array_equal(enlarged_box([0, 1, 3, 4], 2.0, (6, 50)), [0, 0, 5, 5])
+
+
+def test_point_grid_matches_segment_anything():
+    grid = point_grid(4, (30, 50))  # H = 30, W = 50
+    expected = build_point_grid(4) * np.array([50, 30])
+    np.testing.assert_allclose(grid, expected)
+    assert grid.shape == (16, 2)
+    # First row of the grid: x increases, y fixed at the first cell centre (30 / 8).
+    np.testing.assert_allclose(grid[:4, 0], [6.25, 18.75, 31.25, 43.75])
+    np.testing.assert_allclose(grid[:4, 1], 3.75)
+
+
+def test_dice_matrix_hand_values():
+    a = np.zeros((2, 1, 4), dtype=bool)
+    a[0, 0, :2] = True  # pixels 0, 1
+    a[1, 0, :] = True  # pixels 0..3
+    b = np.zeros((1, 1, 4), dtype=bool)
+    b[0, 0, 1:3] = True  # pixels 1, 2
+    # a0 vs b: 2*1/(2+2) = 0.5; a1 vs b: 2*2/(4+2) = 2/3.
+    np.testing.assert_allclose(dice_matrix(a, b)[:, 0], [0.5, 2 / 3])
+
+
+def test_match_masks_to_objects_picks_highest_dice():
+    gt = np.stack([rect(8, 8, 0, 3, 0, 3), rect(8, 8, 5, 7, 5, 7)])
+    generated = np.stack(
+        [
+            rect(8, 8, 5, 7, 5, 6),  # 6 of object 1's 9 pixels: Dice 12/15 = 0.8
+            rect(8, 8, 0, 3, 0, 3),  # object 0 exactly
+            rect(8, 8, 0, 7, 0, 7),  # everything
+        ]
+    )
+    index, dice = match_masks_to_objects(generated, gt)
+    np.testing.assert_array_equal(index, [1, 0])
+    np.testing.assert_allclose(dice, [1.0, 0.8])
+
+
+def test_match_masks_with_no_generated_mask():
+    gt = np.stack([rect(5, 5, 0, 1, 0, 1)] * 3)
+    index, dice = match_masks_to_objects(np.zeros((0, 5, 5), dtype=bool), gt)
+    np.testing.assert_array_equal(index, [-1, -1, -1])
+    np.testing.assert_array_equal(dice, [0.0, 0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Points
+
+
+def test_first_point_is_centroid_when_inside():
+    m = rect(10, 20, 2, 4, 5, 13)  # centroid (x=9, y=3)
+    pts = positive_points(m, 1, np.random.default_rng(0))
+    np.testing.assert_array_equal(pts, [[9, 3]])
+
+
+def test_first_point_sampled_from_mask_when_centroid_outside():
+    m = ring()
+    assert not m[10, 10] and mask_centroid(m) == (10, 10)
+    for seed in range(5):
+        pts = positive_points(m, 5, np.random.default_rng(seed))
+        assert m[pts[:, 1].astype(int), pts[:, 0].astype(int)].all()
+        assert len({tuple(p) for p in pts}) == 5  # distinct pixels
+
+
+def test_positive_points_are_in_mask_and_distinct_on_non_square_mask():
+    m = np.zeros((7, 30), dtype=bool)
+    m[1:3, 20:28] = True  # 16 pixels, all with x >= 20 and y <= 2
+    pts = positive_points(m, 5, np.random.default_rng(1))
+    assert pts.shape == (5, 2)
+    assert (pts[:, 0] >= 20).all() and (pts[:, 1] <= 2).all()
+    assert m[pts[:, 1].astype(int), pts[:, 0].astype(int)].all()
+    assert len({tuple(p) for p in pts}) == 5
+
+
+def test_negative_points_outside_mask_inside_enlarged_box():
+    m = rect(40, 60, 10, 19, 20, 29)  # 10 x 10 square -> enlarged box x 15..34, y 5..24
+    pts, labels = negative_points(m, 5, np.random.default_rng(2))
+    assert pts.shape == (5, 2)
+    np.testing.assert_array_equal(labels, 0)
+    x, y = pts[:, 0].astype(int), pts[:, 1].astype(int)
+    assert not m[y, x].any()
+    assert ((x >= 15) & (x <= 34) & (y >= 5) & (y <= 24)).all()
+
+
+def test_negatives_fall_back_to_pad_label_when_mask_is_whole_image():
+    pts, labels = negative_points(np.ones((4, 4), dtype=bool), 3, np.random.default_rng(0))
+    assert pts.shape == (3, 2)
+    np.testing.assert_array_equal(labels, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategies
+
+
+def test_strategy_names_and_ids():
+    assert STRATEGIES == ("everything", "point1", "point5", "point5_neg5", "box", "box_point1")
+    assert STRATEGY_IDS["everything"] == "S1" and STRATEGY_IDS["box_point1"] == "S6"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "has_box", "labels"),
+    [
+        ("point1", False, [1]),
+        ("point5", False, [1] * 5),
+        ("point5_neg5", False, [1] * 5 + [0] * 5),
+        ("box", True, None),
+        ("box_point1", True, [1]),
+    ],
+)
+def test_eval_prompt_structure(strategy, has_box, labels):
+    m = rect(30, 50, 5, 14, 10, 29)
+    p = make_eval_prompt(m, strategy, None, **IDENT)
+    assert (p.box is not None) == has_box
+    if has_box:
+        np.testing.assert_array_equal(p.box, [10, 5, 29, 14])
+    if labels is None:
+        assert p.points is None
+    else:
+        np.testing.assert_array_equal(p.point_labels, labels)
+        x, y = p.points[:, 0].astype(int), p.points[:, 1].astype(int)
+        np.testing.assert_array_equal(m[y, x], np.array(labels) == 1)
+
+
+def test_everything_has_no_per_object_prompt():
+    with pytest.raises(ValueError, match="point_grid"):
+        make_eval_prompt(rect(5, 5, 1, 3, 1, 3), "everything", None, **IDENT)
+
+
+def test_prompts_nest_across_strategies():
+    m = ring(31, 12, 5)  # centroid outside: points are sampled, so nesting is a real check
+    p1 = make_eval_prompt(m, "point1", None, **IDENT)
+    p5 = make_eval_prompt(m, "point5", None, **IDENT)
+    p10 = make_eval_prompt(m, "point5_neg5", None, **IDENT)
+    p6 = make_eval_prompt(m, "box_point1", None, **IDENT)
+    np.testing.assert_array_equal(p5.points[:1], p1.points)
+    np.testing.assert_array_equal(p10.points[:5], p5.points)
+    np.testing.assert_array_equal(p6.points, p1.points)
+
+
+def test_same_seed_same_prompt_other_case_differs():
+    m = ring(41, 15, 6)
+    a = make_eval_prompt(m, "point5_neg5", "10-20", **IDENT)
+    b = make_eval_prompt(m, "point5_neg5", (10, 20), **IDENT)
+    np.testing.assert_array_equal(a.points, b.points)
+    np.testing.assert_array_equal(a.point_labels, b.point_labels)
+    c = make_eval_prompt(m, "point5_neg5", "10-20", **{**IDENT, "case": "case_002"})
+    assert not np.array_equal(a.points, c.points)
+
+
+def test_prompt_rng_is_stable_across_processes():
+    # sha256 seeding: the bit generator's first word is fixed, whatever PYTHONHASHSEED is (a switch
+    # to Python's salted hash() would break this). Range and its name seed alike.
+    rng = prompt_rng(0, "case_001", 12, 3, "box", "0-10")
+    assert rng.bit_generator.random_raw() == 5997448728947022409
+    rng2 = prompt_rng(0, "case_001", 12, 3, "box", (0, 10))
+    assert rng2.bit_generator.random_raw() == 5997448728947022409
+    other = prompt_rng(0, "case_001", 12, 3, "box", "10-20")
+    assert other.bit_generator.random_raw() != 5997448728947022409
+
+
+# ------------------------------------------------------------------------------------------------
+# Jitter
+
+
+def test_jitter_names():
+    assert jitter_name(None) == "none"
+    assert jitter_name([0, 10]) == "0-10"
+    assert parse_jitter_name("20-30") == (20.0, 30.0)
+    assert parse_jitter_name("none") is None
+    assert jitter_levels([[0, 10], [10, 20], [20, 30]]) == [None, (0, 10), (10, 20), (20, 30)]
+    with pytest.raises(ValueError):
+        parse_jitter_name("big")
+
+
+def test_offset_lengths_lie_in_range():
+    off = random_offsets(1000, (10.0, 20.0), np.random.default_rng(0))
+    length = np.hypot(off[:, 0], off[:, 1])
+    assert length.min() >= 10.0 and length.max() <= 20.0
+    # Directions cover all four quadrants.
+    assert (off[:, 0] > 0).any() and (off[:, 0] < 0).any()
+    assert (off[:, 1] > 0).any() and (off[:, 1] < 0).any()
+
+
+def test_jittered_points_move_by_range_and_stay_in_image():
+    m = rect(200, 300, 90, 110, 140, 160)  # far from the border: no clipping
+    base = make_eval_prompt(m, "point5", None, **IDENT)
+    for lo, hi in [(0, 10), (10, 20), (20, 30)]:
+        moved = make_eval_prompt(m, "point5", [lo, hi], **IDENT)
+        d = np.hypot(*(moved.points - base.points).T)
+        assert (d >= lo - 1e-9).all() and (d <= hi + 1e-9).all()
+
+
+def test_jitter_clips_to_image_and_keeps_box_valid():
+    size = (12, 40)  # H = 12, W = 40
+    rng = np.random.default_rng(0)
+    p = Prompt(box=[0, 0, 2, 1], points=[[39, 11], [0, 0]], point_labels=[1, 0])
+    for _ in range(200):
+        q = jitter_prompt(p, (20, 30), rng, size)
+        assert q.box[0] <= q.box[2] and q.box[1] <= q.box[3]
+        for xy in (q.points, q.box.reshape(2, 2)):
+            assert (xy[:, 0] >= 0).all() and (xy[:, 0] <= 39).all()
+            assert (xy[:, 1] >= 0).all() and (xy[:, 1] <= 11).all()
+        np.testing.assert_array_equal(q.point_labels, [1, 0])
+
+
+def test_jittered_box_corners_move_by_range():
+    m = rect(200, 300, 80, 120, 100, 180)
+    base = make_eval_prompt(m, "box", None, **IDENT)
+    moved = make_eval_prompt(m, "box", "0-10", **IDENT)
+    # A 0-10 px move cannot swap corners 40+ px apart, so corner k maps to corner k.
+    d = np.hypot(*(moved.box - base.box).reshape(2, 2).T)
+    assert (d <= 10 + 1e-9).all()
+    assert not np.array_equal(moved.box, base.box)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask selection
+
+
+def _three_masks() -> tuple[np.ndarray, np.ndarray]:
+    gt = rect(6, 6, 1, 4, 1, 4)[None]  # (1, 6, 6)
+    masks = np.stack([rect(6, 6, 0, 5, 0, 5), rect(6, 6, 1, 4, 1, 4), rect(6, 6, 1, 2, 1, 2)])
+    return masks[None], gt  # (1, 3, 6, 6)
+
+
+def test_select_oracle_and_predicted_iou():
+    masks, gt = _three_masks()
+    iou_pred = np.array([[0.9, 0.5, 0.1]])
+    chosen, idx = select_masks(masks, iou_pred, gt, "oracle")
+    np.testing.assert_array_equal(idx, [1])
+    np.testing.assert_array_equal(chosen[0], gt[0])
+    chosen, idx = select_masks(masks, iou_pred, gt, "predicted_iou")
+    np.testing.assert_array_equal(idx, [0])
+    assert chosen[0].all()
+
+
+def test_select_from_logits_tensor():
+    masks, gt = _three_masks()
+    logits = torch.from_numpy(np.where(masks, 5.0, -5.0)).float()
+    chosen, idx = select_masks(
+        logits, torch.tensor([[0.1, 0.2, 0.3]]), torch.from_numpy(gt), "oracle"
+    )
+    np.testing.assert_array_equal(idx, [1])
+    assert chosen.dtype == bool and chosen.shape == (1, 6, 6)
+
+
+def test_single_mode():
+    masks, gt = _three_masks()
+    chosen, idx = select_masks(masks[:, 1:2], None, None, "single")
+    np.testing.assert_array_equal(idx, [0])
+    np.testing.assert_array_equal(chosen[0], gt[0])
+    with pytest.raises(ValueError):
+        select_masks(masks, None, None, "single")
+    assert MASK_SELECTIONS == ("oracle", "predicted_iou", "single")
+    assert needs_multimask("oracle") and needs_multimask("predicted_iou")
+    assert not needs_multimask("single")
