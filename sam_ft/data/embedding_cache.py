@@ -1,0 +1,197 @@
+"""On-disk cache of SAM image embeddings, for training with a frozen image encoder.
+
+Entries live under ``root/embeddings/<fingerprint>/<digest[:2]>/<digest>.pt`` where the
+fingerprint hashes the encoder weights and the preprocessing (mode, image size) and the digest
+hashes the image content: changing any of them reads different files, so nothing stale is used.
+
+Each entry is a ``torch.save`` dict holding the embedding and a SHA-256 of its bytes; it is read
+with ``torch.load(weights_only=True)`` (no code runs) and the checksum, digest, fingerprint and
+shape are verified, so a truncated or damaged file is reported as a miss and recomputed. Writes are
+atomic, so parallel sweep jobs may fill one cache at the same time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sam_ft.data.cache import atomic_write
+from sam_ft.data.types import SliceRecord
+from sam_ft.errors import DataError
+from sam_ft.model.preprocess import SamTransform
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CACHE_FORMAT = 1
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a tensor as a uint8 array (works for bfloat16, which numpy lacks)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def encoder_fingerprint(encoder: nn.Module, transform: SamTransform) -> str:
+    """Hex SHA-256 of the encoder's state-dict tensors (names, dtypes, shapes, values) plus the
+    preprocessing mode and image size: what an embedding depends on besides the image.
+    """
+    h = hashlib.sha256()
+    h.update(
+        f"format={EMBEDDING_CACHE_FORMAT};mode={transform.mode};size={transform.image_size}\n".encode()
+    )
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def image_digest(image: np.ndarray) -> str:
+    """Hex SHA-256 of an (H, W, 3) uint8 image's shape, dtype and pixels."""
+    image = np.ascontiguousarray(image)
+    h = hashlib.sha256(f"{image.shape}:{image.dtype}\n".encode())
+    h.update(image.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Image embeddings of one (encoder, preprocessing) pair, stored per image digest.
+
+    Args:
+        root: cache folder (``data.cache_dir``).
+        fingerprint: ``encoder_fingerprint(encoder, transform)``.
+        store_dtype: dtype written to disk (``None`` keeps the encoder's; ``torch.float16``
+            halves the size at a small precision cost). Loaded embeddings are float32.
+
+    ``hits``, ``misses``, ``corrupt`` and ``computed`` count what ``get``/``fill`` did.
+    """
+
+    def __init__(
+        self, root: str | Path, fingerprint: str, store_dtype: torch.dtype | None = None
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.dir = Path(root).expanduser() / "embeddings" / fingerprint[:32]
+        self.store_dtype = store_dtype
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+        self.computed = 0
+
+    def path(self, digest: str) -> Path:
+        """Entry file of an image digest."""
+        return self.dir / digest[:2] / f"{digest}.pt"
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        """(C, h, w) float32 embedding, or ``None`` when missing, truncated or corrupt."""
+        path = self.path(digest)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            emb = entry["embedding"]
+            ok = (
+                entry["format"] == EMBEDDING_CACHE_FORMAT
+                and entry["digest"] == digest
+                and entry["fingerprint"] == self.fingerprint
+                and list(emb.shape) == list(entry["shape"])
+                and hashlib.sha256(_tensor_bytes(emb)).hexdigest() == entry["sha256"]
+            )
+        except Exception as e:  # unreadable means "recompute", never "use"
+            log.warning("embedding cache entry %s is unreadable (%s); recomputing", path, e)
+            ok = False
+        if not ok:
+            self.corrupt += 1
+            self.misses += 1
+            return None
+        self.hits += 1
+        return emb.float()
+
+    def put(self, digest: str, embedding: torch.Tensor) -> None:
+        """Store a (C, h, w) embedding atomically (a concurrent writer's copy is equally valid)."""
+        emb = embedding.detach().cpu().contiguous()
+        if self.store_dtype is not None:
+            emb = emb.to(self.store_dtype)
+        entry = {
+            "format": EMBEDDING_CACHE_FORMAT,
+            "digest": digest,
+            "fingerprint": self.fingerprint,
+            "shape": list(emb.shape),
+            "sha256": hashlib.sha256(_tensor_bytes(emb)).hexdigest(),
+            "embedding": emb,
+        }
+        atomic_write(self.path(digest), lambda f: torch.save(entry, f))
+
+    def load(self, digest: str) -> torch.Tensor:
+        """Like ``get`` but raises ``DataError`` naming the file when the entry is not valid
+        (used by the dataset, which has no encoder to recompute with)."""
+        emb = self.get(digest)
+        if emb is None:
+            raise DataError(
+                str(self.path(digest)),
+                "embedding cache entry missing or corrupt after the cache was filled "
+                "(deleted or damaged by another job?); rerun to recompute it",
+            )
+        return emb
+
+    @torch.no_grad()
+    def fill(
+        self,
+        records: Sequence[SliceRecord],
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        transform: SamTransform,
+        batch_size: int = 8,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+    ) -> list[str]:
+        """Make sure every record's embedding is cached, encoding only the misses.
+
+        Args:
+            records: slices whose ``image`` (H, W, 3) uint8 is encoded.
+            encode: (B, 3, S, S) float model input on ``device`` -> (B, C, h, w) embeddings.
+            transform: builds the model input (``transform.apply_image``).
+            batch_size: images per ``encode`` call.
+            device: where the batch is sent.
+            progress: show progress bars.
+
+        Returns:
+            The image digest of each record (same order), the key for ``load``.
+
+        Every existing entry is read and verified once here, so a damaged one is recomputed now
+        rather than failing in a dataloader worker later.
+        """
+        digests = [image_digest(r.image) for r in records]
+        todo: dict[str, SliceRecord] = {}
+        seen: set[str] = set()
+        for digest, record in tqdm(
+            list(zip(digests, records, strict=True)),
+            desc="embedding cache: check",
+            disable=not progress,
+            leave=False,
+        ):
+            if digest in seen:
+                continue
+            seen.add(digest)
+            if self.get(digest) is None:
+                todo[digest] = record
+        items = list(todo.items())
+        bar = tqdm(total=len(items), desc="embedding cache: encode", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch = torch.stack([transform.apply_image(r.image) for _, r in chunk]).to(device)
+            embeddings = encode(batch)
+            if embeddings.shape[0] != len(chunk):
+                raise ValueError(
+                    f"encode returned {embeddings.shape[0]} embeddings for {len(chunk)} images"
+                )
+            for (digest, _), emb in zip(chunk, embeddings, strict=True):
+                self.put(digest, emb)
+            self.computed += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        return digests
