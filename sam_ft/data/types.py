@@ -12,11 +12,20 @@ class CaseFiles:
     """One case of a task: an image file (or DICOM folder) and its label file.
 
     ``case`` is the id used for splits (one patient / one study), never shared between splits.
+    ``image_id`` names the image itself (the file stem); it equals ``case`` unless several images
+    belong to one patient (``task.case_pattern``). ``label_parts``, when given, are binary mask
+    files merged into one label map with values 1..n in order (e.g. left and right lung masks).
     """
 
     case: str
     image: str
     label: str | None
+    image_id: str = ""
+    label_parts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.image_id:
+            self.image_id = self.case
 
 
 @dataclass
@@ -34,6 +43,9 @@ class SliceRecord:
         modality: e.g. ``"CT"``, ``"MR"``, ``"endoscopy"``.
         raw: (H, W) float32 intensities before the uint8 mapping, for the contrast attribute.
         num_slices: length of the volume along the slicing axis (1 for 2D), for 3D re-stacking.
+        slice_spacing: spacing in mm along the slicing axis (1.0 for 2D).
+        image_id: the image the slice comes from (equals ``case`` unless several images share a
+            case); ``(image_id, slice_index)`` is unique within a task.
     """
 
     case: str
@@ -47,7 +59,12 @@ class SliceRecord:
     raw: np.ndarray | None = None
     num_slices: int = 1
     slice_spacing: float = 1.0
+    image_id: str = ""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.image_id:
+            self.image_id = self.case
 
     @property
     def original_size(self) -> tuple[int, int]:

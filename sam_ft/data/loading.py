@@ -1,0 +1,429 @@
+"""Load cases (image + label files) into checked arrays and the paper's 2D slices.
+
+Volumes (NIfTI, DICOM series folders) are read with MONAI (``LoadImage``,
+``EnsureChannelFirst``, ``Orientation`` to RAS); 2D images (PNG, JPEG, TIFF, ...) with Pillow as
+(row, col) arrays. Every problem with an input raises :class:`~sam_ft.errors.DataError` naming the
+file; :func:`load_cases` either re-raises it (``data.on_error=raise``) or records it in a
+:class:`~sam_ft.data.skips.SkipLog` and goes on (``skip``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam_ft.data.folder import is_2d_file
+from sam_ft.data.intensity import intensity_bounds
+from sam_ft.data.skips import SkipLog
+from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
+from sam_ft.data.tasks import (
+    data_options,
+    dataset_label_groups,
+    object_groups,
+    read_dataset_json,
+    task_modality,
+    task_options,
+)
+from sam_ft.data.types import CaseFiles, SliceRecord
+from sam_ft.errors import DataError
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@dataclass
+class CaseData:
+    """One loaded case: its kept slices plus what 3D evaluation and NIfTI export need.
+
+    Attributes:
+        case: case (patient) id used by the splits.
+        image_id: image file stem (equals ``case`` unless several images share a case).
+        image_path: the image file (or DICOM folder) read.
+        label_path: the label file read (the first part when merged from several masks).
+        slices: the kept :class:`SliceRecord` (slices with >= 1 object above the size threshold).
+        label_volume: (S, R, C) integer label map in the slicing frame, every label value and
+            every slice (nothing filtered), 0 = background.
+        objects: {object name: label values} of the objects found in the case.
+        spacing: (slice, row, col) voxel spacing in mm.
+        affine: (4, 4) voxel (x, y, z) -> world mm of the RAS-oriented volume (identity for 2D).
+        slice_axis: axis of the RAS volume that was sliced (-1 for a 2D image).
+        modality: e.g. ``"CT"``.
+    """
+
+    case: str
+    image_id: str
+    image_path: str
+    label_path: str
+    slices: list[SliceRecord]
+    label_volume: np.ndarray
+    objects: dict[str, list[int]]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    slice_axis: int
+    modality: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_3d(self) -> bool:
+        """False for a single 2D image."""
+        return self.slice_axis >= 0
+
+    @property
+    def volume_shape(self) -> tuple[int, int, int]:
+        """(S, R, C) shape of the case in the slicing frame ((1, H, W) for a 2D image)."""
+        return tuple(int(s) for s in self.label_volume.shape)  # type: ignore[return-value]
+
+    def gt_volume(self, label: str | int) -> np.ndarray:
+        """(S, R, C) bool ground truth of one object over the whole case, unfiltered.
+
+        Args:
+            label: an object name (``task.labels`` key) or a label value (its own group, or the
+                group it is the first value of).
+        """
+        if isinstance(label, str):
+            if label not in self.objects:
+                raise KeyError(
+                    f"case {self.case} has no object {label!r}; has {list(self.objects)}"
+                )
+            values = self.objects[label]
+        else:
+            values = next((v for v in self.objects.values() if v[0] == int(label)), [int(label)])
+        return np.isin(self.label_volume, values)
+
+    def to_volume(self, stack: np.ndarray) -> np.ndarray:
+        """(S, R, C) array in the slicing frame -> (x, y, z) RAS volume matching ``affine``."""
+        if not self.is_3d:
+            return stack
+        return from_slicing_frame(stack, self.slice_axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _check_file(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(path, "file not found")
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    if p.is_dir() and not any(q for q in p.iterdir() if not q.name.startswith(".")):
+        raise DataError(path, "empty DICOM folder")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def read_2d(path: str, is_label: bool = False) -> np.ndarray:
+    """A 2D image file as (H, W) or (H, W, 3) array (row, col order; alpha dropped).
+
+    Palette images are returned as indices when ``is_label`` (label maps), as RGB otherwise.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "CMYK", "YCbCr", "LAB", "HSV") or (
+                im.mode == "P" and not is_label
+            ):
+                im = im.convert("RGB")
+            elif im.mode in ("LA", "PA") or (im.mode == "1"):
+                im = im.convert("L")
+            arr = np.asarray(im)
+    except Exception as e:
+        raise DataError(path, f"unreadable image ({_first_line(e)})") from e
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return arr
+
+
+@functools.lru_cache(maxsize=8)
+def _loader(reader: str | None, is_label: bool):
+    """One MONAI ``LoadImage`` per reader (building one registers readers: slow and chatty)."""
+    from monai.transforms import LoadImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LoadImage(image_only=True, reader=reader, dtype=None if is_label else np.float32)
+
+
+def read_volume(path: str, is_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI / DICOM volume as (C, x, y, z) array oriented to RAS, and its (4, 4) affine.
+
+    Images are float32; labels keep their stored dtype. A 2D NIfTI gets a z axis of length 1.
+    """
+    from monai.transforms import EnsureChannelFirst, Orientation
+
+    name = Path(path).name.lower()
+    reader = (
+        "PydicomReader"
+        if Path(path).is_dir()
+        else "NibabelReader"
+        if name.endswith((".nii", ".nii.gz"))
+        else None
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = EnsureChannelFirst()(_loader(reader, is_label)(path))
+            if x.ndim == 3:  # (C, x, y): a 2D NIfTI
+                x = x[..., None]
+            x = Orientation(axcodes="RAS", labels=_RAS_LABELS)(x)
+    except ImportError as e:
+        raise DataError(path, f"cannot read ({e}); for DICOM: pip install 'sam_ft[dicom]'") from e
+    except Exception as e:
+        raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
+    try:
+        arr = np.asarray(x.detach().cpu().numpy())
+        affine = np.asarray(x.affine.detach().cpu().numpy(), dtype=np.float64)
+    except Exception as e:
+        raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
+    return arr, affine
+
+
+def _spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_cached(root: str, mtime: float) -> dict:
+    return read_dataset_json(root)
+
+
+def dataset_meta(case: CaseFiles, task: Mapping[str, Any]) -> dict:
+    """dataset.json of the task folder holding ``case`` ({} when absent)."""
+    depth = len(Path(task_options(task)["images_dir"]).parts)
+    root = Path(case.image).parents[depth]
+    path = root / "dataset.json"
+    return _meta_cached(str(root), path.stat().st_mtime if path.is_file() else 0.0)
+
+
+def _read_label(case: CaseFiles, opts: Mapping[str, Any], is_2d: bool) -> tuple[np.ndarray, Any]:
+    """Label map (H, W) for 2D or (x, y, z) for volumes, plus the affine (None for 2D files)."""
+    parts = case.label_parts or [case.label]
+    merged, affine = None, None
+    for k, path in enumerate(parts, start=1):
+        _check_file(path)
+        if is_2d_file(path):
+            lab = read_2d(path, is_label=True)
+        else:
+            lab, affine = read_volume(path, is_label=True)
+            if lab.shape[0] != 1:
+                raise DataError(path, f"label has {lab.shape[0]} channels, expected 1")
+            lab = lab[0]
+            if is_2d:
+                lab = np.squeeze(lab)
+        lab = _binarize(lab, opts["label_binarize"], path) if opts["label_binarize"] else lab
+        if len(parts) > 1:  # binary part masks become values 1..n
+            part = _binarize(lab, opts["label_binarize"] or True, path).astype(bool)
+            if merged is None:
+                merged = np.zeros(part.shape, dtype=np.uint8)
+            elif merged.shape != part.shape:
+                raise DataError(path, f"mask shape {part.shape} differs from {merged.shape}")
+            merged[part] = k
+        else:
+            merged = lab
+    if merged.ndim == 3 and is_2d:
+        raise DataError(str(case.label), "RGB label map; set task.label_binarize for 0/255 masks")
+    return merged, affine
+
+
+def _binarize(label: np.ndarray, setting: Any, path: str) -> np.ndarray:
+    """0/255 (or JPEG-noisy) masks -> 0/1: ``> 0`` for ``true``, ``> setting`` for a number."""
+    threshold = 0 if setting is True else float(setting)
+    if label.ndim == 3 and label.shape[-1] in (3, 4) and label.dtype != bool:
+        label = label[..., :3].max(axis=-1)  # coloured masks: any channel on
+    return (np.asarray(label) > threshold).astype(np.uint8)
+
+
+def _check_label_values(label: np.ndarray, path: str) -> np.ndarray:
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.isfinite(label).all():
+            raise DataError(path, "label contains NaN or Inf")
+        rounded = np.rint(label)
+        if np.abs(label - rounded).max() > 1e-3:
+            raise DataError(path, "label values are not integers")
+        label = rounded
+    if label.min() < 0:
+        raise DataError(path, f"negative label value {int(label.min())}")
+    top = int(label.max())
+    dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int64
+    return label.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+def load_case(
+    case: CaseFiles,
+    task: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> CaseData:
+    """Read, check and slice one case.
+
+    Args:
+        case: the files (from :func:`sam_ft.data.folder.find_cases`).
+        task: ``task`` config (see :mod:`sam_ft.data.tasks`).
+        data: ``data`` config (``min_object_pixels``, ``affine_atol``).
+        meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
+
+    Raises:
+        DataError: missing, empty, unreadable or truncated file; image/label shape or affine
+            mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
+            no object left after filtering. The message names the file.
+    """
+    opts = task_options(task)
+    dopts = data_options(data)
+    if meta is None:
+        meta = dataset_meta(case, opts)
+    if case.label is None:
+        raise DataError(case.image, "label file missing (no matching file in the labels folder)")
+    _check_file(case.image)
+    label_path = case.label
+    channel = int(opts.get("channel") or 0)
+
+    if is_2d_file(case.image):
+        img = read_2d(case.image).astype(np.float32)
+        lab, _ = _read_label(case, opts, is_2d=True)
+        if img.shape[:2] != lab.shape:
+            raise DataError(label_path, f"label shape {lab.shape} != image shape {img.shape[:2]}")
+        image, affine, spacing, axis = img[None], np.eye(4), (1.0, 1.0, 1.0), -1
+        label = lab[None]
+    else:
+        vol, affine = read_volume(case.image)
+        if not 0 <= channel < vol.shape[0]:
+            raise DataError(
+                case.image, f"task.channel={channel} but image has {vol.shape[0]} channels"
+            )
+        vol = vol[channel]
+        lab, lab_affine = _read_label(case, opts, is_2d=False)
+        if vol.shape != lab.shape:
+            raise DataError(label_path, f"label shape {lab.shape} != image shape {vol.shape}")
+        if lab_affine is not None and not np.allclose(
+            affine, lab_affine, atol=float(dopts["affine_atol"]), rtol=0
+        ):
+            raise DataError(label_path, "label affine (orientation/spacing/origin) != image affine")
+        sp = _spacing_from_affine(affine)
+        modality = task_modality(opts, meta)
+        axis = choose_slice_axis(sp, vol.shape, modality, opts["slice_axis"])
+        image = np.moveaxis(vol, axis, 0)
+        label = np.moveaxis(lab, axis, 0)
+        others = [a for a in range(3) if a != axis]
+        spacing = (float(sp[axis]), float(sp[others[0]]), float(sp[others[1]]))
+
+    if not np.isfinite(image).all():
+        raise DataError(case.image, "image contains NaN or Inf intensities")
+    label = _check_label_values(label, label_path)
+
+    groups = object_groups(opts, meta)
+    named = dataset_label_groups(meta) or {}
+    names = {v[0]: n for n, v in named.items() if len(v) == 1}
+    if groups is not None or named:
+        allowed = {0, *(int(v) for v in opts["ignore_labels"])}
+        for values in (groups or named).values():
+            allowed.update(values)
+        present = {int(v) for v in np.unique(label)}
+        extra = sorted(present - allowed)
+        if extra:
+            raise DataError(
+                label_path, f"label values {extra} outside the task's labels {sorted(allowed)}"
+            )
+    if groups is not None and opts["ignore_labels"]:
+        label = np.where(np.isin(label, opts["ignore_labels"]), 0, label).astype(label.dtype)
+
+    modality = task_modality(opts, meta)
+    bounds = intensity_bounds(image, opts["intensity"])
+    records = slice_records(
+        image,
+        label,
+        case=case.case,
+        image_id=case.image_id,
+        bounds=bounds,
+        spacing=spacing,
+        groups=groups,
+        min_object_pixels=int(dopts["min_object_pixels"]),
+        modality=modality,
+        names=names,
+        is_3d=axis >= 0,
+    )
+    if not records:
+        raise DataError(
+            label_path,
+            f"no object larger than data.min_object_pixels={dopts['min_object_pixels']} pixels "
+            "in any slice",
+        )
+    if groups is None:
+        present = sorted({int(v) for r in records for v in r.labels})
+        groups = {names.get(v, f"label_{v}"): [v] for v in present}
+    return CaseData(
+        case=case.case,
+        image_id=case.image_id,
+        image_path=case.image,
+        label_path=label_path,
+        slices=records,
+        label_volume=label,
+        objects=groups,
+        spacing=spacing,
+        affine=affine,
+        slice_axis=axis,
+        modality=modality,
+    )
+
+
+def iter_cases(
+    cases: Iterable[CaseFiles],
+    task: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    skip_log: SkipLog | None = None,
+    progress: bool = True,
+) -> Iterator[CaseData]:
+    """Yield the loaded cases one at a time (memory stays at one case), honouring ``on_error``.
+
+    ``data.on_error=raise`` re-raises the first :class:`DataError`; ``skip`` records it in
+    ``skip_log`` (a fresh in-memory log when None) and continues with the next case.
+    """
+    dopts = data_options(data)
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    cases = list(cases)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cases), desc=f"loading {task_options(task)['name']}", unit="case")
+    try:
+        for case in cases:
+            try:
+                loaded = load_case(case, task, dopts)
+            except DataError as e:
+                if dopts["on_error"] == "raise":
+                    raise
+                skip_log.add(case.case, e.path, e.reason)
+                loaded = None
+            if bar is not None:
+                bar.update(1)
+            if loaded is not None:
+                yield loaded
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def load_cases(
+    cases: Iterable[CaseFiles],
+    task: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    skip_log: SkipLog | None = None,
+    progress: bool = True,
+) -> list[CaseData]:
+    """Load a whole split (see :func:`iter_cases`); a list of the good cases, in order."""
+    return list(iter_cases(cases, task, data, skip_log, progress))

@@ -1,0 +1,78 @@
+"""Record of input files skipped under ``data.on_error=skip``, written as ``skipped.csv``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SKIPPED_CSV = "skipped.csv"
+
+
+@dataclass(frozen=True)
+class SkipEntry:
+    """One skipped file: the case it belongs to, the file at fault and why."""
+
+    case: str
+    path: str
+    reason: str
+
+
+class SkipLog:
+    """Collects skipped files; when ``path`` is given the CSV is rewritten on every addition.
+
+    Rewriting on each ``add`` keeps ``skipped.csv`` complete even if the run is killed later.
+
+    Args:
+        path: the CSV file, or a directory (then ``<dir>/skipped.csv``), or None to keep in memory.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        if path is not None:
+            path = Path(path)
+            if path.is_dir() or not path.suffix:
+                path = path / SKIPPED_CSV
+        self.path: Path | None = path
+        self.entries: list[SkipEntry] = []
+
+    def add(self, case: str, path: str, reason: str) -> None:
+        """Record one skipped file and log a one-line warning."""
+        self.entries.append(SkipEntry(str(case), str(path), str(reason)))
+        log.warning("skipped case %s: %s: %s", case, path, reason)
+        if self.path is not None:
+            self.write(self.path)
+
+    def write(self, path: str | Path | None = None) -> Path:
+        """Write ``case,path,reason`` rows (with header) to ``path`` (default: ``self.path``)."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError("SkipLog.write needs a path")
+        if target.is_dir():
+            target = target / SKIPPED_CSV
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "path", "reason"])
+            for e in self.entries:
+                writer.writerow([e.case, e.path, e.reason])
+        return target
+
+    @property
+    def cases(self) -> set[str]:
+        """Case ids with at least one skipped file."""
+        return {e.case for e in self.entries}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def read_skip_log(path: str | Path) -> list[SkipEntry]:
+    """Read a ``skipped.csv`` back."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SKIPPED_CSV
+    with open(path, newline="") as f:
+        return [SkipEntry(r["case"], r["path"], r["reason"]) for r in csv.DictReader(f)]
