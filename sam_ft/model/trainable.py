@@ -12,11 +12,19 @@ from collections import defaultdict
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.types import Prompt
+
+
+class LayerNorm2dFp32(LayerNorm2d):
+    """SAM's channel LayerNorm computed in float32: in fp16 its variance overflows (ViT-H)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
 
 
 class TrainableSam(nn.Module):
@@ -34,6 +42,9 @@ class TrainableSam(nn.Module):
         self.sam = sam
         self.transform = SamTransform(sam.image_encoder.img_size, preprocess)
         self.grad_checkpointing = grad_checkpointing
+        for module in sam.modules():
+            if type(module) is LayerNorm2d:
+                module.__class__ = LayerNorm2dFp32  # same parameters, same state-dict keys
 
     @property
     def image_size(self) -> int:

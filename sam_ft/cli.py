@@ -1,0 +1,55 @@
+"""Hydra entry points: ``train.py`` / ``sam-ft-train`` and ``evaluate.py`` / ``sam-ft-evaluate``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sam_ft.errors import SamFtError
+
+log = logging.getLogger("sam_ft")
+
+
+def config_dir() -> str:
+    """``$SAM_FT_CONFIG_DIR``, else the ``conf/`` of this checkout, else ``./conf``."""
+    candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), Path(__file__).resolve().parents[1] / "conf"]
+    candidates.append(Path.cwd() / "conf")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "train.yaml").is_file():
+            return str(Path(candidate).resolve())
+    raise SystemExit("sam_ft: cannot find the conf/ folder; set SAM_FT_CONFIG_DIR to it")
+
+
+def _guarded(fn):
+    """Our own errors end the run with one readable line and exit code 1, not a traceback."""
+
+    def run(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except SamFtError as err:
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return run
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> float | None:
+    from sam_ft.training.run import train as run_train
+
+    metrics = _guarded(run_train)(cfg)
+    # Hydra sweepers optimise the returned value.
+    return metrics.get("val/dice_best") if metrics else None
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def evaluate(cfg: DictConfig) -> None:
+    from sam_ft.evaluation.run import evaluate as run_evaluate
+
+    _guarded(run_evaluate)(cfg)

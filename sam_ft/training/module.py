@@ -1,0 +1,218 @@
+"""The LightningModule that finetunes SAM: prompts in, per-object losses out."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics import MaxMetric, MeanMetric
+
+from sam_ft.errors import SamFtError
+from sam_ft.model.finetune import Finetune
+from sam_ft.model.trainable import TrainableSam
+from sam_ft.prompts.clicks import add_click, low_res_to_original, next_clicks
+
+log = logging.getLogger(__name__)
+
+
+class SamFinetuneModule(L.LightningModule):
+    """Finetunes a ``TrainableSam``; validation scores box prompts per object.
+
+    Args:
+        model: the SAM to train, its trainable parts already chosen by ``finetune``.
+        finetune: gives the optimizer parameter groups (lower encoder learning rate).
+        loss: ``sam_ft.losses.SegmentationLoss`` (per-object, best of 3 for multimask).
+        optimizer: partial ``torch.optim`` constructor taking parameter groups.
+        scheduler: partial ``(optimizer, total_steps) -> LRScheduler`` or None.
+        multimask_output: train with 3 masks per prompt (loss on the best) or 1.
+        iterative_rounds: extra click rounds per step (``prompt=iterative``); loss on every round.
+        max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients.
+        overlays: number of validation objects drawn each epoch (0 = none).
+    """
+
+    def __init__(
+        self,
+        model: TrainableSam,
+        finetune: Finetune,
+        loss: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        multimask_output: bool = True,
+        iterative_rounds: int = 0,
+        max_nonfinite_steps: int = 10,
+        overlays: int = 4,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.finetune = finetune
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.multimask_output = multimask_output
+        self.iterative_rounds = int(iterative_rounds)
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.overlays = int(overlays)
+        self.val_dice = MeanMetric()
+        self.val_dice_best = MaxMetric()
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+        self._last_cases: list[str] = []
+        self._overlay_items: list = []
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def _embeddings(self, batch: dict) -> torch.Tensor:
+        """(B, C, h, w): cached embeddings when the batch has them, else the encoder's."""
+        if "embedding" in batch:
+            return batch["embedding"]
+        return self.model.encode(batch["image"])
+
+    def _decode_all(self, embeddings, prompts, sizes):
+        """Decode every image's prompts; returns per-object logits and IoU, concatenated."""
+        logits, ious = [], []
+        for emb, image_prompts, size in zip(embeddings, prompts, sizes, strict=True):
+            if not image_prompts:
+                continue
+            low, iou = self.model.decode(emb, image_prompts, size, self.multimask_output)
+            logits.append(low)
+            ious.append(iou)
+        return torch.cat(logits), torch.cat(ious)
+
+    # --- training ----------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self._last_cases = list(batch["case"])
+        embeddings = self._embeddings(batch)
+        prompts = [list(p) for p in batch["prompts"]]
+        sizes = [tuple(s) for s in batch["original_size"]]
+        target = torch.cat(list(batch["target"])).to(embeddings.dtype)
+        total, parts = 0.0, {}
+        for round_ in range(self.iterative_rounds + 1):
+            logits, iou = self._decode_all(embeddings, prompts, sizes)
+            loss, parts = self.loss(logits, iou, target)
+            total = total + loss
+            if round_ < self.iterative_rounds:
+                prompts = self._add_clicks(prompts, logits.detach(), target, sizes)
+        loss = total / (self.iterative_rounds + 1)
+        if not torch.isfinite(loss):
+            self._count_nonfinite("loss")
+            return None  # Lightning skips backward and the optimizer step.
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(sizes))
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=len(sizes))
+        return loss
+
+    def _add_clicks(self, prompts, logits, target, sizes):
+        """One SAM-style refinement round: a click in each object's largest error region.
+
+        Clicks are found on the low-resolution logits (cheap, independent of image size) and
+        mapped back to original pixels; the kept mask's logits are fed back as the mask prompt.
+        """
+        best = self._best_by_target(logits, target)
+        chosen = logits[torch.arange(len(logits)), best]
+        clicks = next_clicks((chosen > 0).cpu().numpy(), target.bool().cpu().numpy())
+        out, i = [], 0
+        size_t = self.model.transform
+        for image_prompts, size in zip(prompts, sizes, strict=True):
+            new = []
+            for prompt in image_prompts:
+                x, y, label = clicks[i]
+                xy = low_res_to_original(
+                    np.array([[x, y]]), size_t.low_res_size, size_t.image_size,
+                    size_t.input_size(size), size,
+                )[0]  # fmt: skip
+                click = None if label < 0 else (xy[0], xy[1], int(label))
+                new.append(add_click(prompt, click, chosen[i]))
+                i += 1
+            out.append(new)
+        return out
+
+    @staticmethod
+    def _best_by_target(logits, target):
+        pred = (logits > 0).float()
+        inter = (pred * target[:, None]).flatten(2).sum(-1)
+        denom = pred.flatten(2).sum(-1) + target[:, None].flatten(2).sum(-1)
+        return (2 * inter / denom.clamp(min=1)).argmax(dim=1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            # A None grad makes torch optimizers skip the parameter: this step changes nothing.
+            for p in self.parameters():
+                p.grad = None
+            self._count_nonfinite("gradient")
+        else:
+            self._consecutive_nonfinite = 0
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        log.warning("non-finite %s at step %d: step skipped", what, self.global_step)
+        if self._consecutive_nonfinite >= self.max_nonfinite_steps:
+            raise SamFtError(
+                f"{self._consecutive_nonfinite} steps in a row had a non-finite {what} "
+                f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); last batch: cases "
+                f"{', '.join(self._last_cases)}. Lower the learning rate or check these inputs."
+            )
+
+    # --- validation --------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        embeddings = self._embeddings(batch)
+        for b, (emb, prompts, size) in enumerate(
+            zip(embeddings, batch["prompts"], batch["original_size"], strict=True)
+        ):
+            if not prompts:
+                continue
+            low, iou = self.model.decode(emb, list(prompts), tuple(size), self.multimask_output)
+            # The mask a user gets: SAM's own choice by predicted IoU.
+            best = low[torch.arange(len(low)), iou.argmax(dim=1)][:, None]
+            pred = self.model.postprocess(best, tuple(size))[:, 0] > 0
+            gt = batch["masks"][b].to(pred.device)
+            inter = (pred & gt).flatten(1).sum(-1).float()
+            total = pred.flatten(1).sum(-1) + gt.flatten(1).sum(-1)
+            dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(inter))
+            self.val_dice.update(dice)
+            wants = batch_idx == 0 and len(self._overlay_items) < self.overlays
+            if wants and "image_uint8" in batch:
+                for k in range(min(len(prompts), self.overlays - len(self._overlay_items))):
+                    self._overlay_items.append(
+                        (batch["image_uint8"][b], gt[k].cpu().numpy(), pred[k].cpu().numpy(),
+                         prompts[k], f"{batch['case'][b]} #{k} dice {dice[k]:.2f}")
+                    )  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        dice = self.val_dice.compute()
+        self.val_dice.reset()
+        self.val_dice_best.update(dice)
+        self.log("val/dice", dice, prog_bar=True, sync_dist=True)
+        self.log("val/dice_best", self.val_dice_best.compute(), sync_dist=True)
+        if self._overlay_items and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            from sam_ft.training.overlays import log_overlays
+
+            name = f"epoch_{self.current_epoch:03d}.png"
+            out = Path(self.trainer.default_root_dir) / "overlays" / name
+            log_overlays(self._overlay_items, out, self.loggers, self.global_step)
+        self._overlay_items = []
+
+    # --- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        lr = self.optimizer_factory.keywords.get("lr", 1e-4)
+        optimizer = self.optimizer_factory(self.finetune.param_groups(self.model, lr))
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory.func).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

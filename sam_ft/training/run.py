@@ -1,0 +1,140 @@
+"""``python train.py``: finetune, export, then compare with the zero-shot model on held-out cases."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sam_ft.data.datamodule import SamDataModule
+from sam_ft.errors import ConfigError
+from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
+from sam_ft.training.module import SamFinetuneModule
+from sam_ft.training.wandb import scrub
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: Any) -> str:
+    """``auto`` = bf16-mixed on GPUs that support it, else full precision."""
+    if str(precision) != "auto":
+        return str(precision)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``null`` -> fresh start; ``last`` -> this run dir's last.ckpt, which must exist."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if str(ckpt_path) == "last":
+        path = run_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path=last: there is no checkpoint at {path}. To resume a run, pass its run "
+                "directory too: hydra.run.dir=<run dir>. Nothing was started."
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: file not found")
+    return str(ckpt_path)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    plain = scrub(OmegaConf.to_container(cfg, resolve=True))
+    for logger in loggers:
+        logger.log_hyperparams(plain)
+    return instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, export ``sam_finetuned.pth``, evaluate zero-shot vs finetuned; return final metrics."""
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    model = instantiate(cfg.model)
+    finetune = instantiate(cfg.finetune)
+    finetune.apply(model)
+    prompt = instantiate(cfg.prompt)
+    datamodule = SamDataModule(
+        task=cfg.task,
+        data=cfg.data,
+        transform=model.transform,
+        train_prompt=prompt,
+        seed=cfg.seed,
+        run_dir=run_dir,
+    )
+    module = SamFinetuneModule(
+        model=model,
+        finetune=finetune,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        iterative_rounds=getattr(prompt, "rounds", 0),
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+        overlays=cfg.train.overlays,
+    )
+    trainer = build_trainer(cfg, run_dir)
+    if model.encoder_frozen:
+        datamodule.use_embedding_cache(model)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if not trainer.is_global_zero:
+        return metrics
+
+    best = _best_checkpoint(trainer)
+    finetuned = instantiate(cfg.model, checkpoint=None)
+    load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
+    exported = export_official(finetuned, run_dir / "sam_finetuned.pth")
+    log.info("exported %s (official SAM format, from %s)", exported, best)
+
+    if cfg.train.evaluate:
+        from sam_ft.evaluation.run import compare_models
+
+        zero_shot = instantiate(cfg.model)
+        summary = compare_models(
+            {"zero_shot": zero_shot, "finetuned": finetuned},
+            datamodule,
+            cfg,
+            run_dir / "eval",
+            loggers=trainer.loggers,
+        )
+        metrics.update(summary)
+    _print_summary(run_dir, exported)
+    return metrics
+
+
+def _best_checkpoint(trainer: L.Trainer) -> Path:
+    cb = trainer.checkpoint_callback
+    for candidate in (getattr(cb, "best_model_path", ""), getattr(cb, "last_model_path", "")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise ConfigError("training produced no checkpoint (callbacks.model_checkpoint disabled?)")
+
+
+def _print_summary(run_dir: Path, exported: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.rule("[bold]sam_ft run finished")
+    console.print(f"run dir      {run_dir}")
+    console.print(f"checkpoints  {run_dir / 'checkpoints'}")
+    console.print(f"weights      {exported}  (segment_anything format)")
+    summary_md = run_dir / "eval" / "summary.md"
+    if summary_md.is_file():
+        console.print(f"report       {summary_md}")
+        console.print(summary_md.read_text())

@@ -1,0 +1,6 @@
+"""Finetune SAM and compare it with the zero-shot model: ``python train.py [overrides]``."""
+
+from sam_ft.cli import train
+
+if __name__ == "__main__":
+    train()
