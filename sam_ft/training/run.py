@@ -1,4 +1,4 @@
-"""``python train.py``: finetune, export, then compare with the zero-shot model on held-out cases."""
+"""``python train.py``: finetune, export, then compare with the zero-shot model."""
 
 from __future__ import annotations
 
