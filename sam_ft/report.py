@@ -1,0 +1,276 @@
+"""``sam-ft-report``: merge the evaluation summaries of several runs into one report.
+
+Usage::
+
+    sam-ft-report DIR... [--out FILE.md] [--wandb] [--wandb-project NAME]
+
+Every ``summary.csv`` under the given folders is read (a single run folder, or a Hydra multirun
+folder with numbered run subfolders). The run's ``.hydra/config.yaml``, found in the summary's
+folder or one above it (up to the given DIR), names the model size (``model.name``), the finetune
+mode (``finetune.name``) and the task (``task.name``). The merged table has one row per
+model size x finetune mode x task x prompt x jitter; the zero-shot evaluation is the baseline row
+(finetune mode ``zero_shot``) and ``delta_dice`` is each row's Dice minus that baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from sam_ft.errors import SamFtError
+from sam_ft.evaluation import plots
+from sam_ft.evaluation.report import (
+    BASELINE_MODEL,
+    JITTER_ORDER,
+    PROMPT_NAMES,
+    PROMPT_ORDER,
+    rank_by_order,
+    to_markdown,
+)
+
+MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
+MERGED_COLUMNS = [
+    *MERGED_KEYS,
+    "n",
+    "dice_mean",
+    "dice_std",
+    "iou_mean",
+    "hd95_mean",
+    "nsd_mean",
+    "delta_dice",
+    "run",
+]
+UNKNOWN = "unknown"
+
+
+def find_summaries(dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(summary.csv, the DIR it was found under) for every summary under ``dirs``, sorted.
+
+    Raises:
+        SamFtError: a DIR does not exist or holds no ``summary.csv``.
+    """
+    found = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise SamFtError(f"{d}: not a directory")
+        summaries = sorted(d.rglob("summary.csv"))
+        if not summaries:
+            raise SamFtError(
+                f"{d}: no summary.csv found under it (run sam-ft-evaluate first, or pass the run "
+                "or multirun folder)"
+            )
+        found += [(s, d) for s in summaries]
+    return found
+
+
+def run_config(summary: Path, root: Path) -> dict[str, str | None]:
+    """``model_size``, ``finetune`` and ``task`` from the nearest ``.hydra/config.yaml`` between
+    the summary's folder and ``root``; None for what is not found."""
+    info: dict[str, str | None] = {"model_size": None, "finetune": None, "task": None}
+    root = root.resolve()
+    folder = summary.parent.resolve()
+    while True:
+        config = folder / ".hydra" / "config.yaml"
+        if config.is_file():
+            cfg = OmegaConf.load(config)
+            for key, path in (("model_size", "model.name"), ("finetune", "finetune.name")):
+                info[key] = _select(cfg, path)
+            info["task"] = _select(cfg, "task.name")
+            return info
+        if folder == root or folder.parent == folder:
+            return info
+        folder = folder.parent
+
+
+def _select(cfg, key: str) -> str | None:
+    # Hydra-only resolvers (${hydra:...}) cannot resolve outside a Hydra run: treat as unknown.
+    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    return None if value is None else str(value)
+
+
+def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One table from every run's ``summary.csv`` under ``dirs`` (see the module docstring).
+
+    Returns:
+        DataFrame with columns ``model_size, finetune, task, prompt, jitter, n, dice_mean,
+        dice_std, iou_mean, hd95_mean, nsd_mean, delta_dice, run``; a zero-shot baseline
+        evaluated by several runs is kept once (the first run's).
+    """
+    frames = []
+    for summary, root in find_summaries(dirs):
+        df = pd.read_csv(summary)
+        missing = {"model", "prompt", "dice_mean"} - set(df.columns)
+        if missing:
+            raise SamFtError(f"{summary}: not an evaluation summary (no {', '.join(missing)})")
+        info = run_config(summary, root)
+        df["model_size"] = info["model_size"] or UNKNOWN
+        finetuned = df["model"].astype(str) != BASELINE_MODEL
+        df["finetune"] = df["model"].astype(str)
+        if info["finetune"]:
+            df.loc[finetuned, "finetune"] = info["finetune"]
+        if "task" not in df:
+            df["task"] = info["task"] or UNKNOWN
+        if "jitter" not in df:
+            df["jitter"] = "none"
+        df["run"] = os.path.relpath(summary.parent, root.parent)
+        frames.append(df)
+    merged = pd.concat(frames, ignore_index=True)
+    for column in MERGED_COLUMNS:
+        if column not in merged:
+            merged[column] = float("nan")
+    merged = merged.drop_duplicates(subset=MERGED_KEYS, keep="first")
+
+    baseline = merged[merged["finetune"] == BASELINE_MODEL].set_index(
+        ["model_size", "task", "prompt", "jitter"]
+    )["dice_mean"]
+    keys = pd.MultiIndex.from_frame(merged[["model_size", "task", "prompt", "jitter"]])
+    merged["delta_dice"] = merged["dice_mean"].to_numpy() - baseline.reindex(keys).to_numpy()
+    merged.loc[merged["finetune"] == BASELINE_MODEL, "delta_dice"] = float("nan")
+    return _sort(merged[MERGED_COLUMNS])
+
+
+def _sort(df: pd.DataFrame) -> pd.DataFrame:
+    finetunes = [BASELINE_MODEL, *sorted(set(df["finetune"]) - {BASELINE_MODEL})]
+    ranks = pd.DataFrame(
+        {
+            "size": rank_by_order(df["model_size"], sorted(set(df["model_size"]))),
+            "task": rank_by_order(df["task"], sorted(set(df["task"].astype(str)))),
+            "prompt": rank_by_order(df["prompt"], PROMPT_ORDER),
+            "jitter": rank_by_order(df["jitter"], JITTER_ORDER),
+            "finetune": rank_by_order(df["finetune"], finetunes),
+        },
+        index=df.index,
+    )
+    order = ranks.sort_values(list(ranks.columns), kind="stable").index
+    return df.loc[order].reset_index(drop=True)
+
+
+def dice_overview(merged: pd.DataFrame) -> pd.DataFrame:
+    """Dice at no jitter: one row per (model size, task, prompt), one column per finetune mode,
+    each non-baseline cell with its difference to zero-shot in brackets."""
+    s = merged[merged["jitter"].astype(str) == "none"]
+    if s.empty:
+        return s
+    modes = list(dict.fromkeys(s["finetune"]))
+    if BASELINE_MODEL in modes:
+        modes = [BASELINE_MODEL] + [m for m in modes if m != BASELINE_MODEL]
+    index = ["model_size", "task", "prompt"]
+    dice = s.pivot_table(index=index, columns="finetune", values="dice_mean", sort=False)
+    delta = s.pivot_table(
+        index=index, columns="finetune", values="delta_dice", sort=False, dropna=False
+    )
+    out = pd.DataFrame(index=dice.index)
+    for m in modes:
+        cells = []
+        for key in dice.index:
+            value = dice.at[key, m]
+            d = delta.at[key, m] if m in delta.columns else float("nan")
+            if pd.isna(value):
+                cells.append("–")
+            elif pd.isna(d):
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(f"{value:.3f} ({d:+.3f})")
+        out[m] = cells
+    out = out.reset_index()
+    out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return out
+
+
+def write_markdown(merged: pd.DataFrame, path: Path, figure: Path | None) -> Path:
+    """``report.md``: the Dice overview, then the full merged table."""
+    lines = [
+        "# sam_ft report",
+        "",
+        f"{merged['run'].nunique()} runs merged. Rows: model size x finetune mode x task x prompt"
+        " x jitter; `zero_shot` is the baseline and `delta_dice` = Dice - zero-shot Dice.",
+        "",
+        "## Dice per prompt (no jitter); brackets: difference to zero-shot",
+        "",
+        to_markdown(dice_overview(merged)),
+        "",
+        "## All rows",
+        "",
+        to_markdown(merged),
+        "",
+    ]
+    if figure is not None:
+        lines.append(f"![report]({os.path.relpath(figure, path.parent)})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_figure(merged: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars: Dice per prompt at no jitter, one bar per model size x finetune mode,
+    averaged over tasks weighted by their number of objects (= pooled over objects)."""
+    s = merged[merged["jitter"].astype(str) == "none"].copy()
+    s["setting"] = s["model_size"].astype(str) + " " + s["finetune"].astype(str)
+    s["weighted"] = s["dice_mean"] * s["n"]
+    table = s.groupby(["prompt", "setting"], sort=False)[["weighted", "n"]].sum().reset_index()
+    table["dice_mean"] = table["weighted"] / table["n"]
+    table = table.iloc[
+        rank_by_order(table["prompt"], PROMPT_ORDER).sort_values(kind="stable").index
+    ]
+    table["prompt"] = table["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return plots.plot_grouped_bars(
+        table,
+        path,
+        hue="setting",
+        error=None,
+        title="Dice per prompt strategy (no jitter, all tasks)",
+    )
+
+
+def log_wandb(merged: pd.DataFrame, figure: Path, project: str, out_dir: Path) -> None:
+    """Log the merged table and figure to W&B, offline unless ``WANDB_MODE`` says otherwise."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", "offline")
+    run = wandb.init(project=project, job_type="report", mode=mode, dir=str(out_dir))
+    try:
+        run.log(
+            {
+                "report/table": wandb.Table(dataframe=merged),
+                "report/figure": wandb.Image(str(figure)),
+            }
+        )
+    finally:
+        run.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sam-ft-report``; returns the exit status (0 ok, 1 on a user error)."""
+    parser = argparse.ArgumentParser(
+        prog="sam-ft-report", description="Merge sam_ft evaluation summaries into one report."
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun folders")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="Markdown file (default DIR/report.md)"
+    )
+    parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
+    parser.add_argument("--wandb-project", default="sam_ft", help="W&B project name")
+    args = parser.parse_args(argv)
+    try:
+        merged = merge_summaries(args.dirs)
+        out = args.out or args.dirs[0] / "report.md"
+        figure = write_figure(merged, out.with_name("report.png"))
+        merged.to_csv(out.with_name("report.csv"), index=False)
+        write_markdown(merged, out, figure)
+        if args.wandb:
+            log_wandb(merged, figure, args.wandb_project, out.parent)
+    except SamFtError as err:
+        print(f"sam-ft-report: error: {err}", file=sys.stderr)
+        return 1
+    print(f"sam-ft-report: {len(merged)} rows from {merged['run'].nunique()} runs -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

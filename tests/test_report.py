@@ -1,0 +1,242 @@
+"""Report layer: summary means, NoC, the files write_report makes, and the sam-ft-report CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sam_ft.evaluation.plots import plot_overlay_grid
+from sam_ft.evaluation.report import SUMMARY_COLUMNS, noc, summarize, write_report
+from sam_ft.prompts.types import Prompt
+from sam_ft.report import main, merge_summaries
+
+
+def _row(model, prompt, dice, jitter="none", task="liver", hd95=5.0, case="c0", **extra):
+    return {
+        "model": model,
+        "task": task,
+        "case": case,
+        "slice": 3,
+        "label": 1,
+        "name": "liver",
+        "prompt": prompt,
+        "jitter": jitter,
+        "dice": dice,
+        "iou": dice / (2 - dice),
+        "hd95": hd95,
+        "hd95_missing": bool(np.isnan(hd95)),
+        "nsd": dice,
+        "area_px": extra.get("area_px", 100),
+        "aspect_ratio": extra.get("aspect_ratio", 1.0),
+        "boundary_complexity": extra.get("boundary_complexity", 1.2),
+        "contrast": extra.get("contrast", 0.5),
+        "modality": "CT",
+    }
+
+
+@pytest.fixture
+def per_object() -> pd.DataFrame:
+    rows = [
+        # Listed out of display order on purpose.
+        _row("finetuned", "box", 0.9, case="c0", area_px=100),
+        _row("finetuned", "box", 0.7, case="c1", area_px=50, hd95=float("nan")),
+        _row("zero_shot", "box", 0.8, case="c0", hd95=4.0, area_px=100),
+        _row("zero_shot", "box", 0.6, case="c1", hd95=8.0, area_px=50),
+        _row("zero_shot", "box", 0.5, case="c2", hd95=6.0, area_px=70),
+        _row("zero_shot", "box", 0.4, jitter="20-30"),
+        _row("zero_shot", "box", 0.6, jitter="0-10"),
+        _row("zero_shot", "point1", 0.3),
+        _row("zero_shot", "everything", 0.2),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_summarize_means_and_order(per_object):
+    s = summarize(per_object)
+    assert list(s.columns) == SUMMARY_COLUMNS
+    assert list(zip(s["model"], s["prompt"], s["jitter"], strict=True)) == [
+        ("zero_shot", "everything", "none"),
+        ("zero_shot", "point1", "none"),
+        ("zero_shot", "box", "none"),
+        ("zero_shot", "box", "0-10"),
+        ("zero_shot", "box", "20-30"),
+        ("finetuned", "box", "none"),
+    ]
+    zs = s.iloc[2]
+    assert zs["n"] == 3
+    assert zs["dice_mean"] == pytest.approx((0.8 + 0.6 + 0.5) / 3)
+    assert zs["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.5]))
+    assert zs["hd95_mean"] == pytest.approx(6.0)
+    ft = s.iloc[5]
+    assert ft["dice_mean"] == pytest.approx(0.8)
+    # The missing HD95 is skipped, not counted as 0, and counted as missing.
+    assert ft["hd95_mean"] == pytest.approx(5.0)
+    assert ft["hd95_missing"] == 1
+
+
+def test_summarize_reads_hd95_missing_from_csv_strings(per_object, tmp_path):
+    per_object.to_csv(tmp_path / "p.csv", index=False)
+    s = summarize(pd.read_csv(tmp_path / "p.csv").astype({"hd95_missing": str}))
+    assert s.loc[s["model"] == "finetuned", "hd95_missing"].item() == 1
+
+
+def test_noc_hand_computed():
+    dice = {"a": [0.5, 0.86, 0.92], "b": [0.88, 0.89, 0.89], "c": [0.1, 0.2]}
+    rows = [
+        {
+            "model": "zero_shot",
+            "task": "t",
+            "case": c,
+            "slice": 0,
+            "label": 1,
+            "click": k + 1,
+            "dice": d,
+        }  # fmt: skip
+        for c, ds in dice.items()
+        for k, d in enumerate(ds)
+    ]
+    t = noc(pd.DataFrame(rows)).iloc[0]
+    # NoC@85: a at click 2, b at 1, c never -> N = 3. NoC@90: a at 3, b and c never -> 3.
+    assert t["n"] == 3
+    assert t["noc@85"] == pytest.approx((2 + 1 + 3) / 3)
+    assert t["noc@90"] == pytest.approx(3.0)
+    assert t["dice@1"] == pytest.approx((0.5 + 0.88 + 0.1) / 3)
+    # c stopped after 2 clicks: its last Dice carries forward.
+    assert t["dice@3"] == pytest.approx((0.92 + 0.89 + 0.2) / 3)
+
+
+def _overlay_items():
+    image = np.zeros((32, 32, 3), np.uint8)
+    gt = np.zeros((32, 32), bool)
+    gt[8:20, 8:20] = True
+    pred = np.roll(gt, 2, axis=1)
+    return [
+        (image, gt, pred, Prompt(box=[8, 8, 19, 19]), "box"),
+        (image, gt, pred, {"points": [[14, 14], [2, 2]], "point_labels": [1, 0]}, "points"),
+        (image, gt, np.zeros_like(gt), None, "empty prediction"),
+    ]
+
+
+def test_write_report_creates_every_file(per_object, tmp_path):
+    clicks = pd.DataFrame(
+        [
+            {
+                "model": m,
+                "task": "liver",
+                "case": "c0",
+                "slice": 3,
+                "label": 1,
+                "click": k,
+                "dice": 0.5 + 0.1 * k,
+            }  # fmt: skip
+            for m in ("zero_shot", "finetuned")
+            for k in (1, 2, 3, 4)
+        ]
+    )
+    per_case = per_object.drop(columns=["slice"])
+    paths = write_report(
+        tmp_path / "eval",
+        per_object,
+        per_case,
+        clicks=clicks,
+        overlays={"best": _overlay_items(), "worst": _overlay_items()[:1]},
+    )
+    expected = {
+        "summary_csv",
+        "summary_md",
+        "summary_case_csv",
+        "spearman_csv",
+        "noc_csv",
+        "plot_dice_per_prompt",
+        "plot_dice_vs_jitter",
+        "plot_dice_vs_clicks",
+        "plot_attributes",
+        "plot_overlays_best",
+        "plot_overlays_worst",
+    }
+    assert set(paths) == expected
+    for key, path in paths.items():
+        assert path.is_file() and path.stat().st_size > 0, key
+        if key.startswith("plot_"):
+            assert path.parent == tmp_path / "eval" / "plots"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = paths["summary_md"].read_text()
+    # Box, no jitter: finetuned 0.800 vs zero-shot 0.633 -> +0.167.
+    assert "Δ finetuned − zero_shot" in md
+    assert "+0.167" in md
+    assert "| S5 box | 0.633 ± 0.125 | 0.800 ± 0.100 | +0.167 |" in md
+    assert "Robustness to prompt jitter" in md and "NoC@t" in md
+    assert "![dice_per_prompt](plots/dice_per_prompt.png)" in md
+    written = pd.read_csv(paths["summary_csv"])
+    assert list(written.columns) == SUMMARY_COLUMNS and len(written) == 6
+
+
+def test_overlay_grid_alone(tmp_path):
+    path = plot_overlay_grid(tmp_path / "grid.png", _overlay_items(), ncols=2)
+    assert path.stat().st_size > 1000
+
+
+def _fake_run(folder, size, mode, dice_zero, dice_ft, task="liver"):
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"model:\n  name: {size}\nfinetune:\n  name: {mode}\ntask:\n  name: {task}\n"
+        "paths:\n  output_dir: ${hydra:runtime.output_dir}\n"
+    )
+    rows = [
+        _row("zero_shot", "box", dice_zero, task=task),
+        _row("finetuned", "box", dice_ft, task=task),
+    ]
+    rows += [_row("finetuned", "box", dice_ft - 0.2, jitter="20-30", task=task)]
+    (folder / "eval").mkdir()
+    summarize(pd.DataFrame(rows)).to_csv(folder / "eval" / "summary.csv", index=False)
+
+
+def test_report_cli_merges_runs(tmp_path, capsys):
+    multirun = tmp_path / "multirun"
+    _fake_run(multirun / "0", "vit_b", "decoder", 0.70, 0.80)
+    _fake_run(multirun / "1", "vit_b", "lora", 0.70, 0.85)
+    single = tmp_path / "single"
+    _fake_run(single, "vit_h", "decoder", 0.75, 0.90)
+
+    merged = merge_summaries([multirun, single])
+    keys = list(zip(merged["model_size"], merged["finetune"], merged["jitter"], strict=True))
+    assert keys == [
+        ("vit_b", "zero_shot", "none"),
+        ("vit_b", "decoder", "none"),
+        ("vit_b", "lora", "none"),
+        ("vit_b", "decoder", "20-30"),
+        ("vit_b", "lora", "20-30"),
+        ("vit_h", "zero_shot", "none"),
+        ("vit_h", "decoder", "none"),
+        ("vit_h", "decoder", "20-30"),
+    ]
+    delta = merged.set_index(["model_size", "finetune", "jitter"])["delta_dice"]
+    assert delta[("vit_b", "lora", "none")] == pytest.approx(0.15)
+    assert delta[("vit_h", "decoder", "none")] == pytest.approx(0.15)
+    # Deltas compare at the same jitter; zero-shot was not run jittered here.
+    assert math.isnan(delta[("vit_b", "decoder", "20-30")])
+    assert math.isnan(delta[("vit_b", "zero_shot", "none")])
+
+    assert main([str(multirun), str(single)]) == 0
+    md = (multirun / "report.md").read_text()
+    assert "| vit_b | liver | S5 box | 0.700 | 0.800 (+0.100) | 0.850 (+0.150) |" in md
+    assert "| vit_h | liver | S5 box | 0.750 | 0.900 (+0.150) | – |" in md
+    assert (multirun / "report.png").stat().st_size > 0
+    assert len(pd.read_csv(multirun / "report.csv")) == 8
+
+    out = tmp_path / "elsewhere" / "r.md"
+    assert main([str(single), "--out", str(out)]) == 0
+    assert out.is_file() and (out.parent / "report.png").is_file()
+    capsys.readouterr()
+
+
+def test_report_cli_names_the_folder_without_summaries(tmp_path, capsys):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    assert main([str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert str(empty) in err and "no summary.csv" in err
