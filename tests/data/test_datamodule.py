@@ -1,0 +1,221 @@
+"""Dataset items, collate, the seeded sampler and the DataModule on the demo dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from sam_ft.data.datamodule import SamDataModule
+from sam_ft.data.dataset import SeededSampler, SliceDataset, collate_slices, tight_box_prompts
+from sam_ft.data.embedding_cache import encoder_fingerprint
+from sam_ft.data.types import SliceRecord
+from sam_ft.model.preprocess import SamTransform
+from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.types import Prompt
+
+S = 64
+
+
+def _record(k: int, h: int = 40, w: int = 50, index: int = 0) -> SliceRecord:
+    """k horizontal bars of different rows; object j covers rows [4 + 8j, 10 + 8j)."""
+    masks = np.zeros((k, h, w), dtype=bool)
+    for j in range(k):
+        masks[j, 4 + 8 * j : 10 + 8 * j, 5 : 20 + 5 * j] = True
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    image[masks.any(axis=0)] = 200
+    labels = np.arange(1, k + 1, dtype=np.int64)
+    return SliceRecord(f"case{index}", index, image, masks, labels, [f"o{j}" for j in labels])
+
+
+def random_points(masks: np.ndarray, rng: np.random.Generator) -> list[Prompt]:
+    """One random positive point per mask, (x, y) = (col, row)."""
+    out = []
+    for m in masks:
+        rows, cols = np.nonzero(m)
+        i = rng.integers(len(rows))
+        out.append(Prompt(points=[[cols[i], rows[i]]], point_labels=[1]))
+    return out
+
+
+def _points(item: dict) -> list[tuple]:
+    return [tuple(p.points[0]) for p in item["prompts"]]
+
+
+def test_collate_varying_number_of_objects():
+    ds = SliceDataset(
+        [_record(1), _record(3, 30, 60, 1), _record(2, index=2)],
+        SamTransform(S),
+        tight_box_prompts,
+        seed=0,
+        with_masks=True,
+        with_image_uint8=True,
+        progress=False,
+    )
+    batch = collate_slices([ds[0], ds[1], ds[2]])
+    assert batch["image"].shape == (3, 3, S, S) and "embedding" not in batch
+    assert [t.shape for t in batch["target"]] == [(1, 16, 16), (3, 16, 16), (2, 16, 16)]
+    assert [m.shape for m in batch["masks"]] == [(1, 40, 50), (3, 30, 60), (2, 40, 50)]
+    assert batch["masks"][1].dtype == torch.bool
+    assert [len(p) for p in batch["prompts"]] == [1, 3, 2]
+    assert batch["original_size"] == [(40, 50), (30, 60), (40, 50)]
+    assert batch["case"] == ["case0", "case1", "case2"] and batch["slice_index"] == [0, 1, 2]
+    assert batch["labels"][1].tolist() == [1, 2, 3] and batch["labels"][1].dtype == torch.long
+    assert batch["image_uint8"][1].shape == (30, 60, 3)
+    # Tight box of object 1 of record 1: rows 12..17, cols 5..24 -> [x0, y0, x1, y1].
+    np.testing.assert_array_equal(batch["prompts"][1][1].box, [5, 12, 24, 17])
+    # Precomputed targets equal the transform's.
+    expected = SamTransform(S).masks_to_low_res(ds.records[1].masks)
+    torch.testing.assert_close(batch["target"][1], expected)
+    with pytest.raises(ValueError, match="differ in keys"):
+        collate_slices([ds[0], {k: v for k, v in ds[1].items() if k != "masks"}])
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    ds = list(range(23))
+
+    def epoch_order(seed: int, epoch: int, **kw) -> list[tuple[int, int]]:
+        s = SeededSampler(ds, seed=seed, **kw)
+        s.set_epoch(epoch)
+        return list(s)
+
+    a = epoch_order(7, 3)
+    assert a == epoch_order(7, 3)  # e.g. a resumed run
+    assert {e for e, _ in a} == {3} and sorted(i for _, i in a) == list(range(23))
+    assert [i for _, i in a] != [i for _, i in epoch_order(7, 4)]
+    assert [i for _, i in a] != [i for _, i in epoch_order(8, 3)]
+    assert [i for _, i in epoch_order(7, 5, shuffle=False, fixed_epoch=True)] == list(range(23))
+    assert {e for e, _ in epoch_order(7, 5, shuffle=False, fixed_epoch=True)} == {0}
+    # Two ranks share the epoch's order without overlap (padded to equal length).
+    r0, r1 = (epoch_order(7, 3, num_replicas=2, rank=r) for r in (0, 1))
+    assert len(r0) == len(r1) == 12
+    assert set(i for _, i in r0) | set(i for _, i in r1) == set(range(23))
+
+
+def test_item_randomness_depends_on_seed_epoch_index_only():
+    records = [_record(5, index=i) for i in range(3)]
+    tf = SamTransform(S)
+    ds = SliceDataset(records, tf, random_points, seed=3, max_objects=2, progress=False)
+    a, b = ds[(4, 1)], ds[(4, 1)]
+    assert _points(a) == _points(b) and a["labels"].tolist() == b["labels"].tolist()
+    assert len(a["prompts"]) == 2 and a["target"].shape == (2, 16, 16)
+    # Over a few epochs the object subset and the prompts change.
+    subsets = {tuple(ds[(e, 1)]["labels"].tolist()) for e in range(6)}
+    points = {tuple(_points(ds[(e, 1)])) for e in range(6)}
+    assert len(subsets) > 1 and len(points) > 1
+    other = SliceDataset(records, tf, random_points, seed=4, max_objects=2, progress=False)
+    assert {tuple(_points(other[(e, 1)])) for e in range(6)} != points
+    # Each prompt lies on its object, and the target matches the kept objects.
+    item = ds[(2, 0)]
+    for p, label in zip(item["prompts"], item["labels"].tolist(), strict=True):
+        x, y = p.points[0].astype(int)
+        assert records[0].masks[label - 1, y, x]
+    expected = SamTransform(S).masks_to_low_res(records[0].masks[item["labels"].numpy() - 1])
+    torch.testing.assert_close(item["target"], expected)
+
+
+def test_augmented_items_draw_prompts_from_augmented_masks():
+    from sam_ft.data.augment import SliceAugment
+
+    aug = SliceAugment({"enabled": True, "hflip_p": 1.0, "affine_p": 0.0})
+    rec = _record(2)
+    ds = SliceDataset([rec], SamTransform(S), BoxPrompts(), seed=0, augment=aug, progress=False)
+    item = ds[0]
+    flipped = rec.masks[:, :, ::-1]
+    np.testing.assert_array_equal(item["prompts"][0].box, [50 - 20, 4, 50 - 6, 9])
+    torch.testing.assert_close(item["target"], SamTransform(S).masks_to_low_res(flipped.copy()))
+
+
+# ---------------------------------------------------------------------------------------------
+# DataModule on the demo dataset
+
+
+@pytest.fixture(scope="module")
+def demo_task(tmp_path_factory):
+    task = OmegaConf.to_container(OmegaConf.load("conf/task/demo.yaml"))
+    task["root"] = str(tmp_path_factory.mktemp("data") / "demo")
+    return task
+
+
+def _dm(task, tmp_path, run: str = "run", **data) -> SamDataModule:
+    cfg = {"cache_dir": str(tmp_path / "cache"), "seed": 0, "batch_size": 3, **data}
+    return SamDataModule(
+        task, cfg, SamTransform(S), BoxPrompts(), seed=1, run_dir=tmp_path / run, progress=False
+    )
+
+
+def test_datamodule_splits_cache_and_batches(demo_task, tmp_path):
+    dm = _dm(demo_task, tmp_path, max_objects_per_image=2)
+    dm.setup("fit")
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    ids = [c for s in ("train", "val", "test") for c in splits[s]]
+    assert len(ids) == len(set(ids)) == 8 and all(splits[s] for s in ("train", "val", "test"))
+    assert (tmp_path / "run" / "skipped.csv").is_file()
+    for split in ("train", "val", "test"):
+        assert {r.case for r in dm.records(split)} <= set(splits[split])
+    assert dm.slice_cache.misses == 8 and dm.slice_cache.hits == 0
+
+    train = next(iter(dm.train_dataloader()))
+    assert train["image"].shape == (3, 3, S, S)
+    assert "masks" not in train and "image_uint8" not in train
+    for prompts, target in zip(train["prompts"], train["target"], strict=True):
+        assert len(prompts) == len(target) <= 2
+    val = next(iter(dm.val_dataloader()))
+    assert {"masks", "image_uint8"} <= set(val) and val["original_size"][0] == (96, 96)
+    test_cases = {c for b in dm.test_dataloader() for c in b["case"]}
+    assert test_cases == set(splits["test"])
+
+    # The next run reads every case from the slice cache and gets the same slices and 3D data.
+    again = _dm(demo_task, tmp_path, run="run2")
+    again.setup("test")
+    assert again.slice_cache.hits == 8 and again.slice_cache.misses == 0
+    a, b = dm.case_data("test")[0], again.case_data("test")[0]
+    np.testing.assert_array_equal(a.label_volume, b.label_volume)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert (a.spacing, a.objects, a.slice_axis) == (b.spacing, b.objects, b.slice_axis)
+    assert len(a.slices) == len(b.slices)
+    np.testing.assert_array_equal(a.slices[3].masks, b.slices[3].masks)
+
+
+def test_datamodule_embedding_cache(demo_task, tmp_path):
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(3, 4, kernel_size=8, stride=8)
+    calls = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return encoder(x)
+
+    dm = _dm(demo_task, tmp_path)
+    # Requested before setup (as a LightningModule.setup hook may): applied when setup runs.
+    assert dm.use_embedding_cache(encode, encoder_fingerprint(encoder, dm.transform), "cpu")
+    dm.setup("fit")
+    n = sum(len(dm.records(s)) for s in ("train", "val", "test"))
+    assert sum(calls) == n
+    batch = next(iter(dm.train_dataloader()))
+    assert "image" not in batch and batch["embedding"].shape == (3, 4, 8, 8)
+    rec = dm.dataset("train").records[batch_index(dm, batch)]
+    with torch.no_grad():
+        expected = encoder(dm.transform.apply_image(rec.image)[None])[0]
+    torch.testing.assert_close(batch["embedding"][0], expected)
+
+    # With augmentation, auto keeps images for train and caches val/test (all hits now).
+    aug = _dm(demo_task, tmp_path, run="run2", augment={"enabled": True})
+    aug.setup("fit")
+    assert aug.use_embedding_cache(encode, encoder_fingerprint(encoder, aug.transform), "cpu")
+    assert sum(calls) == n
+    assert "image" in next(iter(aug.train_dataloader()))
+    assert "embedding" in next(iter(aug.val_dataloader()))
+    off = _dm(demo_task, tmp_path, run="run3", cache_embeddings=False)
+    assert not off.use_embedding_cache(encode, "x", "cpu")
+
+
+def batch_index(dm: SamDataModule, batch: dict) -> int:
+    """Dataset index of the first item of a train batch (via its case and slice)."""
+    recs = dm.dataset("train").records
+    key = (batch["case"][0], batch["slice_index"][0])
+    return next(i for i, r in enumerate(recs) if (r.case, r.slice_index) == key)
