@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sam_ft.evaluation.plots import plot_overlay_grid
 from sam_ft.evaluation.report import SUMMARY_COLUMNS, noc, summarize, write_report
@@ -178,6 +179,19 @@ def test_write_report_creates_every_file(per_object, tmp_path):
 def test_overlay_grid_alone(tmp_path):
     path = plot_overlay_grid(tmp_path / "grid.png", _overlay_items(), ncols=2)
     assert path.stat().st_size > 1000
+
+
+def test_overlay_grid_takes_tensors(tmp_path):
+    # The training loop passes torch tensors, the image channel-first.
+    image, gt, pred, _, _ = _overlay_items()[0]
+    item = (
+        torch.from_numpy(image).permute(2, 0, 1),
+        torch.from_numpy(gt),
+        torch.from_numpy(pred),
+        {"box": torch.tensor([8.0, 8.0, 19.0, 19.0])},
+        "tensors",
+    )
+    assert plot_overlay_grid(tmp_path / "t.png", [item]).stat().st_size > 1000
 
 
 def _fake_run(folder, size, mode, dice_zero, dice_ft, task="liver"):

@@ -180,9 +180,26 @@ def _prompt_parts(prompt: Any) -> tuple[np.ndarray | None, np.ndarray | None, np
     get = prompt.get if isinstance(prompt, dict) else lambda k: getattr(prompt, k, None)
     box, points, labels = get("box"), get("points"), get("point_labels")
     if points is not None:
-        points = np.asarray(points, dtype=float).reshape(-1, 2)
-        labels = np.ones(len(points), int) if labels is None else np.asarray(labels).reshape(-1)
-    return (None if box is None else np.asarray(box, float).reshape(4)), points, labels
+        points = _numpy(points).astype(float).reshape(-1, 2)
+        labels = np.ones(len(points), int) if labels is None else _numpy(labels).reshape(-1)
+    return (None if box is None else _numpy(box).astype(float).reshape(4)), points, labels
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A numpy array from an array or a (possibly CUDA) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def _rgb(image: Any) -> np.ndarray:
+    """(H, W, 3) from (H, W, 3), channel-first (3, H, W) or grey (H, W)."""
+    image = _numpy(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = np.moveaxis(image, 0, -1)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return image
 
 
 def plot_overlay_grid(path: str | Path, items: Sequence[OverlayItem], ncols: int = 4) -> Path:
@@ -190,7 +207,8 @@ def plot_overlay_grid(path: str | Path, items: Sequence[OverlayItem], ncols: int
 
     Args:
         path: PNG to write.
-        items: (image (H, W, 3) uint8, gt (H, W) bool, pred (H, W) bool, prompt, title) each.
+        items: (image (H, W, 3) uint8, gt (H, W) bool, pred (H, W) bool, prompt, title) each;
+            numpy arrays or torch tensors (a (3, H, W) or grey (H, W) image is accepted too).
             ``prompt`` is a :class:`sam_ft.prompts.types.Prompt`, a dict with ``box`` (4,)
             [x_min, y_min, x_max, y_max] and/or ``points`` (P, 2) (x, y) with ``point_labels``
             (P,) 1 = positive (yellow +), 0 = negative (red x), or None.
@@ -206,9 +224,10 @@ def plot_overlay_grid(path: str | Path, items: Sequence[OverlayItem], ncols: int
     for ax in axes[n:]:
         ax.set_axis_off()
     for ax, (image, gt, pred, prompt, title) in zip(axes, items, strict=False):
-        ax.imshow(np.asarray(image), interpolation="nearest")
+        image = _rgb(image)
+        ax.imshow(image, interpolation="nearest")
         for mask, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
-            mask = np.asarray(mask, dtype=bool)
+            mask = _numpy(mask).astype(bool)
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
         box, points, labels = _prompt_parts(prompt)
@@ -222,7 +241,7 @@ def plot_overlay_grid(path: str | Path, items: Sequence[OverlayItem], ncols: int
             ax.scatter(points[pos, 0], points[pos, 1], marker="+", c=POSITIVE_COLOUR, s=60)
             ax.scatter(points[~pos, 0], points[~pos, 1], marker="x", c=NEGATIVE_COLOUR, s=40)
         # Jittered prompts can fall outside the image; keep the view on the image.
-        height, width = np.asarray(image).shape[:2]
+        height, width = image.shape[:2]
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
         ax.set_title(str(title), fontsize=8)
