@@ -11,7 +11,8 @@ of ``image``s (for every split without image augmentation).
 affine_atol``): ``cache_dir`` (null = no slice cache; embeddings then go to ``<run_dir>/cache``),
 ``cache_embeddings`` (auto | true | false), ``augment`` (see :mod:`sam_ft.data.augment`),
 ``batch_size`` (per device), ``num_workers``, ``max_objects_per_image`` (null = all),
-``pin_memory``.
+``pin_memory`` (default: when CUDA is available), ``embedding_dtype`` (null = the encoder's,
+or float16 to halve the embedding cache).
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class SamDataModule(L.LightningDataModule):
         self.num_workers = int(self.data.get("num_workers", 0))
         self.max_objects = self.data.get("max_objects_per_image")
         mode = self.data.get("cache_embeddings", "auto")
+        dtype = self.data.get("embedding_dtype")
+        if dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"data.embedding_dtype must be null, float32, float16 or bfloat16, got {dtype!r}"
+            )
         if mode not in ("auto", True, False):
             raise ConfigError(f"data.cache_embeddings must be auto, true or false, got {mode!r}")
         self.cache_embeddings = mode
@@ -229,9 +235,13 @@ class SamDataModule(L.LightningDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def _loader(self, split: str) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader | list:
         ds = self.dataset(split)
         if len(ds) == 0:
+            if split == "val":
+                # Lightning skips validation for an empty list (e.g. data.split.val: 0).
+                log.warning("the val split has no slices; validation is skipped")
+                return []
             raise DataError(str(self.splits_path), f"the {split} split has no slices")
         world, rank = self._distributed()
         train = split == "train"
@@ -249,7 +259,7 @@ class SamDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_slices,
-            pin_memory=bool(self.data.get("pin_memory", False)),
+            pin_memory=bool(self.data.get("pin_memory", torch.cuda.is_available())),
             persistent_workers=self.num_workers > 0 and train,
             drop_last=False,
         )
@@ -257,7 +267,7 @@ class SamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
@@ -305,7 +315,8 @@ class SamDataModule(L.LightningDataModule):
         self, encode: Callable, fingerprint: str, device: torch.device | str
     ) -> None:
         root = self.data.get("cache_dir") or (self.run_dir / "cache")
-        cache = EmbeddingCache(root, fingerprint)
+        dtype = self.data.get("embedding_dtype")
+        cache = EmbeddingCache(root, fingerprint, None if dtype is None else getattr(torch, dtype))
         self.embedding_cache = cache
         world, rank = self._distributed()
         for split in SPLITS:

@@ -75,7 +75,9 @@ class EmbeddingCache:
         self, root: str | Path, fingerprint: str, store_dtype: torch.dtype | None = None
     ) -> None:
         self.fingerprint = fingerprint
-        self.dir = Path(root).expanduser() / "embeddings" / fingerprint[:32]
+        # Entries of another storage precision must not be mistaken for these.
+        suffix = "" if store_dtype is None else "-" + str(store_dtype).removeprefix("torch.")
+        self.dir = Path(root).expanduser() / "embeddings" / (fingerprint[:32] + suffix)
         self.store_dtype = store_dtype
         self.hits = 0
         self.misses = 0

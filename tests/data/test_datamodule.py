@@ -219,3 +219,41 @@ def batch_index(dm: SamDataModule, batch: dict) -> int:
     recs = dm.dataset("train").records
     key = (batch["case"][0], batch["slice_index"][0])
     return next(i for i, r in enumerate(recs) if (r.case, r.slice_index) == key)
+
+
+def test_lightning_sets_the_epoch_even_with_persistent_workers():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    ds = SliceDataset(
+        [_record(1, index=i) for i in range(6)], SamTransform(S), BoxPrompts(), 0, progress=False
+    )
+    sampler = SeededSampler(ds, seed=5)
+    seen: dict[int, list[str]] = {}
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            seen.setdefault(self.current_epoch, []).extend(batch["case"])
+            return (self.w**2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(
+                ds, batch_size=2, sampler=sampler, collate_fn=collate_slices, num_workers=2,
+                persistent_workers=True,
+            )  # fmt: skip
+
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Probe())
+    for epoch in range(3):
+        assert seen[epoch] == [f"case{i}" for i in sampler.order(epoch)]
+    assert seen[0] != seen[1]
