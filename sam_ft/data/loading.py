@@ -190,7 +190,8 @@ def read_volume(path: str, is_label: bool = False) -> tuple[np.ndarray, np.ndarr
 
 
 def _spacing_from_affine(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # NIfTI stores float32: round so 0.8 mm reads back as 0.8, not 0.800000011920929.
+    return np.round(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), 6)
 
 
 @functools.lru_cache(maxsize=32)
@@ -301,6 +302,10 @@ def load_case(
         label = lab[None]
     else:
         vol, affine = read_volume(case.image)
+        # A single-channel file is used as is: its channel was already chosen by file name
+        # (nnU-Net ``_000<channel>``); ``task.channel`` picks within 4D images.
+        if vol.shape[0] == 1:
+            channel = 0
         if not 0 <= channel < vol.shape[0]:
             raise DataError(
                 case.image, f"task.channel={channel} but image has {vol.shape[0]} channels"
@@ -378,6 +383,21 @@ def load_case(
         slice_axis=axis,
         modality=modality,
     )
+
+
+def slice_settings(task: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict:
+    """Every option the output of :func:`load_case` depends on (JSON-able), for cache keys."""
+    opts, dopts = task_options(task), data_options(data)
+    keys = (
+        "modality", "intensity", "labels", "ignore_labels", "slice_axis", "channel",
+        "label_binarize", "case_pattern",
+    )  # fmt: skip
+    return {
+        **{k: opts[k] for k in keys},
+        "min_object_pixels": int(dopts["min_object_pixels"]),
+        "affine_atol": float(dopts["affine_atol"]),
+        "orientation": "RAS",
+    }
 
 
 def iter_cases(

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from sam_ft.errors import ConfigError, DataError
 
@@ -199,14 +202,25 @@ def ensure_decathlon(task: Mapping[str, Any], root: Path) -> Path:
             return root
         log.info("downloading %s from %s into %s", name, url, root.parent)
         try:
-            download_and_extract(
-                url=url,
-                filepath=str(archive),
-                output_dir=str(root.parent),
-                hash_val=md5,
-                hash_type="md5",
-                progress=True,
-            )
+            if url.startswith("file://"):
+                # A local mirror: MONAI's downloader speaks http(s) only, so copy the archive,
+                # then let MONAI check its md5 and extract it.
+                from monai.apps.utils import check_hash, extractall
+
+                shutil.copyfile(url2pathname(urlparse(url).path), archive)
+                if not check_hash(archive, md5, "md5"):
+                    archive.unlink()
+                    raise ValueError(f"md5 check of {archive} failed")
+                extractall(filepath=archive, output_dir=root.parent, has_base=True)
+            else:
+                download_and_extract(
+                    url=url,
+                    filepath=str(archive),
+                    output_dir=str(root.parent),
+                    hash_val=md5,
+                    hash_type="md5",
+                    progress=True,
+                )
         except Exception as e:  # network, checksum or archive errors all end the same way
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
