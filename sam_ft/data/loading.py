@@ -202,7 +202,10 @@ def _meta_cached(root: str, mtime: float) -> dict:
 def dataset_meta(case: CaseFiles, task: Mapping[str, Any]) -> dict:
     """dataset.json of the task folder holding ``case`` ({} when absent)."""
     depth = len(Path(task_options(task)["images_dir"]).parts)
-    root = Path(case.image).parents[depth]
+    parents = Path(case.image).absolute().parents
+    if depth >= len(parents):
+        return {}
+    root = parents[depth]
     path = root / "dataset.json"
     return _meta_cached(str(root), path.stat().st_mtime if path.is_file() else 0.0)
 
