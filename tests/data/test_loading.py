@@ -212,3 +212,54 @@ def test_decathlon_offline_error_is_one_clear_line(tmp_path):
         prepare_task(task, tmp_path)
     msg = str(err.value)
     assert "\n" not in msg and "Task02_Heart" in msg and str(tmp_path / "Task02_Heart") in msg
+
+
+def _write_dicom_series(folder: Path, vol: np.ndarray) -> None:
+    """(rows, cols, slices) int16 -> one CT DICOM file per slice, 0.7 mm pixels, 2.5 mm apart."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series, study = generate_uid(), generate_uid()
+    for k in range(vol.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "p", k + 1
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 2.5
+        ds.Rows, ds.Columns = vol.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(vol[:, :, k]).astype(np.int16).tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+
+
+def test_dicom_series_folder(tmp_path, h):
+    pytest.importorskip("pydicom")
+    from sam_ft.data.loading import read_volume
+
+    vol = np.full((16, 20, 3), -1000, np.int16)
+    vol[4:12, 5:15, :] = 100
+    root = tmp_path / "dcm"
+    _write_dicom_series(root / "imagesTr" / "ct1", vol)
+    arr, affine = read_volume(str(root / "imagesTr" / "ct1"))
+    assert arr.shape == (1, 20, 16, 3)  # RAS (x = columns, y = rows, z)
+    h.write_nifti(root / "labelsTr" / "ct1.nii.gz", (arr[0] > 0).astype(np.uint8), affine=affine)
+    task = {
+        "root": str(root),
+        "modality": "CT",
+        "intensity": {"mode": "window", "level": 40, "width": 400},
+    }
+    cases = find_cases(root, task)
+    assert [(c.case, Path(c.image).name) for c in cases] == [("ct1", "ct1")]
+    data = load_case(cases[0], task)
+    assert data.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert len(data.slices) == 3 and data.slices[0].masks[0].sum() == 80
