@@ -1,0 +1,1021 @@
+"""The evaluation engine: the study's prompt strategies, jitter, metrics and click curve per case.
+
+For every slice the image encoder runs once; every prompt of the slice (objects x strategies x
+jitter levels) then goes through ``model.decode`` in chunks of ``eval.max_prompts_per_call``, and
+Everything mode (S1) reuses the same embedding. Prompts are pure functions of (seed, case,
+slice, object label, strategy, jitter), so every model sees identical prompts.
+
+Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_COLUMNS`` etc.):
+
+- ``per_object.csv``: 2D scores per (model, task, case, slice, label, prompt, jitter) with the
+  object's attributes;
+- ``per_case.csv``: 3D scores per (model, task, case, label, prompt, jitter): the object's
+  predictions stacked back into the case's volume (empty where the object had no kept slice);
+- ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
+- ``skipped.csv``: cases that failed (``case, path, reason, stage, model, task``);
+- ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
+
+Rows are appended and flushed after each case, then its marker line is written; a new run in the
+same ``out_dir`` drops rows of unmarked cases (killed mid-write) and skips marked ones. At the end
+the CSVs are rewritten sorted by (model, task, case, slice, label, prompt, jitter), so a resumed
+run ends with the same files as an uninterrupted one.
+
+``case`` in the tables is the image id (``SliceRecord.image_id``; the case id unless several
+images share a patient), the unit that is stacked in 3D; ``patient`` is the split's case id.
+Coordinates: prompts (x, y) = (column, row); masks (row, col); volumes (slice, row, col).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sam_ft.data.types import SliceRecord
+from sam_ft.errors import ConfigError, DataError
+from sam_ft.evaluation.attributes import object_attributes
+from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
+from sam_ft.evaluation.metrics import batch_slice_metrics, slice_metrics, volume_metrics
+from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
+from sam_ft.model.trainable import TrainableSam
+from sam_ft.prompts.clicks import add_click, next_click
+from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
+from sam_ft.prompts.strategies import (
+    MASK_SELECTIONS,
+    STRATEGIES,
+    make_eval_prompt,
+    needs_multimask,
+    select_masks,
+)
+from sam_ft.prompts.types import Prompt
+
+log = logging.getLogger(__name__)
+
+BASELINE_MODEL = "zero_shot"
+OVERLAY_PROMPT = ("box", "none")
+"""(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
+
+DEFAULTS: dict[str, Any] = {
+    "split": "test",
+    "prompts": list(STRATEGIES),
+    "jitter_px": [[0, 10], [10, 20], [20, 30]],
+    "mask_selection": "oracle",
+    "grid": 32,
+    "nsd_tolerance_mm": 2.0,
+    "clicks": 0,
+    "save_predictions": False,
+    "max_prompts_per_call": 256,
+    "overlays": 8,
+    "volume_gt": "kept",
+    "on_error": "skip",
+    "everything": {},
+}
+
+ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity", "contrast"]
+PER_OBJECT_COLUMNS = [
+    "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
+    "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
+    *ATTRIBUTE_COLUMNS, "modality", "patient",
+]  # fmt: skip
+PER_CASE_COLUMNS = [
+    "model", "task", "case", "label", "name", "prompt", "jitter",
+    "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "num_slices", "patient",
+]  # fmt: skip
+CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
+SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
+_STRING_COLUMNS = ("model", "task", "case", "name", "prompt", "jitter", "modality", "patient")
+
+PER_OBJECT_CSV = "per_object.csv"
+PER_CASE_CSV = "per_case.csv"
+CLICKS_CSV = "clicks.csv"
+SKIPPED_CSV = "skipped.csv"
+PROGRESS_FILE = "progress.jsonl"
+STATE_DIR = ".eval_state"
+_POSTPROCESS_CHUNK = 32  # prompts upsampled at once: bounds the (N, 3, H, W) float logits
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and inputs
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The ``eval`` config, checked. ``variants`` are the (prompt, jitter) pairs decoded per
+    object, in table order; ``everything`` is evaluated without jitter only."""
+
+    prompts: tuple[str, ...]
+    levels: tuple[JitterRange | None, ...]
+    mask_selection: str
+    nsd_tolerance_mm: float
+    clicks: int
+    save_predictions: bool
+    max_prompts_per_call: int
+    overlays: int
+    volume_gt: str
+    on_error: str
+    everything: EverythingConfig
+
+    @property
+    def variants(self) -> list[tuple[str, JitterRange | None]]:
+        return [(p, j) for p in self.prompts if p != "everything" for j in self.levels]
+
+
+def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
+    """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over ``DEFAULTS`` and check.
+
+    Raises:
+        ConfigError: an unknown key or an invalid value, naming the option.
+    """
+    if cfg is not None and not isinstance(cfg, dict):
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        except ValueError:
+            cfg = dict(cfg)
+    merged = {**DEFAULTS, **(cfg or {})}
+    unknown = sorted(set(merged) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown eval option(s) {unknown}; known: {sorted(DEFAULTS)}")
+    prompts = tuple(merged["prompts"] or ())
+    bad = [p for p in prompts if p not in STRATEGIES]
+    if bad or not prompts:
+        raise ConfigError(f"eval.prompts must be a non-empty subset of {STRATEGIES}, got {bad}")
+    if merged["mask_selection"] not in MASK_SELECTIONS:
+        raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
+    if merged["volume_gt"] not in ("kept", "full"):
+        raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
+    if merged["on_error"] not in ("skip", "raise"):
+        raise ConfigError("eval.on_error must be 'skip' or 'raise'")
+    if int(merged["max_prompts_per_call"]) < 1 or int(merged["clicks"]) < 0:
+        raise ConfigError("eval.max_prompts_per_call must be >= 1 and eval.clicks >= 0")
+    try:
+        levels = tuple(jitter_levels(merged["jitter_px"]))
+        everything = EverythingConfig.from_eval_cfg(merged)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"eval.jitter_px / eval.everything: {e}") from e
+    return EvalOptions(
+        prompts=tuple(p for p in STRATEGIES if p in prompts),
+        levels=levels,
+        mask_selection=str(merged["mask_selection"]),
+        nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
+        clicks=int(merged["clicks"]),
+        save_predictions=bool(merged["save_predictions"]),
+        max_prompts_per_call=int(merged["max_prompts_per_call"]),
+        overlays=int(merged["overlays"]),
+        volume_gt=str(merged["volume_gt"]),
+        on_error=str(merged["on_error"]),
+        everything=everything,
+    )
+
+
+@dataclass
+class LazyCase:
+    """A case loaded only when evaluated, so loading errors are caught and recorded per case
+    and finished cases are skipped on resume without being read.
+
+    Attributes:
+        case: the image id the loaded case will have (``CaseFiles.image_id``).
+        load: returns a ``CaseData`` or a list of ``SliceRecord``; may raise ``DataError``.
+        path: file shown in ``skipped.csv`` when loading fails with something else.
+    """
+
+    case: str
+    load: Callable[[], Any]
+    path: str = ""
+
+
+def lazy_cases(
+    files: Iterable[Any], task: Mapping[str, Any], data: Mapping[str, Any] | None = None
+) -> list[LazyCase]:
+    """``CaseFiles`` (from ``sam_ft.data.folder.find_cases``) -> :class:`LazyCase` via
+    ``sam_ft.data.loading.load_case``."""
+    from functools import partial
+
+    from sam_ft.data.loading import load_case
+
+    return [LazyCase(f.image_id, partial(load_case, f, task, data), f.image) for f in files]
+
+
+@dataclass
+class EvalResult:
+    """Rows of the evaluated models (all cases, resumed ones included) and the overlay items
+    (``{"best_<model>": [...], "worst_<model>": [...]}`` for ``report.write_report``)."""
+
+    per_object: pd.DataFrame
+    per_case: pd.DataFrame
+    clicks: pd.DataFrame
+    skipped: pd.DataFrame
+    overlays: dict[str, list] = field(default_factory=dict)
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def _case_key(item: Any) -> str:
+    if isinstance(item, LazyCase):
+        return str(item.case)
+    if hasattr(item, "slices"):
+        return str(getattr(item, "image_id", "") or item.case)
+    records = list(item)
+    if not records:
+        raise ValueError("a case given as a list of SliceRecord must hold at least one slice")
+    return str(records[0].image_id)
+
+
+def _materialize(item: Any) -> tuple[list[SliceRecord], Any]:
+    """-> (slice records, the CaseData or None)."""
+    if isinstance(item, LazyCase):
+        item = item.load()
+    if hasattr(item, "slices"):
+        return list(item.slices), item
+    return list(item), None
+
+
+# --------------------------------------------------------------------------------------------
+# One slice
+
+
+def _device(model: TrainableSam) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decode_select(
+    model: TrainableSam,
+    embedding: torch.Tensor,
+    prompts: Sequence[Prompt],
+    gt: np.ndarray,
+    mode: str,
+    max_per_call: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """Decode prompts of one image in chunks and keep one mask per prompt.
+
+    Args:
+        embedding: (C, h, w) image embedding.
+        prompts: N prompts, (x, y) original-image pixels.
+        gt: (N, H, W) bool ground truth of each prompt's object (for ``oracle``).
+        mode: one of ``MASK_SELECTIONS``.
+        max_per_call: prompts per ``model.decode`` call.
+
+    Returns:
+        masks (N, H, W) bool at the original size, chosen channel (N,), its predicted IoU (N,),
+        and its low-res logits (N, S/4, S/4) (fed back by the click loop).
+    """
+    n, size = len(prompts), tuple(gt.shape[1:])
+    multimask = needs_multimask(mode)
+    threshold = float(model.sam.mask_threshold)
+    masks = np.zeros((n, *size), dtype=bool)
+    index = np.zeros(n, dtype=np.int64)
+    iou = np.zeros(n, dtype=np.float64)
+    side = model.transform.low_res_size
+    low_kept = torch.zeros((n, side, side))
+    # Equal structures share one decoder call inside model.decode: sort before chunking.
+    order = sorted(range(n), key=lambda i: prompts[i].structure)
+    for start in range(0, n, max_per_call):
+        chunk = order[start : start + max_per_call]
+        low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
+        for s in range(0, len(chunk), _POSTPROCESS_CHUNK):
+            idx = chunk[s : s + _POSTPROCESS_CHUNK]
+            sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
+            binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
+            chosen, ch = select_masks(binary, sub_iou.cpu(), gt[idx], mode)
+            masks[idx], index[idx] = chosen, ch
+            iou[idx] = sub_iou.float().cpu().numpy()[np.arange(len(idx)), ch]
+            low_kept[idx] = sub_low[torch.arange(len(idx)), torch.as_tensor(ch)].float().cpu()
+    return masks, index, iou, low_kept
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dice of (N, H, W) bool pairs (1 when both are empty)."""
+    inter = np.count_nonzero(a & b, axis=(1, 2))
+    total = np.count_nonzero(a, axis=(1, 2)) + np.count_nonzero(b, axis=(1, 2))
+    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+
+
+def _evaluate_slice(
+    model: TrainableSam,
+    rec: SliceRecord,
+    embedding: torch.Tensor,
+    opts: EvalOptions,
+    *,
+    seed: int,
+    case_key: str,
+    store: CasePredictions,
+    attributes: list[dict],
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Score every object of one slice under every prompt variant (rows without model/task).
+
+    Stores each prediction in ``store`` under (label, prompt, jitter name) for 3D stacking.
+    Returns per-object rows, click rows and overlay candidates (box, no jitter).
+    """
+    gt = np.asarray(rec.masks, dtype=bool)
+    k, size = len(gt), rec.original_size
+    labels = [int(v) for v in rec.labels]
+    ident = {"case": case_key, "slice": int(rec.slice_index)}
+    variants = opts.variants
+    v = len(variants)
+
+    prompts = [
+        make_eval_prompt(
+            gt[i], s, j, seed=seed, case=case_key, slice_index=rec.slice_index, label=labels[i]
+        )
+        for i in range(k)
+        for s, j in variants
+    ]
+    names = [(s, jitter_name(j)) for s, j in variants]
+    preds = np.zeros((k, v, *size), dtype=bool)
+    mask_index = np.full((k, v), -1, dtype=np.int64)
+    pred_iou = np.full((k, v), np.nan)
+    if prompts:
+        m, ch, iou, _ = _decode_select(
+            model,
+            embedding,
+            prompts,
+            np.repeat(gt, v, axis=0),
+            opts.mask_selection,
+            opts.max_prompts_per_call,
+        )
+        preds[:] = m.reshape(k, v, *size)
+        mask_index[:] = ch.reshape(k, v)
+        pred_iou[:] = iou.reshape(k, v)
+    if "everything" in opts.prompts:
+        matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
+        preds = np.concatenate([matched[:, None], preds], axis=1)
+        mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
+        pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
+        names = [("everything", "none"), *names]
+    # Column of the overlay variant in `preds`, and its prompt's index within an object's prompts.
+    overlay_col = names.index(OVERLAY_PROMPT) if OVERLAY_PROMPT in names else -1
+    overlay_prompt = variants.index(("box", None)) if ("box", None) in variants else -1
+
+    rows, overlay = [], []
+    for i in range(k):
+        scores = batch_slice_metrics(preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm)
+        for j, (prompt, jit) in enumerate(names):
+            store.add((labels[i], prompt, jit), rec.slice_index, preds[i, j])
+            rows.append(
+                {
+                    **ident,
+                    "label": labels[i],
+                    "name": rec.names[i],
+                    "prompt": prompt,
+                    "jitter": jit,
+                    **{key: scores[key][j].item() for key in ("dice", "iou", "hd95")},
+                    "hd95_missing": bool(scores["hd95_missing"][j]),
+                    "nsd": float(scores["nsd"][j]),
+                    "empty_pred": bool(scores["empty_pred"][j]),
+                    "mask_index": int(mask_index[i, j]),
+                    "pred_iou": float(pred_iou[i, j]),
+                    **attributes[i],
+                    "modality": rec.modality,
+                }
+            )
+            if j == overlay_col and opts.overlays > 0:
+                overlay.append(
+                    {
+                        **ident,
+                        "label": labels[i],
+                        "name": rec.names[i],
+                        "dice": float(scores["dice"][j]),
+                        "image": rec.image,
+                        "gt": gt[i],
+                        "pred": preds[i, j],
+                        "box": prompts[i * v + overlay_prompt].box,
+                    }
+                )
+
+    clicks = _click_curve(model, rec, embedding, opts, seed, case_key) if opts.clicks else []
+    return rows, clicks, overlay
+
+
+def _click_curve(
+    model: TrainableSam,
+    rec: SliceRecord,
+    embedding: torch.Tensor,
+    opts: EvalOptions,
+    seed: int,
+    case_key: str,
+) -> list[dict]:
+    """Dice after clicks 1..N for every object of one slice (SAM-style interactive loop).
+
+    Click 1 is point1's prompt (the centroid-rule point), with ``eval.mask_selection``. Each next
+    click comes from :func:`next_click` on the current prediction vs the ground truth at the
+    original resolution; the new prompt holds all clicks so far plus the previous low-res logits
+    of the kept mask, decoded with one output mask as SAM does once a mask prompt is given.
+    """
+    gt = np.asarray(rec.masks, dtype=bool)
+    labels = [int(v) for v in rec.labels]
+    prompts = [
+        make_eval_prompt(
+            gt[i], "point1", None, seed=seed, case=case_key, slice_index=rec.slice_index, label=lab
+        )
+        for i, lab in enumerate(labels)
+    ]
+    pred, _, _, low = _decode_select(
+        model, embedding, prompts, gt, opts.mask_selection, opts.max_prompts_per_call
+    )
+    rows = []
+    for click in range(1, opts.clicks + 1):
+        if click > 1:
+            prompts = [
+                add_click(p, next_click(pred[i], gt[i]), low[i]) for i, p in enumerate(prompts)
+            ]
+            pred, _, _, low = _decode_select(
+                model, embedding, prompts, gt, "single", opts.max_prompts_per_call
+            )
+        for i, d in enumerate(_dice(pred, gt)):
+            rows.append(
+                {
+                    "case": case_key,
+                    "slice": int(rec.slice_index),
+                    "label": labels[i],
+                    "click": click,
+                    "dice": float(d),
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+
+
+def _crop_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop two (D, H, W) masks to the union's bounding box plus a one-voxel margin.
+
+    Surfaces (foreground voxels touching background or the array border) and all distances are
+    unchanged by such a crop, while the metrics then run on a fraction of the volume.
+    """
+    union = pred | gt
+    if not union.any():
+        return pred, gt
+    slices = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        slices.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
+    return pred[tuple(slices)], gt[tuple(slices)]
+
+
+def _case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, int, tuple]:
+    """(is 3D, number of slices, (slice, row, col) spacing in mm) of a case."""
+    if case_data is not None and hasattr(case_data, "volume_shape"):
+        is_3d = bool(case_data.is_3d)
+        return is_3d, int(case_data.volume_shape[0]), tuple(map(float, case_data.spacing))
+    first = records[0]
+    is_3d = first.slice_index >= 0
+    n = max(int(first.num_slices), max(r.slice_index for r in records) + 1) if is_3d else 1
+    return is_3d, n, (float(first.slice_spacing), *map(float, first.spacing))
+
+
+def _per_case_rows(
+    records: list[SliceRecord],
+    case_data: Any,
+    store: CasePredictions,
+    opts: EvalOptions,
+    case_key: str,
+) -> list[dict]:
+    """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case."""
+    is_3d, num_slices, spacing = _case_geometry(records, case_data)
+    names: dict[int, str] = {}
+    kept: dict[int, dict[int, np.ndarray]] = {}
+    for rec in records:
+        for lab, name, mask in zip(rec.labels, rec.names, rec.masks, strict=True):
+            names.setdefault(int(lab), name)
+            kept.setdefault(int(lab), {})[int(rec.slice_index)] = np.asarray(mask, dtype=bool)
+    rows = []
+    for label in sorted(kept):
+        gt_vol = None
+        if is_3d:
+            if opts.volume_gt == "full" and case_data is not None:
+                gt_vol = np.asarray(case_data.gt_volume(label), dtype=bool)
+            else:
+                gt_vol = np.zeros((num_slices, *store.shape), dtype=bool)
+                for s, mask in kept[label].items():
+                    gt_vol[s] = mask
+        for key in [k for k in store.variants() if k[0] == label]:
+            if is_3d:
+                pred, gt = _crop_pair(store.stack(key, num_slices), gt_vol)
+                scores = volume_metrics(pred, gt, spacing, opts.nsd_tolerance_mm)
+            else:
+                # A single 2D image: a one-slice "volume" would make every voxel surface.
+                s = next(iter(kept[label]))
+                scores = slice_metrics(
+                    store.get(key, s), kept[label][s], spacing[1:], opts.nsd_tolerance_mm
+                )
+            rows.append(
+                {
+                    "case": case_key,
+                    "label": label,
+                    "name": names[label],
+                    "prompt": key[1],
+                    "jitter": key[2],
+                    **{m: scores[m] for m in ("dice", "iou", "hd95", "hd95_missing", "nsd")},
+                    "empty_pred": scores["empty_pred"],
+                    "num_slices": len(kept[label]),
+                }
+            )
+    return rows
+
+
+@dataclass
+class _CaseOutput:
+    per_object: list[dict]
+    per_case: list[dict]
+    clicks: list[dict]
+    overlay: list[dict]
+    store: CasePredictions
+    geometry: tuple[bool, int, tuple] = (False, 1, (1.0, 1.0, 1.0))
+
+
+def _evaluate_case(
+    models: Mapping[str, TrainableSam],
+    records: list[SliceRecord],
+    case_data: Any,
+    opts: EvalOptions,
+    seed: int,
+    case_key: str,
+) -> dict[str, _CaseOutput]:
+    """All models on one case; each model's encoder runs once per slice."""
+    if not records:
+        raise DataError(case_key, "case has no slice with an object")
+    if len({r.image_id for r in records}) > 1:
+        raise ValueError(f"case {case_key}: slices come from several images; pass one per case")
+    shape = records[0].original_size
+    outputs = {name: _CaseOutput([], [], [], [], CasePredictions(shape)) for name in models}
+    for rec in records:
+        if np.asarray(rec.masks).shape[1:] != rec.original_size or rec.original_size != shape:
+            raise DataError(case_key, f"slice {rec.slice_index}: mask/image sizes differ")
+        grey = rec.raw if rec.raw is not None else rec.image[..., 0]
+        attributes = [
+            {a: object_attributes(m, grey, rec.spacing)[a] for a in ATTRIBUTE_COLUMNS}
+            for m in np.asarray(rec.masks, dtype=bool)
+        ]
+        for name, model in models.items():
+            out = outputs[name]
+            x = model.preprocess(rec.image)[None].to(_device(model))
+            embedding = model.encode(x)[0]
+            rows, clicks, overlay = _evaluate_slice(
+                model,
+                rec,
+                embedding,
+                opts,
+                seed=seed,
+                case_key=case_key,
+                store=out.store,
+                attributes=attributes,
+            )
+            out.per_object += rows
+            out.clicks += clicks
+            out.overlay += overlay
+    geometry = _case_geometry(records, case_data)
+    for out in outputs.values():
+        out.per_case = _per_case_rows(records, case_data, out.store, opts, case_key)
+        out.geometry = geometry
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# Files: append, resume markers, canonical order
+
+
+def _truncate_partial_line(path: Path) -> None:
+    """Drop a last line without its newline (a write killed midway) so appends stay valid."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _append_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
+    header = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        pd.DataFrame(rows, columns=columns).to_csv(f, header=header, index=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=columns)
+    present = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(
+        path,
+        dtype={c: str for c in _STRING_COLUMNS if c in present},
+        keep_default_na=False,
+        na_values=[""],
+        float_precision="round_trip",  # the default parser may change the last digit
+    )
+
+
+def _read_progress(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def _append_progress(path: Path, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _status(entries: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """Last marker per (model, task, case)."""
+    return {(e["model"], e["task"], e["case"]): e for e in entries}
+
+
+def _model_rank(models: pd.Series) -> pd.Series:
+    order = [BASELINE_MODEL, *sorted(set(models.astype(str)) - {BASELINE_MODEL})]
+    return models.astype(str).map({m: i for i, m in enumerate(order)})
+
+
+def _jitter_rank(jitter: pd.Series) -> pd.Series:
+    return jitter.astype(str).map(lambda j: -1.0 if j == "none" else float(j.split("-")[0]))
+
+
+def sort_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Canonical row order: model (zero-shot first), task, case, slice, label, prompt S1..S6,
+    jitter none..20-30, click."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    keys = pd.DataFrame(index=df.index)
+    if "model" in df:
+        keys["model"] = _model_rank(df["model"])
+    for c in ("task", "case", "slice", "label"):
+        if c in df:
+            keys[c] = df[c]
+    if "prompt" in df:
+        keys["prompt"] = df["prompt"].map({p: i for i, p in enumerate(STRATEGIES)})
+    if "jitter" in df:
+        keys["jitter"] = _jitter_rank(df["jitter"])
+    if "click" in df:
+        keys["click"] = df["click"]
+    order = keys.sort_values(list(keys.columns), kind="stable").index
+    return df.loc[order].reset_index(drop=True)
+
+
+def _rewrite_sorted(path: Path, columns: list[str]) -> pd.DataFrame:
+    df = sort_table(_read_csv(path, columns))
+    if path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        tmp.replace(path)
+    return df
+
+
+def _drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, str]]) -> None:
+    """Remove rows of (model, task, case) without a "done" marker (a run killed mid-case)."""
+    _truncate_partial_line(path)
+    df = _read_csv(path, columns)
+    if df.empty:
+        return
+    cols = (df[c].astype(str) for c in ("model", "task", "case"))
+    keys = list(zip(*cols, strict=True))
+    keep = np.array([k in done for k in keys], dtype=bool)
+    if not keep.all():
+        tmp = path.with_name(path.name + ".tmp")
+        df[keep].to_csv(tmp, index=False)
+        tmp.replace(path)
+
+
+def _write_skipped(path: Path, entries: list[dict]) -> pd.DataFrame:
+    """``skipped.csv``: this engine's failed cases (``stage=evaluate``) after any rows another
+    writer (e.g. the data loader's ``SkipLog``) left in the same file."""
+    foreign = pd.DataFrame(columns=SKIPPED_COLUMNS)
+    if path.exists() and path.stat().st_size > 0:
+        old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "stage" in old:
+            old = old[old["stage"] != "evaluate"]
+        foreign = old.reindex(columns=SKIPPED_COLUMNS, fill_value="")
+    failed = [e for e in _status(entries).values() if e["status"] == "skipped"]
+    mine = pd.DataFrame(
+        [{**{c: e.get(c, "") for c in SKIPPED_COLUMNS}, "stage": "evaluate"} for e in failed],
+        columns=SKIPPED_COLUMNS,
+    )
+    mine = sort_table(mine) if not mine.empty else mine
+    out = pd.concat([foreign, mine], ignore_index=True)
+    if not out.empty or path.exists():
+        out.to_csv(path, index=False)
+    return mine
+
+
+# --------------------------------------------------------------------------------------------
+# Best / worst overlays, persisted so that a resumed run shows the same ones
+
+
+class _OverlayPool:
+    """The ``k`` best and ``k`` worst objects seen so far (ties by case, slice, label)."""
+
+    def __init__(self, path: Path, k: int) -> None:
+        self.path, self.k = path, k
+        self.items: dict[tuple, dict] = {}
+        if k > 0 and path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                for i, meta in enumerate(json.loads(str(z["meta"]))):
+                    item = {**meta, "image": z[f"image{i}"], "gt": z[f"gt{i}"]}
+                    item["pred"], item["box"] = z[f"pred{i}"], z[f"box{i}"]
+                    self.items[self._key(item)] = item
+
+    @staticmethod
+    def _key(item: dict) -> tuple:
+        return (item["case"], item["slice"], item["label"])
+
+    def _ranked(self, best: bool) -> list[dict]:
+        items = sorted(self.items.values(), key=self._key)
+        return sorted(items, key=lambda it: -it["dice"] if best else it["dice"])[: self.k]
+
+    def offer(self, candidates: list[dict]) -> None:
+        if self.k <= 0 or not candidates:
+            return
+        for item in candidates:
+            self.items[self._key(item)] = item
+        keep = {self._key(it) for it in self._ranked(True) + self._ranked(False)}
+        self.items = {key: it for key, it in self.items.items() if key in keep}
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        arrays, meta = {}, []
+        for i, item in enumerate(self.items.values()):
+            meta.append({c: item[c] for c in ("case", "slice", "label", "name", "dice")})
+            arrays.update(
+                {
+                    f"image{i}": item["image"],
+                    f"gt{i}": item["gt"],
+                    f"pred{i}": item["pred"],
+                    f"box{i}": np.asarray(item["box"], dtype=np.float64),
+                }
+            )
+        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
+        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        tmp.replace(self.path)
+
+    def grids(self) -> tuple[list, list]:
+        """(best, worst) as ``plots.OverlayItem`` tuples."""
+
+        def as_item(it: dict) -> tuple:
+            title = f"{it['case']} s{it['slice']} {it['name']}: Dice {it['dice']:.3f}"
+            return it["image"], it["gt"], it["pred"], {"box": it["box"]}, title
+
+        return [as_item(i) for i in self._ranked(True)], [as_item(i) for i in self._ranked(False)]
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def _run(
+    models: Mapping[str, TrainableSam],
+    cases: Iterable[Any],
+    *,
+    task_name: str,
+    cfg: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    seed: int,
+    progress: bool,
+) -> EvalResult:
+    opts = eval_options(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "per_object": (out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS),
+        "per_case": (out / PER_CASE_CSV, PER_CASE_COLUMNS),
+        "clicks": (out / CLICKS_CSV, CLICK_COLUMNS),
+    }
+    progress_path = out / PROGRESS_FILE
+    _truncate_partial_line(progress_path)
+    entries = _read_progress(progress_path)
+    done = {k for k, e in _status(entries).items() if e["status"] == "done"}
+    for path, columns in paths.values():
+        _drop_unfinished(path, columns, done)
+    pools = {
+        name: _OverlayPool(out / STATE_DIR / f"overlays_{name}_{task_name}.npz", opts.overlays)
+        for name in models
+    }
+
+    training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = len(cases) if hasattr(cases, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, unit="case", desc=f"eval {task_name}")
+    box_dice: list[float] = []
+    n_ok = n_failed = 0
+    first_error: str | None = None
+    try:
+        with torch.inference_mode():
+            for item in cases:
+                key = _case_key(item)
+                todo = {n: m for n, m in models.items() if (n, task_name, key) not in done}
+                if todo:
+                    t0 = time.perf_counter()
+                    path = getattr(item, "path", "") or getattr(item, "image_path", "")
+                    try:
+                        records, case_data = _materialize(item)
+                        path = getattr(case_data, "image_path", path)
+                        results = _evaluate_case(todo, records, case_data, opts, seed, key)
+                    except Exception as e:
+                        if opts.on_error == "raise":
+                            raise
+                        if isinstance(e, DataError):
+                            path, reason = e.path, e.reason
+                        else:
+                            reason = f"{type(e).__name__}: {e}"
+                        log.warning("case %s failed and is skipped: %s", key, reason, exc_info=True)
+                        first_error = first_error or f"{key}: {reason}"
+                        n_failed += 1
+                        for name in todo:
+                            entry = {"model": name, "task": task_name, "case": key}
+                            entry.update(status="skipped", path=str(path), reason=reason)
+                            _append_progress(progress_path, entry)
+                            entries.append(entry)
+                    else:
+                        for name, res in results.items():
+                            _commit_case(name, task_name, key, res, paths, opts, case_data, out)
+                            pools[name].offer(res.overlay)
+                            entry = {"model": name, "task": task_name, "case": key}
+                            entry["status"] = "done"
+                            _append_progress(progress_path, entry)
+                            entries.append(entry)
+                            box_dice += [
+                                r["dice"]
+                                for r in res.per_object
+                                if (r["prompt"], r["jitter"]) == OVERLAY_PROMPT
+                            ]
+                        n_ok += 1
+                        log.debug("case %s took %.2fs", key, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                    if box_dice:
+                        bar.set_postfix(dice_box=f"{np.mean(box_dice):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for name, m in models.items():
+            m.train(training[name])
+
+    tables = {name: _rewrite_sorted(path, cols) for name, (path, cols) in paths.items()}
+    skipped = _write_skipped(out / SKIPPED_CSV, entries)
+    if n_failed and not n_ok and not done:
+        raise RuntimeError(f"all {n_failed} cases failed; first: {first_error}")
+
+    def mine(df: pd.DataFrame) -> pd.DataFrame:
+        if df.empty:
+            return df
+        sel = df["model"].isin(list(models)) & (df["task"].astype(str) == task_name)
+        return df[sel].reset_index(drop=True)
+
+    overlays: dict[str, list] = {}
+    for name, pool in pools.items():
+        best, worst = pool.grids()
+        if best:
+            overlays[f"best_{name}"], overlays[f"worst_{name}"] = best, worst
+    return EvalResult(
+        per_object=mine(tables["per_object"]),
+        per_case=mine(tables["per_case"]),
+        clicks=mine(tables["clicks"]),
+        skipped=skipped,
+        overlays=overlays,
+    )
+
+
+def _commit_case(
+    model_name: str,
+    task_name: str,
+    key: str,
+    res: _CaseOutput,
+    paths: Mapping[str, tuple[Path, list[str]]],
+    opts: EvalOptions,
+    case_data: Any,
+    out: Path,
+) -> None:
+    """Append one case's rows (flushed) and its predictions; the marker is written after."""
+    tag = {"model": model_name, "task": task_name}
+    for table, rows in (
+        ("per_object", res.per_object),
+        ("per_case", res.per_case),
+        ("clicks", res.clicks),
+    ):
+        path, columns = paths[table]
+        patient = {"patient": _patient(case_data, key)} if "patient" in columns else {}
+        _append_csv(path, [{**tag, **patient, **r} for r in rows], columns)
+    if opts.save_predictions:
+        is_3d, num_slices, spacing = res.geometry
+        write_case_predictions(
+            out / "predictions" / model_name,
+            key,
+            res.store,
+            opts.prompts,
+            num_slices=num_slices,
+            is_3d=is_3d,
+            case_data=case_data,
+            spacing=spacing,
+        )
+
+
+def _patient(case_data: Any, key: str) -> str:
+    return str(getattr(case_data, "case", key)) if case_data is not None else key
+
+
+def evaluate(
+    model: TrainableSam,
+    cases: Iterable[Any],
+    *,
+    model_name: str,
+    task_name: str,
+    cfg: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    seed: int,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate one model on the cases of one task (resumable; see the module docstring).
+
+    Args:
+        model: the model, on its device (set to eval mode here, restored afterwards).
+        cases: each a ``CaseData``, a list of ``SliceRecord`` of one image, or a
+            :class:`LazyCase` (loaded only when needed; loading errors are recorded per case).
+        model_name: the ``model`` column, e.g. ``"zero_shot"`` or ``"finetuned"``.
+        task_name: the ``task`` column.
+        cfg: the ``eval`` config (keys in ``DEFAULTS``; missing keys take the defaults).
+        out_dir: where the CSVs go; existing results of (model, task, case) are kept.
+        seed: prompt seed (same seed, same prompts for every model).
+        progress: show a tqdm bar (cases/s, running mean box Dice).
+
+    Returns:
+        :class:`EvalResult` with all rows of this model and task in ``out_dir``.
+    """
+    return _run(
+        {model_name: model},
+        cases,
+        task_name=task_name,
+        cfg=cfg,
+        out_dir=out_dir,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def evaluate_and_report(
+    models: Mapping[str, TrainableSam],
+    cases: Iterable[Any],
+    *,
+    task_name: str,
+    cfg: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    seed: int,
+    progress: bool = True,
+    title: str = "Evaluation summary",
+) -> EvalResult:
+    """Evaluate several models on the same cases (each case loaded once), then write the report.
+
+    The report (``report.write_report``: ``summary.csv`` etc., best/worst overlays per model)
+    covers every row in ``out_dir``'s CSVs, so models evaluated by earlier calls in the same
+    folder appear in it too.
+    """
+    from sam_ft.evaluation.report import write_report
+
+    result = _run(
+        dict(models),
+        cases,
+        task_name=task_name,
+        cfg=cfg,
+        out_dir=out_dir,
+        seed=seed,
+        progress=progress,
+    )
+    out = Path(out_dir)
+    per_object = _read_csv(out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS)
+    if per_object.empty:
+        return result
+    per_case = _read_csv(out / PER_CASE_CSV, PER_CASE_COLUMNS)
+    clicks = _read_csv(out / CLICKS_CSV, CLICK_COLUMNS)
+    result.report = write_report(
+        out,
+        per_object,
+        per_case,
+        clicks if not clicks.empty else None,
+        overlays=result.overlays or None,
+        title=title,
+    )
+    return result

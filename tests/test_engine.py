@@ -1,0 +1,303 @@
+"""Evaluation engine: SamPredictor parity, encoder cost, resume, 3D aggregation, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from sam_ft.data.types import SliceRecord
+from sam_ft.errors import DataError
+from sam_ft.evaluation.engine import (
+    LazyCase,
+    _per_case_rows,
+    eval_options,
+    evaluate,
+    evaluate_and_report,
+)
+from sam_ft.evaluation.metrics import volume_metrics
+from sam_ft.evaluation.predictions import CasePredictions
+from sam_ft.model.builders import build_sam_architecture
+from sam_ft.model.trainable import TrainableSam
+from sam_ft.prompts.strategies import make_eval_prompt
+
+H, W = 64, 80
+SEED = 7
+# Few prompts per slice: the tiny model's decoder costs ~30 ms per prompt on a CPU core.
+FAST = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 2}
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainableSam:
+    torch.manual_seed(0)
+    return TrainableSam(build_sam_architecture("tiny")).eval()
+
+
+def _image(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
+    """Noisy grey image where each object is brighter than the background, (H, W, 3) uint8."""
+    grey = rng.normal(60, 10, (H, W))
+    for k, m in enumerate(masks):
+        grey[m] += 80 + 30 * k
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _record(case: str, s: int, num_slices: int = 3, objects: int = 2) -> SliceRecord:
+    rng = np.random.default_rng([sum(map(ord, case)), s])
+    yy, xx = np.mgrid[:H, :W]
+    disc = (yy - 34) ** 2 + (xx - 30 - 2 * s) ** 2 < (10 + s) ** 2
+    rect = (yy > 6) & (yy < 22) & (xx > 50) & (xx < 74)
+    masks = np.stack([disc, rect][:objects])
+    return SliceRecord(
+        case=case,
+        slice_index=s,
+        image=_image(rng, masks),
+        masks=masks,
+        labels=np.array([1, 2][:objects]),
+        names=["disc", "rect"][:objects],
+        spacing=(0.8, 0.7),
+        modality="CT",
+        raw=rng.normal(0, 1, (H, W)).astype(np.float32),
+        num_slices=num_slices,
+        slice_spacing=2.5,
+    )
+
+
+def _case(name: str, slices=(0, 1), objects: int = 2) -> list[SliceRecord]:
+    return [_record(name, s, objects=objects) for s in slices]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_zero_shot_matches_sam_predictor(model, tmp_path):
+    """Box and point1 with the oracle mask: Dice equals SamPredictor's best of 3 masks."""
+    cases = [_case("p0", slices=(0, 2)), _case("p1", slices=(1,))]
+    res = evaluate(
+        model,
+        cases,
+        model_name="zero_shot",
+        task_name="t",
+        cfg={**FAST, "mask_selection": "oracle"},
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+    )
+    table = pd.read_csv(tmp_path / "per_object.csv", dtype={"case": str})
+    assert len(table) == len(res.per_object) == 3 * 2 * 2  # slices x objects x prompts
+    predictor = SamPredictor(model.sam)
+    checked = 0
+    for rec in [r for c in cases for r in c]:
+        predictor.set_image(rec.image)
+        for mask, label in zip(rec.masks, rec.labels, strict=True):
+            for strategy in ("box", "point1"):
+                p = make_eval_prompt(
+                    mask,
+                    strategy,
+                    None,
+                    seed=SEED,
+                    case=rec.case,
+                    slice_index=rec.slice_index,
+                    label=int(label),
+                )
+                masks, _, _ = predictor.predict(
+                    point_coords=p.points, point_labels=p.point_labels, box=p.box
+                )
+                expected = max(_dice(m, mask) for m in masks)
+                row = table[
+                    (table["case"] == rec.case)
+                    & (table["slice"] == rec.slice_index)
+                    & (table["label"] == label)
+                    & (table["prompt"] == strategy)
+                ]
+                assert len(row) == 1 and row["jitter"].item() == "none"
+                assert row["dice"].item() == pytest.approx(expected, abs=1e-9)
+                checked += 1
+    assert checked == 12
+
+
+def test_encoder_runs_once_per_slice(model, tmp_path):
+    """All strategies, jitter levels, Everything and the click curve share one encoding."""
+    calls = []
+    handle = model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cfg = {
+            "prompts": ["everything", "point1", "point5_neg5", "box"],
+            "jitter_px": [[0, 10], [10, 20]],
+            "grid": 4,
+            "clicks": 2,
+            "overlays": 0,
+        }
+        cases = [_case("e0", slices=(0, 1), objects=1), _case("e1", slices=(2,), objects=1)]
+        res = evaluate(
+            model,
+            cases,
+            model_name="zero_shot",
+            task_name="t",
+            cfg=cfg,
+            out_dir=tmp_path,
+            seed=SEED,
+            progress=False,
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    # everything (no jitter) + 3 strategies x 3 jitter levels, per slice and object
+    assert len(res.per_object) == 3 * (1 + 3 * 3)
+    everything = res.per_object[res.per_object["prompt"] == "everything"]
+    assert set(everything["jitter"]) == {"none"}
+    assert sorted(res.per_object["jitter"].unique()) == ["0-10", "10-20", "none"]
+    assert sorted(res.clicks["click"].unique()) == [1, 2]
+    # Click 1 is point1 at its centroid point with the same mask selection.
+    first = res.clicks[res.clicks["click"] == 1].set_index(["case", "slice", "label"])["dice"]
+    rows = res.per_object
+    p1 = rows[(rows["prompt"] == "point1") & (rows["jitter"] == "none")]
+    p1 = p1.set_index(["case", "slice", "label"])["dice"]
+    pd.testing.assert_series_equal(first.sort_index(), p1.sort_index(), check_names=False)
+
+
+def _files(d) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in ("per_object.csv", "per_case.csv", "clicks.csv")}
+
+
+def test_resume_after_kill_gives_same_files(model, tmp_path):
+    cfg = {**FAST, "clicks": 2}
+    cases = [_case(f"r{i}", slices=(0,), objects=1) for i in range(4)]
+    kw = dict(model_name="zero_shot", task_name="t", cfg=cfg, seed=SEED, progress=False)
+
+    full = tmp_path / "full"
+    evaluate(model, cases, out_dir=full, **kw)
+
+    part = tmp_path / "part"
+    evaluate(model, cases[:2], out_dir=part, **kw)
+    # A kill in the middle of the next case: rows of r2 appended, no marker, last line cut.
+    rows = (full / "per_object.csv").read_text().splitlines()
+    r2 = [line for line in rows if ",r2," in line]
+    with open(part / "per_object.csv", "a") as f:
+        f.write("\n".join(r2) + "\n" + r2[0][: len(r2[0]) // 2])
+    resumed = evaluate(model, cases, out_dir=part, **kw)
+    assert _files(part) == _files(full)
+    assert len(resumed.per_object) == 4 * 2
+
+    # A third run finds everything done and encodes nothing.
+    calls = []
+    handle = model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        evaluate(model, cases, out_dir=part, **kw)
+    finally:
+        handle.remove()
+    assert calls == [] and _files(part) == _files(full)
+
+
+def test_per_case_3d_matches_volume_metrics():
+    """Slices stacked back into the volume (gaps empty) give volume_metrics' numbers."""
+    rng = np.random.default_rng(0)
+    num_slices, kept_slices = 6, (1, 2, 4)
+    gt = np.zeros((num_slices, H, W), dtype=bool)
+    pred = np.zeros_like(gt)
+    records = []
+    for s in kept_slices:
+        gt[s, 10 + s : 40, 12:50] = True
+        pred[s] = gt[s] ^ (rng.random((H, W)) < 0.02)  # a noisy prediction
+        pred[s, 50:55, 60:66] = True  # and a false positive away from the object
+        rec = _record("v", s, num_slices=num_slices, objects=1)
+        rec.masks = gt[s][None]
+        records.append(rec)
+    store = CasePredictions((H, W))
+    for s in kept_slices:
+        store.add((1, "box", "none"), s, pred[s])
+    opts = eval_options({"nsd_tolerance_mm": 1.5})
+    (row,) = _per_case_rows(records, None, store, opts, "v")
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5)
+    for key in ("dice", "iou", "hd95", "nsd"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert row["num_slices"] == 3 and row["hd95_missing"] is False
+
+
+def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
+    """per_case.csv equals volume_metrics on the written NIfTI prediction vs the stacked GT."""
+    nib = pytest.importorskip("nibabel")
+    records = _case("n0", slices=(0, 2), objects=1)  # slice 1 of 3 has no kept object
+    res = evaluate(
+        model,
+        [records],
+        model_name="zero_shot",
+        task_name="t",
+        cfg={**FAST, "save_predictions": True},
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+    )
+    path = tmp_path / "predictions" / "zero_shot" / "box" / "n0.nii.gz"
+    pred = np.asarray(nib.load(path).dataobj) == 1  # (slice, row, col) without a CaseData
+    gt = np.zeros((3, H, W), dtype=bool)
+    for rec in records:
+        gt[rec.slice_index] = rec.masks[0]
+    assert not pred[1].any()
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 2.0)
+    row = res.per_case[(res.per_case["prompt"] == "box") & (res.per_case["jitter"] == "none")]
+    assert row["dice"].item() == pytest.approx(expected["dice"], rel=1e-9)
+    assert row["nsd"].item() == pytest.approx(expected["nsd"], rel=1e-6)
+
+
+def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
+    bad = _case("bad", slices=(0,), objects=1)
+    bad[0].masks = np.zeros((1, H - 1, W), dtype=bool)  # label map of the wrong size
+
+    def unreadable():
+        raise DataError(str(tmp_path / "broken.nii.gz"), "unreadable or truncated file")
+
+    cases = [
+        _case("ok0", slices=(0,), objects=1),
+        bad,
+        LazyCase("broken", unreadable, str(tmp_path / "broken.nii.gz")),
+        _case("ok1", slices=(1,), objects=1),
+    ]
+    res = evaluate_and_report(
+        {"zero_shot": model},
+        cases,
+        task_name="t",
+        cfg=FAST,
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+    )
+    assert sorted(res.per_object["case"].unique()) == ["ok0", "ok1"]
+    skipped = pd.read_csv(tmp_path / "skipped.csv")
+    assert sorted(skipped["case"]) == ["bad", "broken"]
+    assert skipped.set_index("case").loc["broken", "reason"] == "unreadable or truncated file"
+    assert (tmp_path / "summary.csv").exists()
+    assert (tmp_path / "plots" / "overlays_best_zero_shot.png").exists()
+
+
+def test_two_models_share_prompts_and_report(model, tmp_path):
+    """evaluate_and_report: one summary with both models; identical model -> identical Dice."""
+    res = evaluate_and_report(
+        {"zero_shot": model, "finetuned": model},
+        [_case("m0", slices=(0,), objects=1)],
+        task_name="t",
+        cfg=FAST,
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+    )
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert set(summary["model"]) == {"zero_shot", "finetuned"}
+    a = res.per_object[res.per_object["model"] == "zero_shot"]["dice"].to_numpy()
+    b = res.per_object[res.per_object["model"] == "finetuned"]["dice"].to_numpy()
+    np.testing.assert_array_equal(a, b)
+    assert list(res.per_object["model"].unique()) == ["zero_shot", "finetuned"]
+
+
+def test_config_errors():
+    from sam_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown eval option"):
+        eval_options({"promts": ["box"]})
+    with pytest.raises(ConfigError, match="mask_selection"):
+        eval_options({"mask_selection": "best"})
+    opts = eval_options({"prompts": ["box", "everything"], "jitter_px": [[0, 10]]})
+    assert opts.prompts == ("everything", "box")
+    assert [v[0] for v in opts.variants] == ["box", "box"]
