@@ -16,6 +16,7 @@ from sam_ft.evaluation.engine import (
     eval_options,
     evaluate,
     evaluate_and_report,
+    lazy_cases,
 )
 from sam_ft.evaluation.metrics import volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions
@@ -314,3 +315,45 @@ def test_config_errors():
     opts = eval_options({"prompts": ["box", "everything"], "jitter_px": [[0, 10]]})
     assert opts.prompts == ("everything", "box")
     assert [v[0] for v in opts.variants] == ["box", "box"]
+
+
+def test_real_png_files_match_sam_predictor(model, tmp_path):
+    """8-bit PNGs on disk -> data loaders -> engine: box/point1 oracle Dice equals SamPredictor."""
+    from sam_ft.data.demo import ensure_demo
+    from sam_ft.data.folder import find_cases
+    from sam_ft.data.loading import load_case
+
+    root = ensure_demo(tmp_path / "demo_2d", "2d", num_cases=2)
+    task = {"name": "demo_2d", "source": "demo", "root": str(root), "modality": "MR"}
+    task["intensity"] = {"mode": "none"}
+    files = find_cases(root, task)
+    res = evaluate(
+        model,
+        lazy_cases(files, task),
+        model_name="zero_shot",
+        task_name="demo_2d",
+        cfg=FAST,
+        out_dir=tmp_path / "eval",
+        seed=SEED,
+        progress=False,
+    )
+    table = res.per_object.set_index(["case", "label", "prompt"])
+    predictor = SamPredictor(model.sam)
+    checked = 0
+    for f in files:
+        (rec,) = load_case(f, task).slices
+        predictor.set_image(rec.image)
+        for mask, label in zip(rec.masks, rec.labels, strict=True):
+            for strategy in ("box", "point1"):
+                p = make_eval_prompt(
+                    mask, strategy, None, seed=SEED, case=f.image_id, slice_index=-1, label=label
+                )
+                masks, _, _ = predictor.predict(
+                    point_coords=p.points, point_labels=p.point_labels, box=p.box
+                )
+                expected = max(_dice(m, mask) for m in masks)
+                got = table.loc[(f.image_id, int(label), strategy), "dice"]
+                assert got == pytest.approx(expected, abs=1e-9)
+                checked += 1
+    assert checked == len(res.per_object) > 0
+    assert (res.per_object["slice"] == -1).all() and (res.per_case["num_slices"] == 1).all()

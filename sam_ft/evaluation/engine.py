@@ -554,10 +554,11 @@ def _evaluate_case(
         if np.asarray(rec.masks).shape[1:] != rec.original_size or rec.original_size != shape:
             raise DataError(case_key, f"slice {rec.slice_index}: mask/image sizes differ")
         grey = rec.raw if rec.raw is not None else rec.image[..., 0]
+        # Attributes depend on the ground truth only: computed once, shared by all models.
         attributes = [
-            {a: object_attributes(m, grey, rec.spacing)[a] for a in ATTRIBUTE_COLUMNS}
-            for m in np.asarray(rec.masks, dtype=bool)
+            object_attributes(m, grey, rec.spacing) for m in np.asarray(rec.masks, dtype=bool)
         ]
+        attributes = [{a: attrs[a] for a in ATTRIBUTE_COLUMNS} for attrs in attributes]
         for name, model in models.items():
             out = outputs[name]
             x = model.preprocess(rec.image)[None].to(_device(model))
