@@ -88,15 +88,18 @@ def generate_masks(
     for (batch,) in batch_iterator(max(1, config.points_per_batch), points):
         prompts = [Prompt(points=p[None], point_labels=np.ones(1)) for p in batch]
         low, iou = model.decode(embedding, prompts, original_size, multimask_output=True)
-        logits = model.postprocess(low, original_size)  # (B, 3, H, W)
-        part = MaskData(
-            masks=logits.flatten(0, 1),
-            iou_preds=iou.flatten(0, 1),
-            points=torch.as_tensor(np.repeat(batch, logits.shape[1], axis=0)),
-        )
-        del logits
+        low, iou = low.flatten(0, 1), iou.flatten(0, 1)
+        repeated = np.repeat(batch, 3, axis=0)
         if config.pred_iou_thresh > 0.0:
-            part.filter(part["iou_preds"] > config.pred_iou_thresh)
+            # The generator filters after upsampling; the IoU filter does not look at the
+            # masks, so filtering first gives the same masks for a fraction of the upsampling.
+            keep = iou > config.pred_iou_thresh
+            low, iou, repeated = low[keep], iou[keep], repeated[keep.cpu().numpy()]
+        if len(iou) == 0:
+            continue
+        logits = model.postprocess(low[:, None], original_size)[:, 0]  # (B', H, W)
+        part = MaskData(masks=logits, iou_preds=iou, points=torch.as_tensor(repeated))
+        del logits
         part["stability_score"] = calculate_stability_score(
             part["masks"], threshold, config.stability_score_offset
         )

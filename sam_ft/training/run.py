@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         train_prompt=prompt,
         seed=cfg.seed,
         run_dir=run_dir,
+        data_dir=cfg.paths.data_dir,
     )
     module = SamFinetuneModule(
         model=model,
@@ -90,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     trainer = build_trainer(cfg, run_dir)
     if model.encoder_frozen:
-        datamodule.use_embedding_cache(model)
+        datamodule.use_embedding_cache(*_frozen_encoder(model))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not trainer.is_global_zero:
@@ -116,6 +117,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(summary)
     _print_summary(run_dir, exported)
     return metrics
+
+
+def _frozen_encoder(model):
+    """(encode, fingerprint, device) for filling the embedding cache with the frozen encoder."""
+    from sam_ft.data.embedding_cache import encoder_fingerprint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        encoder = model.sam.image_encoder.to(device)
+        return encoder(images.to(device)).float()
+
+    return encode, encoder_fingerprint(model.sam.image_encoder, model.transform), device
 
 
 def _best_checkpoint(trainer: L.Trainer) -> Path:
