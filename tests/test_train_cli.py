@@ -1,0 +1,76 @@
+"""`python train.py` end to end on the demo task, through the real entry point (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "eval.prompts=[box,point1]",
+    "eval.jitter_px=[[0,10]]",
+    "train.overlays=2",
+]
+
+
+def _run(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    run_dir = tmp / "run"
+    proc = _run([*QUICK, f"hydra.run.dir={run_dir}"], tmp / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_demo_writes_comparison(demo_run):
+    run_dir, proc = demo_run
+    summary = pd.read_csv(run_dir / "eval" / "summary.csv")
+    assert {"zero_shot", "finetuned"} <= set(summary["model"])
+    assert {"box", "point1"} == set(summary["prompt"])
+    assert {"none", "0-10"} == set(summary["jitter"])
+    assert summary["dice_mean"].between(0, 1).all()
+    for name in ("per_object.csv", "per_case.csv", "summary.md"):
+        assert (run_dir / "eval" / name).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "sam_finetuned.pth").is_file()
+    assert (run_dir / "splits.json").is_file()
+    assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
+
+
+def test_exported_weights_load_in_segment_anything_classes(demo_run):
+    import torch
+
+    from sam_ft.model.builders import build_sam_architecture
+
+    run_dir, _ = demo_run
+    sam = build_sam_architecture("tiny")
+    sam.load_state_dict(torch.load(run_dir / "sam_finetuned.pth", weights_only=True), strict=True)
+
+
+def test_resume_without_checkpoint_fails_clearly(tmp_path):
+    proc = _run(["ckpt_path=last", f"hydra.run.dir={tmp_path / 'nothing'}"], tmp_path / "cache")
+    assert proc.returncode == 1
+    assert "ckpt_path=last: there is no checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "nothing" / "checkpoints").exists()
