@@ -21,6 +21,11 @@ from sam_ft.prompts.types import Prompt
 S = 64
 
 
+def task_preset(cfg):
+    """A task preset's task keys (presets like demo are global packages with a `task:` block)."""
+    return cfg.task if "task" in cfg else cfg
+
+
 def _record(k: int, h: int = 40, w: int = 50, index: int = 0) -> SliceRecord:
     """k horizontal bars of different rows; object j covers rows [4 + 8j, 10 + 8j)."""
     masks = np.zeros((k, h, w), dtype=bool)
@@ -136,7 +141,7 @@ def test_augmented_items_draw_prompts_from_augmented_masks():
 
 @pytest.fixture(scope="module")
 def demo_task(tmp_path_factory):
-    task = OmegaConf.to_container(OmegaConf.load("conf/task/demo.yaml"))
+    task = OmegaConf.to_container(task_preset(OmegaConf.load("conf/task/demo.yaml")))
     task["root"] = str(tmp_path_factory.mktemp("data") / "demo")
     return task
 

@@ -18,9 +18,14 @@ from sam_ft.data.tasks import prepare_task
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def task_preset(cfg):
+    """A task preset's task keys (presets like demo are global packages with a `task:` block)."""
+    return cfg.task if "task" in cfg else cfg
+
+
 def _task(name: str, data_dir: Path):
     cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}})
-    cfg.task = OmegaConf.load(CONF / "task" / f"{name}.yaml")
+    cfg.task = task_preset(OmegaConf.load(CONF / "task" / f"{name}.yaml"))
     return cfg.task
 
 

@@ -19,6 +19,11 @@ from sam_ft.errors import DataError
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def task_preset(cfg):
+    """A task preset's task keys (presets like demo are global packages with a `task:` block)."""
+    return cfg.task if "task" in cfg else cfg
+
+
 def test_png_folder_with_0_255_masks(tmp_path, h):
     root = tmp_path / "polyps"
     for i in range(2):
@@ -95,7 +100,8 @@ def test_label_parts_merged(tmp_path, h):
     left[2:18, 1:9], right[2:18, 11:19] = 255, 255
     h.write_png(root / "ManualMask" / "leftMask" / "x1.png", left)
     h.write_png(root / "ManualMask" / "rightMask" / "x1.png", right)
-    task = OmegaConf.to_container(OmegaConf.load(CONF / "task" / "montgomery_cxr.yaml"))
+    preset = task_preset(OmegaConf.load(CONF / "task" / "montgomery_cxr.yaml"))
+    task = OmegaConf.to_container(preset)
     task["root"] = str(root)
     data = load_cases(find_cases(root, task), task, progress=False)[0]
     assert data.slices[0].names == ["left_lung", "right_lung"]
@@ -124,12 +130,12 @@ def test_all_presets_parse(tmp_path):
         assert name in names
     for name in names:
         cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
-        cfg.task = OmegaConf.load(CONF / "task" / f"{name}.yaml")
+        cfg.task = task_preset(OmegaConf.load(CONF / "task" / f"{name}.yaml"))
         opts = task_options(cfg.task)
         assert opts["name"] == name
         if opts["source"] == "decathlon":
             assert opts["root"] == str(tmp_path / DECATHLON_TASKS[name])
-    cfg.task = OmegaConf.load(CONF / "task" / "liver_ct.yaml")
+    cfg.task = task_preset(OmegaConf.load(CONF / "task" / "liver_ct.yaml"))
     liver = task_options(cfg.task)
     assert liver["labels"]["liver"] == [1, 2]
 
@@ -137,7 +143,7 @@ def test_all_presets_parse(tmp_path):
 @pytest.mark.parametrize("name", ["kvasir_seg", "isic2018", "montgomery_cxr", "drive_vessels"])
 def test_missing_2d_dataset_names_path_and_layout(tmp_path, name):
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
-    cfg.task = OmegaConf.load(CONF / "task" / f"{name}.yaml")
+    cfg.task = task_preset(OmegaConf.load(CONF / "task" / f"{name}.yaml"))
     with pytest.raises(DataError) as err:
         prepare_task(cfg.task)
     assert str(tmp_path) in str(err.value) and "expected layout" in str(err.value)
@@ -152,7 +158,7 @@ def test_drive_preset_pairs_training_and_manual(tmp_path, h):
         h.write_png(root / "training" / "images" / f"{n}_training.tif", np.full((20, 20, 3), 80))
         h.write_png(root / "training" / "1st_manual" / f"{n}_manual1.gif", vessels)
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
-    cfg.task = OmegaConf.load(CONF / "task" / "drive_vessels.yaml")
+    cfg.task = task_preset(OmegaConf.load(CONF / "task" / "drive_vessels.yaml"))
     cases = find_cases(prepare_task(cfg.task), cfg.task)
     assert [(c.case, c.image_id) for c in cases] == [("21", "21_training"), ("22", "22_training")]
     data = load_cases(cases, cfg.task, progress=False)
