@@ -15,5 +15,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+def _one_thread():
+    """The tiny models' small matmuls gain nothing from a second thread, and on a busy machine
+    OpenMP's spin-waiting made 2 threads ~40x slower than 1."""
+    torch.set_num_threads(1)

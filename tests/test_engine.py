@@ -32,16 +32,6 @@ SEED = 7
 FAST = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The decoder's small matmuls gain nothing from a second thread, and on a busy machine
-    OpenMP's spin-waiting made 2 threads ~40x slower than 1 here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> TrainableSam:
     torch.manual_seed(0)

@@ -28,16 +28,6 @@ KEEP_ALL = EverythingConfig(grid=3, points_per_batch=4, pred_iou_thresh=0.0,
 KEEP_NONE = EverythingConfig(grid=3, pred_iou_thresh=1e9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The decoder's small matmuls gain nothing from a second thread, and on a busy machine
-    OpenMP's spin-waiting made 2 threads ~40x slower than 1 here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sam():
     torch.manual_seed(1)
