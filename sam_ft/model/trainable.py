@@ -16,6 +16,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sam_ft.model.attention import use_sdpa_attention
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.types import Prompt
 
@@ -35,16 +36,32 @@ class TrainableSam(nn.Module):
         preprocess: ``"sam"`` or ``"medsam"``; how images and prompts enter the model.
         grad_checkpointing: recompute trainable encoder blocks in the backward pass to save
             activation memory.
+        encoder_bf16: on CUDA GPUs with bfloat16, run the image encoder under bf16 autocast when
+            it gets no gradients (frozen, or no-grad inference); embeddings stay float32.
+            False keeps the encoder in float32 everywhere (bit-level comparisons).
+
+    The wrapped ``sam`` is changed in place, keeping its parameters and state-dict keys: its
+    channel LayerNorms compute in float32 and its encoder attention runs through
+    ``F.scaled_dot_product_attention`` (``sam_ft.model.attention``; the same attention, faster
+    and without the materialised score matrix's extra copies).
     """
 
-    def __init__(self, sam: Sam, preprocess: str = "sam", grad_checkpointing: bool = False):
+    def __init__(
+        self,
+        sam: Sam,
+        preprocess: str = "sam",
+        grad_checkpointing: bool = False,
+        encoder_bf16: bool = True,
+    ):
         super().__init__()
         self.sam = sam
         self.transform = SamTransform(sam.image_encoder.img_size, preprocess)
         self.grad_checkpointing = grad_checkpointing
+        self.encoder_bf16 = encoder_bf16
         for module in sam.modules():
             if type(module) is LayerNorm2d:
                 module.__class__ = LayerNorm2dFp32  # same parameters, same state-dict keys
+        use_sdpa_attention(sam.image_encoder)
 
     @property
     def image_size(self) -> int:
@@ -72,7 +89,27 @@ class TrainableSam(nn.Module):
         return self.transform.apply_image(image)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings."""
+        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings.
+
+        The embeddings are float32 when the encoder ran under bf16 autocast (see
+        ``encoder_bf16``), so callers see the same dtype either way.
+        """
+        if self._encoder_in_bf16(images):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self._encode(images).float()
+        return self._encode(images)
+
+    def _encoder_in_bf16(self, images: torch.Tensor) -> bool:
+        # Only without encoder gradients: bf16 activations are fine for inference, but training
+        # the encoder keeps the trainer's precision (trainer.precision decides that).
+        return (
+            self.encoder_bf16
+            and images.is_cuda
+            and torch.cuda.is_bf16_supported()
+            and (self.encoder_frozen or not torch.is_grad_enabled())
+        )
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         enc = self.sam.image_encoder
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
             return enc(images)
