@@ -43,7 +43,11 @@ import torch
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.evaluation.attributes import object_attributes
-from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
+from sam_ft.evaluation.everything import (
+    EverythingConfig,
+    everything_predictions,
+    prompts_per_upsample,
+)
 from sam_ft.evaluation.metrics import batch_slice_metrics, slice_metrics, volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.model.trainable import TrainableSam
@@ -100,7 +104,6 @@ CLICKS_CSV = "clicks.csv"
 SKIPPED_CSV = "skipped.csv"
 PROGRESS_FILE = "progress.jsonl"
 STATE_DIR = ".eval_state"
-_POSTPROCESS_CHUNK = 32  # prompts upsampled at once: bounds the (N, 3, H, W) float logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +284,11 @@ def _decode_select(
     for start in range(0, n, max_per_call):
         chunk = order[start : start + max_per_call]
         low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-        for s in range(0, len(chunk), _POSTPROCESS_CHUNK):
-            idx = chunk[s : s + _POSTPROCESS_CHUNK]
+        # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
+        # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES).
+        step = prompts_per_upsample(size, 3 if multimask else 1)
+        for s in range(0, len(chunk), step):
+            idx = chunk[s : s + step]
             sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
             binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
             chosen, ch = select_masks(binary, sub_iou.cpu(), gt[idx], mode)

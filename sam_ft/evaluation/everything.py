@@ -12,7 +12,9 @@ Two differences, both for reuse rather than behaviour:
 
 Prompts are (x, y) = (column, row) original-image pixels; masks are (H, W) indexed (row, col).
 Each ground-truth object is then matched to the generated mask with the highest Dice
-(:func:`sam_ft.prompts.match_masks_to_objects`); no generated mask gives an empty prediction.
+(as :func:`sam_ft.prompts.geometry.match_masks_to_objects`); no generated mask gives an empty
+prediction. Memory stays bounded on large images: masks are upsampled a few at a time
+(:data:`UPSAMPLE_BUDGET_BYTES`), kept as RLE and decoded one at a time for matching.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.geometry import match_masks_to_objects, point_grid
+from sam_ft.prompts.geometry import dice_matrix, point_grid
 from sam_ft.prompts.types import Prompt
 
 
@@ -63,14 +65,37 @@ class EverythingConfig:
         )
 
 
+UPSAMPLE_BUDGET_BYTES = 256 * 2**20
+"""Bytes of full-resolution float32 logits upsampled at once (Everything mode and the engine's
+mask selection). A 4096 x 4096 image costs 64 MiB per mask, so without this bound one decoder
+call of 64 prompts x 3 masks would need 12 GiB; with it, peak memory no longer grows with the
+number of prompts."""
+
+
+def prompts_per_upsample(
+    original_size: tuple[int, int], masks_per_prompt: int = 3, budget: int = UPSAMPLE_BUDGET_BYTES
+) -> int:
+    """Prompts whose (masks_per_prompt, H, W) float32 logits fit ``budget`` bytes (at least 1).
+
+    The factor 2 leaves room for what lives beside the logits while they are scored (the
+    thresholded copy, stability-score intermediates).
+    """
+    h, w = original_size
+    return max(1, int(budget) // (2 * 4 * int(h) * int(w) * max(1, masks_per_prompt)))
+
+
 @torch.no_grad()
-def generate_masks(
+def generate_rles(
     model: TrainableSam,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
     config: EverythingConfig = EverythingConfig(),
-) -> np.ndarray:
-    """All masks of one image from an m x m point grid, as ``SamAutomaticMaskGenerator``.
+) -> list[dict]:
+    """The kept masks of one image as uncompressed RLEs, in ``SamAutomaticMaskGenerator`` order.
+
+    Masks are upsampled ``prompts_per_upsample`` prompts at a time and stored as RLE at once,
+    so memory is bounded by ``UPSAMPLE_BUDGET_BYTES`` plus O(masks x boundary length), never by
+    (masks x H x W).
 
     Args:
         model: the model that produced ``embedding`` (eval mode).
@@ -79,11 +104,11 @@ def generate_masks(
         config: generator settings.
 
     Returns:
-        (M, H, W) bool masks kept after filtering and NMS, in the generator's order (M may be 0).
+        RLE dicts (``segment_anything.utils.amg.rle_to_mask`` decodes each to (H, W) bool).
     """
-    h, w = original_size
     threshold = float(model.sam.mask_threshold)
     points = point_grid(config.grid, original_size)
+    step = prompts_per_upsample(original_size, 1)  # counted in masks: filtering splits prompts
     data = MaskData()
     for (batch,) in batch_iterator(max(1, config.points_per_batch), points):
         prompts = [Prompt(points=p[None], point_labels=np.ones(1)) for p in batch]
@@ -95,25 +120,28 @@ def generate_masks(
             # masks, so filtering first gives the same masks for a fraction of the upsampling.
             keep = iou > config.pred_iou_thresh
             low, iou, repeated = low[keep], iou[keep], repeated[keep.cpu().numpy()]
-        if len(iou) == 0:
-            continue
-        logits = model.postprocess(low[:, None], original_size)[:, 0]  # (B', H, W)
-        part = MaskData(masks=logits, iou_preds=iou, points=torch.as_tensor(repeated))
-        del logits
-        part["stability_score"] = calculate_stability_score(
-            part["masks"], threshold, config.stability_score_offset
-        )
-        if config.stability_score_thresh > 0.0:
-            part.filter(part["stability_score"] >= config.stability_score_thresh)
-        part["masks"] = part["masks"] > threshold
-        part["boxes"] = batched_mask_to_box(part["masks"])
-        # The generator drops boxes near a crop edge that is not the image edge; with one crop
-        # covering the whole image no box is dropped, so that step is omitted.
-        part["rles"] = mask_to_rle_pytorch(part["masks"])  # RLE keeps memory at O(M * boundary)
-        del part["masks"]
-        data.cat(part)
+        for s in range(0, len(iou), step):
+            logits = model.postprocess(low[s : s + step, None], original_size)[:, 0]  # (B', H, W)
+            part = MaskData(
+                masks=logits,
+                iou_preds=iou[s : s + step],
+                points=torch.as_tensor(repeated[s : s + step]),
+            )
+            del logits
+            part["stability_score"] = calculate_stability_score(
+                part["masks"], threshold, config.stability_score_offset
+            )
+            if config.stability_score_thresh > 0.0:
+                part.filter(part["stability_score"] >= config.stability_score_thresh)
+            part["masks"] = part["masks"] > threshold
+            part["boxes"] = batched_mask_to_box(part["masks"])
+            # The generator drops boxes near a crop edge that is not the image edge; with one
+            # crop covering the whole image no box is dropped, so that step is omitted.
+            part["rles"] = mask_to_rle_pytorch(part["masks"])
+            del part["masks"]
+            data.cat(part)
     if "rles" not in dict(data.items()) or len(data["rles"]) == 0:
-        return np.zeros((0, h, w), dtype=bool)
+        return []
     keep = batched_nms(
         data["boxes"].float(),
         data["iou_preds"].float(),
@@ -121,31 +149,49 @@ def generate_masks(
         iou_threshold=config.box_nms_thresh,
     )
     data.filter(keep)
-    masks = [rle_to_mask(rle) for rle in data["rles"]]
+    rles = list(data["rles"])
     if config.min_mask_region_area > 0:
-        masks = _remove_small_regions(masks, data["iou_preds"], config)
-    return np.stack(masks).astype(bool) if masks else np.zeros((0, h, w), dtype=bool)
+        rles = _remove_small_regions(rles, config)
+    return rles
 
 
-def _remove_small_regions(
-    masks: list[np.ndarray], iou_preds: torch.Tensor, config: EverythingConfig
-) -> list[np.ndarray]:
-    """``SamAutomaticMaskGenerator.postprocess_small_regions`` on decoded masks."""
-    cleaned, scores = [], []
-    for mask in masks:
+def generate_masks(
+    model: TrainableSam,
+    embedding: torch.Tensor,
+    original_size: tuple[int, int],
+    config: EverythingConfig = EverythingConfig(),
+) -> np.ndarray:
+    """All masks of one image from an m x m point grid, as ``SamAutomaticMaskGenerator``.
+
+    Returns:
+        (M, H, W) bool masks kept after filtering and NMS, in the generator's order (M may be 0).
+        Decodes every mask at once: on large images prefer :func:`generate_rles`.
+    """
+    rles = generate_rles(model, embedding, original_size, config)
+    if not rles:
+        return np.zeros((0, *original_size), dtype=bool)
+    return np.stack([rle_to_mask(rle) for rle in rles]).astype(bool)
+
+
+def _remove_small_regions(rles: list[dict], config: EverythingConfig) -> list[dict]:
+    """``SamAutomaticMaskGenerator.postprocess_small_regions``, one decoded mask at a time."""
+    cleaned, boxes, scores = [], [], []
+    for rle in rles:
+        mask = rle_to_mask(rle)
         mask, changed_holes = remove_small_regions(mask, config.min_mask_region_area, "holes")
         mask, changed_islands = remove_small_regions(mask, config.min_mask_region_area, "islands")
-        cleaned.append(torch.as_tensor(mask))
+        tensor = torch.as_tensor(np.ascontiguousarray(mask))[None]
+        cleaned.append(mask_to_rle_pytorch(tensor)[0])
+        boxes.append(batched_mask_to_box(tensor)[0])
         # NMS prefers masks that needed no cleanup, as in the generator.
         scores.append(float(not (changed_holes or changed_islands)))
-    stacked = torch.stack(cleaned)
     keep = batched_nms(
-        batched_mask_to_box(stacked).float(),
+        torch.stack(boxes).float(),
         torch.as_tensor(scores),
         torch.zeros(len(cleaned)),
         iou_threshold=config.box_nms_thresh,
     )
-    return [cleaned[i].numpy() for i in keep.tolist()]
+    return [cleaned[i] for i in keep.tolist()]
 
 
 def everything_predictions(
@@ -168,9 +214,18 @@ def everything_predictions(
             n_generated: (K,) int64, the number of generated masks (same for every object).
     """
     gt = np.asarray(gt, dtype=bool)
-    generated = generate_masks(model, embedding, tuple(gt.shape[1:]), config)
-    index, _ = match_masks_to_objects(generated, gt)
+    k = len(gt)
+    rles = generate_rles(model, embedding, tuple(gt.shape[1:]), config)
     matched = np.zeros_like(gt)
-    if len(generated):
-        matched = generated[index]
-    return matched, index, np.full(len(gt), len(generated), dtype=np.int64)
+    index = np.full(k, -1, dtype=np.int64)
+    best = np.full(k, -np.inf)
+    # One decoded mask at a time: the same choice as match_masks_to_objects on the stacked
+    # masks (strict ">" keeps the first of equal Dice, as argmax does) without M x H x W bytes.
+    for m, rle in enumerate(rles):
+        mask = rle_to_mask(rle)
+        dice = dice_matrix(mask[None], gt)[0]
+        better = dice > best
+        if better.any():
+            best[better], index[better] = dice[better], m
+            matched[better] = mask
+    return matched, index, np.full(k, len(rles), dtype=np.int64)
