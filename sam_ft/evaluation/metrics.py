@@ -143,21 +143,51 @@ def volume_metrics(
     empty_pred, empty_gt = not pred.any(), not gt.any()
     if empty_pred or empty_gt:
         return _empty_rule(empty_pred, empty_gt)
-    return _monai_metrics(pred, gt, spacing, nsd_tolerance_mm)
+    # Same numbers as MONAI (its distance transforms run over the whole volume) several times
+    # faster, and an evaluation scores 20 prompt variants per object and case.
+    scale = np.asarray(spacing, dtype=np.float64)
+    gt_pts = _surface(gt) * scale
+    tree = KDTree(gt_pts, leafsize=32)
+    hd95, nsd = _surface_scores(_surface(pred) * scale, gt_pts, tree, float(nsd_tolerance_mm))
+    inter = float(np.count_nonzero(pred & gt))
+    total = float(np.count_nonzero(pred) + np.count_nonzero(gt))
+    return {
+        "dice": 2.0 * inter / total,
+        "iou": inter / (total - inter),
+        "hd95": hd95,
+        "nsd": nsd,
+        "empty_pred": False,
+        "empty_gt": False,
+        "hd95_missing": False,
+    }
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """(K, 2) int (row, col) of the surface pixels of a 2D mask, as MONAI's ``get_mask_edges``.
+    """(K, D) int indices of the surface voxels of a D-dim mask, as MONAI's ``get_mask_edges``.
 
-    Erosion runs on the mask's bounding box padded by one pixel, which gives the same surface as
-    on the full image (pixels on the image border are surface) at a fraction of the cost.
+    Erosion (face connectivity) runs on the mask's bounding box padded by one voxel, which gives
+    the same surface as on the full array (voxels on the array border are surface) at a fraction
+    of the cost.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    r0, c0 = rows[0], cols[0]
-    crop = np.pad(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], 1)
+    lo, box = [], []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(idx[0] - 1)
+        box.append(slice(idx[0], idx[-1] + 1))
+    crop = np.pad(mask[tuple(box)], 1)
     edges = crop & ~binary_erosion(crop)
-    return np.argwhere(edges) + np.array([r0 - 1, c0 - 1])
+    return np.argwhere(edges) + np.array(lo)
+
+
+def _surface_scores(
+    pred_pts: np.ndarray, gt_pts: np.ndarray, gt_tree: KDTree, tol: float
+) -> tuple[float, float]:
+    """(HD95, NSD) of two non-empty surfaces given as (K, D) points in mm."""
+    # float32 like MONAI, so ties at the NSD tolerance fall the same way.
+    d_pg = gt_tree.query(pred_pts, k=1)[0].astype(np.float32)
+    d_gp = KDTree(pred_pts, leafsize=32).query(gt_pts, k=1)[0].astype(np.float32)
+    within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
+    return _hd95(d_pg, d_gp), within / (len(d_pg) + len(d_gp))
 
 
 def _hd95(d_pred_to_gt: np.ndarray, d_gt_to_pred: np.ndarray) -> float:
@@ -227,11 +257,7 @@ def batch_slice_metrics(
             gt_pts = _surface(gts[i]) * scale
             gt_cache = (gt_pts, KDTree(gt_pts, leafsize=32))
         gt_pts, gt_tree = gt_cache
-        pred_pts = _surface(preds[i]) * scale
-        # float32 like MONAI, so ties at the NSD tolerance fall the same way.
-        d_pg = gt_tree.query(pred_pts, k=1)[0].astype(np.float32)
-        d_gp = KDTree(pred_pts, leafsize=32).query(gt_pts, k=1)[0].astype(np.float32)
-        out["hd95"][i] = _hd95(d_pg, d_gp)
-        within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
-        out["nsd"][i] = within / (len(d_pg) + len(d_gp))
+        out["hd95"][i], out["nsd"][i] = _surface_scores(
+            _surface(preds[i]) * scale, gt_pts, gt_tree, tol
+        )
     return out

@@ -1,0 +1,147 @@
+"""Evaluation cost of the study's protocol vs one encoder pass per image.
+
+The product's ``sam_ft.evaluation.engine.evaluate`` runs S2-S6 (point1, point5, point5_neg5, box,
+box_point1) at no jitter and three jitter levels (0-10, 10-20, 20-30 px): 20 prompts per object,
+oracle mask selection, Dice / IoU / HD95 / NSD per slice and per case, the CSVs and overlays.
+The reference is the image encoder alone on the same images (preprocess + ``encode``). Everything
+the engine adds is prompt work; a ratio of 1.0 would hide all of it behind the one encoder pass.
+Where the extra time goes is measured by wrapping the engine's calls (table 2).
+
+    python bench/eval_throughput.py --model vit_b --images 2
+
+Last line: ``eval_cost_vs_encoder=<evaluation s / encoder-only s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# bench/ is on sys.path when a bench runs as a script.
+from _common import (
+    compose,
+    final_line,
+    machine,
+    make_datamodule,
+    print_table,
+    set_threads,
+    write_ct_task,
+)
+from hydra.utils import instantiate
+
+S2_S6 = "[point1,point5,point5_neg5,box,box_point1]"
+
+
+def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
+    """Replace ``owner.name`` by a version that adds its wall time to ``totals[label]``."""
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, timed)
+
+
+def _instrument(model, totals: dict[str, float]) -> None:
+    """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts."""
+    from sam_ft.evaluation import engine
+
+    _wrap(model, "encode", totals, "encoder")
+    _wrap(model, "decode", totals, "mask decoder (all prompts)")
+    _wrap(model, "postprocess", totals, "upsample logits to original size")
+    _wrap(engine, "select_masks", totals, "oracle mask selection")
+    _wrap(engine, "make_eval_prompt", totals, "prompt generation + jitter")
+    _wrap(engine, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
+    _wrap(engine, "object_attributes", totals, "object attributes")
+    _wrap(engine, "_per_case_rows", totals, "3D per-case metrics")
+    _wrap(engine, "_commit_case", totals, "CSV writes")
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--images", type=int, default=2, help="slices evaluated")
+    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
+    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.images, args.size = "tiny", 2, 128
+        args.threads = args.threads or 1
+    threads = set_threads(args.threads)
+    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
+
+    from sam_ft.evaluation.engine import evaluate
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    splits = write_ct_task(tmp / "task", args.images, args.size)
+    cfg = compose(args.model, tmp / "task", splits, tmp / "cache", [f"eval.prompts={S2_S6}"])
+    model = instantiate(cfg.model).eval()
+    dm = make_datamodule(cfg, model, tmp / "run")
+    dm.setup("test")
+    cases = dm.case_data("train")
+    records = [r for c in cases for r in c.slices]
+    objects = sum(len(r.masks) for r in records)
+
+    totals: dict[str, float] = {}
+    _instrument(model, totals)
+    t0 = time.perf_counter()
+    result = evaluate(
+        model,
+        cases,
+        model_name="bench",
+        task_name="bench",
+        cfg=cfg.eval,
+        out_dir=tmp / "eval",
+        seed=0,
+        progress=not args.quick,
+    )
+    t_eval = time.perf_counter() - t0
+    prompts = len(result.per_object)
+
+    # The reference: the encoder alone, once per image, as the engine calls it.
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for rec in records:
+            model.encode(model.preprocess(rec.image)[None])
+    t_encoder = time.perf_counter() - t0
+    ratio = t_eval / t_encoder
+
+    n = len(records)
+    print(f"machine: {machine()} (threads={threads})")
+    print(
+        f"data: {n} synthetic CT slices {args.size}x{args.size} in {len(cases)} case(s), "
+        f"{objects} objects, model {args.model} (random weights); S2-S6 x 4 jitter levels "
+        f"(none, 0-10, 10-20, 20-30 px) = {prompts} scored prompts, oracle selection"
+    )
+    print_table(
+        "evaluation vs encoder alone",
+        ["run", "total s", "s / image", "x encoder"],
+        [
+            ["encoder alone (preprocess + encode)", t_encoder, t_encoder / n, 1.0],
+            ["evaluate(): S2-S6, 3 jitter levels", t_eval, t_eval / n, ratio],
+        ],
+    )
+    parts = sorted(totals.items(), key=lambda kv: -kv[1])
+    rows = [[k, v, v / n, v / t_encoder] for k, v in parts]
+    listed = sum(v for k, v in totals.items() if k != "encoder")
+    rest = t_eval - totals.get("encoder", 0.0) - listed
+    rows.append(["rest (records, rows, overlays, bookkeeping)", rest, rest / n, rest / t_encoder])
+    print_table("where evaluate() spends its time", ["part", "s", "s / image", "x encoder"], rows)
+    final_line("eval_cost_vs_encoder", ratio)
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Decoder-only finetuning epoch time: embedding cache warm vs the frozen encoder every step.
+
+Both runs use the product's path: the composed ``train`` config, ``SamDataModule`` (NIfTI ->
+slice cache -> ``SliceDataset`` -> ``collate_slices``), ``SamFinetuneModule`` with its AdamW and
+warmup-cosine schedule, and a Lightning ``Trainer``; same data, same seed, same process. The
+uncached run serves images (``data.cache_embeddings=false``), so every step runs the encoder;
+the cached run fills the embedding cache once in ``setup`` (timed apart) and then trains on it.
+The limit is the pure decoder step (``training_step`` + backward + AdamW on one prepared batch,
+no loader, no Lightning): a cached epoch can be no faster than N of those.
+
+    python bench/train_throughput.py --model vit_b --images 4
+
+Last line: ``speedup_cached_vs_uncached=<uncached epoch s / cached epoch s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+# bench/ is on sys.path when a bench runs as a script.
+from _common import (
+    compose,
+    final_line,
+    machine,
+    make_datamodule,
+    median,
+    print_table,
+    repeat_time,
+    set_threads,
+    timed,
+    write_ct_task,
+)
+from hydra.utils import instantiate
+
+
+class EpochTimer(L.Callback):
+    """Wall time of every training epoch (the loader, steps and optimizer, not setup)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[float]:
+    """Train ``epochs`` epochs as ``train.py`` does (no validation, no checkpoints)."""
+    from sam_ft.training.module import SamFinetuneModule
+
+    module = SamFinetuneModule(
+        model=model,
+        finetune=finetune,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        overlays=0,
+    )
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_epochs=epochs,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        default_root_dir=run_dir,
+        callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times
+
+
+def _pure_step_times(cfg, model, finetune, datamodule, repeats: int) -> list[float]:
+    """One training step on an already collated cached batch, repeated: the decoder's limit."""
+    from sam_ft.training.module import SamFinetuneModule
+
+    module = SamFinetuneModule(
+        model=model,
+        finetune=finetune,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+    )
+    module.train()
+    optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
+    batch = next(iter(datamodule.train_dataloader()))
+
+    def step() -> None:
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log() outside a Trainer warns; nothing is logged
+        return repeat_time(step, repeats)
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--images", type=int, default=4, help="training slices (one epoch)")
+    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3, help="cached epochs (median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.images, args.size, args.epochs = "tiny", 2, 128, 2
+        # Tiny matmuls gain nothing from a second thread, and spin-waiting threads on a shared
+        # machine can make them many times slower.
+        args.threads = args.threads or 1
+    threads = set_threads(args.threads)
+    L.seed_everything(0, verbose=False)
+    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    splits = write_ct_task(tmp / "task", args.images, args.size)
+    extra = [f"data.batch_size={args.batch_size}", "finetune=decoder"]
+    cfg = compose(args.model, tmp / "task", splits, tmp / "cache", extra)
+    model = instantiate(cfg.model)
+    finetune = instantiate(cfg.finetune)
+    finetune.apply(model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    t: dict[str, float] = {}
+
+    # Uncached: images in every batch, the frozen encoder runs in every training step.
+    cfg_images = compose(
+        args.model, tmp / "task", splits, tmp / "cache", [*extra, "data.cache_embeddings=false"]
+    )
+    dm_images = make_datamodule(cfg_images, model, tmp / "run_images")
+    with timed(t, "setup_images"):
+        dm_images.setup("fit")
+    uncached = _fit(cfg, model, finetune, dm_images, 1, tmp / "run_images")
+
+    # Cached: same data and initial weights; setup fills the embedding cache (timed apart).
+    from sam_ft.training.run import _frozen_encoder
+
+    model.load_state_dict(initial)
+    dm_cached = make_datamodule(cfg, model, tmp / "run_cached")
+    dm_cached.use_embedding_cache(*_frozen_encoder(model))
+    with timed(t, "setup_cached"):
+        dm_cached.setup("fit")
+    cached = _fit(cfg, model, finetune, dm_cached, args.epochs, tmp / "run_cached")
+    pure = _pure_step_times(cfg, model, finetune, dm_cached, repeats=max(3, args.images))
+
+    n, steps = args.images, -(-args.images // args.batch_size)
+    t_uncached, t_cached = uncached[0], median(cached)
+    t_limit = steps * median(pure)
+    speedup = t_uncached / t_cached
+    limit = t_uncached / t_limit
+    print(f"machine: {machine()} (threads={threads})")
+    print(
+        f"data: {n} synthetic CT slices {args.size}x{args.size} (NIfTI, demo generator), "
+        f"model {args.model} (random weights), finetune=decoder, batch {args.batch_size}, "
+        f"box prompts, {steps} steps/epoch"
+    )
+    rows = [
+        ["uncached (encoder every step)", t_uncached, t_uncached / n, 1.0],
+        [f"cached, warm (median of {len(cached)})", t_cached, t_cached / n, speedup],
+        ["pure decoder step x steps (limit)", t_limit, t_limit / n, limit],
+    ]
+    print_table(
+        "decoder-only finetuning, one epoch",
+        ["run", "epoch s", "s / image", "speedup vs uncached"],
+        rows,
+    )
+    print_table(
+        "one-off costs (not in the epoch times)",
+        ["what", "s"],
+        [
+            ["setup, images (NIfTI -> slice cache, low-res targets)", t["setup_images"]],
+            ["setup, cached (slice cache hit + encoding every slice once)", t["setup_cached"]],
+        ],
+    )
+    print(f"cached epochs (s): {', '.join(f'{x:.3g}' for x in cached)}")
+    print(f"pure step (s): {', '.join(f'{x:.3g}' for x in pure)}")
+    print(f"cached epoch reaches {t_limit / t_cached:.0%} of the pure-step limit")
+    final_line("speedup_cached_vs_uncached", speedup)
+    return speedup
+
+
+if __name__ == "__main__":
+    main()
