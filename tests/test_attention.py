@@ -130,6 +130,19 @@ def test_encoder_gradients_with_checkpointing_match_without():
         _assert_close(grads[name].grad, p.grad, name)
 
 
+def test_sdpa_encoder_compiles_without_graph_breaks():
+    # aot_eager traces like inductor but skips code generation: seconds, no C++ compiler needed.
+    model = TrainableSam(build_sam_architecture("tiny", image_size=64)).eval()
+    keys = list(model.state_dict())
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model.encode(images)
+        model.sam.image_encoder.compile(backend="aot_eager", fullgraph=True)
+        out = model.encode(images)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == keys
+
+
 def test_encode_stays_float32_on_cpu():
     model = TrainableSam(build_sam_architecture("tiny")).eval()
     for p in model.sam.image_encoder.parameters():
