@@ -34,6 +34,7 @@ from sam_ft.data.augment import SliceAugment
 from sam_ft.data.cache import CachedCase, SliceCache
 from sam_ft.data.dataset import (
     PromptFn,
+    ResumableLoader,
     SeededSampler,
     SliceDataset,
     collate_slices,
@@ -138,6 +139,8 @@ class SamDataModule(L.LightningDataModule):
         self._cases: dict[str, list[CaseData]] | None = None
         self._datasets: dict[str, SliceDataset] = {}
         self._embedding_request: tuple[Callable, str, torch.device | str] | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -253,7 +256,7 @@ class SamDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        return DataLoader(
+        loader = (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -263,6 +266,26 @@ class SamDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0 and train,
             drop_last=False,
         )
+        if train:
+            self._train_loader = loader
+            if self._train_loader_state:
+                loader.load_state_dict(self._train_loader_state)
+        return loader
+
+    # Lightning stores the datamodule's state in every checkpoint and restores it before training
+    # starts. Its own per-loader state is restored too late when ``estimated_stepping_batches``
+    # (the scheduler's length) built the loader first, so the position is carried here.
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_loader": {"epoch", "batches_served"}}`` once training has a loader."""
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_loader_state = state.get("train_loader")
+        if self._train_loader is not None and self._train_loader_state:
+            self._train_loader.load_state_dict(self._train_loader_state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

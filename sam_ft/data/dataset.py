@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from sam_ft.data.augment import SliceAugment
@@ -233,6 +233,8 @@ class SeededSampler(DistributedSampler):
             drop_last=drop_last,
         )
         self.fixed_epoch = fixed_epoch
+        self.start = 0
+        """Items of this rank to skip at the next ``__iter__`` (mid-epoch resume); then 0 again."""
 
     def order(self, epoch: int) -> np.ndarray:
         """All indices (before the rank split) in the order of ``epoch``."""
@@ -249,5 +251,41 @@ class SeededSampler(DistributedSampler):
         elif order:
             pad = self.total_size - len(order)
             order += (order * (pad // len(order) + 1))[:pad]
-        for index in order[self.rank : self.total_size : self.num_replicas]:
+        start, self.start = self.start, 0
+        for index in order[self.rank : self.total_size : self.num_replicas][start:]:
             yield epoch, int(index)
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that Lightning can resume mid-epoch.
+
+    Lightning saves ``state_dict()`` in every checkpoint and calls ``load_state_dict`` before
+    iterating again on resume (any object with both methods counts as resumable). The state is
+    the number of batches served in the current epoch; since items are pure functions of (seed,
+    epoch, index), skipping that many batches of the sampler's order is all a resume needs: the
+    resumed epoch sees exactly the batches the killed run had not trained on yet.
+    Needs a ``SeededSampler`` as ``sampler``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, SeededSampler):
+            raise TypeError("ResumableLoader needs a SeededSampler")
+        self._served = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip, self._resume_at = self._resume_at, 0
+        self.sampler.start = skip * int(self.batch_size or 1)
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        served = int(state.get("batches_served", 0))
+        # A checkpoint taken after the epoch's last batch resumes at the next epoch's start.
+        self._resume_at = served if served < len(self) else 0

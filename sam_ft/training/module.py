@@ -59,6 +59,8 @@ class SamFinetuneModule(L.LightningModule):
         self.overlays = int(overlays)
         self.val_dice = MeanMetric()
         self.val_dice_best = MaxMetric()
+        # Saved in checkpoints so a resumed run keeps the best Dice seen before the kill.
+        self.val_dice_best.persistent(True)
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
         self._last_cases: list[str] = []
@@ -160,6 +162,17 @@ class SamFinetuneModule(L.LightningModule):
                 f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); last batch: cases "
                 f"{', '.join(self._last_cases)}. Lower the learning rate or check these inputs."
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sam_ft"] = {
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self._consecutive_nonfinite,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("sam_ft", {})
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
 
     # --- validation --------------------------------------------------------------------------
 

@@ -9,11 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
+from sam_ft.training.callbacks import preempted_error
 from sam_ft.training.module import SamFinetuneModule
 from sam_ft.training.wandb import scrub
 
@@ -92,7 +94,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, run_dir)
     if model.encoder_frozen:
         datamodule.use_embedding_cache(*_frozen_encoder(model))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise preempted_error(trainer) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not trainer.is_global_zero:
         return metrics

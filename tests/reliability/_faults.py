@@ -1,0 +1,28 @@
+"""Fault injectors for the reliability tests, loaded into real ``train.py`` runs as callbacks.
+
+They are added from the command line (``+callbacks.fault._target_=_faults.SignalAtStep``) with
+this folder on ``PYTHONPATH``, so the run under test is the product's entry point, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class SignalAtStep(L.Callback):
+    """Sends ``signum`` to this process when training reaches ``step`` (after that step's update).
+
+    With SIGKILL the process dies at once: whatever the checkpoints hold at that moment is all a
+    resume gets, exactly as after an out-of-memory kill or a node failure.
+    """
+
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
+        self.step = int(step)
+        self.signum = int(signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -1,0 +1,110 @@
+"""Training under faults: SIGKILL then resume, SIGTERM, non-finite losses and weights.
+
+The runs are real ``train.py`` processes on the demo task with the tiny model; faults come from
+``_faults.py`` callbacks or from the configuration (a learning rate that overflows the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS, BATCHES = 2, 4
+SHORT = [
+    f"trainer.max_epochs={EPOCHS}",
+    f"trainer.limit_train_batches={BATCHES}",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "train.evaluate=false",
+    "train.overlays=0",
+    "callbacks.step_checkpoint.every_n_train_steps=1",
+]
+
+
+def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        SAM_FT_CACHE=str(cache),
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(Path(__file__).parent),
+    )
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *SHORT, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def fault(step: int, signum: int) -> list[str]:
+    return [
+        "+callbacks.fault._target_=_faults.SignalAtStep",
+        f"+callbacks.fault.step={step}",
+        f"+callbacks.fault.signum={int(signum)}",
+    ]
+
+
+def last_checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = train(run_dir, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_sigkill_resume_equals_uninterrupted(tmp_path, cache, uninterrupted):
+    # The kill comes before that step's checkpoint is written, so the resume starts from step-1:
+    # any step from 2 to the last but one is a kill mid-epoch or at an epoch's end.
+    step = random.Random(os.environ.get("PYTEST_SEED", "sam_ft")).randrange(2, EPOCHS * BATCHES)
+    killed = train(tmp_path, cache, *fault(step, signal.SIGKILL))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert last_checkpoint(tmp_path)["global_step"] == step - 1
+
+    resumed = train(tmp_path, cache, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    want, got = last_checkpoint(uninterrupted), last_checkpoint(tmp_path)
+    assert got["global_step"] == want["global_step"] == EPOCHS * BATCHES, f"killed at {step}"
+    assert got["epoch"] == want["epoch"]
+    assert want["state_dict"].keys() == got["state_dict"].keys()
+    for key, value in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][key], value, atol=1e-6, rtol=0, msg=key)
+    best = next(v for k, v in want["callbacks"].items() if "val/dice" in k)
+    best_got = next(v for k, v in got["callbacks"].items() if "val/dice" in k)
+    for key in ("best_model_score", "current_score"):
+        torch.testing.assert_close(best_got[key], best[key], atol=1e-6, rtol=0, msg=key)
+    exported = torch.load(tmp_path / "sam_finetuned.pth", weights_only=True)
+    reference = torch.load(uninterrupted / "sam_finetuned.pth", weights_only=True)
+    for key, value in reference.items():
+        torch.testing.assert_close(exported[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_sigterm_saves_checkpoint_and_exits_nonzero(tmp_path, cache, signum):
+    stopped = train(tmp_path, cache, *fault(3, signum))
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert "stopped by signal 15" in stopped.stderr
+    assert "ckpt_path=last" in stopped.stderr  # says how to resume
+    assert last_checkpoint(tmp_path)["global_step"] >= 3
+    assert not (tmp_path / "sam_finetuned.pth").exists()
