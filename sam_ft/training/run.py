@@ -125,17 +125,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _frozen_encoder(model):
-    """(encode, fingerprint, device) for filling the embedding cache with the frozen encoder."""
+    """(encode, fingerprint, device) for filling the embedding cache with the frozen encoder.
+
+    ``model.encode`` runs in bf16 on GPUs that support it; such embeddings get their own cache
+    key, so they never mix with full-precision ones.
+    """
     from sam_ft.data.embedding_cache import encoder_fingerprint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    fingerprint = encoder_fingerprint(model.sam.image_encoder, model.transform)
+    if model.encoder_bf16 and device == "cuda" and torch.cuda.is_bf16_supported():
+        fingerprint += "-bf16"
 
     @torch.no_grad()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        encoder = model.sam.image_encoder.to(device)
-        return encoder(images.to(device)).float()
+        model.sam.image_encoder.to(device)
+        return model.encode(images.to(device)).float()
 
-    return encode, encoder_fingerprint(model.sam.image_encoder, model.transform), device
+    return encode, fingerprint, device
 
 
 def _best_checkpoint(trainer: L.Trainer) -> Path:
