@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -84,6 +85,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
     run_dir = Path(cfg.paths.output_dir)
     ckpt = cfg.get("ckpt_path")
+    # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
+    # them, or a resumed evaluation would score its remaining cases with another model.
+    L.seed_everything(cfg.seed, verbose=False)
     model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
     label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     datamodule = SamDataModule(
