@@ -21,6 +21,12 @@ loading is never the bottleneck).
 
 from __future__ import annotations
 
+import os
+
+# Set before torch loads OpenMP. On a shared machine spinning worker threads made the decoder's
+# small ops 3-5x slower whenever another process held a core; sleeping ones cost ~nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
 import tempfile

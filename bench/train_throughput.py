@@ -15,6 +15,12 @@ Last line: ``speedup_cached_vs_uncached=<uncached epoch s / cached epoch s>``.
 
 from __future__ import annotations
 
+import os
+
+# Set before torch loads OpenMP. On a shared machine spinning worker threads made the decoder's
+# small ops 3-5x slower whenever another process held a core; sleeping ones cost ~nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
 import tempfile
@@ -86,8 +92,9 @@ def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[f
     return timer.times
 
 
-def _pure_step_times(cfg, model, finetune, datamodule, repeats: int) -> list[float]:
-    """One training step on an already collated cached batch, repeated: the decoder's limit."""
+def _pure_epoch_times(cfg, model, finetune, datamodule, repeats: int) -> list[float]:
+    """The epoch's own batches, loaded beforehand, through ``training_step`` + backward + AdamW:
+    what a cached epoch would cost with free data loading and no Lightning (the limit)."""
     from sam_ft.training.module import SamFinetuneModule
 
     module = SamFinetuneModule(
@@ -98,17 +105,17 @@ def _pure_step_times(cfg, model, finetune, datamodule, repeats: int) -> list[flo
     )
     module.train()
     optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
-    batch = next(iter(datamodule.train_dataloader()))
+    batches = list(datamodule.train_dataloader())
 
-    def step() -> None:
-        loss = module.training_step(batch, 0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def epoch() -> None:
+        for batch in batches:
+            module.training_step(batch, 0).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() outside a Trainer warns; nothing is logged
-        return repeat_time(step, repeats)
+        return repeat_time(epoch, repeats)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -160,11 +167,11 @@ def main(argv: list[str] | None = None) -> float:
     with timed(t, "setup_cached"):
         dm_cached.setup("fit")
     cached = _fit(cfg, model, finetune, dm_cached, args.epochs, tmp / "run_cached")
-    pure = _pure_step_times(cfg, model, finetune, dm_cached, repeats=max(3, args.images))
+    pure = _pure_epoch_times(cfg, model, finetune, dm_cached, repeats=args.epochs)
 
     n, steps = args.images, -(-args.images // args.batch_size)
     t_uncached, t_cached = uncached[0], median(cached)
-    t_limit = steps * median(pure)
+    t_limit = median(pure)
     speedup = t_uncached / t_cached
     limit = t_uncached / t_limit
     print(f"machine: {machine()} (threads={threads})")
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> float:
     rows = [
         ["uncached (encoder every step)", t_uncached, t_uncached / n, 1.0],
         [f"cached, warm (median of {len(cached)})", t_cached, t_cached / n, speedup],
-        ["pure decoder step x steps (limit)", t_limit, t_limit / n, limit],
+        ["pure decoder steps, same batches (limit)", t_limit, t_limit / n, limit],
     ]
     print_table(
         "decoder-only finetuning, one epoch",
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> float:
         ],
     )
     print(f"cached epochs (s): {', '.join(f'{x:.3g}' for x in cached)}")
-    print(f"pure step (s): {', '.join(f'{x:.3g}' for x in pure)}")
+    print(f"pure-step epochs (s): {', '.join(f'{x:.3g}' for x in pure)}")
     print(f"cached epoch reaches {t_limit / t_cached:.0%} of the pure-step limit")
     final_line("speedup_cached_vs_uncached", speedup)
     return speedup
