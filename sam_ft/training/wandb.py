@@ -24,12 +24,27 @@ def _has_credentials() -> bool:
         return False
 
 
-def scrub(obj: Any) -> Any:
-    """Copy of a nested config with values under secret-looking keys replaced by ``"***"``."""
+def env_secrets() -> list[str]:
+    """Values of environment variables with secret-looking names (``WANDB_API_KEY``,
+    ``HF_TOKEN``, ...); short values are skipped, they would match ordinary text."""
+    return [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
+
+
+def scrub(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Copy of a nested config with values under secret-looking keys replaced by ``"***"``, and
+    any environment secret (:func:`env_secrets`) inside a string replaced too: a value pulled
+    in through ``${oc.env:HF_TOKEN}`` under an innocent key name is caught by its value.
+    """
+    secrets = env_secrets() if secrets is None else secrets
     if isinstance(obj, dict):
-        return {k: "***" if SECRET_NAME.search(str(k)) else scrub(v) for k, v in obj.items()}
+        return {
+            k: "***" if SECRET_NAME.search(str(k)) else scrub(v, secrets) for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple):
-        return [scrub(v) for v in obj]
+        return [scrub(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, "***")
     return obj
 
 
