@@ -61,3 +61,25 @@ def test_eval_config_composes():
 def test_slurm_launcher_config_is_documented():
     text = (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
     assert "submitit_slurm" in text and "python train.py -m hydra/launcher=slurm" in text
+
+
+def test_readme_sweep_composes_every_job(tmp_path):
+    """``python train.py -m model=vit_b,vit_h task=liver_ct,spleen_ct finetune=decoder,lora``:
+    Hydra's own sweeper splits it into 8 jobs; each composes, with a run name that tells it apart
+    in the dashboard and its own sweep subdirectory."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = ["model=vit_b,vit_h", "task=liver_ct,spleen_ct", "finetune=decoder,lora"]
+    parsed = OverridesParser.create().parse_overrides(sweep)
+    (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    assert len(jobs) == 8
+    names = set()
+    for job in jobs:
+        cfg = _compose("train", [*job, "logger=wandb", f"paths.log_dir={tmp_path}"])
+        model, task, finetune = (o.split("=")[1] for o in job)
+        assert (cfg.model.name, cfg.task.name, cfg.finetune.name) == (model, task, finetune)
+        assert cfg.trainer.max_epochs == 20
+        names.add(cfg.run_name)
+        assert {model, task, finetune} <= set(cfg.logger.wandb.tags)
+    assert len(names) == 8

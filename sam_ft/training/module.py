@@ -143,13 +143,27 @@ class SamFinetuneModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if not grads:
+            return  # training_step returned None (non-finite loss): already counted
+        if not all(torch.isfinite(g).all() for g in grads):
             # A None grad makes torch optimizers skip the parameter: this step changes nothing.
             for p in self.parameters():
                 p.grad = None
             self._count_nonfinite("gradient")
         else:
             self._consecutive_nonfinite = 0
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Finite gradients can still overflow the weights (e.g. a huge learning rate). Stop before
+        # any callback can checkpoint them: a non-finite model is never saved or exported.
+        bad = [n for n, p in self.named_parameters() if p.requires_grad and not p.isfinite().all()]
+        if bad:
+            raise SamFtError(
+                f"the weights became non-finite at step {self.global_step + 1} ({len(bad)} "
+                f"tensors, e.g. {bad[0]}); last batch: cases {', '.join(self._last_cases)}. "
+                "Nothing was saved from this step; lower the learning rate."
+            )
 
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_steps += 1

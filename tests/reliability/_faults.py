@@ -1,7 +1,8 @@
 """Fault injectors for the reliability tests, loaded into real ``train.py`` runs as callbacks.
 
-They are added from the command line (``+callbacks.fault._target_=_faults.SignalAtStep``) with
-this folder on ``PYTHONPATH``, so the run under test is the product's entry point, unchanged.
+They are added from the command line (``+callbacks.fault._target_=_faults.SignalAtStep``,
+``loss._target_=_faults.NanLossFrom``) with this folder on ``PYTHONPATH``, so the run under test
+is the product's entry point, unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import signal
 
 import lightning as L
+
+from sam_ft.losses import SegmentationLoss
 
 
 class SignalAtStep(L.Callback):
@@ -26,3 +29,19 @@ class SignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class NanLossFrom(SegmentationLoss):
+    """The training loss, NaN from the ``first_nan``-th call on (1-based): a diverging run."""
+
+    def __init__(self, first_nan: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.first_nan = int(first_nan)
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        loss, parts = super().forward(*args, **kwargs)
+        self.calls += 1
+        if self.calls >= self.first_nan:
+            loss = loss * float("nan")
+        return loss, parts

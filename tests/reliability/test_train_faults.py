@@ -108,3 +108,32 @@ def test_sigterm_saves_checkpoint_and_exits_nonzero(tmp_path, cache, signum):
     assert "ckpt_path=last" in stopped.stderr  # says how to resume
     assert last_checkpoint(tmp_path)["global_step"] >= 3
     assert not (tmp_path / "sam_finetuned.pth").exists()
+
+
+def _all_finite(path: Path) -> bool:
+    """Whether every model weight in a Lightning checkpoint is finite."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return all(v.isfinite().all() for k, v in state.items() if k.startswith("model."))
+
+
+def test_nonfinite_loss_skipped_then_stops(tmp_path, cache):
+    nan_from_step_3 = ["loss._target_=_faults.NanLossFrom", "+loss.first_nan=3"]
+    proc = train(tmp_path, cache, *nan_from_step_3, "train.max_nonfinite_steps=3")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss" in proc.stderr
+    assert "last batch: cases demo_" in proc.stderr  # names the cases to look at
+    assert "Traceback" not in proc.stderr
+    assert (proc.stdout + proc.stderr).count("step skipped") == 3
+    # Lightning counts a skipped step as a step; the checkpoint before the stop is finite.
+    assert last_checkpoint(tmp_path)["global_step"] == 4
+    assert _all_finite(tmp_path / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "sam_finetuned.pth").exists()
+
+
+def test_nonfinite_model_never_exported(tmp_path, cache):
+    proc = train(tmp_path, cache, "optimizer.lr=inf")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "the weights became non-finite at step 1" in proc.stderr
+    assert not (tmp_path / "sam_finetuned.pth").exists()
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        assert _all_finite(ckpt), ckpt
