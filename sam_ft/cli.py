@@ -26,17 +26,30 @@ def config_dir() -> str:
 
 
 def _guarded(fn):
-    """Our own errors end the run with one readable line and exit code 1, not a traceback."""
+    """Our own errors end the run with one readable line and exit code 1, not a traceback.
+
+    Also when Hydra wraps them: an error raised while a ``_target_`` is built (a bad checkpoint,
+    a model/image-size mismatch) arrives as ``InstantiationException`` with ours as its cause.
+    """
 
     def run(cfg: DictConfig):
         try:
             return fn(cfg)
-        except SamFtError as err:
-            log.error("%s", err)
-            print(f"error: {err}", file=sys.stderr)
+        except Exception as err:
+            ours = _own_error(err)
+            if ours is None:
+                raise
+            log.error("%s", ours)
+            print(f"error: {ours}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return run
+
+
+def _own_error(err: BaseException | None) -> SamFtError | None:
+    while err is not None and not isinstance(err, SamFtError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")

@@ -74,3 +74,11 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
     assert "ckpt_path=last: there is no checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "nothing" / "checkpoints").exists()
+
+
+def test_error_while_building_the_model_is_one_line(tmp_path):
+    # Raised inside Hydra's instantiate, which wraps it: still our one line, no traceback.
+    proc = _run(["model.image_size=128", f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path / "cache")
+    assert proc.returncode == 1
+    assert "error: model.image_size=128" in proc.stderr
+    assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr

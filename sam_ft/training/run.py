@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if model.encoder_frozen:
         datamodule.use_embedding_cache(*_frozen_encoder(model))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         raise preempted_error(trainer) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
