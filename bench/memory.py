@@ -1,7 +1,7 @@
 """Peak memory of a finetuning step per mode (``decoder``, ``lora``, ``encoder_last_n``, ``full``).
 
 Each (mode, batch size) runs in its own subprocess, so every peak is that mode's alone: build
-the model (random weights), apply the mode, then two training steps of ``SamFinetuneModule``
+the model (random weights), apply the mode, then one training step of ``SamFinetuneModule``
 (``training_step`` + backward + AdamW) on a batch of model-size images with two box prompts
 each. ``decoder`` trains on embeddings from a no-grad encoder pass, as with the embedding cache.
 On a CPU the figure is the process's peak RSS (weights, optimizer state and activations); on a
@@ -38,7 +38,11 @@ MODES = ("decoder", "lora", "encoder_last_n", "full")
 
 
 def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
-    """Build, apply ``mode``, take two steps; return the memory figures (MB)."""
+    """Build, apply ``mode``, take one step; return the memory figures (MB).
+
+    One step holds both peaks: the activations during backward and, at ``optimizer.step``, the
+    AdamW state, which later steps reuse.
+    """
     import numpy as np
 
     from sam_ft.losses import SegmentationLoss
@@ -79,13 +83,12 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() outside a Trainer warns; nothing is logged
-        for _ in range(2):
-            module.training_step(batch, 0).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / 2
+    step_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {
         "mode": mode,
