@@ -65,3 +65,18 @@ def test_volume_metrics_match_monai_on_random_volumes():
             assert fast[key] == pytest.approx(ref[key], abs=1e-5), key
         checked += 1
     assert checked >= 8
+
+
+def test_surface_metrics_exact_when_prediction_is_far_from_the_object():
+    """The distance window around the ground truth must grow until it reaches the prediction."""
+    from sam_ft.evaluation.metrics import _monai_metrics, volume_metrics
+
+    gt = np.zeros((4, 120, 90), dtype=bool)
+    gt[1:3, 5:12, 4:9] = True
+    pred = np.zeros_like(gt)
+    pred[2:4, 100:118, 70:88] = True
+    pred[0, 60, 45] = True
+    fast = volume_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0)
+    ref = _monai_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0)
+    for key in ("dice", "iou", "hd95", "nsd"):
+        assert fast[key] == pytest.approx(ref[key], abs=1e-5), key
