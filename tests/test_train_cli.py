@@ -22,7 +22,7 @@ QUICK = [
 
 
 def _run(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
