@@ -5,8 +5,8 @@ slice cache -> ``SliceDataset`` -> ``collate_slices``), ``SamFinetuneModule`` wi
 warmup-cosine schedule, and a Lightning ``Trainer``; same data, same seed, same process. The
 uncached run serves images (``data.cache_embeddings=false``), so every step runs the encoder;
 the cached run fills the embedding cache once in ``setup`` (timed apart) and then trains on it.
-The limit is the pure decoder step (``training_step`` + backward + AdamW on one prepared batch,
-no loader, no Lightning): a cached epoch can be no faster than N of those.
+The limit is the same epoch's batches, loaded beforehand, through ``training_step`` + backward +
+AdamW with no loader and no Lightning (best of ``--epochs``): a cached epoch cannot beat it.
 
     python bench/train_throughput.py --model vit_b --images 4
 
