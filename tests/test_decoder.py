@@ -1,0 +1,59 @@
+"""The shared-image decoder path equals SAM's ``MaskDecoder.forward``, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sam_ft.model.builders import build_sam_architecture
+from sam_ft.model.decoder import decode_shared_image
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    return build_sam_architecture("tiny")
+
+
+def _inputs(sam, n: int, with_points: bool):
+    torch.manual_seed(n)
+    side = sam.prompt_encoder.input_image_size[0]
+    boxes = torch.sort(torch.rand(n, 2, 2) * side, dim=1).values.reshape(n, 4)
+    points = None
+    if with_points:
+        points = (torch.rand(n, 3, 2) * side, torch.randint(0, 2, (n, 3)))
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    c, (h, w) = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, c, h, w, requires_grad=True)
+    return embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("with_points", [False, True])
+def test_same_masks_and_iou_as_mask_decoder(sam, n, multimask, with_points):
+    embedding, pe, sparse, dense = _inputs(sam, n, with_points)
+    ref_masks, ref_iou = sam.mask_decoder(embedding, pe, sparse, dense, multimask)
+    masks, iou = decode_shared_image(sam.mask_decoder, embedding, pe, sparse, dense, multimask)
+    assert masks.shape == ref_masks.shape == (n, 3 if multimask else 1, *ref_masks.shape[2:])
+    torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_same_gradients_as_mask_decoder(sam):
+    """Training goes through this path: every decoder weight and the embedding get the same
+    gradient as through SAM's own forward."""
+    embedding, pe, sparse, dense = _inputs(sam, 4, with_points=True)
+    params = [embedding, *sam.mask_decoder.parameters()]
+
+    def grads(fn):
+        masks, iou = fn(embedding, pe, sparse, dense, True)
+        loss = masks.sigmoid().mean() + iou.square().mean()
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    ref = grads(sam.mask_decoder)
+    got = grads(lambda *a: decode_shared_image(sam.mask_decoder, *a))
+    for r, g in zip(ref, got, strict=True):
+        assert (r is None) == (g is None)
+        if r is not None:
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
