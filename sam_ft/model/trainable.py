@@ -16,8 +16,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sam_ft.model.decoder import decode_shared_image
 from sam_ft.model.attention import use_sdpa_attention
+from sam_ft.model.decoder import decode_shared_image
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.types import Prompt
 
