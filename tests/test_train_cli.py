@@ -56,6 +56,7 @@ def test_demo_writes_comparison(demo_run):
     assert (run_dir / "sam_finetuned.pth").is_file()
     assert (run_dir / "splits.json").is_file()
     assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
+    assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
 
 
 def test_exported_weights_load_in_segment_anything_classes(demo_run):

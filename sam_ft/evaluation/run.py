@@ -105,6 +105,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if summary_md.is_file():
         from rich.console import Console
 
-        Console().print(summary_md.read_text())
+        Console().print(summary_md.read_text(), markup=False)  # the report has [links](...)
     log.info("evaluation written to %s", run_dir)
     return metrics

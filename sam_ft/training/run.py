@@ -164,4 +164,4 @@ def _print_summary(run_dir: Path, exported: Path) -> None:
     summary_md = run_dir / "eval" / "summary.md"
     if summary_md.is_file():
         console.print(f"report       {summary_md}")
-        console.print(summary_md.read_text())
+        console.print(summary_md.read_text(), markup=False)  # the report has [links](...)
