@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from sam_ft.data.datamodule import SamDataModule
-from sam_ft.data.dataset import SeededSampler, SliceDataset, collate_slices, tight_box_prompts
+from sam_ft.data.dataset import (
+    ResumableLoader,
+    SeededSampler,
+    SliceDataset,
+    collate_slices,
+    tight_box_prompts,
+)
 from sam_ft.data.embedding_cache import encoder_fingerprint
 from sam_ft.data.types import SliceRecord
 from sam_ft.model.preprocess import SamTransform
@@ -262,3 +268,39 @@ def test_lightning_sets_the_epoch_even_with_persistent_workers():
     for epoch in range(3):
         assert seen[epoch] == [f"case{i}" for i in sampler.order(epoch)]
     assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumable_loader_continues_where_its_state_was_taken(workers):
+    """A loader restored from a mid-epoch state yields exactly the batches not yet served, then
+    whole epochs again (what Lightning relies on for an exact resume)."""
+    ds = SliceDataset(
+        [_record(1, index=i) for i in range(7)], SamTransform(S), BoxPrompts(), 0, progress=False
+    )
+
+    def loader():
+        return ResumableLoader(
+            ds, batch_size=2, sampler=SeededSampler(ds, seed=3), collate_fn=collate_slices,
+            num_workers=workers,
+        )  # fmt: skip
+
+    def epoch(dl, number):
+        dl.sampler.set_epoch(number)
+        return [tuple(int(i) for i in b["slice_index"]) for b in dl]
+
+    first = loader()
+    full = epoch(first, 1)
+    assert len(full) == 4
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches_served": 2}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert epoch(resumed, 1) == full[2:]
+    assert epoch(resumed, 2) == epoch(loader(), 2)  # the next epoch is whole again
+
+    done = loader()
+    done.load_state_dict({"epoch": 1, "batches_served": 4})  # saved after the last batch
+    assert epoch(done, 2) == epoch(loader(), 2)
