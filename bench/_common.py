@@ -8,7 +8,9 @@ that hold an object are kept, which makes ``--images N`` exactly the number of t
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 import os
 import resource
@@ -26,6 +28,31 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 BASE_SIZE = 128  # in-plane size the demo generator draws at, before upsampling
 DEPTH = 16
+
+
+def slice_bench_parser(doc: str, images: int, images_help: str) -> argparse.ArgumentParser:
+    """The options every bench over synthetic CT slices shares: --model, --images, --size,
+    --threads, --quick (parse with ``parse_slice_bench``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--images", type=int, default=images, help=images_help)
+    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
+    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
+    return p
+
+
+def parse_slice_bench(p: argparse.ArgumentParser, argv: list[str] | None, **quick):
+    """(args, threads): ``--quick`` sets the tiny model, 2 images of 128 px, 1 thread (tiny
+    matmuls gain nothing from a second one) and the bench's own ``quick`` values."""
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.images, args.size = "tiny", 2, 128
+        args.threads = args.threads or 1
+        for key, value in quick.items():
+            setattr(args, key, value)
+    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
+    return args, set_threads(args.threads)
 
 
 def set_threads(threads: int | None) -> int:

@@ -27,8 +27,6 @@ import os
 # small ops 3-5x slower whenever another process held a core; sleeping ones cost ~nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
-import logging
 import tempfile
 import time
 import warnings
@@ -43,9 +41,10 @@ from _common import (
     machine,
     make_datamodule,
     median,
+    parse_slice_bench,
     print_table,
     repeat_time,
-    set_threads,
+    slice_bench_parser,
     write_ct_task,
 )
 from hydra.utils import instantiate
@@ -81,19 +80,9 @@ def _step_time(cfg, model, batch: dict, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_b", help="sets the input size and the decoder step")
-    p.add_argument("--images", type=int, default=32, help="slices in the task")
-    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
+    p = slice_bench_parser(__doc__, 32, "slices in the task")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.images, args.size = "tiny", 2, 128
-        args.threads = args.threads or 1
-    threads = set_threads(args.threads)
-    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
+    args, threads = parse_slice_bench(p, argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     splits = write_ct_task(tmp / "task", args.images, args.size)

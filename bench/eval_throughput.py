@@ -20,9 +20,7 @@ import os
 # small ops 3-5x slower whenever another process held a core; sleeping ones cost ~nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import functools
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +33,9 @@ from _common import (
     final_line,
     machine,
     make_datamodule,
+    parse_slice_bench,
     print_table,
-    set_threads,
+    slice_bench_parser,
     write_ct_task,
 )
 from hydra.utils import instantiate
@@ -75,18 +74,8 @@ def _instrument(model, totals: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_b")
-    p.add_argument("--images", type=int, default=2, help="slices evaluated")
-    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
-    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.images, args.size = "tiny", 2, 128
-        args.threads = args.threads or 1
-    threads = set_threads(args.threads)
-    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
+    p = slice_bench_parser(__doc__, 2, "slices evaluated")
+    args, threads = parse_slice_bench(p, argv)
 
     from sam_ft.evaluation.engine import evaluate
 

@@ -21,7 +21,6 @@ import os
 # small ops 3-5x slower whenever another process held a core; sleeping ones cost ~nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import logging
 import tempfile
 import time
@@ -37,9 +36,10 @@ from _common import (
     machine,
     make_datamodule,
     median,
+    parse_slice_bench,
     print_table,
     repeat_time,
-    set_threads,
+    slice_bench_parser,
     timed,
     write_ct_task,
 )
@@ -119,23 +119,11 @@ def _pure_epoch_times(cfg, model, finetune, datamodule, repeats: int) -> list[fl
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_b")
-    p.add_argument("--images", type=int, default=4, help="training slices (one epoch)")
-    p.add_argument("--size", type=int, default=512, help="side of the CT slices (pixels)")
+    p = slice_bench_parser(__doc__, 4, "training slices (one epoch)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3, help="cached epochs (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="default: every core (1 if --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 128 px, 2 images (tests)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.images, args.size, args.epochs = "tiny", 2, 128, 2
-        # Tiny matmuls gain nothing from a second thread, and spin-waiting threads on a shared
-        # machine can make them many times slower.
-        args.threads = args.threads or 1
-    threads = set_threads(args.threads)
+    args, threads = parse_slice_bench(p, argv, epochs=2)
     L.seed_everything(0, verbose=False)
-    logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
