@@ -30,22 +30,13 @@ from sam_ft.evaluation.report import (
     JITTER_ORDER,
     PROMPT_NAMES,
     PROMPT_ORDER,
+    SCORE_COLUMNS,
     rank_by_order,
     to_markdown,
 )
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
-MERGED_COLUMNS = [
-    *MERGED_KEYS,
-    "n",
-    "dice_mean",
-    "dice_std",
-    "iou_mean",
-    "hd95_mean",
-    "nsd_mean",
-    "delta_dice",
-    "run",
-]
+MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "delta_dice", "run"]
 UNKNOWN = "unknown"
 
 

@@ -149,7 +149,7 @@ def test_encode_stays_float32_on_cpu():
         p.requires_grad_(False)
     emb = model.encode(torch.zeros(1, 3, 256, 256))
     assert emb.dtype == torch.float32
-    assert not model._encoder_in_bf16(torch.zeros(1))
+    assert not model.encodes_in_bf16(torch.zeros(1).device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

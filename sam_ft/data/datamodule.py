@@ -268,8 +268,9 @@ class SamDataModule(L.LightningDataModule):
         )
         if train:
             self._train_loader = loader
-            if self._train_loader_state:
+            if self._train_loader_state:  # restored before the loader existed: used once
                 loader.load_state_dict(self._train_loader_state)
+                self._train_loader_state = None
         return loader
 
     # Lightning stores the datamodule's state in every checkpoint and restores it before training
@@ -283,9 +284,13 @@ class SamDataModule(L.LightningDataModule):
         return {"train_loader": self._train_loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._train_loader_state = state.get("train_loader")
-        if self._train_loader is not None and self._train_loader_state:
-            self._train_loader.load_state_dict(self._train_loader_state)
+        loader_state = state.get("train_loader")
+        if not loader_state:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(loader_state)
+        else:
+            self._train_loader_state = loader_state
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -281,12 +281,12 @@ def _decode_select(
     low_kept = torch.zeros((n, side, side))
     # Equal structures share one decoder call inside model.decode: sort before chunking.
     order = sorted(range(n), key=lambda i: prompts[i].structure)
+    # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
+    # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES).
+    step = prompts_per_upsample(size, 3 if multimask else 1)
     for start in range(0, n, max_per_call):
         chunk = order[start : start + max_per_call]
         low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-        # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
-        # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES).
-        step = prompts_per_upsample(size, 3 if multimask else 1)
         for s in range(0, len(chunk), step):
             idx = chunk[s : s + step]
             sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]

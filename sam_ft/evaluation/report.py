@@ -35,16 +35,9 @@ PROMPT_NAMES = {
 }
 JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
-SUMMARY_COLUMNS = [
-    *SUMMARY_KEYS,
-    "n",
-    "dice_mean",
-    "dice_std",
-    "iou_mean",
-    "hd95_mean",
-    "nsd_mean",
-    "hd95_missing",
-]
+SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
+"""The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing"]
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 

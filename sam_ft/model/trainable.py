@@ -97,19 +97,19 @@ class TrainableSam(nn.Module):
         The embeddings are float32 when the encoder ran under bf16 autocast (see
         ``encoder_bf16``), so callers see the same dtype either way.
         """
-        if self._encoder_in_bf16(images):
+        if self.encodes_in_bf16(images.device) and (
+            self.encoder_frozen or not torch.is_grad_enabled()
+        ):  # bf16 only without encoder gradients: training keeps the trainer's precision
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self._encode(images).float()
         return self._encode(images)
 
-    def _encoder_in_bf16(self, images: torch.Tensor) -> bool:
-        # Only without encoder gradients: bf16 activations are fine for inference, but training
-        # the encoder keeps the trainer's precision (trainer.precision decides that).
+    def encodes_in_bf16(self, device: torch.device | str) -> bool:
+        """Whether a frozen (or no-grad) encoder runs under bf16 autocast on ``device``."""
         return (
             self.encoder_bf16
-            and images.is_cuda
+            and torch.device(device).type == "cuda"
             and torch.cuda.is_bf16_supported()
-            and (self.encoder_frozen or not torch.is_grad_enabled())
         )
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class TrainableSam(nn.Module):
         """Decode all prompts of ONE image.
 
         Prompts of the same structure (box or not, number of points, mask or not) share a
-        decoder call (on a CPU, calls of ``CPU_PROMPTS_PER_CALL``), so N box prompts cost one.
+        decoder call (on a CPU, calls of ``CPU_PROMPTS_PER_CALL`` prompts), not one call each.
 
         Args:
             embedding: (C, h, w) image embedding from ``encode``.

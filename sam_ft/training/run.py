@@ -134,7 +134,7 @@ def _frozen_encoder(model):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fingerprint = encoder_fingerprint(model.sam.image_encoder, model.transform)
-    if model.encoder_bf16 and device == "cuda" and torch.cuda.is_bf16_supported():
+    if model.encodes_in_bf16(device):
         fingerprint += "-bf16"
 
     @torch.no_grad()
