@@ -1,33 +1,172 @@
-"""SAM's mask decoder for N prompts on one image, with the image-side work done once.
+"""SAM's mask decoder for N prompts on one image, rewritten around the few prompt tokens.
 
-``MaskDecoder.predict_masks`` copies the (C, h, w) image embedding and its positional encoding
-once per prompt and then projects every copy. Without a mask prompt the dense prompt embedding
-is the same learned vector for every prompt, so until the first image-to-token attention the
-image tokens are identical for all N prompts: the token-to-image keys and values and the
-image-to-token queries of the first block are computed here once, on a batch of 1, and
-broadcast over the prompts. From then on the image tokens differ per prompt and the official
-modules run unchanged. Same weights, same operations, same results up to float rounding
-(checked against ``MaskDecoder.forward`` in ``tests/test_decoder.py``).
+Without a mask prompt the dense prompt embedding is one learned vector, so all N prompts of an
+image start from the same image tokens. ``MaskDecoder.predict_masks`` copies them per prompt
+and runs every projection on (N, hw, C) image tokens. This module computes the same function
+with the work reassociated around the T prompt tokens (T = 5 output tokens + the point/box
+tokens, at most 16 in the study's prompts), which are far fewer than the hw = 4096 image tokens:
+
+- token-to-image attention: the scores q_h k_h^T = (q_h W_k,h) (x + pe)^T and the output
+  softmax(.) (x W_v,h^T) = (softmax(.) x) W_v,h^T, so no (N, hw, C/2) keys or values are made
+  (the key bias only shifts each score row, which softmax ignores; the rows of the attention
+  sum to one, which carries the value bias through);
+- image-to-token attention: the scores (x + pe) (W_q,h^T k_h^T) in the (N, hw, heads x T)
+  layout the softmax and the output need, and the output projection folded into the values,
+  (attn_h v_h) W_o,h^T = attn_h (v_h W_o,h^T), so no (N, hw, C/2) queries are made either;
+- the final token-to-image attention only for the tokens that are read out (the IoU token
+  and the returned mask tokens);
+- the output upscaling's two 2x2 stride-2 transposed convolutions as matrix products on
+  channels-last pixels (they do not overlap), with the channel LayerNorm as ``layer_norm``;
+  the masks are put in (row, col) order once, at the end.
+
+Each rewrite costs heads x T per image token where the original costs C/2, so it is used when
+heads x T <= C/2 (every prompt of the study); longer prompts go through ``MaskDecoder``.
+Same weights, same function, results equal up to float rounding, values and gradients
+(``tests/test_decoder.py`` against ``MaskDecoder.forward``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 
 
-def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Attention.forward`` on already projected q (Bq, Nq, c), k and v (Bk, Nk, c), where the
-    batch sizes broadcast (one of them may be 1). Returns (B, Nq, C) after ``out_proj``."""
-    q = attn._separate_heads(q, attn.num_heads)
-    k = attn._separate_heads(k, attn.num_heads)
-    v = attn._separate_heads(v, attn.num_heads)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    out = torch.softmax(scores, dim=-1) @ v
-    return attn.out_proj(attn._recombine_heads(out))
+def fits_token_path(decoder: MaskDecoder, num_sparse: int) -> bool:
+    """Whether prompts with ``num_sparse`` point/box tokens take this module's path."""
+    attn = decoder.transformer.layers[0].cross_attn_image_to_token
+    tokens = 1 + decoder.num_mask_tokens + num_sparse
+    return attn.num_heads * tokens <= attn.internal_dim
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, heads*d) -> (heads, prod(...)*L, d)."""
+    return x.reshape(-1, heads, x.shape[-1] // heads).transpose(0, 1)
+
+
+def _token_to_image(
+    attn: Attention,
+    q_in: torch.Tensor,
+    keys: torch.Tensor,
+    key_pe: torch.Tensor,
+    keys_pe: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attn(q=q_in, k=keys + key_pe, v=keys)`` for T query tokens and hw image tokens.
+
+    Args:
+        q_in: (N, T, C) query tokens (positional encoding added).
+        keys: (B, hw, C) image tokens, B = 1 (shared by all prompts) or N.
+        key_pe: (1, hw, C) their positional encoding.
+        keys_pe: ``keys + key_pe`` when the caller has it.
+
+    Returns:
+        (N, T, C), after ``out_proj``.
+    """
+    n, t, c = q_in.shape
+    heads = attn.num_heads
+    d = attn.internal_dim // heads
+    q = attn.q_proj(q_in) * d**-0.5
+    if keys_pe is None:
+        keys_pe = keys + key_pe if keys.shape[0] == 1 else None
+    if keys.shape[0] == 1:  # shared image tokens: project them once, heads batched
+        k = _heads_first(attn.k_proj(keys_pe), heads)  # (heads, hw, d)
+        v = _heads_first(attn.v_proj(keys), heads)
+        weights = torch.softmax(_heads_first(q, heads) @ k.transpose(1, 2), dim=-1)
+        out = (weights @ v).transpose(0, 1).reshape(n, t, heads * d)
+        return attn.out_proj(out)
+    # Per-prompt image tokens: fold the key projection into the queries, the value projection
+    # after the attention (the rows of the weights sum to one, which carries the value bias).
+    w_k = attn.k_proj.weight.view(heads, d, c)
+    q_k = torch.einsum("nthd,hdc->nhtc", q.view(n, t, heads, d), w_k).reshape(n, heads * t, c)
+    if keys_pe is not None:
+        scores = q_k @ keys_pe.transpose(1, 2)
+    else:  # the positional part as its own product: cheaper than a pass over (N, hw, C)
+        pe_part = (q_k.reshape(-1, c) @ key_pe[0].T).view(n, heads * t, -1)
+        scores = torch.baddbmm(pe_part, q_k, keys.transpose(1, 2))
+    weights = torch.softmax(scores, dim=-1)  # (N, heads*T, hw)
+    context = (weights @ keys).view(n, heads, t, c)
+    w_v = attn.v_proj.weight.view(heads, d, c)
+    out = torch.einsum("nhtc,hdc->nthd", context, w_v).reshape(n, t, heads * d)
+    return attn.out_proj(out + attn.v_proj.bias)
+
+
+def _image_to_token(
+    attn: Attention,
+    keys: torch.Tensor,
+    keys_pe: torch.Tensor,
+    k_in: torch.Tensor,
+    v_in: torch.Tensor,
+) -> torch.Tensor:
+    """``keys + attn(q=keys_pe, k=k_in, v=v_in)``: the image tokens' residual update.
+
+    Args:
+        keys, keys_pe: (B, hw, C) image tokens without and with their positional encoding,
+            B = 1 (shared by all prompts) or N.
+        k_in, v_in: (N, T, C) prompt tokens with and without their positional encoding.
+
+    Returns:
+        (N, hw, C) updated image tokens (before the block's LayerNorm).
+    """
+    n, t, c = k_in.shape
+    heads = attn.num_heads
+    d = attn.internal_dim // heads
+    k = attn.k_proj(k_in) * d**-0.5
+    if keys.shape[0] == 1:  # shared image tokens: their queries once, for all prompts
+        q = _heads_first(attn.q_proj(keys_pe), heads)  # (heads, hw, d)
+        scores = _heads_first(k, heads) @ q.transpose(1, 2)  # (heads, N*T, hw)
+        scores = scores.view(heads, n, t, -1).transpose(0, 1)
+    else:  # per-prompt image tokens: fold the query projection into the T tokens
+        k = k.view(n, t, heads, d)
+        w_q = attn.q_proj.weight.view(heads, d, c)
+        k_q = torch.einsum("nthd,hdc->nhtc", k, w_q).reshape(n, heads * t, c)
+        k_bias = torch.einsum("nthd,hd->nht", k, attn.q_proj.bias.view(heads, d))
+        scores = torch.baddbmm(k_bias.reshape(n, heads * t, 1), k_q, keys_pe.transpose(1, 2))
+        scores = scores.view(n, heads, t, -1)
+    # Softmax over each head's T tokens, in a (N, heads, T, hw) layout that runs along rows.
+    weights = torch.softmax(scores, dim=2).reshape(n, heads * t, -1)
+    v = attn.v_proj(v_in).view(n, t, heads, d)
+    w_o = attn.out_proj.weight.view(c, heads, d)
+    v_o = torch.einsum("nthd,chd->nhtc", v, w_o).reshape(n, heads * t, c)
+    # Each head's weights sum to one, so out_proj's bias rides on the values, 1/heads per head.
+    v_o = v_o + attn.out_proj.bias / heads
+    update = torch.bmm(weights.transpose(1, 2), v_o)
+    # In place where the dtypes agree (baddbmm would first copy the keys: a slower extra pass);
+    # under autocast the bf16 update joins the float32 residual stream as in SAM.
+    return update.add_(keys) if update.dtype == keys.dtype else keys + update
+
+
+def _upscale(decoder: MaskDecoder, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]):
+    """``output_upscaling`` and the hypernetwork product on channels-last image tokens.
+
+    Args:
+        keys: (N, h*w, C) image tokens, (row, col) raster order.
+        hyper: (N, M, C/8) hypernetwork outputs of the M returned mask tokens.
+
+    Returns:
+        (N, M, 4h, 4w) mask logits.
+    """
+    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+    h, w = hw
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    # Weights (in, out, kh, kw) -> (in, kh*kw*out): each input pixel owns a 2x2 output patch.
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+    # A prompt's (16hw, C/8) upscaled embedding is 8 MiB at hw = 64 x 64; glibc returns blocks
+    # of 32 MiB and more to the OS when freed, and every new one then page-faults in again at a
+    # fraction of the speed, so the prompts go through one at a time.
+    out = []
+    for x, hyp in zip(keys, hyper, strict=True):
+        x = torch.addmm(b1, x, w1).view(-1, c1)  # pixels (i, j, a, b): row 2i+a, col 2j+b
+        x = act1(F.layer_norm(x.float(), (c1,), norm.weight, norm.bias, norm.eps).to(x.dtype))
+        x = act2(torch.addmm(b2, x, w2)).view(-1, c2)  # pixels (i, j, a, b, a2, b2)
+        out.append(hyp @ x.T)  # (M, pixels)
+    # Pixels (i, j, a, b, a2, b2) sit at row 4i + 2a + a2, col 4j + 2b + b2: one reorder to
+    # channels (a, a2, b, b2) and a 4x pixel shuffle (an 8-dim permute is 2x slower).
+    n, m = len(out), hyper.shape[1]
+    masks = torch.stack(out).view(n, m, h * w, 2, 2, 2, 2).permute(0, 1, 3, 5, 4, 6, 2)
+    return F.pixel_shuffle(masks.reshape(n, m * 16, h, w), 4)
 
 
 def decode_shared_image(
@@ -44,48 +183,49 @@ def decode_shared_image(
     Args:
         image_embedding: (1, C, h, w).
         image_pe: (1, C, h, w) dense positional encoding.
-        sparse: (N, T, C) point/box embeddings of N prompts.
+        sparse: (N, T', C) point/box embeddings of N prompts.
         dense: (1, C, h, w) or an expanded (N, C, h, w) view of it (no mask prompts).
 
     Returns:
         mask logits (N, M, 4h, 4w) and IoU predictions (N, M), M = 3 or 1.
     """
+    if not fits_token_path(decoder, sparse.shape[1]):
+        return decoder(image_embedding, image_pe, sparse, dense, multimask_output)
     n = sparse.shape[0]
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-    _, c, h, w = image_embedding.shape
-    keys = (image_embedding + dense[:1]).flatten(2).transpose(1, 2)  # (1, hw, C)
+    _, _, h, w = image_embedding.shape
+    keys = (image_embedding + dense[:1]).flatten(2).transpose(1, 2)  # (1, hw, C), shared
     key_pe = image_pe.flatten(2).transpose(1, 2)  # (1, hw, C)
 
     transformer = decoder.transformer
-    first, rest = transformer.layers[0], transformer.layers[1:]
-    # First block (it skips the query positional encoding in self-attention).
-    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
-    t2i = first.cross_attn_token_to_image
-    attn = _attend(
-        t2i, t2i.q_proj(queries + tokens), t2i.k_proj(keys + key_pe), t2i.v_proj(keys)
-    )  # shared keys and values: computed for one image, broadcast over the prompts
-    queries = first.norm2(queries + attn)
-    queries = first.norm3(queries + first.mlp(queries))
-    i2t = first.cross_attn_image_to_token
-    attn = _attend(
-        i2t, i2t.q_proj(keys + key_pe), i2t.k_proj(queries + tokens), i2t.v_proj(queries)
-    )  # (N, hw, C): from here on the image tokens are per prompt
-    keys = first.norm4(keys + attn)
-    for layer in rest:
-        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-    final = transformer.final_attn_token_to_image
-    queries = queries + final(q=queries + tokens, k=keys + key_pe, v=keys)
-    hs = transformer.norm_final_attn(queries)
+    queries = tokens
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        keys_pe = keys + key_pe
+        t2i = layer.cross_attn_token_to_image
+        queries = layer.norm2(
+            queries + _token_to_image(t2i, queries + tokens, keys, key_pe, keys_pe)
+        )
+        queries = layer.norm3(queries + layer.mlp(queries))
+        i2t = layer.cross_attn_image_to_token
+        keys = layer.norm4(_image_to_token(i2t, keys, keys_pe, queries + tokens, queries))
 
-    # The rest of MaskDecoder.predict_masks and forward, unchanged.
-    upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
-    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens]
-    hyper_in = torch.stack(
-        [mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-    )
-    _, c_up, h_up, w_up = upscaled.shape
-    masks = (hyper_in @ upscaled.view(n, c_up, h_up * w_up)).view(n, -1, h_up, w_up)
-    iou_pred = decoder.iou_prediction_head(hs[:, 0])
-    selection = slice(1, None) if multimask_output else slice(0, 1)
-    return masks[:, selection], iou_pred[:, selection]
+    # Only the IoU token and the returned mask tokens are read after the final attention.
+    first = 1 if multimask_output else 0
+    count = decoder.num_mask_tokens - 1 if multimask_output else 1
+    read = torch.tensor([0, *range(1 + first, 1 + first + count)], device=tokens.device)
+    q_read, pe_read = queries[:, read], tokens[:, read]
+    final = _token_to_image(transformer.final_attn_token_to_image, q_read + pe_read, keys, key_pe)
+    hs = transformer.norm_final_attn(q_read + final)
+
+    mlps = decoder.output_hypernetworks_mlps[first : first + count]
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)
+    masks = _upscale(decoder, keys, hyper, (h, w))
+    iou_pred = decoder.iou_prediction_head(hs[:, 0])[:, first : first + count]
+    return masks, iou_pred
