@@ -19,13 +19,17 @@ tokens, at most 16 in the study's prompts), which are far fewer than the hw = 40
   channels-last pixels (they do not overlap), with the channel LayerNorm as ``layer_norm``;
   the masks are put in (row, col) order once, at the end.
 
-Each rewrite costs heads x T per image token where the original costs C/2, so it is used when
+The first block's image tokens are shared by all prompts, so their projections are made once
+per image (:func:`image_side`) and reused by every call of :func:`decode_prompts`. Each rewrite
+costs heads x T per image token where the original costs C/2, so it is used when
 heads x T <= C/2 (every prompt of the study); longer prompts go through ``MaskDecoder``.
 Same weights, same function, results equal up to float rounding, values and gradients
 (``tests/test_decoder.py`` against ``MaskDecoder.forward``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,65 @@ def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(-1, heads, x.shape[-1] // heads).transpose(0, 1)
 
 
+@dataclass
+class ImageSide:
+    """What the decoder computes from one image before any prompt: shared by all its prompts.
+
+    Attributes:
+        keys: (1, hw, C) image tokens (embedding + no-mask dense embedding), (row, col) order.
+        key_pe: (1, hw, C) their dense positional encoding.
+        t2i_k, t2i_v: (heads, hw, d) the first block's token-to-image keys and values.
+        i2t_q: (heads, hw, d) the first block's image-to-token queries.
+        size: (h, w) of the embedding grid.
+    """
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    t2i_k: torch.Tensor
+    t2i_v: torch.Tensor
+    i2t_q: torch.Tensor
+    size: tuple[int, int]
+
+
+def image_side(
+    decoder: MaskDecoder, image_embedding: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+) -> ImageSide:
+    """The per-image part of the decoder, for prompts without a mask prompt.
+
+    Args:
+        image_embedding: (1, C, h, w).
+        image_pe: (1, C, h, w) dense positional encoding.
+        dense: (1, C, h, w) dense prompt embedding (the learned no-mask vector), or an expanded
+            (N, C, h, w) view of it.
+    """
+    _, _, h, w = image_embedding.shape
+    keys = (image_embedding + dense[:1]).flatten(2).transpose(1, 2)
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    keys_pe = keys + key_pe
+    first = decoder.transformer.layers[0]
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    return ImageSide(
+        keys=keys,
+        key_pe=key_pe,
+        t2i_k=_heads_first(t2i.k_proj(keys_pe), t2i.num_heads),
+        t2i_v=_heads_first(t2i.v_proj(keys), t2i.num_heads),
+        i2t_q=_heads_first(i2t.q_proj(keys_pe), i2t.num_heads),
+        size=(h, w),
+    )
+
+
+def _shared_token_to_image(
+    attn: Attention, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``attn`` of (N, T, C) query tokens on shared projected keys and values (heads, hw, d),
+    heads batched (no per-prompt copies of them). Returns (N, T, C) after ``out_proj``."""
+    n, t, _ = q_in.shape
+    heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    q = _heads_first(attn.q_proj(q_in) * d**-0.5, heads)  # (heads, N*T, d)
+    weights = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+    return attn.out_proj((weights @ v).transpose(0, 1).reshape(n, t, heads * d))
+
+
 def _token_to_image(
     attn: Attention,
     q_in: torch.Tensor,
@@ -52,11 +115,15 @@ def _token_to_image(
     key_pe: torch.Tensor,
     keys_pe: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``attn(q=q_in, k=keys + key_pe, v=keys)`` for T query tokens and hw image tokens.
+    """``attn(q=q_in, k=keys + key_pe, v=keys)`` for T query tokens and per-prompt image tokens.
+
+    The key projection is folded into the queries and the value projection applied after the
+    attention (the rows of the weights sum to one, which carries the value bias; the key bias
+    shifts each score row, which softmax ignores).
 
     Args:
         q_in: (N, T, C) query tokens (positional encoding added).
-        keys: (B, hw, C) image tokens, B = 1 (shared by all prompts) or N.
+        keys: (N, hw, C) image tokens.
         key_pe: (1, hw, C) their positional encoding.
         keys_pe: ``keys + key_pe`` when the caller has it.
 
@@ -64,21 +131,10 @@ def _token_to_image(
         (N, T, C), after ``out_proj``.
     """
     n, t, c = q_in.shape
-    heads = attn.num_heads
-    d = attn.internal_dim // heads
-    q = attn.q_proj(q_in) * d**-0.5
-    if keys_pe is None:
-        keys_pe = keys + key_pe if keys.shape[0] == 1 else None
-    if keys.shape[0] == 1:  # shared image tokens: project them once, heads batched
-        k = _heads_first(attn.k_proj(keys_pe), heads)  # (heads, hw, d)
-        v = _heads_first(attn.v_proj(keys), heads)
-        weights = torch.softmax(_heads_first(q, heads) @ k.transpose(1, 2), dim=-1)
-        out = (weights @ v).transpose(0, 1).reshape(n, t, heads * d)
-        return attn.out_proj(out)
-    # Per-prompt image tokens: fold the key projection into the queries, the value projection
-    # after the attention (the rows of the weights sum to one, which carries the value bias).
+    heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    q = (attn.q_proj(q_in) * d**-0.5).view(n, t, heads, d)
     w_k = attn.k_proj.weight.view(heads, d, c)
-    q_k = torch.einsum("nthd,hdc->nhtc", q.view(n, t, heads, d), w_k).reshape(n, heads * t, c)
+    q_k = torch.einsum("nthd,hdc->nhtc", q, w_k).reshape(n, heads * t, c)
     if keys_pe is not None:
         scores = q_k @ keys_pe.transpose(1, 2)
     else:  # the positional part as its own product: cheaper than a pass over (N, hw, C)
@@ -94,29 +150,31 @@ def _token_to_image(
 def _image_to_token(
     attn: Attention,
     keys: torch.Tensor,
-    keys_pe: torch.Tensor,
     k_in: torch.Tensor,
     v_in: torch.Tensor,
+    *,
+    q: torch.Tensor | None = None,
+    keys_pe: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``keys + attn(q=keys_pe, k=k_in, v=v_in)``: the image tokens' residual update.
+    """``keys + attn(q=keys + key_pe, k=k_in, v=v_in)``: the image tokens' residual update.
 
     Args:
-        keys, keys_pe: (B, hw, C) image tokens without and with their positional encoding,
-            B = 1 (shared by all prompts) or N.
+        keys: (B, hw, C) image tokens, B = 1 (shared by all prompts) or N.
         k_in, v_in: (N, T, C) prompt tokens with and without their positional encoding.
+        q: (heads, hw, d) projected queries of shared image tokens, or
+        keys_pe: (N, hw, C) per-prompt image tokens plus positional encoding, whose query
+            projection is then folded into the T prompt tokens instead.
 
     Returns:
         (N, hw, C) updated image tokens (before the block's LayerNorm).
     """
     n, t, c = k_in.shape
-    heads = attn.num_heads
-    d = attn.internal_dim // heads
+    heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
     k = attn.k_proj(k_in) * d**-0.5
-    if keys.shape[0] == 1:  # shared image tokens: their queries once, for all prompts
-        q = _heads_first(attn.q_proj(keys_pe), heads)  # (heads, hw, d)
+    if q is not None:
         scores = _heads_first(k, heads) @ q.transpose(1, 2)  # (heads, N*T, hw)
         scores = scores.view(heads, n, t, -1).transpose(0, 1)
-    else:  # per-prompt image tokens: fold the query projection into the T tokens
+    else:
         k = k.view(n, t, heads, d)
         w_q = attn.q_proj.weight.view(heads, d, c)
         k_q = torch.einsum("nthd,hdc->nhtc", k, w_q).reshape(n, heads * t, c)
@@ -169,6 +227,61 @@ def _upscale(decoder: MaskDecoder, keys: torch.Tensor, hyper: torch.Tensor, hw: 
     return F.pixel_shuffle(masks.reshape(n, m * 16, h, w), 4)
 
 
+def decode_prompts(
+    decoder: MaskDecoder, side: ImageSide, sparse: torch.Tensor, multimask_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask decoder for N prompts without mask prompts on one image.
+
+    Args:
+        side: the image's :func:`image_side`.
+        sparse: (N, T', C) point/box embeddings; ``fits_token_path`` must hold for T'.
+
+    Returns:
+        mask logits (N, M, 4h, 4w) and IoU predictions (N, M), M = 3 or 1.
+    """
+    n = sparse.shape[0]
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+    key_pe = side.key_pe
+
+    transformer = decoder.transformer
+    queries, keys = tokens, side.keys
+    for i, layer in enumerate(transformer.layers):
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        if i == 0:  # the image tokens are still the shared ones
+            attn = _shared_token_to_image(t2i, queries + tokens, side.t2i_k, side.t2i_v)
+        else:
+            keys_pe = keys + key_pe
+            attn = _token_to_image(t2i, queries + tokens, keys, key_pe, keys_pe)
+        queries = layer.norm2(queries + attn)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        if i == 0:
+            keys = _image_to_token(i2t, keys, queries + tokens, queries, q=side.i2t_q)
+        else:
+            keys = _image_to_token(i2t, keys, queries + tokens, queries, keys_pe=keys_pe)
+        keys = layer.norm4(keys)
+
+    # Only the IoU token and the returned mask tokens are read after the final attention.
+    first = 1 if multimask_output else 0
+    count = decoder.num_mask_tokens - 1 if multimask_output else 1
+    read = torch.tensor([0, *range(1 + first, 1 + first + count)], device=tokens.device)
+    q_read = queries[:, read] + tokens[:, read]
+    final = _token_to_image(transformer.final_attn_token_to_image, q_read, keys, key_pe)
+    hs = transformer.norm_final_attn(queries[:, read] + final)
+
+    mlps = decoder.output_hypernetworks_mlps[first : first + count]
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)
+    masks = _upscale(decoder, keys, hyper, side.size)
+    iou_pred = decoder.iou_prediction_head(hs[:, 0])[:, first : first + count]
+    return masks, iou_pred
+
+
 def decode_shared_image(
     decoder: MaskDecoder,
     image_embedding: torch.Tensor,
@@ -178,54 +291,12 @@ def decode_shared_image(
     multimask_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``decoder(image_embedding, image_pe, sparse, dense, multimask_output)`` for dense
-    embeddings shared by all prompts.
-
-    Args:
-        image_embedding: (1, C, h, w).
-        image_pe: (1, C, h, w) dense positional encoding.
-        sparse: (N, T', C) point/box embeddings of N prompts.
-        dense: (1, C, h, w) or an expanded (N, C, h, w) view of it (no mask prompts).
+    embeddings shared by all prompts (shapes as in ``MaskDecoder.forward``, image batch 1).
 
     Returns:
         mask logits (N, M, 4h, 4w) and IoU predictions (N, M), M = 3 or 1.
     """
     if not fits_token_path(decoder, sparse.shape[1]):
         return decoder(image_embedding, image_pe, sparse, dense, multimask_output)
-    n = sparse.shape[0]
-    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-    _, _, h, w = image_embedding.shape
-    keys = (image_embedding + dense[:1]).flatten(2).transpose(1, 2)  # (1, hw, C), shared
-    key_pe = image_pe.flatten(2).transpose(1, 2)  # (1, hw, C)
-
-    transformer = decoder.transformer
-    queries = tokens
-    for layer in transformer.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        keys_pe = keys + key_pe
-        t2i = layer.cross_attn_token_to_image
-        queries = layer.norm2(
-            queries + _token_to_image(t2i, queries + tokens, keys, key_pe, keys_pe)
-        )
-        queries = layer.norm3(queries + layer.mlp(queries))
-        i2t = layer.cross_attn_image_to_token
-        keys = layer.norm4(_image_to_token(i2t, keys, keys_pe, queries + tokens, queries))
-
-    # Only the IoU token and the returned mask tokens are read after the final attention.
-    first = 1 if multimask_output else 0
-    count = decoder.num_mask_tokens - 1 if multimask_output else 1
-    read = torch.tensor([0, *range(1 + first, 1 + first + count)], device=tokens.device)
-    q_read, pe_read = queries[:, read], tokens[:, read]
-    final = _token_to_image(transformer.final_attn_token_to_image, q_read + pe_read, keys, key_pe)
-    hs = transformer.norm_final_attn(q_read + final)
-
-    mlps = decoder.output_hypernetworks_mlps[first : first + count]
-    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)
-    masks = _upscale(decoder, keys, hyper, (h, w))
-    iou_pred = decoder.iou_prediction_head(hs[:, 0])[:, first : first + count]
-    return masks, iou_pred
+    side = image_side(decoder, image_embedding, image_pe, dense)
+    return decode_prompts(decoder, side, sparse, multimask_output)

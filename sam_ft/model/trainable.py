@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sam_ft.model.attention import use_sdpa_attention
-from sam_ft.model.decoder import decode_shared_image
+from sam_ft.model.decoder import decode_prompts, fits_token_path, image_side
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.types import Prompt
 
@@ -154,20 +154,22 @@ class TrainableSam(nn.Module):
         side = self.transform.low_res_size
         logits = embedding.new_empty((len(prompts), n_out, side, side))
         ious = embedding.new_empty((len(prompts), n_out))
-        # On a CPU the decoder is memory-bound: 4 prompts a call keep its (prompts, 4096, 256)
-        # activations in cache and cost ~35% less per prompt than 40 at once (BENCHMARKS.md).
+        # On a CPU, 4 prompts a call: the decoder's largest activations, (prompts, 4096, 256)
+        # float32, stay at 16 MiB, under the 32 MiB from which glibc maps and unmaps every block
+        # (each new tensor page-faults in again), and closer to cache (BENCHMARKS.md).
         step = CPU_PROMPTS_PER_CALL if embedding.device.type == "cpu" else len(prompts)
+        shared: list = []  # the decoder's per-image part, made once for all groups
         for group in groups.values():
             for start in range(0, len(group), step):
                 idx = group[start : start + step]
                 group_logits, group_iou = self._decode_group(
-                    embedding, [prompts[i] for i in idx], original_size, multimask_output
+                    embedding, [prompts[i] for i in idx], original_size, multimask_output, shared
                 )
                 logits[idx] = group_logits.to(logits.dtype)
                 ious[idx] = group_iou.to(ious.dtype)
         return logits, ious
 
-    def _decode_group(self, embedding, prompts, original_size, multimask_output):
+    def _decode_group(self, embedding, prompts, original_size, multimask_output, shared):
         device = embedding.device
         first = prompts[0]
         points = boxes = masks = None
@@ -185,14 +187,14 @@ class TrainableSam(nn.Module):
         if first.mask_logits is not None:
             masks = torch.stack([torch.as_tensor(p.mask_logits) for p in prompts])[:, None]
             masks = masks.to(device=device, dtype=torch.float32)
-        pe = self.sam.prompt_encoder
+        pe, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-        if masks is None:  # the dense embedding is shared: image-side work once, not per prompt
-            return decode_shared_image(
-                self.sam.mask_decoder, embedding[None], pe.get_dense_pe(), sparse, dense,
-                multimask_output,
-            )  # fmt: skip
-        return self.sam.mask_decoder(
+        if masks is None and fits_token_path(decoder, sparse.shape[1]):
+            # The dense embedding is shared: image-side work once per image, not per prompt.
+            if not shared:
+                shared.append(image_side(decoder, embedding[None], pe.get_dense_pe(), dense))
+            return decode_prompts(decoder, shared[0], sparse, multimask_output)
+        return decoder(
             image_embeddings=embedding[None],
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
