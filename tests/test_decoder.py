@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from sam_ft.model.builders import build_sam_architecture
-from sam_ft.model.decoder import decode_shared_image
+from sam_ft.model.decoder import (
+    decode_prompts,
+    decode_shared_image,
+    fits_token_path,
+    image_side,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +65,31 @@ def test_same_gradients_as_mask_decoder(sam):
         r = torch.zeros_like(p) if r is None else r
         g = torch.zeros_like(p) if g is None else g
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_prompts_too_long_for_the_token_path_use_mask_decoder(sam):
+    """heads x T > C/2 (12 points and a padding point: T = 5 + 13) falls back to SAM's code."""
+    torch.manual_seed(3)
+    side = sam.prompt_encoder.input_image_size[0]
+    points = (torch.rand(2, 12, 2) * side, torch.randint(0, 2, (2, 12)))
+    sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
+    assert not fits_token_path(sam.mask_decoder, sparse.shape[1])
+    c, (h, w) = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, c, h, w)
+    pe = sam.prompt_encoder.get_dense_pe()
+    ref_masks, ref_iou = sam.mask_decoder(embedding, pe, sparse, dense, True)
+    masks, iou = decode_shared_image(sam.mask_decoder, embedding, pe, sparse, dense, True)
+    torch.testing.assert_close(masks, ref_masks)
+    torch.testing.assert_close(iou, ref_iou)
+
+
+def test_one_image_side_serves_every_call(sam):
+    """The per-image part is made once and reused by calls of different prompt structures."""
+    embedding, pe, boxes_only, dense = _inputs(sam, 3, with_points=False)
+    _, _, with_points, _ = _inputs(sam, 3, with_points=True)
+    side = image_side(sam.mask_decoder, embedding, pe, dense)
+    for sparse in (boxes_only, with_points):
+        ref_masks, ref_iou = sam.mask_decoder(embedding, pe, sparse, dense, True)
+        masks, iou = decode_prompts(sam.mask_decoder, side, sparse, True)
+        torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-5)
