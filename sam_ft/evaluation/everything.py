@@ -62,23 +62,26 @@ class EverythingConfig:
         )
 
 
-UPSAMPLE_BUDGET_BYTES = 256 * 2**20
-"""Bytes of full-resolution float32 logits upsampled at once (Everything mode and the engine's
-mask selection). A 4096 x 4096 image costs 64 MiB per mask, so without this bound one decoder
-call of 64 prompts x 3 masks would need 12 GiB; with it, peak memory no longer grows with the
-number of prompts."""
+UPSAMPLE_BUDGET_BYTES = 32 * 2**20
+"""Bytes of float32 logits upsampled at once (Everything mode and the engine's mask selection):
+SAM's (S, S) intermediate and the (H, W) result of each mask. It bounds memory (a 4096 x 4096
+image costs 64 MiB per mask, and one decoder call of 64 prompts x 3 masks would otherwise need
+12 GiB) and keeps each block under the 32 MiB from which glibc maps and unmaps every new block:
+a 512 x 512 slice then upsamples 2 prompts at a time, about 3x faster per prompt than 40 at once
+(BENCHMARKS.md)."""
 
 
 def prompts_per_upsample(
-    original_size: tuple[int, int], masks_per_prompt: int = 3, budget: int = UPSAMPLE_BUDGET_BYTES
+    original_size: tuple[int, int],
+    masks_per_prompt: int = 3,
+    input_size: int = 1024,
+    budget: int = UPSAMPLE_BUDGET_BYTES,
 ) -> int:
-    """Prompts whose (masks_per_prompt, H, W) float32 logits fit ``budget`` bytes (at least 1).
-
-    The factor 2 leaves room for what lives beside the logits while they are scored (the
-    thresholded copy, stability-score intermediates).
-    """
+    """Prompts whose (masks_per_prompt, S, S) and (masks_per_prompt, H, W) float32 logits fit
+    ``budget`` bytes (at least 1), S = ``input_size`` (the model's)."""
     h, w = original_size
-    return max(1, int(budget) // (2 * 4 * int(h) * int(w) * max(1, masks_per_prompt)))
+    per_prompt = 4 * max(1, masks_per_prompt) * (int(input_size) ** 2 + int(h) * int(w))
+    return max(1, int(budget) // per_prompt)
 
 
 def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
@@ -143,7 +146,8 @@ def generate_codes(
     """
     threshold = float(model.sam.mask_threshold)
     points = point_grid(config.grid, original_size)
-    step = prompts_per_upsample(original_size, 1)  # counted in masks: filtering splits prompts
+    # Counted in masks: filtering splits prompts.
+    step = prompts_per_upsample(original_size, 1, model.image_size)
     codes: list[dict] = []
     boxes, scores = [], []
     for (batch,) in batch_iterator(max(1, config.points_per_batch), points):
