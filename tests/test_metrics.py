@@ -153,3 +153,191 @@ def test_volume_metrics_use_slice_spacing():
     assert 0.0 < m["nsd"] < 1.0
     empty = volume_metrics(np.zeros_like(gt), gt, spacing=(5.0, 0.5, 0.5))
     assert empty["dice"] == 0.0 and empty["hd95_missing"]
+
+
+# --------------------------------------------------------------------------------------------
+# The batch APIs and the pieces that make them fast, against per-variant scores and MONAI
+
+
+def _monai_scores(pred, gt, spacing, tol) -> dict:
+    """MONAI's Dice, IoU, HD95 and NSD of two non-empty masks (2D or 3D)."""
+    dice, iou, hd, nsd = _monai_reference(pred, gt, spacing, tol)
+    return {"dice": dice, "iou": iou, "hd95": hd, "nsd": nsd}
+
+
+def _assert_monai(got: dict, pred, gt, spacing, tol) -> None:
+    if not (pred.any() and gt.any()):
+        return
+    ref = _monai_scores(pred, gt, spacing, tol)
+    # MONAI returns float32: HD95 is float32 here too, Dice / IoU / NSD are float64 ratios.
+    assert got["hd95"] == pytest.approx(ref["hd95"], rel=1e-6, abs=1e-6)
+    for key in ("dice", "iou", "nsd"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6), key
+
+
+def _assert_same(batch: dict, i: int, single: dict) -> None:
+    """Batch entry ``i`` equals a single-pair result bit for bit (NaN equal to NaN)."""
+    for key in METRIC_KEYS:
+        got, want = batch[key][i], single[key]
+        assert (math.isnan(got) and math.isnan(want)) or got == want, key
+
+
+def _volume_variants(rng: np.random.Generator, gt: np.ndarray) -> list[np.ndarray]:
+    """Predictions of every kind the engine meets: hugging, noisy, far, partial, empty."""
+    from scipy.ndimage import gaussian_filter
+
+    shape = gt.shape
+    hug = np.roll(gt, 1, axis=-1) ^ (rng.random(shape) < 0.01)
+    noise = np.zeros(shape, dtype=bool)
+    noise[:, 2:-2, 3:] = rng.random((shape[0], shape[1] - 4, shape[2] - 3)) < 0.5
+    far = np.zeros(shape, dtype=bool)
+    far[-1, -4:, -3:] = True  # a blob in the far corner only
+    stray = gt.copy()
+    stray[0, 0, 0] = True  # the object plus one voxel at the far border
+    partial = gt.copy()
+    partial[:, : shape[1] // 2] = False  # half the object missing
+    blob = gaussian_filter(rng.normal(size=shape), (0.5, 2, 2)) > 0.4
+    return [hug, noise, far, stray, partial, blob, np.zeros(shape, dtype=bool), gt.copy()]
+
+
+def test_quantile_matches_torch_bit_for_bit():
+    # The HD95 percentile skips torch's sort; it must still give torch.quantile's float32 value.
+    from sam_ft.evaluation.metrics import _quantile95
+
+    rng = np.random.default_rng(3)
+    sizes = [*range(1, 120), 1000, 4321, 65537]
+    for n in sizes:
+        spacing = rng.uniform(0.1, 5, 3)
+        grid = np.sqrt(((rng.integers(0, 30, (3, n)) * spacing[:, None]) ** 2).sum(axis=0))
+        for d in (
+            (rng.random(n) ** 3 * rng.choice([1, 10, 1000])).astype(np.float32),
+            grid.astype(np.float32),  # distances of a voxel grid: many ties
+            rng.integers(0, 4, n).astype(np.float32),
+        ):
+            want = torch.quantile(torch.from_numpy(d), 0.95).item()
+            assert float(_quantile95(d)) == want, n
+
+
+def test_surface_is_mask_minus_its_erosion():
+    from scipy.ndimage import binary_erosion
+
+    from sam_ft.evaluation.metrics import _surface
+
+    rng = np.random.default_rng(4)
+    for shape in [(1, 5), (5, 1), (7, 9), (1, 6, 6), (2, 8, 9), (5, 1, 4), (6, 7, 8)]:
+        mask = rng.random(shape) < 0.7
+        np.testing.assert_array_equal(_surface(mask), mask & ~binary_erosion(mask))
+
+
+def test_distance_map_equals_scipy_edt():
+    from scipy.ndimage import distance_transform_edt
+
+    from sam_ft.evaluation import metrics
+
+    rng = np.random.default_rng(5)
+    for shape in [(30, 41), (6, 25, 33)]:
+        feature = rng.random(shape) < 0.02
+        spacing = tuple(rng.uniform(0.3, 4, len(shape)))
+        want = distance_transform_edt(~feature, sampling=spacing).astype(np.float32)
+        np.testing.assert_array_equal(metrics._distance_map(feature, spacing), want)
+
+
+def test_batch_volume_matches_volume_metrics_and_monai():
+    from sam_ft.evaluation.metrics import batch_volume_metrics
+
+    rng = np.random.default_rng(6)
+    for trial in range(3):
+        shape = (int(rng.integers(3, 6)), int(rng.integers(24, 40)), int(rng.integers(24, 40)))
+        gt = np.zeros(shape, dtype=bool)
+        gt[1:-1, 6:18, 8:20] = True
+        gt[1, 10:14, 10:30] = True
+        spacing = (float(rng.uniform(2, 5)), float(rng.uniform(0.4, 1)), float(rng.uniform(0.4, 1)))
+        tol = [2.0, spacing[0], 1.0][trial]  # one tolerance exactly one slice away
+        preds = _volume_variants(rng, gt)
+        batch = batch_volume_metrics(iter(preds), gt, spacing, tol)  # a generator, one at a time
+        stacked = batch_volume_metrics(np.stack(preds), gt, spacing, tol)
+        assert len(batch["dice"]) == len(preds)
+        for i, pred in enumerate(preds):
+            single = volume_metrics(pred, gt, spacing, tol)
+            _assert_same(batch, i, single)
+            _assert_same(stacked, i, single)
+            _assert_monai(single, pred, gt, spacing, tol)
+        assert batch["empty_pred"][-2] and batch["hd95_missing"][-2]
+        assert (batch["dice"][-1], batch["hd95"][-1], batch["nsd"][-1]) == (1.0, 0.0, 1.0)
+
+
+def test_batch_volume_grows_its_distance_map_for_later_predictions():
+    # Each prediction reaches farther than the ones before: the shared map must be rebuilt.
+    from sam_ft.evaluation.metrics import batch_volume_metrics
+
+    gt = np.zeros((4, 60, 50), dtype=bool)
+    gt[1:3, 25:32, 20:26] = True
+    preds = []
+    for reach in (2, 6, 15, 24):
+        p = gt.copy()
+        p[2, 28, 23 + reach] = True
+        p[1, 28 - reach, 22] = True
+        preds.append(p)
+    spacing = (3.0, 0.7, 0.9)
+    batch = batch_volume_metrics(iter(preds), gt, spacing, 1.5)
+    for i, pred in enumerate(preds):
+        _assert_same(batch, i, volume_metrics(pred, gt, spacing, 1.5))
+        _assert_monai(volume_metrics(pred, gt, spacing, 1.5), pred, gt, spacing, 1.5)
+
+
+def test_gt_far_from_prediction_in_part_only():
+    # A small piece of the GT far from the prediction, whose stray pixel in the far corner makes
+    # the box of both large: the GT -> prediction distances come from a window around the GT.
+    # Below 5% of the GT surface the far piece's distances need not be exact (they lie beyond
+    # the 95th percentile), above it they set HD95. Sizes on both sides of that line.
+    for size in range(1, 6):
+        gt = np.zeros((300, 300), dtype=bool)
+        gt[10:40, 10:40] = True
+        gt[60 : 60 + size, 70 : 70 + size] = True
+        pred = np.zeros_like(gt)
+        pred[11:41, 9:39] = True
+        pred[299, 0] = True
+        spacing = (0.8, 0.6)
+        out = batch_slice_metrics(pred[None], gt, spacing, 1.0)
+        _assert_monai({k: v[0] for k, v in out.items()}, pred, gt, spacing, 1.0)
+
+
+def test_far_apart_masks_2d_and_3d():
+    rng = np.random.default_rng(8)
+    gt2 = np.zeros((90, 120), dtype=bool)
+    gt2[5:15, 4:12] = True
+    pred2 = np.zeros_like(gt2)
+    pred2[70:85, 95:115] = True
+    preds = np.stack([pred2, pred2 | (rng.random(gt2.shape) < 0.001)])  # far, and far + noise
+    out = batch_slice_metrics(preds, gt2)
+    for i, pred in enumerate(preds):
+        _assert_monai({k: v[i] for k, v in out.items()}, pred, gt2, (1.0, 1.0), 2.0)
+    gt3 = np.zeros((6, 50, 40), dtype=bool)
+    gt3[0:2, 2:8, 3:9] = True
+    pred3 = np.zeros_like(gt3)
+    pred3[4:6, 40:48, 30:38] = True
+    spacing = (4.0, 0.5, 0.7)
+    m = volume_metrics(pred3, gt3, spacing, 2.0)
+    assert m["dice"] == 0.0 and m["nsd"] == 0.0
+    _assert_monai(m, pred3, gt3, spacing, 2.0)
+
+
+def test_batch_volume_empty_rules_and_checks():
+    from sam_ft.evaluation.metrics import batch_volume_metrics
+
+    gt = np.zeros((3, 8, 8), dtype=bool)
+    gt[1, 2:6, 2:6] = True
+    empty = np.zeros_like(gt)
+    out = batch_volume_metrics([empty, gt], empty, (2.0, 1.0, 1.0))  # empty GT
+    np.testing.assert_array_equal(out["dice"], [1.0, 0.0])
+    np.testing.assert_array_equal(out["nsd"], [1.0, 0.0])
+    assert out["hd95"][0] == 0.0 and math.isnan(out["hd95"][1])
+    np.testing.assert_array_equal(out["hd95_missing"], [False, True])
+    np.testing.assert_array_equal(out["empty_gt"], [True, True])
+    out = batch_volume_metrics([empty], gt, (2.0, 1.0, 1.0))  # empty prediction
+    assert out["dice"][0] == 0.0 and out["hd95_missing"][0] and out["empty_pred"][0]
+    assert len(batch_volume_metrics([], gt)["dice"]) == 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        batch_volume_metrics([np.zeros((3, 8, 9), bool)], gt)
+    with pytest.raises(ValueError, match="spacing"):
+        batch_volume_metrics([gt], gt, spacing=(1.0, 1.0))

@@ -48,7 +48,7 @@ from sam_ft.evaluation.everything import (
     everything_predictions,
     prompts_per_upsample,
 )
-from sam_ft.evaluation.metrics import batch_slice_metrics, slice_metrics, volume_metrics
+from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
@@ -283,7 +283,7 @@ def _decode_select(
     order = sorted(range(n), key=lambda i: prompts[i].structure)
     # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
     # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES).
-    step = prompts_per_upsample(size, 3 if multimask else 1)
+    step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size)
     for start in range(0, n, max_per_call):
         chunk = order[start : start + max_per_call]
         low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
@@ -453,21 +453,18 @@ def _click_curve(
 # One case
 
 
-def _crop_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop two (D, H, W) masks to the union's bounding box plus a one-voxel margin.
+def _slice_range(gt_vol: np.ndarray, store: CasePredictions, keys: list) -> tuple[int, int]:
+    """Slices [start, stop) holding all of an object's (D, H, W) GT and its stored predictions.
 
-    Surfaces (foreground voxels touching background or the array border) and all distances are
-    unchanged by such a crop, while the metrics then run on a fraction of the volume.
+    Cropping the GT and every prediction volume to these slices changes no metric (surfaces and
+    distances only involve foreground, and outside the range both are background), while each
+    prediction volume then holds only the slices the object spans, not the whole case.
     """
-    union = pred | gt
-    if not union.any():
-        return pred, gt
-    slices = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(union.any(axis=other))
-        slices.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
-    return pred[tuple(slices)], gt[tuple(slices)]
+    filled = [int(s) for s in np.flatnonzero(gt_vol.reshape(len(gt_vol), -1).any(axis=1))]
+    filled += [s for key in keys for s in store.slices(key)]
+    if not filled:
+        return 0, 0
+    return min(filled), max(filled) + 1
 
 
 def _case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, int, tuple]:
@@ -488,7 +485,11 @@ def _per_case_rows(
     opts: EvalOptions,
     case_key: str,
 ) -> list[dict]:
-    """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case."""
+    """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case.
+
+    All prompt variants of an object are scored in one batch against its ground truth, so the
+    work on the ground truth alone (surface, distance map) is done once per object.
+    """
     is_3d, num_slices, spacing = _case_geometry(records, case_data)
     names: dict[int, str] = {}
     kept: dict[int, dict[int, np.ndarray]] = {}
@@ -498,7 +499,9 @@ def _per_case_rows(
             kept.setdefault(int(lab), {})[int(rec.slice_index)] = np.asarray(mask, dtype=bool)
     rows = []
     for label in sorted(kept):
-        gt_vol = None
+        keys = [k for k in store.variants() if k[0] == label]
+        if not keys:
+            continue
         if is_3d:
             if opts.volume_gt == "full" and case_data is not None:
                 gt_vol = np.asarray(case_data.gt_volume(label), dtype=bool)
@@ -506,16 +509,16 @@ def _per_case_rows(
                 gt_vol = np.zeros((num_slices, *store.shape), dtype=bool)
                 for s, mask in kept[label].items():
                     gt_vol[s] = mask
-        for key in [k for k in store.variants() if k[0] == label]:
-            if is_3d:
-                pred, gt = _crop_pair(store.stack(key, num_slices), gt_vol)
-                scores = volume_metrics(pred, gt, spacing, opts.nsd_tolerance_mm)
-            else:
-                # A single 2D image: a one-slice "volume" would make every voxel surface.
-                s = next(iter(kept[label]))
-                scores = slice_metrics(
-                    store.get(key, s), kept[label][s], spacing[1:], opts.nsd_tolerance_mm
-                )
+            start, stop = _slice_range(gt_vol, store, keys)
+            # One (slices, H, W) prediction volume at a time: memory stays flat in the variants.
+            preds = (store.stack(key, stop - start, offset=start) for key in keys)
+            scores = batch_volume_metrics(preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm)
+        else:
+            # A single 2D image: a one-slice "volume" would make every voxel surface.
+            s = next(iter(kept[label]))
+            preds = np.stack([store.get(key, s) for key in keys])
+            scores = batch_slice_metrics(preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm)
+        for j, key in enumerate(keys):
             rows.append(
                 {
                     "case": case_key,
@@ -523,8 +526,10 @@ def _per_case_rows(
                     "name": names[label],
                     "prompt": key[1],
                     "jitter": key[2],
-                    **{m: scores[m] for m in ("dice", "iou", "hd95", "hd95_missing", "nsd")},
-                    "empty_pred": scores["empty_pred"],
+                    **{
+                        m: scores[m][j].item()
+                        for m in ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
+                    },
                     "num_slices": len(kept[label]),
                 }
             )
