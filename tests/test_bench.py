@@ -20,6 +20,7 @@ FINAL_LINES = {
     "train_throughput.py": "speedup_cached_vs_uncached",
     "eval_throughput.py": "eval_cost_vs_encoder",
     "data_throughput.py": "data_headroom",
+    "decoder_throughput.py": "decoder_speedup_vs_mask_decoder",
     "memory.py": "peak_mb_full_vs_decoder",
 }
 
