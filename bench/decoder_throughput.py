@@ -1,4 +1,4 @@
-"""Mask decoder cost per prompt: ``TrainableSam.decode`` vs SAM's ``MaskDecoder`` on the same prompts.
+"""Mask decoder cost per prompt: ``TrainableSam.decode`` vs SAM's ``MaskDecoder``, same prompts.
 
 The reference is the official batched path, as ``SamPredictor.predict_torch`` runs it: the prompt
 encoder, then ``MaskDecoder.forward`` on all prompts of one structure at once (it copies the image
@@ -71,10 +71,10 @@ def _official(model: TrainableSam, embedding, prompts, size):
     )
 
 
-def _timed(fn) -> tuple[float, object]:
+def _seconds(fn, *args) -> float:
     start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> float:
             diff = float((ours_logits - ref_logits).abs().max())
             t_ref, t_ours = [], []
             for _ in range(args.rounds):
-                t_ref.append(_timed(lambda: _official(model, embedding, prompts, size))[0])
-                t_ours.append(_timed(lambda: model.decode(embedding, prompts, size))[0])
+                t_ref.append(_seconds(_official, model, embedding, prompts, size))
+                t_ours.append(_seconds(model.decode, embedding, prompts, size))
             ref, ours = statistics.median(t_ref), statistics.median(t_ours)
             total_ref += ref
             total_ours += ours
