@@ -10,9 +10,9 @@ tokens, at most 16 in the study's prompts), which are far fewer than the hw = 40
   softmax(.) (x W_v,h^T) = (softmax(.) x) W_v,h^T, so no (N, hw, C/2) keys or values are made
   (the key bias only shifts each score row, which softmax ignores; the rows of the attention
   sum to one, which carries the value bias through);
-- image-to-token attention: the scores (x + pe) (W_q,h^T k_h^T) in the (N, hw, heads x T)
-  layout the softmax and the output need, and the output projection folded into the values,
-  (attn_h v_h) W_o,h^T = attn_h (v_h W_o,h^T), so no (N, hw, C/2) queries are made either;
+- image-to-token attention: the scores (x + pe) (W_q,h^T k_h^T), in the (N, heads, T, hw)
+  layout where the softmax over T runs along rows, and the output projection folded into the
+  values, (attn_h v_h) W_o,h^T = attn_h (v_h W_o,h^T), so no (N, hw, C/2) queries are made;
 - the final token-to-image attention only for the tokens that are read out (the IoU token
   and the returned mask tokens);
 - the output upscaling's two 2x2 stride-2 transposed convolutions as matrix products on
@@ -24,7 +24,8 @@ per image (:func:`image_side`) and reused by every call of :func:`decode_prompts
 costs heads x T per image token where the original costs C/2, so it is used when
 heads x T <= C/2 (every prompt of the study); longer prompts go through ``MaskDecoder``.
 Same weights, same function, results equal up to float rounding, values and gradients
-(``tests/test_decoder.py`` against ``MaskDecoder.forward``).
+(``tests/test_decoder.py`` against ``MaskDecoder.forward``); weights whose gradient is zero
+through SAM's code (the token-to-image key biases, the mask head that is not returned) get none.
 """
 
 from __future__ import annotations
