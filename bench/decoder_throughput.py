@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from _common import final_line, machine, print_table, set_threads
 
-from sam_ft.model.builders import build_sam_architecture
+from sam_ft.model.builders import SPECS, build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
@@ -71,6 +71,13 @@ def _official(model: TrainableSam, embedding, prompts, size):
     )
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _seconds(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -79,9 +86,9 @@ def _seconds(fn, *args) -> float:
 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_b")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per structure")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per path (median)")
+    p.add_argument("--model", default="vit_b", choices=sorted(SPECS))
+    p.add_argument("--prompts", type=_positive, default=8, help="prompts per structure")
+    p.add_argument("--rounds", type=_positive, default=5, help="timed rounds per path (median)")
     p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 prompts, 1 round (tests)")
     args = p.parse_args(argv)

@@ -137,10 +137,7 @@ def volume_metrics(
     Returns:
         the same keys as :func:`slice_metrics`, computed in 3D with the voxel spacing.
     """
-    pred = np.asarray(pred, dtype=bool)
-    gt = np.asarray(gt, dtype=bool)
-    _check_pair(pred, gt, 3, spacing)
-    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm)
+    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm)  # checks the pair
     return {key: out[key][0].item() for key in METRIC_KEYS}
 
 
