@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
-from sam_ft.training.callbacks import preempted_error
+from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.module import SamFinetuneModule
 from sam_ft.training.wandb import scrub
 
@@ -32,20 +32,40 @@ def resolve_precision(precision: Any) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``null`` -> fresh start; ``last`` -> this run dir's last.ckpt, which must exist."""
+    """``null`` -> fresh start; ``last`` -> this run dir's newest last checkpoint, which must
+    exist; ``auto`` -> that checkpoint when present (a requeued or restarted job), else a fresh
+    start; any other value is an explicit checkpoint file, which wins."""
     if ckpt_path in (None, "", "null"):
         return None
+    newest = newest_last_checkpoint(run_dir)
+    if str(ckpt_path) == "auto":
+        if newest is not None:
+            log.info("ckpt_path=auto: resuming from %s", newest)
+            return str(newest)
+        return None
     if str(ckpt_path) == "last":
-        path = run_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if newest is None:
             raise ConfigError(
-                f"ckpt_path=last: there is no checkpoint at {path}. To resume a run, pass its run "
-                "directory too: hydra.run.dir=<run dir>. Nothing was started."
+                f"ckpt_path=last: there is no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}"
+                ". To resume a run, pass its run directory too: hydra.run.dir=<run dir>. "
+                "Nothing was started."
             )
-        return str(path)
+        return str(newest)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: file not found")
     return str(ckpt_path)
+
+
+def newest_last_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written ``checkpoints/last*.ckpt`` of a run dir, or None.
+
+    Several writers save a "last" checkpoint (the best-by-val/dice callback after validations,
+    the every-N-steps callback, the preemption handler), and Lightning names a second writer's
+    file ``last-v1.ckpt`` rather than overwrite one it did not write: the newest is the resume
+    point, whatever its name.
+    """
+    found = list((run_dir / "checkpoints").glob("last*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -97,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
+        requeue_if_submitit(trainer)  # exits there when submitit sent the signal
         raise preempted_error(trainer) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not trainer.is_global_zero:
