@@ -9,11 +9,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import evaluate_and_report
+from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -37,26 +37,30 @@ def compare_models(
     cfg: DictConfig,
     out_dir: Path,
     loggers: Sequence = (),
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """Evaluate every model on the same cases and prompts; write and log one report.
 
-    Returns mean Dice per model for the box prompt without jitter (``eval/<model>/box_dice``).
+    With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
+    (``sam_ft.evaluation.distributed``). Returns mean Dice per model for the box prompt without
+    jitter (``eval/<model>/box_dice``); empty on ranks other than 0.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
         model.to(device)
-    datamodule.setup("test")
-    cases = split_cases(datamodule, cfg.eval.split)
+
+    def load_cases():
+        datamodule.setup("test")
+        return split_cases(datamodule, cfg.eval.split)
+
+    # Rank 0 fills the slice cache first; the other ranks then read it.
+    cases = ranks.rank_zero_first(load_cases) if ranks else load_cases()
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
-    result = evaluate_and_report(
-        dict(models),
-        cases,
-        task_name=cfg.task.name,
-        cfg=OmegaConf.to_container(cfg.eval, resolve=True),
-        out_dir=out_dir,
-        seed=cfg.seed,
-    )
+    slices = slice_counts(cases, datamodule)
+    result = evaluate_cases(models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks)
+    if result is None:
+        return {}
     _log_report(out_dir, loggers)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
@@ -83,6 +87,8 @@ def _log_report(out_dir: Path, loggers: Sequence) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
+    # Other ranks of a distributed evaluation (trainer=ddp ...) start here, as this command.
+    ranks = start_ranks(cfg.get("trainer"))
     run_dir = Path(cfg.paths.output_dir)
     ckpt = cfg.get("ckpt_path")
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
@@ -100,9 +106,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data_dir=cfg.paths.data_dir,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers)
+    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
     summary_md = run_dir / "summary.md"
-    if summary_md.is_file():
+    if summary_md.is_file() and (ranks is None or ranks.rank == 0):
         from rich.console import Console
 
         Console().print(summary_md.read_text(), markup=False)  # the report has [links](...)
