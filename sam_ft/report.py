@@ -35,6 +35,7 @@ from sam_ft.evaluation.report import (
     rank_by_order,
     to_markdown,
 )
+from sam_ft.evaluation.study import find_per_object, write_study
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "delta_dice", "run"]
@@ -263,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         figure = write_figure(merged, out.with_name("report.png"))
         merged.to_csv(out.with_name("report.csv"), index=False)
         write_markdown(merged, out, figure)
+        # Per-object rows there too: the COSMOS-style study (per task, modality, object; model
+        # vs model; zero-shot vs finetuned).
+        if find_per_object(args.dirs):
+            write_study(args.dirs, out.parent)
         if args.wandb:
             log_wandb(merged, figure, args.wandb_project, out.parent)
     except SamFtError as err:
