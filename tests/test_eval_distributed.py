@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sam_ft.errors import ConfigError
@@ -152,3 +153,42 @@ def test_shares_are_balanced_by_slices_and_deterministic():
     for bad in ("4/4", "1-4", "x/2", "0/0"):
         with pytest.raises(ConfigError, match="eval.shard"):
             parse_shard(bad)
+
+
+def test_train_ddp_evaluates_in_shares(tmp_path):
+    """train.py under DDP: both ranks score a share of the final evaluation; rank 0 merges."""
+    run = tmp_path / "run"
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env.update(WANDB_MODE="offline")
+    args = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "train.overlays=0",
+        "eval.prompts=[box]",
+        "eval.jitter_px=[[0,10]]",
+        "callbacks.progress=null",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shares = [
+        set(json.loads((run / "eval" / ".ranks" / f"{r}-of-2" / "shard.json").read_text())["cases"])
+        for r in (0, 1)
+    ]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    rows = pd.read_csv(run / "eval" / "per_object.csv", dtype={"case": str})
+    assert set(rows["model"]) == {"zero_shot", "finetuned"}
+    for model in ("zero_shot", "finetuned"):
+        assert set(rows.loc[rows["model"] == model, "case"]) == shares[0] | shares[1]
+    assert (run / "eval" / "summary.md").is_file() and (run / "sam_finetuned.pth").is_file()

@@ -72,6 +72,29 @@ class Ranks:
         return fn()
 
 
+class TrainerRanks(Ranks):
+    """The ranks of a fitted Lightning ``Trainer`` (its process group), for the evaluation at
+    the end of ``train.py``."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def rank(self) -> int:
+        return int(self.trainer.global_rank)
+
+    @property
+    def world(self) -> int:
+        return int(self.trainer.world_size)
+
+    @property
+    def device(self):
+        return self.trainer.strategy.root_device
+
+    def barrier(self, name: str) -> None:
+        self.trainer.strategy.barrier(name)
+
+
 def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
     """Launch the ranks ``trainer=`` asks for (None when it is one process)."""
     if not trainer_cfg:

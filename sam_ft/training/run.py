@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.distributed import TrainerRanks
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.module import SamFinetuneModule
@@ -120,28 +121,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
         requeue_if_submitit(trainer)  # exits there when submitit sent the signal
         raise preempted_error(trainer) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if not trainer.is_global_zero:
+    # Under DDP every rank scores its share of the final evaluation (rank 0 merges).
+    ranks = TrainerRanks(trainer) if trainer.world_size > 1 and cfg.train.evaluate else None
+    if not trainer.is_global_zero and ranks is None:
         return metrics
 
     best = _best_checkpoint(trainer)
     finetuned = instantiate(cfg.model, checkpoint=None)
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
-    exported = export_official(finetuned, run_dir / "sam_finetuned.pth")
-    log.info("exported %s (official SAM format, from %s)", exported, best)
+    exported = run_dir / "sam_finetuned.pth"
+    if trainer.is_global_zero:
+        export_official(finetuned, exported)
+        log.info("exported %s (official SAM format, from %s)", exported, best)
 
     if cfg.train.evaluate:
         from sam_ft.evaluation.run import compare_models
 
-        zero_shot = instantiate(cfg.model)
+        # Seeded: weights the checkpoint leaves random are the same on every rank.
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            zero_shot = instantiate(cfg.model)
         summary = compare_models(
             {"zero_shot": zero_shot, "finetuned": finetuned},
             datamodule,
             cfg,
             run_dir / "eval",
             loggers=trainer.loggers,
+            ranks=ranks,
         )
         metrics.update(summary)
-    _print_summary(run_dir, exported)
+    if trainer.is_global_zero:
+        _print_summary(run_dir, exported)
     return metrics
 
 
