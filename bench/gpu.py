@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -36,10 +33,10 @@ import numpy as np
 import torch
 
 # bench/ is on sys.path when a bench runs as a script.
-from _common import ROOT, final_line, write_ct_task
+from _common import final_line
+from eval_processes import eval_rows
 
 MODES = ("decoder", "decoder_prompt", "lora", "encoder_last_n", "full")
-S2_S6 = "[point1,point5,point5_neg5,box,box_point1]"
 
 
 def _sync(device: torch.device) -> None:
@@ -145,55 +142,6 @@ def train_rows(model_name: str, batch: int, iters: int, device: torch.device) ->
     return rows
 
 
-def eval_rows(model_name: str, images: int, size: int, gpus: int, work: Path) -> list[dict]:
-    """``python evaluate.py`` on 1 and on ``gpus`` processes; images/s over the whole run."""
-    task = work / "task"
-    splits = write_ct_task(task, images, size)
-    base = [
-        f"model={model_name}",
-        "model.checkpoint=null",
-        "task=folder",
-        f"task.root={task}",
-        "task.modality=CT",
-        f"data.split.file={splits}",
-        f"data.cache_dir={work / 'cache'}",
-        "eval.split=train",
-        f"eval.prompts={S2_S6}",
-        "eval.overlays=0",
-    ]
-    runs = [("1 process", [])]
-    if gpus > 1:
-        runs.append((f"{gpus} GPUs (ddp)", ["trainer=ddp", f"trainer.devices={gpus}"]))
-    rows = []
-    for label, extra in runs:
-        run_dir = work / f"eval_{len(rows)}"
-        env = dict(os.environ, WANDB_MODE="offline")
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "evaluate.py"), *base, *extra, f"hydra.run.dir={run_dir}"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"evaluate.py ({label}) failed:\n{proc.stderr[-3000:]}")
-        rows.append(
-            {
-                "bench": "evaluate",
-                "model": model_name,
-                "mode": label,
-                "precision": "auto",
-                "batch": images,
-                "rate": images / seconds,
-                "unit": "images/s",
-                "peak_mib": float("nan"),
-            }
-        )
-    return rows
-
-
 def _row(bench, model, mode, precision, batch, rate, unit, device) -> dict:
     return {
         "bench": bench,
@@ -264,7 +212,7 @@ def main(argv: list[str] | None = None) -> float:
         rows += train_rows(name, args.train_batch, args.iters, device)
         print(f"train steps {name}: done", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as work:
-        rows += eval_rows(args.eval_model, args.eval_images, size, gpus, Path(work))
+        rows += eval_rows(args.eval_model, args.eval_images, size, gpus, Path(work), device.type)
     path = write_table(rows, args.out, header)
     print(path.read_text())
     first = [r for r in rows if r["bench"] == "encoder" and r["model"] == models[0]]
