@@ -71,8 +71,20 @@ def evaluate(cfg: DictConfig) -> None:
     _guarded(run_evaluate)(cfg)
 
 
+def predict_overrides(args: list[str]) -> list[str]:
+    """``prompt=X`` -> ``strategy=X``: ``prompt`` names the training-prompt config group, so
+    Hydra would read ``prompt=everything`` as a group choice; predict's key is ``strategy``."""
+    return [f"strategy={a.split('=', 1)[1]}" if a.startswith("prompt=") else a for a in args]
+
+
 @hydra.main(config_path=config_dir(), config_name="predict", version_base="1.3")
-def predict(cfg: DictConfig) -> None:
+def _predict(cfg: DictConfig) -> None:
     from sam_ft.inference.run import predict as run_predict
 
     _guarded(run_predict)(cfg)
+
+
+def predict() -> None:
+    """``predict.py`` / ``sam-ft-predict`` (``prompt=`` accepted for ``strategy=``)."""
+    sys.argv = [sys.argv[0], *predict_overrides(sys.argv[1:])]
+    _predict()

@@ -71,7 +71,7 @@ def write_model_card(
     cfg: Any,
     *,
     multimask_output: bool,
-    labels: Mapping[str, list[int]] | None = None,
+    facts: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``sam_finetuned.json`` beside ``weights`` from the run's config.
@@ -80,7 +80,8 @@ def write_model_card(
         weights: the exported ``sam_finetuned.pth``.
         cfg: the run's config (``model``, ``finetune``, ``task``, ``data`` are read).
         multimask_output: whether training decoded 3 masks per prompt (loss on the best).
-        labels: {object name: label values} the model was trained on (None: ``task.labels``).
+        facts: :func:`trained_facts`: the object names and label values the model was trained
+            on (else ``task.labels``) and the modality (else ``task.modality``).
         evaluation: the evaluation summary, e.g. ``{"finetuned": {"box_dice": 0.8}, ...}``.
     """
     from sam_ft.model.builders import SPECS
@@ -91,6 +92,10 @@ def write_model_card(
     spec = SPECS[model["name"]]
     finetune = {k: v for k, v in (plain.get("finetune") or {}).items() if k != "_target_"}
     task = {k: (plain.get("task") or {}).get(k) for k in TASK_KEYS}
+    facts = dict(facts or {})
+    # The modality decides the slicing axis (axial for CT): keep the one the data had, also when
+    # it came from a dataset.json rather than the config.
+    task["modality"] = task["modality"] or facts.get("modality")
     card = {
         "format": CARD_FORMAT,
         "weights": weights.name,
@@ -101,7 +106,7 @@ def write_model_card(
         "multimask_output": bool(multimask_output),
         "finetune": finetune,
         "task": task,
-        "labels": _plain(labels) if labels is not None else task.get("labels"),
+        "labels": _plain(facts.get("labels")) or task.get("labels"),
         "min_object_pixels": int((plain.get("data") or {}).get("min_object_pixels", 50)),
         "evaluation": _plain(evaluation),
         "sam_ft_version": _version(),
@@ -223,14 +228,16 @@ def apply_card(cfg: Any, weights: str | Path | None) -> dict[str, Any] | None:
     return card
 
 
-def trained_labels(datamodule: Any) -> dict[str, list[int]] | None:
-    """{object name: label values} over the training cases of a set-up ``SamDataModule``."""
+def trained_facts(datamodule: Any) -> dict[str, Any]:
+    """``labels`` ({object name: label values}) and ``modality`` of the training cases of a
+    set-up ``SamDataModule`` ({} when it is not set up)."""
     try:
         cases = datamodule.case_data("train")
-    except Exception:  # not set up: the card then takes task.labels
-        return None
+    except Exception:  # not set up: the card then takes task.labels and task.modality
+        return {}
     labels: dict[str, list[int]] = {}
+    modalities = sorted({c.modality for c in cases if c.modality})
     for case in cases:
         for name, values in case.objects.items():
             labels.setdefault(str(name), [int(v) for v in values])
-    return labels or None
+    return {"labels": labels or None, "modality": modalities[0] if modalities else None}

@@ -16,7 +16,7 @@ from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.inference.card import (
     evaluation_summary,
-    trained_labels,
+    trained_facts,
     update_card_evaluation,
     write_model_card,
 )
@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
     exported = export_official(finetuned, run_dir / "sam_finetuned.pth")
     card = write_model_card(
-        exported, cfg, multimask_output=module.multimask_output, labels=trained_labels(datamodule)
+        exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
     )
     log.info("exported %s (official SAM format, from %s) with its card %s", exported, best, card)
 
