@@ -424,3 +424,63 @@ def test_options_are_checked_before_reading(tmp_path, weights):
         run_predict(weights, tmp_path / "o", f"input={png}", f"labels={lab}", "prompt=nope")
     with pytest.raises(ConfigError, match="no such file"):
         run_predict(weights, tmp_path / "o", f"input={tmp_path / 'missing.png'}", f"labels={lab}")
+
+
+def _write_dicom_series(folder: Path, vol: np.ndarray) -> None:
+    """(rows, cols, slices) int16 -> one CT DICOM file per slice, 0.7 mm pixels, 2.5 mm apart."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series, study = generate_uid(), generate_uid()
+    for k in range(vol.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "p", k + 1
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 2.5
+        ds.Rows, ds.Columns = vol.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(vol[:, :, k]).astype(np.int16).tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+
+
+def test_dicom_series_folder_with_json_prompts(tmp_path, weights):
+    """A DICOM series folder: the label map is written as NIfTI in the loader's RAS frame, and
+    prompts index that array as they would a NIfTI file's (axial slice k; y, x = i, j)."""
+    vol = np.full((16, 20, 3), -1000, np.int16)
+    vol[4:12, 5:15, :] = 100
+    series = tmp_path / "ct1"
+    _write_dicom_series(series, vol)
+    ras, affine = read_volume(str(series))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"slice": 1, "box": [3, 4, 12, 14], "label": 4}]))
+    run_predict(weights, tmp_path / "out", f"input={series}", f"prompts={prompts}")
+    out = nib.load(tmp_path / "out" / "ct1.nii.gz")
+    assert out.shape == ras.shape[1:] == (20, 16, 3)
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    pred = np.asarray(out.dataobj)
+    assert set(np.unique(pred)) <= {0, 4} and not pred[:, :, [0, 2]].any()
+
+
+def test_evaluate_refuses_weights_that_do_not_match_their_card(tmp_path, weights):
+    import shutil
+
+    from sam_ft.evaluation.run import evaluate
+
+    copy = tmp_path / "sam_finetuned.pth"
+    shutil.copy(weights, copy)
+    card = json.loads(card_path(weights).read_text())
+    card_path(copy).write_text(json.dumps({**card, "sha256": "f" * 64}))
+    cfg = _compose("eval", [f"ckpt_path={copy}", f"paths.output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(CheckpointError, match="does not match its model card"):
+        evaluate(cfg)

@@ -12,7 +12,9 @@ Three ways to prompt, per input file:
   ``label`` (the value written; default: the object's position, 1, 2, ...) and, for volumes,
   ``slice``. Coordinates are the input file's own pixel indices: for a 2D image x = column and
   y = row; for a NIfTI volume ``slice`` indexes the file axis that is sliced (the one the loader's
-  slicing axis comes from), and (y, x) index the two other file axes in their order.
+  slicing axis comes from), and (y, x) index the two other file axes in their order. A DICOM
+  series has no array of its own: its coordinates index the RAS-oriented array the label map is
+  written in, by the same rule.
 * ``everything``: SAM's automatic mask generation on every slice (values 1..M per slice).
 
 Images go through the loader of training and evaluation (RAS orientation, the slicing axis, the
