@@ -484,3 +484,35 @@ def test_evaluate_refuses_weights_that_do_not_match_their_card(tmp_path, weights
     cfg = _compose("eval", [f"ckpt_path={copy}", f"paths.output_dir={tmp_path / 'eval'}"])
     with pytest.raises(CheckpointError, match="does not match its model card"):
         evaluate(cfg)
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path, weights):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    png, _ = _png_pair(tmp_path, "img")
+    prompts = tmp_path / "p.json"
+    prompts.write_text('[{"box": [1, 2, 300, 4]}]')
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "predict.py"),
+            f"checkpoint={weights}",
+            f"input={png}",
+            f"prompts={prompts}",
+            f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'log'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(prompts) in errors[0] and "outside the image" in errors[0]
+    assert "Traceback" not in proc.stderr
