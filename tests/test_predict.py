@@ -229,8 +229,8 @@ def test_everything_mode_on_a_folder_skips_a_bad_file(tmp_path, weights):
 
 def test_folder_of_volumes_with_folder_of_labels(tmp_path, weights):
     image, label = make_volume()
-    for name in ("a", "b"):
-        save(tmp_path / "img" / f"{name}.nii.gz", image, lps_affine())
+    for name in ("a", "b"):  # nnU-Net names: image a_0000, label a
+        save(tmp_path / "img" / f"{name}_0000.nii.gz", image, lps_affine())
         save(tmp_path / "lab" / f"{name}.nii.gz", label, lps_affine())
     written = run_predict(
         weights,
@@ -240,7 +240,7 @@ def test_folder_of_volumes_with_folder_of_labels(tmp_path, weights):
         "prompt=point1",
         "overlay=false",
     )
-    assert sorted(p.name for p in written) == ["a.nii.gz", "b.nii.gz"]
+    assert sorted(p.name for p in written) == ["a_0000.nii.gz", "b_0000.nii.gz"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 
 from sam_ft.data.folder import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, is_2d_file, split_name
 from sam_ft.data.intensity import intensity_bounds, to_rgb, to_uint8
-from sam_ft.data.loading import CaseData, load_case, read_2d, read_volume
+from sam_ft.data.loading import CaseData, dataset_meta, load_case, read_2d, read_volume
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError, DataError
@@ -140,9 +141,14 @@ def companion(base: str | Path | None, image: Path, single: bool, suffixes: Sequ
     if not base.is_dir():
         raise ConfigError(f"{base}: with a folder input this must be a folder (same file stems)")
     stem = stem_of(image)
-    for p in sorted(base.iterdir()):
-        if split_name(p.name)[0] == stem and (p.is_dir() or p.name.lower().endswith(suffixes)):
-            return p
+    # nnU-Net names images <case>_0000 and their labels <case>.
+    stems = (stem, re.sub(r"_\d{4}$", "", stem))
+    for wanted in stems:
+        for p in sorted(base.iterdir()):
+            if split_name(p.name)[0] == wanted and (
+                p.is_dir() or p.name.lower().endswith(suffixes)
+            ):
+                return p
     raise DataError(str(base / stem), f"no file for input {image.name} in {base}")
 
 
@@ -304,7 +310,9 @@ def _check_box(path: Path, where: str, box: Any, plane: tuple[int, int]) -> np.n
         raise DataError(str(path), f"{where}: box {box} has x_min > x_max or y_min > y_max")
     if min(x0, y0) < 0 or x1 > cols - 1 or y1 > rows - 1:
         raise DataError(
-            str(path), f"{where}: box {box} outside the image ({cols} x {rows} pixels, x < {cols})"
+            str(path),
+            f"{where}: box {box} outside the image ({cols} x {rows} pixels: "
+            f"0 <= x <= {cols - 1}, 0 <= y <= {rows - 1})",
         )
     return np.asarray(box, dtype=np.float64)
 
@@ -425,7 +433,8 @@ def predict_from_labels(
     """
     stem = stem_of(image_path)
     files = CaseFiles(case=stem, image=str(image_path), label=str(label_path))
-    case = load_case(files, settings.task, settings.data, meta={})
+    # The dataset.json evaluation would read for this image (its task folder's), if any.
+    case = load_case(files, settings.task, settings.data, meta=dataset_meta(files, settings.task))
     stack = np.zeros(case.volume_shape, dtype=np.uint16)
     pairs_by_slice: dict[int, list[tuple[int, np.ndarray]]] = {}
     shown: dict[int, np.ndarray] = {}
