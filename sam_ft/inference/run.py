@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.data.skips import SkipLog
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.evaluation.everything import EverythingConfig
-from sam_ft.inference.card import card_for
+from sam_ft.inference.card import card_for, read_card
 from sam_ft.inference.predict import (
     Settings,
     companion,
@@ -37,21 +37,26 @@ _TASK_KEYS = ("modality", "intensity", "slice_axis", "channel", "labels", "label
 _OPTION_KEYS = ("modality", "intensity", "slice_axis", "channel")
 
 
+def _run_dir(ckpt: Path) -> Path:
+    """The run dir of a Lightning ``.ckpt`` (``RUN/checkpoints/x.ckpt``, or ``RUN/x.ckpt``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def _run_config(ckpt: Path) -> dict[str, Any] | None:
     """The ``.hydra/config.yaml`` of the run a Lightning ``.ckpt`` belongs to (unresolved)."""
-    for run_dir in (ckpt.parent.parent, ckpt.parent):
-        path = run_dir / ".hydra" / "config.yaml"
-        if path.is_file():
-            return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore
+    path = _run_dir(ckpt) / ".hydra" / "config.yaml"
+    if path.is_file():
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore
     return None
 
 
 def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
     """What the checkpoint says about itself: {model, task, min_object_pixels, multimask} and
-    the file to load (None for random weights; ``auto`` for the official download).
+    the file to load (or ``auto``: the official download of ``model=``).
 
     A ``sam_finetuned.pth`` is described by its card (checked against the weights), a ``.ckpt``
-    by its run's ``.hydra/config.yaml``; other files by ``model=`` and the options given.
+    by its run's ``.hydra/config.yaml`` (and the task facts of the run's card, which hold the
+    modality found in the data); other files by ``model=`` and the options given.
     """
     model = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt = cfg.checkpoint
@@ -86,6 +91,14 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
             min_object_pixels=(run.get("data") or {}).get("min_object_pixels"),
             multimask_output=True,  # SamFinetuneModule's default
         )
+        run_card = _run_dir(path) / "sam_finetuned.json"
+        if run_card.is_file():  # same run, so the same data settings (the weights differ)
+            card = read_card(run_card)
+            facts.update(
+                task=dict(card.get("task") or {}),
+                min_object_pixels=card.get("min_object_pixels"),
+                multimask_output=card.get("multimask_output"),
+            )
         log.info("run config of %s: model %s", path, model.get("name"))
     else:
         log.warning(
