@@ -101,6 +101,8 @@ def test_exported_weights_have_a_model_card(demo_run):
     assert set(card["labels"]) == {"liver", "kidney", "lesion"}
     assert set(card["evaluation"]) == {"zero_shot", "finetuned"}
     assert 0 <= card["evaluation"]["finetuned"]["box_dice"] <= 1
+    prompts = card["evaluation"]["zero_shot"]["prompts"]
+    assert set(prompts) == {"box", "point1"} and 0 <= prompts["point1"]["dice"] <= 1
 
 
 @pytest.mark.parametrize("weights", ["sam_finetuned.pth", "checkpoints/last.ckpt"])

@@ -130,13 +130,28 @@ def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> P
     return path
 
 
-def evaluation_summary(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """``{"eval/<model>/box_dice": x}`` -> ``{"<model>": {"box_dice": x}}``."""
-    out: dict[str, dict[str, float]] = {}
+def evaluation_summary(
+    metrics: Mapping[str, float], summary_csv: str | Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{"eval/<model>/box_dice": x}`` -> ``{"<model>": {"box_dice": x}}``, plus, from the
+    report's ``summary.csv`` when given, ``"<model>": {"prompts": {<prompt>: {"dice": mean Dice,
+    "nsd": mean NSD, "n": objects}}}`` for the unjittered prompts."""
+    out: dict[str, dict[str, Any]] = {}
     for key, value in metrics.items():
         parts = str(key).split("/")
         if len(parts) == 3 and parts[0] == "eval":
             out.setdefault(parts[1], {})[parts[2]] = float(value)
+    if summary_csv is not None and Path(summary_csv).is_file():
+        import pandas as pd
+
+        table = pd.read_csv(summary_csv, dtype={"model": str, "prompt": str, "jitter": str})
+        for row in table[table["jitter"] == "none"].itertuples():
+            prompts = out.setdefault(row.model, {}).setdefault("prompts", {})
+            prompts[row.prompt] = {
+                "dice": float(row.dice_mean),
+                "nsd": float(row.nsd_mean),
+                "n": int(row.n),
+            }
     return out
 
 

@@ -129,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             loggers=trainer.loggers,
         )
         metrics.update(summary)
-        update_card_evaluation(card, evaluation_summary(summary))
+        update_card_evaluation(card, evaluation_summary(summary, run_dir / "eval" / "summary.csv"))
     _print_summary(run_dir, exported)
     return metrics
 
