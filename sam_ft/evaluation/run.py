@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.engine import evaluate_and_report
+from sam_ft.inference.card import apply_card
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -88,6 +89,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
     # them, or a resumed evaluation would score its remaining cases with another model.
     L.seed_everything(cfg.seed, verbose=False)
+    apply_card(cfg, ckpt)  # a model card beside the weights fixes how they are fed
     model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
     label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     datamodule = SamDataModule(

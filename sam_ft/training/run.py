@@ -14,6 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
+from sam_ft.inference.card import (
+    evaluation_summary,
+    trained_facts,
+    update_card_evaluation,
+    write_model_card,
+)
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error
 from sam_ft.training.module import SamFinetuneModule
@@ -106,7 +112,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finetuned = instantiate(cfg.model, checkpoint=None)
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
     exported = export_official(finetuned, run_dir / "sam_finetuned.pth")
-    log.info("exported %s (official SAM format, from %s)", exported, best)
+    card = write_model_card(
+        exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
+    )
+    log.info("exported %s (official SAM format, from %s) with its card %s", exported, best, card)
 
     if cfg.train.evaluate:
         from sam_ft.evaluation.run import compare_models
@@ -120,6 +129,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             loggers=trainer.loggers,
         )
         metrics.update(summary)
+        update_card_evaluation(card, evaluation_summary(summary, run_dir / "eval" / "summary.csv"))
     _print_summary(run_dir, exported)
     return metrics
 
