@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
+from sam_ft.logging_results import log_exported_model
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error
 from sam_ft.training.module import SamFinetuneModule
@@ -120,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             loggers=trainer.loggers,
         )
         metrics.update(summary)
+    log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics
 
