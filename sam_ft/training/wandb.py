@@ -153,7 +153,11 @@ def job_run_name(base: str) -> str:
         for o in _canonical(hydra.overrides.task)
         if _override_key(o) not in _UNNAMED_KEYS and o not in shared
     ]
-    name = f"{base} {','.join(own)}" if own else base
+    # A secret typed on the command line (``+x.token=...``) must not become a run name.
+    own = [
+        f"{o.split('=', 1)[0]}=***" if SECRET_NAME.search(o.split("=", 1)[0]) else o for o in own
+    ]
+    name = scrub(f"{base} {','.join(own)}" if own else base)
     if multirun:
         name = f"{hydra.job.num}_{name}"
     return name[:MAX_NAME]
