@@ -360,3 +360,28 @@ def test_evaluation_scalars_hand_computed(tmp_path):
     assert s["eval/finetuned/clicks/noc90"] == pytest.approx((3 * 1 + 5 * 3) / 4)
     assert s["eval/skipped"] == 1  # one case, skipped for both models
     assert not any("case_" in k for k in s)  # no summary_case.csv
+
+
+def test_run_name_has_own_overrides_but_no_secret(monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from sam_ft.training.wandb import job_run_name
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    overrides = [
+        "model=tiny",
+        "optimizer.lr=0.001",
+        "logger=wandb",
+        f"+extra.note=see{HF_TOKEN}",  # a secret typed literally, under an innocent key
+        "+extra.api_token=abc12345",  # under a secret-looking key
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert job_run_name("base") == "base"  # outside a Hydra job
+    HydraConfig.instance().set_config(cfg)
+    try:
+        name = job_run_name(cfg.run_name)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert name == "tiny_demo_decoder optimizer.lr=0.001,+extra.note=see***,+extra.api_token=***"
