@@ -14,7 +14,8 @@ What a run gets after its evaluation (:func:`log_evaluation`), per model (``zero
 - images: every report figure, and the best/worst objects as W&B images whose prediction and
   ground-truth masks (and the box prompt) can be switched on and off in the UI.
 
-TensorBoard gets the same scalars, the tables as Markdown text and the figures as images.
+TensorBoard gets the same scalars, the report and the tables (but the per-case one) as Markdown
+text, and the figures as images.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def log_evaluation(
         if _is_wandb(logger):
             _log_wandb(logger.experiment, scalars, tables, plots, overlays or {})
         elif _is_tensorboard(logger):
-            _log_tensorboard(logger.experiment, scalars, tables, plots, step)
+            _log_tensorboard(logger.experiment, scalars, tables, plots, step, out_dir)
     return scalars
 
 
@@ -216,15 +217,19 @@ def _log_wandb(run, scalars, tables, plots, overlays) -> None:
     run.summary.update(scalars)
 
 
-def _log_tensorboard(writer, scalars, tables, plots, step: int) -> None:
+def _log_tensorboard(writer, scalars, tables, plots, step: int, out_dir: Path) -> None:
     from PIL import Image
 
     from sam_ft.evaluation.report import to_markdown
 
     for key, value in scalars.items():
         writer.add_scalar(key, value, step)
+    report = out_dir / "summary.md"
+    if report.is_file():
+        writer.add_text("eval/report", report.read_text(encoding="utf-8"), step)
     for name, table in tables.items():
-        writer.add_text(f"eval/{name}", to_markdown(table), step)
+        if name != "per_case":  # one row per case x object x prompt x jitter: too long as text
+            writer.add_text(f"eval/{name}", to_markdown(table), step)
     for plot in plots:
         pixels = np.asarray(Image.open(plot).convert("RGB"))
         writer.add_image(f"eval/plots/{plot.stem}", pixels, step, dataformats="HWC")

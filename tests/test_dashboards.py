@@ -177,6 +177,7 @@ def test_tensorboard_has_the_same_scalars_and_images(sweep):
         assert {"train/loss", "val/dice"} <= set(tags["scalars"])
         assert "val/overlays" in tags["images"]
         assert "eval/plots/overlays_best_finetuned" in tags["images"]
+        assert any(t.startswith("eval/report") for t in tags["tensors"])  # summary.md as text
 
 
 def test_train_returns_the_evaluated_box_dice(sweep):
