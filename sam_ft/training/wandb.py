@@ -9,6 +9,7 @@ import logging
 import netrc
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -181,9 +182,8 @@ def sweep_group() -> str | None:
 
 def finish_run(exit_code: int = 0) -> None:
     """Finish the live W&B run, if any (uploads in online mode, closes the offline file)."""
-    import wandb
-
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # not imported: no run (and no import cost for CSV runs)
+    if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)
 
 
