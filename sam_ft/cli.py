@@ -57,11 +57,12 @@ def _own_error(err: BaseException | None) -> SamFtError | None:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from sam_ft.logging_results import sweep_objective
     from sam_ft.training.run import train as run_train
 
     metrics = _guarded(run_train)(cfg)
-    # Hydra sweepers optimise the returned value.
-    return metrics.get("val/dice_best") if metrics else None
+    # Hydra sweepers optimise the returned value: the finetuned model's evaluated box Dice.
+    return sweep_objective(metrics)
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")

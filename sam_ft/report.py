@@ -220,11 +220,13 @@ def write_figure(merged: pd.DataFrame, path: Path) -> Path:
 
 
 def log_wandb(merged: pd.DataFrame, figure: Path, project: str, out_dir: Path) -> None:
-    """Log the merged table and figure to W&B, offline unless ``WANDB_MODE`` says otherwise."""
+    """Log the merged table and figure to W&B: online when credentials are found (an API key,
+    or a ``.netrc`` entry for the server), offline otherwise; ``WANDB_MODE`` overrides both."""
     import wandb
 
-    mode = os.environ.get("WANDB_MODE", "offline")
-    run = wandb.init(project=project, job_type="report", mode=mode, dir=str(out_dir))
+    from sam_ft.training.wandb import wandb_mode
+
+    run = wandb.init(project=project, job_type="report", mode=wandb_mode(), dir=str(out_dir))
     try:
         run.log(
             {

@@ -15,6 +15,7 @@ from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.engine import evaluate_and_report
 from sam_ft.inference.card import apply_card
+from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -41,7 +42,8 @@ def compare_models(
 ) -> dict[str, float]:
     """Evaluate every model on the same cases and prompts; write and log one report.
 
-    Returns mean Dice per model for the box prompt without jitter (``eval/<model>/box_dice``).
+    Returns mean Dice per model for the box prompt without jitter (``eval/<model>/box_dice``)
+    and the scalars logged to the run (``sam_ft.logging_results.evaluation_scalars``).
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
@@ -58,28 +60,11 @@ def compare_models(
         out_dir=out_dir,
         seed=cfg.seed,
     )
-    _log_report(out_dir, loggers)
+    scalars = log_evaluation(out_dir, loggers, result.overlays)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
-    return {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
-
-
-def _log_report(out_dir: Path, loggers: Sequence) -> None:
-    """Summary table and plots to W&B (a table + images) and TensorBoard (text)."""
-    import pandas as pd
-
-    summary = out_dir / "summary.csv"
-    if not summary.is_file():
-        return
-    table = pd.read_csv(summary)
-    plots = sorted(str(p) for p in (out_dir / "plots").glob("*.png"))
-    for logger in loggers:
-        if hasattr(logger, "log_table"):
-            logger.log_table(key="eval/summary", dataframe=table)
-            for plot in plots:
-                logger.log_image(key=f"eval/{Path(plot).stem}", images=[plot])
-        elif hasattr(getattr(logger, "experiment", None), "add_text"):
-            logger.experiment.add_text("eval/summary", (out_dir / "summary.md").read_text())
+    box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
+    return {**box_dice, **scalars}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -101,7 +86,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_dir=run_dir,
         data_dir=cfg.paths.data_dir,
     )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = eval_loggers(cfg, label)
     metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers)
     summary_md = run_dir / "summary.md"
     if summary_md.is_file():

@@ -20,6 +20,7 @@ from sam_ft.inference.card import (
     update_card_evaluation,
     write_model_card,
 )
+from sam_ft.logging_results import log_exported_model
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error
 from sam_ft.training.module import SamFinetuneModule
@@ -130,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         metrics.update(summary)
         update_card_evaluation(card, evaluation_summary(summary, run_dir / "eval" / "summary.csv"))
+    log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics
 
