@@ -55,6 +55,7 @@ from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
 from sam_ft.prompts.strategies import (
     MASK_SELECTIONS,
+    POINT_SAMPLINGS,
     STRATEGIES,
     make_eval_prompt,
     needs_multimask,
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "prompts": list(STRATEGIES),
     "jitter_px": [[0, 10], [10, 20], [20, 30]],
     "mask_selection": "oracle",
+    "point_sampling": "even",
     "grid": 32,
     "nsd_tolerance_mm": 2.0,
     "clicks": 0,
@@ -118,6 +120,7 @@ class EvalOptions:
     prompts: tuple[str, ...]
     levels: tuple[JitterRange | None, ...]
     mask_selection: str
+    point_sampling: str
     nsd_tolerance_mm: float
     clicks: int
     save_predictions: bool
@@ -155,6 +158,8 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.prompts must be a non-empty subset of {STRATEGIES}, got {bad}")
     if merged["mask_selection"] not in MASK_SELECTIONS:
         raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
+    if merged["point_sampling"] not in POINT_SAMPLINGS:
+        raise ConfigError(f"eval.point_sampling must be one of {POINT_SAMPLINGS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
     if merged["on_error"] not in ("skip", "raise"):
@@ -170,6 +175,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         prompts=tuple(p for p in STRATEGIES if p in prompts),
         levels=levels,
         mask_selection=str(merged["mask_selection"]),
+        point_sampling=str(merged["point_sampling"]),
         nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
         clicks=int(merged["clicks"]),
         save_predictions=bool(merged["save_predictions"]),
@@ -331,7 +337,14 @@ def _evaluate_slice(
 
     prompts = [
         make_eval_prompt(
-            gt[i], s, j, seed=seed, case=case_key, slice_index=rec.slice_index, label=labels[i]
+            gt[i],
+            s,
+            j,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=labels[i],
+            sampling=opts.point_sampling,
         )
         for i in range(k)
         for s, j in variants
@@ -421,7 +434,14 @@ def _click_curve(
     labels = [int(v) for v in rec.labels]
     prompts = [
         make_eval_prompt(
-            gt[i], "point1", None, seed=seed, case=case_key, slice_index=rec.slice_index, label=lab
+            gt[i],
+            "point1",
+            None,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=lab,
+            sampling=opts.point_sampling,
         )
         for i, lab in enumerate(labels)
     ]
