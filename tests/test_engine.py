@@ -219,6 +219,45 @@ def test_per_case_3d_matches_volume_metrics():
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
 
 
+def test_per_case_scores_against_full_ground_truth_by_default():
+    """eval.volume_gt=full (default): a slice where the object had <= 50 px (so it was never
+    prompted) still counts in the reference volume; ``kept`` leaves it out."""
+    from sam_ft.data.loading import CaseData
+
+    num_slices = 4
+    label = np.zeros((num_slices, H, W), dtype=np.uint8)
+    records = []
+    store = CasePredictions((H, W))
+    for s in (0, 1, 2):
+        label[s, 10:40, 12:50] = 1
+        rec = _record("f", s, num_slices=num_slices, objects=1)
+        rec.masks = (label[s] == 1)[None]
+        records.append(rec)
+        store.add((1, "box", "none"), s, label[s] == 1)  # a perfect prediction where prompted
+    label[3, 20:25, 20:26] = 1  # 30 px: dropped by the size filter, never prompted
+    case = CaseData(
+        case="f",
+        image_id="f",
+        image_path="f.nii.gz",
+        label_path="f_label.nii.gz",
+        slices=records,
+        label_volume=label,
+        objects={"disc": [1]},
+        spacing=(2.5, 0.8, 0.7),
+        affine=np.eye(4),
+        slice_axis=2,
+    )
+    assert eval_options({}).volume_gt == "full"
+    (full,) = _per_case_rows(records, case, store, eval_options({}), "f")
+    (kept,) = _per_case_rows(records, case, store, eval_options({"volume_gt": "kept"}), "f")
+    assert kept["dice"] == pytest.approx(1.0)
+    pred = np.zeros_like(label, dtype=bool)
+    pred[:3] = label[:3] == 1
+    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0)
+    assert full["dice"] == pytest.approx(expected["dice"]) and full["dice"] < 1.0
+    assert full["nsd"] == pytest.approx(expected["nsd"], rel=1e-6)
+
+
 def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     """per_case.csv equals volume_metrics on the written NIfTI prediction vs the stacked GT."""
     nib = pytest.importorskip("nibabel")

@@ -10,7 +10,10 @@ Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_
 - ``per_object.csv``: 2D scores per (model, task, case, slice, label, prompt, jitter) with the
   object's attributes;
 - ``per_case.csv``: 3D scores per (model, task, case, label, prompt, jitter): the object's
-  predictions stacked back into the case's volume (empty where the object had no kept slice);
+  predictions stacked back into the case's volume (empty where the object had no kept slice),
+  against the object's whole ground-truth volume (``eval.volume_gt=full``, the default: slices
+  where it had <= ``data.min_object_pixels`` px count too) or only its kept slices (``kept``;
+  also what a case given as a bare list of ``SliceRecord`` has);
 - ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
 - ``skipped.csv``: cases that failed (``case, path, reason, stage, model, task``);
 - ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
@@ -81,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "save_predictions": False,
     "max_prompts_per_call": 256,
     "overlays": 8,
-    "volume_gt": "kept",
+    "volume_gt": "full",
     "on_error": "skip",
     "everything": {},
 }
