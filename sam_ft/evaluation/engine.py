@@ -51,7 +51,7 @@ from sam_ft.evaluation.everything import (
     everything_predictions,
     prompts_per_upsample,
 )
-from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "point_sampling": "even",
     "grid": 32,
     "nsd_tolerance_mm": 2.0,
+    "nsd_method": "area",
     "clicks": 0,
     "save_predictions": False,
     "max_prompts_per_call": 256,
@@ -125,6 +126,7 @@ class EvalOptions:
     mask_selection: str
     point_sampling: str
     nsd_tolerance_mm: float
+    nsd_method: str
     clicks: int
     save_predictions: bool
     max_prompts_per_call: int
@@ -163,6 +165,8 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
     if merged["point_sampling"] not in POINT_SAMPLINGS:
         raise ConfigError(f"eval.point_sampling must be one of {POINT_SAMPLINGS}")
+    if merged["nsd_method"] not in NSD_METHODS:
+        raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
     if merged["on_error"] not in ("skip", "raise"):
@@ -180,6 +184,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         mask_selection=str(merged["mask_selection"]),
         point_sampling=str(merged["point_sampling"]),
         nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
+        nsd_method=str(merged["nsd_method"]),
         clicks=int(merged["clicks"]),
         save_predictions=bool(merged["save_predictions"]),
         max_prompts_per_call=int(merged["max_prompts_per_call"]),
@@ -380,7 +385,9 @@ def _evaluate_slice(
 
     rows, overlay = [], []
     for i in range(k):
-        scores = batch_slice_metrics(preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm)
+        scores = batch_slice_metrics(
+            preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm, opts.nsd_method
+        )
         for j, (prompt, jit) in enumerate(names):
             store.add((labels[i], prompt, jit), rec.slice_index, preds[i, j])
             rows.append(
@@ -536,12 +543,16 @@ def _per_case_rows(
             start, stop = _slice_range(gt_vol, store, keys)
             # One (slices, H, W) prediction volume at a time: memory stays flat in the variants.
             preds = (store.stack(key, stop - start, offset=start) for key in keys)
-            scores = batch_volume_metrics(preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm)
+            scores = batch_volume_metrics(
+                preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm, opts.nsd_method
+            )
         else:
             # A single 2D image: a one-slice "volume" would make every voxel surface.
             s = next(iter(kept[label]))
             preds = np.stack([store.get(key, s) for key in keys])
-            scores = batch_slice_metrics(preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm)
+            scores = batch_slice_metrics(
+                preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm, opts.nsd_method
+            )
         for j, key in enumerate(keys):
             rows.append(
                 {

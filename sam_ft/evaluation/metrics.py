@@ -1,14 +1,22 @@
 """Overlap and surface metrics for one object: Dice, IoU, HD95 (mm) and NSD (mm tolerance).
 
 Arrays are indexed (row, col) in 2D and (slice, row, col) in 3D; ``spacing`` is given in the same
-order, in mm. Surface distances follow MONAI: a mask's surface is its foreground pixels that touch
-the background under 4-connectivity (pixels on the image border count as surface), distances are
-Euclidean between surface pixel centres scaled by the spacing.
+order, in mm (for a 2D image without spacing, (1, 1): distances are then in pixels). HD95 follows
+MONAI: a mask's surface is its foreground pixels that touch the background under 4-connectivity
+(pixels on the image border count as surface), distances are Euclidean between surface pixel
+centres scaled by the spacing.
 
 - HD95: the larger of the two directed 95th percentiles (linear interpolation) of surface
   distances, as ``monai.metrics.compute_hausdorff_distance(percentile=95)``.
-- NSD: the fraction of both surfaces lying within ``nsd_tolerance_mm`` of the other surface, as
-  ``monai.metrics.compute_surface_dice`` (no sub-voxel areas).
+- NSD, ``nsd_method="area"`` (default): DeepMind's surface Dice (the ``surface-distance``
+  package, used by the Decathlon and MedSAM papers): surface elements on the grid of voxel
+  corners, each weighted by its area (3D) or contour length (2D) from the neighbour-code lookup
+  table, the fraction of the total area of both surfaces lying within ``nsd_tolerance_mm`` of the
+  other surface. The table is MONAI's (``get_code_to_measure_table``, DeepMind's tables), as
+  ``monai.metrics.compute_surface_dice(use_subvoxels=True)``.
+- NSD, ``nsd_method="count"``: the fraction of surface VOXELS within the tolerance, as
+  ``monai.metrics.compute_surface_dice`` without sub-voxels (every surface voxel weighs the same,
+  whatever its spacing and orientation).
 
 Empty masks are scored explicitly, never left to MONAI (which returns NaN, inf or, for HD, 0):
 
@@ -26,6 +34,7 @@ predictions); averages must skip it and report how many were missing.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -41,6 +50,13 @@ from monai.metrics import (
 from scipy.ndimage import distance_transform_edt
 
 METRIC_KEYS = ("dice", "iou", "hd95", "nsd", "empty_pred", "empty_gt", "hd95_missing")
+NSD_METHODS = ("area", "count")
+"""``area``: DeepMind's surface Dice (surface-element areas; default); ``count``: surface voxels."""
+
+
+def _check_nsd_method(nsd_method: str) -> None:
+    if nsd_method not in NSD_METHODS:
+        raise ValueError(f"nsd_method must be one of {NSD_METHODS}, got {nsd_method!r}")
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray, ndim: int, spacing: Sequence[float]) -> None:
@@ -67,7 +83,11 @@ def _empty_rule(empty_pred: bool, empty_gt: bool) -> dict:
 
 
 def _monai_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str = "area",
 ) -> dict:
     """All four metrics from MONAI for a pair of NON-empty masks of any dimension."""
     p = torch.from_numpy(pred)[None, None]
@@ -80,7 +100,12 @@ def _monai_metrics(
         iou = compute_iou(p.float(), g.float(), include_background=True)
         hd = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)
         nsd = compute_surface_dice(
-            p, g, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=sp
+            p,
+            g,
+            class_thresholds=[float(nsd_tolerance_mm)],
+            include_background=True,
+            spacing=sp,
+            use_subvoxels=nsd_method == "area",
         )
     return {
         "dice": float(dice),
@@ -98,6 +123,7 @@ def slice_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict:
     """Score one predicted object mask against its ground truth on one 2D slice.
 
@@ -106,6 +132,7 @@ def slice_metrics(
         gt: (H, W) bool ground-truth mask.
         spacing: (row, col) pixel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` (DeepMind's surface Dice) or ``count`` (surface voxels).
 
     Returns:
         dict with ``dice, iou, hd95`` (mm, NaN when missing), ``nsd``, ``empty_pred``,
@@ -114,10 +141,11 @@ def slice_metrics(
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
     _check_pair(pred, gt, 2, spacing)
+    _check_nsd_method(nsd_method)
     empty_pred, empty_gt = not pred.any(), not gt.any()
     if empty_pred or empty_gt:
         return _empty_rule(empty_pred, empty_gt)
-    return _monai_metrics(pred, gt, spacing, nsd_tolerance_mm)
+    return _monai_metrics(pred, gt, spacing, nsd_tolerance_mm, nsd_method)
 
 
 def volume_metrics(
@@ -125,6 +153,7 @@ def volume_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict:
     """Score one object over a whole case: its per-slice masks stacked back into a volume.
 
@@ -133,11 +162,12 @@ def volume_metrics(
         gt: (D, H, W) bool ground-truth mask.
         spacing: (slice, row, col) voxel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         the same keys as :func:`slice_metrics`, computed in 3D with the voxel spacing.
     """
-    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm)  # checks the pair
+    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm, nsd_method)  # checks pair
     return {key: out[key][0].item() for key in METRIC_KEYS}
 
 
@@ -146,6 +176,7 @@ def batch_volume_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict[str, np.ndarray]:
     """Score many predicted volumes of one object (e.g. its prompt variants) against one GT.
 
@@ -168,7 +199,8 @@ def batch_volume_metrics(
         raise ValueError(f"gt must be (D, H, W), got shape {gt.shape}")
     if len(spacing) != 3:
         raise ValueError(f"spacing {tuple(spacing)} needs 3 values (slice, row, col)")
-    target = _GtSurface(gt, spacing, float(nsd_tolerance_mm))
+    _check_nsd_method(nsd_method)
+    target = _GtSurface(gt, spacing, float(nsd_tolerance_mm), nsd_method)
     if isinstance(preds, np.ndarray) and preds.shape[1:] == gt.shape:
         target.cover(preds)
     scores = []
@@ -184,6 +216,7 @@ def batch_slice_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict[str, np.ndarray]:
     """Score many predicted masks of one slice (e.g. the prompt variants of one object) at once.
 
@@ -208,14 +241,17 @@ def batch_slice_metrics(
         raise ValueError(f"gt {gt.shape} fits neither (H, W) nor (N, H, W) of preds {preds.shape}")
     if len(spacing) != 2:
         raise ValueError(f"spacing {tuple(spacing)} needs 2 values (row, col)")
+    _check_nsd_method(nsd_method)
     tol = float(nsd_tolerance_mm)
     if gt.ndim == 3 and len(gt) > 0 and gt.strides[0] == 0:
         gt = gt[0]  # one mask broadcast to every prediction: share its work as well
     if gt.ndim == 2:
-        target = _GtSurface(gt, spacing, tol)
+        target = _GtSurface(gt, spacing, tol, nsd_method)
         target.cover(preds)
         return _columns([target.score(p) for p in preds])
-    return _columns([_GtSurface(g, spacing, tol).score(p) for p, g in zip(preds, gt, strict=True)])
+    return _columns(
+        [_GtSurface(g, spacing, tol, nsd_method).score(p) for p, g in zip(preds, gt, strict=True)]
+    )
 
 
 def _columns(scores: list[dict]) -> dict[str, np.ndarray]:
@@ -253,10 +289,14 @@ class _GtSurface:
         gt: bool ground truth, (H, W) indexed (row, col) or (D, H, W) indexed (slice, row, col).
         spacing: voxel spacing in mm, in the same axis order.
         tol: NSD tolerance in mm.
+        nsd_method: ``area`` (DeepMind's surface Dice) or ``count`` (surface voxels).
     """
 
-    def __init__(self, gt: np.ndarray, spacing: Sequence[float], tol: float) -> None:
+    def __init__(
+        self, gt: np.ndarray, spacing: Sequence[float], tol: float, nsd_method: str = "area"
+    ) -> None:
         self.gt = gt
+        self.nsd_method = nsd_method
         self.shape = np.array(gt.shape)
         self.sampling = tuple(float(s) for s in spacing)
         self.tol = tol
@@ -295,12 +335,16 @@ class _GtSurface:
         d_gp = self.gt_to_pred(p_edge, lo)
         # float32 tolerance, as MONAI compares its float32 distances with it.
         tol = np.float32(self.tol)
-        within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
+        if self.nsd_method == "area":
+            nsd = _area_nsd(pred, self.gt, np.minimum(lo, self.lo), np.maximum(hi, self.hi), self)
+        else:
+            within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
+            nsd = within / (d_pg.size + d_gp.size)
         return {
             "dice": 2.0 * inter / total,
             "iou": inter / (total - inter),
             "hd95": float(max(_quantile95(d_pg), _quantile95(d_gp, self.ranks))),
-            "nsd": within / (d_pg.size + d_gp.size),
+            "nsd": nsd,
             "empty_pred": False,
             "empty_gt": False,
             "hd95_missing": False,
@@ -383,6 +427,57 @@ class _GtSurface:
         edge[_box(self.lo - lo, self.hi - lo)] = self.edge
         self._map = _distance_map(edge, self.sampling)
         self._map_lo, self._map_hi = lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _measure_table(spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(area or length per neighbour code (2^(2^d),) float64, code weight per corner offset
+    (2,)*d int) for a voxel spacing: MONAI's copy of DeepMind's lookup tables."""
+    from monai.metrics.utils import get_code_to_measure_table
+
+    table, kernel = get_code_to_measure_table(spacing)
+    weights = kernel.reshape((2,) * len(spacing)).cpu().numpy().astype(np.int64)
+    return table.cpu().numpy().astype(np.float64), weights
+
+
+def _surfels(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Surface elements of a bool mask on the grid of its voxel corners (shape + 1 per axis).
+
+    Returns (border (shape + 1) bool: corners whose 2^d neighbourhood is mixed, area (shape + 1)
+    float64: each element's area (3D) or contour length (2D) in mm), as DeepMind's
+    ``compute_surface_distances`` builds them from its neighbour codes.
+    """
+    table, weights = _measure_table(spacing)
+    padded = np.pad(mask, 1).astype(np.int64)
+    out_shape = tuple(n + 1 for n in mask.shape)
+    code = np.zeros(out_shape, dtype=np.int64)
+    for offset in np.ndindex(*weights.shape):
+        window = tuple(slice(o, o + n) for o, n in zip(offset, out_shape, strict=True))
+        code += weights[offset] * padded[window]
+    full = len(table) - 1
+    return (code != 0) & (code != full), table[code]
+
+
+def _area_nsd(
+    pred: np.ndarray, gt: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: _GtSurface
+) -> float:
+    """DeepMind's surface Dice of two non-empty bool masks whose union lies in box ``lo``..``hi``.
+
+    Distances are Euclidean in mm between surface-element corners (scipy's exact transform over
+    the box, which holds both surfaces); each element counts with its area. Returns
+    (area of GT elements within tol of the prediction's surface + the same for the prediction)
+    / (total area of both surfaces).
+    """
+    box = _box(lo, hi)
+    sampling = target.sampling
+    b_pred, a_pred = _surfels(pred[box], sampling)
+    b_gt, a_gt = _surfels(gt[box], sampling)
+    d_to_gt = distance_transform_edt(~b_gt, sampling=sampling)
+    d_to_pred = distance_transform_edt(~b_pred, sampling=sampling)
+    tol = target.tol
+    within = a_gt[b_gt & (d_to_pred <= tol)].sum() + a_pred[b_pred & (d_to_gt <= tol)].sum()
+    total = a_gt[b_gt].sum() + a_pred[b_pred].sum()
+    return float(within / total) if total > 0 else 0.0
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
