@@ -27,10 +27,10 @@ from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.report import (
     BASELINE_MODEL,
-    JITTER_ORDER,
     PROMPT_NAMES,
     PROMPT_ORDER,
     SCORE_COLUMNS,
+    jitter_rank,
     rank_by_order,
     to_markdown,
 )
@@ -133,7 +133,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
             "size": rank_by_order(df["model_size"], sorted(set(df["model_size"]))),
             "task": rank_by_order(df["task"], sorted(set(df["task"].astype(str)))),
             "prompt": rank_by_order(df["prompt"], PROMPT_ORDER),
-            "jitter": rank_by_order(df["jitter"], JITTER_ORDER),
+            "jitter": jitter_rank(df["jitter"]),
             "finetune": rank_by_order(df["finetune"], finetunes),
         },
         index=df.index,

@@ -53,6 +53,7 @@ from sam_ft.evaluation.everything import (
 )
 from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
+from sam_ft.evaluation.report import jitter_rank
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
@@ -694,13 +695,9 @@ def _model_rank(models: pd.Series) -> pd.Series:
     return models.astype(str).map({m: i for i, m in enumerate(order)})
 
 
-def _jitter_rank(jitter: pd.Series) -> pd.Series:
-    return jitter.astype(str).map(lambda j: -1.0 if j == "none" else float(j.split("-")[0]))
-
-
 def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     """Canonical row order: model (zero-shot first), task, case, slice, label, prompt S1..S6,
-    jitter none..20-30, click."""
+    jitter (numerically, the report's ``jitter_rank``), click."""
     if df.empty:
         return df.reset_index(drop=True)
     keys = pd.DataFrame(index=df.index)
@@ -712,7 +709,7 @@ def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     if "prompt" in df:
         keys["prompt"] = df["prompt"].map({p: i for i, p in enumerate(STRATEGIES)})
     if "jitter" in df:
-        keys["jitter"] = _jitter_rank(df["jitter"])
+        keys["jitter"] = jitter_rank(df["jitter"])
     if "click" in df:
         keys["click"] = df["click"]
     order = keys.sort_values(list(keys.columns), kind="stable").index

@@ -34,6 +34,7 @@ PROMPT_NAMES = {
     "box_point1": "S6 box+point",
 }
 JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
+"""The default levels, in order; any other levels sort by :func:`jitter_key` the same way."""
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
 SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
@@ -49,8 +50,33 @@ def rank_by_order(values: pd.Series, order: Sequence[str]) -> pd.Series:
     return values.astype(str).map(known)
 
 
+def jitter_key(name: str) -> tuple:
+    """Sort key of a jitter level: ``none`` first, then ``LO-HI`` ranges by (LO, HI) as NUMBERS
+    (``0-5 < 5-10 < 10-20``, where text order would put ``10-20`` before ``5-10``); an
+    unparsable name last, by text."""
+    from sam_ft.prompts.jitter import parse_jitter_name
+
+    try:
+        level = parse_jitter_name(str(name))
+    except ValueError:
+        return (2, 0.0, 0.0, str(name))
+    return (0, 0.0, 0.0, "") if level is None else (1, level[0], level[1], "")
+
+
+def jitter_levels_sorted(values) -> list[str]:
+    """The distinct jitter names of ``values`` in :func:`jitter_key` order."""
+    return sorted({str(v) for v in values}, key=jitter_key)
+
+
+def jitter_rank(values: pd.Series) -> pd.Series:
+    """Position of each jitter name in :func:`jitter_key` order: the one sort every table uses
+    (per_object, per_case, summary, summary.md, the merged report)."""
+    order = jitter_levels_sorted(values)
+    return values.astype(str).map({v: i for i, v in enumerate(order)})
+
+
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Sort by model (zero-shot first), task, prompt S1..S6, jitter none..20-30 where present."""
+    """Sort by model (zero-shot first), task, prompt S1..S6, jitter (numerically) where present."""
     keys = []
     if "model" in df:
         models = sorted(set(df["model"].astype(str)) - {BASELINE_MODEL})
@@ -59,13 +85,13 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
         keys.append(("task", sorted(set(df["task"].astype(str)))))
     if "prompt" in df:
         keys.append(("prompt", PROMPT_ORDER))
-    if "jitter" in df:
-        keys.append(("jitter", JITTER_ORDER))
-    if not keys or df.empty:
+    if not keys and "jitter" not in df or df.empty:
         return df.reset_index(drop=True)
     ranks = pd.DataFrame(
         {f"_{c}": rank_by_order(df[c], order) for c, order in keys}, index=df.index
     )
+    if "jitter" in df:
+        ranks["_jitter"] = jitter_rank(df["jitter"])
     return df.loc[ranks.sort_values(list(ranks.columns), kind="stable").index].reset_index(
         drop=True
     )
@@ -231,8 +257,7 @@ def jitter_table(summary: pd.DataFrame) -> pd.DataFrame:
     wide = s.pivot_table(
         index=["model", "task", "prompt"], columns="jitter", values="dice_mean", sort=False
     )
-    levels = [j for j in JITTER_ORDER if j in wide.columns]
-    levels += sorted(set(wide.columns) - set(levels))
+    levels = jitter_levels_sorted(wide.columns)  # none first, the largest level last
     wide = wide[levels]
     if "none" in levels and len(levels) > 1:
         wide[f"drop none→{levels[-1]}"] = wide["none"] - wide[levels[-1]]
@@ -338,7 +363,7 @@ def write_report(
         )
     ]
     paths["plot_dice_vs_jitter"] = plots.plot_dice_vs_jitter(
-        pooled_jitter, plot_dir / "dice_vs_jitter.png", JITTER_ORDER
+        pooled_jitter, plot_dir / "dice_vs_jitter.png", jitter_levels_sorted(pooled["jitter"])
     )
     scatter_rows = _no_jitter(per_object)
     prompts = set(scatter_rows["prompt"].astype(str))
