@@ -297,3 +297,31 @@ def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
     summary.sample(frac=1.0, random_state=0).to_csv(run / "summary.csv", index=False)
     merged = merge_summaries([run])
     assert list(merged["jitter"][merged["finetune"] == "zero_shot"]) == order
+
+
+def test_2d_images_without_spacing_report_distances_in_pixels(tmp_path):
+    """HD95 of 2D images without a spacing is in pixels: every table says px, not mm."""
+    rows = [{**_row("zero_shot", "box", 0.8), "distance_unit": "px"}]
+    paths = write_report(tmp_path / "px", pd.DataFrame(rows))
+    assert pd.read_csv(paths["summary_csv"])["distance_unit"].tolist() == ["px"]
+    md = paths["summary_md"].read_text()
+    assert "HD95 (px)" in md and "HD95 (mm)" not in md and "HD95 in pixels" in md
+    # Volumes stay in mm; a table mixing both keeps the unit beside each row.
+    mm = write_report(tmp_path / "mm", pd.DataFrame([_row("zero_shot", "box", 0.8)]))
+    assert "HD95 (mm)" in mm["summary_md"].read_text()
+    mixed = [rows[0], {**_row("zero_shot", "box", 0.8, task="spleen"), "distance_unit": "mm"}]
+    md = write_report(tmp_path / "mixed", pd.DataFrame(mixed))["summary_md"].read_text()
+    assert "| px |" in md and "| mm |" in md and "HD95 (mm)" not in md
+
+
+def test_engine_labels_png_distances_px_and_volumes_mm():
+    from sam_ft.data.types import SliceRecord
+    from sam_ft.evaluation.engine import distance_unit
+
+    def rec(s, spacing):
+        m = np.zeros((1, 8, 8), bool)
+        return SliceRecord("c", s, np.zeros((8, 8, 3), np.uint8), m, np.array([1]), ["o"], spacing)
+
+    assert distance_unit(rec(-1, (1.0, 1.0))) == "px"
+    assert distance_unit(rec(-1, (0.3, 0.3))) == "mm"
+    assert distance_unit(rec(4, (1.0, 1.0))) == "mm"

@@ -95,15 +95,18 @@ ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
-    *ATTRIBUTE_COLUMNS, "modality", "patient",
+    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit",
 ]  # fmt: skip
 PER_CASE_COLUMNS = [
     "model", "task", "case", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "num_slices", "patient",
+    "distance_unit",
 ]  # fmt: skip
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
-_STRING_COLUMNS = ("model", "task", "case", "name", "prompt", "jitter", "modality", "patient")
+_STRING_COLUMNS = (
+    "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
+)  # fmt: skip
 
 PER_OBJECT_CSV = "per_object.csv"
 PER_CASE_CSV = "per_case.csv"
@@ -406,6 +409,7 @@ def _evaluate_slice(
                     "pred_iou": float(pred_iou[i, j]),
                     **attributes[i],
                     "modality": rec.modality,
+                    "distance_unit": distance_unit(rec),
                 }
             )
             if j == overlay_col and opts.overlays > 0:
@@ -483,6 +487,12 @@ def _click_curve(
 
 # --------------------------------------------------------------------------------------------
 # One case
+
+
+def distance_unit(rec: SliceRecord) -> str:
+    """Unit of a slice's HD95 and NSD tolerance: ``px`` for a 2D image file without a physical
+    spacing (PNG, JPEG, TIFF: slice index -1 and spacing (1, 1)), else ``mm``."""
+    return "px" if rec.slice_index < 0 and tuple(rec.spacing) == (1.0, 1.0) else "mm"
 
 
 def _slice_range(gt_vol: np.ndarray, store: CasePredictions, keys: list) -> tuple[int, int]:
@@ -567,6 +577,7 @@ def _per_case_rows(
                         for m in ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
                     },
                     "num_slices": len(kept[label]),
+                    "distance_unit": "mm" if is_3d else distance_unit(records[0]),
                 }
             )
     return rows
@@ -734,9 +745,10 @@ def _drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, s
     cols = (df[c].astype(str) for c in ("model", "task", "case"))
     keys = list(zip(*cols, strict=True))
     keep = np.array([k in done for k in keys], dtype=bool)
-    if not keep.all():
+    if not keep.all() or list(df.columns) != list(columns):
+        # Also brings a table written by an older version to today's columns before appending.
         tmp = path.with_name(path.name + ".tmp")
-        df[keep].to_csv(tmp, index=False)
+        df[keep].reindex(columns=columns).to_csv(tmp, index=False)
         tmp.replace(path)
 
 

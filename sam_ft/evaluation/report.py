@@ -38,7 +38,9 @@ JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
 SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
-SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing"]
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
+"""``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
+tolerance are then in pixels); ``mm+px`` when a group mixes both."""
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
@@ -115,8 +117,9 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns ``model, task, prompt, jitter, n, dice_mean, dice_std, iou_mean,
-        hd95_mean, nsd_mean, hd95_missing``: ``dice_std`` is the population std (ddof=0, so one
-        object gives 0), ``hd95_mean`` skips missing HD95 values and ``hd95_missing`` counts them.
+        hd95_mean, nsd_mean, hd95_missing, distance_unit``: ``dice_std`` is the population std
+        (ddof=0, so one object gives 0), ``hd95_mean`` skips missing HD95 values and
+        ``hd95_missing`` counts them; ``distance_unit`` is ``mm``, ``px`` or ``mm+px``.
     """
     df = per_object.copy()
     if "jitter" not in df:
@@ -124,6 +127,9 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
     df["hd95"] = pd.to_numeric(df["hd95"], errors="coerce")
     df["_missing"] = _missing_hd95(df)
     df.loc[df["_missing"], "hd95"] = np.nan
+    if "distance_unit" not in df:
+        df["distance_unit"] = "mm"
+    df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
     grouped = df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
     out = grouped.agg(
         n=("dice", "size"),
@@ -134,6 +140,7 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
         hd95_missing=("_missing", "sum"),
     )
     out["dice_std"] = grouped["dice"].std(ddof=0)
+    out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
     return sort_rows(out[SUMMARY_COLUMNS])
@@ -401,8 +408,9 @@ def write_report(
     ]
     table_source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
     lines += [to_markdown(prompt_table(table_source)), ""]
-    lines += ["## All metrics (no jitter)", "", "HD95 in mm, averaged where it exists; "]
-    lines[-1] += "`hd95 missing` counts objects with an empty prediction or ground truth."
+    unit = _unit(summary)
+    lines += ["## All metrics (no jitter)", "", f"HD95 in {_unit_words(unit)}, averaged where it "]
+    lines[-1] += "exists; `hd95 missing` counts objects with an empty prediction or ground truth."
     lines += ["", to_markdown(_metrics_view(_no_jitter(summary))), ""]
     jitter = jitter_table(summary)
     if not jitter.empty:
@@ -434,13 +442,28 @@ def write_report(
     return paths
 
 
+def _unit(summary: pd.DataFrame) -> str:
+    """The one distance unit of a summary's rows, or ``""`` when they differ."""
+    units = set(summary["distance_unit"].astype(str)) if "distance_unit" in summary else {"mm"}
+    return units.pop() if len(units) == 1 else ""
+
+
+def _unit_words(unit: str) -> str:
+    if unit == "px":
+        return "pixels (2D images without a spacing)"
+    return "mm" if unit == "mm" else "the unit of each row's `distance_unit` (mm, or px for 2D)"
+
+
 def _metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
-    view = summary.drop(columns=["jitter"]).rename(
+    unit = _unit(summary)
+    # One unit: in the header; mixed (2D images and volumes): the column stays beside the value.
+    drop = ["jitter", "distance_unit"] if unit and "distance_unit" in summary else ["jitter"]
+    view = summary.drop(columns=drop).rename(
         columns={
             "dice_mean": "Dice",
             "dice_std": "Dice std",
             "iou_mean": "IoU",
-            "hd95_mean": "HD95 (mm)",
+            "hd95_mean": f"HD95 ({unit})" if unit else "HD95",
             "nsd_mean": "NSD",
             "hd95_missing": "hd95 missing",
         }
