@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -312,6 +314,60 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
     assert sorted(skipped["case"]) == ["bad", "broken"]
     assert skipped.set_index("case").loc["broken", "reason"] == "unreadable or truncated file"
     assert set(res.overlays) == {"best_zero_shot", "worst_zero_shot"}
+
+
+def test_a_bug_is_never_a_skipped_case(model, tmp_path):
+    """eval.on_error=skip skips only data errors: any other exception stops the run."""
+
+    def buggy():
+        raise KeyError("a bug in the loader, not bad data")
+
+    cases = [_case("ok0", slices=(0,), objects=1), LazyCase("buggy", buggy, "buggy.nii.gz")]
+    with pytest.raises(KeyError, match="a bug"):
+        evaluate(
+            model,
+            cases,
+            model_name="zero_shot",
+            task_name="t",
+            cfg={**FAST, "on_error": "skip"},
+            out_dir=tmp_path,
+            seed=SEED,
+            progress=False,
+        )
+    skipped = tmp_path / "skipped.csv"
+    assert not skipped.exists() or "buggy" not in skipped.read_text()
+
+
+def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sam_ft.evaluation.run import _log_report
+
+    def unreadable(name):
+        def load():
+            raise DataError(str(tmp_path / f"{name}.nii.gz"), "unreadable or truncated file")
+
+        return LazyCase(name, load, str(tmp_path / f"{name}.nii.gz"))
+
+    cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
+    out = tmp_path / "eval"
+    evaluate_and_report(
+        {"zero_shot": model}, cases, task_name="t", cfg=FAST, out_dir=out, seed=SEED, progress=False
+    )
+    md = (out / "summary.md").read_text()
+    assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md
+    logger = CSVLogger(tmp_path / "logs", name="")
+    _log_report(out, [logger])
+    logger.save()
+    metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert metrics["eval/skipped_cases"].dropna().tolist() == [2.0]
+
+    clean = tmp_path / "clean"
+    evaluate_and_report(
+        {"zero_shot": model}, cases[:1], task_name="t", cfg=FAST, out_dir=clean, seed=SEED,
+        progress=False,
+    )  # fmt: skip
+    assert "No case was skipped." in (clean / "summary.md").read_text()
 
 
 def test_two_models_share_prompts_and_report(model, tmp_path):

@@ -15,7 +15,9 @@ Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_
   where it had <= ``data.min_object_pixels`` px count too) or only its kept slices (``kept``;
   also what a case given as a bare list of ``SliceRecord`` has);
 - ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
-- ``skipped.csv``: cases that failed (``case, path, reason, stage, model, task``);
+- ``skipped.csv``: cases skipped for bad data (``case, path, reason, stage, model, task``): with
+  ``eval.on_error=skip`` only a ``DataError`` (unreadable or inconsistent files) skips a case;
+  any other exception stops the run;
 - ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
 
 Rows are appended and flushed after each case, then its marker line is written; a new run in the
@@ -207,7 +209,7 @@ class LazyCase:
     Attributes:
         case: the image id the loaded case will have (``CaseFiles.image_id``).
         load: returns a ``CaseData`` or a list of ``SliceRecord``; may raise ``DataError``.
-        path: file shown in ``skipped.csv`` when loading fails with something else.
+        path: the case's file, shown in ``skipped.csv`` when the error names none.
     """
 
     case: str
@@ -891,14 +893,13 @@ def _run(
                         records, case_data = _materialize(item)
                         path = getattr(case_data, "image_path", path)
                         results = _evaluate_case(todo, records, case_data, opts, seed, key)
-                    except Exception as e:
+                    except DataError as e:
+                        # Only bad input (unreadable or inconsistent files) is skipped: any other
+                        # exception is a bug and stops the run, whatever eval.on_error says.
                         if opts.on_error == "raise":
                             raise
-                        if isinstance(e, DataError):
-                            path, reason = e.path, e.reason
-                        else:
-                            reason = f"{type(e).__name__}: {e}"
-                        log.warning("case %s failed and is skipped: %s", key, reason, exc_info=True)
+                        path, reason = e.path, e.reason
+                        log.warning("case %s failed and is skipped: %s", key, reason)
                         first_error = first_error or f"{key}: {reason}"
                         n_failed += 1
                         for name in todo:

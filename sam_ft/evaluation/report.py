@@ -403,6 +403,7 @@ def write_report(
         f"{len(per_object)} scored objects; models: {models}; tasks: {', '.join(map(str, tasks))}."
         " Dice is mean ± std over objects (2D slices); task `all` pools the objects of all tasks.",
         "",
+        *skipped_lines(out_dir),
         "## Dice per prompt strategy (no jitter)",
         "",
     ]
@@ -452,6 +453,29 @@ def _unit_words(unit: str) -> str:
     if unit == "px":
         return "pixels (2D images without a spacing)"
     return "mm" if unit == "mm" else "the unit of each row's `distance_unit` (mm, or px for 2D)"
+
+
+def read_skipped(out_dir: str | Path) -> pd.DataFrame:
+    """The cases skipped for bad data (``<out_dir>/skipped.csv``; empty when there is none)."""
+    path = Path(out_dir) / "skipped.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=["case", "path", "reason"])
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def skipped_lines(out_dir: str | Path) -> list[str]:
+    """Markdown lines stating how many cases were skipped and why (also when none was)."""
+    skipped = read_skipped(out_dir)
+    if skipped.empty:
+        return ["No case was skipped.", ""]
+    cases = skipped.drop_duplicates(subset=["case"])
+    columns = [c for c in ("case", "stage", "path", "reason") if c in cases]
+    return [
+        f"**{len(cases)} case(s) skipped** for bad data, not scored (`skipped.csv`):",
+        "",
+        to_markdown(cases[columns].reset_index(drop=True)),
+        "",
+    ]
 
 
 def _metrics_view(summary: pd.DataFrame) -> pd.DataFrame:

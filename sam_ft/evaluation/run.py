@@ -64,9 +64,23 @@ def compare_models(
 
 
 def _log_report(out_dir: Path, loggers: Sequence) -> None:
-    """Summary table and plots to W&B (a table + images) and TensorBoard (text)."""
+    """Summary table and plots to W&B (a table + images) and TensorBoard (text); the number of
+    skipped cases to every logger (``eval/skipped_cases``) and the log."""
     import pandas as pd
 
+    from sam_ft.evaluation.report import read_skipped
+
+    skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
+    if len(skipped):
+        log.warning(
+            "%d case(s) skipped for bad data (%s): %s",
+            len(skipped),
+            out_dir / "skipped.csv",
+            ", ".join(skipped["case"].astype(str)),
+        )
+    for logger in loggers:
+        if hasattr(logger, "log_metrics"):
+            logger.log_metrics({"eval/skipped_cases": float(len(skipped))})
     summary = out_dir / "summary.csv"
     if not summary.is_file():
         return
