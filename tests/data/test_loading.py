@@ -172,6 +172,8 @@ def test_ct_presets_state_their_intensity_rule():
         assert "# Intensity:" in text, path.stem
         if cfg.get("source") == "decathlon":
             assert cfg.intensity.mode == "percentile" and cfg.intensity.scope == "slice"
+            # The peer-work window is one override away: task.intensity.mode=window.
+            assert cfg.intensity.width > 0 and cfg.intensity.level is not None
 
 
 def test_liver_preset_loads_liver_and_tumour_as_two_objects(nifti_folder):
