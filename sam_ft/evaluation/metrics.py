@@ -191,6 +191,7 @@ def batch_volume_metrics(
         gt: (D, H, W) bool ground truth shared by all predictions.
         spacing: (slice, row, col) voxel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         dict of (N,) arrays under the keys of :func:`slice_metrics` (float64 or bool).
@@ -230,6 +231,7 @@ def batch_slice_metrics(
         gt: (H, W) bool ground truth shared by all predictions, or (N, H, W) one per prediction.
         spacing: (row, col) pixel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         dict of (N,) arrays under the keys of :func:`slice_metrics` (float64 or bool).
