@@ -471,31 +471,62 @@ def _surfel_points(
 
 
 class _Surfels:
-    """Surface-element corners of one mask with their areas and a k-d tree of their positions."""
+    """Surface-element corners of one mask, their areas, and what finds the nearest ones fast:
+    the sorted linear indices of the corners (exact matches) and a k-d tree (the rest).
 
-    def __init__(self, corners: np.ndarray, areas: np.ndarray, spacing: tuple[float, ...]):
+    Args:
+        corners: (K, ndim) int corner indices on the grid of ``grid`` corners per axis.
+        areas: (K,) areas (3D) or lengths (2D) in mm.
+        spacing: voxel spacing in mm.
+        grid: corners per axis (the mask's shape + 1), for the linear indices.
+    """
+
+    def __init__(
+        self,
+        corners: np.ndarray,
+        areas: np.ndarray,
+        spacing: tuple[float, ...],
+        grid: Sequence[int],
+    ) -> None:
         self.corners = corners
         self.areas = areas
         self.spacing = np.asarray(spacing, dtype=np.float64)
-        self.tree = cKDTree(corners * self.spacing) if len(corners) else None
+        self.keys = np.ravel_multi_index(tuple(corners.T), tuple(grid)) if len(corners) else None
+        self.sorted_keys = np.sort(self.keys) if self.keys is not None else None
+        self._tree: cKDTree | None = None
+
+    @property
+    def tree(self) -> cKDTree:
+        if self._tree is None:
+            self._tree = cKDTree(self.corners * self.spacing)
+        return self._tree
 
     def area_within(self, other: _Surfels, tol: float) -> float:
         """Total area of ``other``'s elements lying within ``tol`` mm of this surface.
 
-        The tree finds each element's nearest corner here, searching only a hair beyond the
-        tolerance; its distance is then recomputed from the integer corner offsets exactly as
-        scipy's distance transform (``(di * spacing)^2`` summed, float64), so a distance equal
-        to the tolerance on the voxel grid is within it, as in DeepMind's code.
+        An element on a corner this surface also has is at distance 0 (most of them when the
+        two surfaces overlap). For the others the tree finds the nearest corner here, searching
+        only a hair beyond the tolerance; its distance is then recomputed from the integer
+        corner offsets exactly as scipy's distance transform (``(di * spacing)^2`` summed,
+        float64), so a distance equal to the tolerance on the voxel grid is within it, as in
+        DeepMind's code.
         """
-        if len(other.corners) == 0 or self.tree is None:
+        if other.keys is None or self.keys is None:
             return 0.0
+        pos = np.searchsorted(self.sorted_keys, other.keys)
+        same = self.sorted_keys[np.minimum(pos, len(self.sorted_keys) - 1)] == other.keys
+        within = float(other.areas[same].sum())
+        rest = ~same
+        if not rest.any():
+            return within
+        corners, areas = other.corners[rest], other.areas[rest]
         bound = tol * (1 + 1e-6) + 1e-9
-        d, index = self.tree.query(other.corners * self.spacing, k=1, distance_upper_bound=bound)
+        d, index = self.tree.query(corners * self.spacing, k=1, distance_upper_bound=bound)
         found = np.isfinite(d)
-        diff = (self.corners[index[found]] - other.corners[found]).astype(np.float64)
+        diff = (self.corners[index[found]] - corners[found]).astype(np.float64)
         diff *= self.spacing
         exact = np.sqrt((diff * diff).sum(axis=1))
-        return float(other.areas[found][exact <= tol].sum())
+        return within + float(areas[found][exact <= tol].sum())
 
 
 def _area_nsd(pred: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: _GtSurface) -> float:
@@ -511,9 +542,10 @@ def _area_nsd(pred: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: _GtSurfa
     prediction's surface + prediction area within tol of the GT's) / (total area of both).
     """
     spacing = target.sampling
+    grid = target.shape + 1
     if target._surfels is None:
         target._surfels = _Surfels(
-            *_surfel_points(target.gt, target.lo, target.hi, spacing), spacing
+            *_surfel_points(target.gt, target.lo, target.hi, spacing), spacing, grid
         )
     gt = target._surfels
     corners, areas = _surfel_points(pred, lo, hi, spacing)
@@ -525,7 +557,7 @@ def _area_nsd(pred: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: _GtSurfa
     margin = np.floor(target.tol / np.asarray(spacing)).astype(np.int64) + 1
     w_lo, w_hi = target.lo - margin, target.hi + 1 + margin
     near = np.all((corners >= w_lo) & (corners <= w_hi), axis=1)
-    pr = _Surfels(corners[near], areas[near], spacing)
+    pr = _Surfels(corners[near], areas[near], spacing, grid)
     within = gt.area_within(pr, target.tol) + pr.area_within(gt, target.tol)
     return float(within / total)
 
