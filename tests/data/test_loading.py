@@ -141,6 +141,7 @@ def test_all_presets_parse(tmp_path):
 def test_presets_make_one_object_per_label_value(tmp_path):
     """The study's rule: each label value is one object, so no value belongs to two objects,
     except in the documented ``*_merged`` variants (liver = liver + tumour)."""
+
     def preset(path):
         cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
         cfg.task = task_preset(OmegaConf.load(path))
