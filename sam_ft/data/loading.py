@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.data.folder import is_2d_file
-from sam_ft.data.intensity import intensity_bounds
+from sam_ft.data.intensity import intensity_bounds, intensity_scope
 from sam_ft.data.skips import SkipLog
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
 from sam_ft.data.tasks import (
@@ -350,13 +350,16 @@ def load_case(
         label = np.where(np.isin(label, opts["ignore_labels"]), 0, label).astype(label.dtype)
 
     modality = task_modality(opts, meta)
-    bounds = intensity_bounds(image, opts["intensity"])
+    # scope=slice (the official code's per-image percentiles): bounds are computed per slice.
+    per_slice = intensity_scope(opts["intensity"]) == "slice"
+    bounds = None if per_slice else intensity_bounds(image, opts["intensity"])
     records = slice_records(
         image,
         label,
         case=case.case,
         image_id=case.image_id,
         bounds=bounds,
+        intensity=opts["intensity"],
         spacing=spacing,
         groups=groups,
         min_object_pixels=int(dopts["min_object_pixels"]),

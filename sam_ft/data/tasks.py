@@ -9,9 +9,10 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
 * ``demo``: generated on first use by :mod:`sam_ft.data.demo` (no download).
 
 Task keys (defaults in :data:`TASK_DEFAULTS`): ``name, source, root, decathlon_task, url, md5,
-modality, intensity {mode, level, width, lower, upper}, labels ({name: [values]} or null),
-ignore_labels, slice_axis (auto|0|1|2), channel, label_binarize (false | true | threshold),
-case_pattern, images_dir, labels_dir (dir or list of binary-mask dirs), label_name, layout``.
+modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
+labels ({name: [values]} or null), ignore_labels, slice_axis (auto|0|1|2), channel,
+label_binarize (false | true | threshold), case_pattern, images_dir,
+labels_dir (dir or list of binary-mask dirs), label_name, layout``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TASK_DEFAULTS: dict[str, Any] = {
     "url": None,
     "md5": None,
     "modality": None,
-    "intensity": {"mode": "percentile"},
+    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": True},
     "labels": None,
     "ignore_labels": [],
     "slice_axis": "auto",

@@ -10,9 +10,14 @@ Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_
 - ``per_object.csv``: 2D scores per (model, task, case, slice, label, prompt, jitter) with the
   object's attributes;
 - ``per_case.csv``: 3D scores per (model, task, case, label, prompt, jitter): the object's
-  predictions stacked back into the case's volume (empty where the object had no kept slice);
+  predictions stacked back into the case's volume (empty where the object had no kept slice),
+  against the object's whole ground-truth volume (``eval.volume_gt=full``, the default: slices
+  where it had <= ``data.min_object_pixels`` px count too) or only its kept slices (``kept``;
+  also what a case given as a bare list of ``SliceRecord`` has);
 - ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
-- ``skipped.csv``: cases that failed (``case, path, reason, stage, model, task``);
+- ``skipped.csv``: cases skipped for bad data (``case, path, reason, stage, model, task``): with
+  ``eval.on_error=skip`` only a ``DataError`` (unreadable or inconsistent files) skips a case;
+  any other exception stops the run;
 - ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
 
 Rows are appended and flushed after each case, then its marker line is written; a new run in the
@@ -48,13 +53,15 @@ from sam_ft.evaluation.everything import (
     everything_predictions,
     prompts_per_upsample,
 )
-from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
+from sam_ft.evaluation.report import jitter_rank
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
 from sam_ft.prompts.strategies import (
     MASK_SELECTIONS,
+    POINT_SAMPLINGS,
     STRATEGIES,
     make_eval_prompt,
     needs_multimask,
@@ -73,13 +80,15 @@ DEFAULTS: dict[str, Any] = {
     "prompts": list(STRATEGIES),
     "jitter_px": [[0, 10], [10, 20], [20, 30]],
     "mask_selection": "oracle",
+    "point_sampling": "even",
     "grid": 32,
     "nsd_tolerance_mm": 2.0,
+    "nsd_method": "area",
     "clicks": 0,
     "save_predictions": False,
     "max_prompts_per_call": 256,
     "overlays": 8,
-    "volume_gt": "kept",
+    "volume_gt": "full",
     "on_error": "skip",
     "everything": {},
 }
@@ -88,15 +97,18 @@ ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
-    *ATTRIBUTE_COLUMNS, "modality", "patient",
+    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit",
 ]  # fmt: skip
 PER_CASE_COLUMNS = [
     "model", "task", "case", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "num_slices", "patient",
+    "distance_unit",
 ]  # fmt: skip
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
-_STRING_COLUMNS = ("model", "task", "case", "name", "prompt", "jitter", "modality", "patient")
+_STRING_COLUMNS = (
+    "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
+)  # fmt: skip
 
 PER_OBJECT_CSV = "per_object.csv"
 PER_CASE_CSV = "per_case.csv"
@@ -118,7 +130,9 @@ class EvalOptions:
     prompts: tuple[str, ...]
     levels: tuple[JitterRange | None, ...]
     mask_selection: str
+    point_sampling: str
     nsd_tolerance_mm: float
+    nsd_method: str
     clicks: int
     save_predictions: bool
     max_prompts_per_call: int
@@ -155,6 +169,10 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.prompts must be a non-empty subset of {STRATEGIES}, got {bad}")
     if merged["mask_selection"] not in MASK_SELECTIONS:
         raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
+    if merged["point_sampling"] not in POINT_SAMPLINGS:
+        raise ConfigError(f"eval.point_sampling must be one of {POINT_SAMPLINGS}")
+    if merged["nsd_method"] not in NSD_METHODS:
+        raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
     if merged["on_error"] not in ("skip", "raise"):
@@ -170,7 +188,9 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         prompts=tuple(p for p in STRATEGIES if p in prompts),
         levels=levels,
         mask_selection=str(merged["mask_selection"]),
+        point_sampling=str(merged["point_sampling"]),
         nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
+        nsd_method=str(merged["nsd_method"]),
         clicks=int(merged["clicks"]),
         save_predictions=bool(merged["save_predictions"]),
         max_prompts_per_call=int(merged["max_prompts_per_call"]),
@@ -189,7 +209,7 @@ class LazyCase:
     Attributes:
         case: the image id the loaded case will have (``CaseFiles.image_id``).
         load: returns a ``CaseData`` or a list of ``SliceRecord``; may raise ``DataError``.
-        path: file shown in ``skipped.csv`` when loading fails with something else.
+        path: the case's file, shown in ``skipped.csv`` when the error names none.
     """
 
     case: str
@@ -331,7 +351,14 @@ def _evaluate_slice(
 
     prompts = [
         make_eval_prompt(
-            gt[i], s, j, seed=seed, case=case_key, slice_index=rec.slice_index, label=labels[i]
+            gt[i],
+            s,
+            j,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=labels[i],
+            sampling=opts.point_sampling,
         )
         for i in range(k)
         for s, j in variants
@@ -364,7 +391,9 @@ def _evaluate_slice(
 
     rows, overlay = [], []
     for i in range(k):
-        scores = batch_slice_metrics(preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm)
+        scores = batch_slice_metrics(
+            preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm, opts.nsd_method
+        )
         for j, (prompt, jit) in enumerate(names):
             store.add((labels[i], prompt, jit), rec.slice_index, preds[i, j])
             rows.append(
@@ -382,6 +411,7 @@ def _evaluate_slice(
                     "pred_iou": float(pred_iou[i, j]),
                     **attributes[i],
                     "modality": rec.modality,
+                    "distance_unit": distance_unit(rec),
                 }
             )
             if j == overlay_col and opts.overlays > 0:
@@ -421,7 +451,14 @@ def _click_curve(
     labels = [int(v) for v in rec.labels]
     prompts = [
         make_eval_prompt(
-            gt[i], "point1", None, seed=seed, case=case_key, slice_index=rec.slice_index, label=lab
+            gt[i],
+            "point1",
+            None,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=lab,
+            sampling=opts.point_sampling,
         )
         for i, lab in enumerate(labels)
     ]
@@ -452,6 +489,12 @@ def _click_curve(
 
 # --------------------------------------------------------------------------------------------
 # One case
+
+
+def distance_unit(rec: SliceRecord) -> str:
+    """Unit of a slice's HD95 and NSD tolerance: ``px`` for a 2D image file without a physical
+    spacing (PNG, JPEG, TIFF: slice index -1 and spacing (1, 1)), else ``mm``."""
+    return "px" if rec.slice_index < 0 and tuple(rec.spacing) == (1.0, 1.0) else "mm"
 
 
 def _slice_range(gt_vol: np.ndarray, store: CasePredictions, keys: list) -> tuple[int, int]:
@@ -513,12 +556,16 @@ def _per_case_rows(
             start, stop = _slice_range(gt_vol, store, keys)
             # One (slices, H, W) prediction volume at a time: memory stays flat in the variants.
             preds = (store.stack(key, stop - start, offset=start) for key in keys)
-            scores = batch_volume_metrics(preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm)
+            scores = batch_volume_metrics(
+                preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm, opts.nsd_method
+            )
         else:
             # A single 2D image: a one-slice "volume" would make every voxel surface.
             s = next(iter(kept[label]))
             preds = np.stack([store.get(key, s) for key in keys])
-            scores = batch_slice_metrics(preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm)
+            scores = batch_slice_metrics(
+                preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm, opts.nsd_method
+            )
         for j, key in enumerate(keys):
             rows.append(
                 {
@@ -532,6 +579,7 @@ def _per_case_rows(
                         for m in ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
                     },
                     "num_slices": len(kept[label]),
+                    "distance_unit": "mm" if is_3d else distance_unit(records[0]),
                 }
             )
     return rows
@@ -660,13 +708,9 @@ def _model_rank(models: pd.Series) -> pd.Series:
     return models.astype(str).map({m: i for i, m in enumerate(order)})
 
 
-def _jitter_rank(jitter: pd.Series) -> pd.Series:
-    return jitter.astype(str).map(lambda j: -1.0 if j == "none" else float(j.split("-")[0]))
-
-
 def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     """Canonical row order: model (zero-shot first), task, case, slice, label, prompt S1..S6,
-    jitter none..20-30, click."""
+    jitter (numerically, the report's ``jitter_rank``), click."""
     if df.empty:
         return df.reset_index(drop=True)
     keys = pd.DataFrame(index=df.index)
@@ -678,7 +722,7 @@ def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     if "prompt" in df:
         keys["prompt"] = df["prompt"].map({p: i for i, p in enumerate(STRATEGIES)})
     if "jitter" in df:
-        keys["jitter"] = _jitter_rank(df["jitter"])
+        keys["jitter"] = jitter_rank(df["jitter"])
     if "click" in df:
         keys["click"] = df["click"]
     order = keys.sort_values(list(keys.columns), kind="stable").index
@@ -703,9 +747,10 @@ def _drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, s
     cols = (df[c].astype(str) for c in ("model", "task", "case"))
     keys = list(zip(*cols, strict=True))
     keep = np.array([k in done for k in keys], dtype=bool)
-    if not keep.all():
+    if not keep.all() or list(df.columns) != list(columns):
+        # Also brings a table written by an older version to today's columns before appending.
         tmp = path.with_name(path.name + ".tmp")
-        df[keep].to_csv(tmp, index=False)
+        df[keep].reindex(columns=columns).to_csv(tmp, index=False)
         tmp.replace(path)
 
 
@@ -848,14 +893,13 @@ def _run(
                         records, case_data = _materialize(item)
                         path = getattr(case_data, "image_path", path)
                         results = _evaluate_case(todo, records, case_data, opts, seed, key)
-                    except Exception as e:
+                    except DataError as e:
+                        # Only bad input (unreadable or inconsistent files) is skipped: any other
+                        # exception is a bug and stops the run, whatever eval.on_error says.
                         if opts.on_error == "raise":
                             raise
-                        if isinstance(e, DataError):
-                            path, reason = e.path, e.reason
-                        else:
-                            reason = f"{type(e).__name__}: {e}"
-                        log.warning("case %s failed and is skipped: %s", key, reason, exc_info=True)
+                        path, reason = e.path, e.reason
+                        log.warning("case %s failed and is skipped: %s", key, reason)
                         first_error = first_error or f"{key}: {reason}"
                         n_failed += 1
                         for name in todo:

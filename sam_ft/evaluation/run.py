@@ -60,11 +60,30 @@ def compare_models(
         out_dir=out_dir,
         seed=cfg.seed,
     )
+    _report_skipped(out_dir, loggers)
     scalars = log_evaluation(out_dir, loggers, result.overlays)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
     box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
     return {**box_dice, **scalars}
+
+
+def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
+    """The number of cases skipped for bad data to the log (a warning naming them) and to every
+    logger that takes metrics, the CSV logger too (``eval/skipped_cases``)."""
+    from sam_ft.evaluation.report import read_skipped
+
+    skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
+    if len(skipped):
+        log.warning(
+            "%d case(s) skipped for bad data (%s): %s",
+            len(skipped),
+            out_dir / "skipped.csv",
+            ", ".join(skipped["case"].astype(str)),
+        )
+    for logger in loggers:
+        if hasattr(logger, "log_metrics"):
+            logger.log_metrics({"eval/skipped_cases": float(len(skipped))})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

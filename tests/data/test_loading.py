@@ -134,10 +134,62 @@ def test_all_presets_parse(tmp_path):
         opts = task_options(cfg.task)
         assert opts["name"] == name
         if opts["source"] == "decathlon":
-            assert opts["root"] == str(tmp_path / DECATHLON_TASKS[name])
-    cfg.task = task_preset(OmegaConf.load(CONF / "task" / "liver_ct.yaml"))
-    liver = task_options(cfg.task)
-    assert liver["labels"]["liver"] == [1, 2]
+            assert opts["decathlon_task"] == DECATHLON_TASKS[name.removesuffix("_merged")]
+            assert opts["root"] == str(tmp_path / opts["decathlon_task"])
+
+
+def test_presets_make_one_object_per_label_value(tmp_path):
+    """The study's rule: each label value is one object, so no value belongs to two objects,
+    except in the documented ``*_merged`` variants (liver = liver + tumour)."""
+
+    def preset(path):
+        cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
+        cfg.task = task_preset(OmegaConf.load(path))
+        return task_options(cfg.task)
+
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        opts = preset(path)
+        if opts["labels"] is None:
+            continue
+        groups = list(opts["labels"].values())
+        if path.stem.endswith("_merged"):
+            assert any(len(g) > 1 for g in groups), path.stem
+        else:
+            assert all(len(g) == 1 for g in groups), (path.stem, groups)
+    liver = preset(CONF / "task" / "liver_ct.yaml")
+    assert liver["labels"] == {"liver": [1], "liver_tumour": [2]}
+    merged = preset(CONF / "task" / "liver_ct_merged.yaml")
+    assert merged["labels"] == {"liver": [1, 2], "liver_tumour": [2]}
+
+
+def test_ct_presets_state_their_intensity_rule():
+    """Each CT preset says in a comment whether it uses the study's percentile rule or a window
+    and why; the MSD CT presets use the study's per-slice percentile rule."""
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        cfg = task_preset(OmegaConf.load(path))
+        if str(cfg.get("modality") or "").upper() != "CT":
+            continue
+        text = path.read_text()
+        assert "# Intensity:" in text, path.stem
+        if cfg.get("source") == "decathlon":
+            assert cfg.intensity.mode == "percentile" and cfg.intensity.scope == "slice"
+            # The peer-work window is one override away: task.intensity.mode=window.
+            assert cfg.intensity.width > 0 and cfg.intensity.level is not None
+
+
+def test_liver_preset_loads_liver_and_tumour_as_two_objects(nifti_folder):
+    label = np.zeros((20, 20, 1), dtype=np.uint8)
+    label[2:18, 2:18] = 1
+    label[6:12, 6:12] = 2  # tumour inside the liver
+    image = np.random.default_rng(0).normal(size=label.shape).astype(np.float32)
+    root = nifti_folder({"liver_0": (image, label)})
+    task = {**OmegaConf.to_container(OmegaConf.load(CONF / "task" / "liver_ct.yaml"))}
+    task.update(root=str(root), source="folder")
+    data = load_case(find_cases(root, task)[0], task, {"min_object_pixels": 10})
+    rec = data.slices[0]
+    assert rec.names == ["liver", "liver_tumour"]
+    assert rec.masks[0].sum() == 16 * 16 - 36 and rec.masks[1].sum() == 36
+    assert not (rec.masks[0] & rec.masks[1]).any()
 
 
 @pytest.mark.parametrize("name", ["kvasir_seg", "isic2018", "montgomery_cxr", "drive_vessels"])
