@@ -5,8 +5,9 @@ Two modes, chosen by the model config (``model.preprocess``):
 * ``sam``: the official pipeline, identical to ``SamPredictor.set_image``: resize the longest side
   to ``image_size`` with ``ResizeLongestSide`` (PIL bilinear), normalise with SAM's pixel mean/std,
   pad bottom-right to ``image_size x image_size``.
-* ``medsam``: MedSAM's training pipeline: resize to ``image_size x image_size`` (no aspect
-  preservation, no padding), min-max scale to [0, 1], no mean/std.
+* ``medsam``: MedSAM's own pipeline (``MedSAM_Inference.py``): resize the uint8 image to
+  ``image_size x image_size`` with scikit-image (bicubic, anti-aliased, range preserved; no
+  aspect preservation, no padding), cast back to uint8, min-max scale to [0, 1], no mean/std.
 
 Prompts are (x, y) = (column, row) pixel coordinates; arrays are indexed (row, col).
 """
@@ -24,6 +25,24 @@ PreprocessMode = Literal["sam", "medsam"]
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def medsam_preprocess(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) float32 in [0, 1], exactly as MedSAM prepares images.
+
+    MedSAM calls ``skimage.transform.resize(img, (1024, 1024), order=3, preserve_range=True,
+    anti_aliasing=True).astype(np.uint8)`` and then ``(x - min) / clip(max - min, 1e-8)``; the
+    uint8 cast (which truncates the clipped bicubic values) is part of what the model was trained
+    on, so it is kept rather than replaced by a float resize.
+    """
+    from skimage.transform import resize
+
+    resized = resize(image, (size, size), order=3, preserve_range=True, anti_aliasing=True).astype(
+        np.uint8
+    )
+    x = resized.astype(np.float64)
+    x = (x - x.min()) / np.clip(x.max() - x.min(), a_min=1e-8, a_max=None)
+    return torch.from_numpy(x).permute(2, 0, 1).float().contiguous()
 
 
 class SamTransform:
@@ -59,12 +78,7 @@ class SamTransform:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
         if self.mode == "medsam":
-            x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
-            x = F.interpolate(
-                x, (self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
-            )[0]
-            lo, hi = x.min(), x.max()
-            return (x - lo) / torch.clamp(hi - lo, min=1e-8)
+            return medsam_preprocess(image, self.image_size)
         resized = torch.as_tensor(self._resize.apply_image(image)).permute(2, 0, 1).float()
         x = (resized - self._mean) / self._std
         h, w = x.shape[-2:]

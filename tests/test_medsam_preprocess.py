@@ -1,0 +1,35 @@
+"""MedSAM's preprocessing, step for step as MedSAM's own code writes it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sam_ft.model.preprocess import SamTransform
+
+
+def _medsam_reference(img_3c: np.ndarray, size: int) -> np.ndarray:
+    """MedSAM_Inference.py, verbatim apart from the size."""
+    from skimage import transform
+
+    img_1024 = transform.resize(
+        img_3c, (size, size), order=3, preserve_range=True, anti_aliasing=True
+    ).astype(np.uint8)
+    img_1024 = (img_1024 - img_1024.min()) / np.clip(
+        img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None
+    )
+    return np.transpose(img_1024, (2, 0, 1))
+
+
+def test_medsam_mode_equals_medsam_code_on_downscale_and_upscale():
+    rng = np.random.default_rng(0)
+    for shape, size in (((97, 131), 64), ((23, 40), 64)):
+        grey = rng.integers(0, 256, size=shape).astype(np.uint8)
+        grey[: shape[0] // 3] = 255  # a sharp edge: bicubic overshoots, the cast must clip
+        image = np.repeat(grey[..., None], 3, axis=2)
+        ours = SamTransform(size, "medsam").apply_image(image)
+        ref = torch.from_numpy(_medsam_reference(image, size)).float()
+        assert ours.shape == (3, size, size) and ours.dtype == torch.float32
+        assert torch.equal(ours, ref)
+        # The uint8 cast is part of it: at most 256 distinct values.
+        assert len(torch.unique(ours)) <= 256
