@@ -112,6 +112,13 @@ class TrainableSam(nn.Module):
             and torch.cuda.is_bf16_supported()
         )
 
+    def precision(self, device: torch.device | str | None = None) -> dict[str, str]:
+        """The arithmetic each part runs in on ``device`` (default: the model's), for reports:
+        ``{"encoder": "bf16-autocast" | "float32", "decoder": "float32"}``."""
+        device = device if device is not None else next(self.parameters()).device
+        encoder = "bf16-autocast" if self.encodes_in_bf16(device) else "float32"
+        return {"encoder": encoder, "decoder": "float32"}
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         enc = self.sam.image_encoder
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
