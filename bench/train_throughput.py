@@ -63,11 +63,12 @@ class EpochTimer(L.Callback):
 def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[float]:
     """Train ``epochs`` epochs as ``train.py`` does (no validation, no checkpoints)."""
     from sam_ft.training.module import SamFinetuneModule
+    from sam_ft.training.run import build_loss
 
     module = SamFinetuneModule(
         model=model,
         finetune=finetune,
-        loss=instantiate(cfg.loss),
+        loss=build_loss(cfg),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         overlays=0,
@@ -96,11 +97,12 @@ def _pure_epoch_times(cfg, model, finetune, datamodule, repeats: int) -> list[fl
     """The epoch's own batches, loaded beforehand, through ``training_step`` + backward + AdamW:
     what a cached epoch would cost with free data loading and no Lightning (the limit)."""
     from sam_ft.training.module import SamFinetuneModule
+    from sam_ft.training.run import build_loss
 
     module = SamFinetuneModule(
         model=model,
         finetune=finetune,
-        loss=instantiate(cfg.loss),
+        loss=build_loss(cfg),
         optimizer=instantiate(cfg.optimizer),
     )
     module.train()
