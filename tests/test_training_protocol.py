@@ -292,6 +292,25 @@ def test_original_resolution_loss_is_the_mean_over_objects_of_images_of_any_size
     assert set(parts) == {"dice", "ce", "iou_mse", "iou"}
 
 
+@pytest.mark.parametrize("resolution", ["low", "input", "original"])
+def test_training_step_with_clicks_on_images_of_two_sizes(resolution):
+    """A real batch (two image sizes, one click round) trains at every resolution."""
+    from sam_ft.data.dataset import SliceDataset, collate_slices, tight_box_prompts
+
+    model = _tiny()
+    module = _module(model, "oracle", resolution)
+    module.iterative_rounds = 1
+    module.train()
+    records = [_thin_record(), _thin_record(200, 230)]
+    ds = SliceDataset(records, model.transform, tight_box_prompts, seed=0, progress=False,
+                      target_resolution=resolution)  # fmt: skip
+    loss = module.training_step(collate_slices([ds[0], ds[1]]), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.sam.mask_decoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
 # --- the zero-shot baseline (issue 13, item 4) ----------------------------------------------
 
 
