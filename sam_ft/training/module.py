@@ -166,6 +166,12 @@ class SamFinetuneModule(L.LightningModule):
         (the official training code). ``input``: logits upsampled 4x to the model input frame
         and the masks resized (nearest) into it and padded like the image.
         """
+        if tuple(masks.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"loss.resolution={self.resolution} needs the (K, H, W) masks as targets, got "
+                f"{tuple(masks.shape)} for an image of {tuple(size)}: build the data with "
+                f"SamDataModule(target_resolution={self.resolution!r})"
+            )
         masks = masks.to(logits.dtype)
         if self.resolution == "original":
             return self.model.postprocess(logits, tuple(size)), masks
