@@ -1,8 +1,10 @@
-"""MedSAM's preprocessing, step for step as MedSAM's own code writes it."""
+"""SamTransform: MedSAM's preprocessing as MedSAM's own code writes it; the training loss's
+upsampling as SAM's postprocess_masks."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sam_ft.model.preprocess import SamTransform
@@ -33,3 +35,16 @@ def test_medsam_mode_equals_medsam_code_on_downscale_and_upscale():
         assert torch.equal(ours, ref)
         # The uint8 cast is part of it: at most 256 distinct values.
         assert len(torch.unique(ours)) <= 256
+
+
+@pytest.mark.parametrize("mode", ["sam", "medsam"])
+@pytest.mark.parametrize("size", [(40, 70), (300, 200), (64, 64)])
+def test_resize_matrices_equal_postprocess(mode, size):
+    """The training loss's upsampling (two matrices) is SAM's postprocess_masks."""
+    t = SamTransform(256, mode)
+    x = torch.randn(3, 2, 64, 64, generator=torch.Generator().manual_seed(1))
+    a_h, a_w = t.resize_matrices(size)
+    torch.testing.assert_close(a_h @ x @ a_w.T, t.postprocess(x, size), atol=2e-5, rtol=1e-5)
+    a_h, a_w = t.resize_matrices(None)
+    up = torch.nn.functional.interpolate(x, (256, 256), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(a_h @ x @ a_w.T, up, atol=2e-5, rtol=1e-5)

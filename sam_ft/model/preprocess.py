@@ -45,6 +45,13 @@ def medsam_preprocess(image: np.ndarray, size: int = 1024) -> torch.Tensor:
     return torch.from_numpy(x).permute(2, 0, 1).float().contiguous()
 
 
+def _resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of a 1D bilinear resize (``align_corners=False``, no antialias): the
+    identity resized along its rows, so column j is where input sample j goes."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None, None]
+    return F.interpolate(eye, (n_out, n_in), mode="bilinear", align_corners=False)[0, 0].float()
+
+
 class SamTransform:
     """Maps images, prompts and masks into the model's input frame and logits back out.
 
@@ -61,6 +68,7 @@ class SamTransform:
         self._resize = ResizeLongestSide(self.image_size)
         self._mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
         self._std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def low_res_size(self) -> int:
@@ -113,6 +121,35 @@ class SamTransform:
         m = F.pad(m, (0, self.image_size - w, 0, self.image_size - h))
         m = F.avg_pool2d(m, 4)
         return (m[0] >= 0.5).float()
+
+    def resize_matrices(
+        self, original_size: tuple[int, int] | None, device=None, dtype=torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_h, A_w) with ``A_h @ x @ A_w.T == postprocess(x, original_size)`` for (..., S/4,
+        S/4) logits x, up to float rounding; ``original_size=None``: the 4x upsampling to the
+        (S, S) input frame.
+
+        Bilinear resizing is linear and separable, so SAM's upsample -> crop -> resize is one
+        (H, S/4) and one (W, S/4) matrix, made by resizing the identity. The training loss uses
+        them for images smaller than the input: their backward is two small matrix products,
+        where ``F.interpolate``'s goes through the (S, S) frame (several times slower on a CPU;
+        the products grow with H x W x S/4, so large images keep ``postprocess``).
+        """
+        key = (None if original_size is None else tuple(original_size), str(device), dtype)
+        cache = self._matrices
+        if key not in cache:
+            low, s = self.low_res_size, self.image_size
+            if original_size is None:
+                mats = (_resize_matrix(low, s), _resize_matrix(low, s))
+            elif self.mode == "medsam":
+                h, w = original_size
+                mats = (_resize_matrix(low, h), _resize_matrix(low, w))
+            else:
+                (h, w), (big_h, big_w) = self.input_size(original_size), original_size
+                up = _resize_matrix(low, s)
+                mats = (_resize_matrix(h, big_h) @ up[:h], _resize_matrix(w, big_w) @ up[:w])
+            cache[key] = tuple(m.to(device=device, dtype=dtype) for m in mats)
+        return cache[key]
 
     def postprocess(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
         """(N, C, S/4, S/4) logits -> (N, C, H, W) logits at the original size.
