@@ -25,14 +25,20 @@ def _compose(name: str, overrides: list[str]):
     "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
 def test_train_config_composes(group, option, tmp_path):
-    cfg = _compose("train", [f"{group}={option}", f"paths.log_dir={tmp_path}"])
+    # The paper's experiments need a task (they never silently train on the demo).
+    task = ["task=liver_ct"] if option.startswith("paper_") else []
+    cfg = _compose("train", [f"{group}={option}", f"paths.log_dir={tmp_path}", *task])
     assert cfg.seed == 42 and "ckpt_path" in cfg
-    if group in ("finetune", "prompt", "loss"):
+    if group in ("finetune", "prompt"):
         assert instantiate(cfg[group]) is not None
+    if group == "loss":  # iou_weight: null is set from eval.mask_selection by build_loss
+        from sam_ft.training.run import build_loss
+
+        assert build_loss(cfg) is not None
 
 
 def test_paper_recipe():
-    cfg = _compose("train", ["experiment=paper_vit_h"])
+    cfg = _compose("train", ["experiment=paper_vit_h", "task=liver_ct"])
     assert cfg.model.name == "vit_h" and cfg.finetune.name == "decoder"
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.01
     assert cfg.data.batch_size == 2 and cfg.trainer.max_epochs == 20

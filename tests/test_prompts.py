@@ -337,7 +337,7 @@ def test_single_mode():
     np.testing.assert_array_equal(chosen[0], gt[0])
     with pytest.raises(ValueError):
         select_masks(masks, None, None, "single")
-    assert MASK_SELECTIONS == ("oracle", "predicted_iou", "single")
+    assert MASK_SELECTIONS == ("oracle", "predicted_iou", "single", "auto")
     assert needs_multimask("oracle") and needs_multimask("predicted_iou")
     assert not needs_multimask("single")
 

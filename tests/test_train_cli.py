@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,9 @@ def test_demo_writes_comparison(demo_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "sam_finetuned.pth").is_file()
     assert (run_dir / "splits.json").is_file()
+    info = json.loads((run_dir / "eval" / "run_info.json").read_text())
+    for name in ("zero_shot", "finetuned"):  # precision is recorded with the results
+        assert info["models"][name]["precision"] == {"encoder": "float32", "decoder": "float32"}
     assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
     assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
 

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,11 @@ import torch
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.evaluation.attributes import object_attributes
-from sam_ft.evaluation.everything import (
-    EverythingConfig,
-    everything_predictions,
-    prompts_per_upsample,
-)
+from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
 from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.evaluation.report import jitter_rank
+from sam_ft.evaluation.selection import decode_select
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
@@ -64,10 +61,7 @@ from sam_ft.prompts.strategies import (
     POINT_SAMPLINGS,
     STRATEGIES,
     make_eval_prompt,
-    needs_multimask,
-    select_masks,
 )
-from sam_ft.prompts.types import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -270,55 +264,6 @@ def _device(model: TrainableSam) -> torch.device:
     return next(model.parameters()).device
 
 
-def _decode_select(
-    model: TrainableSam,
-    embedding: torch.Tensor,
-    prompts: Sequence[Prompt],
-    gt: np.ndarray,
-    mode: str,
-    max_per_call: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """Decode prompts of one image in chunks and keep one mask per prompt.
-
-    Args:
-        embedding: (C, h, w) image embedding.
-        prompts: N prompts, (x, y) original-image pixels.
-        gt: (N, H, W) bool ground truth of each prompt's object (for ``oracle``).
-        mode: one of ``MASK_SELECTIONS``.
-        max_per_call: prompts per ``model.decode`` call.
-
-    Returns:
-        masks (N, H, W) bool at the original size, chosen channel (N,), its predicted IoU (N,),
-        and its low-res logits (N, S/4, S/4) (fed back by the click loop).
-    """
-    n, size = len(prompts), tuple(gt.shape[1:])
-    multimask = needs_multimask(mode)
-    threshold = float(model.sam.mask_threshold)
-    masks = np.zeros((n, *size), dtype=bool)
-    index = np.zeros(n, dtype=np.int64)
-    iou = np.zeros(n, dtype=np.float64)
-    side = model.transform.low_res_size
-    low_kept = torch.zeros((n, side, side))
-    # Equal structures share one decoder call inside model.decode: sort before chunking.
-    order = sorted(range(n), key=lambda i: prompts[i].structure)
-    # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
-    # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES), and
-    # blocks under 32 MiB also upsample ~3x faster per prompt (glibc maps larger ones afresh).
-    step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size)
-    for start in range(0, n, max_per_call):
-        chunk = order[start : start + max_per_call]
-        low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-        for s in range(0, len(chunk), step):
-            idx = chunk[s : s + step]
-            sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-            binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
-            chosen, ch = select_masks(binary, sub_iou.cpu(), gt[idx], mode)
-            masks[idx], index[idx] = chosen, ch
-            iou[idx] = sub_iou.float().cpu().numpy()[np.arange(len(idx)), ch]
-            low_kept[idx] = sub_low[torch.arange(len(idx)), torch.as_tensor(ch)].float().cpu()
-    return masks, index, iou, low_kept
-
-
 def _dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Dice of (N, H, W) bool pairs (1 when both are empty)."""
     inter = np.count_nonzero(a & b, axis=(1, 2))
@@ -368,7 +313,7 @@ def _evaluate_slice(
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
     if prompts:
-        m, ch, iou, _ = _decode_select(
+        m, ch, iou, _ = decode_select(
             model,
             embedding,
             prompts,
@@ -462,7 +407,7 @@ def _click_curve(
         )
         for i, lab in enumerate(labels)
     ]
-    pred, _, _, low = _decode_select(
+    pred, _, _, low = decode_select(
         model, embedding, prompts, gt, opts.mask_selection, opts.max_prompts_per_call
     )
     rows = []
@@ -471,7 +416,7 @@ def _click_curve(
             prompts = [
                 add_click(p, next_click(pred[i], gt[i]), low[i]) for i, p in enumerate(prompts)
             ]
-            pred, _, _, low = _decode_select(
+            pred, _, _, low = decode_select(
                 model, embedding, prompts, gt, "single", opts.max_prompts_per_call
             )
         for i, d in enumerate(_dice(pred, gt)):

@@ -60,12 +60,38 @@ def compare_models(
         out_dir=out_dir,
         seed=cfg.seed,
     )
+    _write_run_info(out_dir, models, cfg)
     _report_skipped(out_dir, loggers)
     scalars = log_evaluation(out_dir, loggers, result.overlays)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
     box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
     return {**box_dice, **scalars}
+
+
+RUN_INFO = "run_info.json"
+
+
+def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
+    """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
+    preprocessing, mask selection), merged with the entries of models evaluated earlier into the
+    same folder (the report covers them too)."""
+    import json
+
+    path = Path(out_dir) / RUN_INFO
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    entries = info.setdefault("models", {})
+    for name, model in models.items():
+        entries[name] = {
+            "precision": model.precision(),
+            "multimask_output": bool(getattr(model, "multimask_output", True)),
+            "preprocess": model.transform.mode,
+            "mask_selection": str(cfg.eval.mask_selection),
+        }
+        log.info("model %s: precision %s", name, entries[name]["precision"])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def _report_skipped(out_dir: Path, loggers: Sequence) -> None:

@@ -272,13 +272,34 @@ def make_eval_prompt(
 # --------------------------------------------------------------------------------------------------
 # Mask selection among SAM's outputs
 
-MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single")
+MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
 """``oracle``: best of 3 by Dice vs GT (the study's); ``predicted_iou``: best of 3 by SAM's IoU
-head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask."""
+head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
+own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
+mask prompt) and the single mask for every other prompt. A model with a single mask output
+(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
+
+
+def is_ambiguous(prompt: Prompt) -> bool:
+    """One point, no box, no mask prompt: the prompts SAM decodes with 3 masks."""
+    points = 0 if prompt.points is None else len(prompt.points)
+    return prompt.box is None and points == 1 and prompt.mask_logits is None
+
+
+def prompt_selection(mode: str, prompt: Prompt, model_multimask: bool = True) -> str:
+    """The concrete selection (``oracle``, ``predicted_iou`` or ``single``) one prompt gets under
+    ``eval.mask_selection == mode`` on a model with (``model_multimask``) or without 3 outputs."""
+    needs_multimask(mode)
+    if not model_multimask:
+        return "single"
+    if mode == "auto":
+        return "predicted_iou" if is_ambiguous(prompt) else "single"
+    return mode
 
 
 def needs_multimask(mode: str) -> bool:
-    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``."""
+    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``
+    (``auto`` does for some prompts: see :func:`prompt_selection`)."""
     if mode not in MASK_SELECTIONS:
         raise ValueError(f"mask selection must be one of {MASK_SELECTIONS}, got {mode!r}")
     return mode != "single"
@@ -302,7 +323,7 @@ def select_masks(
         masks: (N, C, H, W) bool masks, or float logits (binarised at > 0, SAM's threshold).
         iou_pred: (N, C) SAM IoU predictions; needed for ``predicted_iou``.
         gt: (N, H, W) bool ground truth at the masks' resolution; needed for ``oracle``.
-        mode: one of ``MASK_SELECTIONS``.
+        mode: one of ``MASK_SELECTIONS`` (``auto`` ranks 3 masks by the IoU head, as SAM does).
 
     Returns:
         (N, H, W) bool chosen masks and (N,) int64 chosen channel. Ties go to the lower channel.
@@ -317,7 +338,7 @@ def select_masks(
         index = np.zeros(n, dtype=np.int64)
     elif mode == "single":
         raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
-    elif mode == "predicted_iou":
+    elif mode in ("predicted_iou", "auto"):
         if iou_pred is None:
             raise ValueError("mask selection 'predicted_iou' needs iou_pred")
         index = _to_numpy(iou_pred).reshape(n, c).argmax(axis=1)
