@@ -45,3 +45,26 @@ class NanLossFrom(SegmentationLoss):
         if self.calls >= self.first_nan:
             loss = loss * float("nan")
         return loss, parts
+
+
+class Fp16WithScaler(L.Callback):
+    """Runs training in fp16 autocast with a real ``GradScaler`` starting at ``init_scale``.
+
+    Lightning turns ``precision=16-mixed`` into bf16 on CPU, so the plugin a ``16-mixed`` GPU run
+    gets (``MixedPrecision`` + ``GradScaler``) is put in place here before training starts. A huge
+    start makes the first steps' scaled gradients overflow, as in a real fp16 run's first steps or
+    after a loss spike; ``backoff_factor`` sets how fast the scaler recovers.
+    """
+
+    def __init__(self, init_scale: float, backoff_factor: float = 0.5) -> None:
+        self.init_scale = float(init_scale)
+        self.backoff_factor = float(backoff_factor)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import torch
+        from lightning.pytorch.plugins import MixedPrecision
+
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=self.init_scale, backoff_factor=self.backoff_factor
+        )
+        trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler)

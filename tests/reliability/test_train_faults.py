@@ -137,3 +137,32 @@ def test_nonfinite_model_never_exported(tmp_path, cache):
     assert not (tmp_path / "sam_finetuned.pth").exists()
     for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
         assert _all_finite(ckpt), ckpt
+
+
+def test_gradient_verdict_rule():
+    from sam_ft.training.module import gradient_verdict
+
+    assert gradient_verdict(grads_finite=True, scaled=False) == "ok"
+    assert gradient_verdict(grads_finite=True, scaled=True) == "ok"
+    # GradScaler skips an overflowing step and lowers its scale: not an error.
+    assert gradient_verdict(grads_finite=False, scaled=True) == "overflow"
+    assert gradient_verdict(grads_finite=False, scaled=False) == "nonfinite"
+
+
+def test_fp16_overflow_steps_are_counted_apart_and_never_stop_the_run(tmp_path, cache):
+    # A real GradScaler on CPU: from 2**60, scaled by 2**-10 per overflow, the first steps overflow
+    # fp16 (as after a loss spike). Before, 3 of them in a row stopped the run.
+    start = [
+        "+callbacks.fault._target_=_faults.Fp16WithScaler",
+        "+callbacks.fault.init_scale=1.152921504606847e18",
+        "+callbacks.fault.backoff_factor=0.0009765625",
+        "train.max_nonfinite_steps=3",
+    ]
+    proc = train(tmp_path, cache, *start)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = last_checkpoint(tmp_path)
+    assert state["sam_ft"]["overflow_steps"] >= 3, state["sam_ft"]
+    assert state["sam_ft"]["nonfinite_steps"] == 0
+    assert state["global_step"] == EPOCHS * BATCHES
+    assert _all_finite(tmp_path / "checkpoints" / "last.ckpt")
+    assert (tmp_path / "sam_finetuned.pth").exists()
