@@ -16,18 +16,29 @@ from sam_ft.losses import SegmentationLoss
 
 
 class SignalAtStep(L.Callback):
-    """Sends ``signum`` to this process when training reaches ``step`` (after that step's update).
+    """Sends ``signum`` to this process when training reaches ``step``.
+
+    ``when="end"``: after that step's update, before its step checkpoint is written (callbacks run
+    before Lightning's checkpoint callbacks). ``when="start"``: as the next batch starts, i.e.
+    right after step ``step``'s checkpoint was written.
 
     With SIGKILL the process dies at once: whatever the checkpoints hold at that moment is all a
     resume gets, exactly as after an out-of-memory kill or a node failure.
     """
 
-    def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL), when: str = "end") -> None:
+        if when not in ("start", "end"):
+            raise ValueError(f"when must be start or end, got {when!r}")
         self.step = int(step)
         self.signum = int(signum)
+        self.when = when
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.when == "start" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if self.when == "end" and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
 
 
