@@ -12,8 +12,7 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
 Task keys (defaults in :data:`TASK_DEFAULTS`): ``name, source, root, decathlon_task, url, md5,
 modality, intensity {mode, level, width, lower, upper}, labels ({name: [values]} or null),
 ignore_labels, slice_axis (auto|0|1|2), channel, label_binarize (false | true | threshold),
-case_pattern, images_dir, labels_dir (dir or list of binary-mask dirs), label_name, layout,
-keep_archive``.
+case_pattern, images_dir, labels_dir (dir or list of binary-mask dirs), label_name, layout``.
 """
 
 from __future__ import annotations
