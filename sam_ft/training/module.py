@@ -39,7 +39,8 @@ class SamFinetuneModule(L.LightningModule):
             (``sam_ft.evaluation.selection.decode_select``), so ``val/dice`` ranks checkpoints by
             the measure the evaluation reports.
         iterative_rounds: extra click rounds per step (``prompt=iterative``); loss on every round.
-        max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients.
+        max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients
+            (fp16 overflow steps that GradScaler skips are counted apart and never stop the run).
         overlays: number of validation objects drawn each epoch (0 = none).
     """
 
@@ -73,6 +74,7 @@ class SamFinetuneModule(L.LightningModule):
         # Saved in checkpoints so a resumed run keeps the best Dice seen before the kill.
         self.val_dice_best.persistent(True)
         self.nonfinite_steps = 0
+        self.overflow_steps = 0  # fp16 steps GradScaler skipped (not errors)
         self._consecutive_nonfinite = 0
         self._last_cases: list[str] = []
         self._overlay_items: list = []
@@ -222,7 +224,16 @@ class SamFinetuneModule(L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return  # training_step returned None (non-finite loss): already counted
-        if not _all_finite(grads):
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        verdict = gradient_verdict(_all_finite(grads), scaler is not None)
+        if verdict == "overflow":
+            # fp16: GradScaler found the same Inf/NaN when unscaling; it skips this step and
+            # lowers its scale. Normal, so counted apart and never a reason to stop.
+            self.overflow_steps += 1
+            self._consecutive_nonfinite = 0  # the loss was finite
+            self.log("train/overflow_steps", float(self.overflow_steps))
+            log.info("fp16 gradient overflow at step %d: GradScaler skips it", self.global_step)
+        elif verdict == "nonfinite":
             # A None grad makes torch optimizers skip the parameter: this step changes nothing.
             for p in self.parameters():
                 p.grad = None
@@ -260,12 +271,14 @@ class SamFinetuneModule(L.LightningModule):
         checkpoint["sam_ft"] = {
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_nonfinite": self._consecutive_nonfinite,
+            "overflow_steps": self.overflow_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("sam_ft", {})
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.overflow_steps = int(state.get("overflow_steps", 0))
 
     # --- validation --------------------------------------------------------------------------
 
@@ -324,6 +337,20 @@ class SamFinetuneModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def gradient_verdict(grads_finite: bool, scaled: bool) -> str:
+    """What to do with a step whose loss was finite.
+
+    ``"ok"``: finite gradients, the step is taken. ``"overflow"``: non-finite gradients under a
+    ``GradScaler`` (``precision=16-mixed``): the scaled gradients overflowed fp16; the scaler skips
+    the step and lowers its scale by itself, so it is counted apart and never stops the run.
+    ``"nonfinite"``: non-finite gradients without a scaler: the step is skipped and counts
+    towards ``train.max_nonfinite_steps``.
+    """
+    if grads_finite:
+        return "ok"
+    return "overflow" if scaled else "nonfinite"
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

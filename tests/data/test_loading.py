@@ -230,19 +230,19 @@ def _msd_archive(tmp_path: Path, h) -> tuple[Path, str]:
 
 
 def test_decathlon_download_from_local_mirror(tmp_path, h):
-    # MONAI's real download_and_extract (file:// URL): checksum, extraction, then a folder task.
+    # MONAI's real download_url (file:// URL): checksum, extraction, then a folder task.
     archive, md5 = _msd_archive(tmp_path, h)
     task = {"name": "spleen_ct", "source": "decathlon", "url": archive.as_uri(), "md5": md5}
     root = prepare_task(task, data_dir=tmp_path / "data")
     assert root == tmp_path / "data" / "Task09_Spleen"
     assert len(find_cases(root, task)) == 2
-    with pytest.raises(DataError, match="download of Task09_Spleen failed"):
+    with pytest.raises(DataError, match="md5 mismatch"):
         prepare_task({**task, "md5": "0" * 32}, data_dir=tmp_path / "other")
 
 
 def test_decathlon_present_folder_not_downloaded(tmp_path, h, monkeypatch):
     calls = []
-    monkeypatch.setattr(tasks_module, "download_and_extract", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(tasks_module, "download_url", lambda **kw: calls.append(kw))
     image, label = h.simple_case()
     h.write_nifti(tmp_path / "Task03_Liver" / "imagesTr" / "liver_0.nii.gz", image)
     assert prepare_task({"name": "liver_ct", "source": "decathlon"}, tmp_path) == (
@@ -255,13 +255,14 @@ def test_decathlon_absent_folder_calls_monai_with_its_url(tmp_path, monkeypatch)
     from monai.apps import DecathlonDataset
 
     calls = []
-    monkeypatch.setattr(tasks_module, "download_and_extract", lambda **kw: calls.append(kw))
-    with pytest.raises(DataError, match="did not contain Task06_Lung"):
-        prepare_task({"name": "lung_tumour_ct", "source": "decathlon"}, tmp_path)
+    monkeypatch.setattr(tasks_module, "download_url", lambda **kw: calls.append(kw))
+    with pytest.raises(DataError, match="produced no archive"):
+        prepare_task({"name": "hippocampus_mri", "source": "decathlon"}, tmp_path)
     (kw,) = calls
-    assert kw["url"] == DecathlonDataset.resource["Task06_Lung"]
-    assert kw["hash_val"] == DecathlonDataset.md5["Task06_Lung"] and kw["hash_type"] == "md5"
-    assert kw["output_dir"] == str(tmp_path) and kw["progress"] is True
+    assert kw["url"] == DecathlonDataset.resource["Task04_Hippocampus"]
+    assert kw["hash_val"] == DecathlonDataset.md5["Task04_Hippocampus"]
+    assert kw["hash_type"] == "md5" and kw["progress"] is True
+    assert kw["filepath"] == str(tmp_path / "Task04_Hippocampus.tar")
 
 
 def test_decathlon_offline_error_is_one_clear_line(tmp_path):
