@@ -148,6 +148,8 @@ def make_datamodule(cfg, model, run_dir: Path, progress: bool = False):
         seed=cfg.seed,
         run_dir=run_dir,
         progress=progress,
+        # The train config's loss.resolution decides the kind of target (eval configs: none).
+        target_resolution=cfg.loss.resolution if "loss" in cfg else "low",
     )
 
 

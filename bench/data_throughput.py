@@ -62,10 +62,11 @@ def _loader_rate(datamodule) -> tuple[float, int]:
 def _step_time(cfg, model, batch: dict, repeats: int) -> float:
     """Median seconds of one decoder-only training step on ``batch`` (embeddings given)."""
     from sam_ft.training.module import SamFinetuneModule
+    from sam_ft.training.run import build_loss
 
     finetune = instantiate(cfg.finetune)
     finetune.apply(model)
-    module = SamFinetuneModule(model, finetune, instantiate(cfg.loss), instantiate(cfg.optimizer))
+    module = SamFinetuneModule(model, finetune, build_loss(cfg), instantiate(cfg.optimizer))
     module.train()
     optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
 

@@ -57,16 +57,16 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
     module = SamFinetuneModule(model, finetune, SegmentationLoss(), torch.optim.AdamW)
     module.train()
     optimizer = torch.optim.AdamW(finetune.param_groups(model, 1e-4))
-    s, low = model.image_size, model.transform.low_res_size
+    s = model.image_size
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, s, s, generator=gen).to(device)
     box = np.array([s * 0.25, s * 0.25, s * 0.6, s * 0.7])
     batch = {
         "prompts": [[Prompt(box=box), Prompt(box=box * 1.2)] for _ in range(batch_size)],
         "original_size": [(s, s)] * batch_size,
+        # The default loss.resolution=original: targets are the masks at the image's size.
         "target": [
-            (torch.rand(2, low, low, generator=gen) > 0.5).float().to(device)
-            for _ in range(batch_size)
+            (torch.rand(2, s, s, generator=gen) > 0.5).to(device) for _ in range(batch_size)
         ],
         "case": ["bench"] * batch_size,
     }

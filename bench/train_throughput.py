@@ -7,6 +7,8 @@ uncached run serves images (``data.cache_embeddings=false``), so every step runs
 the cached run fills the embedding cache once in ``setup`` (timed apart) and then trains on it.
 The limit is the same epoch's batches, loaded beforehand, through ``training_step`` + backward +
 AdamW with no loader and no Lightning (best of ``--epochs``): a cached epoch cannot beat it.
+Both runs use the default ``loss.resolution`` (``original``); the cached epoch is also timed with
+each other resolution (``input``, ``low``), the cost of comparing at full resolution.
 
     python bench/train_throughput.py --model vit_b --images 4
 
@@ -45,6 +47,8 @@ from _common import (
 )
 from hydra.utils import instantiate
 
+from sam_ft.losses import RESOLUTIONS
+
 
 class EpochTimer(L.Callback):
     """Wall time of every training epoch (the loader, steps and optimizer, not setup)."""
@@ -60,18 +64,25 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[float]:
-    """Train ``epochs`` epochs as ``train.py`` does (no validation, no checkpoints)."""
+def _module(cfg, model, finetune, **kwargs):
+    """The ``SamFinetuneModule`` as ``train.py`` builds it."""
     from sam_ft.training.module import SamFinetuneModule
+    from sam_ft.training.run import build_loss, train_multimask
 
-    module = SamFinetuneModule(
+    return SamFinetuneModule(
         model=model,
         finetune=finetune,
-        loss=instantiate(cfg.loss),
+        loss=build_loss(cfg),
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        overlays=0,
+        multimask_output=train_multimask(cfg, model),
+        mask_selection=str(cfg.eval.mask_selection),
+        **kwargs,
     )
+
+
+def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[float]:
+    """Train ``epochs`` epochs as ``train.py`` does (no validation, no checkpoints)."""
+    module = _module(cfg, model, finetune, scheduler=instantiate(cfg.scheduler), overlays=0)
     timer = EpochTimer()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -95,14 +106,7 @@ def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[f
 def _pure_epoch_times(cfg, model, finetune, datamodule, repeats: int) -> list[float]:
     """The epoch's own batches, loaded beforehand, through ``training_step`` + backward + AdamW:
     what a cached epoch would cost with free data loading and no Lightning (the limit)."""
-    from sam_ft.training.module import SamFinetuneModule
-
-    module = SamFinetuneModule(
-        model=model,
-        finetune=finetune,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-    )
+    module = _module(cfg, model, finetune)
     module.train()
     optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
     batches = list(datamodule.train_dataloader())
@@ -157,6 +161,19 @@ def main(argv: list[str] | None = None) -> float:
     cached = _fit(cfg, model, finetune, dm_cached, args.epochs, tmp / "run_cached")
     pure = _pure_epoch_times(cfg, model, finetune, dm_cached, repeats=args.epochs)
 
+    # The cost of loss.resolution: cached epochs with each other choice (caches are warm).
+    by_resolution = {cfg.loss.resolution: median(cached)}
+    for res in [r for r in RESOLUTIONS if r != cfg.loss.resolution]:
+        cfg_res = compose(
+            args.model, tmp / "task", splits, tmp / "cache", [*extra, f"loss.resolution={res}"]
+        )
+        model.load_state_dict(initial)
+        dm_res = make_datamodule(cfg_res, model, tmp / f"run_{res}")
+        dm_res.use_embedding_cache(*_frozen_encoder(model))
+        dm_res.setup("fit")
+        times = _fit(cfg_res, model, finetune, dm_res, args.epochs, tmp / f"run_{res}")
+        by_resolution[res] = median(times)
+
     n, steps = args.images, -(-args.images // args.batch_size)
     t_uncached, t_cached = uncached[0], median(cached)
     t_limit = min(pure)  # the least disturbed run: a limit
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> float:
     print(
         f"data: {n} synthetic CT slices {args.size}x{args.size} (NIfTI, demo generator), "
         f"model {args.model} (random weights), finetune=decoder, batch {args.batch_size}, "
-        f"box prompts, {steps} steps/epoch"
+        f"box prompts, {steps} steps/epoch, loss.resolution={cfg.loss.resolution}"
     )
     rows = [
         ["uncached (encoder every step)", t_uncached, t_uncached / n, 1.0],
@@ -182,10 +199,20 @@ def main(argv: list[str] | None = None) -> float:
         "one-off costs (not in the epoch times)",
         ["what", "s"],
         [
-            ["setup, images (NIfTI -> slice cache, low-res targets)", t["setup_images"]],
+            ["setup, images (NIfTI -> slice cache, training targets)", t["setup_images"]],
             ["setup, cached (slice cache hit + encoding every slice once)", t["setup_cached"]],
         ],
     )
+    low = by_resolution["low"]
+    print_table(
+        f"loss.resolution, cached epoch (median of {args.epochs}; default {cfg.loss.resolution})",
+        ["loss.resolution", "epoch s", "s / image", "x low", "speedup vs uncached"],
+        [
+            [res, by_resolution[res], by_resolution[res] / n, by_resolution[res] / low,
+             t_uncached / by_resolution[res]]
+            for res in RESOLUTIONS
+        ],
+    )  # fmt: skip
     print(f"cached epochs (s): {', '.join(f'{x:.3g}' for x in cached)}")
     print(f"pure-step epochs (s): {', '.join(f'{x:.3g}' for x in pure)}")
     print(f"cached epoch reaches {t_limit / t_cached:.0%} of the pure-step limit")

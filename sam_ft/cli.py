@@ -1,4 +1,5 @@
-"""Hydra entry points: ``train.py`` / ``sam-ft-train`` and ``evaluate.py`` / ``sam-ft-evaluate``."""
+"""Hydra entry points: ``train.py`` / ``sam-ft-train``, ``evaluate.py`` / ``sam-ft-evaluate`` and
+``predict.py`` / ``sam-ft-predict``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ log = logging.getLogger("sam_ft")
 
 
 def config_dir() -> str:
-    """``$SAM_FT_CONFIG_DIR``, else the ``conf/`` of this checkout, else ``./conf``."""
-    candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), Path(__file__).resolve().parents[1] / "conf"]
+    """``$SAM_FT_CONFIG_DIR``, else the configs installed with the package (``sam_ft/conf``, a
+    non-editable install), else the ``conf/`` of this checkout, else ``./conf``."""
+    here = Path(__file__).resolve().parent
+    candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), here / "conf", here.parent / "conf"]
     candidates.append(Path.cwd() / "conf")
     for candidate in candidates:
         if candidate and (Path(candidate) / "train.yaml").is_file():
@@ -54,11 +57,12 @@ def _own_error(err: BaseException | None) -> SamFtError | None:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from sam_ft.logging_results import sweep_objective
     from sam_ft.training.run import train as run_train
 
     metrics = _guarded(run_train)(cfg)
-    # Hydra sweepers optimise the returned value.
-    return metrics.get("val/dice_best") if metrics else None
+    # Hydra sweepers optimise the returned value: the finetuned model's evaluated box Dice.
+    return sweep_objective(metrics)
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
@@ -66,3 +70,22 @@ def evaluate(cfg: DictConfig) -> None:
     from sam_ft.evaluation.run import evaluate as run_evaluate
 
     _guarded(run_evaluate)(cfg)
+
+
+def predict_overrides(args: list[str]) -> list[str]:
+    """``prompt=X`` -> ``strategy=X``: ``prompt`` names the training-prompt config group, so
+    Hydra would read ``prompt=everything`` as a group choice; predict's key is ``strategy``."""
+    return [f"strategy={a.split('=', 1)[1]}" if a.startswith("prompt=") else a for a in args]
+
+
+@hydra.main(config_path=config_dir(), config_name="predict", version_base="1.3")
+def _predict(cfg: DictConfig) -> None:
+    from sam_ft.inference.run import predict as run_predict
+
+    _guarded(run_predict)(cfg)
+
+
+def predict() -> None:
+    """``predict.py`` / ``sam-ft-predict`` (``prompt=`` accepted for ``strategy=``)."""
+    sys.argv = [sys.argv[0], *predict_overrides(sys.argv[1:])]
+    _predict()

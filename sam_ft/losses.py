@@ -22,6 +22,8 @@ from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
 LossKind = Literal["dice_ce", "focal_dice"]
+Resolution = Literal["low", "input", "original"]
+RESOLUTIONS: tuple[str, ...] = ("low", "input", "original")
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,13 @@ class SegmentationLoss(nn.Module):
         iou_on: ``"all"`` trains the IoU head on all C masks (it must rank them to select one at
             inference); ``"best"`` only on the mask that the mask loss kept.
         smooth: Dice smoothing added to numerator and denominator (MONAI's default 1e-5).
+        resolution: the frame where logits meet targets, applied by the training module:
+            ``original`` (logits upsampled to the image's size as ``Sam.postprocess_masks`` does,
+            against the original mask: the official code; a kept object never has an empty
+            target), ``input`` (logits upsampled 4x to the model input frame, mask resized into
+            it, nearest: empty only for objects thinner than the downscale of images larger than
+            the input), ``low`` (the 256x256 logits against the mask 4x4-averaged and thresholded
+            at 0.5: fastest, but objects under ~2 input pixels wide get an empty target).
     """
 
     def __init__(
@@ -64,8 +73,16 @@ class SegmentationLoss(nn.Module):
         focal_gamma: float = 2.0,
         iou_on: Literal["all", "best"] = "all",
         smooth: float = 1e-5,
+        resolution: Resolution = "original",
     ) -> None:
         super().__init__()
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"loss.resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+        if iou_weight is None:
+            raise ValueError(
+                "loss.iou_weight is null: build the loss with sam_ft.training.run.build_loss, "
+                "which sets it from eval.mask_selection, or give a number"
+            )
         if kind not in ("dice_ce", "focal_dice"):
             raise ValueError(f"loss kind must be 'dice_ce' or 'focal_dice', got {kind!r}")
         if iou_on not in ("all", "best"):
@@ -76,6 +93,7 @@ class SegmentationLoss(nn.Module):
         self.pixel_weight = float(ce_weight if kind == "dice_ce" else focal_weight)
         self.pixel_name = "ce" if kind == "dice_ce" else "focal"
         self.iou_on = iou_on
+        self.resolution = resolution
         # reduction="none" keeps one Dice per (object, mask): per-object Dice, never batch-global.
         self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
         self.focal = (
@@ -105,7 +123,8 @@ class SegmentationLoss(nn.Module):
         Args:
             logits: (N, C, h, w) mask logits, C = 1 or 3 (multimask).
             iou_pred: (N, C) IoU-head predictions, or None when ``iou_weight == 0``.
-            target: (N, h, w) float {0, 1} ground truth at the logits' resolution.
+            target: (N, h, w) float {0, 1} ground truth at the logits' resolution (the module
+                brings both into the ``resolution`` frame).
 
         Returns:
             ``(loss, parts)``: the scalar loss, and detached scalars ``dice``, ``ce`` or
@@ -158,5 +177,5 @@ class SegmentationLoss(nn.Module):
         return (
             f"kind={self.kind}, dice_weight={self.dice_weight:g}, "
             f"{self.pixel_name}_weight={self.pixel_weight:g}, iou_weight={self.iou_weight:g}, "
-            f"iou_on={self.iou_on}"
+            f"iou_on={self.iou_on}, resolution={self.resolution}"
         )

@@ -28,17 +28,17 @@ from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.report import (
     BASELINE_MODEL,
-    JITTER_ORDER,
     PROMPT_NAMES,
     PROMPT_ORDER,
     SCORE_COLUMNS,
+    jitter_rank,
     rank_by_order,
     to_markdown,
 )
 from sam_ft.evaluation.study import find_per_object, write_study
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
-MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "delta_dice", "run"]
+MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run"]
 UNKNOWN = "unknown"
 
 
@@ -92,8 +92,9 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns ``model_size, finetune, task, prompt, jitter, n, dice_mean,
-        dice_std, iou_mean, hd95_mean, nsd_mean, delta_dice, run``; a zero-shot baseline
-        evaluated by several runs is kept once (the first run's).
+        dice_std, iou_mean, hd95_mean, nsd_mean, distance_unit, delta_dice, run``
+        (``distance_unit``: the unit of ``hd95_mean``, ``mm`` or ``px`` for 2D images); a
+        zero-shot baseline evaluated by several runs is kept once (the first run's).
     """
     frames = []
     for summary, root in find_summaries(dirs):
@@ -111,6 +112,8 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
             df["task"] = info["task"] or UNKNOWN
         if "jitter" not in df:
             df["jitter"] = "none"
+        if "distance_unit" not in df:
+            df["distance_unit"] = "mm"  # summaries written before the column existed
         df["run"] = os.path.relpath(summary.parent, root.parent)
         frames.append(df)
     merged = pd.concat(frames, ignore_index=True)
@@ -135,7 +138,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
             "size": rank_by_order(df["model_size"], sorted(set(df["model_size"]))),
             "task": rank_by_order(df["task"], sorted(set(df["task"].astype(str)))),
             "prompt": rank_by_order(df["prompt"], PROMPT_ORDER),
-            "jitter": rank_by_order(df["jitter"], JITTER_ORDER),
+            "jitter": jitter_rank(df["jitter"]),
             "finetune": rank_by_order(df["finetune"], finetunes),
         },
         index=df.index,
@@ -222,11 +225,13 @@ def write_figure(merged: pd.DataFrame, path: Path) -> Path:
 
 
 def log_wandb(merged: pd.DataFrame, figure: Path, project: str, out_dir: Path) -> None:
-    """Log the merged table and figure to W&B, offline unless ``WANDB_MODE`` says otherwise."""
+    """Log the merged table and figure to W&B: online when credentials are found (an API key,
+    or a ``.netrc`` entry for the server), offline otherwise; ``WANDB_MODE`` overrides both."""
     import wandb
 
-    mode = os.environ.get("WANDB_MODE", "offline")
-    run = wandb.init(project=project, job_type="report", mode=mode, dir=str(out_dir))
+    from sam_ft.training.wandb import wandb_mode
+
+    run = wandb.init(project=project, job_type="report", mode=wandb_mode(), dir=str(out_dir))
     try:
         run.log(
             {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -219,6 +221,45 @@ def test_per_case_3d_matches_volume_metrics():
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
 
 
+def test_per_case_scores_against_full_ground_truth_by_default():
+    """eval.volume_gt=full (default): a slice where the object had <= 50 px (so it was never
+    prompted) still counts in the reference volume; ``kept`` leaves it out."""
+    from sam_ft.data.loading import CaseData
+
+    num_slices = 4
+    label = np.zeros((num_slices, H, W), dtype=np.uint8)
+    records = []
+    store = CasePredictions((H, W))
+    for s in (0, 1, 2):
+        label[s, 10:40, 12:50] = 1
+        rec = _record("f", s, num_slices=num_slices, objects=1)
+        rec.masks = (label[s] == 1)[None]
+        records.append(rec)
+        store.add((1, "box", "none"), s, label[s] == 1)  # a perfect prediction where prompted
+    label[3, 20:25, 20:26] = 1  # 30 px: dropped by the size filter, never prompted
+    case = CaseData(
+        case="f",
+        image_id="f",
+        image_path="f.nii.gz",
+        label_path="f_label.nii.gz",
+        slices=records,
+        label_volume=label,
+        objects={"disc": [1]},
+        spacing=(2.5, 0.8, 0.7),
+        affine=np.eye(4),
+        slice_axis=2,
+    )
+    assert eval_options({}).volume_gt == "full"
+    (full,) = _per_case_rows(records, case, store, eval_options({}), "f")
+    (kept,) = _per_case_rows(records, case, store, eval_options({"volume_gt": "kept"}), "f")
+    assert kept["dice"] == pytest.approx(1.0)
+    pred = np.zeros_like(label, dtype=bool)
+    pred[:3] = label[:3] == 1
+    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0)
+    assert full["dice"] == pytest.approx(expected["dice"]) and full["dice"] < 1.0
+    assert full["nsd"] == pytest.approx(expected["nsd"], rel=1e-6)
+
+
 def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     """per_case.csv equals volume_metrics on the written NIfTI prediction vs the stacked GT."""
     nib = pytest.importorskip("nibabel")
@@ -273,6 +314,60 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
     assert sorted(skipped["case"]) == ["bad", "broken"]
     assert skipped.set_index("case").loc["broken", "reason"] == "unreadable or truncated file"
     assert set(res.overlays) == {"best_zero_shot", "worst_zero_shot"}
+
+
+def test_a_bug_is_never_a_skipped_case(model, tmp_path):
+    """eval.on_error=skip skips only data errors: any other exception stops the run."""
+
+    def buggy():
+        raise KeyError("a bug in the loader, not bad data")
+
+    cases = [_case("ok0", slices=(0,), objects=1), LazyCase("buggy", buggy, "buggy.nii.gz")]
+    with pytest.raises(KeyError, match="a bug"):
+        evaluate(
+            model,
+            cases,
+            model_name="zero_shot",
+            task_name="t",
+            cfg={**FAST, "on_error": "skip"},
+            out_dir=tmp_path,
+            seed=SEED,
+            progress=False,
+        )
+    skipped = tmp_path / "skipped.csv"
+    assert not skipped.exists() or "buggy" not in skipped.read_text()
+
+
+def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sam_ft.evaluation.run import _report_skipped
+
+    def unreadable(name):
+        def load():
+            raise DataError(str(tmp_path / f"{name}.nii.gz"), "unreadable or truncated file")
+
+        return LazyCase(name, load, str(tmp_path / f"{name}.nii.gz"))
+
+    cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
+    out = tmp_path / "eval"
+    evaluate_and_report(
+        {"zero_shot": model}, cases, task_name="t", cfg=FAST, out_dir=out, seed=SEED, progress=False
+    )
+    md = (out / "summary.md").read_text()
+    assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md
+    logger = CSVLogger(tmp_path / "logs", name="")
+    _report_skipped(out, [logger])
+    logger.save()
+    metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert metrics["eval/skipped_cases"].dropna().tolist() == [2.0]
+
+    clean = tmp_path / "clean"
+    evaluate_and_report(
+        {"zero_shot": model}, cases[:1], task_name="t", cfg=FAST, out_dir=clean, seed=SEED,
+        progress=False,
+    )  # fmt: skip
+    assert "No case was skipped." in (clean / "summary.md").read_text()
 
 
 def test_two_models_share_prompts_and_report(model, tmp_path):

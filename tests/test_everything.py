@@ -75,6 +75,57 @@ def test_generate_masks_equals_sam_automatic_mask_generator(sam, scene):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def _between(values, q: float) -> float:
+    """A threshold halfway between two neighbouring distinct values near the ``q`` quantile, so
+    float noise between two implementations cannot flip a mask across it."""
+    v = np.unique(np.asarray(values, dtype=np.float64))
+    k = min(max(int(q * len(v)), 1), len(v) - 1)
+    return float((v[k - 1] + v[k]) / 2)
+
+
+@pytest.mark.parametrize(
+    "on", [("iou",), ("stability",), ("nms",), ("iou", "stability", "nms", "small_regions")],
+    ids="+".join,
+)  # fmt: skip
+def test_generate_masks_equals_the_generator_with_its_filters_on(sam, scene, on):
+    """With the generator's filters on (each alone, then all), the kept masks and their order
+    equal SamAutomaticMaskGenerator's with the same settings. Thresholds sit between observed
+    predicted IoUs / stability scores so that each filter drops part of the masks. The random
+    model's logits stay within +-0.3, hence a stability offset of 0.01 (at the default 1.0 every
+    stability score is 0); its masks nearly all span the image (boxes within a pixel or two), so
+    box NMS at 0.99 is what leaves a handful."""
+    model, image, _, embedding, _ = scene
+    grid = dict(points_per_side=6, points_per_batch=16, crop_n_layers=0)
+    off = dict(
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        stability_score_offset=0.01,
+        box_nms_thresh=1.0,
+    )
+    unfiltered = SamAutomaticMaskGenerator(sam, **off, **grid).generate(image)
+    chosen = {
+        "iou": {"pred_iou_thresh": _between([a["predicted_iou"] for a in unfiltered], 0.4)},
+        "stability": {
+            "stability_score_thresh": _between([a["stability_score"] for a in unfiltered], 0.3)
+        },
+        "nms": {"box_nms_thresh": 0.99},
+        "small_regions": {"min_mask_region_area": 30},
+    }
+    filters = {**off}
+    for name in on:
+        filters.update(chosen[name])
+    theirs = SamAutomaticMaskGenerator(sam, **grid, **filters).generate(image)
+    ours = generate_masks(
+        model, embedding, (H, W), EverythingConfig(grid=6, points_per_batch=16, **filters)
+    )
+    assert 1 < len(theirs) < len(unfiltered), len(theirs)  # the filters bite, masks are left
+    theirs = np.stack([a["segmentation"] for a in theirs])
+    assert ours.shape == theirs.shape
+    # Same masks in the same order; a logit within float noise of 0 may flip a pixel (our decoder
+    # is not the official one), while any other mask differs in hundreds of pixels.
+    assert (ours != theirs).sum(axis=(1, 2)).max() <= 3
+
+
 def test_each_object_gets_its_best_generated_mask(scene):
     model, _, gt, embedding, generated = scene
     matched, index, n_generated = everything_predictions(model, embedding, gt, KEEP_ALL)

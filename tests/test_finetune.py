@@ -94,3 +94,26 @@ def test_encoder_params_get_lower_lr():
     )
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"decoder": 1e-4, "encoder": pytest.approx(1e-5)}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_only_pretrained_encoder_weights_get_the_encoder_lr_scale(mode):
+    # LoRA adapters live under the image encoder but are new: they learn at the base rate.
+    model = _model(mode)
+    finetune = Finetune(name=mode, encoder_lr_scale=0.1)
+    lr_of = {}
+    ids = {id(p): n for n, p in model.named_parameters()}
+    for group in finetune.param_groups(model, 1e-4):
+        for param in group["params"]:
+            lr_of[ids[id(param)]] = group["lr"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(lr_of) == trainable  # every trainable parameter in exactly one group
+    for name, lr in lr_of.items():
+        if name.endswith((".lora_a", ".lora_b")) or not name.startswith("sam.image_encoder."):
+            assert lr == 1e-4, name
+        else:
+            assert lr == pytest.approx(1e-5), name
+    assert any(".lora_" in n for n in lr_of) == (mode == "lora")
+    assert any(n.startswith("sam.image_encoder.") and lr < 1e-4 for n, lr in lr_of.items()) == (
+        mode == "full"
+    )

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from monai.losses import DiceCELoss, DiceFocalLoss
 from omegaconf import OmegaConf
 
@@ -140,7 +139,12 @@ def test_no_objects_gives_zero_loss_with_graph():
     ("name", "kind", "iou_weight"), [("dice_ce", "dice_ce", 0.0), ("focal_dice", "focal_dice", 1.0)]
 )
 def test_loss_configs_instantiate(name, kind, iou_weight):
-    loss_fn = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    from sam_ft.training.run import build_loss
+
+    # dice_ce's iou_weight is null: build_loss sets it from eval.mask_selection (oracle -> 0).
+    cfg = OmegaConf.create({"loss": OmegaConf.load(CONF / f"{name}.yaml")})
+    cfg.eval = {"mask_selection": "oracle"}
+    loss_fn = build_loss(cfg)
     assert isinstance(loss_fn, SegmentationLoss)
     assert loss_fn.kind == kind and loss_fn.iou_weight == iou_weight
     logits, target = random_batch(n=2, c=3, seed=4)

@@ -54,11 +54,14 @@ def test_shift_by_one_column_uses_column_spacing():
 
 
 def test_nsd_counts_surface_within_tolerance():
-    # With a 1 mm tolerance the 4 shifted-edge pixels (2 mm away) fail in each direction:
-    # (8 + 8) of (12 + 12) surface pixels are within tolerance.
+    # nsd_method=count: with a 1 mm tolerance the 4 shifted-edge pixels (2 mm away) fail in each
+    # direction: (8 + 8) of (12 + 12) surface pixels are within tolerance.
     gt = _square()
-    m = slice_metrics(np.roll(gt, 1, axis=0), gt, spacing=(2.0, 0.5), nsd_tolerance_mm=1.0)
+    shifted = np.roll(gt, 1, axis=0)
+    m = slice_metrics(shifted, gt, spacing=(2.0, 0.5), nsd_tolerance_mm=1.0, nsd_method="count")
     assert m["nsd"] == pytest.approx(16 / 24)
+    batch = batch_slice_metrics(shifted[None], gt, (2.0, 0.5), 1.0, nsd_method="count")
+    assert batch["nsd"][0] == pytest.approx(16 / 24)
 
 
 def test_identical_masks():
@@ -95,15 +98,21 @@ def test_shape_and_spacing_checks():
         slice_metrics(_square(), _square(), spacing=(1.0, 1.0, 1.0))
 
 
-def _monai_reference(pred, gt, spacing, tol):
+def _monai_reference(pred, gt, spacing, tol, nsd_method="area"):
     p, g = torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hd = compute_hausdorff_distance(
             p, g, include_background=True, percentile=95, spacing=spacing
         )
+        # use_subvoxels: MONAI's area-weighted surface Dice (DeepMind's), our default NSD.
         nsd = compute_surface_dice(
-            p, g, class_thresholds=[tol], include_background=True, spacing=spacing
+            p,
+            g,
+            class_thresholds=[tol],
+            include_background=True,
+            spacing=[float(s) for s in spacing],
+            use_subvoxels=nsd_method == "area",
         )
     inter = np.logical_and(pred, gt).sum()
     dice = 2 * inter / (pred.sum() + gt.sum())

@@ -337,6 +337,81 @@ def test_single_mode():
     np.testing.assert_array_equal(chosen[0], gt[0])
     with pytest.raises(ValueError):
         select_masks(masks, None, None, "single")
-    assert MASK_SELECTIONS == ("oracle", "predicted_iou", "single")
+    assert MASK_SELECTIONS == ("oracle", "predicted_iou", "single", "auto")
     assert needs_multimask("oracle") and needs_multimask("predicted_iou")
     assert not needs_multimask("single")
+
+
+# ------------------------------------------------------------------------------------------------
+# Evenly spaced points (the official code's sampling, the default)
+
+
+def _official_positives(mask: np.ndarray, n: int) -> list:
+    """The official COSMOS positives written out literally: the raster-order pixel list at
+    stride floor(count / n) from the first, the first replaced by the moments' centroid."""
+    ys, xs = np.where(mask)
+    stride = len(ys) // n
+    pos = [[int(xs[i * stride]), int(ys[i * stride])] for i in range(n)]
+    m = mask.astype(np.float64)
+    cy = int((np.arange(mask.shape[0])[:, None] * m).sum() / m.sum())
+    cx = int((np.arange(mask.shape[1])[None, :] * m).sum() / m.sum())
+    pos[0] = [cx, cy]
+    return pos
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [rect(20, 30, 2, 4, 5, 13), rect(40, 60, 10, 19, 20, 29), rect(64, 64, 3, 40, 10, 17)],
+)
+def test_default_points_are_the_official_evenly_spaced_ones(mask):
+    from sam_ft.prompts.geometry import enlarged_box
+
+    pos = _official_positives(mask, 5)
+    p = make_eval_prompt(mask, "point5_neg5", None, **IDENT)
+    np.testing.assert_array_equal(p.points[:5], pos)
+    # The 2x box: our enlarged_box is the official enlargement (checked in the geometry tests);
+    # the negatives are the raster-order background of that box at stride floor(count / n).
+    x0, y0, x1, y1 = enlarged_box(mask_box(mask), 2.0, mask.shape)
+    region = np.zeros_like(mask)
+    region[y0 : y1 + 1, x0 : x1 + 1] = True
+    nys, nxs = np.where(region & ~mask)
+    stride = len(nys) // 5
+    np.testing.assert_array_equal(p.points[5:], np.stack([nxs, nys], 1)[::stride][:5])
+    np.testing.assert_array_equal(p.point_labels, [1] * 5 + [0] * 5)
+    # Same for every seed and case: no random stream is involved.
+    other = make_eval_prompt(mask, "point5_neg5", None, **{**IDENT, "seed": 7, "case": "x"})
+    np.testing.assert_array_equal(other.points, p.points)
+
+
+def test_even_points_hand_computed():
+    m = rect(10, 20, 2, 4, 5, 13)  # 27 pixels, stride 5: raster indices 0, 5, 10, 15, 20
+    pts = make_eval_prompt(m, "point5", None, **IDENT).points
+    # index 0 -> centroid (9, 3); 5 -> (10, 2); 10 -> (6, 3); 15 -> (11, 3); 20 -> (7, 4)
+    np.testing.assert_array_equal(pts, [[9, 3], [10, 2], [6, 3], [11, 3], [7, 4]])
+
+
+def test_even_first_point_inside_when_centroid_outside():
+    m = ring()
+    p = make_eval_prompt(m, "point5", None, **IDENT)
+    x, y = p.points[:, 0].astype(int), p.points[:, 1].astype(int)
+    assert m[y, x].all()
+    # The first point is the mask pixel nearest the centroid (10, 10): distance 4 (inner radius).
+    nearest = np.sqrt(((np.argwhere(m) - 10) ** 2).sum(axis=1)).min()
+    assert np.hypot(x[0] - 10, y[0] - 10) == pytest.approx(nearest)
+
+
+def test_random_sampling_stays_an_option_and_deterministic():
+    from sam_ft.evaluation.engine import eval_options
+
+    assert eval_options({}).point_sampling == "even"
+    m = rect(40, 60, 10, 29, 20, 49)
+    even = make_eval_prompt(m, "point5_neg5", None, **IDENT)
+    a = make_eval_prompt(m, "point5_neg5", None, **IDENT, sampling="random")
+    b = make_eval_prompt(m, "point5_neg5", None, **IDENT, sampling="random")
+    c = make_eval_prompt(m, "point5_neg5", None, **{**IDENT, "slice_index": 13}, sampling="random")
+    np.testing.assert_array_equal(a.points, b.points)
+    assert not np.array_equal(a.points[1:], even.points[1:])
+    assert not np.array_equal(a.points[1:], c.points[1:])
+    np.testing.assert_array_equal(a.points[0], even.points[0])  # the centroid either way
+    with pytest.raises(ValueError, match="point sampling"):
+        make_eval_prompt(m, "point5", None, **IDENT, sampling="grid")

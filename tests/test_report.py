@@ -254,3 +254,74 @@ def test_report_cli_names_the_folder_without_summaries(tmp_path, capsys):
     assert main([str(empty)]) == 1
     err = capsys.readouterr().err
     assert str(empty) in err and "no summary.csv" in err
+
+
+def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
+    """Levels [[0, 5], [5, 10], [10, 20]]: as text "10-20" < "5-10"; every table must order
+    none, 0-5, 5-10, 10-20 and the robustness drop must go to 10-20, the largest level."""
+    from sam_ft.evaluation.engine import sort_table
+    from sam_ft.evaluation.report import jitter_table
+
+    dice = {"none": 0.9, "0-5": 0.8, "5-10": 0.7, "10-20": 0.5}
+    order = list(dice)
+    shuffled = ["10-20", "5-10", "none", "0-5"]
+    rows = [_row(m, "box", dice[j], jitter=j) for m in ("zero_shot", "finetuned") for j in shuffled]
+    per_object = pd.DataFrame(rows)
+
+    # per_object.csv / per_case.csv order (the engine's canonical sort).
+    sorted_rows = sort_table(per_object)
+    assert list(sorted_rows["jitter"][:4]) == order
+    assert list(sorted_rows["model"][:4]) == ["zero_shot"] * 4
+
+    summary = summarize(per_object)
+    assert list(summary["jitter"]) == order * 2
+
+    robust = jitter_table(summary)
+    drop = [c for c in robust.columns if c.startswith("drop")]
+    assert drop == ["drop none→10-20"]
+    assert robust[drop[0]].tolist() == pytest.approx([0.4, 0.4])
+    assert [c for c in robust.columns if c.startswith("Dice ")] == [f"Dice {j}" for j in order]
+
+    paths = write_report(tmp_path / "eval", per_object)
+    md = paths["summary_md"].read_text()
+    assert "drop none→10-20" in md
+    assert md.index("Dice 5-10") < md.index("Dice 10-20")
+    assert list(pd.read_csv(paths["summary_csv"])["jitter"].astype(str)) == order * 2
+
+    # The merged report (sam-ft-report) shares the sort.
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "model:\n  name: vit_b\nfinetune:\n  name: decoder\ntask:\n  name: liver\n"
+    )
+    summary.sample(frac=1.0, random_state=0).to_csv(run / "summary.csv", index=False)
+    merged = merge_summaries([run])
+    assert list(merged["jitter"][merged["finetune"] == "zero_shot"]) == order
+
+
+def test_2d_images_without_spacing_report_distances_in_pixels(tmp_path):
+    """HD95 of 2D images without a spacing is in pixels: every table says px, not mm."""
+    rows = [{**_row("zero_shot", "box", 0.8), "distance_unit": "px"}]
+    paths = write_report(tmp_path / "px", pd.DataFrame(rows))
+    assert pd.read_csv(paths["summary_csv"])["distance_unit"].tolist() == ["px"]
+    md = paths["summary_md"].read_text()
+    assert "HD95 (px)" in md and "HD95 (mm)" not in md and "HD95 in pixels" in md
+    # Volumes stay in mm; a table mixing both keeps the unit beside each row.
+    mm = write_report(tmp_path / "mm", pd.DataFrame([_row("zero_shot", "box", 0.8)]))
+    assert "HD95 (mm)" in mm["summary_md"].read_text()
+    mixed = [rows[0], {**_row("zero_shot", "box", 0.8, task="spleen"), "distance_unit": "mm"}]
+    md = write_report(tmp_path / "mixed", pd.DataFrame(mixed))["summary_md"].read_text()
+    assert "| px |" in md and "| mm |" in md and "HD95 (mm)" not in md
+
+
+def test_engine_labels_png_distances_px_and_volumes_mm():
+    from sam_ft.data.types import SliceRecord
+    from sam_ft.evaluation.engine import distance_unit
+
+    def rec(s, spacing):
+        m = np.zeros((1, 8, 8), bool)
+        return SliceRecord("c", s, np.zeros((8, 8, 3), np.uint8), m, np.array([1]), ["o"], spacing)
+
+    assert distance_unit(rec(-1, (1.0, 1.0))) == "px"
+    assert distance_unit(rec(-1, (0.3, 0.3))) == "mm"
+    assert distance_unit(rec(4, (1.0, 1.0))) == "mm"

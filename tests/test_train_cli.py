@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -55,6 +57,9 @@ def test_demo_writes_comparison(demo_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "sam_finetuned.pth").is_file()
     assert (run_dir / "splits.json").is_file()
+    info = json.loads((run_dir / "eval" / "run_info.json").read_text())
+    for name in ("zero_shot", "finetuned"):  # precision is recorded with the results
+        assert info["models"][name]["precision"] == {"encoder": "float32", "decoder": "float32"}
     assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
     assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
 
@@ -83,3 +88,58 @@ def test_error_while_building_the_model_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert "error: model.image_size=128" in proc.stderr
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
+
+
+def test_exported_weights_have_a_model_card(demo_run):
+    import json
+
+    from sam_ft.inference.card import sha256_file
+
+    run_dir, _ = demo_run
+    card = json.loads((run_dir / "sam_finetuned.json").read_text())
+    assert card["sha256"] == sha256_file(run_dir / "sam_finetuned.pth")
+    assert (card["architecture"], card["image_size"], card["preprocess"]) == ("tiny", 256, "sam")
+    assert card["multimask_output"] is True and card["finetune"]["name"] == "decoder"
+    assert card["task"]["name"] == "demo" and card["task"]["modality"] == "CT"
+    assert card["task"]["intensity"] == {"mode": "window", "level": 40, "width": 400}
+    assert set(card["labels"]) == {"liver", "kidney", "lesion"}
+    assert set(card["evaluation"]) == {"zero_shot", "finetuned"}
+    assert 0 <= card["evaluation"]["finetuned"]["box_dice"] <= 1
+    prompts = card["evaluation"]["zero_shot"]["prompts"]
+    assert set(prompts) == {"box", "point1"} and 0 <= prompts["point1"]["dice"] <= 1
+
+
+@pytest.mark.parametrize("weights", ["sam_finetuned.pth", "checkpoints/last.ckpt"])
+def test_predict_cli_with_the_run_weights(demo_run, tmp_path, weights):
+    """``python predict.py`` from another directory, with the exported weights (card) or the
+    run's Lightning checkpoint (its .hydra/config.yaml); prompts from the demo label map."""
+    import nibabel as nib
+
+    run_dir, _ = demo_run
+    demo = run_dir.parent / "cache" / "data" / "demo"
+    image, label = demo / "imagesTr" / "demo_000.nii.gz", demo / "labelsTr" / "demo_000.nii.gz"
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "predict.py"),
+            f"checkpoint={run_dir / weights}",
+            f"input={image}",
+            f"labels={label}",
+            f"output={tmp_path / 'out'}",
+            "prompt=point1",
+            f"hydra.run.dir={tmp_path / 'log'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = nib.load(tmp_path / "out" / "demo_000.nii.gz")
+    src = nib.load(image)
+    assert out.shape == src.shape and (out.affine == src.affine).all()
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}
+    assert (tmp_path / "out" / "demo_000_overlay.png").is_file()

@@ -91,6 +91,8 @@ class SamDataModule(L.LightningDataModule):
         val_prompt: prompts for val/test/predict items; default: tight box per object.
         data_dir: ``paths.data_dir``, for tasks without an explicit ``task.root``.
         progress: show progress bars (loading, target precompute, embedding cache).
+        target_resolution: ``loss.resolution`` (``low`` | ``input`` | ``original``): the kind
+            of training ``target`` (see ``SliceDataset``).
     """
 
     def __init__(
@@ -104,8 +106,10 @@ class SamDataModule(L.LightningDataModule):
         val_prompt: PromptFn | None = None,
         data_dir: str | Path | None = None,
         progress: bool = True,
+        target_resolution: str = "low",
     ) -> None:
         super().__init__()
+        self.target_resolution = target_resolution
         self.task = task_options(task)
         self.data = data_options(data)
         self.transform = transform
@@ -229,6 +233,7 @@ class SamDataModule(L.LightningDataModule):
                 with_masks=not train,
                 with_image_uint8=split == "val",
                 progress=self.progress,
+                target_resolution=self.target_resolution,
             )
         return self._datasets[split]
 

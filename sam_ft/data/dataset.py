@@ -68,6 +68,9 @@ class SliceDataset(Dataset):
         with_masks: add original-resolution ``masks`` (val/test).
         with_image_uint8: add the ``image_uint8`` original image (val, for overlays).
         progress: progress bar while precomputing targets.
+        target_resolution: ``low``: ``target`` is the (K, S/4, S/4) low-res target; ``input`` or
+            ``original`` (``loss.resolution``): ``target`` is the (K, H, W) bool mask itself, which
+            the training module brings into the loss's frame.
 
     Index with ``(epoch, index)`` (what ``SeededSampler`` yields) or a plain ``index`` (epoch 0).
     Without augmentation, low-resolution targets are computed once here (stored bit-packed)
@@ -85,7 +88,13 @@ class SliceDataset(Dataset):
         with_masks: bool = False,
         with_image_uint8: bool = False,
         progress: bool = True,
+        target_resolution: str = "low",
     ) -> None:
+        if target_resolution not in ("low", "input", "original"):
+            raise ValueError(
+                f"target_resolution must be low, input or original, not {target_resolution!r}"
+            )
+        self.target_resolution = target_resolution
         self.records = list(records)
         self.transform = transform
         self.prompt_fn = prompt_fn
@@ -99,7 +108,7 @@ class SliceDataset(Dataset):
         self.embedding_cache: EmbeddingCache | None = None
         self.digests: list[str] | None = None
         self._targets: list[np.ndarray] | None = None
-        if augment is None:
+        if augment is None and target_resolution == "low":
             self._targets = [
                 np.packbits(transform.masks_to_low_res(r.masks).bool().numpy().reshape(-1))
                 for r in tqdm(self.records, desc="low-res targets", disable=not progress)
@@ -148,6 +157,9 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             image, masks, kept = self.augment(image, masks, rng(_AUGMENT))
             keep = keep[kept]
+        if self.target_resolution != "low":
+            target = torch.from_numpy(np.ascontiguousarray(masks))
+        elif self.augment is not None:
             target = self.transform.masks_to_low_res(masks)
         else:
             target = self._target(index, keep)
@@ -177,7 +189,8 @@ def collate_slices(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch items with a varying number of objects K_b.
 
     Returns ``image`` (B, 3, S, S) or ``embedding`` (B, C, h, w) stacked; ``target`` (list of
-    (K_b, S/4, S/4)), ``masks`` (list of (K_b, H_b, W_b) bool), ``prompts`` (list of K_b
+    (K_b, S/4, S/4) float, or of (K_b, H_b, W_b) bool masks: see ``target_resolution``),
+    ``masks`` (list of (K_b, H_b, W_b) bool), ``prompts`` (list of K_b
     ``Prompt``), ``original_size`` (list of (H, W)), ``case``, ``slice_index``, ``labels`` (list
     of (K_b,) long) and ``image_uint8`` (list of (H, W, 3) uint8) as lists, where present.
     """

@@ -4,7 +4,10 @@ Modes:
 
 * ``window``: CT window ``[level - width / 2, level + width / 2]`` (e.g. level 40, width 400).
 * ``percentile``: the official COSMOS rule, clip to ``[np.percentile(x, 0.95),
-  np.percentile(x, 99.5)]`` computed once per VOLUME (the 0.95th percentile, not the 5th).
+  np.percentile(x, 99.5)]`` (the 0.95th percentile, not the 5th). ``scope: slice`` (default, the
+  official code's ``np.percentile`` per 2D image) computes the bounds on each 2D slice;
+  ``scope: volume`` once over the whole volume (one mapping for all slices of a case). Pixels that
+  were exactly 0 stay 0 (``keep_zero``, default true, as the study prescribes).
 * ``none``: 8-bit 2D images kept as they are (RGB stays RGB); data outside 0-255 is min-max scaled.
 
 The clipped range is scaled linearly to 0-255 and truncated to uint8 like the official code's
@@ -21,6 +24,7 @@ import numpy as np
 from sam_ft.errors import ConfigError
 
 MODES = ("window", "percentile", "none")
+SCOPES = ("slice", "volume")
 DEFAULT_PERCENTILES = (0.95, 99.5)
 
 
@@ -88,6 +92,43 @@ def intensity_bounds(
             return 0.0, 255.0
         return lo, hi
     raise ConfigError(f"task.intensity.mode must be one of {MODES}, got {mode!r}")
+
+
+def intensity_scope(intensity: Mapping[str, Any] | None) -> str:
+    """``slice`` when the bounds are computed per 2D slice, else ``volume``.
+
+    Only the percentile rule depends on the data; ``window`` and ``none`` give the same bounds
+    either way, so they count as ``volume`` (one computation per case).
+    """
+    intensity = dict(intensity or {})
+    scope = intensity.get("scope", "slice")
+    if scope not in SCOPES:
+        raise ConfigError(f"task.intensity.scope must be one of {SCOPES}, got {scope!r}")
+    return scope if intensity.get("mode", "percentile") == "percentile" else "volume"
+
+
+def map_slice(
+    raw: np.ndarray, intensity: Mapping[str, Any] | None, bounds: tuple[float, float] | None
+) -> np.ndarray:
+    """One raw 2D slice -> uint8 with the task's intensity mapping.
+
+    Args:
+        raw: (H, W) or (H, W, 3) raw intensities.
+        intensity: ``task.intensity``.
+        bounds: the volume's (low, high), or None to compute them on this slice (``scope:
+            slice``, the official code's per-image percentiles).
+
+    Returns:
+        uint8 array of ``raw``'s shape; with the percentile rule and ``keep_zero`` (default),
+        pixels that were exactly 0 stay 0.
+    """
+    intensity = dict(intensity or {})
+    if bounds is None:
+        bounds = intensity_bounds(raw, intensity)
+    out = to_uint8(raw, *bounds)
+    if intensity.get("mode", "percentile") == "percentile" and intensity.get("keep_zero", True):
+        out[np.asarray(raw) == 0] = 0
+    return out
 
 
 def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:

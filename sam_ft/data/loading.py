@@ -1,6 +1,6 @@
 """Load cases (image + label files) into checked arrays and the paper's 2D slices.
 
-Volumes (NIfTI, DICOM series folders) are read with MONAI (``LoadImage``,
+Volumes (NIfTI, DICOM series folders, MetaImage ``.mha``, NRRD) are read with MONAI (``LoadImage``,
 ``EnsureChannelFirst``, ``Orientation`` to RAS); 2D images (PNG, JPEG, TIFF, ...) with Pillow as
 (row, col) arrays. Every problem with an input raises :class:`~sam_ft.errors.DataError` naming the
 file; :func:`load_cases` either re-raises it (``data.on_error=raise``) or records it in a
@@ -10,6 +10,7 @@ file; :func:`load_cases` either re-raises it (``data.on_error=raise``) or record
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.data.folder import is_2d_file
-from sam_ft.data.intensity import intensity_bounds
+from sam_ft.data.intensity import intensity_bounds, intensity_scope
 from sam_ft.data.skips import SkipLog
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
 from sam_ft.data.tasks import (
@@ -32,6 +33,8 @@ from sam_ft.data.tasks import (
 )
 from sam_ft.data.types import CaseFiles, SliceRecord
 from sam_ft.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -121,6 +124,41 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+# Failures that say nothing about the file: out of memory, or a bug (ours or a library's). They
+# are raised as they are, with the file added as a note, never reported as a bad file (and never
+# skipped by data.on_error=skip).
+NOT_THE_FILES_FAULT: tuple[type[BaseException], ...] = (
+    MemoryError,
+    RecursionError,
+    TypeError,
+    AttributeError,
+    NameError,
+    AssertionError,
+    NotImplementedError,
+)
+
+_shown_warnings: set[tuple[str, str]] = set()
+
+
+def _raise_if_not_the_files_fault(e: BaseException, path: str) -> None:
+    if isinstance(e, NOT_THE_FILES_FAULT):
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(f"while reading {path}")
+        raise e
+
+
+def _show_once(caught: list[warnings.WarningMessage], path: str) -> None:
+    """Log each distinct warning from reading a file once per process (MONAI, nibabel and ITK
+    warn about e.g. non-orthogonal affines or odd headers: a cause worth seeing, not hiding)."""
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, ImportWarning)):
+            continue  # about library code (lazy imports while reading), not about the file
+        key = (w.category.__name__, str(w.message))
+        if key not in _shown_warnings:
+            _shown_warnings.add(key)
+            log.warning("%s while reading %s: %s", w.category.__name__, path, w.message)
+
+
 def read_2d(path: str, is_label: bool = False) -> np.ndarray:
     """A 2D image file as (H, W) or (H, W, 3) array (row, col order; alpha dropped).
 
@@ -139,6 +177,7 @@ def read_2d(path: str, is_label: bool = False) -> np.ndarray:
                 im = im.convert("L")
             arr = np.asarray(im)
     except Exception as e:
+        _raise_if_not_the_files_fault(e, path)
         raise DataError(path, f"unreadable image ({_first_line(e)})") from e
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -147,7 +186,10 @@ def read_2d(path: str, is_label: bool = False) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _loader(reader: str | None, is_label: bool):
-    """One MONAI ``LoadImage`` per reader (building one registers readers: slow and chatty)."""
+    """One MONAI ``LoadImage`` per reader (building one registers readers: slow and chatty).
+
+    Only building it is silenced (optional-import noise from MONAI's dependencies); warnings
+    while reading a file are shown, once each (:func:`read_volume`)."""
     from monai.transforms import LoadImage
 
     with warnings.catch_warnings():
@@ -155,36 +197,54 @@ def _loader(reader: str | None, is_label: bool):
         return LoadImage(image_only=True, reader=reader, dtype=None if is_label else np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _reader(name: str):
+    """One instance of the MONAI reader class ``name`` (e.g. ``"NibabelReader"``)."""
+    import monai.data
+
+    return getattr(monai.data, name)()
+
+
 def read_volume(path: str, is_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI / DICOM volume as (C, x, y, z) array oriented to RAS, and its (4, 4) affine.
+    """A NIfTI / DICOM / MetaImage / NRRD volume as (C, x, y, z) array oriented to RAS, and its
+    (4, 4) affine.
 
     Images are float32; labels keep their stored dtype. A 2D NIfTI gets a z axis of length 1.
     """
     from monai.transforms import EnsureChannelFirst, Orientation
 
     name = Path(path).name.lower()
-    reader = (
-        "PydicomReader"
-        if Path(path).is_dir()
-        else "NibabelReader"
-        if name.endswith((".nii", ".nii.gz"))
-        else None
-    )
+    if Path(path).is_dir():
+        reader = "PydicomReader"
+    elif name.endswith((".nii", ".nii.gz")):
+        reader = "NibabelReader"
+    elif name.endswith((".mha", ".nrrd")):
+        reader = "ITKReader"  # MONAI's reader for MetaImage / NRRD (LPS -> RAS affine)
+    else:
+        reader = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            x = EnsureChannelFirst()(_loader(reader, is_label)(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Only the chosen reader: given by name alone, MONAI falls back to every other
+            # installed reader when it fails, and ITK reads a truncated .nii.gz without error,
+            # as zeros.
+            load = _loader(reader, is_label)
+            x = EnsureChannelFirst()(load(path, reader=_reader(reader)) if reader else load(path))
             if x.ndim == 3:  # (C, x, y): a 2D NIfTI
                 x = x[..., None]
             x = Orientation(axcodes="RAS", labels=_RAS_LABELS)(x)
+        _show_once(caught, path)
     except ImportError as e:
-        raise DataError(path, f"cannot read ({e}); for DICOM: pip install 'sam_ft[dicom]'") from e
+        extra = "itk-io" if reader == "ITKReader" else "'sam_ft[dicom]'"
+        raise DataError(path, f"cannot read ({e}); pip install {extra}") from e
     except Exception as e:
+        _raise_if_not_the_files_fault(e, path)
         raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
     try:
         arr = np.asarray(x.detach().cpu().numpy())
         affine = np.asarray(x.affine.detach().cpu().numpy(), dtype=np.float64)
     except Exception as e:
+        _raise_if_not_the_files_fault(e, path)
         raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
     return arr, affine
 
@@ -350,13 +410,16 @@ def load_case(
         label = np.where(np.isin(label, opts["ignore_labels"]), 0, label).astype(label.dtype)
 
     modality = task_modality(opts, meta)
-    bounds = intensity_bounds(image, opts["intensity"])
+    # scope=slice (the official code's per-image percentiles): bounds are computed per slice.
+    per_slice = intensity_scope(opts["intensity"]) == "slice"
+    bounds = None if per_slice else intensity_bounds(image, opts["intensity"])
     records = slice_records(
         image,
         label,
         case=case.case,
         image_id=case.image_id,
         bounds=bounds,
+        intensity=opts["intensity"],
         spacing=spacing,
         groups=groups,
         min_object_pixels=int(dopts["min_object_pixels"]),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sam_ft.data.intensity import to_rgb, to_uint8
+from sam_ft.data.intensity import map_slice, to_rgb
 from sam_ft.data.types import SliceRecord
 
 # Spacings within this ratio of the largest count as equally coarse for the ``auto`` axis.
@@ -90,20 +90,23 @@ def slice_records(
     *,
     case: str,
     image_id: str,
-    bounds: tuple[float, float],
+    bounds: tuple[float, float] | None,
     spacing: tuple[float, float, float],
     groups: dict[str, list[int]] | None,
     min_object_pixels: int = 50,
     modality: str = "",
     names: dict[int, str] | None = None,
     is_3d: bool = True,
+    intensity: dict | None = None,
 ) -> list[SliceRecord]:
     """The slices of one case that keep at least one object.
 
     Args:
         image: (S, R, C) or (S, R, C, 3) raw intensities in the slicing frame.
         label: (S, R, C) integer label map in the same frame.
-        bounds: (low, high) of the case's intensity mapping (:mod:`sam_ft.data.intensity`).
+        bounds: (low, high) of the case's intensity mapping (:mod:`sam_ft.data.intensity`), or
+            None to compute them on each slice (``task.intensity.scope: slice``).
+        intensity: ``task.intensity`` (mode, percentiles, ``keep_zero``); None: percentile rule.
         spacing: (slice, row, col) mm.
         is_3d: False for a 2D image (slice_index is then -1).
     """
@@ -118,7 +121,7 @@ def slice_records(
             SliceRecord(
                 case=case,
                 slice_index=int(i) if is_3d else -1,
-                image=to_rgb(to_uint8(raw, *bounds)),
+                image=to_rgb(map_slice(raw, intensity, bounds)),
                 masks=masks,
                 labels=values,
                 names=obj_names,

@@ -5,20 +5,24 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
 
 * ``folder``: ``task.root`` must exist.
 * ``decathlon``: downloaded with MONAI's URL and md5 (progress bar, checksum) into
-  ``task.root`` (default ``${paths.data_dir}/<TaskXX_Name>``) when absent.
+  ``task.root`` (default ``${paths.data_dir}/<TaskXX_Name>``) when absent, after checking the
+  location and the free disk space; the archive is removed after a verified extraction.
 * ``demo``: generated on first use by :mod:`sam_ft.data.demo` (no download).
 
 Task keys (defaults in :data:`TASK_DEFAULTS`): ``name, source, root, decathlon_task, url, md5,
-modality, intensity {mode, level, width, lower, upper}, labels ({name: [values]} or null),
-ignore_labels, slice_axis (auto|0|1|2), channel, label_binarize (false | true | threshold),
-case_pattern, images_dir, labels_dir (dir or list of binary-mask dirs), label_name, layout``.
+modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
+labels ({name: [values]} or null), ignore_labels, slice_axis (auto|0|1|2), channel,
+label_binarize (false | true | threshold), case_pattern, images_dir,
+labels_dir (dir or list of binary-mask dirs), label_name, layout``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ TASK_DEFAULTS: dict[str, Any] = {
     "url": None,
     "md5": None,
     "modality": None,
-    "intensity": {"mode": "percentile"},
+    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": True},
     "labels": None,
     "ignore_labels": [],
     "slice_axis": "auto",
@@ -48,6 +52,7 @@ TASK_DEFAULTS: dict[str, Any] = {
     "labels_dir": "labelsTr",
     "label_name": "{stem}",
     "demo_variant": "3d",
+    "keep_archive": False,
     "layout": "imagesTr/<case>[_0000].nii.gz|.nii|.png|.jpg (or DICOM series folders) "
     "+ labelsTr/<case>.nii.gz|.png, optional dataset.json",
 }
@@ -172,64 +177,191 @@ def decathlon_resource(decathlon_task: str) -> tuple[str, str]:
     return DecathlonDataset.resource[decathlon_task], DecathlonDataset.md5[decathlon_task]
 
 
-def download_and_extract(**kwargs: Any) -> None:
-    """MONAI's ``download_and_extract`` (indirection so tests can observe the call)."""
-    from monai.apps import download_and_extract as _download_and_extract
+# Approximate sizes of the MSD archives (bytes, rounded up), for the free-space check before a
+# download. The archives hold .nii.gz files, so the extracted folder is about as large again.
+DECATHLON_ARCHIVE_BYTES: dict[str, int] = {
+    "Task01_BrainTumour": 7_500_000_000,
+    "Task02_Heart": 450_000_000,
+    "Task03_Liver": 28_500_000_000,
+    "Task04_Hippocampus": 30_000_000,
+    "Task05_Prostate": 240_000_000,
+    "Task06_Lung": 8_800_000_000,
+    "Task07_Pancreas": 12_000_000_000,
+    "Task08_HepaticVessel": 9_000_000_000,
+    "Task09_Spleen": 1_600_000_000,
+    "Task10_Colon": 5_600_000_000,
+}
 
-    _download_and_extract(**kwargs)
+
+def download_url(**kwargs: Any) -> None:
+    """MONAI's ``download_url`` (indirection so tests can observe the call)."""
+    from monai.apps.utils import download_url as _download_url
+
+    _download_url(**kwargs)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def _archive_bytes(url: str, name: str) -> int | None:
+    """The archive's size: the file's for a ``file://`` mirror, else the MSD release's."""
+    if url.startswith("file://"):
+        path = Path(url2pathname(urlparse(url).path))
+        return path.stat().st_size if path.is_file() else None
+    return DECATHLON_ARCHIVE_BYTES.get(name)
+
+
+def _check_download_target(opts: Mapping[str, Any], name: str, root: Path) -> None:
+    """Refuse a ``task.root`` that a download of ``name`` could never fill (before any byte).
+
+    The archive extracts to ``<root.parent>/<name>``: a root with another name, or an existing
+    non-empty folder without ``images_dir``, is a wrong path, not a missing dataset.
+    """
+    images = opts["images_dir"]
+    if root.name != name:
+        raise DataError(
+            str(root),
+            f"task.root has no {images}/, and downloading {name} would extract it to "
+            f"{root.parent / name}, not here. Point task.root at the folder that holds {images}/, "
+            f"or at <dir>/{name} to download it there. Nothing was downloaded.",
+        )
+    if root.is_dir() and any(root.iterdir()):
+        raise DataError(
+            str(root),
+            f"task.root exists but has no {images}/: not an extracted {name} (wrong folder?). "
+            "Fix task.root, or empty the folder to download it there. Nothing was downloaded.",
+        )
+
+
+def _check_free_space(parent: Path, size: int, name: str, archive_present: bool) -> None:
+    """Enough free disk for the download (via the temp folder) and the extraction, else an error.
+
+    MONAI downloads into the system temp folder, moves the archive next to ``root`` and it is
+    extracted there: ``size`` in the temp folder, ``2 * size`` (archive + files) in ``parent``.
+    """
+    needs: dict[Path, int] = {parent: size if archive_present else 2 * size}
+    if not archive_present:
+        tmp = Path(tempfile.gettempdir())
+        if os.stat(tmp).st_dev == os.stat(parent).st_dev:
+            needs[parent] += size
+        else:
+            needs[tmp] = size
+    for where, need in needs.items():
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise DataError(
+                str(where),
+                f"downloading {name} needs {_gb(need)} free here (archive {_gb(size)} and its "
+                f"extraction), only {_gb(free)} is free. Set task.root (or paths.data_dir; TMPDIR "
+                "for the temp folder) to a disk with room. Nothing was downloaded.",
+            )
+
+
+def _extract_verified(archive: Path, name: str, root: Path) -> None:
+    """Extract ``archive`` (whose top folder is ``name``) to ``root``, checked member by member.
+
+    Extraction goes to a hidden folder next to ``root``; each regular file is checked to exist
+    with its archived size before the folder is renamed to ``root``, so a killed or short
+    extraction never looks like a dataset.
+    """
+    import tarfile
+
+    from monai.apps.utils import extractall
+
+    staging = root.parent / f".{name}.extracting"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed earlier extraction
+    extractall(filepath=archive, output_dir=staging, file_type="tar", has_base=False)
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            got = staging / member.name
+            if not got.is_file() or got.stat().st_size != member.size:
+                raise DataError(
+                    str(archive), f"extraction incomplete: {member.name} missing or short"
+                )
+    if not (staging / name).is_dir():
+        raise DataError(str(archive), f"archive has no top folder {name}/")
+    if root.is_dir():
+        root.rmdir()  # empty (checked before the download)
+    os.replace(staging / name, root)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_decathlon(task: Mapping[str, Any], root: Path) -> Path:
     """Download and extract an MSD task into ``root`` unless ``root/imagesTr`` already exists.
 
-    The archive (``<root.parent>/<TaskXX_Name>.tar``) is checked against MONAI's md5 and extracted
-    next to it; ``task.url`` / ``task.md5`` override the source (e.g. a local mirror).
+    Before any download: ``root`` must be ``<dir>/<TaskXX_Name>`` (where the archive extracts)
+    and empty or absent, and the disk must have room (archive size per task). The archive
+    (``<root.parent>/<TaskXX_Name>.tar``) is checked against MONAI's md5; ``task.url`` (e.g. a
+    local mirror, ``file://`` or http) keeps that md5 unless ``task.md5`` overrides it, and a
+    mismatch is an error naming the file. After a verified extraction the archive is removed
+    unless ``task.keep_archive=true``.
     """
     opts = task_options(task)
     name = _decathlon_name(opts)
     if (root / opts["images_dir"]).is_dir():
         return root
     url, md5 = decathlon_resource(name)
+    md5_source = f"MONAI's published md5 of {name}"
     if opts.get("url"):
-        url, md5 = str(opts["url"]), opts.get("md5")
+        url = str(opts["url"])
+    if opts.get("md5"):
+        md5, md5_source = str(opts["md5"]), "task.md5"
+    _check_download_target(opts, name, root)
     root.parent.mkdir(parents=True, exist_ok=True)
     archive = root.parent / f"{name}.tar"
     from filelock import FileLock
+    from monai.apps.utils import HashCheckError, check_hash
 
     # Several processes (DDP ranks) may start together: one downloads, the others wait.
     with FileLock(str(root.parent / f".{name}.lock")):
         if (root / opts["images_dir"]).is_dir():
             return root
-        log.info("downloading %s from %s into %s", name, url, root.parent)
+        if archive.is_file() and not check_hash(archive, md5, "md5"):
+            raise DataError(
+                str(archive),
+                f"an archive is already here but its md5 does not match {md5} ({md5_source}); "
+                "delete it (or fix task.md5) and run again",
+            )
+        size = archive.stat().st_size if archive.is_file() else _archive_bytes(url, name)
+        if size is not None:
+            _check_free_space(root.parent, size, name, archive.is_file())
+        keep = bool(opts.get("keep_archive"))
+        log.warning(
+            "downloading %s (%s) from %s to %s, extracting it into %s; the archive is %s",
+            name, _gb(size) if size else "size unknown", url, archive, root,
+            "kept (task.keep_archive=true)" if keep else "removed after a verified extraction",
+        )  # fmt: skip
         try:
-            if url.startswith("file://"):
-                # A local mirror: MONAI's downloader speaks http(s) only, so copy the archive,
-                # then let MONAI check its md5 and extract it.
-                from monai.apps.utils import check_hash, extractall
-
-                shutil.copyfile(url2pathname(urlparse(url).path), archive)
-                if not check_hash(archive, md5, "md5"):
-                    archive.unlink()
-                    raise ValueError(f"md5 check of {archive} failed")
-                extractall(filepath=archive, output_dir=root.parent, has_base=True)
-            else:
-                download_and_extract(
-                    url=url,
-                    filepath=str(archive),
-                    output_dir=str(root.parent),
-                    hash_val=md5,
-                    hash_type="md5",
-                    progress=True,
+            if not archive.is_file():
+                download_url(
+                    url=url, filepath=str(archive), hash_val=md5, hash_type="md5", progress=True
                 )
-        except Exception as e:  # network, checksum or archive errors all end the same way
+        except HashCheckError:
+            raise DataError(
+                str(archive),
+                f"md5 mismatch: the file downloaded from {url} is not {md5} ({md5_source}); "
+                "nothing was saved. A mirror must hold the published archive (or set task.md5 "
+                "to the mirror's checksum if it is deliberately different).",
+            ) from None
+        except Exception as e:  # network or file errors end the same way
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 url,
                 f"download of {name} failed ({msg}); download it yourself and extract it so that "
                 f"{root}/{opts['images_dir']} exists",
             ) from e
-    if not (root / opts["images_dir"]).is_dir():
-        raise DataError(str(root), f"archive {archive} did not contain {name}/{opts['images_dir']}")
+        if not archive.is_file():
+            raise DataError(url, f"download of {name} produced no archive at {archive}")
+        _extract_verified(archive, name, root)
+        if not (root / opts["images_dir"]).is_dir():
+            raise DataError(
+                str(root), f"archive {archive} did not contain {name}/{opts['images_dir']}"
+            )
+        if not keep:
+            archive.unlink()
     return root
 
 

@@ -28,7 +28,7 @@ from sam_ft.errors import ConfigError
 from sam_ft.evaluation.merge import (
     Shard,
     balanced_shares,
-    merge_shards,
+    merge_shards_with_overlays,
     parse_shard,
     write_shard_file,
 )
@@ -204,12 +204,12 @@ def evaluate_cases(
     if ranks.rank != 0:
         return None
     parts = [out_dir / RANKS_DIR / f"{r}-of-{ranks.world}" for r in range(ranks.world)]
-    report = merge_shards(parts, out_dir)
+    report, overlays = merge_shards_with_overlays(parts, out_dir)
     result = engine.EvalResult(
         per_object=engine._read_csv(out_dir / engine.PER_OBJECT_CSV, engine.PER_OBJECT_COLUMNS),
         per_case=engine._read_csv(out_dir / engine.PER_CASE_CSV, engine.PER_CASE_COLUMNS),
         clicks=engine._read_csv(out_dir / engine.CLICKS_CSV, engine.CLICK_COLUMNS),
         skipped=engine._read_csv(out_dir / engine.SKIPPED_CSV, engine.SKIPPED_COLUMNS),
     )
-    result.report = report
+    result.report, result.overlays = report, overlays
     return result

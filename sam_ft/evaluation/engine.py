@@ -10,9 +10,14 @@ Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_
 - ``per_object.csv``: 2D scores per (model, task, case, slice, label, prompt, jitter) with the
   object's attributes;
 - ``per_case.csv``: 3D scores per (model, task, case, label, prompt, jitter): the object's
-  predictions stacked back into the case's volume (empty where the object had no kept slice);
+  predictions stacked back into the case's volume (empty where the object had no kept slice),
+  against the object's whole ground-truth volume (``eval.volume_gt=full``, the default: slices
+  where it had <= ``data.min_object_pixels`` px count too) or only its kept slices (``kept``;
+  also what a case given as a bare list of ``SliceRecord`` has);
 - ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
-- ``skipped.csv``: cases that failed (``case, path, reason, stage, model, task``);
+- ``skipped.csv``: cases skipped for bad data (``case, path, reason, stage, model, task``): with
+  ``eval.on_error=skip`` only a ``DataError`` (unreadable or inconsistent files) skips a case;
+  any other exception stops the run;
 - ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
 
 Rows are appended and flushed after each case, then its marker line is written; a new run in the
@@ -31,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,24 +48,20 @@ import torch
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.evaluation.attributes import object_attributes
-from sam_ft.evaluation.everything import (
-    EverythingConfig,
-    everything_predictions,
-    prompts_per_upsample,
-)
-from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
+from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
+from sam_ft.evaluation.report import jitter_rank
+from sam_ft.evaluation.selection import decode_select
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
 from sam_ft.prompts.strategies import (
     MASK_SELECTIONS,
+    POINT_SAMPLINGS,
     STRATEGIES,
     make_eval_prompt,
-    needs_multimask,
-    select_masks,
 )
-from sam_ft.prompts.types import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,15 @@ DEFAULTS: dict[str, Any] = {
     "prompts": list(STRATEGIES),
     "jitter_px": [[0, 10], [10, 20], [20, 30]],
     "mask_selection": "oracle",
+    "point_sampling": "even",
     "grid": 32,
     "nsd_tolerance_mm": 2.0,
+    "nsd_method": "area",
     "clicks": 0,
     "save_predictions": False,
     "max_prompts_per_call": 256,
     "overlays": 8,
-    "volume_gt": "kept",
+    "volume_gt": "full",
     "on_error": "skip",
     "everything": {},
 }
@@ -89,15 +92,18 @@ ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
-    *ATTRIBUTE_COLUMNS, "modality", "patient",
+    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit",
 ]  # fmt: skip
 PER_CASE_COLUMNS = [
     "model", "task", "case", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "num_slices", "patient",
+    "distance_unit",
 ]  # fmt: skip
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
-_STRING_COLUMNS = ("model", "task", "case", "name", "prompt", "jitter", "modality", "patient")
+_STRING_COLUMNS = (
+    "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
+)  # fmt: skip
 
 PER_OBJECT_CSV = "per_object.csv"
 PER_CASE_CSV = "per_case.csv"
@@ -119,7 +125,9 @@ class EvalOptions:
     prompts: tuple[str, ...]
     levels: tuple[JitterRange | None, ...]
     mask_selection: str
+    point_sampling: str
     nsd_tolerance_mm: float
+    nsd_method: str
     clicks: int
     save_predictions: bool
     max_prompts_per_call: int
@@ -156,6 +164,10 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.prompts must be a non-empty subset of {STRATEGIES}, got {bad}")
     if merged["mask_selection"] not in MASK_SELECTIONS:
         raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
+    if merged["point_sampling"] not in POINT_SAMPLINGS:
+        raise ConfigError(f"eval.point_sampling must be one of {POINT_SAMPLINGS}")
+    if merged["nsd_method"] not in NSD_METHODS:
+        raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
     if merged["on_error"] not in ("skip", "raise"):
@@ -171,7 +183,9 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         prompts=tuple(p for p in STRATEGIES if p in prompts),
         levels=levels,
         mask_selection=str(merged["mask_selection"]),
+        point_sampling=str(merged["point_sampling"]),
         nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
+        nsd_method=str(merged["nsd_method"]),
         clicks=int(merged["clicks"]),
         save_predictions=bool(merged["save_predictions"]),
         max_prompts_per_call=int(merged["max_prompts_per_call"]),
@@ -190,7 +204,7 @@ class LazyCase:
     Attributes:
         case: the image id the loaded case will have (``CaseFiles.image_id``).
         load: returns a ``CaseData`` or a list of ``SliceRecord``; may raise ``DataError``.
-        path: file shown in ``skipped.csv`` when loading fails with something else.
+        path: the case's file, shown in ``skipped.csv`` when the error names none.
     """
 
     case: str
@@ -251,55 +265,6 @@ def _device(model: TrainableSam) -> torch.device:
     return next(model.parameters()).device
 
 
-def _decode_select(
-    model: TrainableSam,
-    embedding: torch.Tensor,
-    prompts: Sequence[Prompt],
-    gt: np.ndarray,
-    mode: str,
-    max_per_call: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """Decode prompts of one image in chunks and keep one mask per prompt.
-
-    Args:
-        embedding: (C, h, w) image embedding.
-        prompts: N prompts, (x, y) original-image pixels.
-        gt: (N, H, W) bool ground truth of each prompt's object (for ``oracle``).
-        mode: one of ``MASK_SELECTIONS``.
-        max_per_call: prompts per ``model.decode`` call.
-
-    Returns:
-        masks (N, H, W) bool at the original size, chosen channel (N,), its predicted IoU (N,),
-        and its low-res logits (N, S/4, S/4) (fed back by the click loop).
-    """
-    n, size = len(prompts), tuple(gt.shape[1:])
-    multimask = needs_multimask(mode)
-    threshold = float(model.sam.mask_threshold)
-    masks = np.zeros((n, *size), dtype=bool)
-    index = np.zeros(n, dtype=np.int64)
-    iou = np.zeros(n, dtype=np.float64)
-    side = model.transform.low_res_size
-    low_kept = torch.zeros((n, side, side))
-    # Equal structures share one decoder call inside model.decode: sort before chunking.
-    order = sorted(range(n), key=lambda i: prompts[i].structure)
-    # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
-    # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES), and
-    # blocks under 32 MiB also upsample ~3x faster per prompt (glibc maps larger ones afresh).
-    step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size)
-    for start in range(0, n, max_per_call):
-        chunk = order[start : start + max_per_call]
-        low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-        for s in range(0, len(chunk), step):
-            idx = chunk[s : s + step]
-            sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-            binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
-            chosen, ch = select_masks(binary, sub_iou.cpu(), gt[idx], mode)
-            masks[idx], index[idx] = chosen, ch
-            iou[idx] = sub_iou.float().cpu().numpy()[np.arange(len(idx)), ch]
-            low_kept[idx] = sub_low[torch.arange(len(idx)), torch.as_tensor(ch)].float().cpu()
-    return masks, index, iou, low_kept
-
-
 def _dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Dice of (N, H, W) bool pairs (1 when both are empty)."""
     inter = np.count_nonzero(a & b, axis=(1, 2))
@@ -332,7 +297,14 @@ def _evaluate_slice(
 
     prompts = [
         make_eval_prompt(
-            gt[i], s, j, seed=seed, case=case_key, slice_index=rec.slice_index, label=labels[i]
+            gt[i],
+            s,
+            j,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=labels[i],
+            sampling=opts.point_sampling,
         )
         for i in range(k)
         for s, j in variants
@@ -342,7 +314,7 @@ def _evaluate_slice(
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
     if prompts:
-        m, ch, iou, _ = _decode_select(
+        m, ch, iou, _ = decode_select(
             model,
             embedding,
             prompts,
@@ -365,7 +337,9 @@ def _evaluate_slice(
 
     rows, overlay = [], []
     for i in range(k):
-        scores = batch_slice_metrics(preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm)
+        scores = batch_slice_metrics(
+            preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm, opts.nsd_method
+        )
         for j, (prompt, jit) in enumerate(names):
             store.add((labels[i], prompt, jit), rec.slice_index, preds[i, j])
             rows.append(
@@ -383,6 +357,7 @@ def _evaluate_slice(
                     "pred_iou": float(pred_iou[i, j]),
                     **attributes[i],
                     "modality": rec.modality,
+                    "distance_unit": distance_unit(rec),
                 }
             )
             if j == overlay_col and opts.overlays > 0:
@@ -422,11 +397,18 @@ def _click_curve(
     labels = [int(v) for v in rec.labels]
     prompts = [
         make_eval_prompt(
-            gt[i], "point1", None, seed=seed, case=case_key, slice_index=rec.slice_index, label=lab
+            gt[i],
+            "point1",
+            None,
+            seed=seed,
+            case=case_key,
+            slice_index=rec.slice_index,
+            label=lab,
+            sampling=opts.point_sampling,
         )
         for i, lab in enumerate(labels)
     ]
-    pred, _, _, low = _decode_select(
+    pred, _, _, low = decode_select(
         model, embedding, prompts, gt, opts.mask_selection, opts.max_prompts_per_call
     )
     rows = []
@@ -435,7 +417,7 @@ def _click_curve(
             prompts = [
                 add_click(p, next_click(pred[i], gt[i]), low[i]) for i, p in enumerate(prompts)
             ]
-            pred, _, _, low = _decode_select(
+            pred, _, _, low = decode_select(
                 model, embedding, prompts, gt, "single", opts.max_prompts_per_call
             )
         for i, d in enumerate(_dice(pred, gt)):
@@ -453,6 +435,12 @@ def _click_curve(
 
 # --------------------------------------------------------------------------------------------
 # One case
+
+
+def distance_unit(rec: SliceRecord) -> str:
+    """Unit of a slice's HD95 and NSD tolerance: ``px`` for a 2D image file without a physical
+    spacing (PNG, JPEG, TIFF: slice index -1 and spacing (1, 1)), else ``mm``."""
+    return "px" if rec.slice_index < 0 and tuple(rec.spacing) == (1.0, 1.0) else "mm"
 
 
 def _slice_range(gt_vol: np.ndarray, store: CasePredictions, keys: list) -> tuple[int, int]:
@@ -514,12 +502,16 @@ def _per_case_rows(
             start, stop = _slice_range(gt_vol, store, keys)
             # One (slices, H, W) prediction volume at a time: memory stays flat in the variants.
             preds = (store.stack(key, stop - start, offset=start) for key in keys)
-            scores = batch_volume_metrics(preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm)
+            scores = batch_volume_metrics(
+                preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm, opts.nsd_method
+            )
         else:
             # A single 2D image: a one-slice "volume" would make every voxel surface.
             s = next(iter(kept[label]))
             preds = np.stack([store.get(key, s) for key in keys])
-            scores = batch_slice_metrics(preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm)
+            scores = batch_slice_metrics(
+                preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm, opts.nsd_method
+            )
         for j, key in enumerate(keys):
             rows.append(
                 {
@@ -533,6 +525,7 @@ def _per_case_rows(
                         for m in ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
                     },
                     "num_slices": len(kept[label]),
+                    "distance_unit": "mm" if is_3d else distance_unit(records[0]),
                 }
             )
     return rows
@@ -661,13 +654,9 @@ def _model_rank(models: pd.Series) -> pd.Series:
     return models.astype(str).map({m: i for i, m in enumerate(order)})
 
 
-def _jitter_rank(jitter: pd.Series) -> pd.Series:
-    return jitter.astype(str).map(lambda j: -1.0 if j == "none" else float(j.split("-")[0]))
-
-
 def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     """Canonical row order: model (zero-shot first), task, case, slice, label, prompt S1..S6,
-    jitter none..20-30, click."""
+    jitter (numerically, the report's ``jitter_rank``), click."""
     if df.empty:
         return df.reset_index(drop=True)
     keys = pd.DataFrame(index=df.index)
@@ -679,7 +668,7 @@ def sort_table(df: pd.DataFrame) -> pd.DataFrame:
     if "prompt" in df:
         keys["prompt"] = df["prompt"].map({p: i for i, p in enumerate(STRATEGIES)})
     if "jitter" in df:
-        keys["jitter"] = _jitter_rank(df["jitter"])
+        keys["jitter"] = jitter_rank(df["jitter"])
     if "click" in df:
         keys["click"] = df["click"]
     order = keys.sort_values(list(keys.columns), kind="stable").index
@@ -704,9 +693,10 @@ def _drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, s
     cols = (df[c].astype(str) for c in ("model", "task", "case"))
     keys = list(zip(*cols, strict=True))
     keep = np.array([k in done for k in keys], dtype=bool)
-    if not keep.all():
+    if not keep.all() or list(df.columns) != list(columns):
+        # Also brings a table written by an older version to today's columns before appending.
         tmp = path.with_name(path.name + ".tmp")
-        df[keep].to_csv(tmp, index=False)
+        df[keep].reindex(columns=columns).to_csv(tmp, index=False)
         tmp.replace(path)
 
 
@@ -849,14 +839,13 @@ def _run(
                         records, case_data = _materialize(item)
                         path = getattr(case_data, "image_path", path)
                         results = _evaluate_case(todo, records, case_data, opts, seed, key)
-                    except Exception as e:
+                    except DataError as e:
+                        # Only bad input (unreadable or inconsistent files) is skipped: any other
+                        # exception is a bug and stops the run, whatever eval.on_error says.
                         if opts.on_error == "raise":
                             raise
-                        if isinstance(e, DataError):
-                            path, reason = e.path, e.reason
-                        else:
-                            reason = f"{type(e).__name__}: {e}"
-                        log.warning("case %s failed and is skipped: %s", key, reason, exc_info=True)
+                        path, reason = e.path, e.reason
+                        log.warning("case %s failed and is skipped: %s", key, reason)
                         first_error = first_error or f"{key}: {reason}"
                         n_failed += 1
                         for name in todo:

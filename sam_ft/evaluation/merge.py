@@ -147,6 +147,14 @@ def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str 
 
     Returns the report's ``{name: path}`` (``evaluation.report.write_report``).
     """
+    return merge_shards_with_overlays(dirs, out_dir, title=title)[0]
+
+
+def merge_shards_with_overlays(
+    dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None
+) -> tuple[dict[str, Path], dict[str, list]]:
+    """:func:`merge_shards`, also returning the merged best/worst overlay items (as
+    ``engine.EvalResult.overlays``)."""
     from sam_ft.evaluation import engine
     from sam_ft.evaluation.report import write_report
 
@@ -173,11 +181,11 @@ def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str 
 
     per_object = tables.get(engine.PER_OBJECT_CSV)
     if per_object is None or per_object.empty:
-        return {}
+        return {}, {}
     overlays = _merged_overlays(shards, out)
     clicks = tables.get(engine.CLICKS_CSV)
     config = shards[0][1]["config"]
-    return write_report(
+    report = write_report(
         out,
         per_object,
         tables.get(engine.PER_CASE_CSV),
@@ -185,6 +193,7 @@ def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str 
         overlays=overlays or None,
         title=title or config.get("title") or "Evaluation summary",
     )
+    return report, overlays
 
 
 def _merge_skipped(dirs: Sequence[Path], out: Path) -> None:

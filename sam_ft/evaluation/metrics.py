@@ -1,14 +1,22 @@
 """Overlap and surface metrics for one object: Dice, IoU, HD95 (mm) and NSD (mm tolerance).
 
 Arrays are indexed (row, col) in 2D and (slice, row, col) in 3D; ``spacing`` is given in the same
-order, in mm. Surface distances follow MONAI: a mask's surface is its foreground pixels that touch
-the background under 4-connectivity (pixels on the image border count as surface), distances are
-Euclidean between surface pixel centres scaled by the spacing.
+order, in mm (for a 2D image without spacing, (1, 1): distances are then in pixels). HD95 follows
+MONAI: a mask's surface is its foreground pixels that touch the background under 4-connectivity
+(pixels on the image border count as surface), distances are Euclidean between surface pixel
+centres scaled by the spacing.
 
 - HD95: the larger of the two directed 95th percentiles (linear interpolation) of surface
   distances, as ``monai.metrics.compute_hausdorff_distance(percentile=95)``.
-- NSD: the fraction of both surfaces lying within ``nsd_tolerance_mm`` of the other surface, as
-  ``monai.metrics.compute_surface_dice`` (no sub-voxel areas).
+- NSD, ``nsd_method="area"`` (default): DeepMind's surface Dice (the ``surface-distance``
+  package, used by the Decathlon and MedSAM papers): surface elements on the grid of voxel
+  corners, each weighted by its area (3D) or contour length (2D) from the neighbour-code lookup
+  table, the fraction of the total area of both surfaces lying within ``nsd_tolerance_mm`` of the
+  other surface. The table is MONAI's (``get_code_to_measure_table``, DeepMind's tables), as
+  ``monai.metrics.compute_surface_dice(use_subvoxels=True)``.
+- NSD, ``nsd_method="count"``: the fraction of surface VOXELS within the tolerance, as
+  ``monai.metrics.compute_surface_dice`` without sub-voxels (every surface voxel weighs the same,
+  whatever its spacing and orientation).
 
 Empty masks are scored explicitly, never left to MONAI (which returns NaN, inf or, for HD, 0):
 
@@ -26,6 +34,7 @@ predictions); averages must skip it and report how many were missing.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -39,8 +48,16 @@ from monai.metrics import (
     compute_surface_dice,
 )
 from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 
 METRIC_KEYS = ("dice", "iou", "hd95", "nsd", "empty_pred", "empty_gt", "hd95_missing")
+NSD_METHODS = ("area", "count")
+"""``area``: DeepMind's surface Dice (surface-element areas; default); ``count``: surface voxels."""
+
+
+def _check_nsd_method(nsd_method: str) -> None:
+    if nsd_method not in NSD_METHODS:
+        raise ValueError(f"nsd_method must be one of {NSD_METHODS}, got {nsd_method!r}")
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray, ndim: int, spacing: Sequence[float]) -> None:
@@ -67,7 +84,11 @@ def _empty_rule(empty_pred: bool, empty_gt: bool) -> dict:
 
 
 def _monai_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str = "area",
 ) -> dict:
     """All four metrics from MONAI for a pair of NON-empty masks of any dimension."""
     p = torch.from_numpy(pred)[None, None]
@@ -80,7 +101,12 @@ def _monai_metrics(
         iou = compute_iou(p.float(), g.float(), include_background=True)
         hd = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)
         nsd = compute_surface_dice(
-            p, g, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=sp
+            p,
+            g,
+            class_thresholds=[float(nsd_tolerance_mm)],
+            include_background=True,
+            spacing=sp,
+            use_subvoxels=nsd_method == "area",
         )
     return {
         "dice": float(dice),
@@ -98,6 +124,7 @@ def slice_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict:
     """Score one predicted object mask against its ground truth on one 2D slice.
 
@@ -106,6 +133,7 @@ def slice_metrics(
         gt: (H, W) bool ground-truth mask.
         spacing: (row, col) pixel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` (DeepMind's surface Dice) or ``count`` (surface voxels).
 
     Returns:
         dict with ``dice, iou, hd95`` (mm, NaN when missing), ``nsd``, ``empty_pred``,
@@ -114,10 +142,11 @@ def slice_metrics(
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
     _check_pair(pred, gt, 2, spacing)
+    _check_nsd_method(nsd_method)
     empty_pred, empty_gt = not pred.any(), not gt.any()
     if empty_pred or empty_gt:
         return _empty_rule(empty_pred, empty_gt)
-    return _monai_metrics(pred, gt, spacing, nsd_tolerance_mm)
+    return _monai_metrics(pred, gt, spacing, nsd_tolerance_mm, nsd_method)
 
 
 def volume_metrics(
@@ -125,6 +154,7 @@ def volume_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict:
     """Score one object over a whole case: its per-slice masks stacked back into a volume.
 
@@ -133,11 +163,12 @@ def volume_metrics(
         gt: (D, H, W) bool ground-truth mask.
         spacing: (slice, row, col) voxel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         the same keys as :func:`slice_metrics`, computed in 3D with the voxel spacing.
     """
-    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm)  # checks the pair
+    out = batch_volume_metrics([pred], gt, spacing, nsd_tolerance_mm, nsd_method)  # checks pair
     return {key: out[key][0].item() for key in METRIC_KEYS}
 
 
@@ -146,6 +177,7 @@ def batch_volume_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict[str, np.ndarray]:
     """Score many predicted volumes of one object (e.g. its prompt variants) against one GT.
 
@@ -159,6 +191,7 @@ def batch_volume_metrics(
         gt: (D, H, W) bool ground truth shared by all predictions.
         spacing: (slice, row, col) voxel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         dict of (N,) arrays under the keys of :func:`slice_metrics` (float64 or bool).
@@ -168,7 +201,8 @@ def batch_volume_metrics(
         raise ValueError(f"gt must be (D, H, W), got shape {gt.shape}")
     if len(spacing) != 3:
         raise ValueError(f"spacing {tuple(spacing)} needs 3 values (slice, row, col)")
-    target = _GtSurface(gt, spacing, float(nsd_tolerance_mm))
+    _check_nsd_method(nsd_method)
+    target = _GtSurface(gt, spacing, float(nsd_tolerance_mm), nsd_method)
     if isinstance(preds, np.ndarray) and preds.shape[1:] == gt.shape:
         target.cover(preds)
     scores = []
@@ -184,6 +218,7 @@ def batch_slice_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0),
     nsd_tolerance_mm: float = 2.0,
+    nsd_method: str = "area",
 ) -> dict[str, np.ndarray]:
     """Score many predicted masks of one slice (e.g. the prompt variants of one object) at once.
 
@@ -196,6 +231,7 @@ def batch_slice_metrics(
         gt: (H, W) bool ground truth shared by all predictions, or (N, H, W) one per prediction.
         spacing: (row, col) pixel spacing in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
+        nsd_method: ``area`` or ``count`` (see :func:`slice_metrics`).
 
     Returns:
         dict of (N,) arrays under the keys of :func:`slice_metrics` (float64 or bool).
@@ -208,14 +244,17 @@ def batch_slice_metrics(
         raise ValueError(f"gt {gt.shape} fits neither (H, W) nor (N, H, W) of preds {preds.shape}")
     if len(spacing) != 2:
         raise ValueError(f"spacing {tuple(spacing)} needs 2 values (row, col)")
+    _check_nsd_method(nsd_method)
     tol = float(nsd_tolerance_mm)
     if gt.ndim == 3 and len(gt) > 0 and gt.strides[0] == 0:
         gt = gt[0]  # one mask broadcast to every prediction: share its work as well
     if gt.ndim == 2:
-        target = _GtSurface(gt, spacing, tol)
+        target = _GtSurface(gt, spacing, tol, nsd_method)
         target.cover(preds)
         return _columns([target.score(p) for p in preds])
-    return _columns([_GtSurface(g, spacing, tol).score(p) for p, g in zip(preds, gt, strict=True)])
+    return _columns(
+        [_GtSurface(g, spacing, tol, nsd_method).score(p) for p, g in zip(preds, gt, strict=True)]
+    )
 
 
 def _columns(scores: list[dict]) -> dict[str, np.ndarray]:
@@ -253,16 +292,21 @@ class _GtSurface:
         gt: bool ground truth, (H, W) indexed (row, col) or (D, H, W) indexed (slice, row, col).
         spacing: voxel spacing in mm, in the same axis order.
         tol: NSD tolerance in mm.
+        nsd_method: ``area`` (DeepMind's surface Dice) or ``count`` (surface voxels).
     """
 
-    def __init__(self, gt: np.ndarray, spacing: Sequence[float], tol: float) -> None:
+    def __init__(
+        self, gt: np.ndarray, spacing: Sequence[float], tol: float, nsd_method: str = "area"
+    ) -> None:
         self.gt = gt
+        self.nsd_method = nsd_method
         self.shape = np.array(gt.shape)
         self.sampling = tuple(float(s) for s in spacing)
         self.tol = tol
         self.count = int(np.count_nonzero(gt))
         self._map: np.ndarray | None = None  # float32 distance (mm) to the GT surface
         self._map_lo = self._map_hi = self.shape  # inclusive corners of the map's box
+        self._surfels: _Surfels | None = None  # the area-based NSD's GT side, built once
         if self.count == 0:
             return
         self.lo, self.hi = _bbox(gt)
@@ -295,12 +339,16 @@ class _GtSurface:
         d_gp = self.gt_to_pred(p_edge, lo)
         # float32 tolerance, as MONAI compares its float32 distances with it.
         tol = np.float32(self.tol)
-        within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
+        if self.nsd_method == "area":
+            nsd = _area_nsd(pred, lo, hi, self)
+        else:
+            within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
+            nsd = within / (d_pg.size + d_gp.size)
         return {
             "dice": 2.0 * inter / total,
             "iou": inter / (total - inter),
             "hd95": float(max(_quantile95(d_pg), _quantile95(d_gp, self.ranks))),
-            "nsd": within / (d_pg.size + d_gp.size),
+            "nsd": nsd,
             "empty_pred": False,
             "empty_gt": False,
             "hd95_missing": False,
@@ -383,6 +431,135 @@ class _GtSurface:
         edge[_box(self.lo - lo, self.hi - lo)] = self.edge
         self._map = _distance_map(edge, self.sampling)
         self._map_lo, self._map_hi = lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _measure_table(spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(area or length per neighbour code (2^(2^d),) float64, code weight per corner offset
+    (2,)*d int) for a voxel spacing: MONAI's copy of DeepMind's lookup tables."""
+    from monai.metrics.utils import get_code_to_measure_table
+
+    table, kernel = get_code_to_measure_table(spacing)
+    weights = kernel.reshape((2,) * len(spacing)).cpu().numpy().astype(np.int64)
+    return table.cpu().numpy().astype(np.float64), weights
+
+
+def _surfel_points(
+    mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Surface elements of a bool mask whose foreground lies in box ``lo``..``hi``.
+
+    As DeepMind's ``compute_surface_distances``: each corner of the voxel grid gets the code of
+    its 2^d neighbouring voxels (a local binary pattern); corners with a mixed neighbourhood are
+    surface elements, with the area (3D) or contour length (2D) the lookup table gives their
+    code. Corner c of an axis lies between voxels c - 1 and c, the same grid for every mask.
+
+    Returns:
+        ((K, ndim) int64 corner indices, (K,) float64 areas or lengths in mm).
+    """
+    table, weights = _measure_table(spacing)
+    crop = mask[_box(lo, hi)]
+    padded = np.pad(crop, 1).view(np.uint8)
+    out_shape = tuple(n + 1 for n in crop.shape)
+    code = np.zeros(out_shape, dtype=np.uint8)  # codes < 2^(2^d) <= 256
+    for offset in np.ndindex(*weights.shape):
+        window = tuple(slice(o, o + n) for o, n in zip(offset, out_shape, strict=True))
+        code += padded[window] * np.uint8(weights[offset])
+    full = len(table) - 1
+    corners = np.nonzero((code != 0) & (code != full))
+    return np.stack(corners, axis=-1) + lo, table[code[corners]]
+
+
+class _Surfels:
+    """Surface-element corners of one mask, their areas, and what finds the nearest ones fast:
+    the sorted linear indices of the corners (exact matches) and a k-d tree (the rest).
+
+    Args:
+        corners: (K, ndim) int corner indices on the grid of ``grid`` corners per axis.
+        areas: (K,) areas (3D) or lengths (2D) in mm.
+        spacing: voxel spacing in mm.
+        grid: corners per axis (the mask's shape + 1), for the linear indices.
+    """
+
+    def __init__(
+        self,
+        corners: np.ndarray,
+        areas: np.ndarray,
+        spacing: tuple[float, ...],
+        grid: Sequence[int],
+    ) -> None:
+        self.corners = corners
+        self.areas = areas
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.keys = np.ravel_multi_index(tuple(corners.T), tuple(grid)) if len(corners) else None
+        self.sorted_keys = np.sort(self.keys) if self.keys is not None else None
+        self._tree: cKDTree | None = None
+
+    @property
+    def tree(self) -> cKDTree:
+        if self._tree is None:
+            self._tree = cKDTree(self.corners * self.spacing)
+        return self._tree
+
+    def area_within(self, other: _Surfels, tol: float) -> float:
+        """Total area of ``other``'s elements lying within ``tol`` mm of this surface.
+
+        An element on a corner this surface also has is at distance 0 (most of them when the
+        two surfaces overlap). For the others the tree finds the nearest corner here, searching
+        only a hair beyond the tolerance; its distance is then recomputed from the integer
+        corner offsets exactly as scipy's distance transform (``(di * spacing)^2`` summed,
+        float64), so a distance equal to the tolerance on the voxel grid is within it, as in
+        DeepMind's code.
+        """
+        if other.keys is None or self.keys is None:
+            return 0.0
+        pos = np.searchsorted(self.sorted_keys, other.keys)
+        same = self.sorted_keys[np.minimum(pos, len(self.sorted_keys) - 1)] == other.keys
+        within = float(other.areas[same].sum())
+        rest = ~same
+        if not rest.any():
+            return within
+        corners, areas = other.corners[rest], other.areas[rest]
+        bound = tol * (1 + 1e-6) + 1e-9
+        d, index = self.tree.query(corners * self.spacing, k=1, distance_upper_bound=bound)
+        found = np.isfinite(d)
+        diff = (self.corners[index[found]] - corners[found]).astype(np.float64)
+        diff *= self.spacing
+        exact = np.sqrt((diff * diff).sum(axis=1))
+        return within + float(areas[found][exact <= tol].sum())
+
+
+def _area_nsd(pred: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: _GtSurface) -> float:
+    """DeepMind's surface Dice of a non-empty prediction (foreground in box ``lo``..``hi``)
+    against ``target``'s non-empty ground truth.
+
+    As ``surface_distance.compute_surface_distances``: surface elements on the grid of voxel
+    corners from the 2^d neighbour codes, each with its area (3D) or length (2D); distances are
+    Euclidean in mm between element corners. Only whether a distance is within the tolerance
+    matters, so nearest neighbours come from k-d trees of the surface corners searched up to the
+    tolerance (the ground truth's tree is built once for all its predictions) instead of two
+    distance transforms over the box of both masks. Returns (GT area within tol of the
+    prediction's surface + prediction area within tol of the GT's) / (total area of both).
+    """
+    spacing = target.sampling
+    grid = target.shape + 1
+    if target._surfels is None:
+        target._surfels = _Surfels(
+            *_surfel_points(target.gt, target.lo, target.hi, spacing), spacing, grid
+        )
+    gt = target._surfels
+    corners, areas = _surfel_points(pred, lo, hi, spacing)
+    total = gt.areas.sum() + areas.sum()
+    if total <= 0:
+        return 0.0
+    # Only prediction elements near the GT's box can lie within the tolerance of its surface:
+    # the others (noise far away) count in the total area but need no search.
+    margin = np.floor(target.tol / np.asarray(spacing)).astype(np.int64) + 1
+    w_lo, w_hi = target.lo - margin, target.hi + 1 + margin
+    near = np.all((corners >= w_lo) & (corners <= w_hi), axis=1)
+    pr = _Surfels(corners[near], areas[near], spacing, grid)
+    within = gt.area_within(pr, target.tol) + pr.area_within(gt, target.tol)
+    return float(within / total)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

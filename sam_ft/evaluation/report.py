@@ -34,10 +34,13 @@ PROMPT_NAMES = {
     "box_point1": "S6 box+point",
 }
 JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
+"""The default levels, in order; any other levels sort by :func:`jitter_key` the same way."""
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
 SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
-SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing"]
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
+"""``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
+tolerance are then in pixels); ``mm+px`` when a group mixes both."""
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
@@ -49,8 +52,33 @@ def rank_by_order(values: pd.Series, order: Sequence[str]) -> pd.Series:
     return values.astype(str).map(known)
 
 
+def jitter_key(name: str) -> tuple:
+    """Sort key of a jitter level: ``none`` first, then ``LO-HI`` ranges by (LO, HI) as NUMBERS
+    (``0-5 < 5-10 < 10-20``, where text order would put ``10-20`` before ``5-10``); an
+    unparsable name last, by text."""
+    from sam_ft.prompts.jitter import parse_jitter_name
+
+    try:
+        level = parse_jitter_name(str(name))
+    except ValueError:
+        return (2, 0.0, 0.0, str(name))
+    return (0, 0.0, 0.0, "") if level is None else (1, level[0], level[1], "")
+
+
+def jitter_levels_sorted(values) -> list[str]:
+    """The distinct jitter names of ``values`` in :func:`jitter_key` order."""
+    return sorted({str(v) for v in values}, key=jitter_key)
+
+
+def jitter_rank(values: pd.Series) -> pd.Series:
+    """Position of each jitter name in :func:`jitter_key` order: the one sort every table uses
+    (per_object, per_case, summary, summary.md, the merged report)."""
+    order = jitter_levels_sorted(values)
+    return values.astype(str).map({v: i for i, v in enumerate(order)})
+
+
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Sort by model (zero-shot first), task, prompt S1..S6, jitter none..20-30 where present."""
+    """Sort by model (zero-shot first), task, prompt S1..S6, jitter (numerically) where present."""
     keys = []
     if "model" in df:
         models = sorted(set(df["model"].astype(str)) - {BASELINE_MODEL})
@@ -59,13 +87,13 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
         keys.append(("task", sorted(set(df["task"].astype(str)))))
     if "prompt" in df:
         keys.append(("prompt", PROMPT_ORDER))
-    if "jitter" in df:
-        keys.append(("jitter", JITTER_ORDER))
-    if not keys or df.empty:
+    if not keys and "jitter" not in df or df.empty:
         return df.reset_index(drop=True)
     ranks = pd.DataFrame(
         {f"_{c}": rank_by_order(df[c], order) for c, order in keys}, index=df.index
     )
+    if "jitter" in df:
+        ranks["_jitter"] = jitter_rank(df["jitter"])
     return df.loc[ranks.sort_values(list(ranks.columns), kind="stable").index].reset_index(
         drop=True
     )
@@ -89,8 +117,9 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns ``model, task, prompt, jitter, n, dice_mean, dice_std, iou_mean,
-        hd95_mean, nsd_mean, hd95_missing``: ``dice_std`` is the population std (ddof=0, so one
-        object gives 0), ``hd95_mean`` skips missing HD95 values and ``hd95_missing`` counts them.
+        hd95_mean, nsd_mean, hd95_missing, distance_unit``: ``dice_std`` is the population std
+        (ddof=0, so one object gives 0), ``hd95_mean`` skips missing HD95 values and
+        ``hd95_missing`` counts them; ``distance_unit`` is ``mm``, ``px`` or ``mm+px``.
     """
     df = per_object.copy()
     if "jitter" not in df:
@@ -98,6 +127,9 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
     df["hd95"] = pd.to_numeric(df["hd95"], errors="coerce")
     df["_missing"] = _missing_hd95(df)
     df.loc[df["_missing"], "hd95"] = np.nan
+    if "distance_unit" not in df:
+        df["distance_unit"] = "mm"
+    df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
     grouped = df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
     out = grouped.agg(
         n=("dice", "size"),
@@ -108,6 +140,7 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
         hd95_missing=("_missing", "sum"),
     )
     out["dice_std"] = grouped["dice"].std(ddof=0)
+    out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
     return sort_rows(out[SUMMARY_COLUMNS])
@@ -231,8 +264,7 @@ def jitter_table(summary: pd.DataFrame) -> pd.DataFrame:
     wide = s.pivot_table(
         index=["model", "task", "prompt"], columns="jitter", values="dice_mean", sort=False
     )
-    levels = [j for j in JITTER_ORDER if j in wide.columns]
-    levels += sorted(set(wide.columns) - set(levels))
+    levels = jitter_levels_sorted(wide.columns)  # none first, the largest level last
     wide = wide[levels]
     if "none" in levels and len(levels) > 1:
         wide[f"drop none→{levels[-1]}"] = wide["none"] - wide[levels[-1]]
@@ -338,7 +370,7 @@ def write_report(
         )
     ]
     paths["plot_dice_vs_jitter"] = plots.plot_dice_vs_jitter(
-        pooled_jitter, plot_dir / "dice_vs_jitter.png", JITTER_ORDER
+        pooled_jitter, plot_dir / "dice_vs_jitter.png", jitter_levels_sorted(pooled["jitter"])
     )
     scatter_rows = _no_jitter(per_object)
     prompts = set(scatter_rows["prompt"].astype(str))
@@ -371,13 +403,15 @@ def write_report(
         f"{len(per_object)} scored objects; models: {models}; tasks: {', '.join(map(str, tasks))}."
         " Dice is mean ± std over objects (2D slices); task `all` pools the objects of all tasks.",
         "",
+        *skipped_lines(out_dir),
         "## Dice per prompt strategy (no jitter)",
         "",
     ]
     table_source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
     lines += [to_markdown(prompt_table(table_source)), ""]
-    lines += ["## All metrics (no jitter)", "", "HD95 in mm, averaged where it exists; "]
-    lines[-1] += "`hd95 missing` counts objects with an empty prediction or ground truth."
+    unit = _unit(summary)
+    lines += ["## All metrics (no jitter)", "", f"HD95 in {_unit_words(unit)}, averaged where it "]
+    lines[-1] += "exists; `hd95 missing` counts objects with an empty prediction or ground truth."
     lines += ["", to_markdown(_metrics_view(_no_jitter(summary))), ""]
     jitter = jitter_table(summary)
     if not jitter.empty:
@@ -409,13 +443,51 @@ def write_report(
     return paths
 
 
+def _unit(summary: pd.DataFrame) -> str:
+    """The one distance unit of a summary's rows, or ``""`` when they differ."""
+    units = set(summary["distance_unit"].astype(str)) if "distance_unit" in summary else {"mm"}
+    return units.pop() if len(units) == 1 else ""
+
+
+def _unit_words(unit: str) -> str:
+    if unit == "px":
+        return "pixels (2D images without a spacing)"
+    return "mm" if unit == "mm" else "the unit of each row's `distance_unit` (mm, or px for 2D)"
+
+
+def read_skipped(out_dir: str | Path) -> pd.DataFrame:
+    """The cases skipped for bad data (``<out_dir>/skipped.csv``; empty when there is none)."""
+    path = Path(out_dir) / "skipped.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=["case", "path", "reason"])
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def skipped_lines(out_dir: str | Path) -> list[str]:
+    """Markdown lines stating how many cases were skipped and why (also when none was)."""
+    skipped = read_skipped(out_dir)
+    if skipped.empty:
+        return ["No case was skipped.", ""]
+    cases = skipped.drop_duplicates(subset=["case"])
+    columns = [c for c in ("case", "stage", "path", "reason") if c in cases]
+    return [
+        f"**{len(cases)} case(s) skipped** for bad data, not scored (`skipped.csv`):",
+        "",
+        to_markdown(cases[columns].reset_index(drop=True)),
+        "",
+    ]
+
+
 def _metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
-    view = summary.drop(columns=["jitter"]).rename(
+    unit = _unit(summary)
+    # One unit: in the header; mixed (2D images and volumes): the column stays beside the value.
+    drop = ["jitter", "distance_unit"] if unit and "distance_unit" in summary else ["jitter"]
+    view = summary.drop(columns=drop).rename(
         columns={
             "dice_mean": "Dice",
             "dice_std": "Dice std",
             "iou_mean": "IoU",
-            "hd95_mean": "HD95 (mm)",
+            "hd95_mean": f"HD95 ({unit})" if unit else "HD95",
             "nsd_mean": "NSD",
             "hd95_missing": "hd95 missing",
         }

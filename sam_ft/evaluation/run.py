@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.inference.card import apply_card
+from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -43,7 +45,8 @@ def compare_models(
 
     With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
     (``sam_ft.evaluation.distributed``). Returns mean Dice per model for the box prompt without
-    jitter (``eval/<model>/box_dice``); empty on ranks other than 0.
+    jitter (``eval/<model>/box_dice``) and the scalars logged to the run
+    (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
     """
     device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
@@ -61,28 +64,56 @@ def compare_models(
     result = evaluate_cases(models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks)
     if result is None:
         return {}
-    _log_report(out_dir, loggers)
+    _write_run_info(out_dir, models, cfg)
+    _report_skipped(out_dir, loggers)
+    scalars = log_evaluation(out_dir, loggers, result.overlays)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
-    return {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
+    box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
+    return {**box_dice, **scalars}
 
 
-def _log_report(out_dir: Path, loggers: Sequence) -> None:
-    """Summary table and plots to W&B (a table + images) and TensorBoard (text)."""
-    import pandas as pd
+RUN_INFO = "run_info.json"
 
-    summary = out_dir / "summary.csv"
-    if not summary.is_file():
-        return
-    table = pd.read_csv(summary)
-    plots = sorted(str(p) for p in (out_dir / "plots").glob("*.png"))
+
+def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
+    """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
+    preprocessing, mask selection), merged with the entries of models evaluated earlier into the
+    same folder (the report covers them too)."""
+    import json
+
+    path = Path(out_dir) / RUN_INFO
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    entries = info.setdefault("models", {})
+    for name, model in models.items():
+        entries[name] = {
+            "precision": model.precision(),
+            "multimask_output": bool(getattr(model, "multimask_output", True)),
+            "preprocess": model.transform.mode,
+            "mask_selection": str(cfg.eval.mask_selection),
+        }
+        log.info("model %s: precision %s", name, entries[name]["precision"])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
+    """The number of cases skipped for bad data to the log (a warning naming them) and to every
+    logger that takes metrics, the CSV logger too (``eval/skipped_cases``)."""
+    from sam_ft.evaluation.report import read_skipped
+
+    skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
+    if len(skipped):
+        log.warning(
+            "%d case(s) skipped for bad data (%s): %s",
+            len(skipped),
+            out_dir / "skipped.csv",
+            ", ".join(skipped["case"].astype(str)),
+        )
     for logger in loggers:
-        if hasattr(logger, "log_table"):
-            logger.log_table(key="eval/summary", dataframe=table)
-            for plot in plots:
-                logger.log_image(key=f"eval/{Path(plot).stem}", images=[plot])
-        elif hasattr(getattr(logger, "experiment", None), "add_text"):
-            logger.experiment.add_text("eval/summary", (out_dir / "summary.md").read_text())
+        if hasattr(logger, "log_metrics"):
+            logger.log_metrics({"eval/skipped_cases": float(len(skipped))})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -94,6 +125,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
     # them, or a resumed evaluation would score its remaining cases with another model.
     L.seed_everything(cfg.seed, verbose=False)
+    apply_card(cfg, ckpt)  # a model card beside the weights fixes how they are fed
     model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
     label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     datamodule = SamDataModule(
@@ -105,7 +137,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_dir=run_dir,
         data_dir=cfg.paths.data_dir,
     )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = eval_loggers(cfg, label)
     metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
     summary_md = run_dir / "summary.md"
     if summary_md.is_file() and (ranks is None or ranks.rank == 0):

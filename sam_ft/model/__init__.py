@@ -18,11 +18,17 @@ def build_trainable_sam(
     preprocess: str | None = None,
     grad_checkpointing: bool = False,
     compile_encoder: bool = False,
+    encoder_bf16: bool = True,
+    multimask_output: bool | None = None,
 ) -> TrainableSam:
     """The ``model`` config's target: a SAM with weights, wrapped for training and prediction.
 
     ``image_size`` and ``preprocess`` must match the architecture (they are in the config so that
     the data pipeline and reports can read them); a mismatch is a config error, not a silent fix.
+    ``encoder_bf16``: run the image encoder under bf16 autocast on CUDA GPUs when it gets no
+    gradients (faster); False keeps everything float32, as the study assumes.
+    ``multimask_output``: whether the model's 3 mask outputs are used (SAM) or only its single
+    one (MedSAM, trained with ``multimask_output=False``); None = the architecture's own.
     """
     if name not in SPECS:
         raise ConfigError(f"model.name={name!r} is not one of {sorted(SPECS)}")
@@ -35,7 +41,13 @@ def build_trainable_sam(
         raise ConfigError(
             f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
         )
-    model = TrainableSam(build_sam(name, checkpoint), spec.preprocess, grad_checkpointing)
+    model = TrainableSam(
+        build_sam(name, checkpoint),
+        spec.preprocess,
+        grad_checkpointing,
+        encoder_bf16=bool(encoder_bf16),
+        multimask_output=spec.multimask_output if multimask_output is None else multimask_output,
+    )
     if compile_encoder:
         # In place, so state-dict keys keep their official names.
         model.sam.image_encoder.compile()

@@ -38,6 +38,7 @@ class SamSpec:
     prompt_embed_dim: int = 256
     decoder_mlp_dim: int = 2048
     preprocess: str = "sam"
+    multimask_output: bool = True
     url: str | None = None
     sha256: str | None = None
 
@@ -76,7 +77,8 @@ SPECS: dict[str, SamSpec] = {
     # MedSAM (Ma et al., Nature Communications 2024): ViT-B trained on 1.5M medical image-mask
     # pairs with its own preprocessing (see sam_ft.model.preprocess, mode "medsam"). Its weights
     # are published on Google Drive only, with no direct URL: `auto` finds the file in the cache.
-    "medsam": SamSpec(768, 12, 12, (2, 5, 8, 11), preprocess="medsam"),
+    # Trained and run with one mask output (multimask_output=False).
+    "medsam": SamSpec(768, 12, 12, (2, 5, 8, 11), preprocess="medsam", multimask_output=False),
     # Same classes, CPU-sized: a 2-block ViT at input 256 (16x16 embedding grid).
     "tiny": SamSpec(96, 2, 2, (1,), image_size=256, window_size=8),
 }

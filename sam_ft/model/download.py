@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -32,10 +33,56 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _records_file() -> Path:
+    return cache_dir() / "verified_sha256.json"
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_records() -> dict:
+    try:
+        return json.loads(_records_file().read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: files are simply hashed again
+
+
+def remember_sha256(path: Path, sha256: str) -> None:
+    """Record that ``path``, at its current size and mtime, hashes to ``sha256``."""
+    from filelock import FileLock
+
+    records_file = _records_file()
+    records_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(records_file) + ".lock"):
+        records = _read_records()
+        records[str(path.resolve())] = {**_stat_key(path), "sha256": sha256}
+        fd, tmp = tempfile.mkstemp(dir=records_file.parent, prefix=".verified.", suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, records_file)
+
+
+def verified_sha256(path: Path) -> str:
+    """SHA-256 of ``path``, hashed once and remembered while its size and mtime are unchanged.
+
+    Hashing ViT-H's 2.4 GB takes seconds and a run builds the model twice; any write to the file
+    (a new download, a truncation, an edit) changes its mtime or size, which forces a re-hash.
+    """
+    record = _read_records().get(str(path.resolve()))
+    if record and {k: record.get(k) for k in ("size", "mtime_ns")} == _stat_key(path):
+        return str(record["sha256"])
+    digest = sha256_of(path)
+    remember_sha256(path, digest)
+    return digest
+
+
 def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = None) -> Path:
     """Return the cached file for ``url``, downloading it first if needed.
 
-    A cached file is reused only if its hash matches (when a hash is known). The download goes to
+    A cached file is reused only if its hash matches (when a hash is known; the result is
+    remembered by size and mtime, see :func:`verified_sha256`). The download goes to
     a temporary file in the cache directory and is renamed into place after verification, so a
     killed download or a concurrent job never leaves a partial file under the final name.
 
@@ -46,7 +93,7 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
     directory = Path(directory or cache_dir())
     target = directory / filename
     if target.exists():
-        if sha256 is None or sha256_of(target) == sha256:
+        if sha256 is None or verified_sha256(target) == sha256:
             return target
         log.warning("%s does not match its published SHA-256; downloading it again", target)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,6 +120,8 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
                 "The file was not saved."
             )
         os.replace(tmp, target)
+        if sha256 is not None:
+            remember_sha256(target, sha256)  # just verified while downloading
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

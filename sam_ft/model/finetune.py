@@ -53,7 +53,8 @@ class Finetune:
         name: one of ``MODES``.
         last_n: encoder blocks trained by ``encoder_last_n``.
         rank, alpha: LoRA rank and scaling (scale = alpha / rank).
-        encoder_lr_scale: learning-rate multiplier for encoder parameters when they train.
+        encoder_lr_scale: learning-rate multiplier for pretrained encoder weights when they train
+            (not for LoRA adapters, which are new and use the base rate).
     """
 
     name: str = "decoder"
@@ -98,12 +99,28 @@ class Finetune:
         return counts
 
     def param_groups(self, model: TrainableSam, lr: float) -> list[dict]:
-        """Optimizer groups: encoder parameters at ``lr * encoder_lr_scale``, the rest at ``lr``."""
-        encoder, rest = [], []
+        """Optimizer groups: pretrained encoder weights at ``lr * encoder_lr_scale``, the rest at
+        ``lr``.
+
+        The scale protects pretrained features. Parameters a mode adds (LoRA's ``lora_a`` /
+        ``lora_b``, under the image encoder) start from scratch and train at the base ``lr``, the
+        rate the LoRA papers' learning rates refer to.
+        """
+        added = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                 for p in (m.lora_a, m.lora_b)}  # fmt: skip
+        encoder, adapters, rest = [], [], []
         for name, param in model.named_parameters():
-            if param.requires_grad:
-                (encoder if name.startswith("sam.image_encoder.") else rest).append(param)
+            if not param.requires_grad:
+                continue
+            if id(param) in added:
+                adapters.append(param)
+            elif name.startswith("sam.image_encoder."):
+                encoder.append(param)
+            else:
+                rest.append(param)
         groups = [{"params": rest, "lr": lr, "name": "decoder"}]
+        if adapters:
+            groups.append({"params": adapters, "lr": lr, "name": "adapters"})
         if encoder:
             groups.append({"params": encoder, "lr": lr * self.encoder_lr_scale, "name": "encoder"})
         return groups

@@ -42,6 +42,9 @@ class TrainableSam(nn.Module):
         encoder_bf16: on CUDA GPUs with bfloat16, run the image encoder under bf16 autocast when
             it gets no gradients (frozen, or no-grad inference); embeddings stay float32.
             False keeps the encoder in float32 everywhere (bit-level comparisons).
+        multimask_output: whether the model's 3 mask outputs are meant to be used (SAM) or only
+            its single one (MedSAM); mask selection and training read it (``decode`` itself
+            still returns what it is asked for).
 
     The wrapped ``sam`` is changed in place, keeping its parameters and state-dict keys: its
     channel LayerNorms compute in float32 and its encoder attention runs through
@@ -55,12 +58,14 @@ class TrainableSam(nn.Module):
         preprocess: str = "sam",
         grad_checkpointing: bool = False,
         encoder_bf16: bool = True,
+        multimask_output: bool = True,
     ):
         super().__init__()
         self.sam = sam
         self.transform = SamTransform(sam.image_encoder.img_size, preprocess)
         self.grad_checkpointing = grad_checkpointing
         self.encoder_bf16 = encoder_bf16
+        self.multimask_output = bool(multimask_output)
         for module in sam.modules():
             if type(module) is LayerNorm2d:
                 module.__class__ = LayerNorm2dFp32  # same parameters, same state-dict keys
@@ -111,6 +116,13 @@ class TrainableSam(nn.Module):
             and torch.device(device).type == "cuda"
             and torch.cuda.is_bf16_supported()
         )
+
+    def precision(self, device: torch.device | str | None = None) -> dict[str, str]:
+        """The arithmetic each part runs in on ``device`` (default: the model's), for reports:
+        ``{"encoder": "bf16-autocast" | "float32", "decoder": "float32"}``."""
+        device = device if device is not None else next(self.parameters()).device
+        encoder = "bf16-autocast" if self.encodes_in_bf16(device) else "float32"
+        return {"encoder": encoder, "decoder": "float32"}
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         enc = self.sam.image_encoder

@@ -31,6 +31,10 @@ _LAYOUT: dict[str, tuple[int, int, bool]] = {
     "box_point1": (1, 0, True),
 }
 
+POINT_SAMPLINGS: tuple[str, ...] = ("even", "random")
+"""``even``: the official code's evenly spaced points (raster order, fixed stride; the default);
+``random``: uniform draws without replacement from the prompt stream."""
+
 NEGATIVE_BOX_FACTOR = 2.0
 """Negatives are drawn inside the tight box enlarged this many times about its centre."""
 
@@ -99,6 +103,18 @@ def positive_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return np.stack([cols, rows], axis=-1).astype(np.float64)
 
 
+def _negative_region(mask: np.ndarray, factor: float) -> np.ndarray:
+    """Raster-order flat indices of the background inside the enlarged box (clipped), or of the
+    whole image's background when that box has none."""
+    x0, y0, x1, y1 = enlarged_box(mask_box(mask), factor, mask.shape)
+    region = np.zeros_like(mask)
+    region[y0 : y1 + 1, x0 : x1 + 1] = True
+    region &= ~mask
+    if not region.any():
+        region = ~mask
+    return np.flatnonzero(region)
+
+
 def negative_points(
     mask: np.ndarray, n: int, rng: np.random.Generator, factor: float = NEGATIVE_BOX_FACTOR
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,29 +128,76 @@ def negative_points(
     mask = np.asarray(mask, dtype=bool)
     if n <= 0:
         return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
-    x0, y0, x1, y1 = enlarged_box(mask_box(mask), factor, mask.shape)
-    region = np.zeros_like(mask)
-    region[y0 : y1 + 1, x0 : x1 + 1] = True
-    region &= ~mask
-    if not region.any():
-        region = ~mask
-    flat = np.flatnonzero(region)
+    flat = _negative_region(mask, factor)
     if len(flat) == 0:
         return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
     rows, cols = np.divmod(flat[_draw_distinct(len(flat), n, rng, set())], mask.shape[1])
     return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
 
 
+def _strided(count: int, n: int) -> np.ndarray:
+    """Indices 0, s, 2s, ... (n of them) with stride s = floor(count / n), the official code's
+    spacing; wrapped around (repeats) only when count < n."""
+    stride = max(count // n, 1)
+    return (np.arange(n) * stride) % count
+
+
+def even_positive_points(mask: np.ndarray, n: int) -> np.ndarray:
+    """n evenly spaced positive points of an (H, W) bool mask -> (n, 2) float (x, y).
+
+    The official code: the mask's pixels in raster order (row by row), taken at stride
+    floor(count / n) starting from the first, the first replaced by the centroid. Where the
+    centroid lies outside the mask (the official code does not check), the mask pixel nearest
+    to it (first in raster order on ties) replaces the first point instead.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0:
+        return np.zeros((0, 2))
+    rows, cols = np.nonzero(mask)  # raster order
+    chosen = _strided(len(rows), n)
+    pts = np.stack([cols[chosen], rows[chosen]], axis=-1).astype(np.float64)
+    cx, cy = mask_centroid(mask)
+    if not mask[cy, cx]:
+        nearest = int(np.argmin((cols - cx) ** 2 + (rows - cy) ** 2))
+        cx, cy = int(cols[nearest]), int(rows[nearest])
+    pts[0] = (cx, cy)
+    return pts
+
+
+def even_negative_points(
+    mask: np.ndarray, n: int, factor: float = NEGATIVE_BOX_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """n evenly spaced negative points: the background pixels of the tight box enlarged
+    ``factor`` x (clipped to the image) in raster order, at stride floor(count / n) from the first.
+
+    Returns ``(points (n, 2) float (x, y), labels (n,) int)``; the fallbacks are those of
+    :func:`negative_points` (whole-image background, then ``PAD_LABEL`` points).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    flat = _negative_region(mask, factor)
+    if len(flat) == 0:
+        return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
+    rows, cols = np.divmod(flat[_strided(len(flat), n)], mask.shape[1])
+    return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
+
+
 def make_prompt(
     mask: np.ndarray,
     strategy: str,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     neg_rng: np.random.Generator | None = None,
+    sampling: str = "even",
 ) -> Prompt:
     """Unjittered prompt of one per-object strategy (all of S2-S6) for an (H, W) bool mask.
 
-    ``rng`` draws positives, ``neg_rng`` (default ``rng``) negatives.
+    ``sampling="even"`` (default, the official code) spreads the points evenly and uses no
+    random stream; ``"random"`` draws positives from ``rng`` and negatives from ``neg_rng``
+    (default ``rng``).
     """
+    if sampling not in POINT_SAMPLINGS:
+        raise ValueError(f"point sampling must be one of {POINT_SAMPLINGS}, got {sampling!r}")
     if strategy not in _LAYOUT:
         raise ValueError(
             f"strategy {strategy!r} has no per-object prompt; choose from {sorted(_LAYOUT)}"
@@ -148,8 +211,14 @@ def make_prompt(
     box = mask_box(mask) if with_box else None
     if n_pos + n_neg == 0:
         return Prompt(box=box)
-    pos = positive_points(mask, n_pos, rng)
-    neg, neg_labels = negative_points(mask, n_neg, rng if neg_rng is None else neg_rng)
+    if sampling == "even":
+        pos = even_positive_points(mask, n_pos)
+        neg, neg_labels = even_negative_points(mask, n_neg)
+    else:
+        if rng is None:
+            raise ValueError("random point sampling needs a random generator")
+        pos = positive_points(mask, n_pos, rng)
+        neg, neg_labels = negative_points(mask, n_neg, rng if neg_rng is None else neg_rng)
     points = np.concatenate([pos, neg])
     labels = np.concatenate([np.ones(n_pos, dtype=np.int64), neg_labels])
     return Prompt(box=box, points=points, point_labels=labels)
@@ -164,19 +233,23 @@ def make_eval_prompt(
     case: str,
     slice_index: int,
     label: int,
+    sampling: str = "even",
 ) -> Prompt:
     """The evaluation prompt for one object: a pure function of its arguments.
 
-    The unjittered prompt draws positives and negatives from two streams keyed by (seed, case,
-    slice, label) only, so prompts nest across strategies (point1's point is point5's first, and
-    point5_neg5 adds negatives to point5's points) and every jitter level moves the same base
-    prompt. The jitter offsets come from a stream keyed by strategy and jitter name.
+    With ``sampling="even"`` (default) the unjittered points are the official code's evenly
+    spaced ones, the same for every seed. With ``"random"`` the unjittered prompt draws positives
+    and negatives from two streams keyed by (seed, case, slice, label) only. Either way prompts
+    nest across strategies (point1's point is point5's first, and point5_neg5 adds negatives to
+    point5's points) and every jitter level moves the same base prompt. The jitter offsets come
+    from a stream keyed by strategy and jitter name.
 
     Args:
         mask: (H, W) bool ground-truth mask of the object, original resolution.
         strategy: one of ``STRATEGIES`` except ``"everything"``.
         jitter: ``None``/``"none"``, a name such as ``"0-10"``, or a ``[lo, hi]`` range in pixels.
         seed, case, slice_index, label: identity of the object (``label`` is its label value).
+        sampling: ``even`` or ``random`` (``eval.point_sampling``).
 
     Returns:
         Prompt in original-image (x, y) pixel coordinates.
@@ -189,6 +262,7 @@ def make_eval_prompt(
         strategy,
         prompt_rng(*ident, "positives", None),
         prompt_rng(*ident, "negatives", None),
+        sampling=sampling,
     )
     if jitter is None:
         return base
@@ -198,13 +272,34 @@ def make_eval_prompt(
 # --------------------------------------------------------------------------------------------------
 # Mask selection among SAM's outputs
 
-MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single")
+MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
 """``oracle``: best of 3 by Dice vs GT (the study's); ``predicted_iou``: best of 3 by SAM's IoU
-head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask."""
+head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
+own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
+mask prompt) and the single mask for every other prompt. A model with a single mask output
+(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
+
+
+def is_ambiguous(prompt: Prompt) -> bool:
+    """One point, no box, no mask prompt: the prompts SAM decodes with 3 masks."""
+    points = 0 if prompt.points is None else len(prompt.points)
+    return prompt.box is None and points == 1 and prompt.mask_logits is None
+
+
+def prompt_selection(mode: str, prompt: Prompt, model_multimask: bool = True) -> str:
+    """The concrete selection (``oracle``, ``predicted_iou`` or ``single``) one prompt gets under
+    ``eval.mask_selection == mode`` on a model with (``model_multimask``) or without 3 outputs."""
+    needs_multimask(mode)
+    if not model_multimask:
+        return "single"
+    if mode == "auto":
+        return "predicted_iou" if is_ambiguous(prompt) else "single"
+    return mode
 
 
 def needs_multimask(mode: str) -> bool:
-    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``."""
+    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``
+    (``auto`` does for some prompts: see :func:`prompt_selection`)."""
     if mode not in MASK_SELECTIONS:
         raise ValueError(f"mask selection must be one of {MASK_SELECTIONS}, got {mode!r}")
     return mode != "single"
@@ -228,7 +323,7 @@ def select_masks(
         masks: (N, C, H, W) bool masks, or float logits (binarised at > 0, SAM's threshold).
         iou_pred: (N, C) SAM IoU predictions; needed for ``predicted_iou``.
         gt: (N, H, W) bool ground truth at the masks' resolution; needed for ``oracle``.
-        mode: one of ``MASK_SELECTIONS``.
+        mode: one of ``MASK_SELECTIONS`` (``auto`` ranks 3 masks by the IoU head, as SAM does).
 
     Returns:
         (N, H, W) bool chosen masks and (N,) int64 chosen channel. Ties go to the lower channel.
@@ -243,7 +338,7 @@ def select_masks(
         index = np.zeros(n, dtype=np.int64)
     elif mode == "single":
         raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
-    elif mode == "predicted_iou":
+    elif mode in ("predicted_iou", "auto"):
         if iou_pred is None:
             raise ValueError("mask selection 'predicted_iou' needs iou_pred")
         index = _to_numpy(iou_pred).reshape(n, c).argmax(axis=1)

@@ -19,6 +19,8 @@ from sam_ft.prompts.clicks import add_click, low_res_to_original, next_clicks
 
 log = logging.getLogger(__name__)
 
+VAL_PROMPTS_PER_CALL = 256
+
 
 class SamFinetuneModule(L.LightningModule):
     """Finetunes a ``TrainableSam``; validation scores box prompts per object.
@@ -26,12 +28,19 @@ class SamFinetuneModule(L.LightningModule):
     Args:
         model: the SAM to train, its trainable parts already chosen by ``finetune``.
         finetune: gives the optimizer parameter groups (lower encoder learning rate).
-        loss: ``sam_ft.losses.SegmentationLoss`` (per-object, best of 3 for multimask).
+        loss: ``sam_ft.losses.SegmentationLoss`` (per-object, best of 3 for multimask); its
+            ``resolution`` (``low``, ``input`` or ``original``) says in which frame the logits
+            meet the targets, and the batches' ``target`` must be of that kind (low-res targets
+            for ``low``, original-resolution masks otherwise).
         optimizer: partial ``torch.optim`` constructor taking parameter groups.
         scheduler: partial ``(optimizer, total_steps) -> LRScheduler`` or None.
-        multimask_output: train with 3 masks per prompt (loss on the best) or 1.
+        multimask_output: train with 3 masks per prompt (loss on the best) or 1 (the paper's).
+        mask_selection: how validation keeps one mask per object, as ``eval.mask_selection``
+            (``sam_ft.evaluation.selection.decode_select``), so ``val/dice`` ranks checkpoints by
+            the measure the evaluation reports.
         iterative_rounds: extra click rounds per step (``prompt=iterative``); loss on every round.
-        max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients.
+        max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients
+            (fp16 overflow steps that GradScaler skips are counted apart and never stop the run).
         overlays: number of validation objects drawn each epoch (0 = none).
     """
 
@@ -42,7 +51,8 @@ class SamFinetuneModule(L.LightningModule):
         loss: torch.nn.Module,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool = False,
+        mask_selection: str = "oracle",
         iterative_rounds: int = 0,
         max_nonfinite_steps: int = 10,
         overlays: int = 4,
@@ -54,6 +64,8 @@ class SamFinetuneModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.multimask_output = multimask_output
+        self.mask_selection = mask_selection
+        self.resolution = str(getattr(loss, "resolution", "low"))
         self.iterative_rounds = int(iterative_rounds)
         self.max_nonfinite_steps = int(max_nonfinite_steps)
         self.overlays = int(overlays)
@@ -62,6 +74,7 @@ class SamFinetuneModule(L.LightningModule):
         # Saved in checkpoints so a resumed run keeps the best Dice seen before the kill.
         self.val_dice_best.persistent(True)
         self.nonfinite_steps = 0
+        self.overflow_steps = 0  # fp16 steps GradScaler skipped (not errors)
         self._consecutive_nonfinite = 0
         self._last_cases: list[str] = []
         self._overlay_items: list = []
@@ -92,14 +105,21 @@ class SamFinetuneModule(L.LightningModule):
         embeddings = self._embeddings(batch)
         prompts = [list(p) for p in batch["prompts"]]
         sizes = [tuple(s) for s in batch["original_size"]]
-        target = torch.cat(list(batch["target"])).to(embeddings.dtype)
+        targets = [t.to(embeddings.device) for t in batch["target"]]
+        # Clicks are found on the low-res logits: they need low-res targets whatever the loss's.
+        low_target = None
+        if self.iterative_rounds:
+            low_target = torch.cat(
+                targets if self.resolution == "low" else
+                [self.model.transform.masks_to_low_res(t.cpu()) for t in targets]
+            ).to(embeddings.device, embeddings.dtype)  # fmt: skip
         total, parts = 0.0, {}
         for round_ in range(self.iterative_rounds + 1):
             logits, iou = self._decode_all(embeddings, prompts, sizes)
-            loss, parts = self.loss(logits, iou, target)
+            loss, parts = self._loss(logits, iou, targets, sizes)
             total = total + loss
             if round_ < self.iterative_rounds:
-                prompts = self._add_clicks(prompts, logits.detach(), target, sizes)
+                prompts = self._add_clicks(prompts, logits.detach(), low_target, sizes)
         loss = total / (self.iterative_rounds + 1)
         if not torch.isfinite(loss):
             self._count_nonfinite("loss")
@@ -108,6 +128,65 @@ class SamFinetuneModule(L.LightningModule):
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=len(sizes))
         return loss
+
+    def _loss(self, logits, iou, targets, sizes):
+        """The loss of all objects of the batch, in the frame ``loss.resolution`` names.
+
+        Args:
+            logits: (N, C, S/4, S/4) low-res logits, objects of all images concatenated.
+            iou: (N, C) IoU predictions.
+            targets: per image, (K_b, S/4, S/4) low-res targets (``low``) or (K_b, H_b, W_b)
+                original-resolution masks (``input``, ``original``).
+            sizes: per image, (H_b, W_b).
+        """
+        if self.resolution == "low":
+            return self.loss(logits, iou, torch.cat(targets).to(logits.dtype))
+        counts = [len(t) for t in targets]
+        pairs = [
+            self._in_frame(lg, t, size)
+            for lg, t, size in zip(logits.split(counts), targets, sizes, strict=True)
+            if len(t)
+        ]
+        ious = [i for i, c in zip(iou.split(counts), counts, strict=True) if c]
+        if len({p[1].shape[1:] for p in pairs}) == 1:  # one frame: one call
+            cat = torch.cat
+            return self.loss(cat([p[0] for p in pairs]), cat(ious), cat([p[1] for p in pairs]))
+        # Images of different sizes: the per-image losses weighted by their share of objects
+        # equal the mean over all objects that one call would give.
+        total, parts, n = 0.0, {}, sum(counts)
+        for (lg, t), i in zip(pairs, ious, strict=True):
+            loss, p = self.loss(lg, i, t)
+            total = total + loss * (len(t) / n)
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v * (len(t) / n)
+        return total, parts
+
+    def _in_frame(self, logits, masks, size):
+        """(K, C, S/4, S/4) logits and (K, H, W) masks of one image -> both in the loss frame.
+
+        ``original``: logits upsampled to the original size as ``Sam.postprocess_masks`` does
+        (the official training code). ``input``: logits upsampled 4x to the model input frame
+        and the masks resized (nearest) into it and padded like the image.
+        """
+        if tuple(masks.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"loss.resolution={self.resolution} needs the (K, H, W) masks as targets, got "
+                f"{tuple(masks.shape)} for an image of {tuple(size)}: build the data with "
+                f"SamDataModule(target_resolution={self.resolution!r})"
+            )
+        masks = masks.to(logits.dtype)
+        t = self.model.transform
+        if self.resolution == "original":
+            if max(size) >= t.image_size:
+                return self.model.postprocess(logits, tuple(size)), masks
+            # Smaller images (e.g. 512^2 CT): the same function as two matrix products, whose
+            # backward on a CPU is ~4x cheaper than F.interpolate's through the (S, S) frame.
+            a_h, a_w = t.resize_matrices(size, logits.device, logits.dtype)
+            return a_h @ logits @ a_w.T, masks
+        a_h, a_w = t.resize_matrices(None, logits.device, logits.dtype)
+        s, (h, w) = t.image_size, t.input_size(tuple(size))
+        m = torch.nn.functional.interpolate(masks[None], (h, w), mode="nearest")[0]
+        return a_h @ logits @ a_w.T, torch.nn.functional.pad(m, (0, s - w, 0, s - h))
 
     def _add_clicks(self, prompts, logits, target, sizes):
         """One SAM-style refinement round: a click in each object's largest error region.
@@ -145,7 +224,16 @@ class SamFinetuneModule(L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return  # training_step returned None (non-finite loss): already counted
-        if not _all_finite(grads):
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        verdict = gradient_verdict(_all_finite(grads), scaler is not None)
+        if verdict == "overflow":
+            # fp16: GradScaler found the same Inf/NaN when unscaling; it skips this step and
+            # lowers its scale. Normal, so counted apart and never a reason to stop.
+            self.overflow_steps += 1
+            self._consecutive_nonfinite = 0  # the loss was finite
+            self.log("train/overflow_steps", float(self.overflow_steps))
+            log.info("fp16 gradient overflow at step %d: GradScaler skips it", self.global_step)
+        elif verdict == "nonfinite":
             # A None grad makes torch optimizers skip the parameter: this step changes nothing.
             for p in self.parameters():
                 p.grad = None
@@ -183,36 +271,40 @@ class SamFinetuneModule(L.LightningModule):
         checkpoint["sam_ft"] = {
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_nonfinite": self._consecutive_nonfinite,
+            "overflow_steps": self.overflow_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("sam_ft", {})
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.overflow_steps = int(state.get("overflow_steps", 0))
 
     # --- validation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from sam_ft.evaluation.selection import decode_select
+
         embeddings = self._embeddings(batch)
-        for b, (emb, prompts, size) in enumerate(
-            zip(embeddings, batch["prompts"], batch["original_size"], strict=True)
-        ):
+        for b, (emb, prompts) in enumerate(zip(embeddings, batch["prompts"], strict=True)):
             if not prompts:
                 continue
-            low, iou = self.model.decode(emb, list(prompts), tuple(size), self.multimask_output)
-            # The mask a user gets: SAM's own choice by predicted IoU.
-            best = low[torch.arange(len(low)), iou.argmax(dim=1)][:, None]
-            pred = self.model.postprocess(best, tuple(size))[:, 0] > 0
-            gt = batch["masks"][b].to(pred.device)
-            inter = (pred & gt).flatten(1).sum(-1).float()
-            total = pred.flatten(1).sum(-1) + gt.flatten(1).sum(-1)
-            dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(inter))
-            self.val_dice.update(dice)
+            gt = batch["masks"][b].cpu().numpy().astype(bool)
+            # The mask the evaluation would keep (eval.mask_selection), at the original size.
+            pred, _, _, _ = decode_select(
+                self.model, emb, list(prompts), gt, self.mask_selection, VAL_PROMPTS_PER_CALL
+            )
+            inter = (pred & gt).sum(axis=(1, 2))
+            total = pred.sum(axis=(1, 2)) + gt.sum(axis=(1, 2))
+            dice = torch.as_tensor(
+                np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0), dtype=torch.float32
+            )
+            self.val_dice.update(dice.to(emb.device))
             wants = batch_idx == 0 and len(self._overlay_items) < self.overlays
             if wants and "image_uint8" in batch:
                 for k in range(min(len(prompts), self.overlays - len(self._overlay_items))):
                     self._overlay_items.append(
-                        (batch["image_uint8"][b], gt[k].cpu().numpy(), pred[k].cpu().numpy(),
+                        (batch["image_uint8"][b], gt[k], pred[k],
                          prompts[k], f"{batch['case'][b]} #{k} dice {dice[k]:.2f}")
                     )  # fmt: skip
 
@@ -245,6 +337,20 @@ class SamFinetuneModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def gradient_verdict(grads_finite: bool, scaled: bool) -> str:
+    """What to do with a step whose loss was finite.
+
+    ``"ok"``: finite gradients, the step is taken. ``"overflow"``: non-finite gradients under a
+    ``GradScaler`` (``precision=16-mixed``): the scaled gradients overflowed fp16; the scaler skips
+    the step and lowers its scale by itself, so it is counted apart and never stops the run.
+    ``"nonfinite"``: non-finite gradients without a scaler: the step is skipped and counts
+    towards ``train.max_nonfinite_steps``.
+    """
+    if grads_finite:
+        return "ok"
+    return "overflow" if scaled else "nonfinite"
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -15,6 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.distributed import TrainerRanks
+from sam_ft.inference.card import (
+    evaluation_summary,
+    trained_facts,
+    update_card_evaluation,
+    write_model_card,
+)
+from sam_ft.logging_results import log_exported_model
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.module import SamFinetuneModule
@@ -69,6 +76,39 @@ def newest_last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
+"""``eval.mask_selection`` modes that pick masks with the IoU head, which must then be trained."""
+
+
+def build_loss(cfg: DictConfig) -> torch.nn.Module:
+    """``loss`` config -> the loss; ``iou_weight: null`` becomes 1.0 when
+    ``eval.mask_selection`` reads the IoU head (``IOU_HEAD_SELECTIONS``), else 0.0."""
+    if cfg.loss.get("iou_weight", 0.0) is not None:
+        return instantiate(cfg.loss)
+    selection = str(cfg.eval.get("mask_selection", "oracle"))
+    return instantiate(cfg.loss, iou_weight=1.0 if selection in IOU_HEAD_SELECTIONS else 0.0)
+
+
+def train_multimask(cfg: DictConfig, model) -> bool:
+    """``train.multimask``: null = 3 masks (loss on the best) when ``eval.mask_selection`` is
+    ``predicted_iou`` (the IoU head then learns to rank the masks it picks among), else one mask
+    as the paper's code trains. A model without multimask output (MedSAM) trains its one mask.
+
+    Raises:
+        ConfigError: ``train.multimask=true`` for a model with a single mask output.
+    """
+    value = cfg.get("train", {}).get("multimask")
+    model_multimask = bool(getattr(model, "multimask_output", True))
+    if value is None:
+        return model_multimask and str(cfg.eval.get("mask_selection")) == "predicted_iou"
+    if bool(value) and not model_multimask:
+        raise ConfigError(
+            f"train.multimask=true, but model {cfg.model.name} has a single mask output "
+            "(model.multimask_output=false); drop train.multimask or set it to false"
+        )
+    return bool(value)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -90,9 +130,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
+    # The zero-shot baseline is this model before finetuning, bit for bit (random weights
+    # included): kept before finetune.apply, which may add adapters to it.
+    initial = (
+        {k: v.detach().to("cpu", copy=True) for k, v in model.sam.state_dict().items()}
+        if cfg.train.evaluate
+        else None
+    )
     finetune = instantiate(cfg.finetune)
     finetune.apply(model)
     prompt = instantiate(cfg.prompt)
+    loss = build_loss(cfg)
     datamodule = SamDataModule(
         task=cfg.task,
         data=cfg.data,
@@ -101,13 +149,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed=cfg.seed,
         run_dir=run_dir,
         data_dir=cfg.paths.data_dir,
+        target_resolution=loss.resolution,
     )
     module = SamFinetuneModule(
         model=model,
         finetune=finetune,
-        loss=instantiate(cfg.loss),
+        loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        multimask_output=train_multimask(cfg, model),
+        mask_selection=str(cfg.eval.mask_selection),
         iterative_rounds=getattr(prompt, "rounds", 0),
         max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         overlays=cfg.train.overlays,
@@ -129,18 +180,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = _best_checkpoint(trainer)
     finetuned = instantiate(cfg.model, checkpoint=None)
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
-    exported = run_dir / "sam_finetuned.pth"
+    exported, card = run_dir / "sam_finetuned.pth", None
     if trainer.is_global_zero:
-        export_official(finetuned, exported)
-        log.info("exported %s (official SAM format, from %s)", exported, best)
+        exported = export_official(finetuned, exported)
+        card = write_model_card(
+            exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
+        )
+        log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 
     if cfg.train.evaluate:
         from sam_ft.evaluation.run import compare_models
 
-        # Seeded: weights the checkpoint leaves random are the same on every rank.
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            zero_shot = instantiate(cfg.model)
+        zero_shot = instantiate(cfg.model, checkpoint=None)
+        load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
         summary = compare_models(
             {"zero_shot": zero_shot, "finetuned": finetuned},
             datamodule,
@@ -150,8 +202,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ranks=ranks,
         )
         metrics.update(summary)
-    if trainer.is_global_zero:
-        _print_summary(run_dir, exported)
+        if card is not None:
+            summary_csv = run_dir / "eval" / "summary.csv"
+            update_card_evaluation(card, evaluation_summary(summary, summary_csv))
+    if not trainer.is_global_zero:
+        return metrics
+    log_exported_model(trainer.loggers, exported, cfg.run_name)
+    _print_summary(run_dir, exported)
     return metrics
 
 

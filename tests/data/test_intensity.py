@@ -8,6 +8,8 @@ import pytest
 from sam_ft.data.folder import find_cases
 from sam_ft.data.intensity import (
     intensity_bounds,
+    intensity_scope,
+    map_slice,
     percentile_bounds,
     scale_to_uint8,
     to_rgb,
@@ -36,21 +38,51 @@ def test_percentile_rule_is_0_95th_not_5th():
     assert scale_to_uint8(np.array([0.0, 20.0, 500.0, 1000.0]), lo, hi).tolist() == [0, 2, 126, 255]
 
 
-def test_percentile_bounds_are_per_volume(nifti_folder):
-    # Slice z=0 holds 0..99, slice z=1 holds 1000..1099: bounds come from both slices together.
+def _two_slice_case(nifti_folder, scope=None):
+    # Slice z=0 holds 0..99, slice z=1 holds 1000..1099.
     image = np.zeros((10, 10, 2), dtype=np.float32)
     image[..., 0] = np.arange(100).reshape(10, 10)
     image[..., 1] = 1000 + np.arange(100).reshape(10, 10)
     label = np.ones((10, 10, 2), dtype=np.uint8)
     root = nifti_folder({"c": (image, label)})
-    task = {"root": str(root), "slice_axis": 2, "intensity": {"mode": "percentile"}}
-    data = load_case(find_cases(root, task)[0], task, {"min_object_pixels": 10})
+    intensity = {"mode": "percentile", **({"scope": scope} if scope else {})}
+    task = {"root": str(root), "slice_axis": 2, "intensity": intensity}
+    return image, load_case(find_cases(root, task)[0], task, {"min_object_pixels": 10})
+
+
+def test_percentile_bounds_are_per_slice_by_default(nifti_folder):
+    # The official code runs np.percentile on each 2D image: each slice spans 0-255 on its own.
+    image, data = _two_slice_case(nifti_folder)
+    for z in range(2):
+        lo, hi = np.percentile(image[..., z], [0.95, 99.5])
+        expected = scale_to_uint8(image[..., z], lo, hi)
+        expected[image[..., z] == 0] = 0  # pixels that were 0 stay 0
+        np.testing.assert_array_equal(data.slices[z].image[..., 0], expected)
+        assert data.slices[z].image.max() == 255
+    np.testing.assert_array_equal(data.slices[1].raw, image[..., 1])
+
+
+def test_percentile_bounds_per_volume_option(nifti_folder):
+    # scope=volume: the bounds come from both slices together.
+    image, data = _two_slice_case(nifti_folder, scope="volume")
     lo, hi = np.percentile(image, [0.95, 99.5])
     expected0 = scale_to_uint8(image[..., 0], lo, hi)
     np.testing.assert_array_equal(data.slices[0].image[..., 0], expected0)
     # Dark (<= 22, not 255): the bright slice set the upper bound of the whole volume.
     assert data.slices[0].image.max() == 22
     np.testing.assert_array_equal(data.slices[1].raw, image[..., 1])
+
+
+def test_percentile_keeps_zero_pixels_at_zero():
+    # 0 lies above the 0.95th percentile here (negatives present), yet stays 0 as prescribed.
+    raw = np.concatenate([np.full(10, -500.0), np.zeros(10), np.linspace(1, 1000, 980)])
+    intensity = {"mode": "percentile"}
+    out = map_slice(raw.reshape(20, 50), intensity, None).ravel()
+    assert (out[10:20] == 0).all() and out.max() == 255
+    kept = map_slice(raw.reshape(20, 50), {**intensity, "keep_zero": False}, None).ravel()
+    assert (kept[10:20] > 0).all()
+    with pytest.raises(ConfigError, match="scope"):
+        intensity_scope({"mode": "percentile", "scope": "case"})
 
 
 def test_none_keeps_8bit_and_scales_otherwise():

@@ -134,10 +134,62 @@ def test_all_presets_parse(tmp_path):
         opts = task_options(cfg.task)
         assert opts["name"] == name
         if opts["source"] == "decathlon":
-            assert opts["root"] == str(tmp_path / DECATHLON_TASKS[name])
-    cfg.task = task_preset(OmegaConf.load(CONF / "task" / "liver_ct.yaml"))
-    liver = task_options(cfg.task)
-    assert liver["labels"]["liver"] == [1, 2]
+            assert opts["decathlon_task"] == DECATHLON_TASKS[name.removesuffix("_merged")]
+            assert opts["root"] == str(tmp_path / opts["decathlon_task"])
+
+
+def test_presets_make_one_object_per_label_value(tmp_path):
+    """The study's rule: each label value is one object, so no value belongs to two objects,
+    except in the documented ``*_merged`` variants (liver = liver + tumour)."""
+
+    def preset(path):
+        cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
+        cfg.task = task_preset(OmegaConf.load(path))
+        return task_options(cfg.task)
+
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        opts = preset(path)
+        if opts["labels"] is None:
+            continue
+        groups = list(opts["labels"].values())
+        if path.stem.endswith("_merged"):
+            assert any(len(g) > 1 for g in groups), path.stem
+        else:
+            assert all(len(g) == 1 for g in groups), (path.stem, groups)
+    liver = preset(CONF / "task" / "liver_ct.yaml")
+    assert liver["labels"] == {"liver": [1], "liver_tumour": [2]}
+    merged = preset(CONF / "task" / "liver_ct_merged.yaml")
+    assert merged["labels"] == {"liver": [1, 2], "liver_tumour": [2]}
+
+
+def test_ct_presets_state_their_intensity_rule():
+    """Each CT preset says in a comment whether it uses the study's percentile rule or a window
+    and why; the MSD CT presets use the study's per-slice percentile rule."""
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        cfg = task_preset(OmegaConf.load(path))
+        if str(cfg.get("modality") or "").upper() != "CT":
+            continue
+        text = path.read_text()
+        assert "# Intensity:" in text, path.stem
+        if cfg.get("source") == "decathlon":
+            assert cfg.intensity.mode == "percentile" and cfg.intensity.scope == "slice"
+            # The peer-work window is one override away: task.intensity.mode=window.
+            assert cfg.intensity.width > 0 and cfg.intensity.level is not None
+
+
+def test_liver_preset_loads_liver_and_tumour_as_two_objects(nifti_folder):
+    label = np.zeros((20, 20, 1), dtype=np.uint8)
+    label[2:18, 2:18] = 1
+    label[6:12, 6:12] = 2  # tumour inside the liver
+    image = np.random.default_rng(0).normal(size=label.shape).astype(np.float32)
+    root = nifti_folder({"liver_0": (image, label)})
+    task = {**OmegaConf.to_container(OmegaConf.load(CONF / "task" / "liver_ct.yaml"))}
+    task.update(root=str(root), source="folder")
+    data = load_case(find_cases(root, task)[0], task, {"min_object_pixels": 10})
+    rec = data.slices[0]
+    assert rec.names == ["liver", "liver_tumour"]
+    assert rec.masks[0].sum() == 16 * 16 - 36 and rec.masks[1].sum() == 36
+    assert not (rec.masks[0] & rec.masks[1]).any()
 
 
 @pytest.mark.parametrize("name", ["kvasir_seg", "isic2018", "montgomery_cxr", "drive_vessels"])
@@ -178,19 +230,19 @@ def _msd_archive(tmp_path: Path, h) -> tuple[Path, str]:
 
 
 def test_decathlon_download_from_local_mirror(tmp_path, h):
-    # MONAI's real download_and_extract (file:// URL): checksum, extraction, then a folder task.
+    # MONAI's real download_url (file:// URL): checksum, extraction, then a folder task.
     archive, md5 = _msd_archive(tmp_path, h)
     task = {"name": "spleen_ct", "source": "decathlon", "url": archive.as_uri(), "md5": md5}
     root = prepare_task(task, data_dir=tmp_path / "data")
     assert root == tmp_path / "data" / "Task09_Spleen"
     assert len(find_cases(root, task)) == 2
-    with pytest.raises(DataError, match="download of Task09_Spleen failed"):
+    with pytest.raises(DataError, match="md5 mismatch"):
         prepare_task({**task, "md5": "0" * 32}, data_dir=tmp_path / "other")
 
 
 def test_decathlon_present_folder_not_downloaded(tmp_path, h, monkeypatch):
     calls = []
-    monkeypatch.setattr(tasks_module, "download_and_extract", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(tasks_module, "download_url", lambda **kw: calls.append(kw))
     image, label = h.simple_case()
     h.write_nifti(tmp_path / "Task03_Liver" / "imagesTr" / "liver_0.nii.gz", image)
     assert prepare_task({"name": "liver_ct", "source": "decathlon"}, tmp_path) == (
@@ -203,13 +255,14 @@ def test_decathlon_absent_folder_calls_monai_with_its_url(tmp_path, monkeypatch)
     from monai.apps import DecathlonDataset
 
     calls = []
-    monkeypatch.setattr(tasks_module, "download_and_extract", lambda **kw: calls.append(kw))
-    with pytest.raises(DataError, match="did not contain Task06_Lung"):
-        prepare_task({"name": "lung_tumour_ct", "source": "decathlon"}, tmp_path)
+    monkeypatch.setattr(tasks_module, "download_url", lambda **kw: calls.append(kw))
+    with pytest.raises(DataError, match="produced no archive"):
+        prepare_task({"name": "hippocampus_mri", "source": "decathlon"}, tmp_path)
     (kw,) = calls
-    assert kw["url"] == DecathlonDataset.resource["Task06_Lung"]
-    assert kw["hash_val"] == DecathlonDataset.md5["Task06_Lung"] and kw["hash_type"] == "md5"
-    assert kw["output_dir"] == str(tmp_path) and kw["progress"] is True
+    assert kw["url"] == DecathlonDataset.resource["Task04_Hippocampus"]
+    assert kw["hash_val"] == DecathlonDataset.md5["Task04_Hippocampus"]
+    assert kw["hash_type"] == "md5" and kw["progress"] is True
+    assert kw["filepath"] == str(tmp_path / "Task04_Hippocampus.tar")
 
 
 def test_decathlon_offline_error_is_one_clear_line(tmp_path):

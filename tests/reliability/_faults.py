@@ -16,18 +16,29 @@ from sam_ft.losses import SegmentationLoss
 
 
 class SignalAtStep(L.Callback):
-    """Sends ``signum`` to this process when training reaches ``step`` (after that step's update).
+    """Sends ``signum`` to this process when training reaches ``step``.
+
+    ``when="end"``: after that step's update, before its step checkpoint is written (callbacks run
+    before Lightning's checkpoint callbacks). ``when="start"``: as the next batch starts, i.e.
+    right after step ``step``'s checkpoint was written.
 
     With SIGKILL the process dies at once: whatever the checkpoints hold at that moment is all a
     resume gets, exactly as after an out-of-memory kill or a node failure.
     """
 
-    def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL), when: str = "end") -> None:
+        if when not in ("start", "end"):
+            raise ValueError(f"when must be start or end, got {when!r}")
         self.step = int(step)
         self.signum = int(signum)
+        self.when = when
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.when == "start" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if self.when == "end" and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
 
 
@@ -45,3 +56,26 @@ class NanLossFrom(SegmentationLoss):
         if self.calls >= self.first_nan:
             loss = loss * float("nan")
         return loss, parts
+
+
+class Fp16WithScaler(L.Callback):
+    """Runs training in fp16 autocast with a real ``GradScaler`` starting at ``init_scale``.
+
+    Lightning turns ``precision=16-mixed`` into bf16 on CPU, so the plugin a ``16-mixed`` GPU run
+    gets (``MixedPrecision`` + ``GradScaler``) is put in place here before training starts. A huge
+    start makes the first steps' scaled gradients overflow, as in a real fp16 run's first steps or
+    after a loss spike; ``backoff_factor`` sets how fast the scaler recovers.
+    """
+
+    def __init__(self, init_scale: float, backoff_factor: float = 0.5) -> None:
+        self.init_scale = float(init_scale)
+        self.backoff_factor = float(backoff_factor)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import torch
+        from lightning.pytorch.plugins import MixedPrecision
+
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=self.init_scale, backoff_factor=self.backoff_factor
+        )
+        trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler)

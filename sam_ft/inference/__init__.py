@@ -1,0 +1,1 @@
+"""Using a trained model: the model card and ``predict.py`` (label maps for new images)."""

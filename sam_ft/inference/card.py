@@ -1,0 +1,258 @@
+"""The model card: ``sam_finetuned.json`` next to every exported ``sam_finetuned.pth``.
+
+The card says how the weights must be fed: architecture, input size, preprocessing mode
+(``sam`` or ``medsam``: a MedSAM-mode model fed SAM's preprocessing silently gives wrong masks),
+multimask setting, finetune mode, task, label names, intensity mapping, the evaluation summary
+(zero-shot vs finetuned), the sam_ft version and the weights' SHA-256. ``predict.py`` and
+``evaluate.py`` read it (:func:`card_for`) and refuse weights that do not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sam_ft.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = "sam_ft.model_card/1"
+REQUIRED = ("format", "weights", "sha256", "architecture", "image_size", "preprocess")
+TASK_KEYS = ("name", "modality", "intensity", "slice_axis", "channel", "label_binarize", "labels")
+
+
+def card_path(weights: str | Path) -> Path:
+    """``RUN/sam_finetuned.pth`` -> ``RUN/sam_finetuned.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(cfg: Any) -> Any:
+    if cfg is None or isinstance(cfg, str | int | float | bool):
+        return cfg
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig | ListConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(cfg, Mapping):
+        return {str(k): _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [_plain(v) for v in cfg]
+    return cfg
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sam_ft")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_model_card(
+    weights: str | Path,
+    cfg: Any,
+    *,
+    multimask_output: bool,
+    facts: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``sam_finetuned.json`` beside ``weights`` from the run's config.
+
+    Args:
+        weights: the exported ``sam_finetuned.pth``.
+        cfg: the run's config (``model``, ``finetune``, ``task``, ``data`` are read).
+        multimask_output: whether training decoded 3 masks per prompt (loss on the best).
+        facts: :func:`trained_facts`: the object names and label values the model was trained
+            on (else ``task.labels``) and the modality (else ``task.modality``).
+        evaluation: the evaluation summary, e.g. ``{"finetuned": {"box_dice": 0.8}, ...}``.
+    """
+    from sam_ft.model.builders import SPECS
+
+    weights = Path(weights)
+    plain = _plain(cfg)
+    model = plain["model"]
+    spec = SPECS[model["name"]]
+    finetune = {k: v for k, v in (plain.get("finetune") or {}).items() if k != "_target_"}
+    task = {k: (plain.get("task") or {}).get(k) for k in TASK_KEYS}
+    facts = dict(facts or {})
+    # The modality decides the slicing axis (axial for CT): keep the one the data had, also when
+    # it came from a dataset.json rather than the config.
+    task["modality"] = task["modality"] or facts.get("modality")
+    card = {
+        "format": CARD_FORMAT,
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+        "architecture": model["name"],
+        "image_size": int(model.get("image_size") or spec.image_size),
+        "preprocess": model.get("preprocess") or spec.preprocess,
+        "multimask_output": bool(multimask_output),
+        "finetune": finetune,
+        "task": task,
+        "labels": _plain(facts.get("labels")) or task.get("labels"),
+        "min_object_pixels": int((plain.get("data") or {}).get("min_object_pixels", 50)),
+        "evaluation": _plain(evaluation),
+        "sam_ft_version": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = card_path(weights)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> Path:
+    """Set the card's ``evaluation`` summary (written after the exported weights are scored)."""
+    path = Path(card)
+    data = json.loads(path.read_text())
+    data["evaluation"] = _plain(evaluation)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def evaluation_summary(
+    metrics: Mapping[str, float], summary_csv: str | Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{"eval/<model>/box_dice": x}`` -> ``{"<model>": {"box_dice": x}}``, plus, from the
+    report's ``summary.csv`` when given, ``"<model>": {"prompts": {<prompt>: {"dice": mean Dice,
+    "nsd": mean NSD, "n": objects}}}`` for the unjittered prompts."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        parts = str(key).split("/")
+        if len(parts) == 3 and parts[0] == "eval":
+            out.setdefault(parts[1], {})[parts[2]] = float(value)
+    if summary_csv is not None and Path(summary_csv).is_file():
+        import pandas as pd
+
+        table = pd.read_csv(summary_csv, dtype={"model": str, "prompt": str, "jitter": str})
+        for row in table[table["jitter"] == "none"].itertuples():
+            prompts = out.setdefault(row.model, {}).setdefault("prompts", {})
+            prompts[row.prompt] = {
+                "dice": float(row.dice_mean),
+                "nsd": float(row.nsd_mean),
+                "n": int(row.n),
+            }
+    return out
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read and check the fields of a card; a malformed card is a :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"model card {path} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"model card {path} must hold a JSON object")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"model card {path} lacks {missing}")
+    if data["format"] != CARD_FORMAT:
+        fmt = data["format"]
+        raise CheckpointError(f"model card {path}: format {fmt!r}, expected {CARD_FORMAT}")
+    return data
+
+
+def card_for(weights: str | Path, verify: bool = True) -> dict[str, Any] | None:
+    """The card beside ``weights`` (None when there is none), checked against the weights.
+
+    Raises:
+        CheckpointError: the card is malformed, names other weights, or its SHA-256 differs from
+            the weights' (the card then describes some other model).
+    """
+    weights = Path(weights)
+    path = card_path(weights)
+    if weights.suffix != ".pth" or not path.is_file():
+        return None
+    card = read_card(path)
+    if verify:
+        digest = sha256_file(weights)
+        if digest != card["sha256"]:
+            raise CheckpointError(
+                f"{weights} does not match its model card {path}: SHA-256 {digest[:12]}... vs "
+                f"{str(card['sha256'])[:12]}... in the card. The card describes other weights; "
+                "re-export them together or remove the stale card."
+            )
+    return card
+
+
+def model_overrides(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` config fields the card fixes: architecture, input size, preprocessing."""
+    return {
+        "name": card["architecture"],
+        "image_size": int(card["image_size"]),
+        "preprocess": card["preprocess"],
+    }
+
+
+def apply_card(cfg: Any, weights: str | Path | None) -> dict[str, Any] | None:
+    """Make ``cfg.model`` feed ``weights`` as they were trained, when a card is beside them.
+
+    ``cfg.model``'s ``name``, ``image_size`` and ``preprocess`` are set from the card (a
+    difference is logged); a task whose intensity mapping differs from the card's is warned
+    about. Returns the card, or None when ``weights`` has none.
+    """
+    if not weights:
+        return None
+    card = card_for(weights)
+    if card is None:
+        return None
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for key, value in model_overrides(card).items():
+            if cfg.model.get(key) not in (None, value):
+                log.warning(
+                    "model.%s=%s, but the model card of %s says %s: using the card's",
+                    key,
+                    cfg.model.get(key),
+                    weights,
+                    value,
+                )
+            cfg.model[key] = value
+    trained = (card.get("task") or {}).get("intensity")
+    task = cfg.get("task") or {}
+    current = _plain(task.get("intensity")) if hasattr(task, "get") else None
+    if trained is not None and current is not None and trained != current:
+        log.warning(
+            "task.intensity=%s differs from %s, with which %s was trained",
+            current,
+            trained,
+            weights,
+        )
+    return card
+
+
+def trained_facts(datamodule: Any) -> dict[str, Any]:
+    """``labels`` ({object name: label values}) and ``modality`` of the training cases of a
+    set-up ``SamDataModule`` ({} when it is not set up)."""
+    try:
+        cases = datamodule.case_data("train")
+    except Exception:  # not set up: the card then takes task.labels and task.modality
+        return {}
+    labels: dict[str, list[int]] = {}
+    modalities = sorted({c.modality for c in cases if c.modality})
+    for case in cases:
+        for name, values in case.objects.items():
+            labels.setdefault(str(name), [int(v) for v in values])
+    return {"labels": labels or None, "modality": modalities[0] if modalities else None}

@@ -1,0 +1,256 @@
+"""``python predict.py`` / ``sam-ft-predict``: load the model as it was trained, predict every
+input, write one label map per input (see :mod:`sam_ft.inference.predict`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sam_ft.data.skips import SkipLog
+from sam_ft.errors import CheckpointError, ConfigError, DataError
+from sam_ft.evaluation.everything import EverythingConfig
+from sam_ft.inference.card import card_for, read_card
+from sam_ft.inference.predict import (
+    Settings,
+    companion,
+    file_geometry,
+    list_inputs,
+    load_image,
+    predict_everything,
+    predict_from_labels,
+    predict_from_prompts,
+    read_prompt_file,
+    stem_of,
+    write_prediction,
+)
+from sam_ft.model.trainable import TrainableSam
+
+log = logging.getLogger(__name__)
+
+_LABEL_SUFFIXES = (".nii", ".nii.gz", ".png", ".tif", ".tiff", ".bmp")
+_TASK_KEYS = ("modality", "intensity", "slice_axis", "channel", "labels", "label_binarize")
+# Options of predict.yaml that override the checkpoint's task settings (``labels`` there is the
+# label map file, not the task's object groups).
+_OPTION_KEYS = ("modality", "intensity", "slice_axis", "channel")
+
+
+def _run_dir(ckpt: Path) -> Path:
+    """The run dir of a Lightning ``.ckpt`` (``RUN/checkpoints/x.ckpt``, or ``RUN/x.ckpt``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _run_config(ckpt: Path) -> dict[str, Any] | None:
+    """The ``.hydra/config.yaml`` of the run a Lightning ``.ckpt`` belongs to (unresolved)."""
+    path = _run_dir(ckpt) / ".hydra" / "config.yaml"
+    if path.is_file():
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore
+    return None
+
+
+def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
+    """What the checkpoint says about itself: {model, task, min_object_pixels, multimask} and
+    the file to load (or ``auto``: the official download of ``model=``).
+
+    A ``sam_finetuned.pth`` is described by its card (checked against the weights), a ``.ckpt``
+    by its run's ``.hydra/config.yaml`` (and the task facts of the run's card, which hold the
+    modality found in the data); other files by ``model=`` and the options given.
+    """
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    ckpt = cfg.checkpoint
+    facts: dict[str, Any] = {"model": model, "task": {}, "min_object_pixels": None}
+    if ckpt is None or str(ckpt) in ("null", "none", ""):
+        raise ConfigError("checkpoint= is required: a sam_finetuned.pth, a run's .ckpt or auto")
+    if str(ckpt) == "auto":
+        return facts, "auto"
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint={path}: file not found")
+    card = card_for(path)
+    if card is not None:
+        model.update(
+            name=card["architecture"],
+            image_size=int(card["image_size"]),
+            preprocess=card["preprocess"],
+        )
+        facts.update(
+            task=dict(card.get("task") or {}),
+            min_object_pixels=card.get("min_object_pixels"),
+            multimask_output=card.get("multimask_output"),
+        )
+        log.info("model card %s: %s, %s preprocessing", path.with_suffix(".json"),
+                 card["architecture"], card["preprocess"])  # fmt: skip
+    elif path.suffix == ".ckpt" and (run := _run_config(path)) is not None:
+        trained = run.get("model") or {}
+        model.update({k: trained[k] for k in ("name", "image_size", "preprocess") if k in trained})
+        task = run.get("task") or {}
+        facts.update(
+            task={k: task[k] for k in _TASK_KEYS if k in task},
+            min_object_pixels=(run.get("data") or {}).get("min_object_pixels"),
+            multimask_output=True,  # SamFinetuneModule's default
+        )
+        run_card = _run_dir(path) / "sam_finetuned.json"
+        if run_card.is_file():  # same run, so the same data settings (the weights differ)
+            card = read_card(run_card)
+            facts.update(
+                task=dict(card.get("task") or {}),
+                min_object_pixels=card.get("min_object_pixels"),
+                multimask_output=card.get("multimask_output"),
+            )
+        log.info("run config of %s: model %s", path, model.get("name"))
+    else:
+        log.warning(
+            "%s has no model card (%s) nor run config: fed as model=%s (%s preprocessing) with "
+            "the intensity options given; a model trained otherwise gives wrong masks",
+            path,
+            path.with_suffix(".json").name,
+            model.get("name"),
+            model.get("preprocess"),
+        )
+    return facts, str(path)
+
+
+def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
+    """The model described by ``facts["model"]`` with the weights of ``checkpoint``."""
+    from sam_ft.model import build_trainable_sam
+
+    m = facts["model"]
+    return build_trainable_sam(
+        name=m["name"],
+        checkpoint=checkpoint,
+        image_size=m.get("image_size"),
+        preprocess=m.get("preprocess"),
+    )
+
+
+def build_settings(cfg: DictConfig, facts: dict[str, Any]) -> Settings:
+    """Explicit options, then the checkpoint's facts, then the defaults."""
+    trained = facts.get("task") or {}
+    task: dict[str, Any] = {"name": "predict", "source": "folder"}
+    for key in _TASK_KEYS:
+        given = cfg.get(key) if key in _OPTION_KEYS else None
+        if given is not None:
+            task[key] = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
+        elif trained.get(key) is not None:
+            task[key] = trained[key]
+    min_pixels = cfg.get("min_object_pixels")
+    if min_pixels is None:
+        min_pixels = facts.get("min_object_pixels")
+    data = {"on_error": "raise", "min_object_pixels": 50 if min_pixels is None else min_pixels}
+    selection = str(cfg.mask_selection)
+    if selection == "auto":
+        selection = "single" if facts.get("multimask_output") is False else "predicted_iou"
+    everything = dict(OmegaConf.to_container(cfg.everything, resolve=True) or {})
+    grid = int(everything.pop("grid", 32))
+    return Settings(
+        task=task,
+        data=data,
+        prompt=str(cfg.strategy),
+        mask_selection=selection,
+        seed=int(cfg.seed),
+        max_prompts_per_call=int(cfg.max_prompts_per_call),
+        everything=EverythingConfig(
+            grid=grid, points_per_batch=int(cfg.max_prompts_per_call), **everything
+        ),
+        overlay=bool(cfg.overlay),
+    )
+
+
+def predict_one(
+    model: TrainableSam,
+    image_path: Path,
+    settings: Settings,
+    out_dir: Path,
+    labels: Path | None,
+    prompts: Path | None,
+) -> list[Path]:
+    """One input -> its label map (and overlay) in ``out_dir``."""
+    if labels is not None:
+        case, stack, images = predict_from_labels(model, image_path, labels, settings)
+        first = next(iter(images.values()))
+        return write_prediction(
+            out_dir,
+            image_path,
+            stack,
+            case.slice_axis,
+            case.affine,
+            lambda s: images.get(s, first),
+            settings.overlay,
+        )
+    image = load_image(image_path, settings.task)
+    name = stem_of(image_path)
+    if prompts is not None:
+        by_slice = read_prompt_file(prompts, file_geometry(image_path), image)
+        stack = predict_from_prompts(model, image, by_slice, settings, name)
+    else:
+        stack = predict_everything(model, image, settings, name)
+    return write_prediction(
+        out_dir,
+        image_path,
+        stack,
+        image.slice_axis,
+        image.ras_affine,
+        image.slice_image,
+        settings.overlay,
+    )
+
+
+def predict(cfg: DictConfig) -> list[Path]:
+    """Predict every input of ``cfg.input``; returns the files written.
+
+    Raises:
+        ConfigError / CheckpointError: bad options or weights (before any input is read).
+        DataError: a bad input with ``on_error=raise``, or when every input failed.
+    """
+    if str(cfg.on_error) not in ("skip", "raise"):
+        raise ConfigError(f"on_error={cfg.on_error!r} must be skip or raise")
+    if cfg.labels and cfg.prompts:
+        raise ConfigError("give labels= or prompts=, not both")
+    everything = str(cfg.strategy) == "everything"
+    if everything and (cfg.labels or cfg.prompts):
+        raise ConfigError("prompt=everything takes no labels= or prompts=")
+    if not (everything or cfg.labels or cfg.prompts):
+        raise ConfigError("give labels=LABEL_MAP, prompts=PROMPTS.json or prompt=everything")
+    inputs = list_inputs(cfg.input)
+    single = len(inputs) == 1 and Path(str(cfg.input)).expanduser().resolve() == inputs[0].resolve()
+    facts, checkpoint = trained_settings(cfg)
+    settings = build_settings(cfg, facts)
+    if settings.mask_selection == "oracle" and not cfg.labels:
+        raise ConfigError("mask_selection=oracle needs labels= (the reference it picks against)")
+    model = build_model(facts, checkpoint)
+    import torch
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    out_dir = Path(str(cfg.output)).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skips = SkipLog(out_dir)
+    written: list[Path] = []
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        for image_path in tqdm(inputs, desc="predict", unit="file", disable=len(inputs) < 2):
+            try:
+                lab = pro = None
+                if cfg.labels:
+                    lab = companion(cfg.labels, image_path, single, _LABEL_SUFFIXES)
+                if cfg.prompts:
+                    pro = companion(cfg.prompts, image_path, single, (".json",))
+                written += predict_one(model, image_path, settings, out_dir, lab, pro)
+            except (ConfigError, CheckpointError):
+                raise
+            except Exception as err:
+                if str(cfg.on_error) == "raise":
+                    raise
+                if isinstance(err, DataError):
+                    path, reason = err.path, err.reason
+                else:
+                    path, reason = str(image_path), f"{type(err).__name__}: {err}"
+                skips.add(stem_of(image_path), path, reason)
+    if skips.entries and not written:
+        first = skips.entries[0]
+        raise DataError(first.path, f"{first.reason} (all {len(skips)} inputs failed)")
+    log.info("wrote %d file(s) to %s; %d input(s) skipped", len(written), out_dir, len(skips))
+    print(f"predictions in {out_dir}" + (f"; {len(skips)} skipped (skipped.csv)" if skips else ""))
+    return written

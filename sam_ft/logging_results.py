@@ -1,0 +1,294 @@
+"""Evaluation results and the exported model, sent to the run's dashboards (W&B, TensorBoard).
+
+What a run gets after its evaluation (:func:`log_evaluation`), per model (``zero_shot``,
+``finetuned``, ...), prompt strategy and jitter level (``none``, ``0-10``, ...):
+
+- summary scalars ``eval/<model>/<prompt>/<jitter>/{dice,iou,hd95,nsd}`` (means over 2D
+  objects), ``.../case_{dice,iou,hd95,nsd}`` (means over per-case 3D scores),
+  ``eval/delta/<model>/<prompt>/<jitter>/{dice,...}`` (that model minus zero-shot),
+  ``eval/<model>/clicks/noc85`` and ``noc90`` when the click study ran, ``eval/skipped`` (cases
+  the evaluation could not score);
+- W&B tables ``eval/summary`` (``summary.csv``), ``eval/prompt_table`` (Dice per prompt, one
+  column per model and the differences), ``eval/per_case``, ``eval/spearman``,
+  ``eval/click_curve``;
+- images: every report figure, and the best/worst objects as W&B images whose prediction and
+  ground-truth masks (and the box prompt) can be switched on and off in the UI.
+
+TensorBoard gets the same scalars, the report and the tables (but the per-case one) as Markdown
+text, and the figures as images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dice", "iou", "hd95", "nsd")
+BASELINE_MODEL = "zero_shot"
+OBJECTIVE = "eval/finetuned/box/none/dice"
+"""What ``train.py`` returns to a Hydra sweeper: the finetuned model's Dice with an unjittered
+box prompt (``val/dice_best`` when the run does not evaluate)."""
+
+
+def sweep_objective(metrics: Mapping[str, float] | None) -> float | None:
+    """The value a Hydra sweeper (Optuna) optimises: :data:`OBJECTIVE`, else ``val/dice_best``."""
+    if not metrics:
+        return None
+    value = metrics.get(OBJECTIVE, metrics.get("val/dice_best"))
+    return None if value is None else float(value)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    keys = {c: str for c in ("model", "task", "prompt", "jitter", "case", "patient")}
+    return pd.read_csv(path, dtype=keys, keep_default_na=False, na_values=[""])
+
+
+def _means(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, prompt, jitter): each metric's mean over the objects of all tasks (a summary
+    row's mean weighted by its ``n``; HD95 by the objects that have one)."""
+    rows = []
+    for (model, prompt, jitter), g in summary.groupby(["model", "prompt", "jitter"], sort=False):
+        row = {"model": model, "prompt": prompt, "jitter": jitter}
+        n = g["n"].astype(float)
+        for metric in METRICS:
+            values = g[f"{metric}_mean"].astype(float)
+            weights = n - g["hd95_missing"].astype(float) if metric == "hd95" else n
+            ok = values.notna() & (weights > 0)
+            row[metric] = (
+                float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
+    """The summary scalars of the evaluation written in ``out_dir`` (see the module docstring),
+    read from its ``summary.csv``, ``summary_case.csv``, ``noc.csv`` and ``skipped.csv``.
+    Missing values (no HD95 when every prediction was empty) are left out, not NaN."""
+    out_dir = Path(out_dir)
+    scalars: dict[str, float] = {}
+    summary = _read(out_dir / "summary.csv")
+    if summary.empty:
+        return scalars
+    means = _means(summary)
+    for r in means.itertuples(index=False):
+        for metric in METRICS:
+            scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/{metric}"] = getattr(r, metric)
+    case = _read(out_dir / "summary_case.csv")
+    if not case.empty:
+        for r in _means(case).itertuples(index=False):
+            for metric in METRICS:
+                scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/case_{metric}"] = getattr(r, metric)
+    base = means[means["model"] == BASELINE_MODEL].set_index(["prompt", "jitter"])
+    for r in means[means["model"] != BASELINE_MODEL].itertuples(index=False):
+        if (r.prompt, r.jitter) in base.index:
+            ref = base.loc[(r.prompt, r.jitter)]
+            for metric in METRICS:
+                delta = getattr(r, metric) - float(ref[metric])
+                scalars[f"eval/delta/{r.model}/{r.prompt}/{r.jitter}/{metric}"] = delta
+    noc = _read(out_dir / "noc.csv")
+    for model, g in noc.groupby("model", sort=False) if not noc.empty else ():
+        for col in (c for c in g.columns if c.startswith("noc@")):
+            value = np.average(g[col].astype(float), weights=g["n"].astype(float))
+            scalars[f"eval/{model}/clicks/noc{col[4:]}"] = float(value)
+    skipped = _read(out_dir / "skipped.csv")
+    scalars["eval/skipped"] = float(skipped["case"].nunique()) if "case" in skipped else 0.0
+    return {k: float(v) for k, v in scalars.items() if not math.isnan(v)}
+
+
+def evaluation_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``click_curve`` of the
+    evaluation in ``out_dir`` (the ones that exist)."""
+    from sam_ft.evaluation.report import click_curves, prompt_table
+
+    out_dir = Path(out_dir)
+    tables: dict[str, pd.DataFrame] = {}
+    summary = _read(out_dir / "summary.csv")
+    if not summary.empty:
+        tables["summary"] = summary
+        tables["prompt_table"] = prompt_table(summary)
+    for name, file in (("per_case", "per_case.csv"), ("spearman", "spearman.csv")):
+        df = _read(out_dir / file)
+        if not df.empty:
+            tables[name] = df
+    clicks = _read(out_dir / "clicks.csv")
+    if not clicks.empty:
+        tables["click_curve"] = click_curves(clicks)
+    return tables
+
+
+def _wandb_image(item: Sequence[Any]):
+    """One overlay item (image (H, W, 3) uint8, gt (H, W) bool, pred (H, W) bool, prompt,
+    title) as a ``wandb.Image`` with the masks and the box prompt as toggleable layers."""
+    import wandb
+
+    image, gt, pred, prompt, title = item
+    masks = {
+        "prediction": {
+            "mask_data": np.asarray(pred).astype(np.uint8),
+            "class_labels": {0: "background", 1: "prediction"},
+        },
+        "ground_truth": {
+            "mask_data": np.asarray(gt).astype(np.uint8) * 2,
+            "class_labels": {0: "background", 2: "ground truth"},
+        },
+    }
+    boxes = None
+    box = prompt.get("box") if isinstance(prompt, Mapping) else None
+    if box is not None and np.size(box) == 4 and np.isfinite(np.asarray(box, float)).all():
+        x0, y0, x1, y1 = (float(v) for v in np.asarray(box, float).ravel())
+        position = {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1}
+        boxes = {
+            "prompt": {
+                "box_data": [{"position": position, "domain": "pixel", "class_id": 3}],
+                "class_labels": {3: "box prompt"},
+            }
+        }
+    return wandb.Image(np.asarray(image), masks=masks, boxes=boxes, caption=str(title))
+
+
+def _is_wandb(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return isinstance(logger, TensorBoardLogger)
+
+
+def log_evaluation(
+    out_dir: str | Path,
+    loggers: Sequence[Any],
+    overlays: Mapping[str, Sequence[Any]] | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """Send the evaluation in ``out_dir`` to every W&B and TensorBoard logger.
+
+    Args:
+        out_dir: the evaluation folder (``summary.csv``, ``plots/``, ...).
+        loggers: Lightning loggers; others than W&B and TensorBoard are left alone (the CSV
+            files are already in the run dir).
+        overlays: ``{"best_<model>": items, "worst_<model>": items}`` from the engine's
+            ``EvalResult.overlays``, each item as in ``plots.plot_overlay_grid``.
+        step: TensorBoard step of the scalars and images.
+
+    Returns:
+        The scalars (:func:`evaluation_scalars`).
+    """
+    out_dir = Path(out_dir)
+    scalars = evaluation_scalars(out_dir)
+    if not loggers:
+        return scalars
+    tables = evaluation_tables(out_dir)
+    plots = sorted((out_dir / "plots").glob("*.png"))
+    for logger in loggers:
+        if _is_wandb(logger):
+            _log_wandb(logger.experiment, scalars, tables, plots, overlays or {})
+        elif _is_tensorboard(logger):
+            _log_tensorboard(logger.experiment, scalars, tables, plots, step, out_dir)
+    return scalars
+
+
+def _log_wandb(run, scalars, tables, plots, overlays) -> None:
+    import wandb
+
+    data: dict[str, Any] = {f"eval/{k}": wandb.Table(dataframe=v) for k, v in tables.items()}
+    data.update({f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots})
+    for name, items in overlays.items():
+        if items:
+            data[f"eval/overlays/{name}"] = [_wandb_image(item) for item in items]
+    run.log(data)
+    # In the summary (not the history): sweeps and run tables rank by these.
+    run.summary.update(scalars)
+
+
+def _log_tensorboard(writer, scalars, tables, plots, step: int, out_dir: Path) -> None:
+    from PIL import Image
+
+    from sam_ft.evaluation.report import to_markdown
+
+    for key, value in scalars.items():
+        writer.add_scalar(key, value, step)
+    report = out_dir / "summary.md"
+    if report.is_file():
+        writer.add_text("eval/report", report.read_text(encoding="utf-8"), step)
+    for name, table in tables.items():
+        if name != "per_case":  # one row per case x object x prompt x jitter: too long as text
+            writer.add_text(f"eval/{name}", to_markdown(table), step)
+    for plot in plots:
+        pixels = np.asarray(Image.open(plot).convert("RGB"))
+        writer.add_image(f"eval/plots/{plot.stem}", pixels, step, dataformats="HWC")
+    writer.flush()
+
+
+def _artifact_name(name: str) -> str:
+    # W&B artifact names: letters, digits, dashes, underscores and dots.
+    return re.sub(r"[^\w.-]+", "-", f"sam_finetuned-{name}").strip("-")[:128]
+
+
+def log_exported_model(loggers: Sequence[Any], exported: str | Path, name: str) -> None:
+    """``sam_finetuned.pth`` and its model card (``sam_finetuned.json`` beside it, when written)
+    as a W&B artifact of type ``model`` with alias ``best``, for every W&B logger made with
+    ``log_model: true``. The card's fields become the artifact's metadata."""
+    import wandb
+
+    exported = Path(exported)
+    card = exported.with_suffix(".json")
+    for logger in loggers:
+        if not (_is_wandb(logger) and getattr(logger, "log_exported_model", False)):
+            continue
+        metadata = {}
+        if card.is_file():
+            try:
+                metadata = json.loads(card.read_text())
+            except (OSError, ValueError):
+                log.warning("model card %s is not valid JSON: logged as a file only", card)
+        artifact = wandb.Artifact(
+            _artifact_name(name),
+            type="model",
+            description="Finetuned SAM weights in segment_anything's format",
+            metadata=metadata if isinstance(metadata, dict) else {},
+        )
+        artifact.add_file(str(exported))
+        if card.is_file():
+            artifact.add_file(str(card))
+        logger.experiment.log_artifact(artifact, aliases=["best"])
+        log.info("W&B: logged %s as artifact %s:best", exported, artifact.name)
+
+
+def eval_loggers(cfg, label: str) -> list:
+    """``evaluate.py``'s loggers: a W&B run named ``<model>_<task>_<label>`` (zero-shot and
+    checkpoint evaluations apart), each given the resolved config with secrets scrubbed."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sam_ft.training.wandb import scrub
+
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        if "wandb" in str(c.get("_target_", "")) and c.get("name"):
+            loggers.append(instantiate(c, name=f"{c.name}_{label}"))
+        else:
+            loggers.append(instantiate(c))
+    if loggers:
+        plain = scrub(OmegaConf.to_container(cfg, resolve=True))
+        for logger in loggers:
+            logger.log_hyperparams(plain)
+    return loggers
