@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.engine import LazyCase, evaluate_and_report
@@ -87,6 +88,8 @@ def _log_report(out_dir: Path, loggers: Sequence) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
+    # Every option checked before anything is built, hashed or downloaded.
+    parse_config(cfg, "evaluate")
     run_dir = Path(cfg.paths.output_dir)
     ckpt = cfg.get("ckpt_path")
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
