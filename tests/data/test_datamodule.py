@@ -334,6 +334,13 @@ def test_datasets_hold_only_an_index_and_read_items_from_disk(demo_task, tmp_pat
     record = ds.records[0].load()
     torch.testing.assert_close(item["image"], dm.transform.apply_image(record.image))
     torch.testing.assert_close(item["target"], dm.transform.masks_to_low_res(record.masks))
+    # Items read inside DataLoader worker processes equal those read here.
+    workers = _dm(demo_task, tmp_path, run="run_w", num_workers=2)
+    workers.setup("fit")
+    for a, b in zip(dm.train_dataloader(), workers.train_dataloader(), strict=True):
+        assert (a["case"], a["slice_index"]) == (b["case"], b["slice_index"])
+        torch.testing.assert_close(a["image"], b["image"])
+        torch.testing.assert_close(a["target"], b["target"])
     # Entries are read back whole, one case at a time, for evaluation.
     cases = list(dm.iter_case_data("val"))
     assert [c.image_id for c in cases] == [e.image_id for e in dm.case_entries("val")]
