@@ -119,11 +119,12 @@ def _prepare_case(
     return case, refs, None, cache.hits > 0
 
 
-def prep_workers(setting: Any, n_cases: int) -> int:
-    """``data.prep_workers`` -> a process count (null = the cores this process may use)."""
+def prep_workers(setting: Any, n_cases: int, ranks: int = 1) -> int:
+    """``data.prep_workers`` -> a process count (null = the cores this process may use, divided
+    between the ``ranks`` DDP processes, which preprocess their shares at the same time)."""
     if setting is None:
         affinity = getattr(os, "sched_getaffinity", None)
-        setting = len(affinity(0)) if affinity else os.cpu_count() or 1
+        setting = (len(affinity(0)) if affinity else os.cpu_count() or 1) // max(1, ranks)
     return max(1, min(int(setting), n_cases))
 
 
@@ -268,7 +269,7 @@ class SamDataModule(L.LightningDataModule):
         count hits/misses and write ``skipped.csv``)."""
         root = str(self.cache_dir)
         args = [(c, self.task, self.data, root) for c in cases]
-        workers = prep_workers(self.data.get("prep_workers"), len(cases))
+        workers = prep_workers(self.data.get("prep_workers"), len(cases), self._distributed()[0])
         bar = tqdm(
             total=len(cases), desc=f"slices ({split})", unit="case", disable=not self.progress
         )
