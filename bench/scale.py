@@ -7,6 +7,8 @@ most slices) and runs, each in its own process through the real entry points (Hy
   case in the train split, no final evaluation;
 * ``evaluate.py model=tiny eval.prompts=[box]``, every case in the test split;
 
+(``--ddp``: ``train.py`` on two CPU DDP ranks, ``trainer=ddp trainer.devices=2``);
+
 for each N of ``--cases`` (default 4 and 16). Each run's peak RSS is the largest resident set of
 its process tree (the entry point and its preprocessing / loader workers), read from
 ``getrusage(RUSAGE_CHILDREN)`` of a fresh wrapper process. ``held_mb`` is what the data of the N
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 # Runs the command given as arguments; prints its process tree's peak RSS (KiB on Linux).
 _WRAPPER = (
@@ -116,7 +119,9 @@ def run_cli(script: str, overrides: list[str], cwd: Path) -> tuple[float, float]
     return int(proc.stdout.strip().splitlines()[-1]) / 1024, seconds
 
 
-def measure(n: int, side: int, slices: int, work: Path, workers: int | None) -> list[dict]:
+def measure(
+    n: int, side: int, slices: int, work: Path, workers: int | None, ddp: bool = False
+) -> list[dict]:
     root = work / f"task_{n}"
     held = write_volumes(root, n, side, slices)
     common = [
@@ -135,7 +140,8 @@ def measure(n: int, side: int, slices: int, work: Path, workers: int | None) -> 
         *common,
         "finetune=decoder",
         f"data.split.file={_split_file(root, 'train')}",
-        "trainer=cpu",
+        # DDP: two CPU ranks; the peak is the larger rank's (rank 1 is rank 0's child).
+        *(DDP if ddp else ["trainer=cpu"]),
         "trainer.max_epochs=1",
         "train.evaluate=false",
         "callbacks.model_checkpoint.save_top_k=0",
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--side", type=int, default=512)
     p.add_argument("--slices", type=int, default=150)
     p.add_argument("--prep-workers", type=int, default=None, help="data.prep_workers")
+    p.add_argument("--ddp", action="store_true", help="train.py on 2 CPU DDP ranks")
     p.add_argument("--work", default=None, help="folder for volumes and runs (default: tmp)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="N = 2 and 6 of 512 x 512 x 12 (tests)")
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [
             r
             for n in (small, large)
-            for r in measure(n, args.side, args.slices, work, args.prep_workers)
+            for r in measure(n, args.side, args.slices, work, args.prep_workers, args.ddp)
         ]
     print(f"machine: {machine()}")
     print_table(
