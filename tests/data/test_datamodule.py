@@ -349,16 +349,16 @@ def test_datasets_hold_only_an_index_and_read_items_from_disk(demo_task, tmp_pat
 
 def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tmp_path):
     """2 prep workers build the same index as 1, and a broken case is skipped and logged."""
+    import shutil
     from pathlib import Path
 
     from sam_ft.data.skips import read_skip_log
+    from sam_ft.data.tasks import prepare_task
 
     root = tmp_path / "task"
-    import shutil
-
-    shutil.copytree(demo_task["root"], root)
+    shutil.copytree(prepare_task(demo_task), root)  # generates the demo when absent
     broken = sorted((root / "imagesTr").iterdir())[0]
-    broken.write_bytes(broken.read_bytes()[:200])  # truncated NIfTI
+    broken.write_bytes(b"this is not a nifti file" * 10)
     task = {**demo_task, "root": str(root)}
     serial = _dm(task, tmp_path / "a", prep_workers=1, on_error="skip")
     serial.setup("fit")
@@ -368,7 +368,7 @@ def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tm
         assert _index(serial, split) == _index(parallel, split)
     assert parallel.slice_cache.misses == 8
     (skipped,) = read_skip_log(tmp_path / "b" / "run" / "skipped.csv")
-    assert Path(skipped.path).name == broken.name and "truncated" in skipped.reason
+    assert Path(skipped.path).name == broken.name and "unreadable" in skipped.reason
     # A second run over the same cache reads every good case from it.
     again = _dm(task, tmp_path / "b", run="run2", prep_workers=2, on_error="skip")
     again.setup("fit")
