@@ -265,8 +265,8 @@ class SamDataModule(L.LightningDataModule):
         self, cases: Sequence[CaseFiles], split: str, record: bool
     ) -> list[tuple[CaseFiles, list[SliceRef]]]:
         """(case, refs) of the good cases in order, preprocessing misses in
-        ``data.prep_workers`` processes; bad ones follow ``data.on_error`` (``record``: also
-        count hits/misses and write ``skipped.csv``)."""
+        ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error``
+        (raise, or ``skipped.csv``) and hits/misses are counted; without, they are left out."""
         root = str(self.cache_dir)
         args = [(c, self.task, self.data, root) for c in cases]
         workers = prep_workers(self.data.get("prep_workers"), len(cases), self._distributed()[0])
@@ -285,7 +285,9 @@ class SamDataModule(L.LightningDataModule):
                     self.slice_cache.hits += int(hit)
                     self.slice_cache.misses += int(not hit)
                 if error is not None:
-                    if self.data["on_error"] == "raise":
+                    # A rank's first (share) pass never raises: a rank that stopped there would
+                    # leave the others waiting at the barrier; the full pass raises on every rank.
+                    if record and self.data["on_error"] == "raise":
                         raise DataError(*error)
                     if record:
                         self.skip_log.add(case.case, *error)
