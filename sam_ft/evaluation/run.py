@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.data.datamodule import SamDataModule
+from sam_ft.config import parse_config
+from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import evaluate_and_report
+from sam_ft.evaluation.engine import LazyCase, evaluate_and_report
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
@@ -24,13 +26,17 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def split_cases(datamodule: SamDataModule, split: str) -> list:
-    """Loaded cases of ``eval.split``: ``test`` (default), ``val`` or ``all``."""
-    if split == "all":
-        return [c for s in SPLITS for c in datamodule.case_data(s)]
-    if split not in SPLITS:
+def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+    """The cases of ``eval.split`` (``test`` (default), ``val`` or ``all``) as :class:`LazyCase`:
+    only these splits are preprocessed, and each case is read from the slice cache when it is
+    scored and dropped after, so memory holds one case however many there are."""
+    if split not in (*SPLITS, "all"):
         raise ConfigError(f"eval.split={split!r} must be one of test, val, all")
-    return datamodule.case_data(split)
+    entries = []
+    for s in SPLITS if split == "all" else (split,):
+        datamodule.prepare_split(s)
+        entries += datamodule.case_entries(s)
+    return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 
 def compare_models(
@@ -48,7 +54,6 @@ def compare_models(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
         model.to(device)
-    datamodule.setup("test")
     cases = split_cases(datamodule, cfg.eval.split)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
@@ -114,6 +119,8 @@ def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
+    # Every option checked before anything is built, hashed or downloaded.
+    parse_config(cfg, "evaluate")
     run_dir = Path(cfg.paths.output_dir)
     ckpt = cfg.get("ckpt_path")
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
