@@ -45,6 +45,8 @@ class IntensityConfig:
     """``task.intensity`` (sam_ft/data/intensity.py)."""
 
     mode: Literal["window", "percentile", "none"]
+    scope: Literal["slice", "volume"] | None = optional()
+    keep_zero: bool | None = optional()
     level: float | None = optional()
     width: float | None = optional()
     lower: float | None = optional()
@@ -73,6 +75,7 @@ class TaskConfig:
     decathlon_task: str | None = optional()
     url: str | None = optional()
     md5: str | None = optional()
+    keep_archive: bool | None = optional()
     demo_variant: Literal["2d", "3d"] | None = optional()
 
 
@@ -124,14 +127,16 @@ class EvalConfig:
     split: Literal["test", "val", "all"]
     prompts: list[str]
     jitter_px: list[list[float]]
-    mask_selection: str
+    mask_selection: Literal["oracle", "predicted_iou", "single", "auto"]
+    point_sampling: Literal["even", "random"]
     grid: int
     nsd_tolerance_mm: float
+    nsd_method: Literal["area", "count"]
     clicks: int
     save_predictions: bool
     max_prompts_per_call: int
     overlays: int
-    volume_gt: str
+    volume_gt: Literal["full", "kept"]
     on_error: Literal["skip", "raise"]
     everything: EverythingConfig
 
@@ -146,6 +151,8 @@ class ModelConfig:
     preprocess: Literal["sam", "medsam"]
     grad_checkpointing: bool
     compile_encoder: bool
+    encoder_bf16: bool
+    multimask_output: bool
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,7 @@ class TrainConfig:
     evaluate: bool
     max_nonfinite_steps: int
     overlays: int
+    multimask: bool | None
 
 
 @dataclass(frozen=True)
