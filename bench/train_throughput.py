@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> float:
     dm_cached.use_embedding_cache(*_frozen_encoder(model))
     with timed(t, "setup_cached"):
         dm_cached.setup("fit")
+        # A split's embeddings are encoded when its dataset is first built (the loader).
+        for split in ("train", "val"):
+            dm_cached.dataset(split)
     cached = _fit(cfg, model, finetune, dm_cached, args.epochs, tmp / "run_cached")
     pure = _pure_epoch_times(cfg, model, finetune, dm_cached, repeats=args.epochs)
 

@@ -22,6 +22,7 @@ FINAL_LINES = {
     "data_throughput.py": "data_headroom",
     "decoder_throughput.py": "decoder_speedup_vs_mask_decoder",
     "memory.py": "peak_mb_full_vs_decoder",
+    "prep_throughput.py": "prep_speedup",
 }
 
 

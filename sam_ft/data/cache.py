@@ -5,6 +5,11 @@ the slicing/intensity settings: editing a file or a setting gives a new key, so 
 never read. Writes are atomic (temp file in the same folder + ``os.replace``), so parallel jobs
 can share one cache folder. A truncated or damaged entry fails to load (zip CRC, key check) and is
 recomputed.
+
+The entry is also what training and evaluation read (the data set lives on disk): the header
+alone gives the index (:class:`SliceRef` per slice: case, slice, object labels, sizes, image
+digest), and a slice's image and masks are read member by member when an item is needed
+(:func:`read_slice`), so memory does not grow with the number of cases.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sam_ft.data.types import CaseFiles, SliceRecord
+from sam_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 
 # Bump when the entry layout changes: old entries then simply stop matching.
-SLICE_CACHE_FORMAT = 1
+SLICE_CACHE_FORMAT = 2  # 2: per-slice labels, image shape and digest in the header
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -92,6 +98,15 @@ def slice_cache_key(case: CaseFiles, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def image_digest(image: np.ndarray) -> str:
+    """Hex SHA-256 of an (H, W, 3) uint8 image's shape, dtype and pixels (the embedding cache's
+    key of an image; stored in the slice-cache header so the index needs no pixel read)."""
+    image = np.ascontiguousarray(image)
+    h = hashlib.sha256(f"{image.shape}:{image.dtype}\n".encode())
+    h.update(image.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
 def _slug(case: str) -> str:
     """File-name-safe short form of a case id (the key keeps entries unique)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", case)[:60] or "case"
@@ -116,7 +131,8 @@ def _records_to_arrays(
         masks = np.asarray(r.masks, dtype=bool)
         # Masks are 1 bit of information in 8; packing shrinks the entry ~8x.
         out[f"masks_{i}"] = np.packbits(masks.reshape(-1))
-        out[f"image_{i}"] = np.ascontiguousarray(r.image, dtype=np.uint8)
+        image = np.ascontiguousarray(r.image, dtype=np.uint8)
+        out[f"image_{i}"] = image
         out[f"labels_{i}"] = np.asarray(r.labels, dtype=np.int64)
         if r.raw is not None:
             out[f"raw_{i}"] = np.asarray(r.raw, dtype=np.float32)
@@ -125,6 +141,10 @@ def _records_to_arrays(
                 "case": r.case,
                 "slice_index": int(r.slice_index),
                 "masks_shape": list(masks.shape),
+                # Index fields: what a data set needs without reading the slice's arrays.
+                "labels": [int(v) for v in np.asarray(r.labels).reshape(-1)],
+                "image_shape": list(image.shape),
+                "digest": image_digest(image),
                 "names": list(r.names),
                 "spacing": [float(s) for s in r.spacing],
                 "modality": r.modality,
@@ -269,6 +289,192 @@ class SliceCache:
         entry = compute()
         self.save(case.image_id, key, entry)
         return entry
+
+    def entry_header(self, case: str, key: str) -> dict[str, Any] | None:
+        """The header of the entry of ``case`` under ``key`` after checking every member's CRC
+        (streamed in 1 MiB chunks, so memory stays small however large the case); ``None`` when
+        missing, truncated or corrupt."""
+        if self.root is None:
+            return None
+        path = self.path(case, key)
+        if not path.is_file():
+            return None
+        try:
+            return _verified_header(path, key)
+        except Exception as e:  # any failure to parse means "recompute", never "use"
+            log.warning("slice cache entry %s is unreadable (%s); recomputing", path, e)
+            self.corrupt += 1
+            return None
+
+    def ensure(
+        self, case: CaseFiles, settings: Mapping[str, Any], compute: Callable[[], CachedCase]
+    ) -> list[SliceRef]:
+        """Make sure the entry of ``case`` exists (``compute()`` on a miss, stored, then freed)
+        and return its index: one :class:`SliceRef` per slice, no pixel data.
+
+        Raises:
+            DataError: from ``compute``; or the entry cannot be stored (``meta``/``extra`` not
+                JSON-able), since the data set is read back from it.
+        """
+        if self.root is None:
+            raise RuntimeError("the slice cache is disabled (no cache_dir)")
+        key = slice_cache_key(case, settings)
+        header = self.entry_header(case.image_id, key)
+        if header is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+            entry = compute()
+            if not self.save(case.image_id, key, entry):
+                raise DataError(case.image, "its slices cannot be stored in the slice cache")
+            del entry
+            header = _verified_header(self.path(case.image_id, key), key)
+        return slice_refs(self.path(case.image_id, key), header)
+
+
+@dataclass
+class SliceRef:
+    """Index entry of one cached slice: where it lives and what is known without reading it.
+
+    ``load()`` reads the slice's arrays from the entry file and returns the
+    :class:`~sam_ft.data.types.SliceRecord`. Attributes mirror ``SliceRecord`` (``labels`` (K,)
+    int64; ``original_size`` (H, W)); ``digest`` is the embedding cache's key of the image.
+    """
+
+    path: str
+    index: int
+    case: str
+    slice_index: int
+    labels: np.ndarray
+    names: list[str]
+    original_size: tuple[int, int]
+    image_shape: tuple[int, ...]
+    masks_shape: tuple[int, int, int]
+    digest: str
+    spacing: tuple[float, float]
+    modality: str
+    num_slices: int
+    slice_spacing: float
+    image_id: str
+    has_raw: bool
+    extra: dict = field(default_factory=dict)
+
+    def load(self, image: bool = True, raw: bool = True) -> SliceRecord:
+        """The slice's record; ``image=False`` / ``raw=False`` skip reading those arrays (the
+        record then holds a read-only all-zero view of the image's shape / None)."""
+        names = ["masks"] + (["image"] if image else []) + (["raw"] if raw and self.has_raw else [])
+        arrays = read_slice(self.path, self.index, names)
+        return SliceRecord(
+            case=self.case,
+            slice_index=self.slice_index,
+            # Not read: a zero-stride view of the right shape (original_size still holds).
+            image=arrays["image"] if image else np.broadcast_to(np.uint8(0), self.image_shape),
+            masks=unpack_masks(arrays["masks"], self.masks_shape),
+            labels=self.labels,
+            names=list(self.names),
+            spacing=self.spacing,
+            modality=self.modality,
+            raw=arrays.get("raw"),
+            num_slices=self.num_slices,
+            slice_spacing=self.slice_spacing,
+            image_id=self.image_id,
+            extra=dict(self.extra),
+        )
+
+
+def slice_refs(path: str | Path, header: Mapping[str, Any]) -> list[SliceRef]:
+    """The :class:`SliceRef` of every slice of an entry, from its header."""
+    refs = []
+    for i, s in enumerate(header["slices"]):
+        shape = tuple(int(v) for v in s["image_shape"])
+        refs.append(
+            SliceRef(
+                path=str(path),
+                index=i,
+                case=s["case"],
+                slice_index=int(s["slice_index"]),
+                labels=np.asarray(s["labels"], dtype=np.int64),
+                names=list(s["names"]),
+                original_size=(shape[0], shape[1]),
+                image_shape=shape,
+                masks_shape=tuple(int(v) for v in s["masks_shape"]),  # type: ignore[arg-type]
+                digest=s["digest"],
+                spacing=tuple(s["spacing"]),  # type: ignore[arg-type]
+                modality=s["modality"],
+                num_slices=int(s["num_slices"]),
+                slice_spacing=float(s["slice_spacing"]),
+                image_id=s["image_id"],
+                has_raw=bool(s["has_raw"]),
+                extra=s["extra"],
+            )
+        )
+    return refs
+
+
+def _verified_header(path: Path, key: str) -> dict[str, Any]:
+    """The entry's header; every member is read to its end first, so zipfile checks its CRC."""
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            with zf.open(name) as f:
+                while f.read(1 << 20):
+                    pass
+        with zf.open("header.npy") as f:
+            header = json.loads(str(np.lib.format.read_array(f, allow_pickle=False)[()]))
+    if header.get("format") != SLICE_CACHE_FORMAT or header.get("key") != key:
+        raise ValueError("cache entry belongs to another key or format")
+    return header
+
+
+# Open entry files of this process, so reading an item does not parse the zip directory again.
+# Keyed by process id: a DataLoader worker forked from the main process must not share the
+# parent's file offset.
+_OPEN: dict[tuple[int, str], zipfile.ZipFile] = {}
+_MAX_OPEN = 8
+
+
+def _zip(path: str) -> zipfile.ZipFile:
+    key = (os.getpid(), path)
+    zf = _OPEN.pop(key, None)
+    if zf is None:
+        zf = zipfile.ZipFile(path)
+        while len(_OPEN) >= _MAX_OPEN:
+            old_key = next(iter(_OPEN))
+            old = _OPEN.pop(old_key)
+            if old_key[0] == os.getpid():
+                old.close()
+    _OPEN[key] = zf  # most recently used last
+    return zf
+
+
+def read_slice(path: str | Path, index: int, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Arrays ``<name>_<index>`` of one slice of an entry (e.g. ``image``, ``masks``, ``raw``),
+    read from disk on demand (a DataLoader worker reads only the items it serves).
+
+    Raises:
+        DataError: the entry file is gone or damaged after it was indexed.
+    """
+    try:
+        zf = _zip(str(path))
+        out = {}
+        for name in names:
+            with zf.open(f"{name}_{index}.npy") as f:
+                out[name] = np.lib.format.read_array(f, allow_pickle=False)
+        return out
+    except Exception as e:
+        _OPEN.pop((os.getpid(), str(path)), None)
+        raise DataError(
+            str(path), f"slice cache entry unreadable after indexing ({e}); rerun to rebuild it"
+        ) from e
+
+
+def read_entry(path: str | Path, key: str | None = None) -> CachedCase:
+    """A whole entry (one case: slices, meta, arrays) read from ``path``, e.g. for evaluating
+    it; ``key`` (when given) must match the entry's."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if key is None:
+        key = json.loads(str(arrays["header"][()]))["key"]
+    return _arrays_to_records(arrays, key)
 
 
 def unpack_masks(packed: np.ndarray, shape: Iterable[int]) -> np.ndarray:

@@ -1,14 +1,19 @@
 """Lightning DataModule: cases -> case-level splits -> cached slices -> seeded dataloaders.
 
 ``setup`` finds the task's cases, splits them by case (patient), writes ``splits.json`` and
-``skipped.csv`` into the run folder and loads every case through the slice cache (the next epoch
-and the next run read no NIfTI). The dataloaders yield the batch format of
-:func:`sam_ft.data.dataset.collate_slices`. When the training module's image encoder is frozen it
-calls :meth:`SamDataModule.use_embedding_cache`; items then carry cached ``embedding``s instead
-of ``image``s (for every split without image augmentation).
+``skipped.csv`` into the run folder and preprocesses the cases of the splits it needs into the
+slice cache (``data.prep_workers`` processes; the next run reads no NIfTI). The slice cache *is*
+the data set: the module keeps only an index (:class:`~sam_ft.data.cache.SliceRef` per slice),
+items are read from disk inside the DataLoader workers and evaluation loads one case at a time
+(:meth:`SamDataModule.case_entries`), so memory does not grow with the number of cases. The
+dataloaders yield the batch format of :func:`sam_ft.data.dataset.collate_slices`. When the
+training module's image encoder is frozen it calls :meth:`SamDataModule.use_embedding_cache`;
+items then carry cached ``embedding``s instead of ``image``s (for every split without image
+augmentation).
 
 ``data`` keys read here (besides the loaders' ``min_object_pixels, split, seed, on_error,
-affine_atol``): ``cache_dir`` (null = no slice cache; embeddings then go to ``<run_dir>/cache``),
+affine_atol``): ``cache_dir`` (null = ``<run_dir>/cache``, a cache of this run only),
+``prep_workers`` (processes that preprocess cases; null = the cores available),
 ``cache_embeddings`` (auto | true | false), ``augment`` (see :mod:`sam_ft.data.augment`),
 ``batch_size`` (per device), ``num_workers``, ``max_objects_per_image`` (null = all),
 ``pin_memory`` (default: when CUDA is available), ``embedding_dtype`` (null = the encoder's,
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing as mp
+import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sam_ft.data.augment import SliceAugment
-from sam_ft.data.cache import CachedCase, SliceCache
+from sam_ft.data.cache import CachedCase, SliceCache, SliceRef, read_entry
 from sam_ft.data.dataset import (
     PromptFn,
     ResumableLoader,
@@ -46,7 +53,7 @@ from sam_ft.data.loading import CaseData, dataset_meta, load_case, slice_setting
 from sam_ft.data.skips import SkipLog
 from sam_ft.data.splits import SPLITS, make_splits, write_splits
 from sam_ft.data.tasks import data_options, prepare_task, task_options, to_plain
-from sam_ft.data.types import CaseFiles, SliceRecord
+from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.model.preprocess import SamTransform
 
@@ -76,6 +83,60 @@ def _entry_to_case(entry: CachedCase) -> CaseData:
         is_tuple = typing.get_origin(hints.get(name)) is tuple
         kwargs[name] = tuple(value) if is_tuple and isinstance(value, list) else value
     return CaseData(slices=entry.records, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseEntry:
+    """One preprocessed case of a split: its id and its slice-cache entry file."""
+
+    image_id: str
+    case: str
+    path: str
+    image: str
+
+
+def load_case_entry(entry: CaseEntry) -> CaseData:
+    """The whole case (slices with images, label volume, affine) read from its cache entry."""
+    return _entry_to_case(read_entry(entry.path))
+
+
+def _prepare_case(
+    case: CaseFiles, task: Mapping[str, Any], data: Mapping[str, Any], cache_root: str | None
+) -> tuple[CaseFiles, list[SliceRef] | None, tuple[str, str] | None]:
+    """Preprocess one case into the slice cache (a hit reads only its header).
+
+    Runs in a ``data.prep_workers`` process: the case's volume lives only here, and only the
+    small index (``SliceRef``s) travels back. Returns (case, refs, None, hit) or (case, None,
+    (path, reason), hit) for a ``DataError``; ``hit``: the entry was already cached.
+    """
+    cache = SliceCache(cache_root)
+    try:
+        # dataset.json names the labels and may set the modality (window, slicing axis).
+        settings = {**slice_settings(task, data), "dataset_json": dataset_meta(case, task)}
+        refs = cache.ensure(case, settings, lambda: _case_to_entry(load_case(case, task, data)))
+    except DataError as e:
+        return case, None, (e.path, e.reason), cache.hits > 0
+    return case, refs, None, cache.hits > 0
+
+
+def prep_workers(setting: Any, n_cases: int, ranks: int = 1) -> int:
+    """``data.prep_workers`` -> a process count (null = the cores this process may use, divided
+    between the ``ranks`` DDP processes, which preprocess their shares at the same time)."""
+    if setting is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        setting = (len(affinity(0)) if affinity else os.cpu_count() or 1) // max(1, ranks)
+    return max(1, min(int(setting), n_cases))
+
+
+def _pool_context() -> mp.context.BaseContext:
+    """fork (fast: no re-import) unless CUDA is initialised here, which a fork cannot inherit."""
+    if mp.get_start_method(allow_none=True) in (None, "fork") and not torch.cuda.is_initialized():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+def _prepare_star(args: tuple) -> tuple:
+    return _prepare_case(*args)
 
 
 class SamDataModule(L.LightningDataModule):
@@ -134,13 +195,15 @@ class SamDataModule(L.LightningDataModule):
         self.augment = SliceAugment.from_config(
             to_plain(self.data.get("augment")), int(self.data["min_object_pixels"])
         )
-        cache_dir = self.data.get("cache_dir")
-        self.slice_cache = SliceCache(cache_dir)
+        self.cache_dir = Path(self.data.get("cache_dir") or self.run_dir / "cache")
+        self.slice_cache = SliceCache(self.cache_dir)
         self.embedding_cache: EmbeddingCache | None = None
         self.skip_log: SkipLog | None = None
         self.splits: dict[str, list[str]] | None = None
         self.splits_path: Path | None = None
-        self._cases: dict[str, list[CaseData]] | None = None
+        self._assigned: dict[str, list[CaseFiles]] | None = None
+        self._refs: dict[str, list[SliceRef]] = {}
+        self._entries: dict[str, list[CaseEntry]] = {}
         self._datasets: dict[str, SliceDataset] = {}
         self._embedding_request: tuple[Callable, str, torch.device | str] | None = None
         self._train_loader: ResumableLoader | None = None
@@ -154,65 +217,112 @@ class SamDataModule(L.LightningDataModule):
         prepare_task(self.task, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        """Find, split and load the cases (once; later calls for other stages do nothing)."""
-        if self._cases is not None:
+        """Find and split the cases (once), then preprocess and index the splits ``stage``
+        needs: ``fit`` all three (so a bad test case stops the run before training, not after),
+        ``validate`` val, ``test``/``predict`` test, ``None`` all."""
+        needed = {"validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in needed.get(str(stage), SPLITS):
+            self.prepare_split(split)
+
+    def _split_cases(self) -> dict[str, list[CaseFiles]]:
+        if self._assigned is None:
+            root = prepare_task(self.task, self.data_dir)
+            cases = find_cases(root, self.task)
+            assigned = make_splits(cases, self.data)
+            self.splits = {s: sorted({c.case for c in assigned[s]}) for s in SPLITS}
+            self.splits_path = write_splits(assigned, self.run_dir)
+            self.skip_log = SkipLog(self.run_dir)
+            # Written even when empty, so "nothing was skipped" is visible in the run folder.
+            self.skip_log.write()
+            self._assigned = {s: list(assigned[s]) for s in SPLITS}
+        return self._assigned
+
+    def prepare_split(self, split: str) -> None:
+        """Preprocess ``split``'s cases into the slice cache (parallel) and index them (once).
+
+        Under DDP each rank first fills its share of the cache, then (after a barrier) indexes
+        every case from it, so no case is read twice and every rank holds the same index.
+        """
+        split = _split_name(split)
+        if split in self._refs:
             return
-        root = prepare_task(self.task, self.data_dir)
-        cases = find_cases(root, self.task)
-        assigned = make_splits(cases, self.data)
-        self.splits = {s: sorted({c.case for c in assigned[s]}) for s in SPLITS}
-        self.splits_path = write_splits(assigned, self.run_dir)
-        self.skip_log = SkipLog(self.run_dir)
-        self._cases = {s: self._load(assigned[s], s) for s in SPLITS}
-        # Written even when empty, so "nothing was skipped" is visible in the run folder.
-        self.skip_log.write()
-        if self.slice_cache.enabled:
-            log.info(
-                "slice cache %s: %d hits, %d misses",
-                self.slice_cache.root,
-                self.slice_cache.hits,
-                self.slice_cache.misses,
-            )
-        if self._embedding_request is not None:
-            self._fill_embeddings(*self._embedding_request)
+        cases = self._split_cases()[split]
+        world, rank = self._distributed()
+        if world > 1 and cases:
+            self._prepare(cases[rank::world], split, record=False)
+            self.trainer.strategy.barrier(f"slice_cache_{split}")
+        refs: list[SliceRef] = []
+        entries: list[CaseEntry] = []
+        for case, case_refs in self._prepare(cases, split, record=True):
+            refs.extend(case_refs)
+            entries.append(CaseEntry(case.image_id, case.case, case_refs[0].path, str(case.image)))
+        self._refs[split], self._entries[split] = refs, entries
+        log.info(
+            "slice cache %s: %d hits, %d misses (%s)",
+            self.slice_cache.root,
+            self.slice_cache.hits,
+            self.slice_cache.misses,
+            split,
+        )
 
-    def _cache_settings(self, case: CaseFiles) -> dict[str, Any]:
-        return {
-            **slice_settings(self.task, self.data),
-            # dataset.json names the labels and may set the modality (window, slicing axis).
-            "dataset_json": dataset_meta(case, self.task),
-        }
-
-    def _load(self, cases: Sequence[CaseFiles], split: str) -> list[CaseData]:
-        """Load cases through the slice cache, honouring ``data.on_error``."""
-        out = []
-        for case in tqdm(cases, desc=f"slices ({split})", unit="case", disable=not self.progress):
-            try:
-                entry = self.slice_cache.get_or_compute(
-                    case,
-                    self._cache_settings(case),
-                    lambda case=case: _case_to_entry(load_case(case, self.task, self.data)),
-                )
-            except DataError as e:
-                if self.data["on_error"] == "raise":
-                    raise
-                self.skip_log.add(case.case, e.path, e.reason)
-                continue
-            out.append(_entry_to_case(entry))
+    def _prepare(
+        self, cases: Sequence[CaseFiles], split: str, record: bool
+    ) -> list[tuple[CaseFiles, list[SliceRef]]]:
+        """(case, refs) of the good cases in order, preprocessing misses in
+        ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error``
+        (raise, or ``skipped.csv``) and hits/misses are counted; without, they are left out."""
+        root = str(self.cache_dir)
+        args = [(c, self.task, self.data, root) for c in cases]
+        workers = prep_workers(self.data.get("prep_workers"), len(cases), self._distributed()[0])
+        bar = tqdm(
+            total=len(cases), desc=f"slices ({split})", unit="case", disable=not self.progress
+        )
+        out: list[tuple[CaseFiles, list[SliceRef]]] = []
+        pool = _pool_context().Pool(workers) if workers > 1 else None
+        try:
+            # Ordered results, so the index (and every seeded choice) is the same for any
+            # number of workers; each worker holds one case at a time.
+            results = pool.imap(_prepare_star, args) if pool else map(_prepare_star, args)
+            for case, refs, error, hit in results:
+                bar.update(1)
+                if record:
+                    self.slice_cache.hits += int(hit)
+                    self.slice_cache.misses += int(not hit)
+                if error is not None:
+                    # A rank's first (share) pass never raises: a rank that stopped there would
+                    # leave the others waiting at the barrier; the full pass raises on every rank.
+                    if record and self.data["on_error"] == "raise":
+                        raise DataError(*error)
+                    if record:
+                        self.skip_log.add(case.case, *error)
+                    continue
+                out.append((case, refs))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
         return out
 
-    def _require_setup(self) -> dict[str, list[CaseData]]:
-        if self._cases is None:
-            raise RuntimeError("call SamDataModule.setup() first")
-        return self._cases
+    def _require_split(self, split: str) -> str:
+        split = _split_name(split)
+        if split not in self._refs:
+            raise RuntimeError(f"call SamDataModule.setup() (or prepare_split({split!r})) first")
+        return split
 
-    def case_data(self, split: str) -> list[CaseData]:
-        """Loaded cases of ``split`` ('train', 'val', 'test'; 'predict' = 'test')."""
-        return self._require_setup()[_split_name(split)]
+    def records(self, split: str) -> list[SliceRef]:
+        """The index of ``split``: one ``SliceRef`` per slice, in case order (no pixel data)."""
+        return self._refs[self._require_split(split)]
 
-    def records(self, split: str) -> list[SliceRecord]:
-        """All slices of ``split`` in case order (for the evaluation engine)."""
-        return [r for cd in self.case_data(split) for r in cd.slices]
+    def case_entries(self, split: str) -> list[CaseEntry]:
+        """The preprocessed cases of ``split`` ('train', 'val', 'test'; 'predict' = 'test'), in
+        order; :func:`load_case_entry` reads one when it is evaluated."""
+        return self._entries[self._require_split(split)]
+
+    def iter_case_data(self, split: str):
+        """Yield the cases of ``split`` as ``CaseData``, one at a time, read from the cache."""
+        for entry in self.case_entries(split):
+            yield load_case_entry(entry)
 
     # ------------------------------------------------------------------------------------------
     # Datasets and loaders
@@ -222,6 +332,7 @@ class SamDataModule(L.LightningDataModule):
         split = _split_name(split)
         if split not in self._datasets:
             train = split == "train"
+            self.prepare_split(split)
             self._datasets[split] = SliceDataset(
                 self.records(split),
                 self.transform,
@@ -235,6 +346,8 @@ class SamDataModule(L.LightningDataModule):
                 progress=self.progress,
                 target_resolution=self.target_resolution,
             )
+            if self._embedding_request is not None:
+                self._fill_embeddings(split, *self._embedding_request)
         return self._datasets[split]
 
     def _distributed(self) -> tuple[int, int]:
@@ -340,39 +453,45 @@ class SamDataModule(L.LightningDataModule):
                 "change every step); use auto to cache only the val/test embeddings"
             )
         self._embedding_request = (encode, fingerprint, device)
-        if self._cases is not None:
-            self._fill_embeddings(encode, fingerprint, device)
+        for split in list(self._datasets):
+            self._fill_embeddings(split, encode, fingerprint, device)
         return True
 
     def _fill_embeddings(
-        self, encode: Callable, fingerprint: str, device: torch.device | str
+        self, split: str, encode: Callable, fingerprint: str, device: torch.device | str
     ) -> None:
-        root = self.data.get("cache_dir") or (self.run_dir / "cache")
-        dtype = self.data.get("embedding_dtype")
-        cache = EmbeddingCache(root, fingerprint, None if dtype is None else getattr(torch, dtype))
-        self.embedding_cache = cache
-        world, rank = self._distributed()
-        for split in SPLITS:
-            ds = self.dataset(split)
-            if ds.augment is not None or len(ds) == 0:
-                continue
-            if world > 1:
-                # Each rank encodes its share first; after the barrier every entry exists and
-                # the full pass below only verifies.
-                cache.fill(
-                    ds.records[rank::world],
-                    encode,
-                    self.transform,
-                    self.batch_size,
-                    device,
-                    progress=self.progress,
-                )
-                self.trainer.strategy.barrier("embedding_cache")
-            digests = cache.fill(
-                ds.records, encode, self.transform, self.batch_size, device, self.progress
+        """Encode the missing embeddings of ``split``'s dataset (once it exists) and serve them.
+
+        Images are read from the slice cache one batch at a time; the index's digests tell which
+        entries exist, so a filled cache reads no pixels.
+        """
+        ds = self._datasets[split]
+        if ds.augment is not None or len(ds) == 0 or ds.uses_embeddings:
+            return
+        if self.embedding_cache is None:
+            dtype = self.data.get("embedding_dtype")
+            self.embedding_cache = EmbeddingCache(
+                self.cache_dir, fingerprint, None if dtype is None else getattr(torch, dtype)
             )
-            ds.attach_embeddings(cache, digests)
-        log.info("embedding cache %s: %d encoded", cache.dir, cache.computed)
+        cache = self.embedding_cache
+        world, rank = self._distributed()
+        if world > 1:
+            # Each rank encodes its share first; after the barrier every entry exists and
+            # the full pass below only verifies.
+            cache.fill(
+                ds.records[rank::world],
+                encode,
+                self.transform,
+                self.batch_size,
+                device,
+                progress=self.progress,
+            )
+            self.trainer.strategy.barrier(f"embedding_cache_{split}")
+        digests = cache.fill(
+            ds.records, encode, self.transform, self.batch_size, device, self.progress
+        )
+        ds.attach_embeddings(cache, digests)
+        log.info("embedding cache %s: %d encoded (%s)", cache.dir, cache.computed, split)
 
 
 def _split_name(split: str) -> str:

@@ -6,6 +6,11 @@ from ``np.random.default_rng([seed, epoch, index, stream])``. So a resumed run, 
 dataloader workers and any worker start method see the same order and the same prompts.
 
 Prompts are (x, y) = (column, row) in original-image pixels; arrays are indexed (row, col).
+
+Items are built from ``SliceRecord``s in memory or from :class:`~sam_ft.data.cache.SliceRef`s
+(the slice-cache index): a ref's image and masks are read from disk when the item is built, in
+the DataLoader worker, and low-resolution targets are computed per item, so the dataset holds
+only the index and its memory does not grow with the number of slices.
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from sam_ft.data.augment import SliceAugment
-from sam_ft.data.cache import unpack_masks
+from sam_ft.data.cache import SliceRef
 from sam_ft.data.embedding_cache import EmbeddingCache
 from sam_ft.data.types import SliceRecord
 from sam_ft.model.preprocess import SamTransform
@@ -67,19 +71,18 @@ class SliceDataset(Dataset):
         max_objects: keep at most this many objects per item (random subset); ``None`` = all.
         with_masks: add original-resolution ``masks`` (val/test).
         with_image_uint8: add the ``image_uint8`` original image (val, for overlays).
-        progress: progress bar while precomputing targets.
+        progress: unused (kept for callers; items are built on demand, nothing precomputed).
         target_resolution: ``low``: ``target`` is the (K, S/4, S/4) low-res target; ``input`` or
             ``original`` (``loss.resolution``): ``target`` is the (K, H, W) bool mask itself, which
             the training module brings into the loss's frame.
 
     Index with ``(epoch, index)`` (what ``SeededSampler`` yields) or a plain ``index`` (epoch 0).
-    Without augmentation, low-resolution targets are computed once here (stored bit-packed)
-    instead of at every step.
+    ``records`` may be :class:`SliceRef`s (read from the slice cache per item).
     """
 
     def __init__(
         self,
-        records: Sequence[SliceRecord],
+        records: Sequence[SliceRecord | SliceRef],
         transform: SamTransform,
         prompt_fn: PromptFn,
         seed: int,
@@ -107,12 +110,6 @@ class SliceDataset(Dataset):
         self.with_image_uint8 = with_image_uint8
         self.embedding_cache: EmbeddingCache | None = None
         self.digests: list[str] | None = None
-        self._targets: list[np.ndarray] | None = None
-        if augment is None and target_resolution == "low":
-            self._targets = [
-                np.packbits(transform.masks_to_low_res(r.masks).bool().numpy().reshape(-1))
-                for r in tqdm(self.records, desc="low-res targets", disable=not progress)
-            ]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -135,16 +132,17 @@ class SliceDataset(Dataset):
         self.embedding_cache = None
         self.digests = None
 
-    def _target(self, index: int, keep: np.ndarray) -> torch.Tensor:
-        s = self.transform.low_res_size
-        k = len(self.records[index].masks)
-        full = unpack_masks(self._targets[index], (k, s, s))
-        return torch.from_numpy(full[keep].astype(np.float32))
+    def record(self, index: int, image: bool = True) -> SliceRecord:
+        """The record of ``index``, read from the slice cache for a ``SliceRef`` (``image=False``
+        skips reading the pixels)."""
+        r = self.records[index]
+        return r.load(image=image, raw=False) if isinstance(r, SliceRef) else r
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         index = int(index)
-        r = self.records[index]
+        # Pixels are needed for the model input (no cached embedding) or the val overlays.
+        r = self.record(index, image=self.embedding_cache is None or self.with_image_uint8)
 
         def rng(stream: int) -> np.random.Generator:
             return np.random.default_rng([self.seed, int(epoch), index, stream])
@@ -159,10 +157,8 @@ class SliceDataset(Dataset):
             keep = keep[kept]
         if self.target_resolution != "low":
             target = torch.from_numpy(np.ascontiguousarray(masks))
-        elif self.augment is not None:
-            target = self.transform.masks_to_low_res(masks)
         else:
-            target = self._target(index, keep)
+            target = self.transform.masks_to_low_res(masks)
 
         item: dict[str, Any] = {
             "target": target,

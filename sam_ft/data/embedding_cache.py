@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sam_ft.data.cache import atomic_write
+from sam_ft.data.cache import SliceRef, atomic_write, image_digest
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform
@@ -30,6 +31,26 @@ from sam_ft.model.preprocess import SamTransform
 log = logging.getLogger(__name__)
 
 EMBEDDING_CACHE_FORMAT = 1
+# Per entry besides the tensor: torch.save's zip container and the checksum fields.
+ENTRY_OVERHEAD_BYTES = 2048
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free disk space (bytes) where ``path`` is or would be created (its nearest existing
+    ancestor)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -48,14 +69,6 @@ def encoder_fingerprint(encoder: nn.Module, transform: SamTransform) -> str:
     for name, t in sorted(encoder.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def image_digest(image: np.ndarray) -> str:
-    """Hex SHA-256 of an (H, W, 3) uint8 image's shape, dtype and pixels."""
-    image = np.ascontiguousarray(image)
-    h = hashlib.sha256(f"{image.shape}:{image.dtype}\n".encode())
-    h.update(image.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
@@ -129,6 +142,40 @@ class EmbeddingCache:
         }
         atomic_write(self.path(digest), lambda f: torch.save(entry, f))
 
+    def entry_bytes(self, embedding: torch.Tensor) -> int:
+        """Disk size of one entry holding ``embedding`` (C, h, w) in the storage dtype."""
+        dtype = self.store_dtype or embedding.dtype
+        return embedding.numel() * torch.empty(0, dtype=dtype).element_size() + ENTRY_OVERHEAD_BYTES
+
+    def check_space(self, count: int, embedding: torch.Tensor) -> int:
+        """Log the estimated size of ``count`` new entries like ``embedding``, and stop when the
+        cache's disk has less free space than that.
+
+        Returns:
+            The estimate in bytes.
+
+        Raises:
+            DataError: not enough free disk space (names the folder, the need and the space).
+        """
+        need = count * self.entry_bytes(embedding)
+        free = free_bytes(self.dir)
+        log.info(
+            "embedding cache %s: %d new entries of %s, ~%s (%s free)",
+            self.dir,
+            count,
+            format_bytes(self.entry_bytes(embedding)),
+            format_bytes(need),
+            format_bytes(free),
+        )
+        if need > free:
+            raise DataError(
+                str(self.dir),
+                f"the embedding cache needs ~{format_bytes(need)} for {count} slices but only "
+                f"{format_bytes(free)} is free; free disk space, point data.cache_dir at a larger "
+                "disk, or set data.cache_embeddings=false",
+            )
+        return need
+
     def load(self, digest: str) -> torch.Tensor:
         """Like ``get`` but raises ``DataError`` naming the file when the entry is not valid
         (used by the dataset, which has no encoder to recompute with)."""
@@ -144,7 +191,7 @@ class EmbeddingCache:
     @torch.no_grad()
     def fill(
         self,
-        records: Sequence[SliceRecord],
+        records: Sequence[SliceRecord | SliceRef],
         encode: Callable[[torch.Tensor], torch.Tensor],
         transform: SamTransform,
         batch_size: int = 8,
@@ -154,7 +201,8 @@ class EmbeddingCache:
         """Make sure every record's embedding is cached, encoding only the misses.
 
         Args:
-            records: slices whose ``image`` (H, W, 3) uint8 is encoded.
+            records: slices whose ``image`` (H, W, 3) uint8 is encoded; ``SliceRef``s give
+                their digest from the index and are read from disk only when encoded.
             encode: (B, 3, S, S) float model input on ``device`` -> (B, C, h, w) embeddings.
             transform: builds the model input (``transform.apply_image``).
             batch_size: images per ``encode`` call.
@@ -167,8 +215,8 @@ class EmbeddingCache:
         Every existing entry is read and verified once here, so a damaged one is recomputed now
         rather than failing in a dataloader worker later.
         """
-        digests = [image_digest(r.image) for r in records]
-        todo: dict[str, SliceRecord] = {}
+        digests = [r.digest if isinstance(r, SliceRef) else image_digest(r.image) for r in records]
+        todo: dict[str, SliceRecord | SliceRef] = {}
         seen: set[str] = set()
         for digest, record in tqdm(
             list(zip(digests, records, strict=True)),
@@ -185,12 +233,17 @@ class EmbeddingCache:
         bar = tqdm(total=len(items), desc="embedding cache: encode", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            batch = torch.stack([transform.apply_image(r.image) for _, r in chunk]).to(device)
+            images = [
+                r.load(raw=False).image if isinstance(r, SliceRef) else r.image for _, r in chunk
+            ]
+            batch = torch.stack([transform.apply_image(im) for im in images]).to(device)
             embeddings = encode(batch)
             if embeddings.shape[0] != len(chunk):
                 raise ValueError(
                     f"encode returned {embeddings.shape[0]} embeddings for {len(chunk)} images"
                 )
+            if start == 0:  # the first batch gives the entry size; nothing is written yet
+                self.check_space(len(items), embeddings[0])
             for (digest, _), emb in zip(chunk, embeddings, strict=True):
                 self.put(digest, emb)
             self.computed += len(chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +12,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sam_ft.data.datamodule import SamDataModule
+from sam_ft.config import parse_config
+from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.evaluation.engine import LazyCase
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
@@ -24,13 +27,17 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def split_cases(datamodule: SamDataModule, split: str) -> list:
-    """Loaded cases of ``eval.split``: ``test`` (default), ``val`` or ``all``."""
-    if split == "all":
-        return [c for s in SPLITS for c in datamodule.case_data(s)]
-    if split not in SPLITS:
+def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+    """The cases of ``eval.split`` (``test`` (default), ``val`` or ``all``) as :class:`LazyCase`:
+    only these splits are preprocessed, and each case is read from the slice cache when it is
+    scored and dropped after, so memory holds one case however many there are."""
+    if split not in (*SPLITS, "all"):
         raise ConfigError(f"eval.split={split!r} must be one of test, val, all")
-    return datamodule.case_data(split)
+    entries = []
+    for s in SPLITS if split == "all" else (split,):
+        datamodule.prepare_split(s)
+        entries += datamodule.case_entries(s)
+    return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 
 def compare_models(
@@ -51,13 +58,12 @@ def compare_models(
     device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
         model.to(device)
-
-    def load_cases():
-        datamodule.setup("test")
-        return split_cases(datamodule, cfg.eval.split)
-
-    # Rank 0 fills the slice cache first; the other ranks then read it.
-    cases = ranks.rank_zero_first(load_cases) if ranks else load_cases()
+    if ranks is not None and getattr(datamodule, "trainer", None) is None:
+        # evaluate.py's ranks: rank 0 fills the slice cache first, the others then read it (a
+        # Trainer's datamodule, in train.py, shares the work between its ranks itself).
+        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split))
+    else:
+        cases = split_cases(datamodule, cfg.eval.split)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
     slices = slice_counts(cases, datamodule)
@@ -118,6 +124,8 @@ def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
+    # Every option checked before anything is built, hashed or downloaded.
+    parse_config(cfg, "evaluate")
     # Other ranks of a distributed evaluation (trainer=ddp ...) start here, as this command.
     ranks = start_ranks(cfg.get("trainer"))
     run_dir = Path(cfg.paths.output_dir)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.distributed import TrainerRanks
@@ -125,6 +126,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, export ``sam_finetuned.pth``, evaluate zero-shot vs finetuned; return final metrics."""
+    # Every option checked before anything is built, hashed or downloaded.
+    parse_config(cfg, "train")
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)

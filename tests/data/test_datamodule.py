@@ -183,8 +183,12 @@ def test_datamodule_splits_cache_and_batches(demo_task, tmp_path):
     # The next run reads every case from the slice cache and gets the same slices and 3D data.
     again = _dm(demo_task, tmp_path, run="run2")
     again.setup("test")
-    assert again.slice_cache.hits == 8 and again.slice_cache.misses == 0
-    a, b = dm.case_data("test")[0], again.case_data("test")[0]
+    # Only the split asked for is prepared (an evaluation reads no train/val case).
+    n_test = len(splits["test"])
+    assert again.slice_cache.hits == n_test and again.slice_cache.misses == 0
+    with pytest.raises(RuntimeError, match="setup"):
+        again.records("train")
+    a, b = next(dm.iter_case_data("test")), next(again.iter_case_data("test"))
     np.testing.assert_array_equal(a.label_volume, b.label_volume)
     np.testing.assert_array_equal(a.affine, b.affine)
     assert (a.spacing, a.objects, a.slice_axis) == (b.spacing, b.objects, b.slice_axis)
@@ -205,11 +209,13 @@ def test_datamodule_embedding_cache(demo_task, tmp_path):
     # Requested before setup (as a LightningModule.setup hook may): applied when setup runs.
     assert dm.use_embedding_cache(encode, encoder_fingerprint(encoder, dm.transform), "cpu")
     dm.setup("fit")
-    n = sum(len(dm.records(s)) for s in ("train", "val", "test"))
-    assert sum(calls) == n
+    assert sum(calls) == 0  # a split is encoded when its loader is first built
     batch = next(iter(dm.train_dataloader()))
+    dm.val_dataloader()
+    n = sum(len(dm.records(s)) for s in ("train", "val"))
+    assert sum(calls) == n
     assert "image" not in batch and batch["embedding"].shape == (3, 4, 8, 8)
-    rec = dm.dataset("train").records[batch_index(dm, batch)]
+    rec = dm.dataset("train").records[batch_index(dm, batch)].load()
     with torch.no_grad():
         expected = encoder(dm.transform.apply_image(rec.image)[None])[0]
     torch.testing.assert_close(batch["embedding"][0], expected)
@@ -304,3 +310,68 @@ def test_resumable_loader_continues_where_its_state_was_taken(workers):
     done = loader()
     done.load_state_dict({"epoch": 1, "batches_served": 4})  # saved after the last batch
     assert epoch(done, 2) == epoch(loader(), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The slice cache is the data set (issue #14)
+
+
+def _index(dm: SamDataModule, split: str) -> list[tuple]:
+    return [(r.case, r.slice_index, tuple(r.labels.tolist()), r.digest) for r in dm.records(split)]
+
+
+def test_datasets_hold_only_an_index_and_read_items_from_disk(demo_task, tmp_path):
+    import pickle
+
+    dm = _dm(demo_task, tmp_path)
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    pixels = sum(int(np.prod(r.image_shape)) for r in ds.records)
+    # What a DataLoader worker receives: the index, not the images (the old dataset held every
+    # slice's RGB image and masks, > pixels bytes).
+    assert len(pickle.dumps(ds)) < pixels / 10
+    item = ds[(0, 0)]
+    record = ds.records[0].load()
+    torch.testing.assert_close(item["image"], dm.transform.apply_image(record.image))
+    torch.testing.assert_close(item["target"], dm.transform.masks_to_low_res(record.masks))
+    # Items read inside DataLoader worker processes equal those read here.
+    workers = _dm(demo_task, tmp_path, run="run_w", num_workers=2)
+    workers.setup("fit")
+    for a, b in zip(dm.train_dataloader(), workers.train_dataloader(), strict=True):
+        assert (a["case"], a["slice_index"]) == (b["case"], b["slice_index"])
+        torch.testing.assert_close(a["image"], b["image"])
+        torch.testing.assert_close(a["target"], b["target"])
+    # Entries are read back whole, one case at a time, for evaluation.
+    cases = list(dm.iter_case_data("val"))
+    assert [c.image_id for c in cases] == [e.image_id for e in dm.case_entries("val")]
+    assert sum(len(c.slices) for c in cases) == len(dm.records("val"))
+
+
+def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tmp_path):
+    """2 prep workers build the same index as 1, and a broken case is skipped and logged."""
+    import shutil
+    from pathlib import Path
+
+    from sam_ft.data.skips import read_skip_log
+    from sam_ft.data.tasks import prepare_task
+
+    root = tmp_path / "task"
+    shutil.copytree(prepare_task(demo_task), root)  # generates the demo when absent
+    broken = sorted((root / "imagesTr").iterdir())[0]
+    broken.write_bytes(b"this is not a nifti file" * 10)
+    task = {**demo_task, "root": str(root)}
+    serial = _dm(task, tmp_path / "a", prep_workers=1, on_error="skip")
+    serial.setup("fit")
+    parallel = _dm(task, tmp_path / "b", prep_workers=2, on_error="skip")
+    parallel.setup("fit")
+    for split in ("train", "val", "test"):
+        assert _index(serial, split) == _index(parallel, split)
+    assert parallel.slice_cache.misses == 8
+    (skipped,) = read_skip_log(tmp_path / "b" / "run" / "skipped.csv")
+    assert Path(skipped.path).name == broken.name and "unreadable" in skipped.reason
+    # A second run over the same cache reads every good case from it.
+    again = _dm(task, tmp_path / "b", run="run2", prep_workers=2, on_error="skip")
+    again.setup("fit")
+    assert again.slice_cache.hits == 7
+    with pytest.raises(Exception, match=broken.name):
+        _dm(task, tmp_path / "c", prep_workers=2).setup("fit")

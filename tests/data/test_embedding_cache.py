@@ -160,3 +160,47 @@ def test_two_processes_writing_same_entries_leave_valid_entries(tmp_path):
     assert count.images == 0 and cache.corrupt == 0
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) == 6 and all(p.suffix == ".pt" for p in files)  # no temp files left
+
+
+def test_float16_embeddings_decode_like_float32(tmp_path):
+    """The default 16-bit cache halves each entry and the decoder's output barely moves."""
+    from sam_ft.model import build_trainable_sam
+    from sam_ft.prompts.types import Prompt
+
+    torch.manual_seed(0)
+    model = build_trainable_sam("tiny").eval()
+    rng = np.random.default_rng(0)
+    image = np.zeros((160, 200, 3), np.uint8)
+    image[40:120, 50:150] = 180
+    image = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+    prompts = [Prompt(box=np.array([50, 40, 149, 119])), Prompt(box=np.array([10, 10, 60, 70]))]
+    fp = encoder_fingerprint(model.sam.image_encoder, model.transform)
+    with torch.no_grad():
+        reference = model.encode(model.transform.apply_image(image)[None])[0]
+        full, half = (
+            EmbeddingCache(tmp_path, fp, store_dtype=dtype) for dtype in (None, torch.float16)
+        )
+        for cache in (full, half):
+            cache.put("d" * 64, reference)
+        a, _ = model.decode(full.load("d" * 64), prompts, image.shape[:2])
+        b, _ = model.decode(half.load("d" * 64), prompts, image.shape[:2])
+    assert half.path("d" * 64).stat().st_size < 0.6 * full.path("d" * 64).stat().st_size
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()
+    assert ((a > 0) == (b > 0)).float().mean() > 0.999
+
+
+def test_not_enough_disk_space_stops_before_writing(tmp_path, monkeypatch):
+    import sam_ft.data.embedding_cache as ec
+    from sam_ft.errors import DataError
+
+    records, enc, tf = _records(3), _encoder(), SamTransform(S)
+    cache = _cache(tmp_path, enc, tf)
+    one = cache.entry_bytes(torch.zeros(4, 8, 8))
+    assert one == 4 * 8 * 8 * 4 + ec.ENTRY_OVERHEAD_BYTES
+    # The free space of the real disk, as seen by the cache, set just below the need.
+    monkeypatch.setattr(ec, "free_bytes", lambda path: 3 * one - 1)
+    with pytest.raises(DataError, match=r"needs ~.* for 3 slices but only .* free"):
+        cache.fill(records, enc, tf, progress=False)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(ec, "free_bytes", lambda path: 3 * one)
+    assert len(cache.fill(records, enc, tf, progress=False)) == 3

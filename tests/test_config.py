@@ -1,0 +1,102 @@
+"""The configuration is parsed once at start: bad options end in one line, before any model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sam_ft.config import EvalConfig, RunConfig, TaskConfig, parse_config
+from sam_ft.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")))
+def test_every_task_preset_parses(task, tmp_path):
+    overrides = [f"task={task}", f"paths.data_dir={tmp_path}"]
+    cfg = _compose("train", overrides)
+    if cfg.task.source == "folder":  # a folder task needs its folder
+        root = tmp_path / "folder"
+        (root / (cfg.task.get("images_dir") or "imagesTr")).mkdir(parents=True)
+        cfg = _compose("train", [*overrides, f"task.root={root}"])
+    run = parse_config(cfg, "train")
+    assert isinstance(run, RunConfig) and isinstance(run.task, TaskConfig)
+    assert isinstance(run.eval, EvalConfig) and run.train is not None
+
+
+def test_typed_values(tmp_path):
+    (tmp_path / "images").mkdir()
+    run = parse_config(_compose("eval", ["task=kvasir_seg", f"task.root={tmp_path}"]), "evaluate")
+    assert run.train is None and run.task.label_binarize == 127.0
+    assert run.task.intensity.mode == "none" and run.task.labels == {"polyp": [1]}
+    assert run.eval.jitter_px == [[0.0, 10.0], [10.0, 20.0], [20.0, 30.0]]
+    assert run.data.split.train == 0.7 and run.data.prep_workers is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+eval.promts=[box]"], r"^unknown option eval\.promts \(did you mean eval\.prompts\?\)"),
+        (["finetune.rank=abc"], r"^finetune\.rank='abc': expected an integer$"),
+        (["task.intensity=none"], r"^task\.intensity='none': expected a mapping with keys mode"),
+        (["task=folder"], r"^missing required option task\.root: expected a string or null"),
+        (["task=folder", "task.root=/no/such/folder"], r"^task\.root=/no/such/folder: folder not"),
+        (["eval.split=train"], r"^eval\.split='train': expected one of 'test', 'val', 'all'$"),
+        (["eval.prompts=[bogus]"], r"eval\.prompts must be"),
+        (["data.batch_size=0"], r"^data\.batch_size=0: expected an integer >= 1$"),
+        (["data.prep_workers=two"], r"^data\.prep_workers='two': expected an integer or null$"),
+        (["+data.augment.hflipp=0.3"], r"data\.augment keys"),
+        (["eval.everything.grid=3"], None),  # Hydra itself refuses unknown keys without +
+        (["~data.num_workers"], r"^missing required option data\.num_workers"),
+        (["eval.jitter_px=[[0,a]]"], r"^eval\.jitter_px\[0\]\[1\]='a': expected a number$"),
+    ],
+)
+def test_bad_options_are_one_line_errors(overrides, message):
+    if message is None:
+        with pytest.raises(Exception, match="Could not override"):
+            _compose("train", overrides)
+        return
+    cfg = _compose("train", overrides)
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(cfg, "train")
+    assert "\n" not in str(info.value)
+
+
+def test_cli_stops_before_building_or_downloading_the_model(tmp_path):
+    """vit_b with model.checkpoint=auto would hash/download 375 MB of weights first."""
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "model=vit_b",
+            "model.checkpoint=auto",
+            "+eval.mask_selecton=oracle",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: unknown option eval.mask_selecton (did you mean eval.mask_selection?); known: "
+        "clicks, everything, grid, jitter_px, mask_selection, max_prompts_per_call, "
+        "nsd_tolerance_mm, on_error, overlays, prompts, save_predictions, split, volume_gt"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()  # no weights were fetched or hashed
