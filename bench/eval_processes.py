@@ -46,7 +46,7 @@ def eval_rows(
         "task.modality=CT",
         f"data.split.file={splits}",
         f"data.cache_dir={work / 'cache'}",
-        "eval.split=train",
+        "eval.split=all",  # the bench task puts every case in train
         f"eval.prompts={S2_S6}",
         "eval.overlays=0",
         f"trainer.accelerator={'gpu' if accelerator == 'cuda' else accelerator}",

@@ -88,13 +88,14 @@ def encoder_rows(model_name: str, batch: int, iters: int, device: torch.device) 
 def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
     from sam_ft.prompts.types import Prompt
 
-    s, low = model.image_size, model.transform.low_res_size
+    s = model.image_size
     gen = torch.Generator().manual_seed(0)
     box = np.array([s * 0.25, s * 0.25, s * 0.6, s * 0.7])
     out = {
         "prompts": [[Prompt(box=box), Prompt(box=box * 1.2)] for _ in range(batch)],
         "original_size": [(s, s)] * batch,
-        "target": [(torch.rand(2, low, low, generator=gen) > 0.5).float().to(device)] * batch,
+        # The default loss.resolution=original: targets are the masks at the image's size.
+        "target": [(torch.rand(2, s, s, generator=gen) > 0.5).to(device)] * batch,
         "case": ["bench"] * batch,
     }
     if mode in ("decoder", "decoder_prompt"):
