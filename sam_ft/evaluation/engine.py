@@ -523,6 +523,11 @@ class _PendingCase:
     def done(self) -> bool:
         return self.case_job.done() and all(f.done() for f in self.slice_jobs)
 
+    def done_ok(self) -> bool:
+        """All jobs finished without an exception."""
+        jobs = [*self.slice_jobs, self.case_job]
+        return all(f.done() and f.exception() is None for f in jobs)
+
     def outputs(self) -> dict[str, _CaseOutput]:
         """Wait for the jobs; their rows in slice order (raises what a job raised)."""
         outputs = {
@@ -858,12 +863,14 @@ def _run(
         except DataError as e:
             skip(case.key, case.models, e)
         except BrokenProcessPool as e:
-            others = [c.key for c in in_flight if c is not case]
+            # The pool cannot tell which job its dead worker held: every case whose results
+            # are lost is named, the first in input order first.
+            lost = [c.key for c in in_flight if c is not case and not c.done_ok()]
             raise WorkerDiedError(
-                f"a scoring worker process (eval.workers={opts.workers}) died while case "
-                f"{case.key} ({case.path or 'in memory'}) was scored; its results are lost"
-                + (f", and those of the cases in flight with it: {others}" if others else "")
-                + ". Cases before it are saved; rerun in the same out_dir to resume."
+                f"a scoring worker process (eval.workers={opts.workers}) died: the results of "
+                f"case {case.key} ({case.path or 'in memory'})"
+                + (f" and of the cases in flight with it {lost}" if lost else "")
+                + " are lost. The cases before it are saved; rerun in the same out_dir to resume."
             ) from e
         else:
             for name, res in results.items():

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,7 +304,13 @@ class ScoringPool:
         while len(self._in_flight) >= self.max_in_flight:
             wait(self._in_flight, return_when=FIRST_COMPLETED)
             self._in_flight = [f for f in self._in_flight if not f.done()]
-        fut = self._executor.submit(fn, job)
+        try:
+            fut = self._executor.submit(fn, job)
+        except BrokenProcessPool as e:
+            # A worker died earlier: this job is lost too, reported where its case is committed.
+            fut = Future()
+            fut.set_exception(e)
+            return fut
         self._in_flight.append(fut)
         return fut
 

@@ -1,0 +1,169 @@
+"""Evaluation pipeline (eval.workers): same files as the serial path, a dying worker, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sam_ft.data.loading import CaseData
+from sam_ft.data.types import SliceRecord
+from sam_ft.errors import ConfigError
+from sam_ft.evaluation.engine import eval_options, evaluate, evaluate_and_report
+from sam_ft.evaluation.pipeline import WorkerDiedError, pack_masks, unpack_masks
+from sam_ft.evaluation.predictions import CasePredictions
+from sam_ft.model.builders import build_sam_architecture
+from sam_ft.model.trainable import TrainableSam
+
+H, W = 48, 56
+SEED = 3
+# S1 on a 4 x 4 grid, S2/S5 at two jitter levels: every kind of row, few decoder calls.
+CFG = {
+    "prompts": ["everything", "point1", "box"],
+    "jitter_px": [[0, 10]],
+    "grid": 4,
+    "clicks": 2,
+    "overlays": 2,
+}
+TABLES = ("per_object.csv", "per_case.csv", "clicks.csv", "summary.csv")
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainableSam:
+    torch.manual_seed(0)
+    return TrainableSam(build_sam_architecture("tiny", image_size=128)).eval()
+
+
+def _records(case: str, slices, modality="CT") -> list[SliceRecord]:
+    out = []
+    for s in slices:
+        rng = np.random.default_rng([sum(map(ord, case)), s])
+        yy, xx = np.mgrid[:H, :W]
+        disc = (yy - 24) ** 2 + (xx - 20 - 2 * s) ** 2 < (8 + s) ** 2
+        rect = (yy > 5) & (yy < 18) & (xx > 34) & (xx < 52)
+        masks = np.stack([disc, rect])
+        grey = rng.normal(60, 10, (H, W))
+        grey[disc] += 80
+        grey[rect] += 110
+        image = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        out.append(
+            SliceRecord(
+                case=case,
+                slice_index=s,
+                image=image,
+                masks=masks,
+                labels=np.array([1, 2]),
+                names=["disc", "rect"],
+                spacing=(0.8, 0.7),
+                modality=modality,
+                raw=grey.astype(np.float32),
+                num_slices=4,
+                slice_spacing=2.5,
+            )
+        )
+    return out
+
+
+def _volume_case(case: str) -> CaseData:
+    """A 3D case whose full ground truth has a slice (3) that was never prompted."""
+    records = _records(case, (0, 1, 2))
+    label = np.zeros((4, H, W), dtype=np.uint8)
+    for r in records:
+        label[r.slice_index][r.masks[1]] = 2
+        label[r.slice_index][r.masks[0]] = 1
+    label[3, 20:24, 20:25] = 1
+    return CaseData(
+        case=case,
+        image_id=case,
+        image_path=f"{case}.nii.gz",
+        label_path=f"{case}_label.nii.gz",
+        slices=records,
+        label_volume=label,
+        objects={"disc": [1], "rect": [2]},
+        spacing=(2.5, 0.8, 0.7),
+        affine=np.eye(4),
+        slice_axis=2,
+    )
+
+
+def _cases():
+    two_d = _records("img2d", (0,))
+    for r in two_d:
+        r.slice_index, r.num_slices = -1, 1
+    return [_volume_case("vol0"), _records("vol1", (1, 2)), two_d, _volume_case("vol2")]
+
+
+def _files(d) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in TABLES}
+
+
+def test_two_workers_equal_the_serial_path_row_for_row(model, tmp_path):
+    kw = dict(task_name="t", seed=SEED, progress=False)
+    models = {"zero_shot": model, "finetuned": model}
+    serial = evaluate_and_report(
+        models, _cases(), cfg={**CFG, "workers": 0}, out_dir=tmp_path / "w0", **kw
+    )
+    pooled = evaluate_and_report(
+        models, _cases(), cfg={**CFG, "workers": 2}, out_dir=tmp_path / "w2", **kw
+    )
+    assert _files(tmp_path / "w2") == _files(tmp_path / "w0")
+    assert len(serial.per_object) == 2 * (3 + 2 + 1 + 3) * 2 * 5  # models x objects x variants
+    assert set(serial.per_case["case"]) == {"vol0", "vol1", "img2d", "vol2"}
+    # The overlays (built from the workers' rows) are the same items too.
+    for name, items in serial.overlays.items():
+        assert [it[-1] for it in pooled.overlays[name]] == [it[-1] for it in items]
+        for a, b in zip(items, pooled.overlays[name], strict=True):
+            assert np.array_equal(a[2], b[2])
+
+
+class _DiesWhenUnpickled(str):
+    """A modality whose unpickling ends the process: a worker dying on the job it took."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, tmp_path):
+    kw = dict(model_name="zero_shot", task_name="t", seed=SEED, progress=False)
+    cfg = {**CFG, "clicks": 0, "workers": 2}
+    good = [_records("a0", (0,)), _records("a1", (1,))]
+    doomed = _records("doomed", (0, 1), modality=_DiesWhenUnpickled("CT"))
+    out = tmp_path / "run"
+    with pytest.raises(WorkerDiedError, match="case doomed"):
+        evaluate(model, [*good, doomed, _records("a2", (2,))], cfg=cfg, out_dir=out, **kw)
+    # The cases committed before the worker died are saved and marked done (which of a0, a1
+    # were still in flight, and lost with it, depends on timing), nothing else.
+    marks = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    marks = [(m["case"], m["status"]) for m in marks]
+    assert marks == [("a0", "done"), ("a1", "done")][: len(marks)]
+
+    # Rerun after the crash (the bad job replaced): the same files as one uninterrupted run.
+    cases = [*good, _records("doomed", (0, 1)), _records("a2", (2,))]
+    evaluate(model, cases, cfg=cfg, out_dir=out, **kw)
+    evaluate(model, cases, cfg={**cfg, "workers": 0}, out_dir=tmp_path / "serial", **kw)
+    for name in ("per_object.csv", "per_case.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
+
+
+def test_workers_option_is_checked():
+    assert eval_options({"workers": 0}).workers == 0
+    assert eval_options({}).workers == max(len(os.sched_getaffinity(0)) - 1, 0)
+    for bad in (-1, "two", 1.5):
+        with pytest.raises(ConfigError, match="eval.workers"):
+            eval_options({"workers": bad})
+
+
+def test_packed_masks_round_trip_and_fit_the_store():
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 3, 5, 7)) < 0.5  # 35 px: not a multiple of 8
+    packed = pack_masks(masks)
+    assert packed.shape == (2, 3, 5) and packed.dtype == np.uint8
+    assert np.array_equal(unpack_masks(packed, (5, 7)), masks)
+    store = CasePredictions((5, 7))
+    store.add_packed("k", 4, packed[1, 2])
+    assert np.array_equal(store.get("k", 4), masks[1, 2])
+    with pytest.raises(ValueError, match="packed mask"):
+        store.add_packed("k", 5, packed[1])
