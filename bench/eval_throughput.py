@@ -13,6 +13,16 @@ Where the extra time goes is measured by wrapping the engine's calls (table 2).
     python bench/eval_throughput.py --model vit_b --images 2
 
 Last line: ``eval_cost_vs_encoder=<evaluation s / encoder-only s>``.
+
+``--pipeline`` measures the evaluation pipeline instead (``eval.workers``, issue #20): the tiny
+model (a cheap encoder, a stand-in for a GPU's) runs the same protocol with ``eval.workers`` =
+0 (all in the main process), 1 and 2, and reports images/s and the main process's CPU time per
+image outside the encoder (what stays on the accelerator's critical path). The files of the
+three runs must be identical. The main process uses one thread (the workers take the rest).
+
+    python bench/eval_throughput.py --pipeline --images 16 --size 256
+
+Last line: ``eval_pipeline_speedup=<images/s with 2 workers / images/s with 0>``.
 """
 
 from __future__ import annotations
@@ -38,10 +48,12 @@ from _common import (
     make_datamodule,
     parse_slice_bench,
     print_table,
+    set_threads,
     slice_bench_parser,
     write_ct_task,
 )
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 S2_S6 = "[point1,point5,point5_neg5,box,box_point1]"
 
@@ -76,9 +88,92 @@ def _instrument(model, totals: dict[str, float]) -> None:
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 
+def pipeline(args, threads: int) -> float:
+    """images/s of the full protocol with eval.workers = 0, 1, 2 (tiny model)."""
+    from sam_ft.evaluation.engine import evaluate
+    from sam_ft.evaluation.pipeline import ScoringPool, default_workers
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    splits = write_ct_task(tmp / "task", args.images, args.size)
+    cfg = compose("tiny", tmp / "task", splits, tmp / "cache", [f"eval.prompts={S2_S6}"])
+    model = instantiate(cfg.model).eval()
+    dm = make_datamodule(cfg, model, tmp / "run")
+    dm.prepare_split("train")
+    cases = list(dm.iter_case_data("train"))
+    n = sum(len(c.slices) for c in cases)
+    encoder_cpu = {"s": 0.0}
+    encode = model.encode
+
+    def timed_encode(*a, **kw):
+        t0 = time.process_time()
+        try:
+            return encode(*a, **kw)
+        finally:
+            encoder_cpu["s"] += time.process_time() - t0
+
+    model.encode = timed_encode
+    with torch.inference_mode():  # untimed: first-call costs
+        model.encode(model.preprocess(cases[0].slices[0].image)[None])
+    # Untimed: the pool's forkserver imports torch/MONAI once per process (seconds); the
+    # workers each run starts are forked from it (milliseconds, timed).
+    with ScoringPool(1) as pool:
+        pool.submit(default_workers, None).result()
+    rows, rates, files = [], {}, {}
+    for workers in (0, 1, 2):
+        encoder_cpu["s"] = 0.0
+        out = tmp / f"eval_w{workers}"
+        eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        evaluate(
+            model,
+            cases,
+            model_name="bench",
+            task_name="bench",
+            cfg=eval_cfg,
+            out_dir=out,
+            seed=0,
+            progress=False,
+        )
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        rates[workers] = n / wall
+        files[workers] = [(out / f).read_bytes() for f in ("per_object.csv", "per_case.csv")]
+        outside = (cpu - encoder_cpu["s"]) / n
+        rows.append(
+            [f"eval.workers={workers}", wall, rates[workers], outside, encoder_cpu["s"] / n]
+        )
+    if not files[0] == files[1] == files[2]:
+        raise SystemExit("the CSVs differ between eval.workers values")
+    speedup = rates[2] / rates[0]
+    print(f"machine: {machine()} (main threads={threads}, load average {os.getloadavg()})")
+    print(
+        f"data: {n} synthetic CT slices {args.size}x{args.size} in {len(cases)} case(s), "
+        "model tiny (random weights); S2-S6 x 4 jitter levels, oracle selection; identical CSVs"
+    )
+    print_table(
+        "evaluation pipeline: eval.workers",
+        [
+            "run",
+            "total s",
+            "images / s",
+            "main CPU s / image outside encoder",
+            "encoder CPU s / image",
+        ],
+        rows,
+    )
+    final_line("eval_pipeline_speedup", speedup)
+    return speedup
+
+
 def main(argv: list[str] | None = None) -> float:
     p = slice_bench_parser(__doc__, 2, "slices evaluated")
+    p.add_argument(
+        "--pipeline", action="store_true", help="images/s with eval.workers = 0, 1, 2 (tiny)"
+    )
     args, threads = parse_slice_bench(p, argv)
+    if args.pipeline:
+        if args.threads is None:
+            threads = set_threads(1)
+        return pipeline(args, threads)
 
     from sam_ft.evaluation.engine import evaluate
 

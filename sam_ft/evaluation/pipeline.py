@@ -43,7 +43,7 @@ class WorkerDiedError(SamFtError):
     """A scoring worker process died (killed, out of memory, crashed) with a case in flight."""
 
 
-def default_workers() -> int:
+def default_workers(_: Any = None) -> int:
     """Cores this process may use, less one for the main process (0 on a single core)."""
     try:
         cores = len(os.sched_getaffinity(0))
