@@ -74,17 +74,18 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 
 
 def _instrument(model, totals: dict[str, float]) -> None:
-    """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts."""
-    from sam_ft.evaluation import engine
+    """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts
+    (in this process: the breakdown runs with ``eval.workers=0``)."""
+    from sam_ft.evaluation import engine, pipeline, selection
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
     _wrap(model, "postprocess", totals, "upsample logits to original size")
-    _wrap(engine, "select_masks", totals, "oracle mask selection")
+    _wrap(selection, "_select_on_device", totals, "oracle mask selection")
     _wrap(engine, "make_eval_prompt", totals, "prompt generation + jitter")
-    _wrap(engine, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
-    _wrap(engine, "object_attributes", totals, "object attributes")
-    _wrap(engine, "_per_case_rows", totals, "3D per-case metrics")
+    _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
+    _wrap(pipeline, "object_attributes", totals, "object attributes")
+    _wrap(pipeline, "score_case", totals, "3D per-case metrics")
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 
@@ -201,12 +202,14 @@ def main(argv: list[str] | None = None) -> float:
     totals: dict[str, float] = {}
     _instrument(model, totals)
     t0 = time.perf_counter()
+    # The serial path (eval.workers=0): every part runs, and is timed, in this process.
+    serial = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": 0}
     result = evaluate(
         model,
         cases,
         model_name="bench",
         task_name="bench",
-        cfg=cfg.eval,
+        cfg=serial,
         out_dir=tmp / "eval",
         seed=0,
         progress=not args.quick,

@@ -167,3 +167,40 @@ def test_packed_masks_round_trip_and_fit_the_store():
     assert np.array_equal(store.get("k", 4), masks[1, 2])
     with pytest.raises(ValueError, match="packed mask"):
         store.add_packed("k", 5, packed[1])
+
+
+@pytest.mark.parametrize("mode", ["oracle", "predicted_iou", "auto"])
+def test_selection_on_the_device_picks_what_select_masks_picks(mode):
+    """Thresholding and selection stay on the model's device; the same channel as the host's
+    ``select_masks`` comes out, ties (an empty GT, identical masks) included."""
+    from sam_ft.evaluation.selection import _select_on_device, pack_bits
+    from sam_ft.prompts.strategies import select_masks
+
+    rng = np.random.default_rng(1)
+    binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)
+    binary[1, 2] = binary[1, 0]  # equal Dice: the lower channel wins
+    iou = torch.from_numpy(rng.random((6, 3))).float()
+    gt = rng.random((6, 5, 7)) < 0.4
+    gt[2] = False
+    chosen, index = _select_on_device(binary, iou, gt, mode)
+    expected, expected_index = select_masks(binary.numpy(), iou, gt, mode)
+    assert np.array_equal(index, expected_index) and np.array_equal(chosen.numpy(), expected)
+    assert np.array_equal(pack_bits(chosen).numpy(), pack_masks(expected.reshape(6, 5, 7)))
+
+
+def test_decode_select_packed_equals_unpacked(model):
+    from sam_ft.evaluation.selection import decode_select
+    from sam_ft.prompts.strategies import make_eval_prompt
+
+    rec = _records("p", (1,))[0]
+    prompts = [
+        make_eval_prompt(m, s, None, seed=0, case="p", slice_index=1, label=i + 1)
+        for i, m in enumerate(rec.masks)
+        for s in ("point1", "box")
+    ]
+    gt = np.repeat(rec.masks, 2, axis=0)
+    with torch.inference_mode():
+        emb = model.encode(model.preprocess(rec.image)[None])[0]
+        m, index, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3)
+        p, index_p, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3, packed=True)
+    assert np.array_equal(unpack_masks(p, (H, W)), m) and np.array_equal(index, index_p)

@@ -328,7 +328,8 @@ def _decode_slice(
         for s, j in variants
     ]
     names = [(s, jitter_name(j)) for s, j in variants]
-    preds = np.zeros((k, v, *size), dtype=bool)
+    # (K, V, ceil(H * W / 8)): the masks come back from the device bit-packed.
+    packed = np.zeros((k, v, -(-size[0] * size[1] // 8)), dtype=np.uint8)
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
     if prompts:
@@ -339,20 +340,20 @@ def _decode_slice(
             np.repeat(gt, v, axis=0),
             opts.mask_selection,
             opts.max_prompts_per_call,
+            packed=True,
         )
-        preds[:] = m.reshape(k, v, *size)
+        packed[:] = m.reshape(k, v, -1)
         mask_index[:] = ch.reshape(k, v)
         pred_iou[:] = iou.reshape(k, v)
     if "everything" in opts.prompts:
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
-        preds = np.concatenate([matched[:, None], preds], axis=1)
+        packed = np.concatenate([pack_masks(matched[:, None]), packed], axis=1)
         mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
         names = [("everything", "none"), *names]
     # The overlay prompt's index within an object's prompts.
     overlay_prompt = variants.index(("box", None)) if ("box", None) in variants else -1
     boxes = [prompts[i * v + overlay_prompt].box if overlay_prompt >= 0 else None for i in range(k)]
-    packed = pack_masks(preds)
     for i in range(k):
         for j, (prompt, jit) in enumerate(names):
             store.add_packed((labels[i], prompt, jit), rec.slice_index, packed[i, j])
