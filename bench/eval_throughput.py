@@ -82,7 +82,7 @@ def _instrument(model, totals: dict[str, float]) -> None:
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
     _wrap(model, "postprocess", totals, "upsample logits to original size")
     _wrap(selection, "_select_on_device", totals, "oracle mask selection")
-    _wrap(engine, "make_eval_prompt", totals, "prompt generation + jitter")
+    _wrap(pipeline, "make_eval_prompt", totals, "prompt generation + jitter")
     _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
     _wrap(pipeline, "object_attributes", totals, "object attributes")
     _wrap(pipeline, "score_case", totals, "3D per-case metrics")

@@ -55,9 +55,11 @@ from sam_ft.evaluation.pipeline import (
     ATTRIBUTE_COLUMNS,
     CaseJob,
     ModelSlice,
+    PromptJob,
     ScoringPool,
     SliceJob,
     WorkerDiedError,
+    make_prompts,
     pack_masks,
     resolve_workers,
     score_case,
@@ -75,10 +77,13 @@ from sam_ft.prompts.strategies import (
     STRATEGIES,
     make_eval_prompt,
 )
+from sam_ft.prompts.types import Prompt
 
 log = logging.getLogger(__name__)
 
 BASELINE_MODEL = "zero_shot"
+PROMPTS_AHEAD = 2
+"""Slices of a case whose prompts are made ahead, in the pool, while one is decoded."""
 OVERLAY_PROMPT = ("box", "none")
 """(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
 
@@ -296,12 +301,12 @@ def _decode_slice(
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
+    prompts: list[Prompt],
     *,
-    seed: int,
-    case_key: str,
     store: CasePredictions,
 ) -> tuple[list[tuple[str, str]], ModelSlice]:
-    """The model's part of one slice: every object under every prompt variant, decoded.
+    """The model's part of one slice: every object under every prompt variant (``prompts``, K x
+    V object-major, from :func:`~sam_ft.evaluation.pipeline.make_prompts`), decoded.
 
     Stores each prediction in ``store`` under (label, prompt, jitter name) for 3D stacking.
     Returns the (prompt, jitter name) of each prediction column and the predictions, bit-packed,
@@ -312,21 +317,6 @@ def _decode_slice(
     labels = [int(v) for v in rec.labels]
     variants = opts.variants
     v = len(variants)
-
-    prompts = [
-        make_eval_prompt(
-            gt[i],
-            s,
-            j,
-            seed=seed,
-            case=case_key,
-            slice_index=rec.slice_index,
-            label=labels[i],
-            sampling=opts.point_sampling,
-        )
-        for i in range(k)
-        for s, j in variants
-    ]
     names = [(s, jitter_name(j)) for s, j in variants]
     # (K, V, ceil(H * W / 8)): the masks come back from the device bit-packed.
     packed = np.zeros((k, v, -(-size[0] * size[1] // 8)), dtype=np.uint8)
@@ -565,16 +555,34 @@ def _start_case(
     stores = {name: CasePredictions(shape) for name in models}
     clicks: dict[str, list[dict]] = {name: [] for name in models}
     jobs = []
-    for rec in records:
+
+    def ask(rec: SliceRecord) -> Future:
+        job = PromptJob(
+            case=case_key,
+            slice_index=int(rec.slice_index),
+            labels=[int(v) for v in rec.labels],
+            gt=np.asarray(rec.masks, dtype=bool),
+            variants=opts.variants,
+            seed=seed,
+            sampling=opts.point_sampling,
+        )
+        return pool.submit(make_prompts, job)
+
+    # The prompts of the next slices are made in the pool while this process decodes.
+    ahead = deque(ask(rec) for rec in records[:PROMPTS_AHEAD])
+    for n, rec in enumerate(records):
         if np.asarray(rec.masks).shape[1:] != rec.original_size or rec.original_size != shape:
             raise DataError(case_key, f"slice {rec.slice_index}: mask/image sizes differ")
+        if n + PROMPTS_AHEAD < len(records):
+            ahead.append(ask(records[n + PROMPTS_AHEAD]))
+        prompts = ahead.popleft().result()
         decoded: dict[str, ModelSlice] = {}
         columns: list[tuple[str, str]] = []
         for name, model in models.items():
             x = model.preprocess(rec.image)[None].to(_device(model))
             embedding = model.encode(x)[0]
             columns, decoded[name] = _decode_slice(
-                model, rec, embedding, opts, seed=seed, case_key=case_key, store=stores[name]
+                model, rec, embedding, opts, prompts, store=stores[name]
             )
             if opts.clicks:
                 clicks[name] += _click_curve(model, rec, embedding, opts, seed, case_key)

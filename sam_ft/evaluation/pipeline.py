@@ -1,9 +1,10 @@
 """The evaluation's CPU work in a pool of worker processes, off the encoder/decoder's path.
 
 The engine's main process loads the cases, runs the encoder and the decoder (with the oracle
-selection, which needs the ground truth at decode time) and hands the rest of each slice and case
-to this pool: 2D metrics, object attributes and the per-object rows of a slice
-(:func:`score_slice`), and the 3D metrics of a case (:func:`score_case`). The jobs carry the
+selection, which needs the ground truth at decode time, on the model's device) and hands the rest
+to this pool: the prompts of the slices ahead (:func:`make_prompts`), the 2D metrics, object
+attributes and per-object rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a
+case (:func:`score_case`). The jobs carry the
 predicted masks bit-packed (``np.packbits`` per (H, W) mask, 8 masks-pixels to a byte) and the
 objects' ground truth, so a job is a few MB even for 512 x 512 slices.
 
@@ -34,6 +35,8 @@ import numpy as np
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation.attributes import object_attributes
 from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.prompts.strategies import make_eval_prompt
+from sam_ft.prompts.types import Prompt
 
 ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity", "contrast"]
 _METRICS = ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
@@ -78,6 +81,40 @@ def unpack_masks(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Jobs: plain data, pickled to the workers
+
+
+@dataclass
+class PromptJob:
+    """One slice's prompt requests: every object (``gt`` (K, H, W) bool, ``labels``) under every
+    ``variants`` (strategy, jitter range or None), seeded by (seed, case, slice, label)."""
+
+    case: str
+    slice_index: int
+    labels: list[int]
+    gt: np.ndarray
+    variants: list[tuple[str, Any]]
+    seed: int
+    sampling: str
+
+
+def make_prompts(job: PromptJob) -> list[Prompt]:
+    """The slice's K x V prompts, object-major ((x, y) pixels; a pure function of the job, so
+    the same in any process)."""
+    gt = np.asarray(job.gt, dtype=bool)
+    return [
+        make_eval_prompt(
+            gt[i],
+            strategy,
+            jitter,
+            seed=job.seed,
+            case=job.case,
+            slice_index=job.slice_index,
+            label=job.labels[i],
+            sampling=job.sampling,
+        )
+        for i in range(len(gt))
+        for strategy, jitter in job.variants
+    ]
 
 
 @dataclass
