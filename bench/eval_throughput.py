@@ -16,13 +16,16 @@ Last line: ``eval_cost_vs_encoder=<evaluation s / encoder-only s>``.
 
 ``--pipeline`` measures the evaluation pipeline instead (``eval.workers``, issue #20): the tiny
 model (a cheap encoder, a stand-in for a GPU's) runs the same protocol with ``eval.workers`` =
-0 (all in the main process), 1 and 2, and reports images/s and the main process's CPU time per
-image outside the encoder (what stays on the accelerator's critical path). The files of the
-three runs must be identical. The main process uses one thread (the workers take the rest).
+0 (all in the main process), 1 and 2, and reports images/s, the main process's CPU time per
+image outside the encoder (what stays on the accelerator's critical path) and the encoder alone's
+images/s. The files of all runs must be identical. The main process uses one thread (the
+workers take the rest).
 
     python bench/eval_throughput.py --pipeline --images 16 --size 256
 
-Last line: ``eval_pipeline_speedup=<images/s with 2 workers / images/s with 0>``.
+Last line: ``eval_pipeline_speedup=<images/s with 2 workers / images/s with 0>``; with
+``--workers`` not holding 0 and 2 (e.g. ``--model vit_b --device cuda --workers auto``, see
+``bench/gpu.sh``): ``eval_vs_encoder_rate=<images/s of the last value / encoder alone's>``.
 """
 
 from __future__ import annotations
@@ -89,19 +92,31 @@ def _instrument(model, totals: dict[str, float]) -> None:
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 
-def pipeline(args, threads: int) -> float:
-    """images/s of the full protocol with eval.workers = 0, 1, 2 (tiny model)."""
-    from sam_ft.evaluation.engine import evaluate
-    from sam_ft.evaluation.pipeline import ScoringPool, default_workers
+def _worker_counts(text: str) -> list[int | None]:
+    """``--workers 0,1,2`` -> [0, 1, 2]; ``auto`` -> None (eval.workers' default)."""
+    return [None if w.strip() == "auto" else int(w) for w in text.split(",")]
 
+
+def pipeline(args, threads: int) -> float:
+    """images/s of the full protocol for each ``--workers`` value, and of the encoder alone."""
+    from sam_ft.evaluation.engine import evaluate
+    from sam_ft.evaluation.pipeline import ScoringPool, default_workers, resolve_workers
+
+    device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     splits = write_ct_task(tmp / "task", args.images, args.size)
-    cfg = compose("tiny", tmp / "task", splits, tmp / "cache", [f"eval.prompts={S2_S6}"])
-    model = instantiate(cfg.model).eval()
+    cfg = compose(args.model, tmp / "task", splits, tmp / "cache", [f"eval.prompts={S2_S6}"])
+    model = instantiate(cfg.model).eval().to(device)
     dm = make_datamodule(cfg, model, tmp / "run")
     dm.prepare_split("train")
     cases = list(dm.iter_case_data("train"))
-    n = sum(len(c.slices) for c in cases)
+    records = [r for c in cases for r in c.slices]
+    n = len(records)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     encoder_cpu = {"s": 0.0}
     encode = model.encode
 
@@ -112,17 +127,29 @@ def pipeline(args, threads: int) -> float:
         finally:
             encoder_cpu["s"] += time.process_time() - t0
 
+    def encoder_only() -> float:
+        """The reference: the encoder alone, once per image, as the engine calls it."""
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for rec in records:
+                encode(model.preprocess(rec.image)[None].to(device))
+        sync()
+        return time.perf_counter() - start
+
     model.encode = timed_encode
     with torch.inference_mode():  # untimed: first-call costs
-        model.encode(model.preprocess(cases[0].slices[0].image)[None])
+        encode(model.preprocess(records[0].image)[None].to(device))
     # Untimed: the pool's forkserver imports torch/MONAI once per process (seconds); the
     # workers each run starts are forked from it (milliseconds, timed).
     with ScoringPool(1) as pool:
         pool.submit(default_workers, None).result()
+    t_before = encoder_only()
     rows, rates, files = [], {}, {}
-    for workers in (0, 1, 2):
+    for workers in _worker_counts(args.workers):
+        count = resolve_workers(workers)
         encoder_cpu["s"] = 0.0
-        out = tmp / f"eval_w{workers}"
+        out = tmp / f"eval_w{count}"
         eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
         wall0, cpu0 = time.perf_counter(), time.process_time()
         evaluate(
@@ -136,19 +163,19 @@ def pipeline(args, threads: int) -> float:
             progress=False,
         )
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        rates[workers] = n / wall
-        files[workers] = [(out / f).read_bytes() for f in ("per_object.csv", "per_case.csv")]
+        rates[count] = n / wall
+        files[count] = [(out / f).read_bytes() for f in ("per_object.csv", "per_case.csv")]
         outside = (cpu - encoder_cpu["s"]) / n
-        rows.append(
-            [f"eval.workers={workers}", wall, rates[workers], outside, encoder_cpu["s"] / n]
-        )
-    if not files[0] == files[1] == files[2]:
+        rows.append([f"eval.workers={count}", wall, rates[count], outside, encoder_cpu["s"] / n])
+    t_encoder = (t_before + encoder_only()) / 2
+    rows.append(["encoder alone (mean before/after)", t_encoder, n / t_encoder, "", ""])
+    if len({tuple(f) for f in files.values()}) > 1:
         raise SystemExit("the CSVs differ between eval.workers values")
-    speedup = rates[2] / rates[0]
     print(f"machine: {machine()} (main threads={threads}, load average {os.getloadavg()})")
     print(
         f"data: {n} synthetic CT slices {args.size}x{args.size} in {len(cases)} case(s), "
-        "model tiny (random weights); S2-S6 x 4 jitter levels, oracle selection; identical CSVs"
+        f"model {args.model} (random weights) on {device}; S2-S6 x 4 jitter levels, oracle "
+        "selection; identical CSVs"
     )
     print_table(
         "evaluation pipeline: eval.workers",
@@ -161,20 +188,27 @@ def pipeline(args, threads: int) -> float:
         ],
         rows,
     )
-    final_line("eval_pipeline_speedup", speedup)
-    return speedup
+    if 0 in rates and 2 in rates:
+        final_line("eval_pipeline_speedup", rates[2] / rates[0])
+        return rates[2] / rates[0]
+    last = rates[resolve_workers(_worker_counts(args.workers)[-1])]
+    final_line("eval_vs_encoder_rate", last / (n / t_encoder))
+    return last / (n / t_encoder)
 
 
 def main(argv: list[str] | None = None) -> float:
     p = slice_bench_parser(__doc__, 2, "slices evaluated")
-    p.add_argument(
-        "--pipeline", action="store_true", help="images/s with eval.workers = 0, 1, 2 (tiny)"
-    )
+    p.set_defaults(model=None)  # vit_b; tiny with --pipeline
+    p.add_argument("--pipeline", action="store_true", help="images/s per eval.workers value")
+    p.add_argument("--workers", default="0,1,2", help="--pipeline: eval.workers values (auto)")
+    p.add_argument("--device", default="cpu", help="--pipeline: the model's device (cuda)")
     args, threads = parse_slice_bench(p, argv)
     if args.pipeline:
+        args.model = args.model or "tiny"
         if args.threads is None:
             threads = set_threads(1)
         return pipeline(args, threads)
+    args.model = args.model or "vit_b"
 
     from sam_ft.evaluation.engine import evaluate
 
