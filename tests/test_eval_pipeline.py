@@ -204,3 +204,37 @@ def test_decode_select_packed_equals_unpacked(model):
         m, index, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3)
         p, index_p, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3, packed=True)
     assert np.array_equal(unpack_masks(p, (H, W)), m) and np.array_equal(index, index_p)
+
+
+def test_workers_end_when_the_main_process_is_killed(tmp_path):
+    """SIGKILL of the main process (what a resume follows) leaves no worker process behind."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal\n"
+        "from sam_ft.evaluation.pipeline import ScoringPool, default_workers\n"
+        "pool = ScoringPool(2)\n"
+        "pool.submit(default_workers, None).result()\n"
+        "print(' '.join(str(p) for p in pool._executor._processes), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert pids
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)

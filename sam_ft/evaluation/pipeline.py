@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -300,11 +302,37 @@ def score_case(job: CaseJob) -> dict[str, list[dict]]:
 # The pool
 
 
-def _init_worker() -> None:
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _watch_main(pid: int, period_s: float = 1.0) -> None:
+    # A worker blocks on its job queue, whose write end it holds too, so it would outlive a
+    # main process killed by SIGKILL (or the OOM killer): end it when the main process ends.
+    while _alive(pid):
+        time.sleep(period_s)
+    os._exit(1)
+
+
+def _init_worker(main_pid: int) -> None:
     import torch
 
     # One thread per worker: the pool's size is the parallelism.
     torch.set_num_threads(1)
+    threading.Thread(target=_watch_main, args=(main_pid,), daemon=True).start()
 
 
 class ScoringPool:
@@ -325,7 +353,10 @@ class ScoringPool:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             self._executor = ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_init_worker
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
             )
 
     def submit(self, fn: Callable[[Any], Any], job: Any) -> Future:
