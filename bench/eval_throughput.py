@@ -88,7 +88,7 @@ def _instrument(model, totals: dict[str, float]) -> None:
     _wrap(pipeline, "make_eval_prompt", totals, "prompt generation + jitter")
     _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
     _wrap(pipeline, "object_attributes", totals, "object attributes")
-    _wrap(pipeline, "score_case", totals, "3D per-case metrics")
+    _wrap(engine, "score_case", totals, "3D per-case metrics")
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 
