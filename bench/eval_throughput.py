@@ -63,12 +63,12 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 
 def _instrument(model, totals: dict[str, float]) -> None:
     """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts."""
-    from sam_ft.evaluation import engine
+    from sam_ft.evaluation import engine, selection
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
     _wrap(model, "postprocess", totals, "upsample logits to original size")
-    _wrap(engine, "select_masks", totals, "oracle mask selection")
+    _wrap(selection, "select_masks", totals, "oracle mask selection")
     _wrap(engine, "make_eval_prompt", totals, "prompt generation + jitter")
     _wrap(engine, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
     _wrap(engine, "object_attributes", totals, "object attributes")
