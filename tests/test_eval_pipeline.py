@@ -238,3 +238,34 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in pids)
+
+
+def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path):
+    """Loading (LazyCase.load) runs one case ahead off the main thread; a finished case is
+    never loaded on resume; the files are those of cases given already loaded."""
+    import threading
+
+    from sam_ft.evaluation.engine import LazyCase
+
+    loads: list[tuple[str, str]] = []
+
+    def loader(name: str, slices):
+        def load():
+            loads.append((name, threading.current_thread().name))
+            return _records(name, slices)
+
+        return load
+
+    names = {"l0": (0,), "l1": (1, 2), "l2": (2,)}
+    lazy = [LazyCase(n, loader(n, s), f"{n}.nii.gz") for n, s in names.items()]
+    kw = dict(model_name="zero_shot", task_name="t", seed=SEED, progress=False)
+    cfg = {**CFG, "clicks": 0, "workers": 0}
+    evaluate(model, lazy[:1], cfg=cfg, out_dir=tmp_path / "lazy", **kw)
+    loads.clear()
+    evaluate(model, lazy, cfg=cfg, out_dir=tmp_path / "lazy", **kw)  # l0 is done: not loaded
+    assert [n for n, _ in loads] == ["l1", "l2"]
+    assert all(t.startswith("eval-load") for _, t in loads)
+    loaded = [_records(n, s) for n, s in names.items()]
+    evaluate(model, loaded, cfg=cfg, out_dir=tmp_path / "ready", **kw)
+    for name in ("per_object.csv", "per_case.csv"):
+        assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "ready" / name).read_bytes()

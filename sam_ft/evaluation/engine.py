@@ -39,8 +39,8 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +282,25 @@ def _materialize(item: Any) -> tuple[list[SliceRecord], Any]:
     if hasattr(item, "slices"):
         return list(item.slices), item
     return list(item), None
+
+
+def _loaded_ahead(
+    cases: Iterable[Any], finished: Callable[[str], bool]
+) -> Iterator[tuple[Any, str, Future | None]]:
+    """(item, case key, future of ``_materialize(item)``) per case, the next unfinished case
+    loading in a thread while the caller evaluates this one (one case ahead: bounded memory).
+    The future is None for a finished case (never loaded); its ``result()`` raises what loading
+    raised, so a bad case fails where it is evaluated, as if loaded there."""
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-load") as loader:
+        previous = None
+        for item in cases:
+            key = _case_key(item)
+            loaded = None if finished(key) else loader.submit(_materialize, item)
+            if previous is not None:
+                yield previous
+            previous = (item, key, loaded)
+        if previous is not None:
+            yield previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -910,8 +929,11 @@ def _run(
     try:
         with torch.inference_mode(), ScoringPool(opts.workers) as pool:
             try:
-                for item in cases:
-                    key = _case_key(item)
+
+                def finished(key: str) -> bool:
+                    return all((n, task_name, key) in done for n in models)
+
+                for item, key, loaded in _loaded_ahead(cases, finished):
                     todo = {n: m for n, m in models.items() if (n, task_name, key) not in done}
                     if not todo:
                         if bar is not None:
@@ -919,7 +941,7 @@ def _run(
                         continue
                     path = getattr(item, "path", "") or getattr(item, "image_path", "")
                     try:
-                        records, case_data = _materialize(item)
+                        records, case_data = loaded.result()
                         path = getattr(case_data, "image_path", path)
                         case = _start_case(
                             todo, records, case_data, opts, seed, key, pool, str(path)
