@@ -5,8 +5,8 @@ jitter levels) then goes through ``model.decode`` in chunks of ``eval.max_prompt
 Everything mode (S1) reuses the same embedding. Prompts are pure functions of (seed, case,
 slice, object label, strategy, jitter), so every model sees identical prompts. The CPU work
 around the model (prompts of the next slices, 2D and 3D metrics, attributes, rows) runs in a
-pool of ``eval.workers`` processes (:mod:`sam_ft.evaluation.pipeline`), and cases are committed
-in input order, so the files are the same for any worker count.
+pool of ``eval.workers`` processes (:mod:`sam_ft.evaluation.pipeline`), the next case loads in a
+thread, and cases are committed in input order, so the files are the same for any worker count.
 
 Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_COLUMNS`` etc.):
 
