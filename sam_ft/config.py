@@ -138,6 +138,7 @@ class EvalConfig:
     overlays: int
     volume_gt: Literal["full", "kept"]
     on_error: Literal["skip", "raise"]
+    workers: int | None
     everything: EverythingConfig
 
 
