@@ -13,6 +13,19 @@ Where the extra time goes is measured by wrapping the engine's calls (table 2).
     python bench/eval_throughput.py --model vit_b --images 2
 
 Last line: ``eval_cost_vs_encoder=<evaluation s / encoder-only s>``.
+
+``--pipeline`` measures the evaluation pipeline instead (``eval.workers``, issue #20): the tiny
+model (a cheap encoder, a stand-in for a GPU's) runs the same protocol with ``eval.workers`` =
+0 (all in the main process), 1 and 2, and reports images/s, the main process's CPU time per
+image outside the encoder (what stays on the accelerator's critical path) and the encoder alone's
+images/s. The files of all runs must be identical. The main process uses one thread (the
+workers take the rest).
+
+    python bench/eval_throughput.py --pipeline --images 16 --size 256
+
+Last line: ``eval_pipeline_speedup=<images/s with 2 workers / images/s with 0>``; with
+``--workers`` not holding 0 and 2 (e.g. ``--model vit_b --device cuda --workers auto``, see
+``bench/gpu.sh``): ``eval_vs_encoder_rate=<images/s of the last value / encoder alone's>``.
 """
 
 from __future__ import annotations
@@ -38,10 +51,12 @@ from _common import (
     make_datamodule,
     parse_slice_bench,
     print_table,
+    set_threads,
     slice_bench_parser,
     write_ct_task,
 )
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 S2_S6 = "[point1,point5,point5_neg5,box,box_point1]"
 
@@ -62,23 +77,138 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 
 
 def _instrument(model, totals: dict[str, float]) -> None:
-    """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts."""
-    from sam_ft.evaluation import engine
+    """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts
+    (in this process: the breakdown runs with ``eval.workers=0``)."""
+    from sam_ft.evaluation import engine, pipeline, selection
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
     _wrap(model, "postprocess", totals, "upsample logits to original size")
-    _wrap(engine, "select_masks", totals, "oracle mask selection")
-    _wrap(engine, "make_eval_prompt", totals, "prompt generation + jitter")
-    _wrap(engine, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
-    _wrap(engine, "object_attributes", totals, "object attributes")
-    _wrap(engine, "_per_case_rows", totals, "3D per-case metrics")
+    _wrap(selection, "_select_on_device", totals, "oracle mask selection")
+    _wrap(pipeline, "make_eval_prompt", totals, "prompt generation + jitter")
+    _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
+    _wrap(pipeline, "object_attributes", totals, "object attributes")
+    _wrap(engine, "score_case", totals, "3D per-case metrics")
     _wrap(engine, "_commit_case", totals, "CSV writes")
+
+
+def _worker_counts(text: str) -> list[int | None]:
+    """``--workers 0,1,2`` -> [0, 1, 2]; ``auto`` -> None (eval.workers' default)."""
+    return [None if w.strip() == "auto" else int(w) for w in text.split(",")]
+
+
+def pipeline(args, threads: int) -> float:
+    """images/s of the full protocol for each ``--workers`` value, and of the encoder alone."""
+    from sam_ft.evaluation.engine import evaluate
+    from sam_ft.evaluation.pipeline import ScoringPool, default_workers, resolve_workers
+
+    device = torch.device(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    splits = write_ct_task(tmp / "task", args.images, args.size)
+    cfg = compose(args.model, tmp / "task", splits, tmp / "cache", [f"eval.prompts={S2_S6}"])
+    model = instantiate(cfg.model).eval().to(device)
+    dm = make_datamodule(cfg, model, tmp / "run")
+    dm.prepare_split("train")
+    cases = list(dm.iter_case_data("train"))
+    records = [r for c in cases for r in c.slices]
+    n = len(records)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    encoder_cpu = {"s": 0.0}
+    encode = model.encode
+
+    def timed_encode(*a, **kw):
+        t0 = time.process_time()
+        try:
+            return encode(*a, **kw)
+        finally:
+            encoder_cpu["s"] += time.process_time() - t0
+
+    def encoder_only() -> float:
+        """The reference: the encoder alone, once per image, as the engine calls it."""
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for rec in records:
+                encode(model.preprocess(rec.image)[None].to(device))
+        sync()
+        return time.perf_counter() - start
+
+    model.encode = timed_encode
+    with torch.inference_mode():  # untimed: first-call costs
+        encode(model.preprocess(records[0].image)[None].to(device))
+    # Untimed: the pool's forkserver imports torch/MONAI once per process (seconds); the
+    # workers each run starts are forked from it (milliseconds, timed).
+    with ScoringPool(1) as pool:
+        pool.submit(default_workers, None).result()
+    t_before = encoder_only()
+    rows, rates, files = [], {}, {}
+    for workers in _worker_counts(args.workers):
+        count = resolve_workers(workers)
+        encoder_cpu["s"] = 0.0
+        out = tmp / f"eval_w{count}"
+        eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        evaluate(
+            model,
+            cases,
+            model_name="bench",
+            task_name="bench",
+            cfg=eval_cfg,
+            out_dir=out,
+            seed=0,
+            progress=False,
+        )
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        rates[count] = n / wall
+        files[count] = [(out / f).read_bytes() for f in ("per_object.csv", "per_case.csv")]
+        outside = (cpu - encoder_cpu["s"]) / n
+        rows.append([f"eval.workers={count}", wall, rates[count], outside, encoder_cpu["s"] / n])
+    t_encoder = (t_before + encoder_only()) / 2
+    rows.append(["encoder alone (mean before/after)", t_encoder, n / t_encoder, "", ""])
+    if len({tuple(f) for f in files.values()}) > 1:
+        raise SystemExit("the CSVs differ between eval.workers values")
+    print(f"machine: {machine()} (main threads={threads}, load average {os.getloadavg()})")
+    print(
+        f"data: {n} synthetic CT slices {args.size}x{args.size} in {len(cases)} case(s), "
+        f"model {args.model} (random weights) on {device}; S2-S6 x 4 jitter levels, oracle "
+        "selection; identical CSVs"
+    )
+    print_table(
+        "evaluation pipeline: eval.workers",
+        [
+            "run",
+            "total s",
+            "images / s",
+            "main CPU s / image outside encoder",
+            "encoder CPU s / image",
+        ],
+        rows,
+    )
+    if 0 in rates and 2 in rates:
+        final_line("eval_pipeline_speedup", rates[2] / rates[0])
+        return rates[2] / rates[0]
+    last = rates[resolve_workers(_worker_counts(args.workers)[-1])]
+    final_line("eval_vs_encoder_rate", last / (n / t_encoder))
+    return last / (n / t_encoder)
 
 
 def main(argv: list[str] | None = None) -> float:
     p = slice_bench_parser(__doc__, 2, "slices evaluated")
+    p.set_defaults(model=None)  # vit_b; tiny with --pipeline
+    p.add_argument("--pipeline", action="store_true", help="images/s per eval.workers value")
+    p.add_argument("--workers", default="0,1,2", help="--pipeline: eval.workers values (auto)")
+    p.add_argument("--device", default="cpu", help="--pipeline: the model's device (cuda)")
     args, threads = parse_slice_bench(p, argv)
+    if args.pipeline:
+        args.model = args.model or "tiny"
+        if args.threads is None:
+            threads = set_threads(1)
+        return pipeline(args, threads)
+    args.model = args.model or "vit_b"
 
     from sam_ft.evaluation.engine import evaluate
 
@@ -106,12 +236,14 @@ def main(argv: list[str] | None = None) -> float:
     totals: dict[str, float] = {}
     _instrument(model, totals)
     t0 = time.perf_counter()
+    # The serial path (eval.workers=0): every part runs, and is timed, in this process.
+    serial = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": 0}
     result = evaluate(
         model,
         cases,
         model_name="bench",
         task_name="bench",
-        cfg=cfg.eval,
+        cfg=serial,
         out_dir=tmp / "eval",
         seed=0,
         progress=not args.quick,

@@ -9,6 +9,8 @@ untimed warm-up, with the CUDA peak of that measurement alone):
   per finetune mode, batch 2 with 2 box prompts per image; ``decoder`` and ``decoder_prompt`` on
   cached embeddings (what the warm embedding cache serves: no encoder pass), the other modes on
   images through the encoder; fp32 and bf16 autocast.
+- ``evaluate vs encoder``: ``bench/eval_throughput.py --pipeline`` (every ``eval.workers``),
+  evaluation images/s over the encoder alone's on the same images, ViT-B and ViT-H.
 - ``evaluate``: ``python evaluate.py`` end to end (start-up included) on synthetic CT slices,
   S2-S6 x the 3 jitter levels, images/s on 1 GPU and on every GPU (``trainer=ddp``).
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -36,6 +40,7 @@ import torch
 from _common import final_line
 from eval_processes import eval_rows
 
+BENCH = Path(__file__).resolve().parent
 MODES = ("decoder", "decoder_prompt", "lora", "encoder_last_n", "full")
 
 
@@ -143,6 +148,36 @@ def train_rows(model_name: str, batch: int, iters: int, device: torch.device) ->
     return rows
 
 
+def pipeline_rows(models: list[str], images: int, size: int, device: str) -> list[dict]:
+    """``bench/eval_throughput.py --pipeline`` (issue #20): evaluation images/s with every
+    ``eval.workers`` against the encoder alone on the same images (target >= 0.8)."""
+    rows = []
+    for name in models:
+        cmd = [sys.executable, str(BENCH / "eval_throughput.py"), "--pipeline", "--model", name]
+        cmd += ["--device", device, "--workers", "auto", "--images", str(images)]
+        cmd += ["--size", str(size), "--threads", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        if proc.returncode != 0 or not last.startswith("eval_vs_encoder_rate="):
+            raise SystemExit(
+                f"eval_throughput.py --pipeline ({name}) failed:\n{proc.stderr[-3000:]}"
+            )
+        rate = float(last.split("=", 1)[1])
+        rows.append(
+            {
+                "bench": "evaluate vs encoder",
+                "model": name,
+                "mode": "eval.workers=auto",
+                "precision": "auto",
+                "batch": images,
+                "rate": rate,
+                "unit": "x encoder images/s",
+                "peak_mib": float("nan"),
+            }
+        )
+    return rows
+
+
 def _row(bench, model, mode, precision, batch, rate, unit, device) -> dict:
     return {
         "bench": bench,
@@ -212,6 +247,8 @@ def main(argv: list[str] | None = None) -> float:
     for name in models:
         rows += train_rows(name, args.train_batch, args.iters, device)
         print(f"train steps {name}: done", flush=True)
+    rows += pipeline_rows(models, args.eval_images, size, device.type)
+    print("evaluation vs encoder: done", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as work:
         rows += eval_rows(args.eval_model, args.eval_images, size, gpus, Path(work), device.type)
     path = write_table(rows, args.out, header)

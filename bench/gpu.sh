@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go (about 5 minutes on one recent GPU, under 8): ViT-B/ViT-H encoder
 # images/s in fp32 and bf16, training steps/s per finetune mode (decoder modes on cached
-# embeddings), peak CUDA memory of each, evaluate.py images/s on 1 GPU and on every GPU.
+# embeddings), peak CUDA memory of each, the evaluation pipeline vs the encoder alone (#20),
+# evaluate.py images/s on 1 GPU and on every GPU.
 # Writes one table, gpu_bench.md (and gpu_bench.csv), to the output folder.
 set -euo pipefail
 

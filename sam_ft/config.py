@@ -138,6 +138,7 @@ class EvalConfig:
     overlays: int
     volume_gt: Literal["full", "kept"]
     on_error: Literal["skip", "raise"]
+    workers: int | None
     everything: EverythingConfig
     # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.
     shard: str | None = optional()

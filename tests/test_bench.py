@@ -44,6 +44,23 @@ def test_bench_quick_prints_its_final_line(script, tmp_path):
     assert "|" in proc.stdout  # the table
 
 
+def test_eval_pipeline_bench_quick(tmp_path):
+    """--pipeline: eval.workers 0, 1, 2 give identical CSVs (the bench checks) and a speedup."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "eval_throughput.py"), "--pipeline", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval.workers=2" in proc.stdout and "identical CSVs" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"eval_pipeline_speedup=(\S+)", last)
+    assert match, f"last line {last!r}"
+    assert math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
+
+
 def test_volume_metrics_match_monai_on_random_volumes():
     """The 3D metrics' KD-tree path (a bench-driven speed-up) gives MONAI's numbers."""
     from scipy.ndimage import gaussian_filter

@@ -54,6 +54,7 @@ def test_dry_run_on_cpu_writes_one_table(tmp_path):
         for mode in ("decoder", "decoder_prompt", "lora", "encoder_last_n", "full"):
             assert ("train step", mode, precision) in kinds
     assert ("evaluate", "1 process", "auto") in kinds
+    assert ("evaluate vs encoder", "eval.workers=auto", "auto") in kinds  # issue #20's check
     assert all(float(r["rate"]) > 0 for r in rows)
     table = (out / "gpu_bench.md").read_text()
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row

@@ -99,7 +99,8 @@ def test_exported_weights_have_a_model_card(demo_run):
     card = json.loads((run_dir / "sam_finetuned.json").read_text())
     assert card["sha256"] == sha256_file(run_dir / "sam_finetuned.pth")
     assert (card["architecture"], card["image_size"], card["preprocess"]) == ("tiny", 256, "sam")
-    assert card["multimask_output"] is True and card["finetune"]["name"] == "decoder"
+    # The demo trains one mask output, as the paper's code (train.multimask: null, oracle eval).
+    assert card["multimask_output"] is False and card["finetune"]["name"] == "decoder"
     assert card["task"]["name"] == "demo" and card["task"]["modality"] == "CT"
     assert card["task"]["intensity"] == {"mode": "window", "level": 40, "width": 400}
     assert set(card["labels"]) == {"liver", "kidney", "lesion"}

@@ -3,7 +3,10 @@
 For every slice the image encoder runs once; every prompt of the slice (objects x strategies x
 jitter levels) then goes through ``model.decode`` in chunks of ``eval.max_prompts_per_call``, and
 Everything mode (S1) reuses the same embedding. Prompts are pure functions of (seed, case,
-slice, object label, strategy, jitter), so every model sees identical prompts.
+slice, object label, strategy, jitter), so every model sees identical prompts. The CPU work
+around the model (prompts of the next slices, 2D and 3D metrics, attributes, rows) runs in a
+pool of ``eval.workers`` processes (:mod:`sam_ft.evaluation.pipeline`), the next case loads in a
+thread, and cases are committed in input order, so the files are the same for any worker count.
 
 Outputs in ``out_dir`` (one row per object and prompt variant; see ``PER_OBJECT_COLUMNS`` etc.):
 
@@ -35,8 +38,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +52,22 @@ import torch
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError, DataError
-from sam_ft.evaluation.attributes import object_attributes
 from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
-from sam_ft.evaluation.metrics import NSD_METHODS, batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.metrics import NSD_METHODS
+from sam_ft.evaluation.pipeline import (
+    ATTRIBUTE_COLUMNS,
+    CaseJob,
+    ModelSlice,
+    PromptJob,
+    ScoringPool,
+    SliceJob,
+    WorkerDiedError,
+    make_prompts,
+    pack_masks,
+    resolve_workers,
+    score_case,
+    score_slice,
+)
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.evaluation.report import jitter_rank
 from sam_ft.evaluation.selection import decode_select
@@ -62,10 +80,13 @@ from sam_ft.prompts.strategies import (
     STRATEGIES,
     make_eval_prompt,
 )
+from sam_ft.prompts.types import Prompt
 
 log = logging.getLogger(__name__)
 
 BASELINE_MODEL = "zero_shot"
+PROMPTS_AHEAD = 2
+"""Slices of a case whose prompts are made ahead, in the pool, while one is decoded."""
 OVERLAY_PROMPT = ("box", "none")
 """(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
 
@@ -85,10 +106,10 @@ DEFAULTS: dict[str, Any] = {
     "overlays": 8,
     "volume_gt": "full",
     "on_error": "skip",
+    "workers": None,
     "everything": {},
 }
 
-ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity", "contrast"]
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
@@ -135,6 +156,7 @@ class EvalOptions:
     volume_gt: str
     on_error: str
     everything: EverythingConfig
+    workers: int = 0
 
     @property
     def variants(self) -> list[tuple[str, JitterRange | None]]:
@@ -172,6 +194,11 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
     if merged["on_error"] not in ("skip", "raise"):
         raise ConfigError("eval.on_error must be 'skip' or 'raise'")
+    workers = merged["workers"]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
+        raise ConfigError(f"eval.workers must be an integer >= 0 or null, got {workers!r}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"eval.workers must be >= 0 or null (the cores left), got {workers}")
     if int(merged["max_prompts_per_call"]) < 1 or int(merged["clicks"]) < 0:
         raise ConfigError("eval.max_prompts_per_call must be >= 1 and eval.clicks >= 0")
     try:
@@ -193,6 +220,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         volume_gt=str(merged["volume_gt"]),
         on_error=str(merged["on_error"]),
         everything=everything,
+        workers=resolve_workers(workers),
     )
 
 
@@ -257,6 +285,25 @@ def _materialize(item: Any) -> tuple[list[SliceRecord], Any]:
     return list(item), None
 
 
+def _loaded_ahead(
+    cases: Iterable[Any], finished: Callable[[str], bool]
+) -> Iterator[tuple[Any, str, Future | None]]:
+    """(item, case key, future of ``_materialize(item)``) per case, the next unfinished case
+    loading in a thread while the caller evaluates this one (one case ahead: bounded memory).
+    The future is None for a finished case (never loaded); its ``result()`` raises what loading
+    raised, so a bad case fails where it is evaluated, as if loaded there."""
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-load") as loader:
+        previous = None
+        for item in cases:
+            key = _case_key(item)
+            loaded = None if finished(key) else loader.submit(_materialize, item)
+            if previous is not None:
+                yield previous
+            previous = (item, key, loaded)
+        if previous is not None:
+            yield previous
+
+
 # --------------------------------------------------------------------------------------------
 # One slice
 
@@ -272,45 +319,30 @@ def _dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
 
 
-def _evaluate_slice(
+def _decode_slice(
     model: TrainableSam,
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
+    prompts: list[Prompt],
     *,
-    seed: int,
-    case_key: str,
     store: CasePredictions,
-    attributes: list[dict],
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """Score every object of one slice under every prompt variant (rows without model/task).
+) -> tuple[list[tuple[str, str]], ModelSlice]:
+    """The model's part of one slice: every object under every prompt variant (``prompts``, K x
+    V object-major, from :func:`~sam_ft.evaluation.pipeline.make_prompts`), decoded.
 
     Stores each prediction in ``store`` under (label, prompt, jitter name) for 3D stacking.
-    Returns per-object rows, click rows and overlay candidates (box, no jitter).
+    Returns the (prompt, jitter name) of each prediction column and the predictions, bit-packed,
+    for :func:`~sam_ft.evaluation.pipeline.score_slice` (the metrics, in the pool).
     """
     gt = np.asarray(rec.masks, dtype=bool)
     k, size = len(gt), rec.original_size
     labels = [int(v) for v in rec.labels]
-    ident = {"case": case_key, "slice": int(rec.slice_index)}
     variants = opts.variants
     v = len(variants)
-
-    prompts = [
-        make_eval_prompt(
-            gt[i],
-            s,
-            j,
-            seed=seed,
-            case=case_key,
-            slice_index=rec.slice_index,
-            label=labels[i],
-            sampling=opts.point_sampling,
-        )
-        for i in range(k)
-        for s, j in variants
-    ]
     names = [(s, jitter_name(j)) for s, j in variants]
-    preds = np.zeros((k, v, *size), dtype=bool)
+    # (K, V, ceil(H * W / 8)): the masks come back from the device bit-packed.
+    packed = np.zeros((k, v, -(-size[0] * size[1] // 8)), dtype=np.uint8)
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
     if prompts:
@@ -321,61 +353,24 @@ def _evaluate_slice(
             np.repeat(gt, v, axis=0),
             opts.mask_selection,
             opts.max_prompts_per_call,
+            packed=True,
         )
-        preds[:] = m.reshape(k, v, *size)
+        packed[:] = m.reshape(k, v, -1)
         mask_index[:] = ch.reshape(k, v)
         pred_iou[:] = iou.reshape(k, v)
     if "everything" in opts.prompts:
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
-        preds = np.concatenate([matched[:, None], preds], axis=1)
+        packed = np.concatenate([pack_masks(matched[:, None]), packed], axis=1)
         mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
         names = [("everything", "none"), *names]
-    # Column of the overlay variant in `preds`, and its prompt's index within an object's prompts.
-    overlay_col = names.index(OVERLAY_PROMPT) if OVERLAY_PROMPT in names else -1
+    # The overlay prompt's index within an object's prompts.
     overlay_prompt = variants.index(("box", None)) if ("box", None) in variants else -1
-
-    rows, overlay = [], []
+    boxes = [prompts[i * v + overlay_prompt].box if overlay_prompt >= 0 else None for i in range(k)]
     for i in range(k):
-        scores = batch_slice_metrics(
-            preds[i], gt[i], rec.spacing, opts.nsd_tolerance_mm, opts.nsd_method
-        )
         for j, (prompt, jit) in enumerate(names):
-            store.add((labels[i], prompt, jit), rec.slice_index, preds[i, j])
-            rows.append(
-                {
-                    **ident,
-                    "label": labels[i],
-                    "name": rec.names[i],
-                    "prompt": prompt,
-                    "jitter": jit,
-                    **{key: scores[key][j].item() for key in ("dice", "iou", "hd95")},
-                    "hd95_missing": bool(scores["hd95_missing"][j]),
-                    "nsd": float(scores["nsd"][j]),
-                    "empty_pred": bool(scores["empty_pred"][j]),
-                    "mask_index": int(mask_index[i, j]),
-                    "pred_iou": float(pred_iou[i, j]),
-                    **attributes[i],
-                    "modality": rec.modality,
-                    "distance_unit": distance_unit(rec),
-                }
-            )
-            if j == overlay_col and opts.overlays > 0:
-                overlay.append(
-                    {
-                        **ident,
-                        "label": labels[i],
-                        "name": rec.names[i],
-                        "dice": float(scores["dice"][j]),
-                        "image": rec.image,
-                        "gt": gt[i],
-                        "pred": preds[i, j],
-                        "box": prompts[i * v + overlay_prompt].box,
-                    }
-                )
-
-    clicks = _click_curve(model, rec, embedding, opts, seed, case_key) if opts.clicks else []
-    return rows, clicks, overlay
+            store.add_packed((labels[i], prompt, jit), rec.slice_index, packed[i, j])
+    return names, ModelSlice(packed, mask_index, pred_iou, boxes)
 
 
 def _click_curve(
@@ -443,20 +438,6 @@ def distance_unit(rec: SliceRecord) -> str:
     return "px" if rec.slice_index < 0 and tuple(rec.spacing) == (1.0, 1.0) else "mm"
 
 
-def _slice_range(gt_vol: np.ndarray, store: CasePredictions, keys: list) -> tuple[int, int]:
-    """Slices [start, stop) holding all of an object's (D, H, W) GT and its stored predictions.
-
-    Cropping the GT and every prediction volume to these slices changes no metric (surfaces and
-    distances only involve foreground, and outside the range both are background), while each
-    prediction volume then holds only the slices the object spans, not the whole case.
-    """
-    filled = [int(s) for s in np.flatnonzero(gt_vol.reshape(len(gt_vol), -1).any(axis=1))]
-    filled += [s for key in keys for s in store.slices(key)]
-    if not filled:
-        return 0, 0
-    return min(filled), max(filled) + 1
-
-
 def _case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, int, tuple]:
     """(is 3D, number of slices, (slice, row, col) spacing in mm) of a case."""
     if case_data is not None and hasattr(case_data, "volume_shape"):
@@ -468,6 +449,54 @@ def _case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, in
     return is_3d, n, (float(first.slice_spacing), *map(float, first.spacing))
 
 
+def _case_job(
+    records: list[SliceRecord],
+    case_data: Any,
+    stores: Mapping[str, CasePredictions],
+    opts: EvalOptions,
+    case_key: str,
+) -> CaseJob:
+    """The per-case (3D) scoring job: each object's ground truth and the models' predictions."""
+    is_3d, num_slices, spacing = _case_geometry(records, case_data)
+    shape = records[0].original_size
+    names: dict[int, str] = {}
+    kept: dict[int, dict[int, np.ndarray]] = {}
+    for rec in records:
+        for lab, name, mask in zip(rec.labels, rec.names, rec.masks, strict=True):
+            names.setdefault(int(lab), name)
+            kept.setdefault(int(lab), {})[int(rec.slice_index)] = np.asarray(mask, dtype=bool)
+    gt: dict[int, np.ndarray] = {}
+    slice_of: dict[int, int] = {}
+    for label in sorted(kept):
+        if is_3d:
+            if opts.volume_gt == "full" and case_data is not None:
+                gt_vol = np.asarray(case_data.gt_volume(label), dtype=bool)
+            else:
+                gt_vol = np.zeros((num_slices, *shape), dtype=bool)
+                for s, mask in kept[label].items():
+                    gt_vol[s] = mask
+            gt[label] = pack_masks(gt_vol)
+            gt_shape: tuple[int, ...] = gt_vol.shape
+        else:
+            slice_of[label] = next(iter(kept[label]))
+            gt[label] = kept[label][slice_of[label]]
+    return CaseJob(
+        case=case_key,
+        is_3d=is_3d,
+        spacing=spacing,
+        labels=sorted(kept),
+        names=names,
+        num_slices={label: len(kept[label]) for label in kept},
+        gt=gt,
+        gt_shape=gt_shape if is_3d and kept else (num_slices, *shape),
+        slice_of=slice_of,
+        distance_unit="mm" if is_3d else distance_unit(records[0]),
+        stores=dict(stores),
+        nsd_tolerance_mm=opts.nsd_tolerance_mm,
+        nsd_method=opts.nsd_method,
+    )
+
+
 def _per_case_rows(
     records: list[SliceRecord],
     case_data: Any,
@@ -475,60 +504,9 @@ def _per_case_rows(
     opts: EvalOptions,
     case_key: str,
 ) -> list[dict]:
-    """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case.
-
-    All prompt variants of an object are scored in one batch against its ground truth, so the
-    work on the ground truth alone (surface, distance map) is done once per object.
-    """
-    is_3d, num_slices, spacing = _case_geometry(records, case_data)
-    names: dict[int, str] = {}
-    kept: dict[int, dict[int, np.ndarray]] = {}
-    for rec in records:
-        for lab, name, mask in zip(rec.labels, rec.names, rec.masks, strict=True):
-            names.setdefault(int(lab), name)
-            kept.setdefault(int(lab), {})[int(rec.slice_index)] = np.asarray(mask, dtype=bool)
-    rows = []
-    for label in sorted(kept):
-        keys = [k for k in store.variants() if k[0] == label]
-        if not keys:
-            continue
-        if is_3d:
-            if opts.volume_gt == "full" and case_data is not None:
-                gt_vol = np.asarray(case_data.gt_volume(label), dtype=bool)
-            else:
-                gt_vol = np.zeros((num_slices, *store.shape), dtype=bool)
-                for s, mask in kept[label].items():
-                    gt_vol[s] = mask
-            start, stop = _slice_range(gt_vol, store, keys)
-            # One (slices, H, W) prediction volume at a time: memory stays flat in the variants.
-            preds = (store.stack(key, stop - start, offset=start) for key in keys)
-            scores = batch_volume_metrics(
-                preds, gt_vol[start:stop], spacing, opts.nsd_tolerance_mm, opts.nsd_method
-            )
-        else:
-            # A single 2D image: a one-slice "volume" would make every voxel surface.
-            s = next(iter(kept[label]))
-            preds = np.stack([store.get(key, s) for key in keys])
-            scores = batch_slice_metrics(
-                preds, kept[label][s], spacing[1:], opts.nsd_tolerance_mm, opts.nsd_method
-            )
-        for j, key in enumerate(keys):
-            rows.append(
-                {
-                    "case": case_key,
-                    "label": label,
-                    "name": names[label],
-                    "prompt": key[1],
-                    "jitter": key[2],
-                    **{
-                        m: scores[m][j].item()
-                        for m in ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
-                    },
-                    "num_slices": len(kept[label]),
-                    "distance_unit": "mm" if is_3d else distance_unit(records[0]),
-                }
-            )
-    return rows
+    """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case, in
+    this process (:func:`~sam_ft.evaluation.pipeline.score_case` of the case's job)."""
+    return score_case(_case_job(records, case_data, {"m": store}, opts, case_key))["m"]
 
 
 @dataclass
@@ -541,52 +519,120 @@ class _CaseOutput:
     geometry: tuple[bool, int, tuple] = (False, 1, (1.0, 1.0, 1.0))
 
 
-def _evaluate_case(
+@dataclass
+class _PendingCase:
+    """A case whose device work is done and whose scoring jobs are in the pool."""
+
+    key: str
+    models: list[str]
+    records: list[SliceRecord]
+    case_data: Any
+    path: str
+    stores: dict[str, CasePredictions]
+    clicks: dict[str, list[dict]]
+    slice_jobs: list[Future]
+    case_job: Future
+    geometry: tuple[bool, int, tuple]
+
+    def done(self) -> bool:
+        return self.case_job.done() and all(f.done() for f in self.slice_jobs)
+
+    def done_ok(self) -> bool:
+        """All jobs finished without an exception."""
+        jobs = [*self.slice_jobs, self.case_job]
+        return all(f.done() and f.exception() is None for f in jobs)
+
+    def outputs(self) -> dict[str, _CaseOutput]:
+        """Wait for the jobs; their rows in slice order (raises what a job raised)."""
+        outputs = {
+            name: _CaseOutput([], [], self.clicks[name], [], self.stores[name], self.geometry)
+            for name in self.models
+        }
+        images = {int(r.slice_index): r.image for r in self.records}
+        for fut in self.slice_jobs:
+            for name, (rows, overlay) in fut.result().items():
+                outputs[name].per_object += rows
+                outputs[name].overlay += [{**o, "image": images[o["slice"]]} for o in overlay]
+        for name, rows in self.case_job.result().items():
+            outputs[name].per_case = rows
+        return outputs
+
+
+def _start_case(
     models: Mapping[str, TrainableSam],
     records: list[SliceRecord],
     case_data: Any,
     opts: EvalOptions,
     seed: int,
     case_key: str,
-) -> dict[str, _CaseOutput]:
-    """All models on one case; each model's encoder runs once per slice."""
+    pool: ScoringPool,
+    path: str,
+) -> _PendingCase:
+    """All models on one case: the encoder (once per slice per model), the decoder and the click
+    curves here; the scoring jobs go to ``pool``."""
     if not records:
         raise DataError(case_key, "case has no slice with an object")
     if len({r.image_id for r in records}) > 1:
         raise ValueError(f"case {case_key}: slices come from several images; pass one per case")
     shape = records[0].original_size
-    outputs = {name: _CaseOutput([], [], [], [], CasePredictions(shape)) for name in models}
-    for rec in records:
+    stores = {name: CasePredictions(shape) for name in models}
+    clicks: dict[str, list[dict]] = {name: [] for name in models}
+    jobs = []
+
+    def ask(rec: SliceRecord) -> Future:
+        job = PromptJob(
+            case=case_key,
+            slice_index=int(rec.slice_index),
+            labels=[int(v) for v in rec.labels],
+            gt=np.asarray(rec.masks, dtype=bool),
+            variants=opts.variants,
+            seed=seed,
+            sampling=opts.point_sampling,
+        )
+        return pool.submit(make_prompts, job)
+
+    # The prompts of the next slices are made in the pool while this process decodes.
+    ahead = deque(ask(rec) for rec in records[:PROMPTS_AHEAD])
+    for n, rec in enumerate(records):
         if np.asarray(rec.masks).shape[1:] != rec.original_size or rec.original_size != shape:
             raise DataError(case_key, f"slice {rec.slice_index}: mask/image sizes differ")
-        grey = rec.raw if rec.raw is not None else rec.image[..., 0]
-        # Attributes depend on the ground truth only: computed once, shared by all models.
-        attributes = [
-            object_attributes(m, grey, rec.spacing) for m in np.asarray(rec.masks, dtype=bool)
-        ]
-        attributes = [{a: attrs[a] for a in ATTRIBUTE_COLUMNS} for attrs in attributes]
+        if n + PROMPTS_AHEAD < len(records):
+            ahead.append(ask(records[n + PROMPTS_AHEAD]))
+        prompts = ahead.popleft().result()
+        decoded: dict[str, ModelSlice] = {}
+        columns: list[tuple[str, str]] = []
         for name, model in models.items():
-            out = outputs[name]
             x = model.preprocess(rec.image)[None].to(_device(model))
             embedding = model.encode(x)[0]
-            rows, clicks, overlay = _evaluate_slice(
-                model,
-                rec,
-                embedding,
-                opts,
-                seed=seed,
-                case_key=case_key,
-                store=out.store,
-                attributes=attributes,
+            columns, decoded[name] = _decode_slice(
+                model, rec, embedding, opts, prompts, store=stores[name]
             )
-            out.per_object += rows
-            out.clicks += clicks
-            out.overlay += overlay
+            if opts.clicks:
+                clicks[name] += _click_curve(model, rec, embedding, opts, seed, case_key)
+        job = SliceJob(
+            case=case_key,
+            slice_index=int(rec.slice_index),
+            labels=[int(v) for v in rec.labels],
+            names=list(rec.names),
+            columns=columns,
+            gt=np.asarray(rec.masks, dtype=bool),
+            grey=rec.raw if rec.raw is not None else rec.image[..., 0],
+            spacing=rec.spacing,
+            modality=rec.modality,
+            distance_unit=distance_unit(rec),
+            models=decoded,
+            nsd_tolerance_mm=opts.nsd_tolerance_mm,
+            nsd_method=opts.nsd_method,
+            overlay_col=columns.index(OVERLAY_PROMPT)
+            if OVERLAY_PROMPT in columns and opts.overlays > 0
+            else -1,
+        )
+        jobs.append(pool.submit(score_slice, job))
+    case_job = pool.submit(score_case, _case_job(records, case_data, stores, opts, case_key))
     geometry = _case_geometry(records, case_data)
-    for out in outputs.values():
-        out.per_case = _per_case_rows(records, case_data, out.store, opts, case_key)
-        out.geometry = geometry
-    return outputs
+    return _PendingCase(
+        case_key, list(models), records, case_data, path, stores, clicks, jobs, case_job, geometry
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -825,53 +871,104 @@ def _run(
         total = len(cases) if hasattr(cases, "__len__") else None  # type: ignore[arg-type]
         bar = tqdm(total=total, unit="case", desc=f"eval {task_name}")
     box_dice: list[float] = []
-    n_ok = n_failed = 0
-    first_error: str | None = None
+    counts = {"ok": 0, "failed": 0}
+    first_error: list[str] = []
+
+    def skip(key: str, names: Iterable[str], e: DataError) -> None:
+        # Only bad input (unreadable or inconsistent files) is skipped: any other exception
+        # is a bug and stops the run, whatever eval.on_error says.
+        if opts.on_error == "raise":
+            raise e
+        log.warning("case %s failed and is skipped: %s", key, e.reason)
+        first_error.append(f"{key}: {e.reason}")
+        counts["failed"] += 1
+        for name in names:
+            entry = {"model": name, "task": task_name, "case": key}
+            entry.update(status="skipped", path=str(e.path), reason=e.reason)
+            _append_progress(progress_path, entry)
+            entries.append(entry)
+
+    def commit(case: _PendingCase, in_flight: Iterable[_PendingCase]) -> None:
+        """Write one case's rows and markers once its scoring jobs are done."""
+        try:
+            results = case.outputs()
+        except DataError as e:
+            skip(case.key, case.models, e)
+        except BrokenProcessPool as e:
+            # The pool cannot tell which job its dead worker held: every case whose results
+            # are lost is named, the first in input order first.
+            lost = [c.key for c in in_flight if c is not case and not c.done_ok()]
+            raise WorkerDiedError(
+                f"a scoring worker process (eval.workers={opts.workers}) died: the results of "
+                f"case {case.key} ({case.path or 'in memory'})"
+                + (f" and of the cases in flight with it {lost}" if lost else "")
+                + " are lost. The cases before it are saved; rerun in the same out_dir to resume."
+            ) from e
+        else:
+            for name, res in results.items():
+                _commit_case(name, task_name, case.key, res, paths, opts, case.case_data, out)
+                pools[name].offer(res.overlay)
+                entry = {"model": name, "task": task_name, "case": case.key, "status": "done"}
+                _append_progress(progress_path, entry)
+                entries.append(entry)
+                box_dice.extend(
+                    r["dice"]
+                    for r in res.per_object
+                    if (r["prompt"], r["jitter"]) == OVERLAY_PROMPT
+                )
+            counts["ok"] += 1
+        if bar is not None:
+            bar.update(1)
+            if box_dice:
+                bar.set_postfix(dice_box=f"{np.mean(box_dice):.3f}")
+
+    # Cases whose scoring is in the pool, in input order: committed in that order, so the
+    # files are the same for any eval.workers. A few cases ahead keep the workers fed while
+    # the main process encodes the next one; more would only hold memory.
+    pending: deque[_PendingCase] = deque()
+    max_pending = opts.workers + 1
     try:
-        with torch.inference_mode():
-            for item in cases:
-                key = _case_key(item)
-                todo = {n: m for n, m in models.items() if (n, task_name, key) not in done}
-                if todo:
-                    t0 = time.perf_counter()
+        with torch.inference_mode(), ScoringPool(opts.workers) as pool:
+            try:
+
+                def finished(key: str) -> bool:
+                    return all((n, task_name, key) in done for n in models)
+
+                for item, key, loaded in _loaded_ahead(cases, finished):
+                    todo = {n: m for n, m in models.items() if (n, task_name, key) not in done}
+                    if not todo:
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     path = getattr(item, "path", "") or getattr(item, "image_path", "")
                     try:
-                        records, case_data = _materialize(item)
+                        records, case_data = loaded.result()
                         path = getattr(case_data, "image_path", path)
-                        results = _evaluate_case(todo, records, case_data, opts, seed, key)
+                        case = _start_case(
+                            todo, records, case_data, opts, seed, key, pool, str(path)
+                        )
                     except DataError as e:
-                        # Only bad input (unreadable or inconsistent files) is skipped: any other
-                        # exception is a bug and stops the run, whatever eval.on_error says.
-                        if opts.on_error == "raise":
-                            raise
-                        path, reason = e.path, e.reason
-                        log.warning("case %s failed and is skipped: %s", key, reason)
-                        first_error = first_error or f"{key}: {reason}"
-                        n_failed += 1
-                        for name in todo:
-                            entry = {"model": name, "task": task_name, "case": key}
-                            entry.update(status="skipped", path=str(path), reason=reason)
-                            _append_progress(progress_path, entry)
-                            entries.append(entry)
+                        skip(key, todo, e)
+                        if bar is not None:
+                            bar.update(1)
                     else:
-                        for name, res in results.items():
-                            _commit_case(name, task_name, key, res, paths, opts, case_data, out)
-                            pools[name].offer(res.overlay)
-                            entry = {"model": name, "task": task_name, "case": key}
-                            entry["status"] = "done"
-                            _append_progress(progress_path, entry)
-                            entries.append(entry)
-                            box_dice += [
-                                r["dice"]
-                                for r in res.per_object
-                                if (r["prompt"], r["jitter"]) == OVERLAY_PROMPT
-                            ]
-                        n_ok += 1
-                        log.debug("case %s took %.2fs", key, time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
-                    if box_dice:
-                        bar.set_postfix(dice_box=f"{np.mean(box_dice):.3f}")
+                        pending.append(case)
+                    while pending and (pending[0].done() or len(pending) > max_pending):
+                        commit(pending[0], pending)
+                        pending.popleft()
+            except BaseException:
+                # A bug (or a stop) in a later case keeps the results of the earlier ones,
+                # as the serial path always did: finish and write what is in flight.
+                while pending:
+                    try:
+                        commit(pending[0], pending)
+                    except BaseException:  # the first error is the one raised
+                        break
+                    pending.popleft()
+                raise
+            while pending:
+                commit(pending[0], pending)
+                pending.popleft()
     finally:
         if bar is not None:
             bar.close()
@@ -880,8 +977,8 @@ def _run(
 
     tables = {name: _rewrite_sorted(path, cols) for name, (path, cols) in paths.items()}
     skipped = _write_skipped(out / SKIPPED_CSV, entries)
-    if n_failed and not n_ok and not done:
-        raise RuntimeError(f"all {n_failed} cases failed; first: {first_error}")
+    if counts["failed"] and not counts["ok"] and not done:
+        raise RuntimeError(f"all {counts['failed']} cases failed; first: {first_error[0]}")
 
     def mine(df: pd.DataFrame) -> pd.DataFrame:
         if df.empty:

@@ -35,6 +35,14 @@ class CasePredictions:
             raise ValueError(f"mask {mask.shape} does not fit the case's slices {self.shape}")
         self._masks[key][int(slice_index)] = np.packbits(mask, axis=None)
 
+    def add_packed(self, key: Hashable, slice_index: int, packed: np.ndarray) -> None:
+        """Store a prediction already packed as :meth:`add` packs it
+        (``np.packbits(mask, axis=None)``, ``ceil(H * W / 8)`` bytes)."""
+        packed = np.asarray(packed, dtype=np.uint8)
+        if packed.shape != (-(-self.shape[0] * self.shape[1] // 8),):
+            raise ValueError(f"packed mask {packed.shape} does not fit the case's {self.shape}")
+        self._masks[key][int(slice_index)] = packed
+
     def variants(self) -> list[Hashable]:
         """Stored keys, in insertion order."""
         return list(self._masks)

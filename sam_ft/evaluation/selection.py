@@ -14,8 +14,49 @@ import torch
 
 from sam_ft.evaluation.everything import prompts_per_upsample
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.strategies import prompt_selection, select_masks
+from sam_ft.prompts.strategies import prompt_selection
 from sam_ft.prompts.types import Prompt
+
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, ceil(H * W / 8)) uint8 on the masks' device: ``np.packbits(mask,
+    axis=None)`` per mask (row-major, first pixel in the highest bit), 8x less to copy back."""
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1)
+    pad = -flat.shape[1] % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
+    return (flat.reshape(n, -1, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def _select_on_device(
+    binary: torch.Tensor, iou: torch.Tensor, gt: np.ndarray, mode: str
+) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`~sam_ft.prompts.strategies.select_masks` with the masks left where they are (the
+    GPU when there is one): (N, C, H, W) bool, (N, C) IoU predictions, (N, H, W) bool ground
+    truth -> (N, H, W) chosen masks on the masks' device and the (N,) int64 chosen channel.
+
+    Only the (N, C) overlap counts come back to the host, where the Dice and its argmax are the
+    same float64 numbers as ``select_masks``'s, so both pick the same channel, ties included.
+    """
+    n, c = binary.shape[:2]
+    if c == 1:
+        index = np.zeros(n, dtype=np.int64)
+    elif mode == "single":
+        raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
+    elif mode in ("predicted_iou", "auto"):
+        index = iou.detach().float().cpu().numpy().reshape(n, c).argmax(axis=1)
+    else:
+        g = torch.from_numpy(np.ascontiguousarray(gt, dtype=bool)).to(binary.device)[:, None]
+        inter = (binary & g).sum(dim=(2, 3)).cpu().numpy().astype(np.int64)
+        denom = (binary.sum(dim=(2, 3)) + g.sum(dim=(2, 3))).cpu().numpy().astype(np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.where(denom > 0, 2.0 * inter / denom, 1.0)
+        index = dice.argmax(axis=1)
+    index = index.astype(np.int64)
+    chosen = binary[torch.arange(n, device=binary.device), torch.as_tensor(index).to(binary.device)]
+    return chosen, index
 
 
 def decode_select(
@@ -25,6 +66,8 @@ def decode_select(
     gt: np.ndarray,
     mode: str,
     max_per_call: int,
+    *,
+    packed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
     """Decode prompts of one image in chunks and keep one mask per prompt.
 
@@ -39,6 +82,12 @@ def decode_select(
         mode: one of ``MASK_SELECTIONS``.
         max_per_call: prompts per ``model.decode`` call.
 
+        packed: return the masks bit-packed, (N, ceil(H * W / 8)) uint8 as
+            ``np.packbits(mask, axis=None)`` per mask (packed on the device).
+
+    Upsampling, thresholding and the selection run on the model's device; only the kept masks
+    come back to the host (packed, with ``packed``).
+
     Returns:
         masks (N, H, W) bool at the original size, chosen channel (N,) (0 for a single output),
         its predicted IoU (N,), and its low-res logits (N, S/4, S/4) (fed back by click loops).
@@ -46,7 +95,10 @@ def decode_select(
     n, size = len(prompts), tuple(gt.shape[1:])
     threshold = float(model.sam.mask_threshold)
     multimask_model = bool(getattr(model, "multimask_output", True))
-    masks = np.zeros((n, *size), dtype=bool)
+    if packed:
+        masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
+    else:
+        masks = np.zeros((n, *size), dtype=bool)
     index = np.zeros(n, dtype=np.int64)
     iou = np.zeros(n, dtype=np.float64)
     side = model.transform.low_res_size
@@ -68,9 +120,10 @@ def decode_select(
             for s in range(0, len(chunk), step):
                 idx = chunk[s : s + step]
                 sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-                binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
-                chosen, ch = select_masks(binary, sub_iou.cpu(), gt[idx], selection)
-                masks[idx], index[idx] = chosen, ch
+                binary = model.postprocess(sub_low, size) > threshold
+                chosen, ch = _select_on_device(binary, sub_iou, gt[idx], selection)
+                masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
+                index[idx] = ch
                 iou[idx] = sub_iou.float().cpu().numpy()[np.arange(len(idx)), ch]
                 low_kept[idx] = sub_low[torch.arange(len(idx)), torch.as_tensor(ch)].float().cpu()
     return masks, index, iou, low_kept

@@ -244,15 +244,21 @@ def apply_card(cfg: Any, weights: str | Path | None) -> dict[str, Any] | None:
 
 
 def trained_facts(datamodule: Any) -> dict[str, Any]:
-    """``labels`` ({object name: label values}) and ``modality`` of the training cases of a
-    set-up ``SamDataModule`` ({} when it is not set up)."""
+    """``labels`` ({object name: label values}) and ``modality`` of the training slices of a
+    set-up ``SamDataModule`` ({} when it is not set up), read from its index (no pixel data).
+
+    An object's values are the task's group (``task.labels``) when it names one, else the one
+    label value the slices carry."""
     try:
-        cases = datamodule.case_data("train")
-    except Exception:  # not set up: the card then takes task.labels and task.modality
+        refs = datamodule.records("train")
+    except RuntimeError:  # not set up: the card then takes task.labels and task.modality
         return {}
+    groups = dict((getattr(datamodule, "task", None) or {}).get("labels") or {})
     labels: dict[str, list[int]] = {}
-    modalities = sorted({c.modality for c in cases if c.modality})
-    for case in cases:
-        for name, values in case.objects.items():
-            labels.setdefault(str(name), [int(v) for v in values])
+    modalities = sorted({r.modality for r in refs if r.modality})
+    for ref in refs:
+        for name, value in zip(ref.names, ref.labels.tolist(), strict=True):
+            if name not in labels:
+                group = groups.get(name, [value])
+                labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
     return {"labels": labels or None, "modality": modalities[0] if modalities else None}
