@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go (about 5 minutes on one recent GPU, under 8): ViT-B/ViT-H encoder
+# The GPU benchmarks in one go (8 minutes at most, then stopped; not yet run on a GPU): encoder
 # images/s in fp32 and bf16, training steps/s per finetune mode (decoder modes on cached
 # embeddings), peak CUDA memory of each, the evaluation pipeline vs the encoder alone (#20),
 # evaluate.py images/s on 1 GPU and on every GPU.
