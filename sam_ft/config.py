@@ -140,6 +140,8 @@ class EvalConfig:
     on_error: Literal["skip", "raise"]
     workers: int | None
     everything: EverythingConfig
+    # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.
+    shard: str | None = optional()
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,9 @@ def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping
     if task.source == "folder" and task.root is None:
         raise ConfigError("task.root is required for a folder task: task.root=/path/to/folder")
     eval_options(eval_cfg)
+    from sam_ft.evaluation.merge import parse_shard
+
+    parse_shard(eval_cfg.get("shard"))
     SliceAugment(data_cfg.get("augment") or {}, run.data.min_object_pixels)  # checks the keys
     for name in ("batch_size", "num_workers", "prep_workers", "max_objects_per_image"):
         value = getattr(run.data, name)

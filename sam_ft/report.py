@@ -3,6 +3,7 @@
 Usage::
 
     sam-ft-report DIR... [--out FILE.md] [--wandb] [--wandb-project NAME]
+    sam-ft-report merge DIR... --out DIR     # eval.shard=K/N folders -> one evaluation's files
 
 Every ``summary.csv`` under the given folders is read (a single run folder, or a Hydra multirun
 folder with numbered run subfolders). The run's ``.hydra/config.yaml``, found in the summary's
@@ -34,6 +35,7 @@ from sam_ft.evaluation.report import (
     rank_by_order,
     to_markdown,
 )
+from sam_ft.evaluation.study import find_per_object, write_study
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run"]
@@ -242,7 +244,15 @@ def log_wandb(merged: pd.DataFrame, figure: Path, project: str, out_dir: Path) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sam-ft-report``; returns the exit status (0 ok, 1 on a user error)."""
+    """Entry point of ``sam-ft-report``; returns the exit status (0 ok, 1 on a user error).
+
+    ``sam-ft-report merge DIR... --out DIR`` merges ``eval.shard=K/N`` folders instead
+    (``sam_ft.evaluation.merge``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        from sam_ft.evaluation.merge import main as merge_main
+
+        return merge_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="sam-ft-report", description="Merge sam_ft evaluation summaries into one report."
     )
@@ -259,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         figure = write_figure(merged, out.with_name("report.png"))
         merged.to_csv(out.with_name("report.csv"), index=False)
         write_markdown(merged, out, figure)
+        # Per-object rows there too: the COSMOS-style study (per task, modality, object; model
+        # vs model; zero-shot vs finetuned).
+        if find_per_object(args.dirs):
+            write_study(args.dirs, out.parent)
         if args.wandb:
             log_wandb(merged, figure, args.wandb_project, out.parent)
     except SamFtError as err:

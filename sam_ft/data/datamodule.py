@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import signal
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -133,6 +134,13 @@ def _pool_context() -> mp.context.BaseContext:
     if mp.get_start_method(allow_none=True) in (None, "fork") and not torch.cuda.is_initialized():
         return mp.get_context("fork")
     return mp.get_context("spawn")
+
+
+def _worker_init() -> None:
+    """A pool worker ends on ``pool.terminate()``'s SIGTERM whatever handler its parent had: a
+    forked worker inherits it, and under submitit (SLURM) that handler ignores SIGTERM, which
+    left ``pool.join()`` waiting forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _prepare_star(args: tuple) -> tuple:
@@ -278,7 +286,7 @@ class SamDataModule(L.LightningDataModule):
             total=len(cases), desc=f"slices ({split})", unit="case", disable=not self.progress
         )
         out: list[tuple[CaseFiles, list[SliceRef]]] = []
-        pool = _pool_context().Pool(workers) if workers > 1 else None
+        pool = _pool_context().Pool(workers, _worker_init) if workers > 1 else None
         try:
             # Ordered results, so the index (and every seeded choice) is the same for any
             # number of workers; each worker holds one case at a time.

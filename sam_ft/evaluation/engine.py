@@ -92,6 +92,7 @@ OVERLAY_PROMPT = ("box", "none")
 
 DEFAULTS: dict[str, Any] = {
     "split": "test",
+    "shard": None,  # "K/N": share K of N (read by sam_ft.evaluation.distributed)
     "prompts": list(STRATEGIES),
     "jitter_px": [[0, 10], [10, 20], [20, 30]],
     "mask_selection": "oracle",

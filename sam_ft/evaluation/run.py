@@ -10,12 +10,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import LazyCase, evaluate_and_report
+from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.evaluation.engine import LazyCase
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
@@ -45,26 +46,30 @@ def compare_models(
     cfg: DictConfig,
     out_dir: Path,
     loggers: Sequence = (),
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """Evaluate every model on the same cases and prompts; write and log one report.
 
-    Returns mean Dice per model for the box prompt without jitter (``eval/<model>/box_dice``)
-    and the scalars logged to the run (``sam_ft.logging_results.evaluation_scalars``).
+    With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
+    (``sam_ft.evaluation.distributed``). Returns mean Dice per model for the box prompt without
+    jitter (``eval/<model>/box_dice``) and the scalars logged to the run
+    (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
     for model in models.values():
         model.to(device)
-    cases = split_cases(datamodule, cfg.eval.split)
+    if ranks is not None and getattr(datamodule, "trainer", None) is None:
+        # evaluate.py's ranks: rank 0 fills the slice cache first, the others then read it (a
+        # Trainer's datamodule, in train.py, shares the work between its ranks itself).
+        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split))
+    else:
+        cases = split_cases(datamodule, cfg.eval.split)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
-    result = evaluate_and_report(
-        dict(models),
-        cases,
-        task_name=cfg.task.name,
-        cfg=OmegaConf.to_container(cfg.eval, resolve=True),
-        out_dir=out_dir,
-        seed=cfg.seed,
-    )
+    slices = slice_counts(cases, datamodule)
+    result = evaluate_cases(models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks)
+    if result is None:
+        return {}
     _write_run_info(out_dir, models, cfg)
     _report_skipped(out_dir, loggers)
     scalars = log_evaluation(out_dir, loggers, result.overlays)
@@ -121,6 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
     # Every option checked before anything is built, hashed or downloaded.
     parse_config(cfg, "evaluate")
+    # Other ranks of a distributed evaluation (trainer=ddp ...) start here, as this command.
+    ranks = start_ranks(cfg.get("trainer"))
     run_dir = Path(cfg.paths.output_dir)
     ckpt = cfg.get("ckpt_path")
     # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
@@ -139,9 +146,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data_dir=cfg.paths.data_dir,
     )
     loggers = eval_loggers(cfg, label)
-    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers)
+    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
     summary_md = run_dir / "summary.md"
-    if summary_md.is_file():
+    if summary_md.is_file() and (ranks is None or ranks.rank == 0):
         from rich.console import Console
 
         Console().print(summary_md.read_text(), markup=False)  # the report has [links](...)

@@ -1,11 +1,13 @@
-"""Preemption: a SIGTERM or SIGUSR1 ends training with a checkpoint and a non-zero exit."""
+"""Preemption: SIGTERM, SIGUSR1 or submitit's signal end training with a checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -25,21 +27,38 @@ class PreemptionCheckpoint(L.Callback):
     Lightning notices SIGTERM itself (and tells every DDP rank), finishes the step and raises
     ``SIGTERMException``; this callback saves the checkpoint from ``on_exception``, then
     ``sam_ft.training.run.train`` turns the exception into ``Preempted`` (exit code 1 with the
-    resume command) instead of Lightning's silent exit 0. SIGUSR1, SLURM's usual advance
-    warning (``--signal=USR1@90``), is treated as SIGTERM unless Lightning's SLURM auto-requeue
-    already handles it.
+    resume command) instead of Lightning's silent exit 0.
+
+    Advance warnings are treated as SIGTERM too: SIGUSR1 (SLURM's usual ``--signal=USR1@90``)
+    unless Lightning's SLURM auto-requeue already handles it, and submitit's preemption signal
+    (``SIGUSR2`` unless ``$SUBMITIT_PREEMPT_SIGNAL`` names another; the one ``hydra/launcher=slurm``
+    asks SLURM to send). Submitit's own handler for it would requeue the job at once, mid-step and
+    without a checkpoint; it is kept and called by :func:`requeue_if_submitit` once the
+    checkpoint is saved, so the requeued job resumes from it (``ckpt_path=auto``).
     """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
-        self._previous_usr1 = None
+        self.requeue: Callable[[], None] | None = None
+        self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, _as_sigterm)
+        for signum in sorted({signal.SIGUSR1, submitit_signal()}):
+            previous = signal.getsignal(signum)
+            if previous in (signal.SIG_DFL, None):
+                self._previous[signum] = signal.signal(signum, _as_sigterm)
+            elif _is_submitit_handler(previous):
+                self._previous[signum] = signal.signal(signum, self._preempted_by_submitit)
+
+    def _preempted_by_submitit(self, signum, frame) -> None:
+        handler = self._previous[signum]
+        self.requeue = lambda: handler(signum, None)
+        log.warning("received %s from submitit: stopping with a checkpoint", signal.Signals(signum))
+        _as_sigterm(signum, frame)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
         if not isinstance(exception, SIGTERMException):
             return
         path = self.dirpath / "last.ckpt"
@@ -48,12 +67,40 @@ class PreemptionCheckpoint(L.Callback):
         log.error("received SIGTERM: saved %s at step %d", path, trainer.global_step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+def submitit_signal() -> signal.Signals:
+    """The signal submitit sends before a preemption or time limit (its ``USR_SIG``)."""
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    return getattr(signal, name, signal.SIGUSR2)
+
+
+def _is_submitit_handler(handler: Any) -> bool:
+    owner = getattr(handler, "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("submitit.")
 
 
 def _as_sigterm(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def requeue_if_submitit(trainer: L.Trainer) -> None:
+    """After a checkpointed stop by submitit's signal: let submitit requeue the job.
+
+    Submitit's handler checkpoints the job's call (Hydra's launcher resubmits the same job, whose
+    ``ckpt_path=auto`` then finds ``last.ckpt``) and exits; on ranks other than 0 it returns and
+    the caller raises :class:`Preempted` as for a plain SIGTERM.
+    """
+    for cb in trainer.callbacks:
+        if isinstance(cb, PreemptionCheckpoint) and cb.requeue is not None and cb.saved:
+            requeue, cb.requeue = cb.requeue, None
+            requeue()
 
 
 def preempted_error(trainer: L.Trainer) -> Preempted:

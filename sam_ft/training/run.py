@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
     trained_facts,
@@ -23,7 +24,7 @@ from sam_ft.inference.card import (
 )
 from sam_ft.logging_results import log_exported_model
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
-from sam_ft.training.callbacks import preempted_error
+from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.module import SamFinetuneModule
 from sam_ft.training.wandb import scrub
 
@@ -40,20 +41,40 @@ def resolve_precision(precision: Any) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``null`` -> fresh start; ``last`` -> this run dir's last.ckpt, which must exist."""
+    """``null`` -> fresh start; ``last`` -> this run dir's newest last checkpoint, which must
+    exist; ``auto`` -> that checkpoint when present (a requeued or restarted job), else a fresh
+    start; any other value is an explicit checkpoint file, which wins."""
     if ckpt_path in (None, "", "null"):
         return None
+    newest = newest_last_checkpoint(run_dir)
+    if str(ckpt_path) == "auto":
+        if newest is not None:
+            log.info("ckpt_path=auto: resuming from %s", newest)
+            return str(newest)
+        return None
     if str(ckpt_path) == "last":
-        path = run_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if newest is None:
             raise ConfigError(
-                f"ckpt_path=last: there is no checkpoint at {path}. To resume a run, pass its run "
-                "directory too: hydra.run.dir=<run dir>. Nothing was started."
+                f"ckpt_path=last: there is no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}"
+                ". To resume a run, pass its run directory too: hydra.run.dir=<run dir>. "
+                "Nothing was started."
             )
-        return str(path)
+        return str(newest)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: file not found")
     return str(ckpt_path)
+
+
+def newest_last_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written ``checkpoints/last*.ckpt`` of a run dir, or None.
+
+    Several writers save a "last" checkpoint (the best-by-val/dice callback after validations,
+    the every-N-steps callback, the preemption handler), and Lightning names a second writer's
+    file ``last-v1.ckpt`` rather than overwrite one it did not write: the newest is the resume
+    point, whatever its name.
+    """
+    found = list((run_dir / "checkpoints").glob("last*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
@@ -151,19 +172,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
+        requeue_if_submitit(trainer)  # exits there when submitit sent the signal
         raise preempted_error(trainer) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if not trainer.is_global_zero:
+    # Under DDP every rank scores its share of the final evaluation (rank 0 merges).
+    ranks = TrainerRanks(trainer) if trainer.world_size > 1 and cfg.train.evaluate else None
+    if not trainer.is_global_zero and ranks is None:
         return metrics
 
     best = _best_checkpoint(trainer)
     finetuned = instantiate(cfg.model, checkpoint=None)
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
-    exported = export_official(finetuned, run_dir / "sam_finetuned.pth")
-    card = write_model_card(
-        exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
-    )
-    log.info("exported %s (official SAM format, from %s) with its card %s", exported, best, card)
+    exported, card = run_dir / "sam_finetuned.pth", None
+    if trainer.is_global_zero:
+        exported = export_official(finetuned, exported)
+        card = write_model_card(
+            exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
+        )
+        log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 
     if cfg.train.evaluate:
         from sam_ft.evaluation.run import compare_models
@@ -176,9 +202,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg,
             run_dir / "eval",
             loggers=trainer.loggers,
+            ranks=ranks,
         )
         metrics.update(summary)
-        update_card_evaluation(card, evaluation_summary(summary, run_dir / "eval" / "summary.csv"))
+        if card is not None:
+            summary_csv = run_dir / "eval" / "summary.csv"
+            update_card_evaluation(card, evaluation_summary(summary, summary_csv))
+    if not trainer.is_global_zero:
+        return metrics
     log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics

@@ -1,0 +1,215 @@
+"""Evaluation over several processes: Lightning Fabric ranks, or ``eval.shard=K/N`` jobs.
+
+``python evaluate.py trainer=ddp trainer.devices=N [trainer.num_nodes=M]
+[trainer.accelerator=gpu|cpu]`` starts N x M ranks through Lightning Fabric (the launcher and
+environment variables Lightning's Trainer uses; NCCL on GPUs, gloo on CPUs). Each rank scores
+its share of the cases (``merge.balanced_shares``: balanced by slice count) into
+``<run dir>/.ranks/<rank>-of-<world>/``, an ordinary resumable engine folder, so a killed
+distributed evaluation started again with the same world size resumes every rank where it
+stopped. After a barrier, rank 0 merges the shares into the run dir: the same ``per_object.csv``,
+``per_case.csv``, ``summary.csv``, ``summary.md`` and plots as one process.
+
+``eval.shard=K/N`` scores share K of N in the run dir, without a process group (SLURM arrays,
+separate machines); ``sam-ft-report merge DIR... --out DIR`` then writes the full files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sam_ft.errors import ConfigError
+from sam_ft.evaluation.merge import (
+    Shard,
+    balanced_shares,
+    merge_shards_with_overlays,
+    parse_shard,
+    write_shard_file,
+)
+
+log = logging.getLogger(__name__)
+
+RANKS_DIR = ".ranks"
+# A rank that finished its share waits at the barrier for the slowest one.
+BARRIER_TIMEOUT = timedelta(hours=48)
+
+
+class Ranks:
+    """This process's place in a distributed evaluation (a launched Lightning ``Fabric``)."""
+
+    def __init__(self, fabric) -> None:
+        self.fabric = fabric
+
+    @property
+    def rank(self) -> int:
+        return int(self.fabric.global_rank)
+
+    @property
+    def world(self) -> int:
+        return int(self.fabric.world_size)
+
+    @property
+    def device(self):
+        return self.fabric.device
+
+    def barrier(self, name: str) -> None:
+        self.fabric.barrier(name)
+
+    def rank_zero_first(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` on rank 0, then (after a barrier) on the others: rank 0 fills shared caches,
+        the others read them."""
+        if self.rank == 0:
+            out = fn()
+            self.barrier("rank_zero_first")
+            return out
+        self.barrier("rank_zero_first")
+        return fn()
+
+
+class TrainerRanks(Ranks):
+    """The ranks of a fitted Lightning ``Trainer`` (its process group), for the evaluation at
+    the end of ``train.py``."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def rank(self) -> int:
+        return int(self.trainer.global_rank)
+
+    @property
+    def world(self) -> int:
+        return int(self.trainer.world_size)
+
+    @property
+    def device(self):
+        return self.trainer.strategy.root_device
+
+    def barrier(self, name: str) -> None:
+        self.trainer.strategy.barrier(name)
+
+
+def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
+    """Launch the ranks ``trainer=`` asks for (None when it is one process)."""
+    if not trainer_cfg:
+        return None
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    kwargs = {
+        "accelerator": trainer_cfg.get("accelerator", "auto"),
+        "devices": trainer_cfg.get("devices", 1),
+        "num_nodes": int(trainer_cfg.get("num_nodes", 1) or 1),
+    }
+    if kwargs["devices"] in (1, "1") and kwargs["num_nodes"] == 1:
+        return None
+    if Fabric(**kwargs, strategy="auto").world_size <= 1:  # devices=auto on one device
+        return None
+    fabric = Fabric(**kwargs, strategy=DDPStrategy(timeout=BARRIER_TIMEOUT))
+    fabric.launch()  # starts the other local ranks (re-running this command with their rank)
+    log.info("distributed evaluation: rank %d of %d", fabric.global_rank, fabric.world_size)
+    return Ranks(fabric)
+
+
+def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
+    """What must be equal for shares to be merged: models, task, evaluation protocol, seed."""
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    eval_cfg.pop("shard", None)
+    ckpt = cfg.get("ckpt_path")
+    return {
+        "models": list(models),
+        "task_name": str(cfg.task.name),
+        "model_name": str(cfg.model.name),
+        "checkpoint": Path(str(ckpt or cfg.model.get("checkpoint") or "")).name,
+        "seed": int(cfg.seed),
+        "eval": eval_cfg,
+        "data_split": OmegaConf.to_container(cfg.data.split, resolve=True)
+        if "split" in cfg.data
+        else None,
+    }
+
+
+def slice_counts(cases: Sequence[Any], datamodule: Any = None) -> list[int]:
+    """Slices per case, the unit of encoder work, without loading a case that is not loaded:
+    a loaded case's own slices, else the datamodule's index (one entry per slice)."""
+    index: Counter = Counter()
+    records = getattr(datamodule, "records", None)
+    if callable(records):
+        for split in ("train", "val", "test"):
+            try:
+                refs = records(split)
+            except (RuntimeError, KeyError):
+                continue
+            index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
+    counts = []
+    for case in cases:
+        if hasattr(case, "slices"):
+            counts.append(len(case.slices))
+        else:
+            counts.append(index.get(str(getattr(case, "case", "")), 1))
+    return counts
+
+
+def evaluate_cases(
+    models: Mapping[str, Any],
+    cases: Sequence[Any],
+    *,
+    cfg: DictConfig,
+    out_dir: Path,
+    slices: Sequence[int],
+    ranks: Ranks | None = None,
+):
+    """Score ``cases`` with ``models`` into ``out_dir`` in one process, as share
+    ``eval.shard``, or as this rank's share of a distributed run (then merged by rank 0).
+
+    Returns the engine's ``EvalResult`` for ``out_dir`` (one process, a shard, or rank 0 after
+    the merge) or None on ranks other than 0.
+    """
+    from sam_ft.evaluation import engine
+
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    shard = parse_shard(eval_cfg.pop("shard", None))
+    if shard is not None and ranks is not None:
+        raise ConfigError("eval.shard and a distributed trainer= cannot be combined")
+    common = {"task_name": cfg.task.name, "cfg": eval_cfg, "seed": cfg.seed}
+    if shard is None and ranks is None:
+        return engine.evaluate_and_report(dict(models), cases, out_dir=out_dir, **common)
+
+    keys = [engine._case_key(c) for c in cases]
+    shard = shard or Shard(ranks.rank, ranks.world)
+    share = balanced_shares(keys, slices, shard.count)[shard.index]
+    where = out_dir if ranks is None else out_dir / RANKS_DIR / f"{shard.index}-of-{shard.count}"
+    config = shard_config(cfg, list(models))
+    write_shard_file(where, shard, [keys[i] for i in share], config)
+    log.info(
+        "evaluation share %s: %d of %d cases, %d of %d slices",
+        shard.name,
+        len(share),
+        len(cases),
+        sum(slices[i] for i in share),
+        sum(slices),
+    )
+    mine = [cases[i] for i in share]
+    if ranks is None:
+        return engine.evaluate_and_report(dict(models), mine, out_dir=where, **common)
+
+    engine._run(dict(models), mine, out_dir=where, progress=True, **common)
+    ranks.barrier("evaluation_shares")
+    if ranks.rank != 0:
+        return None
+    parts = [out_dir / RANKS_DIR / f"{r}-of-{ranks.world}" for r in range(ranks.world)]
+    report, overlays = merge_shards_with_overlays(parts, out_dir)
+    result = engine.EvalResult(
+        per_object=engine._read_csv(out_dir / engine.PER_OBJECT_CSV, engine.PER_OBJECT_COLUMNS),
+        per_case=engine._read_csv(out_dir / engine.PER_CASE_CSV, engine.PER_CASE_COLUMNS),
+        clicks=engine._read_csv(out_dir / engine.CLICKS_CSV, engine.CLICK_COLUMNS),
+        skipped=engine._read_csv(out_dir / engine.SKIPPED_CSV, engine.SKIPPED_COLUMNS),
+    )
+    result.report, result.overlays = report, overlays
+    return result

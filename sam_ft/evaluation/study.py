@@ -1,0 +1,229 @@
+"""A COSMOS-style study from many evaluation runs: per task, modality and object; model vs model;
+zero-shot vs finetuned. Written by ``sam-ft-report`` next to its report.
+
+Input: every ``per_object.csv`` under the given folders (``python evaluate.py -m
+model=vit_b,vit_h task=liver_ct,prostate_mri,...`` and/or ``train.py`` runs), one row per object
+on one slice for one prompt. The run's ``.hydra/config.yaml`` says the model size
+(``model.name``), the finetune mode (``finetune.name``, for rows that are not ``zero_shot``), the
+task (``task.name``) and its modality (``task.modality``); the object is the row's ``name`` (the
+task config's label name). A zero-shot evaluation found in several runs counts once.
+
+Every table is pooled over objects: a mean is over all object rows behind it, and ``n`` says
+how many (as the study reports means over its masks). Rows without jitter unless named.
+
+Files: ``study.md``; ``study_task.csv``, ``study_modality.csv``, ``study_object.csv``,
+``study_models.csv`` (model size vs model size), ``study_finetune.csv`` (zero-shot vs
+finetuned); ``study_modality.png`` and ``study_models.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from sam_ft.errors import SamFtError
+from sam_ft.evaluation import plots
+from sam_ft.evaluation.report import (
+    BASELINE_MODEL,
+    JITTER_ORDER,
+    PROMPT_NAMES,
+    PROMPT_ORDER,
+    rank_by_order,
+    to_markdown,
+)
+
+UNKNOWN = "unknown"
+ROW_KEYS = ["model_size", "setting", "task", "case", "slice", "label", "prompt", "jitter"]
+SCORES = ["dice", "iou", "hd95", "nsd"]
+
+
+def find_per_object(dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(per_object.csv, the DIR it is under) for each run under ``dirs``; a distributed run's
+    rank folders (``.ranks/``) are parts of their run's file, not runs."""
+    found = []
+    for d in map(Path, dirs):
+        for path in sorted(d.rglob("per_object.csv")):
+            if not any(part.startswith(".") for part in path.relative_to(d).parts[:-1]):
+                found.append((path, d))
+    return found
+
+
+def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """All object rows of all runs with ``model_size, setting, task, modality, object``."""
+    from sam_ft.report import run_config
+
+    frames = []
+    for path, root in find_per_object(dirs):
+        df = pd.read_csv(path, dtype={"model": str, "task": str, "name": str, "jitter": str})
+        info = run_config(path, root)
+        modality = _task_modality(path, root)
+        df["model_size"] = info["model_size"] or UNKNOWN
+        df["setting"] = df["model"].astype(str)
+        if info["finetune"]:
+            df.loc[df["setting"] != BASELINE_MODEL, "setting"] = info["finetune"]
+        if modality:
+            df["modality"] = modality
+        elif "modality" not in df:
+            df["modality"] = UNKNOWN
+        df["object"] = df["name"].astype(str)
+        df["run"] = os.path.relpath(path.parent, root.parent)
+        frames.append(df)
+    if not frames:
+        raise SamFtError(f"no per_object.csv under {', '.join(map(str, dirs))}")
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.drop_duplicates(subset=ROW_KEYS, keep="first").reset_index(drop=True)
+
+
+def _task_modality(path: Path, root: Path) -> str | None:
+    from omegaconf import OmegaConf
+
+    folder, root = path.parent.resolve(), root.resolve()
+    while True:
+        config = folder / ".hydra" / "config.yaml"
+        if config.is_file():
+            value = OmegaConf.select(
+                OmegaConf.load(config), "task.modality", default=None,
+                throw_on_resolution_failure=False,
+            )  # fmt: skip
+            return None if value is None else str(value)
+        if folder == root or folder.parent == folder:
+            return None
+        folder = folder.parent
+
+
+def pooled(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Mean of each score over the object rows of each group, and ``n`` (rows behind it)."""
+    by = list(by)
+    g = rows.groupby(by, sort=False, dropna=False)
+    out = g.size().rename("n").to_frame()
+    for score in SCORES:
+        if score in rows:
+            out[f"{score}_mean"] = g[score].mean()
+    return _order(out.reset_index())
+
+
+def _order(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows by model size, setting (zero-shot first), modality, task, object, prompt S1..S6,
+    jitter; names alphabetically."""
+    fixed = {"setting": [BASELINE_MODEL], "prompt": PROMPT_ORDER, "jitter": JITTER_ORDER}
+    keys = pd.DataFrame(index=df.index)
+    for column in ("model_size", "setting", "modality", "task", "object", "prompt", "jitter"):
+        if column in df:
+            keys[column] = rank_by_order(df[column], fixed.get(column, ()))
+    if keys.empty:
+        return df
+    return df.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+
+
+def _paired(rows: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str]) -> pd.DataFrame:
+    """``b`` vs ``a`` of ``column`` on the objects both scored (same task, case, slice, label,
+    prompt, jitter): Dice of each, ``b - a`` and ``n`` pairs, per ``by``."""
+    keys = [k for k in ROW_KEYS if k != column and k not in ("model_size", "setting")]
+    left = rows[rows[column] == a]
+    right = rows[rows[column] == b]
+    other = [c for c in ("model_size", "setting") if c != column]
+    pairs = left.merge(right, on=[*keys, *other], suffixes=("_a", "_b"))
+    if pairs.empty:
+        return pd.DataFrame()
+    g = pairs.groupby(list(by), sort=False)
+    out = g.size().rename("n").to_frame()
+    out[f"dice_{a}"] = g["dice_a"].mean()
+    out[f"dice_{b}"] = g["dice_b"].mean()
+    out["delta_dice"] = out[f"dice_{b}"] - out[f"dice_{a}"]
+    return _order(out.reset_index())
+
+
+def study_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The study's tables (see the module docstring), from :func:`load_study` rows."""
+    plain = rows[rows["jitter"].astype(str) == "none"]
+    base = ["model_size", "setting"]
+    tables = {
+        "task": pooled(plain, [*base, "modality", "task", "prompt"]),
+        "modality": pooled(plain, [*base, "modality", "prompt"]),
+        "object": pooled(plain, [*base, "modality", "object", "prompt"]),
+    }
+    sizes = sorted(set(rows["model_size"].astype(str)))
+    models = [
+        _paired(plain, "model_size", a, b, ["setting", "prompt"]).assign(comparison=f"{b} vs {a}")
+        for i, a in enumerate(sizes)
+        for b in sizes[i + 1 :]
+    ]
+    tables["models"] = pd.concat([m for m in models if not m.empty] or [pd.DataFrame()])
+    settings = sorted(set(rows["setting"].astype(str)) - {BASELINE_MODEL})
+    finetune = [
+        _paired(plain, "setting", BASELINE_MODEL, s, ["model_size", "prompt"]).assign(
+            comparison=f"{s} vs {BASELINE_MODEL}"
+        )
+        for s in settings
+    ]
+    tables["finetune"] = pd.concat([f for f in finetune if not f.empty] or [pd.DataFrame()])
+    return tables
+
+
+def _display(df: pd.DataFrame) -> pd.DataFrame:
+    if "prompt" in df:
+        df = df.assign(prompt=df["prompt"].map(lambda p: PROMPT_NAMES.get(p, p)))
+    return df
+
+
+def write_study(dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write the study's files into ``out_dir``; returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_study(dirs)
+    tables = study_tables(rows)
+    paths: dict[str, Path] = {}
+    for name, table in tables.items():
+        paths[f"study_{name}_csv"] = out / f"study_{name}.csv"
+        table.to_csv(paths[f"study_{name}_csv"], index=False)
+
+    bars = tables["modality"].assign(
+        hue=lambda t: t["model_size"].astype(str) + " " + t["setting"].astype(str)
+    )
+    main = _main_prompt(bars)
+    paths["study_modality_png"] = plots.plot_grouped_bars(
+        bars[bars["prompt"] == main], out / "study_modality.png", group="modality", hue="hue",
+        error=None, title=f"Dice per modality ({PROMPT_NAMES.get(main, main)}, no jitter)",
+    )  # fmt: skip
+    plain = rows[rows["jitter"].astype(str) == "none"]
+    by_prompt = pooled(plain, ["model_size", "setting", "prompt"])
+    by_prompt = by_prompt.assign(
+        hue=by_prompt["model_size"].astype(str) + " " + by_prompt["setting"].astype(str),
+        prompt=by_prompt["prompt"].map(lambda p: PROMPT_NAMES.get(p, p)),
+    )
+    paths["study_models_png"] = plots.plot_grouped_bars(
+        by_prompt, out / "study_models.png", hue="hue", error=None,
+        title="Dice per prompt strategy, every task pooled (no jitter)",
+    )  # fmt: skip
+
+    counts = rows.groupby("run").size()
+    lines = [
+        "# sam_ft study",
+        "",
+        f"{len(counts)} runs, {rows['task'].nunique()} tasks, {rows['modality'].nunique()} "
+        f"modalities, {rows['object'].nunique()} objects, {len(rows)} object rows (all jitter "
+        "levels). Means are pooled over objects; `n` = object rows behind each mean; no jitter.",
+        "",
+    ]
+    sections = [
+        ("Per task", "task"),
+        ("Per modality", "modality"),
+        ("Per object", "object"),
+        ("Model vs model (objects both scored)", "models"),
+        ("Zero-shot vs finetuned (objects both scored)", "finetune"),
+    ]
+    for title, name in sections:
+        lines += [f"## {title}", "", to_markdown(_display(tables[name])), ""]
+    lines += ["![modality](study_modality.png)", "![models](study_models.png)", ""]
+    paths["study_md"] = out / "study.md"
+    paths["study_md"].write_text("\n".join(lines), encoding="utf-8")
+    return paths
+
+
+def _main_prompt(table: pd.DataFrame) -> str:
+    """The box prompt when it was evaluated (the study's best strategy), else the first one."""
+    prompts = list(dict.fromkeys(table["prompt"])) if "prompt" in table else []
+    return "box" if "box" in prompts else (prompts[0] if prompts else "box")

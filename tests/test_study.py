@@ -1,0 +1,122 @@
+"""``sam-ft-report`` on several runs: the COSMOS-style study tables, pooled over objects.
+
+Run folders are written by hand (``per_object.csv`` + ``.hydra/config.yaml``, as evaluate.py
+leaves them) so every expected mean can be computed beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sam_ft.evaluation.study import load_study, study_tables
+from sam_ft.report import main
+
+TASKS = {  # task -> (modality, objects)
+    "liver_ct": ("CT", ["liver", "liver_tumour"]),
+    "prostate_mri": ("MRI", ["prostate"]),
+}
+
+
+def _dice(size: str, setting: str, task: str, obj: str, case: int) -> float:
+    """A made-up score with a distinct value per cell: ViT-H > ViT-B, finetuned > zero-shot."""
+    base = {"liver": 0.6, "liver_tumour": 0.3, "prostate": 0.5}[obj]
+    return (
+        base
+        + (0.1 if size == "vit_h" else 0)
+        + (0.05 if setting != "zero_shot" else 0)
+        + 0.01 * case
+    )
+
+
+def _run(root: Path, size: str, task: str, finetuned: bool) -> None:
+    """One run folder; a train run holds zero_shot and finetuned rows, an eval run zero_shot."""
+    run = root / f"{size}_{task}_{'train' if finetuned else 'eval'}"
+    (run / ".hydra").mkdir(parents=True)
+    modality, objects = TASKS[task]
+    config = {
+        "model": {"name": size},
+        "finetune": {"name": "decoder"},
+        "task": {"name": task, "modality": modality},
+    }
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = []
+    for model in ["zero_shot", "finetuned"] if finetuned else ["zero_shot"]:
+        for label, obj in enumerate(objects, start=1):
+            for case in range(2):
+                for jitter in ("none", "0-10"):
+                    setting = "decoder" if model == "finetuned" else model
+                    dice = _dice(size, setting, task, obj, case) - (0.2 if jitter != "none" else 0)
+                    rows.append({
+                        "model": model, "task": task, "case": f"c{case}", "slice": 4,
+                        "label": label, "name": obj, "prompt": "box", "jitter": jitter,
+                        "dice": dice,
+                        "iou": 0.5, "hd95": 3.0, "nsd": 0.7, "modality": modality,
+                    })  # fmt: skip
+    pd.DataFrame(rows).to_csv(run / "per_object.csv", index=False)
+    summary = pd.DataFrame(rows).groupby(["model", "task", "prompt", "jitter"], as_index=False)
+    summary.agg(n=("dice", "size"), dice_mean=("dice", "mean")).to_csv(
+        run / "summary.csv", index=False
+    )
+
+
+@pytest.fixture
+def study_dir(tmp_path) -> Path:
+    for size in ("vit_b", "vit_h"):
+        for task in TASKS:
+            _run(tmp_path, size, task, finetuned=True)
+            _run(tmp_path, size, task, finetuned=False)  # the same zero-shot again: counted once
+    return tmp_path
+
+
+def test_tables_pool_over_objects(study_dir):
+    rows = load_study([study_dir])
+    assert len(rows) == 2 * 3 * 2 * 2 * 2  # sizes x (task, object) x settings x cases x jitters
+    t = study_tables(rows)
+
+    modality = t["modality"].set_index(["model_size", "setting", "modality"])
+    ct = modality.loc[("vit_b", "zero_shot", "CT")]
+    assert ct["n"] == 4  # 2 objects x 2 cases, no jitter
+    assert ct["dice_mean"] == pytest.approx((0.6 + 0.61 + 0.3 + 0.31) / 4)
+    assert modality.loc[("vit_h", "decoder", "MRI")]["dice_mean"] == pytest.approx(0.655)
+
+    obj = t["object"].set_index(["model_size", "setting", "object"])
+    assert obj.loc[("vit_b", "zero_shot", "liver_tumour")]["n"] == 2
+    assert obj.loc[("vit_b", "zero_shot", "liver_tumour")]["dice_mean"] == pytest.approx(0.305)
+    task = t["task"].set_index(["model_size", "setting", "task"])
+    assert list(task.index.get_level_values("setting")[:2]) == ["zero_shot", "zero_shot"]
+    assert task.loc[("vit_h", "zero_shot", "prostate_mri")]["dice_mean"] == pytest.approx(0.605)
+
+    models = t["models"].set_index(["setting"])
+    assert set(t["models"]["comparison"]) == {"vit_h vs vit_b"}
+    assert models.loc["zero_shot"]["n"] == 6  # every object scored by both sizes
+    assert models.loc["zero_shot"]["delta_dice"] == pytest.approx(0.1)
+
+    ft = t["finetune"].set_index(["model_size"])
+    assert set(t["finetune"]["comparison"]) == {"decoder vs zero_shot"}
+    assert ft.loc["vit_b"]["delta_dice"] == pytest.approx(0.05)
+    assert ft.loc["vit_b"]["n"] == 6
+
+
+def test_report_cli_writes_the_study(study_dir, capsys):
+    out = study_dir / "report" / "report.md"
+    assert main([str(study_dir), "--out", str(out)]) == 0
+    folder = out.parent
+    for name in ("task", "modality", "object", "models", "finetune"):
+        assert not pd.read_csv(folder / f"study_{name}.csv").empty, name
+    for png in ("study_modality.png", "study_models.png"):
+        assert (folder / png).stat().st_size > 1000
+    text = (folder / "study.md").read_text()
+    assert "8 runs, 2 tasks, 2 modalities, 3 objects" in text
+    for heading in (
+        "Per task",
+        "Per modality",
+        "Per object",
+        "Model vs model",
+        "Zero-shot vs finetuned",
+    ):
+        assert f"## {heading}" in text
+    assert "S5 box" in text
