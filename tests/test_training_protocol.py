@@ -332,7 +332,7 @@ def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monk
 
     seen = {}
 
-    def capture(models, datamodule, cfg, out_dir, loggers=()):
+    def capture(models, datamodule, cfg, out_dir, loggers=(), ranks=None):
         seen.update(models)
         return {}
 
