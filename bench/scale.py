@@ -15,6 +15,12 @@ its process tree (the entry point and its preprocessing / loader workers), read 
 cases take when held in RAM (each kept slice's RGB image, float32 intensities and masks, plus
 the label volume): the memory a loader that keeps every case would add.
 
+glibc's malloc raises its mmap threshold each time a large block is freed, after which large
+arrays come from the heap and their pages are kept after ``free``: the same run's peak RSS then
+varies by +-70 MB from run to run, more than the growth measured. The runs pin the threshold
+(``MALLOC_MMAP_THRESHOLD_=131072``, glibc's initial value), so that arrays of 128 KiB and more
+are always returned to the system and the peak measures what the program holds (+-5 MB).
+
     python bench/scale.py                     # N = 4 and 16 of 512 x 512 x 150
     python bench/scale.py --quick             # the test's size: N = 2 and 6 of 512 x 512 x 12
 
@@ -99,6 +105,7 @@ def _split_file(root: Path, split: str) -> Path:
 def run_cli(script: str, overrides: list[str], cwd: Path) -> tuple[float, float]:
     """(peak RSS in MB of the process tree, wall seconds) of ``python <script> overrides``."""
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # why: see the module docstring
     env.pop("WANDB_API_KEY", None)
     t0 = time.perf_counter()
     proc = subprocess.run(
