@@ -70,7 +70,7 @@ from sam_ft.evaluation.pipeline import (
 )
 from sam_ft.evaluation.predictions import CasePredictions, write_case_predictions
 from sam_ft.evaluation.report import jitter_rank
-from sam_ft.evaluation.selection import decode_select
+from sam_ft.evaluation.selection import decode_scored, overlap_scores
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import JitterRange, jitter_levels, jitter_name
@@ -312,13 +312,6 @@ def _device(model: TrainableSam) -> torch.device:
     return next(model.parameters()).device
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Dice of (N, H, W) bool pairs (1 when both are empty)."""
-    inter = np.count_nonzero(a & b, axis=(1, 2))
-    total = np.count_nonzero(a, axis=(1, 2)) + np.count_nonzero(b, axis=(1, 2))
-    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
-
-
 def _decode_slice(
     model: TrainableSam,
     rec: SliceRecord,
@@ -333,7 +326,8 @@ def _decode_slice(
 
     Stores each prediction in ``store`` under (label, prompt, jitter name) for 3D stacking.
     Returns the (prompt, jitter name) of each prediction column and the predictions, bit-packed,
-    for :func:`~sam_ft.evaluation.pipeline.score_slice` (the metrics, in the pool).
+    with their Dice and IoU (computed on the model's device, with the selection) for
+    :func:`~sam_ft.evaluation.pipeline.score_slice` (the other metrics, in the pool).
     """
     gt = np.asarray(rec.masks, dtype=bool)
     k, size = len(gt), rec.original_size
@@ -345,24 +339,32 @@ def _decode_slice(
     packed = np.zeros((k, v, -(-size[0] * size[1] // 8)), dtype=np.uint8)
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
+    dice, iou = np.full((k, v), np.nan), np.full((k, v), np.nan)
     if prompts:
-        m, ch, iou, _ = decode_select(
+        sel = decode_scored(
             model,
             embedding,
             prompts,
-            np.repeat(gt, v, axis=0),
+            gt,  # to the device once per object; prompt i * V + j is object i's
             opts.mask_selection,
             opts.max_prompts_per_call,
+            gt_of=np.repeat(np.arange(k), v),
             packed=True,
+            keep_low=False,
         )
-        packed[:] = m.reshape(k, v, -1)
-        mask_index[:] = ch.reshape(k, v)
-        pred_iou[:] = iou.reshape(k, v)
+        packed[:] = sel.masks.reshape(k, v, -1)
+        mask_index[:] = sel.index.reshape(k, v)
+        pred_iou[:] = sel.pred_iou.reshape(k, v)
+        dice[:], iou[:] = sel.dice.reshape(k, v), sel.iou.reshape(k, v)
     if "everything" in opts.prompts:
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
+        # Everything mode's masks are on the host already (run-length codes): scored here.
+        d, u = overlap_scores(torch.from_numpy(matched), torch.from_numpy(gt))
         packed = np.concatenate([pack_masks(matched[:, None]), packed], axis=1)
         mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
+        dice = np.concatenate([d.numpy()[:, None], dice], axis=1)
+        iou = np.concatenate([u.numpy()[:, None], iou], axis=1)
         names = [("everything", "none"), *names]
     # The overlay prompt's index within an object's prompts.
     overlay_prompt = variants.index(("box", None)) if ("box", None) in variants else -1
@@ -370,7 +372,7 @@ def _decode_slice(
     for i in range(k):
         for j, (prompt, jit) in enumerate(names):
             store.add_packed((labels[i], prompt, jit), rec.slice_index, packed[i, j])
-    return names, ModelSlice(packed, mask_index, pred_iou, boxes)
+    return names, ModelSlice(packed, mask_index, pred_iou, dice, iou, boxes)
 
 
 def _click_curve(
@@ -403,19 +405,20 @@ def _click_curve(
         )
         for i, lab in enumerate(labels)
     ]
-    pred, _, _, low = decode_select(
+    # Each round's Dice comes from the device with the masks (decode_scored).
+    sel = decode_scored(
         model, embedding, prompts, gt, opts.mask_selection, opts.max_prompts_per_call
     )
     rows = []
     for click in range(1, opts.clicks + 1):
         if click > 1:
+            assert sel.low is not None
             prompts = [
-                add_click(p, next_click(pred[i], gt[i]), low[i]) for i, p in enumerate(prompts)
+                add_click(p, next_click(sel.masks[i], gt[i]), sel.low[i])
+                for i, p in enumerate(prompts)
             ]
-            pred, _, _, low = decode_select(
-                model, embedding, prompts, gt, "single", opts.max_prompts_per_call
-            )
-        for i, d in enumerate(_dice(pred, gt)):
+            sel = decode_scored(model, embedding, prompts, gt, "single", opts.max_prompts_per_call)
+        for i, d in enumerate(sel.dice):
             rows.append(
                 {
                     "case": case_key,

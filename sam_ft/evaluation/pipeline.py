@@ -1,12 +1,14 @@
 """The evaluation's CPU work in a pool of worker processes, off the encoder/decoder's path.
 
-The engine's main process loads the cases, runs the encoder and the decoder (with the oracle
-selection, which needs the ground truth at decode time, on the model's device) and hands the rest
-to this pool: the prompts of the slices ahead (:func:`make_prompts`), the 2D metrics, object
-attributes and per-object rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a
-case (:func:`score_case`). The jobs carry the
-predicted masks bit-packed (``np.packbits`` per (H, W) mask, 8 masks-pixels to a byte) and the
-objects' ground truth, so a job is a few MB even for 512 x 512 slices.
+The engine's main process loads the cases, runs the encoder and the decoder, and on the model's
+device the upsampling, thresholding, mask selection (the oracle's with the ground truth put on
+the device) and the Dice / IoU of the kept masks
+(:func:`~sam_ft.evaluation.selection.decode_scored`); it hands the rest to this pool: the
+prompts of the slices ahead (:func:`make_prompts`), HD95, NSD, object attributes and per-object
+rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a case
+(:func:`score_case`). The jobs carry the predicted masks bit-packed (``np.packbits`` per (H, W)
+mask, 8 masks-pixels to a byte), their Dice / IoU and the objects' ground truth, so a job is a
+few MB even for 512 x 512 slices.
 
 ``eval.workers`` sets the pool's size: ``null`` (default) takes the cores left after the main
 process, ``0`` scores in the main process (the serial path: the same functions, called inline).
@@ -122,12 +124,16 @@ def make_prompts(job: PromptJob) -> list[Prompt]:
 @dataclass
 class ModelSlice:
     """One model's predictions on one slice: ``packed`` (K, V, nbytes) masks per object and
-    variant column, ``mask_index`` / ``pred_iou`` (K, V), and the overlay prompt's box per object
-    ((x0, y0, x1, y1), or None without a box prompt)."""
+    variant column, ``mask_index`` / ``pred_iou`` (K, V), their ``dice`` / ``iou`` (K, V)
+    float64 against the object's ground truth (computed where the masks were made, on the
+    model's device), and the overlay prompt's box per object ((x0, y0, x1, y1), or None without
+    a box prompt)."""
 
     packed: np.ndarray
     mask_index: np.ndarray
     pred_iou: np.ndarray
+    dice: np.ndarray
+    iou: np.ndarray
     boxes: list[Any] = field(default_factory=list)
 
 
@@ -159,6 +165,9 @@ class SliceJob:
 def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
     """2D metrics and attributes of one slice -> {model: (per-object rows, overlay items)}.
 
+    Dice and IoU come with the job (:class:`ModelSlice`, computed on the model's device); HD95,
+    NSD and the empty-mask flags are computed here from the unpacked masks.
+
     Rows lack ``model``/``task``/``patient`` (the engine adds them); overlay items lack the
     ``image`` (the engine, which holds the slice, adds it).
     """
@@ -186,7 +195,11 @@ def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
                         "name": job.names[i],
                         "prompt": prompt,
                         "jitter": jit,
-                        **{key: scores[key][j].item() for key in ("dice", "iou", "hd95")},
+                        # Dice and IoU from the device (ModelSlice), the same float64 numbers
+                        # as batch_slice_metrics'; HD95 and NSD need the surfaces: here.
+                        "dice": ms.dice[i, j].item(),
+                        "iou": ms.iou[i, j].item(),
+                        "hd95": scores["hd95"][j].item(),
                         "hd95_missing": bool(scores["hd95_missing"][j]),
                         "nsd": float(scores["nsd"][j]),
                         "empty_pred": bool(scores["empty_pred"][j]),
@@ -203,7 +216,7 @@ def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
                             **ident,
                             "label": job.labels[i],
                             "name": job.names[i],
-                            "dice": float(scores["dice"][j]),
+                            "dice": float(ms.dice[i, j]),
                             "gt": gt[i],
                             "pred": preds[i, j],
                             "box": ms.boxes[i],

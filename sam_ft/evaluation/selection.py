@@ -8,14 +8,20 @@ the best by the measure that is reported. Prompts are (x, y) original-image pixe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sam_ft.evaluation.everything import prompts_per_upsample
+from sam_ft.evaluation.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import prompt_selection
 from sam_ft.prompts.types import Prompt
+
+DEVICE_UPSAMPLE_BUDGET_BYTES = 2 * 2**30
+"""Bytes of float32 logits upsampled at once on an accelerator (:data:`UPSAMPLE_BUDGET_BYTES`
+on a CPU): blocks of ~100 prompts, so the upsampling, selection and scoring run as a few large
+batched kernels and the host waits for the device once per block, not once per 2 prompts."""
 
 
 def pack_bits(masks: torch.Tensor) -> torch.Tensor:
@@ -30,33 +36,179 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
     return (flat.reshape(n, -1, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.uint8)
 
 
-def _select_on_device(
-    binary: torch.Tensor, iou: torch.Tensor, gt: np.ndarray, mode: str
-) -> tuple[torch.Tensor, np.ndarray]:
-    """:func:`~sam_ft.prompts.strategies.select_masks` with the masks left where they are (the
-    GPU when there is one): (N, C, H, W) bool, (N, C) IoU predictions, (N, H, W) bool ground
-    truth -> (N, H, W) chosen masks on the masks' device and the (N,) int64 chosen channel.
+def overlap_counts(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., H, W) bool masks and ground truth (broadcast against each other) on one device ->
+    (...) int64 intersection and total (``|pred| + |gt|``) pixel counts, on that device."""
+    inter = (pred & gt).sum(dim=(-2, -1))
+    total = pred.sum(dim=(-2, -1)) + gt.sum(dim=(-2, -1))
+    return inter, total
 
-    Only the (N, C) overlap counts come back to the host, where the Dice and its argmax are the
-    same float64 numbers as ``select_masks``'s, so both pick the same channel, ties included.
+
+def dice_iou(inter: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and IoU (float64, on the counts' device) from :func:`overlap_counts`.
+
+    The numbers of :func:`~sam_ft.evaluation.metrics.batch_slice_metrics` bit for bit: 1 when
+    both masks are empty, 0 when one is, else ``2 * inter / total`` and ``inter / (total -
+    inter)``, each one IEEE float64 division of exact integers (correctly rounded on CPUs and
+    CUDA alike), as numpy's and Python's.
+    """
+    inter, total = inter.double(), total.double()
+    union = total - inter
+    dice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), 1.0)
+    iou = torch.where(union > 0, inter / union.clamp_min(1), 1.0)
+    return dice, iou
+
+
+def overlap_scores(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and IoU of (..., H, W) bool masks against their ground truth on the masks' device
+    -> (...) float64 each (:func:`dice_iou` of :func:`overlap_counts`)."""
+    return dice_iou(*overlap_counts(pred, gt))
+
+
+def _select_on_device(
+    binary: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor | np.ndarray, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~sam_ft.prompts.strategies.select_masks` on the masks' device (the GPU when there
+    is one), and the Dice and IoU of the kept masks: (N, C, H, W) bool, (N, C) IoU predictions,
+    (N, H, W) bool ground truth -> (N, H, W) chosen masks, (N,) int64 chosen channel, (N,)
+    float64 Dice and IoU, all on the masks' device (nothing comes back to the host here).
+
+    The oracle's per-channel Dice are :func:`dice_iou`'s float64 numbers, those of
+    ``select_masks``, and ``argmax`` keeps the first maximum as numpy's does: the same channel,
+    ties included.
     """
     n, c = binary.shape[:2]
+    device = binary.device
+    g = torch.as_tensor(gt).to(device=device, dtype=torch.bool)
     if c == 1:
-        index = np.zeros(n, dtype=np.int64)
+        index = torch.zeros(n, dtype=torch.int64, device=device)
     elif mode == "single":
         raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
     elif mode in ("predicted_iou", "auto"):
-        index = iou.detach().float().cpu().numpy().reshape(n, c).argmax(axis=1)
+        index = iou.detach().float().reshape(n, c).argmax(dim=1)
     else:
-        g = torch.from_numpy(np.ascontiguousarray(gt, dtype=bool)).to(binary.device)[:, None]
-        inter = (binary & g).sum(dim=(2, 3)).cpu().numpy().astype(np.int64)
-        denom = (binary.sum(dim=(2, 3)) + g.sum(dim=(2, 3))).cpu().numpy().astype(np.int64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dice = np.where(denom > 0, 2.0 * inter / denom, 1.0)
-        index = dice.argmax(axis=1)
-    index = index.astype(np.int64)
-    chosen = binary[torch.arange(n, device=binary.device), torch.as_tensor(index).to(binary.device)]
-    return chosen, index
+        inter, total = overlap_counts(binary, g[:, None])  # (N, C) each
+        dice, ious = dice_iou(inter, total)
+        index = dice.argmax(dim=1)
+        rows = torch.arange(n, device=device)
+        return binary[rows, index], index, dice[rows, index], ious[rows, index]
+    chosen = binary[torch.arange(n, device=device), index]
+    return (chosen, index, *overlap_scores(chosen, g))
+
+
+@dataclass
+class Selected:
+    """What :func:`decode_scored` keeps per prompt (N prompts), on the host.
+
+    Attributes:
+        masks: (N, H, W) bool at the original size, or bit-packed (N, ceil(H * W / 8)) uint8
+            (``np.packbits(mask, axis=None)`` per mask).
+        index: (N,) int64 chosen channel (0 for a single output).
+        pred_iou: (N,) float64 the chosen channel's predicted IoU.
+        dice: (N,) float64 Dice of the kept mask against its object's ground truth.
+        iou: (N,) float64 IoU (Jaccard) of the kept mask against its object's ground truth.
+        low: (N, S/4, S/4) float32 low-res logits of the kept channel (fed back by click loops),
+            or None when not asked for.
+    """
+
+    masks: np.ndarray
+    index: np.ndarray
+    pred_iou: np.ndarray
+    dice: np.ndarray
+    iou: np.ndarray
+    low: torch.Tensor | None
+
+
+def decode_scored(
+    model: TrainableSam,
+    embedding: torch.Tensor,
+    prompts: Sequence[Prompt],
+    gt: np.ndarray,
+    mode: str,
+    max_per_call: int,
+    *,
+    gt_of: Sequence[int] | np.ndarray | None = None,
+    packed: bool = False,
+    keep_low: bool = True,
+) -> Selected:
+    """Decode prompts of one image in chunks, keep one mask per prompt and score it.
+
+    Each prompt gets :func:`~sam_ft.prompts.strategies.prompt_selection` of ``mode``: 3 masks and
+    a choice among them, or the single mask output (``single``; ``auto`` for unambiguous prompts;
+    always for a model without multimask output, e.g. MedSAM).
+
+    Upsampling to the original size, thresholding, the selection and the Dice / IoU of the kept
+    masks run on the model's device, as torch ops over many prompts at once (the ground truth
+    goes to the device once, one mask per object); only the kept masks (bit-packed with
+    ``packed``), the chosen channels and the scalars come back to the host, once per upsampling
+    block. A block holds the prompts whose logits fit :data:`UPSAMPLE_BUDGET_BYTES` on a CPU
+    (memory, and glibc's allocator: see ``everything.py``) and
+    :data:`DEVICE_UPSAMPLE_BUDGET_BYTES` on an accelerator (136 prompts of a 512 x 512 slice
+    with 3 masks: a decoder call of ``eval.max_prompts_per_call`` 256 in two blocks).
+
+    Args:
+        embedding: (C, h, w) image embedding.
+        prompts: N prompts, (x, y) original-image pixels.
+        gt: (K, H, W) bool ground truth at the original size: one mask per prompt (K = N), or
+            one per object with ``gt_of``.
+        mode: one of ``MASK_SELECTIONS``.
+        max_per_call: prompts per ``model.decode`` call.
+        gt_of: (N,) index into ``gt`` of each prompt's object (default: prompt i -> ``gt[i]``).
+        packed: return the masks bit-packed (packed on the device).
+        keep_low: return the kept channels' low-res logits (:attr:`Selected.low`).
+    """
+    gt = np.asarray(gt, dtype=bool)
+    n, size = len(prompts), tuple(gt.shape[1:])
+    gt_of = np.arange(n) if gt_of is None else np.asarray(gt_of, dtype=np.int64)
+    if gt_of.shape != (n,) or (n and not 0 <= gt_of.min() <= gt_of.max() < len(gt)):
+        raise ValueError(
+            f"{n} prompts need one ground-truth mask each (gt {gt.shape}, gt_of {gt_of.shape})"
+        )
+    device = embedding.device
+    gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
+    threshold = float(model.sam.mask_threshold)
+    multimask_model = bool(getattr(model, "multimask_output", True))
+    if packed:
+        masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
+    else:
+        masks = np.zeros((n, *size), dtype=bool)
+    index = np.zeros(n, dtype=np.int64)
+    pred_iou = np.zeros(n, dtype=np.float64)
+    dice = np.zeros(n, dtype=np.float64)
+    iou = np.zeros(n, dtype=np.float64)
+    side = model.transform.low_res_size
+    low_kept = torch.zeros((n, side, side)) if keep_low else None
+    budget = UPSAMPLE_BUDGET_BYTES if device.type == "cpu" else DEVICE_UPSAMPLE_BUDGET_BYTES
+    selections = [prompt_selection(mode, p, multimask_model) for p in prompts]
+    for selection in sorted(set(selections)):
+        multimask = selection != "single"
+        # Equal structures share one decoder call inside model.decode: sort before chunking.
+        group = sorted(
+            (i for i in range(n) if selections[i] == selection), key=lambda i: prompts[i].structure
+        )
+        # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
+        # 192 MiB per prompt, so the count follows the image size and the budget.
+        step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size, budget)
+        for start in range(0, len(group), max_per_call):
+            chunk = group[start : start + max_per_call]
+            low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
+            for s in range(0, len(chunk), step):
+                idx = chunk[s : s + step]
+                sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
+                binary = model.postprocess(sub_low, size) > threshold
+                g = gt_dev[torch.from_numpy(gt_of[idx]).to(device)]
+                chosen, ch, d, u = _select_on_device(binary, sub_iou, g, selection)
+                rows = torch.arange(len(idx), device=device)
+                masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
+                # The scalars in one copy: channel (exact as float64), predicted IoU (float32,
+                # exact as float64, as numpy widens it), Dice, IoU.
+                kept_iou = sub_iou[rows, ch].float().double()
+                scalars = torch.stack([ch.double(), kept_iou, d, u]).cpu().numpy()
+                index[idx] = scalars[0].astype(np.int64)
+                pred_iou[idx], dice[idx], iou[idx] = scalars[1], scalars[2], scalars[3]
+                if low_kept is not None:
+                    low_kept[idx] = sub_low[rows, ch].float().cpu()
+    return Selected(masks, index, pred_iou, dice, iou, low_kept)
 
 
 def decode_select(
@@ -69,61 +221,20 @@ def decode_select(
     *,
     packed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """Decode prompts of one image in chunks and keep one mask per prompt.
-
-    Each prompt gets :func:`~sam_ft.prompts.strategies.prompt_selection` of ``mode``: 3 masks and
-    a choice among them, or the single mask output (``single``; ``auto`` for unambiguous prompts;
-    always for a model without multimask output, e.g. MedSAM).
+    """:func:`decode_scored` with one ground-truth mask per prompt, as a tuple.
 
     Args:
         embedding: (C, h, w) image embedding.
         prompts: N prompts, (x, y) original-image pixels.
-        gt: (N, H, W) bool ground truth of each prompt's object (for ``oracle``).
+        gt: (N, H, W) bool ground truth of each prompt's object.
         mode: one of ``MASK_SELECTIONS``.
         max_per_call: prompts per ``model.decode`` call.
-
-        packed: return the masks bit-packed, (N, ceil(H * W / 8)) uint8 as
-            ``np.packbits(mask, axis=None)`` per mask (packed on the device).
-
-    Upsampling, thresholding and the selection run on the model's device; only the kept masks
-    come back to the host (packed, with ``packed``).
+        packed: return the masks bit-packed, (N, ceil(H * W / 8)) uint8.
 
     Returns:
         masks (N, H, W) bool at the original size, chosen channel (N,) (0 for a single output),
         its predicted IoU (N,), and its low-res logits (N, S/4, S/4) (fed back by click loops).
     """
-    n, size = len(prompts), tuple(gt.shape[1:])
-    threshold = float(model.sam.mask_threshold)
-    multimask_model = bool(getattr(model, "multimask_output", True))
-    if packed:
-        masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
-    else:
-        masks = np.zeros((n, *size), dtype=bool)
-    index = np.zeros(n, dtype=np.int64)
-    iou = np.zeros(n, dtype=np.float64)
-    side = model.transform.low_res_size
-    low_kept = torch.zeros((n, side, side))
-    selections = [prompt_selection(mode, p, multimask_model) for p in prompts]
-    for selection in sorted(set(selections)):
-        multimask = selection != "single"
-        # Equal structures share one decoder call inside model.decode: sort before chunking.
-        group = sorted(
-            (i for i in range(n) if selections[i] == selection), key=lambda i: prompts[i].structure
-        )
-        # A few prompts upsampled at a time: (N, 3, H, W) float logits of a 4096^2 image are
-        # 192 MiB per prompt, so the count follows the image size (UPSAMPLE_BUDGET_BYTES), and
-        # blocks under 32 MiB also upsample ~3x faster per prompt (glibc maps larger ones afresh).
-        step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size)
-        for start in range(0, len(group), max_per_call):
-            chunk = group[start : start + max_per_call]
-            low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-            for s in range(0, len(chunk), step):
-                idx = chunk[s : s + step]
-                sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-                binary = model.postprocess(sub_low, size) > threshold
-                chosen, ch = _select_on_device(binary, sub_iou, gt[idx], selection)
-                masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
-                index[idx] = ch
-                iou[idx] = sub_iou.float().cpu().numpy()[np.arange(len(idx)), ch]
-                low_kept[idx] = sub_low[torch.arange(len(idx)), torch.as_tensor(ch)].float().cpu()
-    return masks, index, iou, low_kept
+    sel = decode_scored(model, embedding, prompts, gt, mode, max_per_call, packed=packed)
+    assert sel.low is not None
+    return sel.masks, sel.index, sel.pred_iou, sel.low
