@@ -13,11 +13,13 @@ from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.engine import eval_options, evaluate, evaluate_and_report
+from sam_ft.evaluation.metrics import batch_slice_metrics
 from sam_ft.evaluation.pipeline import WorkerDiedError, pack_masks, unpack_masks
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 H, W = 48, 56
 SEED = 3
 # S1 on a 4 x 4 grid, S2/S5 at two jitter levels: every kind of row, few decoder calls.
@@ -169,23 +171,65 @@ def test_packed_masks_round_trip_and_fit_the_store():
         store.add_packed("k", 5, packed[1])
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: the workers' numpy metrics (``batch_slice_metrics``), one GT per mask."""
+    scores = batch_slice_metrics(preds, gt)
+    return scores["dice"], scores["iou"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlap_scores_on_the_device_equal_the_numpy_metrics(device):
+    """Dice / IoU from the device's counts are batch_slice_metrics' float64 numbers bit for bit,
+    empty ground truth, empty prediction and both empty included."""
+    from sam_ft.evaluation.selection import overlap_scores
+
+    rng = np.random.default_rng(7)
+    n, h, w = 64, 37, 29  # H * W not a multiple of 8
+    density = rng.uniform(0.001, 0.9, (n, 1, 1))
+    preds, gt = rng.random((n, h, w)) < density, rng.random((n, h, w)) < density[::-1]
+    preds[0], gt[1] = False, False  # empty prediction; empty ground truth
+    preds[2], gt[2] = False, False  # both empty
+    preds[3] = gt[3]  # identical
+    preds[4], gt[4] = np.eye(h, w, dtype=bool), np.eye(h, w, 1, dtype=bool)  # disjoint
+    dice, iou = overlap_scores(torch.from_numpy(preds).to(device), torch.from_numpy(gt).to(device))
+    assert dice.dtype == iou.dtype == torch.float64 and dice.device.type == device
+    ref_dice, ref_iou = _numpy_dice_iou(preds, gt)
+    assert np.array_equal(dice.cpu().numpy(), ref_dice)  # exact: the CSVs print repr(float)
+    assert np.array_equal(iou.cpu().numpy(), ref_iou)
+    assert ref_dice[:5].tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert len(set(ref_dice[5:].tolist())) > 50  # not a degenerate sample
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["oracle", "predicted_iou", "auto"])
-def test_selection_on_the_device_picks_what_select_masks_picks(mode):
+def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     """Thresholding and selection stay on the model's device; the same channel as the host's
-    ``select_masks`` comes out, ties (an empty GT, identical masks) included."""
+    ``select_masks`` comes out, ties (an empty GT, identical masks) included, with the kept
+    masks' Dice / IoU equal to the numpy metrics'."""
     from sam_ft.evaluation.selection import _select_on_device, pack_bits
     from sam_ft.prompts.strategies import select_masks
 
     rng = np.random.default_rng(1)
     binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)
     binary[1, 2] = binary[1, 0]  # equal Dice: the lower channel wins
+    binary[3, 1] = False  # an empty prediction
     iou = torch.from_numpy(rng.random((6, 3))).float()
     gt = rng.random((6, 5, 7)) < 0.4
     gt[2] = False
-    chosen, index = _select_on_device(binary, iou, gt, mode)
+    chosen, index, dice, jaccard = _select_on_device(
+        binary.to(device), iou.to(device), torch.from_numpy(gt).to(device), mode
+    )
+    assert chosen.device.type == index.device.type == dice.device.type == device
     expected, expected_index = select_masks(binary.numpy(), iou, gt, mode)
-    assert np.array_equal(index, expected_index) and np.array_equal(chosen.numpy(), expected)
-    assert np.array_equal(pack_bits(chosen).numpy(), pack_masks(expected.reshape(6, 5, 7)))
+    assert np.array_equal(index.cpu().numpy(), expected_index)
+    assert np.array_equal(chosen.cpu().numpy(), expected)
+    assert np.array_equal(pack_bits(chosen).cpu().numpy(), pack_masks(expected.reshape(6, 5, 7)))
+    ref_dice, ref_iou = _numpy_dice_iou(expected, gt)
+    assert np.array_equal(dice.cpu().numpy(), ref_dice)
+    assert np.array_equal(jaccard.cpu().numpy(), ref_iou)
 
 
 def test_decode_select_packed_equals_unpacked(model):
@@ -204,6 +248,69 @@ def test_decode_select_packed_equals_unpacked(model):
         m, index, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3)
         p, index_p, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3, packed=True)
     assert np.array_equal(unpack_masks(p, (H, W)), m) and np.array_equal(index, index_p)
+
+
+@pytest.mark.parametrize("mode", ["oracle", "predicted_iou"])
+def test_decode_scored_gives_the_numpy_metrics_with_one_gt_per_object(model, mode):
+    """One GT per object on the device (``gt_of``) gives what one GT per prompt gives, and the
+    scores are the numpy metrics of the kept masks against their object's GT."""
+    from sam_ft.evaluation.selection import decode_scored, decode_select
+    from sam_ft.prompts.strategies import make_eval_prompt
+
+    rec = _records("q", (2,))[0]
+    strategies = ("point1", "point5_neg5", "box", "box_point1")
+    prompts = [
+        make_eval_prompt(m, s, None, seed=0, case="q", slice_index=2, label=i + 1)
+        for i, m in enumerate(rec.masks)
+        for s in strategies
+    ]
+    gt_of = np.repeat(np.arange(len(rec.masks)), len(strategies))
+    per_prompt = rec.masks[gt_of]
+    with torch.inference_mode():
+        emb = model.encode(model.preprocess(rec.image)[None])[0]
+        sel = decode_scored(model, emb, prompts, rec.masks, mode, 3, gt_of=gt_of, keep_low=False)
+        m, index, pred_iou, _ = decode_select(model, emb, prompts, per_prompt, mode, 3)
+    assert sel.low is None
+    assert np.array_equal(sel.masks, m) and np.array_equal(sel.index, index)
+    assert np.array_equal(sel.pred_iou, pred_iou)
+    ref_dice, ref_iou = _numpy_dice_iou(m, per_prompt)
+    assert np.array_equal(sel.dice, ref_dice) and np.array_equal(sel.iou, ref_iou)
+    assert ref_dice.min() > 0 and len(set(ref_dice.tolist())) > 1
+    with pytest.raises(ValueError, match="ground-truth mask each"):
+        decode_scored(model, emb, prompts, rec.masks, mode, 3)  # 8 prompts, 2 masks
+
+
+def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, monkeypatch):
+    """End to end: the CSVs with Dice / IoU from the device equal, byte for byte, those of a
+    run whose Dice / IoU are the numpy metrics of the same masks (what the workers computed
+    before), Everything mode and the click curve included."""
+    from sam_ft.evaluation import engine
+    from sam_ft.evaluation.selection import decode_scored
+
+    kw = dict(task_name="t", seed=SEED, progress=False)
+    cfg = {**CFG, "workers": 0, "prompts": ["everything", "point1", "point5_neg5", "box"]}
+    models = {"zero_shot": model}
+    evaluate_and_report(models, _cases(), cfg=cfg, out_dir=tmp_path / "device", **kw)
+
+    calls = {"decode": 0, "everything": 0}
+
+    def numpy_scored(m, emb, prompts, gt, mode, max_per_call, **opts):
+        sel = decode_scored(m, emb, prompts, gt, mode, max_per_call, **opts)
+        masks = unpack_masks(sel.masks, gt.shape[1:]) if opts.get("packed") else sel.masks
+        gt_of = opts.get("gt_of")
+        sel.dice, sel.iou = _numpy_dice_iou(masks, gt if gt_of is None else gt[gt_of])
+        calls["decode"] += 1
+        return sel
+
+    def numpy_overlap(pred, gt):
+        calls["everything"] += 1
+        return tuple(map(torch.from_numpy, _numpy_dice_iou(pred.numpy(), gt.numpy())))
+
+    monkeypatch.setattr(engine, "decode_scored", numpy_scored)
+    monkeypatch.setattr(engine, "overlap_scores", numpy_overlap)
+    evaluate_and_report(models, _cases(), cfg=cfg, out_dir=tmp_path / "numpy", **kw)
+    assert calls["decode"] > 0 and calls["everything"] > 0
+    assert _files(tmp_path / "device") == _files(tmp_path / "numpy")
 
 
 def test_workers_end_when_the_main_process_is_killed(tmp_path):
