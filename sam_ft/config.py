@@ -47,14 +47,18 @@ def optional() -> Any:
 
 def config_dir() -> str:
     """``$SAM_FT_CONFIG_DIR``, else the configs installed with the package (``sam_ft/conf``, a
-    non-editable install), else the ``conf/`` of this checkout, else ``./conf``."""
+    non-editable install), else the ``conf/`` of this checkout, else ``./conf``.
+
+    Raises:
+        ConfigError: none of them holds ``train.yaml``.
+    """
     here = Path(__file__).resolve().parent
     candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), here / "conf", here.parent / "conf"]
     candidates.append(Path.cwd() / "conf")
     for candidate in candidates:
         if candidate and (Path(candidate) / "train.yaml").is_file():
             return str(Path(candidate).resolve())
-    raise SystemExit("sam_ft: cannot find the conf/ folder; set SAM_FT_CONFIG_DIR to it")
+    raise ConfigError("sam_ft: cannot find the conf/ folder; set SAM_FT_CONFIG_DIR to it")
 
 
 def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
@@ -73,7 +77,7 @@ def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
       per-run place (``data.cache_dir``: ``<run dir>/cache``), so a side path never writes into
       the shared user cache.
 
-    Returns a fresh copy (callers may change it); the file is parsed once per process.
+    Returns a fresh copy (callers may change it); each file is parsed once per process.
 
     Raises:
         ConfigError: the file does not exist.
