@@ -4,28 +4,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from sam_ft.config import config_dir
 from sam_ft.errors import SamFtError
 
 log = logging.getLogger("sam_ft")
-
-
-def config_dir() -> str:
-    """``$SAM_FT_CONFIG_DIR``, else the configs installed with the package (``sam_ft/conf``, a
-    non-editable install), else the ``conf/`` of this checkout, else ``./conf``."""
-    here = Path(__file__).resolve().parent
-    candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), here / "conf", here.parent / "conf"]
-    candidates.append(Path.cwd() / "conf")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "train.yaml").is_file():
-            return str(Path(candidate).resolve())
-    raise SystemExit("sam_ft: cannot find the conf/ folder; set SAM_FT_CONFIG_DIR to it")
 
 
 def _guarded(fn):

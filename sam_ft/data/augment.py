@@ -1,21 +1,23 @@
 """Training augmentation: one random geometric/intensity transform applied to an image and all of
 its object masks together, before prompts are drawn from the (augmented) masks.
 
-Config (``data.augment``; every key optional, ``enabled: false`` => no augmentation)::
+Config (``data.augment``; every key optional, ``enabled: false`` => no augmentation). The keys,
+whose defaults are those of ``conf/data/default.yaml`` only (read by
+:func:`sam_ft.config.group_defaults`)::
 
-    enabled: false
-    hflip_p: 0.5                 # horizontal flip probability
-    vflip_p: 0.0                 # vertical flip probability
-    affine_p: 0.5                # small affine probability, with:
-    scale: [0.9, 1.1]            #   zoom range
-    translate: 0.05              #   max shift, fraction of the side
-    rotate: 10.0                 #   max rotation, degrees
-    brightness_contrast_p: 0.5   # brightness/contrast jitter probability, with:
-    brightness: 0.1              #   max brightness change, fraction of 255
-    contrast: 0.1                #   max contrast change, fraction
-    elastic_p: 0.0               # elastic deformation probability (off by default), with:
-    elastic_alpha: 30.0          #   displacement scale, pixels
-    elastic_sigma: 6.0           #   smoothing of the displacement field, pixels
+    enabled                      # false: no augmentation at all
+    hflip_p                      # horizontal flip probability
+    vflip_p                      # vertical flip probability
+    affine_p                     # small affine probability, with:
+    scale                        #   zoom range [low, high]
+    translate                    #   max shift, fraction of the side
+    rotate                       #   max rotation, degrees
+    brightness_contrast_p        # brightness/contrast jitter probability, with:
+    brightness                   #   max brightness change, fraction of 255
+    contrast                     #   max contrast change, fraction
+    elastic_p                    # elastic deformation probability, with:
+    elastic_alpha                #   displacement scale, pixels
+    elastic_sigma                #   smoothing of the displacement field, pixels
 
 Images are (H, W, 3) uint8; masks are (K, H, W) bool, indexed (row, col). Masks are warped with
 nearest-neighbour interpolation and zero fill, so they stay binary and aligned with the image.
@@ -30,40 +32,27 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from sam_ft.config import group_defaults
 from sam_ft.errors import ConfigError
-
-AUGMENT_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "hflip_p": 0.5,
-    "vflip_p": 0.0,
-    "affine_p": 0.5,
-    "scale": (0.9, 1.1),
-    "translate": 0.05,
-    "rotate": 10.0,
-    "brightness_contrast_p": 0.5,
-    "brightness": 0.1,
-    "contrast": 0.1,
-    "elastic_p": 0.0,
-    "elastic_alpha": 30.0,
-    "elastic_sigma": 6.0,
-}
 
 
 class SliceAugment:
     """Random augmentation of (image, masks), reproducible from a numpy ``Generator``.
 
     Args:
-        cfg: the ``data.augment`` mapping (see module docstring); missing keys take defaults.
+        cfg: the ``data.augment`` mapping (see module docstring); missing keys take the values
+            of ``data.augment`` in ``conf/data/default.yaml``.
         min_object_pixels: an object whose augmented mask has this many pixels or fewer is
             dropped (it left the image or shrank below the dataset's object threshold).
     """
 
     def __init__(self, cfg: Mapping[str, Any] | None = None, min_object_pixels: int = 0) -> None:
         cfg = dict(cfg or {})
-        unknown = set(cfg) - set(AUGMENT_DEFAULTS)
+        defaults = group_defaults("data")["augment"]
+        unknown = set(cfg) - set(defaults)
         if unknown:
             raise ConfigError(f"unknown data.augment keys: {sorted(unknown)}")
-        c = {**AUGMENT_DEFAULTS, **cfg}
+        c = {**defaults, **cfg}
         self.cfg = c
         self.min_object_pixels = int(min_object_pixels)
         for key in ("hflip_p", "vflip_p", "affine_p", "brightness_contrast_p", "elastic_p"):

@@ -188,10 +188,10 @@ class SamDataModule(L.LightningDataModule):
         self.run_dir = Path(run_dir)
         self.data_dir = data_dir
         self.progress = progress
-        self.batch_size = int(self.data.get("batch_size", 2))
-        self.num_workers = int(self.data.get("num_workers", 0))
+        self.batch_size = int(self.data["batch_size"])
+        self.num_workers = int(self.data["num_workers"])
         self.max_objects = self.data.get("max_objects_per_image")
-        mode = self.data.get("cache_embeddings", "auto")
+        mode = self.data["cache_embeddings"]
         dtype = self.data.get("embedding_dtype")
         if dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(

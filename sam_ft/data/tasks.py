@@ -9,11 +9,13 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
   location and the free disk space; the archive is removed after a verified extraction.
 * ``demo``: generated on first use by :mod:`sam_ft.data.demo` (no download).
 
-Task keys (defaults in :data:`TASK_DEFAULTS`): ``name, source, root, decathlon_task, url, md5,
+Task keys (declared in :class:`sam_ft.config.TaskConfig`; defaults in ``conf/task/folder.yaml``,
+the base task, and ``data`` defaults in ``conf/data/default.yaml``, read by
+:func:`sam_ft.config.group_defaults`): ``name, source, root, decathlon_task, url, md5,
 modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
 labels ({name: [values]} or null), ignore_labels, slice_axis (auto|0|1|2), channel,
 label_binarize (false | true | threshold), case_pattern, images_dir,
-labels_dir (dir or list of binary-mask dirs), label_name, layout``.
+labels_dir (dir or list of binary-mask dirs), label_name, layout, demo_variant, keep_archive``.
 """
 
 from __future__ import annotations
@@ -29,41 +31,10 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from sam_ft.config import group_defaults
 from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-TASK_DEFAULTS: dict[str, Any] = {
-    "name": "folder",
-    "source": "folder",
-    "root": None,
-    "decathlon_task": None,
-    "url": None,
-    "md5": None,
-    "modality": None,
-    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": True},
-    "labels": None,
-    "ignore_labels": [],
-    "slice_axis": "auto",
-    "channel": 0,
-    "label_binarize": False,
-    "case_pattern": None,
-    "images_dir": "imagesTr",
-    "labels_dir": "labelsTr",
-    "label_name": "{stem}",
-    "demo_variant": "3d",
-    "keep_archive": False,
-    "layout": "imagesTr/<case>[_0000].nii.gz|.nii|.png|.jpg (or DICOM series folders) "
-    "+ labelsTr/<case>.nii.gz|.png, optional dataset.json",
-}
-
-DATA_DEFAULTS: dict[str, Any] = {
-    "min_object_pixels": 50,
-    "on_error": "raise",
-    "affine_atol": 1e-3,
-    "split": {"train": 0.7, "val": 0.1, "test": 0.2, "file": None},
-    "seed": 0,
-}
 
 # The ten MSD tasks: preset name -> MONAI / MSD task folder name.
 DECATHLON_TASKS: dict[str, str] = {
@@ -95,9 +66,11 @@ def to_plain(cfg: Any) -> Any:
 
 
 def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """The task config as a plain dict with every key of :data:`TASK_DEFAULTS` filled in."""
-    opts = {**TASK_DEFAULTS, **(to_plain(task) or {})}
-    opts["intensity"] = {**TASK_DEFAULTS["intensity"], **(opts.get("intensity") or {})}
+    """The task config as a plain dict; keys it lacks (``task.intensity``'s too) take their
+    values from ``conf/task/folder.yaml`` (:func:`~sam_ft.config.group_defaults`)."""
+    base = group_defaults("task", "folder")
+    opts = {**base, **(to_plain(task) or {})}
+    opts["intensity"] = {**base["intensity"], **(opts.get("intensity") or {})}
     if opts["source"] not in SOURCES:
         raise ConfigError(f"task.source must be one of {SOURCES}, got {opts['source']!r}")
     if opts["labels"] is not None:
@@ -116,9 +89,12 @@ def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
 
 
 def data_options(data: Mapping[str, Any] | Any | None) -> dict[str, Any]:
-    """The data config as a plain dict with :data:`DATA_DEFAULTS` filled in."""
-    opts = {**DATA_DEFAULTS, **(to_plain(data) or {})}
-    opts["split"] = {**DATA_DEFAULTS["split"], **(opts.get("split") or {})}
+    """The data config as a plain dict; keys it lacks (``data.split``'s too) take their values
+    from ``conf/data/default.yaml`` (:func:`~sam_ft.config.group_defaults`: ``seed`` is
+    ``conf/train.yaml``'s, ``cache_dir`` None, i.e. ``<run dir>/cache``)."""
+    base = group_defaults("data")
+    opts = {**base, **(to_plain(data) or {})}
+    opts["split"] = {**base["split"], **(opts.get("split") or {})}
     if opts["on_error"] not in ("raise", "skip"):
         raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {opts['on_error']!r}")
     return opts

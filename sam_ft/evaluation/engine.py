@@ -90,26 +90,6 @@ PROMPTS_AHEAD = 2
 OVERLAY_PROMPT = ("box", "none")
 """(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
 
-DEFAULTS: dict[str, Any] = {
-    "split": "test",
-    "shard": None,  # "K/N": share K of N (read by sam_ft.evaluation.distributed)
-    "prompts": list(STRATEGIES),
-    "jitter_px": [[0, 10], [10, 20], [20, 30]],
-    "mask_selection": "oracle",
-    "point_sampling": "even",
-    "grid": 32,
-    "nsd_tolerance_mm": 2.0,
-    "nsd_method": "area",
-    "clicks": 0,
-    "save_predictions": False,
-    "max_prompts_per_call": 256,
-    "overlays": 8,
-    "volume_gt": "full",
-    "on_error": "skip",
-    "workers": None,
-    "everything": {},
-}
-
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
@@ -164,7 +144,8 @@ class EvalOptions:
 
 
 def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
-    """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over ``DEFAULTS`` and check.
+    """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over the defaults of
+    ``conf/eval/default.yaml`` (:func:`~sam_ft.config.group_defaults`) and check.
 
     Raises:
         ConfigError: an unknown key or an invalid value, naming the option.
@@ -176,10 +157,13 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         except ValueError:
             cfg = dict(cfg)
-    merged = {**DEFAULTS, **(cfg or {})}
-    unknown = sorted(set(merged) - set(DEFAULTS))
+    from sam_ft.config import group_defaults
+
+    defaults = group_defaults("eval")
+    merged = {**defaults, **(cfg or {})}
+    unknown = sorted(set(merged) - set(defaults))
     if unknown:
-        raise ConfigError(f"unknown eval option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        raise ConfigError(f"unknown eval option(s) {unknown}; known: {sorted(defaults)}")
     prompts = tuple(merged["prompts"] or ())
     bad = [p for p in prompts if p not in STRATEGIES]
     if bad or not prompts:

@@ -205,7 +205,8 @@ def test_datamodule_embedding_cache(demo_task, tmp_path):
         calls.append(len(x))
         return encoder(x)
 
-    dm = _dm(demo_task, tmp_path)
+    # The encoder's own dtype (not the YAML's float16), so the cached embedding is exact.
+    dm = _dm(demo_task, tmp_path, embedding_dtype=None)
     # Requested before setup (as a LightningModule.setup hook may): applied when setup runs.
     assert dm.use_embedding_cache(encode, encoder_fingerprint(encoder, dm.transform), "cpu")
     dm.setup("fit")
@@ -221,7 +222,7 @@ def test_datamodule_embedding_cache(demo_task, tmp_path):
     torch.testing.assert_close(batch["embedding"][0], expected)
 
     # With augmentation, auto keeps images for train and caches val/test (all hits now).
-    aug = _dm(demo_task, tmp_path, run="run2", augment={"enabled": True})
+    aug = _dm(demo_task, tmp_path, run="run2", augment={"enabled": True}, embedding_dtype=None)
     aug.setup("fit")
     assert aug.use_embedding_cache(encode, encoder_fingerprint(encoder, aug.transform), "cpu")
     assert sum(calls) == n
