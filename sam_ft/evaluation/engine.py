@@ -1044,7 +1044,7 @@ def evaluate(
             :class:`LazyCase` (loaded only when needed; loading errors are recorded per case).
         model_name: the ``model`` column, e.g. ``"zero_shot"`` or ``"finetuned"``.
         task_name: the ``task`` column.
-        cfg: the ``eval`` config (keys in ``DEFAULTS``; missing keys take the defaults).
+        cfg: the ``eval`` config (keys of conf/eval/default.yaml; missing keys take its values).
         out_dir: where the CSVs go; existing results of (model, task, case) are kept.
         seed: prompt seed (same seed, same prompts for every model).
         progress: show a tqdm bar (cases/s, running mean box Dice).
