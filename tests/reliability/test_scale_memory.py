@@ -4,7 +4,8 @@ Runs ``bench/scale.py --quick``: ``train.py`` and ``evaluate.py`` through Hydra,
 process, on 2 and on 6 synthetic 512 x 512 x 12 CT volumes. Holding the data of the four extra
 cases in RAM (what ``SamDataModule.setup`` did before: every kept slice's RGB image, float32
 intensities and masks, plus the label volumes) would add ``held_mb`` ~ 120 MB, four times the
-budget below; streaming from the slice cache keeps the growth to noise.
+budget below; streaming from the slice cache keeps the growth to noise (+-5 MB: the bench pins
+glibc's mmap threshold, without which the same run's peak varies by +-70 MB).
 """
 
 from __future__ import annotations
