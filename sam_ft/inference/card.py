@@ -84,7 +84,7 @@ def write_model_card(
             on (else ``task.labels``) and the modality (else ``task.modality``).
         evaluation: the evaluation summary, e.g. ``{"finetuned": {"box_dice": 0.8}, ...}``.
     """
-    from sam_ft.model.builders import SPECS
+    from sam_ft.model.specs import SPECS
 
     weights = Path(weights)
     plain = _plain(cfg)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sam_ft.errors import CheckpointError
+from sam_ft.model.specs import SPECS
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     """Name the known architecture whose encoder width and depth match ``state``, if any."""
-    from sam_ft.model.builders import SPECS
-
     patch = state.get("image_encoder.patch_embed.proj.weight")
     if patch is None:
         return None
