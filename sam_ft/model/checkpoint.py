@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sam_ft.atomic import atomic_write
 from sam_ft.errors import CheckpointError
 from sam_ft.model.specs import SPECS
 
@@ -147,9 +148,4 @@ def export_official(model: nn.Module, path: str | Path) -> Path:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"refusing to export {path}: parameter {key} is not finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
