@@ -74,7 +74,7 @@ def _rate(fn, items: int, iters: int, warmup: int, device: torch.device) -> floa
 
 
 def encoder_rows(model_name: str, batch: int, iters: int, device: torch.device) -> list[dict]:
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)
     model = build_trainable_sam(model_name).to(device).eval()
@@ -113,7 +113,7 @@ def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
 
 def train_rows(model_name: str, batch: int, iters: int, device: torch.device) -> list[dict]:
     from sam_ft.losses import SegmentationLoss
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
     from sam_ft.model.finetune import Finetune
     from sam_ft.training.module import SamFinetuneModule
 

@@ -19,7 +19,7 @@ from sam_ft.data.loading import read_volume
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.inference.card import card_path, read_card, write_model_card
 from sam_ft.inference.geometry import file_geometry
-from sam_ft.model import build_trainable_sam
+from sam_ft.model.builders import build_trainable_sam
 from sam_ft.model.checkpoint import export_official
 
 # File shape (i, j, k) and spacing: anisotropic; slices along the 4 mm axis.

@@ -56,7 +56,7 @@ def _metrics(run_dir: Path) -> pd.DataFrame:
 
 def _changed_from_start(run_dir: Path) -> bool:
     """Whether the decoder weights in last.ckpt differ from the zero-shot model's."""
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
 
     start = build_trainable_sam("tiny").sam.state_dict()
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -65,7 +65,7 @@ H, W = 64, 80
 
 
 def _tiny(multimask_output: bool = True):
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)
     return build_trainable_sam("tiny", multimask_output=multimask_output).eval()

@@ -2,7 +2,7 @@
 
 One ``.npz`` file per case, named by a key that hashes the source file(s) (path, size, mtime) and
 the slicing/intensity settings: editing a file or a setting gives a new key, so a stale entry is
-never read. Writes are atomic (temp file in the same folder + ``os.replace``), so parallel jobs
+never read. Writes are atomic (:func:`sam_ft.atomic.atomic_write`), so parallel jobs
 can share one cache folder. A truncated or damaged entry fails to load (zip CRC, key check) and is
 recomputed.
 
@@ -14,13 +14,11 @@ digest), and a slice's image and masks are read member by member when an item is
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sam_ft.atomic import atomic_write
 from sam_ft.data.types import CaseFiles, SliceRecord
 from sam_ft.errors import DataError
 
@@ -36,27 +35,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the entry layout changes: old entries then simply stop matching.
 SLICE_CACHE_FORMAT = 2  # 2: per-slice labels, image shape and digest in the header
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` so readers see the old file or the whole new one.
-
-    The temp file lives in the same folder because ``os.replace`` is only atomic within one
-    filesystem; two jobs writing the same entry each replace it with a complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _file_stamp(path: str | Path) -> list[Any]:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sam_ft.data.cache import SliceRef, atomic_write, image_digest
+from sam_ft.atomic import atomic_write
+from sam_ft.data.cache import SliceRef, image_digest
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform

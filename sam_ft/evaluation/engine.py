@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sam_ft.atomic import atomic_write, atomic_write_text
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.evaluation.everything import EverythingConfig, everything_predictions
@@ -711,9 +712,7 @@ def sort_table(df: pd.DataFrame) -> pd.DataFrame:
 def _rewrite_sorted(path: Path, columns: list[str]) -> pd.DataFrame:
     df = sort_table(_read_csv(path, columns))
     if path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        df.to_csv(tmp, index=False)
-        tmp.replace(path)
+        atomic_write_text(path, df.to_csv(index=False))
     return df
 
 
@@ -728,9 +727,7 @@ def _drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, s
     keep = np.array([k in done for k in keys], dtype=bool)
     if not keep.all() or list(df.columns) != list(columns):
         # Also brings a table written by an older version to today's columns before appending.
-        tmp = path.with_name(path.name + ".tmp")
-        df[keep].reindex(columns=columns).to_csv(tmp, index=False)
-        tmp.replace(path)
+        atomic_write_text(path, df[keep].reindex(columns=columns).to_csv(index=False))
 
 
 def _write_skipped(path: Path, entries: list[dict]) -> pd.DataFrame:
@@ -801,9 +798,9 @@ class _OverlayPool:
                     f"box{i}": np.asarray(item["box"], dtype=np.float64),
                 }
             )
-        tmp = self.path.with_name(self.path.stem + ".tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        tmp.replace(self.path)
+        atomic_write(
+            self.path, lambda f: np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+        )
 
     def grids(self) -> tuple[list, list]:
         """(best, worst) as ``plots.OverlayItem`` tuples."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from sam_ft.atomic import atomic_write_text
 from sam_ft.errors import ConfigError, SamFtError
 
 SHARD_FILE = "shard.json"
@@ -77,10 +78,7 @@ def write_shard_file(out_dir: Path, shard: Shard, cases: Sequence[str], config: 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SHARD_FILE
     body = {"shard": shard.index, "of": shard.count, "cases": list(cases), "config": config}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(body, indent=1, sort_keys=True, default=str))
 
 
 def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -173,9 +171,7 @@ def merge_shards_with_overlays(
         parts = [p for p in parts if not p.empty]
         df = engine.sort_table(pd.concat(parts, ignore_index=True)) if parts else None
         df = df if df is not None else pd.DataFrame(columns=columns)
-        tmp = out / f"{name}.tmp"
-        df.to_csv(tmp, index=False)
-        tmp.replace(out / name)
+        atomic_write_text(out / name, df.to_csv(index=False))
         tables[name] = df
     _merge_skipped([d for d, _ in shards], out)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from sam_ft.atomic import atomic_path, atomic_write
+
 
 class CasePredictions:
     """Predicted masks of one case, bit-packed, keyed by (label, prompt, jitter) and slice.
@@ -84,12 +86,8 @@ def write_png(path: str | Path, labels: np.ndarray) -> Path:
     """Write an (H, W) label map as a grey PNG (8- or 16-bit), pixel value = label value."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(labels)).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    image = Image.fromarray(np.ascontiguousarray(labels))
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def write_nifti(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> Path:
@@ -97,10 +95,8 @@ def write_nifti(path: str | Path, labels: np.ndarray, affine: np.ndarray) -> Pat
     import nibabel as nib
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name.replace(".nii", ".tmp.nii"))
-    nib.save(nib.Nifti1Image(np.asarray(labels), np.asarray(affine, dtype=np.float64)), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(np.asarray(labels), np.asarray(affine, dtype=np.float64)), tmp)
     return path
 
 

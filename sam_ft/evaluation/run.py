@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sam_ft.atomic import atomic_write_text
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
@@ -99,9 +100,7 @@ def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: Dict
             "mask_selection": str(cfg.eval.mask_selection),
         }
         log.info("model %s: precision %s", name, entries[name]["precision"])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _report_skipped(out_dir: Path, loggers: Sequence) -> None:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sam_ft.atomic import atomic_write_text
 from sam_ft.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def write_model_card(
             on (else ``task.labels``) and the modality (else ``task.modality``).
         evaluation: the evaluation summary, e.g. ``{"finetuned": {"box_dice": 0.8}, ...}``.
     """
-    from sam_ft.model.builders import SPECS
+    from sam_ft.model.specs import SPECS
 
     weights = Path(weights)
     plain = _plain(cfg)
@@ -113,10 +114,7 @@ def write_model_card(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = card_path(weights)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(card, indent=2, sort_keys=False) + "\n")
 
 
 def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> Path:
@@ -124,10 +122,7 @@ def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> P
     path = Path(card)
     data = json.loads(path.read_text())
     data["evaluation"] = _plain(evaluation)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def evaluation_summary(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sam_ft.atomic import atomic_path
 from sam_ft.data.folder import is_2d_file
 
 
@@ -120,7 +121,6 @@ def write_label_volume(
     else:
         img = nib.Nifti1Image(np.ascontiguousarray(labels), np.asarray(ras_affine, np.float64))
     img.set_data_dtype(labels.dtype)
-    tmp = path.with_name(path.name.replace(".nii", ".tmp.nii"))
-    nib.save(img, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
     return path

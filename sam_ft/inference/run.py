@@ -114,7 +114,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
 
 def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
     """The model described by ``facts["model"]`` with the weights of ``checkpoint``."""
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
 
     m = facts["model"]
     return build_trainable_sam(

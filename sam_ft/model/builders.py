@@ -1,5 +1,8 @@
 """Model builders: the official SAM architectures, a CPU-sized ``tiny`` one, and MedSAM.
 
+The architectures themselves are data in ``sam_ft.model.specs``; ``build_trainable_sam`` is the
+``model`` config's ``_target_`` (``conf/model/*.yaml``).
+
 Every builder returns a ``segment_anything.modeling.Sam`` made of the official classes, so the
 official checkpoints, ``SamPredictor`` and our trainable wrapper all see the same modules.
 """
@@ -7,7 +10,6 @@ official checkpoints, ``SamPredictor`` and our trainable wrapper all see the sam
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,67 +23,21 @@ from segment_anything.modeling import (
 )
 
 from sam_ft.errors import ConfigError
+from sam_ft.model.checkpoint import load_weights, read_state_dict
+from sam_ft.model.download import cache_dir, fetch
+from sam_ft.model.specs import SPECS, SamSpec
+from sam_ft.model.trainable import TrainableSam
+
+__all__ = [
+    "SPECS",
+    "SamSpec",
+    "build_sam",
+    "build_sam_architecture",
+    "build_trainable_sam",
+    "resolve_checkpoint",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamSpec:
-    """Architecture of one SAM variant and where its published weights live."""
-
-    encoder_embed_dim: int
-    encoder_depth: int
-    encoder_num_heads: int
-    encoder_global_attn_indexes: tuple[int, ...]
-    image_size: int = 1024
-    window_size: int = 14
-    prompt_embed_dim: int = 256
-    decoder_mlp_dim: int = 2048
-    preprocess: str = "sam"
-    multimask_output: bool = True
-    url: str | None = None
-    sha256: str | None = None
-
-    @property
-    def filename(self) -> str | None:
-        return self.url.rsplit("/", 1)[-1] if self.url else None
-
-
-_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-
-SPECS: dict[str, SamSpec] = {
-    "vit_h": SamSpec(
-        1280,
-        32,
-        16,
-        (7, 15, 23, 31),
-        url=_SAM_URL + "sam_vit_h_4b8939.pth",
-        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-    ),
-    "vit_l": SamSpec(
-        1024,
-        24,
-        16,
-        (5, 11, 17, 23),
-        url=_SAM_URL + "sam_vit_l_0b3195.pth",
-        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-    ),
-    "vit_b": SamSpec(
-        768,
-        12,
-        12,
-        (2, 5, 8, 11),
-        url=_SAM_URL + "sam_vit_b_01ec64.pth",
-        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-    ),
-    # MedSAM (Ma et al., Nature Communications 2024): ViT-B trained on 1.5M medical image-mask
-    # pairs with its own preprocessing (see sam_ft.model.preprocess, mode "medsam"). Its weights
-    # are published on Google Drive only, with no direct URL: `auto` finds the file in the cache.
-    # Trained and run with one mask output (multimask_output=False).
-    "medsam": SamSpec(768, 12, 12, (2, 5, 8, 11), preprocess="medsam", multimask_output=False),
-    # Same classes, CPU-sized: a 2-block ViT at input 256 (16x16 embedding grid).
-    "tiny": SamSpec(96, 2, 2, (1,), image_size=256, window_size=8),
-}
 
 
 def _spec(name: str) -> SamSpec:
@@ -139,8 +95,6 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
 
 def resolve_checkpoint(name: str, checkpoint: str | None) -> Path | None:
     """Turn ``model.checkpoint`` (a path, ``"auto"`` or None) into a local file or None."""
-    from sam_ft.model.download import cache_dir, fetch
-
     if checkpoint in (None, "", "null", "none"):
         return None
     if str(checkpoint) != "auto":
@@ -172,8 +126,6 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
             random weights, which is logged as a warning because results are then meaningless.
         image_size: must equal the architecture's input size unless building for tests.
     """
-    from sam_ft.model.checkpoint import load_weights, read_state_dict
-
     sam = build_sam_architecture(name, image_size)
     path = resolve_checkpoint(name, checkpoint)
     if path is None:
@@ -186,3 +138,46 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
     load_weights(sam, read_state_dict(path), str(path), name)
     log.info("model %s: loaded weights from %s", name, path)
     return sam
+
+
+def build_trainable_sam(
+    name: str,
+    checkpoint: str | None = None,
+    image_size: int | None = None,
+    preprocess: str | None = None,
+    grad_checkpointing: bool = False,
+    compile_encoder: bool = False,
+    encoder_bf16: bool = True,
+    multimask_output: bool | None = None,
+) -> TrainableSam:
+    """The ``model`` config's target: a SAM with weights, wrapped for training and prediction.
+
+    ``image_size`` and ``preprocess`` must match the architecture (they are in the config so that
+    the data pipeline and reports can read them); a mismatch is a config error, not a silent fix.
+    ``encoder_bf16``: run the image encoder under bf16 autocast on CUDA GPUs when it gets no
+    gradients (faster); False keeps everything float32, as the study assumes.
+    ``multimask_output``: whether the model's 3 mask outputs are used (SAM) or only its single
+    one (MedSAM, trained with ``multimask_output=False``); None = the architecture's own.
+    """
+    if name not in SPECS:
+        raise ConfigError(f"model.name={name!r} is not one of {sorted(SPECS)}")
+    spec = SPECS[name]
+    if image_size is not None and int(image_size) != spec.image_size:
+        raise ConfigError(
+            f"model.image_size={image_size}, but {name} takes {spec.image_size}x{spec.image_size}"
+        )
+    if preprocess is not None and preprocess != spec.preprocess:
+        raise ConfigError(
+            f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
+        )
+    model = TrainableSam(
+        build_sam(name, checkpoint),
+        spec.preprocess,
+        grad_checkpointing,
+        encoder_bf16=bool(encoder_bf16),
+        multimask_output=spec.multimask_output if multimask_output is None else multimask_output,
+    )
+    if compile_encoder:
+        # In place, so state-dict keys keep their official names.
+        model.sam.image_encoder.compile()
+    return model

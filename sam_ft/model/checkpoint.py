@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sam_ft.atomic import atomic_write
 from sam_ft.errors import CheckpointError
+from sam_ft.model.specs import SPECS
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,6 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     """Name the known architecture whose encoder width and depth match ``state``, if any."""
-    from sam_ft.model.builders import SPECS
-
     patch = state.get("image_encoder.patch_embed.proj.weight")
     if patch is None:
         return None
@@ -148,9 +148,4 @@ def export_official(model: nn.Module, path: str | Path) -> Path:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"refusing to export {path}: parameter {key} is not finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))

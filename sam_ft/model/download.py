@@ -6,13 +6,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
+from sam_ft.atomic import atomic_write, atomic_write_text
 from sam_ft.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ def remember_sha256(path: Path, sha256: str) -> None:
     with FileLock(str(records_file) + ".lock"):
         records = _read_records()
         records[str(path.resolve())] = {**_stat_key(path), "sha256": sha256}
-        fd, tmp = tempfile.mkstemp(dir=records_file.parent, prefix=".verified.", suffix=".part")
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, records_file)
+        atomic_write_text(records_file, json.dumps(records, indent=1))
 
 
 def verified_sha256(path: Path) -> str:
@@ -96,12 +94,13 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
         if sha256 is None or verified_sha256(target) == sha256:
             return target
         log.warning("%s does not match its published SHA-256; downloading it again", target)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
-    try:
+
+    def download(out: BinaryIO) -> None:
+        # Hashed while streaming; a mismatch raises inside atomic_write, which then removes the
+        # temporary file: a bad download never appears under the final name.
         digest = hashlib.sha256()
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            with urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {filename}")
                 with bar:
@@ -119,11 +118,9 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
                 f"SHA-256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}. "
                 "The file was not saved."
             )
-        os.replace(tmp, target)
-        if sha256 is not None:
-            remember_sha256(target, sha256)  # just verified while downloading
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(target, download)
+    if sha256 is not None:
+        remember_sha256(target, sha256)  # just verified while downloading
     log.info("saved %s", target)
     return target

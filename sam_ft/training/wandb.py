@@ -202,6 +202,7 @@ def make_wandb_logger(
     name: str | None = None,
     group: str | None = None,
     tags: list[str] | None = None,
+    run_tags: list[str] | None = None,
     save_dir: str = ".",
     entity: str | None = None,
     offline: bool = False,
@@ -214,6 +215,9 @@ def make_wandb_logger(
         name: base run name (``<model>_<task>_<finetune>``); the job's overrides and, in a
             multirun, its number are added (:func:`job_run_name`).
         group: W&B group; null = the sweep folder in a multirun, ungrouped otherwise.
+        tags, run_tags: the run's W&B tags, in this order without repeats (the config passes
+            model, task and finetune names as ``tags`` and its top-level ``tags`` as
+            ``run_tags``).
         offline: force offline; also when ``WANDB_MODE=offline`` or no credentials are found
             (``WANDB_API_KEY``, or a ``.netrc`` entry for ``WANDB_BASE_URL``'s host).
         log_model: log the exported ``sam_finetuned.pth`` and its model card as a ``model``
@@ -236,7 +240,7 @@ def make_wandb_logger(
         project=project,
         name=job_run_name(name) if name else None,
         group=group or sweep_group(),
-        tags=list(tags or []),
+        tags=list(dict.fromkeys([*(tags or []), *(run_tags or [])])),
         save_dir=save_dir,
         entity=entity,
         offline=offline,

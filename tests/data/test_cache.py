@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sam_ft.data.cache import CachedCase, SliceCache, atomic_write, slice_cache_key
+from sam_ft.atomic import atomic_write
+from sam_ft.data.cache import CachedCase, SliceCache, slice_cache_key
 from sam_ft.data.types import CaseFiles, SliceRecord
 
 SETTINGS = {"window": [0.95, 99.5], "min_object_pixels": 5, "axis": 2}

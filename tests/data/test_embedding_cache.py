@@ -164,7 +164,7 @@ def test_two_processes_writing_same_entries_leave_valid_entries(tmp_path):
 
 def test_float16_embeddings_decode_like_float32(tmp_path):
     """The default 16-bit cache halves each entry and the decoder's output barely moves."""
-    from sam_ft.model import build_trainable_sam
+    from sam_ft.model.builders import build_trainable_sam
     from sam_ft.prompts.types import Prompt
 
     torch.manual_seed(0)

@@ -1,0 +1,69 @@
+"""The SAM architectures this project builds, as plain data: one ``SamSpec`` per model name.
+
+Read by the builders (``sam_ft.model.builders``), the checkpoint reader (to name the
+architecture a file belongs to) and the model card; it imports nothing of ``sam_ft``, so any of
+them can import it. Add a model by adding a row here and a ``conf/model/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """Architecture of one SAM variant and where its published weights live."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    preprocess: str = "sam"
+    multimask_output: bool = True
+    url: str | None = None
+    sha256: str | None = None
+
+    @property
+    def filename(self) -> str | None:
+        return self.url.rsplit("/", 1)[-1] if self.url else None
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+SPECS: dict[str, SamSpec] = {
+    "vit_h": SamSpec(
+        1280,
+        32,
+        16,
+        (7, 15, 23, 31),
+        url=_SAM_URL + "sam_vit_h_4b8939.pth",
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+    "vit_l": SamSpec(
+        1024,
+        24,
+        16,
+        (5, 11, 17, 23),
+        url=_SAM_URL + "sam_vit_l_0b3195.pth",
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+    "vit_b": SamSpec(
+        768,
+        12,
+        12,
+        (2, 5, 8, 11),
+        url=_SAM_URL + "sam_vit_b_01ec64.pth",
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
+    # MedSAM (Ma et al., Nature Communications 2024): ViT-B trained on 1.5M medical image-mask
+    # pairs with its own preprocessing (see sam_ft.model.preprocess, mode "medsam"). Its weights
+    # are published on Google Drive only, with no direct URL: `auto` finds the file in the cache.
+    # Trained and run with one mask output (multimask_output=False).
+    "medsam": SamSpec(768, 12, 12, (2, 5, 8, 11), preprocess="medsam", multimask_output=False),
+    # Same classes, CPU-sized: a 2-block ViT at input 256 (16x16 embedding grid).
+    "tiny": SamSpec(96, 2, 2, (1,), image_size=256, window_size=8),
+}
