@@ -47,7 +47,7 @@ from _common import (
 )
 from hydra.utils import instantiate
 
-from sam_ft.losses import RESOLUTIONS
+from sam_ft.training.losses import RESOLUTIONS
 
 
 class EpochTimer(L.Callback):

@@ -10,7 +10,7 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from omegaconf import OmegaConf
 
-from sam_ft.losses import SegmentationLoss, mask_iou
+from sam_ft.training.losses import SegmentationLoss, mask_iou
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
 LN2 = math.log(2.0)

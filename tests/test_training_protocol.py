@@ -169,7 +169,7 @@ def test_iou_head_is_trained_when_the_selection_reads_it(selection, weight):
 def _module(model, selection: str, resolution: str = "original"):
     from functools import partial
 
-    from sam_ft.losses import SegmentationLoss
+    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.model.finetune import Finetune
     from sam_ft.training.module import SamFinetuneModule
 
@@ -268,7 +268,7 @@ def test_loss_default_is_never_low():
 def test_original_resolution_loss_is_the_mean_over_objects_of_images_of_any_size():
     """Two images of different sizes: the batch loss equals the mean per-object loss computed
     on each image's logits upsampled as Sam.postprocess_masks does (the official code)."""
-    from sam_ft.losses import SegmentationLoss
+    from sam_ft.training.losses import SegmentationLoss
 
     model = _tiny()
     module = _module(model, "oracle", "original")
