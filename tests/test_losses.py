@@ -139,7 +139,7 @@ def test_no_objects_gives_zero_loss_with_graph():
     ("name", "kind", "iou_weight"), [("dice_ce", "dice_ce", 0.0), ("focal_dice", "focal_dice", 1.0)]
 )
 def test_loss_configs_instantiate(name, kind, iou_weight):
-    from sam_ft.training.run import build_loss
+    from sam_ft.train import build_loss
 
     # dice_ce's iou_weight is null: build_loss sets it from eval.mask_selection (oracle -> 0).
     cfg = OmegaConf.create({"loss": OmegaConf.load(CONF / f"{name}.yaml")})
