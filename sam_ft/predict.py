@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.config import config_dir
-from sam_ft.data.skips import SkipLog
+from sam_ft.data.skips import SkipLog, check_on_error
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.inference.card import card_for, read_card
@@ -205,8 +205,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         ConfigError / CheckpointError: bad options or weights (before any input is read).
         DataError: a bad input with ``on_error=raise``, or when every input failed.
     """
-    if str(cfg.on_error) not in ("skip", "raise"):
-        raise ConfigError(f"on_error={cfg.on_error!r} must be skip or raise")
+    on_error = check_on_error(str(cfg.on_error), "on_error")
     if cfg.labels and cfg.prompts:
         raise ConfigError("give labels= or prompts=, not both")
     everything = str(cfg.strategy) == "everything"
@@ -242,7 +241,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             except (ConfigError, CheckpointError):
                 raise
             except Exception as err:
-                if str(cfg.on_error) == "raise":
+                if on_error == "raise":
                     raise
                 if isinstance(err, DataError):
                     path, reason = err.path, err.reason

@@ -21,7 +21,7 @@ import numpy as np
 from sam_ft.data.folder import is_2d_file
 from sam_ft.data.intensity import intensity_bounds, intensity_scope
 from sam_ft.data.readers import check_file, read_2d, read_volume, spacing_from_affine
-from sam_ft.data.skips import SkipLog
+from sam_ft.data.skips import SkipLog, raise_or_skip
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
 from sam_ft.data.tasks import (
     data_options,
@@ -344,9 +344,7 @@ def iter_cases(
             try:
                 loaded = load_case(case, task, dopts)
             except DataError as e:
-                if dopts["on_error"] == "raise":
-                    raise
-                skip_log.add(case.case, e.path, e.reason)
+                raise_or_skip(dopts["on_error"], case.case, e, skip_log)
                 loaded = None
             if bar is not None:
                 bar.update(1)

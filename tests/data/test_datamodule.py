@@ -177,7 +177,7 @@ def test_datamodule_splits_cache_and_batches(demo_task, tmp_path):
         assert len(prompts) == len(target) <= 2
     val = next(iter(dm.val_dataloader()))
     assert {"masks", "image_uint8"} <= set(val) and val["original_size"][0] == (96, 96)
-    test_cases = {c for b in dm.test_dataloader() for c in b["case"]}
+    test_cases = {c for b in dm._loader("test") for c in b["case"]}
     assert test_cases == set(splits["test"])
 
     # The next run reads every case from the slice cache and gets the same slices and 3D data.
