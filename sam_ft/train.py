@@ -194,27 +194,44 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 
     if cfg.train.evaluate:
-        from sam_ft.evaluation.run import compare_models
-
-        zero_shot = instantiate(cfg.model, checkpoint=None)
-        load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
-        summary = compare_models(
-            {"zero_shot": zero_shot, "finetuned": finetuned},
-            datamodule,
-            cfg,
-            run_dir / "eval",
-            loggers=trainer.loggers,
-            ranks=ranks,
+        metrics.update(
+            _compare_with_zero_shot(cfg, initial, finetuned, datamodule, trainer, ranks, card)
         )
-        metrics.update(summary)
-        if card is not None:
-            summary_csv = run_dir / "eval" / "summary.csv"
-            update_card_evaluation(card, evaluation_summary(summary, summary_csv))
     if not trainer.is_global_zero:
         return metrics
     log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics
+
+
+def _compare_with_zero_shot(
+    cfg: DictConfig,
+    initial: dict[str, torch.Tensor],
+    finetuned,
+    datamodule: SamDataModule,
+    trainer: L.Trainer,
+    ranks: TrainerRanks | None,
+    card: Path | None,
+) -> dict[str, float]:
+    """Evaluate the zero-shot model (the ``initial`` weights) and the finetuned one into
+    ``<run dir>/eval``; the results go into the model ``card`` too (rank 0 only has one)."""
+    from sam_ft.evaluation.run import compare_models
+
+    run_dir = Path(cfg.paths.output_dir)
+    zero_shot = instantiate(cfg.model, checkpoint=None)
+    load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
+    summary = compare_models(
+        {"zero_shot": zero_shot, "finetuned": finetuned},
+        datamodule,
+        cfg,
+        run_dir / "eval",
+        loggers=trainer.loggers,
+        ranks=ranks,
+    )
+    if card is not None:
+        summary_csv = run_dir / "eval" / "summary.csv"
+        update_card_evaluation(card, evaluation_summary(summary, summary_csv))
+    return summary
 
 
 def _frozen_encoder(model):

@@ -180,35 +180,18 @@ def _check_label_values(label: np.ndarray, path: str) -> np.ndarray:
 # Cases
 
 
-def load_case(
-    case: CaseFiles,
-    task: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> CaseData:
-    """Read, check and slice one case.
+def _read_pair(
+    case: CaseFiles, opts: Mapping[str, Any], dopts: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float], int]:
+    """The image and label of ``case``, checked against each other, in the slicing frame.
 
-    Args:
-        case: the files (from :func:`sam_ft.data.folder.find_cases`).
-        task: ``task`` config (see :mod:`sam_ft.data.tasks`).
-        data: ``data`` config (``min_object_pixels``, ``affine_atol``).
-        meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
-
-    Raises:
-        DataError: missing, empty, unreadable or truncated file; image/label shape or affine
-            mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
-            no object left after filtering. The message names the file.
+    Returns:
+        image (S, R, C) or (S, R, C, 3) float32, label (S, R, C), the image's (4, 4) affine, the
+        (slice, row, col) spacing and the slicing axis of the RAS volume (-1 for a 2D image,
+        whose S is 1).
     """
-    opts = task_options(task)
-    dopts = data_options(data)
-    if meta is None:
-        meta = dataset_meta(case, opts)
-    if case.label is None:
-        raise DataError(case.image, "label file missing (no matching file in the labels folder)")
-    check_file(case.image)
     label_path = case.label
     channel = int(opts.get("channel") or 0)
-
     if is_2d_file(case.image):
         img = read_2d(case.image).astype(np.float32)
         lab, _ = _read_label(case, opts, is_2d=True)
@@ -241,14 +224,19 @@ def load_case(
         label = np.moveaxis(lab, axis, 0)
         others = [a for a in range(3) if a != axis]
         spacing = (float(sp[axis]), float(sp[others[0]]), float(sp[others[1]]))
+    return image, label, affine, spacing, axis
 
-    if not np.isfinite(image).all():
-        raise DataError(case.image, "image contains NaN or Inf intensities")
-    label = _check_label_values(label, label_path)
 
-    groups = object_groups(opts, meta)
-    named = dataset_label_groups(meta) or {}
-    names = {v[0]: n for n, v in named.items() if len(v) == 1}
+def _check_label_groups(
+    label: np.ndarray,
+    label_path: str,
+    opts: Mapping[str, Any],
+    groups: dict | None,
+    named: Mapping[str, Any],
+) -> np.ndarray:
+    """``label`` with the task's ``ignore_labels`` set to 0; a value that is neither an object
+    of the task (``groups``, or dataset.json's ``named`` labels) nor ignored raises
+    :class:`DataError`."""
     if groups is not None or named:
         allowed = {0, *(int(v) for v in opts["ignore_labels"])}
         for values in (groups or named).values():
@@ -261,6 +249,46 @@ def load_case(
             )
     if groups is not None and opts["ignore_labels"]:
         label = np.where(np.isin(label, opts["ignore_labels"]), 0, label).astype(label.dtype)
+    return label
+
+
+def load_case(
+    case: CaseFiles,
+    task: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> CaseData:
+    """Read, check and slice one case.
+
+    Args:
+        case: the files (from :func:`sam_ft.data.folder.find_cases`).
+        task: ``task`` config (see :mod:`sam_ft.data.tasks`).
+        data: ``data`` config (``min_object_pixels``, ``affine_atol``).
+        meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
+
+    Raises:
+        DataError: missing, empty, unreadable or truncated file; image/label shape or affine
+            mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
+            no object left after filtering. The message names the file.
+    """
+    opts = task_options(task)
+    dopts = data_options(data)
+    if meta is None:
+        meta = dataset_meta(case, opts)
+    if case.label is None:
+        raise DataError(case.image, "label file missing (no matching file in the labels folder)")
+    check_file(case.image)
+    label_path = case.label
+    image, label, affine, spacing, axis = _read_pair(case, opts, dopts, meta)
+
+    if not np.isfinite(image).all():
+        raise DataError(case.image, "image contains NaN or Inf intensities")
+    label = _check_label_values(label, label_path)
+
+    groups = object_groups(opts, meta)
+    named = dataset_label_groups(meta) or {}
+    names = {v[0]: n for n, v in named.items() if len(v) == 1}
+    label = _check_label_groups(label, label_path, opts, groups, named)
 
     modality = task_modality(opts, meta)
     # scope=slice (the official code's per-image percentiles): bounds are computed per slice.
