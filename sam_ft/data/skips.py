@@ -89,15 +89,6 @@ class SkipLog:
         return len(self.entries)
 
 
-def read_skip_log(path: str | Path) -> list[SkipEntry]:
-    """Read a ``skipped.csv`` back."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SKIPPED_CSV
-    with open(path, newline="") as f:
-        return [SkipEntry(r["case"], r["path"], r["reason"]) for r in csv.DictReader(f)]
-
-
 def raise_or_skip(on_error: str, case: str, error: DataError, skip_log: SkipLog | None) -> None:
     """Apply the ``on_error`` policy to one bad input: ``raise`` re-raises ``error``; ``skip``
     records it in ``skip_log`` (when given), and the caller goes on with the next input."""
