@@ -135,7 +135,7 @@ def compose(model: str, task_root: Path, splits: Path, cache_dir: Path, extra: S
 
 
 def make_datamodule(cfg, model, run_dir: Path, progress: bool = False):
-    """The ``SamDataModule`` exactly as ``sam_ft.training.run.train`` builds it."""
+    """The ``SamDataModule`` exactly as ``sam_ft.train.train`` builds it."""
     from hydra.utils import instantiate
 
     from sam_ft.data.datamodule import SamDataModule

@@ -61,8 +61,8 @@ def _loader_rate(datamodule) -> tuple[float, int]:
 
 def _step_time(cfg, model, batch: dict, repeats: int) -> float:
     """Median seconds of one decoder-only training step on ``batch`` (embeddings given)."""
+    from sam_ft.train import build_loss
     from sam_ft.training.module import SamFinetuneModule
-    from sam_ft.training.run import build_loss
 
     finetune = instantiate(cfg.finetune)
     finetune.apply(model)

@@ -112,9 +112,9 @@ def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
 
 
 def train_rows(model_name: str, batch: int, iters: int, device: torch.device) -> list[dict]:
-    from sam_ft.losses import SegmentationLoss
     from sam_ft.model.builders import build_trainable_sam
     from sam_ft.model.finetune import Finetune
+    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
     rows = []

@@ -45,10 +45,10 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
     """
     import numpy as np
 
-    from sam_ft.losses import SegmentationLoss
     from sam_ft.model.builders import build_trainable_sam
     from sam_ft.model.finetune import Finetune
     from sam_ft.prompts.types import Prompt
+    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
     model = build_trainable_sam(model_name).to(device)

@@ -47,7 +47,7 @@ from _common import (
 )
 from hydra.utils import instantiate
 
-from sam_ft.losses import RESOLUTIONS
+from sam_ft.training.losses import RESOLUTIONS
 
 
 class EpochTimer(L.Callback):
@@ -66,8 +66,8 @@ class EpochTimer(L.Callback):
 
 def _module(cfg, model, finetune, **kwargs):
     """The ``SamFinetuneModule`` as ``train.py`` builds it."""
+    from sam_ft.train import build_loss, train_multimask
     from sam_ft.training.module import SamFinetuneModule
-    from sam_ft.training.run import build_loss, train_multimask
 
     return SamFinetuneModule(
         model=model,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> float:
     uncached = _fit(cfg, model, finetune, dm_images, 1, tmp / "run_images")
 
     # Cached: same data and initial weights; setup fills the embedding cache (timed apart).
-    from sam_ft.training.run import _frozen_encoder
+    from sam_ft.train import _frozen_encoder
 
     model.load_state_dict(initial)
     dm_cached = make_datamodule(cfg, model, tmp / "run_cached")

@@ -30,7 +30,7 @@ def _build_everything(cfg, run_dir: Path) -> None:
     groups, loss, prompt, data module, and through ``build_trainer`` every callback, logger and
     the trainer. Raises whatever an option that cannot build raises."""
     from sam_ft.data.datamodule import SamDataModule
-    from sam_ft.training.run import build_loss, build_trainer
+    from sam_ft.train import build_loss, build_trainer
 
     with torch.device("meta"):
         model = instantiate(cfg.model, checkpoint=None)

@@ -10,7 +10,7 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from omegaconf import OmegaConf
 
-from sam_ft.losses import SegmentationLoss, mask_iou
+from sam_ft.training.losses import SegmentationLoss, mask_iou
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
 LN2 = math.log(2.0)
@@ -139,7 +139,7 @@ def test_no_objects_gives_zero_loss_with_graph():
     ("name", "kind", "iou_weight"), [("dice_ce", "dice_ce", 0.0), ("focal_dice", "focal_dice", 1.0)]
 )
 def test_loss_configs_instantiate(name, kind, iou_weight):
-    from sam_ft.training.run import build_loss
+    from sam_ft.train import build_loss
 
     # dice_ce's iou_weight is null: build_loss sets it from eval.mask_selection (oracle -> 0).
     cfg = OmegaConf.create({"loss": OmegaConf.load(CONF / f"{name}.yaml")})

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sam_ft.cli import config_dir
-from sam_ft.data.loading import read_volume
+from sam_ft.config import config_dir
+from sam_ft.data.readers import read_volume
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.inference.card import card_path, read_card, write_model_card
 from sam_ft.inference.geometry import file_geometry
@@ -101,8 +101,7 @@ def _compose(name: str, overrides: list[str]):
 
 
 def run_predict(weights: Path, out: Path, *args: str) -> list[Path]:
-    from sam_ft.cli import predict_overrides
-    from sam_ft.inference.run import predict
+    from sam_ft.predict import predict, predict_overrides
 
     overrides = [f"checkpoint={weights}", f"output={out}", *args]
     cfg = _compose("predict", predict_overrides(overrides))

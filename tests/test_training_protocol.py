@@ -144,7 +144,7 @@ def _cfg(selection: str, multimask=None, model: str = "tiny"):
 
 def test_training_mask_outputs_default_to_the_papers_single_mask():
     from sam_ft.errors import ConfigError
-    from sam_ft.training.run import train_multimask
+    from sam_ft.train import train_multimask
 
     assert _compose("train", []).train.multimask is None
     assert train_multimask(_cfg("oracle"), _tiny()) is False  # the paper's code
@@ -158,7 +158,7 @@ def test_training_mask_outputs_default_to_the_papers_single_mask():
 
 @pytest.mark.parametrize(("selection", "weight"), [("oracle", 0.0), ("predicted_iou", 1.0)])
 def test_iou_head_is_trained_when_the_selection_reads_it(selection, weight):
-    from sam_ft.training.run import build_loss
+    from sam_ft.train import build_loss
 
     assert build_loss(_cfg(selection)).iou_weight == weight
     cfg = _cfg(selection)
@@ -169,8 +169,8 @@ def test_iou_head_is_trained_when_the_selection_reads_it(selection, weight):
 def _module(model, selection: str, resolution: str = "original"):
     from functools import partial
 
-    from sam_ft.losses import SegmentationLoss
     from sam_ft.model.finetune import Finetune
+    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
     finetune = Finetune(name="decoder")
@@ -268,7 +268,7 @@ def test_loss_default_is_never_low():
 def test_original_resolution_loss_is_the_mean_over_objects_of_images_of_any_size():
     """Two images of different sizes: the batch loss equals the mean per-object loss computed
     on each image's logits upsampled as Sam.postprocess_masks does (the official code)."""
-    from sam_ft.losses import SegmentationLoss
+    from sam_ft.training.losses import SegmentationLoss
 
     model = _tiny()
     module = _module(model, "oracle", "original")
@@ -328,7 +328,7 @@ def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monk
     """With random weights (model=tiny, the demo) a freshly built model is another network: the
     baseline must be the exact weights finetuning started from."""
     import sam_ft.evaluation.run as eval_run
-    from sam_ft.training.run import train
+    from sam_ft.train import train
 
     seen = {}
 

@@ -130,7 +130,6 @@ def _records_to_arrays(
                 "num_slices": int(r.num_slices),
                 "slice_spacing": float(r.slice_spacing),
                 "image_id": r.image_id,
-                "extra": r.extra,
             }
         )
     # A numpy unicode array, not an object array: loads with allow_pickle=False.
@@ -158,7 +157,6 @@ def _arrays_to_records(z: Mapping[str, np.ndarray], key: str) -> CachedCase:
                 num_slices=s["num_slices"],
                 slice_spacing=s["slice_spacing"],
                 image_id=s["image_id"],
-                extra=s["extra"],
             )
         )
     arrays = {k: z[f"array_{k}"] for k in header["arrays"]}
@@ -236,7 +234,7 @@ class SliceCache:
 
     def save(self, case: str, key: str, entry: CachedCase) -> bool:
         """Write an entry atomically; returns False (and logs) when it cannot be serialised
-        (``meta`` or a record's ``extra`` not JSON-able)."""
+        (``meta`` not JSON-able)."""
         if self.root is None:
             return False
         try:
@@ -291,8 +289,8 @@ class SliceCache:
         and return its index: one :class:`SliceRef` per slice, no pixel data.
 
         Raises:
-            DataError: from ``compute``; or the entry cannot be stored (``meta``/``extra`` not
-                JSON-able), since the data set is read back from it.
+            DataError: from ``compute``; or the entry cannot be stored (``meta`` not JSON-able),
+                since the data set is read back from it.
         """
         if self.root is None:
             raise RuntimeError("the slice cache is disabled (no cache_dir)")
@@ -335,7 +333,6 @@ class SliceRef:
     slice_spacing: float
     image_id: str
     has_raw: bool
-    extra: dict = field(default_factory=dict)
 
     def load(self, image: bool = True, raw: bool = True) -> SliceRecord:
         """The slice's record; ``image=False`` / ``raw=False`` skip reading those arrays (the
@@ -356,7 +353,6 @@ class SliceRef:
             num_slices=self.num_slices,
             slice_spacing=self.slice_spacing,
             image_id=self.image_id,
-            extra=dict(self.extra),
         )
 
 
@@ -383,7 +379,6 @@ def slice_refs(path: str | Path, header: Mapping[str, Any]) -> list[SliceRef]:
                 slice_spacing=float(s["slice_spacing"]),
                 image_id=s["image_id"],
                 has_raw=bool(s["has_raw"]),
-                extra=s["extra"],
             )
         )
     return refs

@@ -127,11 +127,6 @@ class SliceDataset(Dataset):
         self.embedding_cache = cache
         self.digests = list(digests)
 
-    def detach_embeddings(self) -> None:
-        """Serve ``image`` again."""
-        self.embedding_cache = None
-        self.digests = None
-
     def record(self, index: int, image: bool = True) -> SliceRecord:
         """The record of ``index``, read from the slice cache for a ``SliceRef`` (``image=False``
         skips reading the pixels)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 
 from sam_ft.data.folder import is_2d_file
 from sam_ft.data.intensity import intensity_bounds, intensity_scope
-from sam_ft.data.skips import SkipLog
+from sam_ft.data.readers import check_file, read_2d, read_volume, spacing_from_affine
+from sam_ft.data.skips import SkipLog, raise_or_skip
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
 from sam_ft.data.tasks import (
     data_options,
@@ -35,8 +35,6 @@ from sam_ft.data.types import CaseFiles, SliceRecord
 from sam_ft.errors import DataError
 
 log = logging.getLogger(__name__)
-
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 @dataclass
@@ -109,151 +107,6 @@ class CaseData:
 # Reading files
 
 
-def _check_file(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(path, "file not found")
-    if p.is_file() and p.stat().st_size == 0:
-        raise DataError(path, "empty file (0 bytes)")
-    if p.is_dir() and not any(q for q in p.iterdir() if not q.name.startswith(".")):
-        raise DataError(path, "empty DICOM folder")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-# Failures that say nothing about the file: out of memory, or a bug (ours or a library's). They
-# are raised as they are, with the file added as a note, never reported as a bad file (and never
-# skipped by data.on_error=skip).
-NOT_THE_FILES_FAULT: tuple[type[BaseException], ...] = (
-    MemoryError,
-    RecursionError,
-    TypeError,
-    AttributeError,
-    NameError,
-    AssertionError,
-    NotImplementedError,
-)
-
-_shown_warnings: set[tuple[str, str]] = set()
-
-
-def _raise_if_not_the_files_fault(e: BaseException, path: str) -> None:
-    if isinstance(e, NOT_THE_FILES_FAULT):
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(f"while reading {path}")
-        raise e
-
-
-def _show_once(caught: list[warnings.WarningMessage], path: str) -> None:
-    """Log each distinct warning from reading a file once per process (MONAI, nibabel and ITK
-    warn about e.g. non-orthogonal affines or odd headers: a cause worth seeing, not hiding)."""
-    for w in caught:
-        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, ImportWarning)):
-            continue  # about library code (lazy imports while reading), not about the file
-        key = (w.category.__name__, str(w.message))
-        if key not in _shown_warnings:
-            _shown_warnings.add(key)
-            log.warning("%s while reading %s: %s", w.category.__name__, path, w.message)
-
-
-def read_2d(path: str, is_label: bool = False) -> np.ndarray:
-    """A 2D image file as (H, W) or (H, W, 3) array (row, col order; alpha dropped).
-
-    Palette images are returned as indices when ``is_label`` (label maps), as RGB otherwise.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "CMYK", "YCbCr", "LAB", "HSV") or (
-                im.mode == "P" and not is_label
-            ):
-                im = im.convert("RGB")
-            elif im.mode in ("LA", "PA") or (im.mode == "1"):
-                im = im.convert("L")
-            arr = np.asarray(im)
-    except Exception as e:
-        _raise_if_not_the_files_fault(e, path)
-        raise DataError(path, f"unreadable image ({_first_line(e)})") from e
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    return arr
-
-
-@functools.lru_cache(maxsize=8)
-def _loader(reader: str | None, is_label: bool):
-    """One MONAI ``LoadImage`` per reader (building one registers readers: slow and chatty).
-
-    Only building it is silenced (optional-import noise from MONAI's dependencies); warnings
-    while reading a file are shown, once each (:func:`read_volume`)."""
-    from monai.transforms import LoadImage
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LoadImage(image_only=True, reader=reader, dtype=None if is_label else np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _reader(name: str):
-    """One instance of the MONAI reader class ``name`` (e.g. ``"NibabelReader"``)."""
-    import monai.data
-
-    return getattr(monai.data, name)()
-
-
-def read_volume(path: str, is_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI / DICOM / MetaImage / NRRD volume as (C, x, y, z) array oriented to RAS, and its
-    (4, 4) affine.
-
-    Images are float32; labels keep their stored dtype. A 2D NIfTI gets a z axis of length 1.
-    """
-    from monai.transforms import EnsureChannelFirst, Orientation
-
-    name = Path(path).name.lower()
-    if Path(path).is_dir():
-        reader = "PydicomReader"
-    elif name.endswith((".nii", ".nii.gz")):
-        reader = "NibabelReader"
-    elif name.endswith((".mha", ".nrrd")):
-        reader = "ITKReader"  # MONAI's reader for MetaImage / NRRD (LPS -> RAS affine)
-    else:
-        reader = None
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # Only the chosen reader: given by name alone, MONAI falls back to every other
-            # installed reader when it fails, and ITK reads a truncated .nii.gz without error,
-            # as zeros.
-            load = _loader(reader, is_label)
-            x = EnsureChannelFirst()(load(path, reader=_reader(reader)) if reader else load(path))
-            if x.ndim == 3:  # (C, x, y): a 2D NIfTI
-                x = x[..., None]
-            x = Orientation(axcodes="RAS", labels=_RAS_LABELS)(x)
-        _show_once(caught, path)
-    except ImportError as e:
-        extra = "itk-io" if reader == "ITKReader" else "'sam_ft[dicom]'"
-        raise DataError(path, f"cannot read ({e}); pip install {extra}") from e
-    except Exception as e:
-        _raise_if_not_the_files_fault(e, path)
-        raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
-    try:
-        arr = np.asarray(x.detach().cpu().numpy())
-        affine = np.asarray(x.affine.detach().cpu().numpy(), dtype=np.float64)
-    except Exception as e:
-        _raise_if_not_the_files_fault(e, path)
-        raise DataError(path, f"unreadable or truncated file ({_first_line(e)})") from e
-    return arr, affine
-
-
-def _spacing_from_affine(affine: np.ndarray) -> np.ndarray:
-    # NIfTI stores float32: round so 0.8 mm reads back as 0.8, not 0.800000011920929.
-    return np.round(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), 6)
-
-
 @functools.lru_cache(maxsize=32)
 def _meta_cached(root: str, mtime: float) -> dict:
     return read_dataset_json(root)
@@ -275,7 +128,7 @@ def _read_label(case: CaseFiles, opts: Mapping[str, Any], is_2d: bool) -> tuple[
     parts = case.label_parts or [case.label]
     merged, affine = None, None
     for k, path in enumerate(parts, start=1):
-        _check_file(path)
+        check_file(path)
         if is_2d_file(path):
             lab = read_2d(path, is_label=True)
         else:
@@ -327,35 +180,18 @@ def _check_label_values(label: np.ndarray, path: str) -> np.ndarray:
 # Cases
 
 
-def load_case(
-    case: CaseFiles,
-    task: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> CaseData:
-    """Read, check and slice one case.
+def _read_pair(
+    case: CaseFiles, opts: Mapping[str, Any], dopts: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float], int]:
+    """The image and label of ``case``, checked against each other, in the slicing frame.
 
-    Args:
-        case: the files (from :func:`sam_ft.data.folder.find_cases`).
-        task: ``task`` config (see :mod:`sam_ft.data.tasks`).
-        data: ``data`` config (``min_object_pixels``, ``affine_atol``).
-        meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
-
-    Raises:
-        DataError: missing, empty, unreadable or truncated file; image/label shape or affine
-            mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
-            no object left after filtering. The message names the file.
+    Returns:
+        image (S, R, C) or (S, R, C, 3) float32, label (S, R, C), the image's (4, 4) affine, the
+        (slice, row, col) spacing and the slicing axis of the RAS volume (-1 for a 2D image,
+        whose S is 1).
     """
-    opts = task_options(task)
-    dopts = data_options(data)
-    if meta is None:
-        meta = dataset_meta(case, opts)
-    if case.label is None:
-        raise DataError(case.image, "label file missing (no matching file in the labels folder)")
-    _check_file(case.image)
     label_path = case.label
     channel = int(opts.get("channel") or 0)
-
     if is_2d_file(case.image):
         img = read_2d(case.image).astype(np.float32)
         lab, _ = _read_label(case, opts, is_2d=True)
@@ -381,21 +217,26 @@ def load_case(
             affine, lab_affine, atol=float(dopts["affine_atol"]), rtol=0
         ):
             raise DataError(label_path, "label affine (orientation/spacing/origin) != image affine")
-        sp = _spacing_from_affine(affine)
+        sp = spacing_from_affine(affine)
         modality = task_modality(opts, meta)
         axis = choose_slice_axis(sp, vol.shape, modality, opts["slice_axis"])
         image = np.moveaxis(vol, axis, 0)
         label = np.moveaxis(lab, axis, 0)
         others = [a for a in range(3) if a != axis]
         spacing = (float(sp[axis]), float(sp[others[0]]), float(sp[others[1]]))
+    return image, label, affine, spacing, axis
 
-    if not np.isfinite(image).all():
-        raise DataError(case.image, "image contains NaN or Inf intensities")
-    label = _check_label_values(label, label_path)
 
-    groups = object_groups(opts, meta)
-    named = dataset_label_groups(meta) or {}
-    names = {v[0]: n for n, v in named.items() if len(v) == 1}
+def _check_label_groups(
+    label: np.ndarray,
+    label_path: str,
+    opts: Mapping[str, Any],
+    groups: dict | None,
+    named: Mapping[str, Any],
+) -> np.ndarray:
+    """``label`` with the task's ``ignore_labels`` set to 0; a value that is neither an object
+    of the task (``groups``, or dataset.json's ``named`` labels) nor ignored raises
+    :class:`DataError`."""
     if groups is not None or named:
         allowed = {0, *(int(v) for v in opts["ignore_labels"])}
         for values in (groups or named).values():
@@ -408,6 +249,46 @@ def load_case(
             )
     if groups is not None and opts["ignore_labels"]:
         label = np.where(np.isin(label, opts["ignore_labels"]), 0, label).astype(label.dtype)
+    return label
+
+
+def load_case(
+    case: CaseFiles,
+    task: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> CaseData:
+    """Read, check and slice one case.
+
+    Args:
+        case: the files (from :func:`sam_ft.data.folder.find_cases`).
+        task: ``task`` config (see :mod:`sam_ft.data.tasks`).
+        data: ``data`` config (``min_object_pixels``, ``affine_atol``).
+        meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
+
+    Raises:
+        DataError: missing, empty, unreadable or truncated file; image/label shape or affine
+            mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
+            no object left after filtering. The message names the file.
+    """
+    opts = task_options(task)
+    dopts = data_options(data)
+    if meta is None:
+        meta = dataset_meta(case, opts)
+    if case.label is None:
+        raise DataError(case.image, "label file missing (no matching file in the labels folder)")
+    check_file(case.image)
+    label_path = case.label
+    image, label, affine, spacing, axis = _read_pair(case, opts, dopts, meta)
+
+    if not np.isfinite(image).all():
+        raise DataError(case.image, "image contains NaN or Inf intensities")
+    label = _check_label_values(label, label_path)
+
+    groups = object_groups(opts, meta)
+    named = dataset_label_groups(meta) or {}
+    names = {v[0]: n for n, v in named.items() if len(v) == 1}
+    label = _check_label_groups(label, label_path, opts, groups, named)
 
     modality = task_modality(opts, meta)
     # scope=slice (the official code's per-image percentiles): bounds are computed per slice.
@@ -491,9 +372,7 @@ def iter_cases(
             try:
                 loaded = load_case(case, task, dopts)
             except DataError as e:
-                if dopts["on_error"] == "raise":
-                    raise
-                skip_log.add(case.case, e.path, e.reason)
+                raise_or_skip(dopts["on_error"], case.case, e, skip_log)
                 loaded = None
             if bar is not None:
                 bar.update(1)

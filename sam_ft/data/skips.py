@@ -1,4 +1,5 @@
-"""Record of input files skipped under ``data.on_error=skip``, written as ``skipped.csv``."""
+"""The ``on_error`` policy for bad input files (``raise`` or ``skip``) and the record of the files
+skipped under ``skip``, written as ``skipped.csv``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,29 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SKIPPED_CSV = "skipped.csv"
+
+ON_ERROR = ("raise", "skip")
+"""What a bad input file (a :class:`~sam_ft.errors.DataError`) does: stop the command, or be
+recorded in ``skipped.csv`` while the other inputs go on."""
+
+
+def check_on_error(value: Any, option: str) -> str:
+    """``value`` of the option ``option`` (``data.on_error``, ``on_error`` of ``predict.py``), which
+    must be one of :data:`ON_ERROR`.
+
+    Raises:
+        ConfigError: any other value, naming the option.
+    """
+    if value not in ON_ERROR:
+        raise ConfigError(f"{option} must be 'raise' or 'skip', got {value!r}")
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -69,10 +89,10 @@ class SkipLog:
         return len(self.entries)
 
 
-def read_skip_log(path: str | Path) -> list[SkipEntry]:
-    """Read a ``skipped.csv`` back."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SKIPPED_CSV
-    with open(path, newline="") as f:
-        return [SkipEntry(r["case"], r["path"], r["reason"]) for r in csv.DictReader(f)]
+def raise_or_skip(on_error: str, case: str, error: DataError, skip_log: SkipLog | None) -> None:
+    """Apply the ``on_error`` policy to one bad input: ``raise`` re-raises ``error``; ``skip``
+    records it in ``skip_log`` (when given), and the caller goes on with the next input."""
+    if on_error == "raise":
+        raise error
+    if skip_log is not None:
+        skip_log.add(case, error.path, error.reason)

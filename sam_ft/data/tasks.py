@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from sam_ft.config import group_defaults
+from sam_ft.data.skips import check_on_error
 from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ def data_options(data: Mapping[str, Any] | Any | None) -> dict[str, Any]:
     base = group_defaults("data")
     opts = {**base, **(to_plain(data) or {})}
     opts["split"] = {**base["split"], **(opts.get("split") or {})}
-    if opts["on_error"] not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {opts['on_error']!r}")
+    check_on_error(opts["on_error"], "data.on_error")
     return opts
 
 

@@ -60,7 +60,6 @@ class SliceRecord:
     num_slices: int = 1
     slice_spacing: float = 1.0
     image_id: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.image_id:

@@ -26,7 +26,7 @@ class PreemptionCheckpoint(L.Callback):
 
     Lightning notices SIGTERM itself (and tells every DDP rank), finishes the step and raises
     ``SIGTERMException``; this callback saves the checkpoint from ``on_exception``, then
-    ``sam_ft.training.run.train`` turns the exception into ``Preempted`` (exit code 1 with the
+    ``sam_ft.train.train`` turns the exception into ``Preempted`` (exit code 1 with the
     resume command) instead of Lightning's silent exit 0.
 
     Advance warnings are treated as SIGTERM too: SIGUSR1 (SLURM's usual ``--signal=USR1@90``)

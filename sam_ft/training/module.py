@@ -28,7 +28,7 @@ class SamFinetuneModule(L.LightningModule):
     Args:
         model: the SAM to train, its trainable parts already chosen by ``finetune``.
         finetune: gives the optimizer parameter groups (lower encoder learning rate).
-        loss: ``sam_ft.losses.SegmentationLoss`` (per-object, best of 3 for multimask); its
+        loss: ``sam_ft.training.losses.SegmentationLoss`` (per-object, best of 3 for multimask); its
             ``resolution`` (``low``, ``input`` or ``original``) says in which frame the logits
             meet the targets, and the batches' ``target`` must be of that kind (low-res targets
             for ``low``, original-resolution masks otherwise).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+
+from sam_ft.data.skips import SKIPPED_CSV, SkipEntry
 
 
 def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=None) -> Path:
@@ -70,6 +73,15 @@ def simple_case(shape=(24, 20, 4), value=1, box=(slice(4, 12), slice(5, 15), sli
     return image, box_label(shape, {value: box})
 
 
+def read_skip_log(path: str | Path) -> list[SkipEntry]:
+    """A ``skipped.csv`` (or the one in a folder) read back as ``SkipEntry`` rows."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SKIPPED_CSV
+    with open(path, newline="") as f:
+        return [SkipEntry(r["case"], r["path"], r["reason"]) for r in csv.DictReader(f)]
+
+
 class Helpers:
     """The writers above, reachable from tests through the ``h`` fixture."""
 
@@ -77,6 +89,7 @@ class Helpers:
     write_png = staticmethod(write_png)
     box_label = staticmethod(box_label)
     simple_case = staticmethod(simple_case)
+    read_skip_log = staticmethod(read_skip_log)
 
 
 @pytest.fixture

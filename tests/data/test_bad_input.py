@@ -11,7 +11,7 @@ import pytest
 
 from sam_ft.data.folder import find_cases
 from sam_ft.data.loading import load_cases
-from sam_ft.data.skips import SkipLog, read_skip_log
+from sam_ft.data.skips import SkipLog
 from sam_ft.errors import ConfigError, DataError
 
 SHAPE = (20, 20, 3)
@@ -119,13 +119,13 @@ def test_raise_names_the_file_in_one_line(broken, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_skip_logs_the_file_and_keeps_good_cases(broken, kind, tmp_path):
+def test_skip_logs_the_file_and_keeps_good_cases(broken, kind, tmp_path, h):
     root, task, path, reason = broken(kind)
     log = SkipLog(tmp_path / "run")
     (tmp_path / "run").mkdir()
     loaded = load_cases(find_cases(root, task), task, {"on_error": "skip"}, log, progress=False)
     assert [d.case for d in loaded] == ["good0", "good1"]
-    rows = read_skip_log(tmp_path / "run" / "skipped.csv")
+    rows = h.read_skip_log(tmp_path / "run" / "skipped.csv")
     assert [(r.case, r.path) for r in rows] == [("bad", str(path))]
     assert __import__("re").search(reason, rows[0].reason)
 

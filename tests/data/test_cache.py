@@ -57,7 +57,6 @@ class CountingLoader:
                     modality="CT",
                     raw=raw,
                     num_slices=img.shape[2],
-                    extra={"note": "x"},
                 )
             )
         return CachedCase(records, {"shape": list(img.shape)}, {"label_volume": lab})
@@ -73,7 +72,7 @@ def _same(a: list[SliceRecord], b: list[SliceRecord]) -> None:
         np.testing.assert_array_equal(x.masks, y.masks)
         np.testing.assert_array_equal(x.labels, y.labels)
         np.testing.assert_array_equal(x.raw, y.raw)
-        assert x.masks.dtype == bool and x.extra == y.extra
+        assert x.masks.dtype == bool
 
 
 def test_second_load_and_next_run_read_no_nifti(tmp_path):

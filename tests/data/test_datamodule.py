@@ -177,7 +177,7 @@ def test_datamodule_splits_cache_and_batches(demo_task, tmp_path):
         assert len(prompts) == len(target) <= 2
     val = next(iter(dm.val_dataloader()))
     assert {"masks", "image_uint8"} <= set(val) and val["original_size"][0] == (96, 96)
-    test_cases = {c for b in dm.test_dataloader() for c in b["case"]}
+    test_cases = {c for b in dm._loader("test") for c in b["case"]}
     assert test_cases == set(splits["test"])
 
     # The next run reads every case from the slice cache and gets the same slices and 3D data.
@@ -348,12 +348,11 @@ def test_datasets_hold_only_an_index_and_read_items_from_disk(demo_task, tmp_pat
     assert sum(len(c.slices) for c in cases) == len(dm.records("val"))
 
 
-def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tmp_path):
+def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tmp_path, h):
     """2 prep workers build the same index as 1, and a broken case is skipped and logged."""
     import shutil
     from pathlib import Path
 
-    from sam_ft.data.skips import read_skip_log
     from sam_ft.data.tasks import prepare_task
 
     root = tmp_path / "task"
@@ -368,7 +367,7 @@ def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tm
     for split in ("train", "val", "test"):
         assert _index(serial, split) == _index(parallel, split)
     assert parallel.slice_cache.misses == 8
-    (skipped,) = read_skip_log(tmp_path / "b" / "run" / "skipped.csv")
+    (skipped,) = h.read_skip_log(tmp_path / "b" / "run" / "skipped.csv")
     assert Path(skipped.path).name == broken.name and "unreadable" in skipped.reason
     # A second run over the same cache reads every good case from it.
     again = _dm(task, tmp_path / "b", run="run2", prep_workers=2, on_error="skip")

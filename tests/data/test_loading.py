@@ -303,7 +303,7 @@ def _write_dicom_series(folder: Path, vol: np.ndarray) -> None:
 
 def test_dicom_series_folder(tmp_path, h):
     pytest.importorskip("pydicom")
-    from sam_ft.data.loading import read_volume
+    from sam_ft.data.readers import read_volume
 
     vol = np.full((16, 20, 3), -1000, np.int16)
     vol[4:12, 5:15, :] = 100

@@ -17,9 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sam_ft.data import loading
+from sam_ft.data import readers
 from sam_ft.data.folder import VOLUME_SUFFIXES, find_cases
-from sam_ft.data.loading import load_cases, read_volume
+from sam_ft.data.loading import load_cases
+from sam_ft.data.readers import read_volume
 from sam_ft.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +65,11 @@ def test_offered_itk_formats_load_like_nifti(tmp_path, h, suffix):
 def test_reading_warnings_are_shown_once(tmp_path, monkeypatch, caplog):
     # A complex-valued NIfTI read as float32 loses its imaginary part: numpy warns, and the
     # user must see it. Two such files: shown once.
-    monkeypatch.setattr(loading, "_shown_warnings", set())
+    monkeypatch.setattr(readers, "_shown_warnings", set())
     cplx = (np.ones((8, 8, 4)) * (1 + 2j)).astype(np.complex64)
     for name in ("a", "b"):
         nib.save(nib.Nifti1Image(cplx, np.eye(4)), tmp_path / f"{name}.nii.gz")
-    with caplog.at_level(logging.WARNING, logger="sam_ft.data.loading"):
+    with caplog.at_level(logging.WARNING, logger="sam_ft.data.readers"):
         for name in ("a", "b"):
             read_volume(str(tmp_path / f"{name}.nii.gz"))
     shown = [r.getMessage() for r in caplog.records if "imaginary part" in r.getMessage()]
@@ -81,10 +82,10 @@ def test_not_the_files_fault_is_raised_as_is():
     # reader is a bad file.
     for error in (MemoryError("x"), TypeError("x"), AttributeError("x"), AssertionError("x")):
         with pytest.raises(type(error)) as err:
-            loading._raise_if_not_the_files_fault(error, "/data/x.nii.gz")
+            readers._raise_if_not_the_files_fault(error, "/data/x.nii.gz")
         assert "while reading /data/x.nii.gz" in "".join(getattr(err.value, "__notes__", []))
     for error in (ValueError("x"), OSError("x"), EOFError("x"), RuntimeError("x")):
-        loading._raise_if_not_the_files_fault(error, "/data/x.nii.gz")  # returns: a file problem
+        readers._raise_if_not_the_files_fault(error, "/data/x.nii.gz")  # returns: a file problem
 
 
 def test_out_of_memory_while_reading_is_not_a_bad_file(tmp_path, h):
@@ -96,7 +97,7 @@ def test_out_of_memory_while_reading_is_not_a_bad_file(tmp_path, h):
     script = textwrap.dedent(
         f"""
         import resource
-        from sam_ft.data.loading import read_volume
+        from sam_ft.data.readers import read_volume
         from sam_ft.errors import DataError
         read_volume({str(tmp_path / "small.nii.gz")!r})  # imports and readers warmed up
         vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))

@@ -12,7 +12,7 @@ import signal
 
 import lightning as L
 
-from sam_ft.losses import SegmentationLoss
+from sam_ft.training.losses import SegmentationLoss
 
 
 class SignalAtStep(L.Callback):

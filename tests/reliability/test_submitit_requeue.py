@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from sam_ft.cli import config_dir
+from sam_ft.config import config_dir
+from sam_ft.train import newest_last_checkpoint, resolve_ckpt_path
 from sam_ft.training.callbacks import submitit_signal
-from sam_ft.training.run import newest_last_checkpoint, resolve_ckpt_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = [

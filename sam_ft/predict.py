@@ -1,31 +1,32 @@
-"""``python predict.py`` / ``sam-ft-predict``: load the model as it was trained, predict every
-input, write one label map per input (see :mod:`sam_ft.inference.predict`)."""
+"""The prediction task: ``python predict.py`` / ``sam-ft-predict`` load the model as it was
+trained, predict every input, write one label map per input (``predict``; ``main`` is its Hydra
+entry point; the per-image work is in :mod:`sam_ft.inference.predict`)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.data.skips import SkipLog
-from sam_ft.errors import CheckpointError, ConfigError, DataError
+from sam_ft.config import config_dir
+from sam_ft.data.skips import SkipLog, check_on_error
+from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.inference.card import card_for, read_card
+from sam_ft.inference.geometry import file_geometry
+from sam_ft.inference.inputs import companion, list_inputs, load_image, stem_of
+from sam_ft.inference.output import write_prediction
 from sam_ft.inference.predict import (
     Settings,
-    companion,
-    file_geometry,
-    list_inputs,
-    load_image,
     predict_everything,
     predict_from_labels,
     predict_from_prompts,
-    read_prompt_file,
-    stem_of,
-    write_prediction,
 )
+from sam_ft.inference.prompt_file import read_prompt_file
 from sam_ft.model.trainable import TrainableSam
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         ConfigError / CheckpointError: bad options or weights (before any input is read).
         DataError: a bad input with ``on_error=raise``, or when every input failed.
     """
-    if str(cfg.on_error) not in ("skip", "raise"):
-        raise ConfigError(f"on_error={cfg.on_error!r} must be skip or raise")
+    on_error = check_on_error(str(cfg.on_error), "on_error")
     if cfg.labels and cfg.prompts:
         raise ConfigError("give labels= or prompts=, not both")
     everything = str(cfg.strategy) == "everything"
@@ -241,7 +241,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             except (ConfigError, CheckpointError):
                 raise
             except Exception as err:
-                if str(cfg.on_error) == "raise":
+                if on_error == "raise":
                     raise
                 if isinstance(err, DataError):
                     path, reason = err.path, err.reason
@@ -254,3 +254,20 @@ def predict(cfg: DictConfig) -> list[Path]:
     log.info("wrote %d file(s) to %s; %d input(s) skipped", len(written), out_dir, len(skips))
     print(f"predictions in {out_dir}" + (f"; {len(skips)} skipped (skipped.csv)" if skips else ""))
     return written
+
+
+def predict_overrides(args: list[str]) -> list[str]:
+    """``prompt=X`` -> ``strategy=X``: ``prompt`` names the training-prompt config group, so
+    Hydra would read ``prompt=everything`` as a group choice; predict's key is ``strategy``."""
+    return [f"strategy={a.split('=', 1)[1]}" if a.startswith("prompt=") else a for a in args]
+
+
+@hydra.main(config_path=config_dir(), config_name="predict", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    exit_on_own_error(predict)(cfg)
+
+
+def main() -> None:
+    """``python predict.py`` / ``sam-ft-predict`` (``prompt=`` accepted for ``strategy=``)."""
+    sys.argv = [sys.argv[0], *predict_overrides(sys.argv[1:])]
+    _hydra_main()

@@ -1,4 +1,5 @@
-"""``python train.py``: finetune, export, then compare with the zero-shot model."""
+"""The training task: ``python train.py`` / ``sam-ft-train`` finetune, export, then compare the
+finetuned model with the zero-shot one (``train``; ``main`` is its Hydra entry point)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.config import parse_config
+from sam_ft.config import config_dir, parse_config
 from sam_ft.data.datamodule import SamDataModule
-from sam_ft.errors import ConfigError
+from sam_ft.errors import ConfigError, exit_on_own_error
 from sam_ft.evaluation.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
@@ -22,7 +24,7 @@ from sam_ft.inference.card import (
     update_card_evaluation,
     write_model_card,
 )
-from sam_ft.logging_results import log_exported_model
+from sam_ft.logging_results import log_exported_model, sweep_objective
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.module import SamFinetuneModule
@@ -192,27 +194,44 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 
     if cfg.train.evaluate:
-        from sam_ft.evaluation.run import compare_models
-
-        zero_shot = instantiate(cfg.model, checkpoint=None)
-        load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
-        summary = compare_models(
-            {"zero_shot": zero_shot, "finetuned": finetuned},
-            datamodule,
-            cfg,
-            run_dir / "eval",
-            loggers=trainer.loggers,
-            ranks=ranks,
+        metrics.update(
+            _compare_with_zero_shot(cfg, initial, finetuned, datamodule, trainer, ranks, card)
         )
-        metrics.update(summary)
-        if card is not None:
-            summary_csv = run_dir / "eval" / "summary.csv"
-            update_card_evaluation(card, evaluation_summary(summary, summary_csv))
     if not trainer.is_global_zero:
         return metrics
     log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics
+
+
+def _compare_with_zero_shot(
+    cfg: DictConfig,
+    initial: dict[str, torch.Tensor],
+    finetuned,
+    datamodule: SamDataModule,
+    trainer: L.Trainer,
+    ranks: TrainerRanks | None,
+    card: Path | None,
+) -> dict[str, float]:
+    """Evaluate the zero-shot model (the ``initial`` weights) and the finetuned one into
+    ``<run dir>/eval``; the results go into the model ``card`` too (rank 0 only has one)."""
+    from sam_ft.evaluation.run import compare_models
+
+    run_dir = Path(cfg.paths.output_dir)
+    zero_shot = instantiate(cfg.model, checkpoint=None)
+    load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
+    summary = compare_models(
+        {"zero_shot": zero_shot, "finetuned": finetuned},
+        datamodule,
+        cfg,
+        run_dir / "eval",
+        loggers=trainer.loggers,
+        ranks=ranks,
+    )
+    if card is not None:
+        summary_csv = run_dir / "eval" / "summary.csv"
+        update_card_evaluation(card, evaluation_summary(summary, summary_csv))
+    return summary
 
 
 def _frozen_encoder(model):
@@ -256,3 +275,11 @@ def _print_summary(run_dir: Path, exported: Path) -> None:
     if summary_md.is_file():
         console.print(f"report       {summary_md}")
         console.print(summary_md.read_text(), markup=False)  # the report has [links](...)
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """``python train.py`` / ``sam-ft-train``."""
+    metrics = exit_on_own_error(train)(cfg)
+    # Hydra sweepers optimise the returned value: the finetuned model's evaluated box Dice.
+    return sweep_objective(metrics)

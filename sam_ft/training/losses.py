@@ -80,7 +80,7 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"loss.resolution must be one of {RESOLUTIONS}, got {resolution!r}")
         if iou_weight is None:
             raise ValueError(
-                "loss.iou_weight is null: build the loss with sam_ft.training.run.build_loss, "
+                "loss.iou_weight is null: build the loss with sam_ft.train.build_loss, "
                 "which sets it from eval.mask_selection, or give a number"
             )
         if kind not in ("dice_ce", "focal_dice"):

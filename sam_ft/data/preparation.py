@@ -1,0 +1,108 @@
+"""Preprocess cases into the slice cache, in parallel: one case per ``data.prep_workers`` process
+at a time, only the small index (``SliceRef``s) travels back; a cache entry converts to and from
+:class:`~sam_ft.data.loading.CaseData`."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam_ft.data.cache import CachedCase, SliceCache, SliceRef, read_entry
+from sam_ft.data.loading import CaseData, dataset_meta, load_case, slice_settings
+from sam_ft.data.types import CaseFiles
+from sam_ft.errors import DataError
+
+
+def _case_to_entry(cd: CaseData) -> CachedCase:
+    """CaseData -> cache entry: arrays stay arrays, everything else goes to JSON meta."""
+    meta: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for f in dataclasses.fields(cd):
+        value = getattr(cd, f.name)
+        if f.name == "slices":
+            continue
+        if isinstance(value, np.ndarray):
+            arrays[f.name] = value
+        else:
+            meta[f.name] = value
+    return CachedCase(list(cd.slices), meta, arrays)
+
+
+def _entry_to_case(entry: CachedCase) -> CaseData:
+    """Inverse of ``_case_to_entry``; JSON lists go back to tuples where the field is a tuple."""
+    hints = typing.get_type_hints(CaseData)
+    kwargs: dict[str, Any] = {**entry.arrays}
+    for name, value in entry.meta.items():
+        is_tuple = typing.get_origin(hints.get(name)) is tuple
+        kwargs[name] = tuple(value) if is_tuple and isinstance(value, list) else value
+    return CaseData(slices=entry.records, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseEntry:
+    """One preprocessed case of a split: its id and its slice-cache entry file."""
+
+    image_id: str
+    case: str
+    path: str
+    image: str
+
+
+def load_case_entry(entry: CaseEntry) -> CaseData:
+    """The whole case (slices with images, label volume, affine) read from its cache entry."""
+    return _entry_to_case(read_entry(entry.path))
+
+
+def _prepare_case(
+    case: CaseFiles, task: Mapping[str, Any], data: Mapping[str, Any], cache_root: str | None
+) -> tuple[CaseFiles, list[SliceRef] | None, tuple[str, str] | None]:
+    """Preprocess one case into the slice cache (a hit reads only its header).
+
+    Runs in a ``data.prep_workers`` process: the case's volume lives only here, and only the
+    small index (``SliceRef``s) travels back. Returns (case, refs, None, hit) or (case, None,
+    (path, reason), hit) for a ``DataError``; ``hit``: the entry was already cached.
+    """
+    cache = SliceCache(cache_root)
+    try:
+        # dataset.json names the labels and may set the modality (window, slicing axis).
+        settings = {**slice_settings(task, data), "dataset_json": dataset_meta(case, task)}
+        refs = cache.ensure(case, settings, lambda: _case_to_entry(load_case(case, task, data)))
+    except DataError as e:
+        return case, None, (e.path, e.reason), cache.hits > 0
+    return case, refs, None, cache.hits > 0
+
+
+def prep_workers(setting: Any, n_cases: int, ranks: int = 1) -> int:
+    """``data.prep_workers`` -> a process count (null = the cores this process may use, divided
+    between the ``ranks`` DDP processes, which preprocess their shares at the same time)."""
+    if setting is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        setting = (len(affinity(0)) if affinity else os.cpu_count() or 1) // max(1, ranks)
+    return max(1, min(int(setting), n_cases))
+
+
+def pool_context() -> mp.context.BaseContext:
+    """fork (fast: no re-import) unless CUDA is initialised here, which a fork cannot inherit."""
+    if mp.get_start_method(allow_none=True) in (None, "fork") and not torch.cuda.is_initialized():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+def worker_init() -> None:
+    """A pool worker ends on ``pool.terminate()``'s SIGTERM whatever handler its parent had: a
+    forked worker inherits it, and under submitit (SLURM) that handler ignores SIGTERM, which
+    left ``pool.join()`` waiting forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def prepare_star(args: tuple) -> tuple:
+    """``_prepare_case`` on one tuple of arguments (what ``Pool.imap`` passes)."""
+    return _prepare_case(*args)
