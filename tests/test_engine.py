@@ -12,16 +12,12 @@ from segment_anything import SamPredictor
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
-from sam_ft.evaluation.engine import (
-    LazyCase,
-    _per_case_rows,
-    eval_options,
-    evaluate,
-    evaluate_and_report,
-    lazy_cases,
-)
+from sam_ft.evaluation.cases import LazyCase, lazy_cases
+from sam_ft.evaluation.engine import evaluate, evaluate_and_report
 from sam_ft.evaluation.metrics import volume_metrics
+from sam_ft.evaluation.options import eval_options
 from sam_ft.evaluation.predictions import CasePredictions
+from sam_ft.evaluation.scoring import _per_case_rows
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import make_eval_prompt

@@ -12,8 +12,9 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import eval_options, evaluate, evaluate_and_report
+from sam_ft.evaluation.engine import evaluate, evaluate_and_report
 from sam_ft.evaluation.metrics import batch_slice_metrics
+from sam_ft.evaluation.options import eval_options
 from sam_ft.evaluation.pipeline import WorkerDiedError, pack_masks, unpack_masks
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.model.builders import build_sam_architecture
@@ -284,7 +285,7 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
     """End to end: the CSVs with Dice / IoU from the device equal, byte for byte, those of a
     run whose Dice / IoU are the numpy metrics of the same masks (what the workers computed
     before), Everything mode and the click curve included."""
-    from sam_ft.evaluation import engine
+    from sam_ft.evaluation import scoring
     from sam_ft.evaluation.selection import decode_scored
 
     kw = dict(task_name="t", seed=SEED, progress=False)
@@ -306,8 +307,8 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
         calls["everything"] += 1
         return tuple(map(torch.from_numpy, _numpy_dice_iou(pred.numpy(), gt.numpy())))
 
-    monkeypatch.setattr(engine, "decode_scored", numpy_scored)
-    monkeypatch.setattr(engine, "overlap_scores", numpy_overlap)
+    monkeypatch.setattr(scoring, "decode_scored", numpy_scored)
+    monkeypatch.setattr(scoring, "overlap_scores", numpy_overlap)
     evaluate_and_report(models, _cases(), cfg=cfg, out_dir=tmp_path / "numpy", **kw)
     assert calls["decode"] > 0 and calls["everything"] > 0
     assert _files(tmp_path / "device") == _files(tmp_path / "numpy")
@@ -352,7 +353,7 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
     never loaded on resume; the files are those of cases given already loaded."""
     import threading
 
-    from sam_ft.evaluation.engine import LazyCase
+    from sam_ft.evaluation.cases import LazyCase
 
     loads: list[tuple[str, str]] = []
 

@@ -401,7 +401,7 @@ def test_even_first_point_inside_when_centroid_outside():
 
 
 def test_random_sampling_stays_an_option_and_deterministic():
-    from sam_ft.evaluation.engine import eval_options
+    from sam_ft.evaluation.options import eval_options
 
     assert eval_options({}).point_sampling == "even"
     m = rect(40, 60, 10, 29, 20, 49)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from sam_ft.data.folder import find_cases
-from sam_ft.evaluation.engine import evaluate, lazy_cases
+from sam_ft.evaluation.cases import lazy_cases
+from sam_ft.evaluation.engine import evaluate
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 

@@ -22,9 +22,12 @@ import pandas as pd
 
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.attributes import spearman_table
+from sam_ft.evaluation.order import (
+    BASELINE_MODEL,
+    jitter_levels_sorted,
+    sort_table,
+)
 
-BASELINE_MODEL = "zero_shot"
-PROMPT_ORDER = ("everything", "point1", "point5", "point5_neg5", "box", "box_point1")
 PROMPT_NAMES = {
     "everything": "S1 everything",
     "point1": "S2 1 point",
@@ -33,8 +36,6 @@ PROMPT_NAMES = {
     "box": "S5 box",
     "box_point1": "S6 box+point",
 }
-JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
-"""The default levels, in order; any other levels sort by :func:`jitter_key` the same way."""
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
 SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
@@ -44,59 +45,9 @@ tolerance are then in pixels); ``mm+px`` when a group mixes both."""
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
-def rank_by_order(values: pd.Series, order: Sequence[str]) -> pd.Series:
-    """Position in ``order``; unknown values after the known ones, alphabetically."""
-    known = {v: i for i, v in enumerate(order)}
-    extra = sorted(set(values.astype(str)) - set(known))
-    known.update({v: len(order) + i for i, v in enumerate(extra)})
-    return values.astype(str).map(known)
-
-
-def jitter_key(name: str) -> tuple:
-    """Sort key of a jitter level: ``none`` first, then ``LO-HI`` ranges by (LO, HI) as NUMBERS
-    (``0-5 < 5-10 < 10-20``, where text order would put ``10-20`` before ``5-10``); an
-    unparsable name last, by text."""
-    from sam_ft.prompts.jitter import parse_jitter_name
-
-    try:
-        level = parse_jitter_name(str(name))
-    except ValueError:
-        return (2, 0.0, 0.0, str(name))
-    return (0, 0.0, 0.0, "") if level is None else (1, level[0], level[1], "")
-
-
-def jitter_levels_sorted(values) -> list[str]:
-    """The distinct jitter names of ``values`` in :func:`jitter_key` order."""
-    return sorted({str(v) for v in values}, key=jitter_key)
-
-
-def jitter_rank(values: pd.Series) -> pd.Series:
-    """Position of each jitter name in :func:`jitter_key` order: the one sort every table uses
-    (per_object, per_case, summary, summary.md, the merged report)."""
-    order = jitter_levels_sorted(values)
-    return values.astype(str).map({v: i for i, v in enumerate(order)})
-
-
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Sort by model (zero-shot first), task, prompt S1..S6, jitter (numerically) where present."""
-    keys = []
-    if "model" in df:
-        models = sorted(set(df["model"].astype(str)) - {BASELINE_MODEL})
-        keys.append(("model", [BASELINE_MODEL, *models]))
-    if "task" in df:
-        keys.append(("task", sorted(set(df["task"].astype(str)))))
-    if "prompt" in df:
-        keys.append(("prompt", PROMPT_ORDER))
-    if not keys and "jitter" not in df or df.empty:
-        return df.reset_index(drop=True)
-    ranks = pd.DataFrame(
-        {f"_{c}": rank_by_order(df[c], order) for c, order in keys}, index=df.index
-    )
-    if "jitter" in df:
-        ranks["_jitter"] = jitter_rank(df["jitter"])
-    return df.loc[ranks.sort_values(list(ranks.columns), kind="stable").index].reset_index(
-        drop=True
-    )
+    return sort_table(df, by=("model", "task", "prompt", "jitter"))
 
 
 def _missing_hd95(df: pd.DataFrame) -> pd.Series:
