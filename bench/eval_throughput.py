@@ -153,9 +153,9 @@ def pipeline(args, threads: int) -> float:
         eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
         wall0, cpu0 = time.perf_counter(), time.process_time()
         evaluate(
-            model,
+            {"bench": model},
             cases,
-            model_name="bench",
+            report=False,
             task_name="bench",
             cfg=eval_cfg,
             out_dir=out,
@@ -239,9 +239,9 @@ def main(argv: list[str] | None = None) -> float:
     # The serial path (eval.workers=0): every part runs, and is timed, in this process.
     serial = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": 0}
     result = evaluate(
-        model,
+        {"bench": model},
         cases,
-        model_name="bench",
+        report=False,
         task_name="bench",
         cfg=serial,
         out_dir=tmp / "eval",

@@ -150,9 +150,9 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
         case="c", slice_index=-1, image=image, masks=gt, labels=np.array([1, 2]), names=["a", "b"]
     )
     res = evaluate(
-        TrainableSam(sam),
+        {"zero_shot": TrainableSam(sam)},
         [[rec]],
-        model_name="zero_shot",
+        report=False,
         task_name="t",
         cfg={"prompts": ["everything"], "grid": 3, "everything": {"pred_iou_thresh": 1e9}},
         out_dir=tmp_path,

@@ -333,44 +333,6 @@ def _patient(case_data: Any, key: str) -> str:
 
 
 def evaluate(
-    model: TrainableSam,
-    cases: Iterable[Any],
-    *,
-    model_name: str,
-    task_name: str,
-    cfg: Mapping[str, Any] | None,
-    out_dir: str | Path,
-    seed: int,
-    progress: bool = True,
-) -> EvalResult:
-    """Evaluate one model on the cases of one task (resumable; see the module docstring).
-
-    Args:
-        model: the model, on its device (set to eval mode here, restored afterwards).
-        cases: each a ``CaseData``, a list of ``SliceRecord`` of one image, or a
-            :class:`LazyCase` (loaded only when needed; loading errors are recorded per case).
-        model_name: the ``model`` column, e.g. ``"zero_shot"`` or ``"finetuned"``.
-        task_name: the ``task`` column.
-        cfg: the ``eval`` config (keys of conf/eval/default.yaml; missing keys take its values).
-        out_dir: where the CSVs go; existing results of (model, task, case) are kept.
-        seed: prompt seed (same seed, same prompts for every model).
-        progress: show a tqdm bar (cases/s, running mean box Dice).
-
-    Returns:
-        :class:`EvalResult` with all rows of this model and task in ``out_dir``.
-    """
-    return _run(
-        {model_name: model},
-        cases,
-        task_name=task_name,
-        cfg=cfg,
-        out_dir=out_dir,
-        seed=seed,
-        progress=progress,
-    )
-
-
-def evaluate_and_report(
     models: Mapping[str, TrainableSam],
     cases: Iterable[Any],
     *,
@@ -379,16 +341,31 @@ def evaluate_and_report(
     out_dir: str | Path,
     seed: int,
     progress: bool = True,
+    report: bool = True,
     title: str = "Evaluation summary",
 ) -> EvalResult:
-    """Evaluate several models on the same cases (each case loaded once), then write the report.
+    """Evaluate models on the cases of one task (each case loaded once; resumable, see the
+    module docstring), then write the summary.
 
-    The report (``summary.write_report``: ``summary.csv`` etc., best/worst overlays per model)
-    covers every row in ``out_dir``'s CSVs, so models evaluated by earlier calls in the same
-    folder appear in it too.
+    Args:
+        models: ``{name: model}``, each on its device (set to eval mode here, restored
+            afterwards); the name is the ``model`` column, e.g. ``"zero_shot"``.
+        cases: each a ``CaseData``, a list of ``SliceRecord`` of one image, or a
+            :class:`~sam_ft.evaluation.cases.LazyCase` (loaded only when needed; loading errors
+            are recorded per case).
+        task_name: the ``task`` column.
+        cfg: the ``eval`` config (keys of conf/eval/default.yaml; missing keys take its values).
+        out_dir: where the CSVs go; existing results of (model, task, case) are kept.
+        seed: prompt seed (same seed, same prompts for every model).
+        progress: show a tqdm bar (cases/s, running mean box Dice).
+        report: write the summary (``summary.write_report``: ``summary.csv`` etc., best/worst
+            overlays per model). It covers every row in ``out_dir``'s CSVs, so models evaluated
+            by earlier calls in the same folder appear in it too.
+        title: the summary's title.
+
+    Returns:
+        :class:`EvalResult` with all rows of these models and task in ``out_dir``.
     """
-    from sam_ft.evaluation.summary import write_report
-
     result = _run(
         dict(models),
         cases,
@@ -398,6 +375,10 @@ def evaluate_and_report(
         seed=seed,
         progress=progress,
     )
+    if not report:
+        return result
+    from sam_ft.evaluation.summary import write_report
+
     out = Path(out_dir)
     per_object = read_table(out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS)
     if per_object.empty:

@@ -45,9 +45,9 @@ def run(model: TrainableSam, job: dict) -> dict:
     before = _status("VmRSS")
     t0 = time.perf_counter()
     result = evaluate(
-        model,
+        {"zero_shot": model},
         lazy_cases(find_cases(job["root"], TASK), TASK),
-        model_name="zero_shot",
+        report=False,
         task_name="big",
         cfg=job["cfg"],
         out_dir=job["out"],
