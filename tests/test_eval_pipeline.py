@@ -185,7 +185,7 @@ def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
 def test_overlap_scores_on_the_device_equal_the_numpy_metrics(device):
     """Dice / IoU from the device's counts are batch_slice_metrics' float64 numbers bit for bit,
     empty ground truth, empty prediction and both empty included."""
-    from sam_ft.evaluation.selection import overlap_scores
+    from sam_ft.evaluation.overlap import overlap_scores
 
     rng = np.random.default_rng(7)
     n, h, w = 64, 37, 29  # H * W not a multiple of 8
@@ -210,8 +210,7 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     """Thresholding and selection stay on the model's device; the same channel as the host's
     ``select_masks`` comes out, ties (an empty GT, identical masks) included, with the kept
     masks' Dice / IoU equal to the numpy metrics'."""
-    from sam_ft.evaluation.selection import _select_on_device, pack_bits
-    from sam_ft.prompts.strategies import select_masks
+    from sam_ft.evaluation.selection import _select_on_device, pack_bits, select_masks
 
     rng = np.random.default_rng(1)
     binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)

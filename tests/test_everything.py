@@ -14,9 +14,9 @@ from sam_ft.evaluation.everything import (
     everything_predictions,
     generate_masks,
 )
+from sam_ft.evaluation.overlap import dice_matrix
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.geometry import dice_matrix
 
 H, W = 64, 80
 # tiny at a 128 input: 8 x 8 embedding tokens keep the decoder cheap on a CPU.

@@ -10,8 +10,9 @@ from sam_ft.errors import ConfigError
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.evaluation.metrics import NSD_METHODS
 from sam_ft.evaluation.pipeline import resolve_workers
+from sam_ft.evaluation.selection import MASK_SELECTIONS
 from sam_ft.prompts.jitter import JitterRange, jitter_levels
-from sam_ft.prompts.strategies import MASK_SELECTIONS, POINT_SAMPLINGS, STRATEGIES
+from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
 
 # --------------------------------------------------------------------------------------------
 # Configuration and inputs

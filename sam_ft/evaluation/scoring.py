@@ -23,6 +23,7 @@ from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.evaluation.everything import everything_predictions
 from sam_ft.evaluation.options import EvalOptions
+from sam_ft.evaluation.overlap import overlap_scores
 from sam_ft.evaluation.pipeline import (
     CaseJob,
     ModelSlice,
@@ -35,7 +36,7 @@ from sam_ft.evaluation.pipeline import (
     score_slice,
 )
 from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.selection import decode_scored, overlap_scores
+from sam_ft.evaluation.selection import decode_scored
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import jitter_name

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial import cKDTree
 
-from sam_ft.evaluation.overlap import empty_rule
+from sam_ft.evaluation.overlap import dice_from_counts, empty_rule, iou_from_counts
 
 
 class GtSurface:
@@ -91,8 +91,8 @@ class GtSurface:
             within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
             nsd = within / (d_pg.size + d_gp.size)
         return {
-            "dice": 2.0 * inter / total,
-            "iou": inter / (total - inter),
+            "dice": float(dice_from_counts(inter, total)),
+            "iou": float(iou_from_counts(inter, total)),
             "hd95": float(max(_quantile95(d_pg), _quantile95(d_gp, self.ranks))),
             "nsd": nsd,
             "empty_pred": False,
