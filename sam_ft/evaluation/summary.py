@@ -282,7 +282,22 @@ def write_report(
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    tables = _write_tables(out_dir, per_object, per_case, clicks, paths)
+    _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
+    lines = _markdown(out_dir, title, per_object, tables, paths)
+    paths["summary_md"] = out_dir / "summary.md"
+    paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
 
+
+def _write_tables(
+    out_dir: Path,
+    per_object: pd.DataFrame,
+    per_case: pd.DataFrame | None,
+    clicks: pd.DataFrame | None,
+    paths: dict[str, Path],
+) -> dict[str, pd.DataFrame | None]:
+    """The summary CSVs (paths added to ``paths``); -> the tables, and the pooled rows."""
     summary = summarize(per_object)
     paths["summary_csv"] = out_dir / "summary.csv"
     summary.to_csv(paths["summary_csv"], index=False)
@@ -308,8 +323,24 @@ def write_report(
         noc_table = noc(clicks)
         paths["noc_csv"] = out_dir / "noc.csv"
         noc_table.to_csv(paths["noc_csv"], index=False)
+    return {
+        "summary": summary,
+        "pooled": pooled,
+        "case_summary": case_summary,
+        "spearman": spearman,
+        "noc": noc_table,
+    }
 
-    # Figures.
+
+def _write_figures(
+    plot_dir: Path,
+    per_object: pd.DataFrame,
+    pooled: pd.DataFrame,
+    clicks: pd.DataFrame | None,
+    overlays: Mapping[str, Sequence[plots.OverlayItem]] | Sequence[plots.OverlayItem] | None,
+    paths: dict[str, Path],
+) -> None:
+    """The summary's figures in ``plot_dir`` (paths added to ``paths``)."""
     paths["plot_dice_per_prompt"] = plots.plot_grouped_bars(
         _bar_table(pooled),
         plot_dir / "dice_per_prompt.png",
@@ -345,7 +376,18 @@ def write_report(
             file = f"overlays_{name}.png" if name else "overlays.png"
             paths[key] = plots.plot_overlay_grid(plot_dir / file, items)
 
-    # Markdown.
+
+def _markdown(
+    out_dir: Path,
+    title: str,
+    per_object: pd.DataFrame,
+    tables: dict[str, pd.DataFrame | None],
+    paths: dict[str, Path],
+) -> list[str]:
+    """The lines of ``summary.md``: the tables of :func:`_write_tables` and the figures."""
+    summary, pooled = tables["summary"], tables["pooled"]
+    case_summary, spearman, noc_table = tables["case_summary"], tables["spearman"], tables["noc"]
+    assert summary is not None and pooled is not None and spearman is not None
     tasks = list(dict.fromkeys(summary["task"]))
     models = ", ".join(map(str, dict.fromkeys(summary["model"])))
     lines = [
@@ -389,9 +431,7 @@ def write_report(
     for key, path in paths.items():
         if key.startswith("plot_"):
             lines.append(f"![{key[5:]}]({path.relative_to(out_dir).as_posix()})")
-    paths["summary_md"] = out_dir / "summary.md"
-    paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return paths
+    return lines
 
 
 def _unit(summary: pd.DataFrame) -> str:
