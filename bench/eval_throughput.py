@@ -79,7 +79,7 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 def _instrument(model, totals: dict[str, float]) -> None:
     """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts
     (in this process: the breakdown runs with ``eval.workers=0``)."""
-    from sam_ft.evaluation import engine, pipeline, selection
+    from sam_ft.evaluation import engine, pipeline, scoring, selection
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
@@ -88,7 +88,7 @@ def _instrument(model, totals: dict[str, float]) -> None:
     _wrap(pipeline, "make_eval_prompt", totals, "prompt generation + jitter")
     _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
     _wrap(pipeline, "object_attributes", totals, "object attributes")
-    _wrap(engine, "score_case", totals, "3D per-case metrics")
+    _wrap(scoring, "score_case", totals, "3D per-case metrics")
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 
@@ -153,9 +153,9 @@ def pipeline(args, threads: int) -> float:
         eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
         wall0, cpu0 = time.perf_counter(), time.process_time()
         evaluate(
-            model,
+            {"bench": model},
             cases,
-            model_name="bench",
+            report=False,
             task_name="bench",
             cfg=eval_cfg,
             out_dir=out,
@@ -239,9 +239,9 @@ def main(argv: list[str] | None = None) -> float:
     # The serial path (eval.workers=0): every part runs, and is timed, in this process.
     serial = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": 0}
     result = evaluate(
-        model,
+        {"bench": model},
         cases,
-        model_name="bench",
+        report=False,
         task_name="bench",
         cfg=serial,
         out_dir=tmp / "eval",

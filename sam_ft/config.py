@@ -196,7 +196,7 @@ class EverythingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.engine)."""
+    """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.options)."""
 
     split: Literal["test", "val", "all"]
     prompts: list[str]
@@ -311,7 +311,7 @@ def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping
     """Checks beyond types, by the code that uses the values (so the rules live in one place)."""
     from sam_ft.data.augment import SliceAugment
     from sam_ft.data.tasks import task_options
-    from sam_ft.evaluation.engine import eval_options
+    from sam_ft.evaluation.options import eval_options
 
     task = run.task
     task_options({k: v for k, v in dataclasses.asdict(task).items() if v is not None})

@@ -26,16 +26,9 @@ from omegaconf import OmegaConf
 
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
-from sam_ft.evaluation.report import (
-    BASELINE_MODEL,
-    PROMPT_NAMES,
-    PROMPT_ORDER,
-    SCORE_COLUMNS,
-    jitter_rank,
-    rank_by_order,
-    to_markdown,
-)
+from sam_ft.evaluation.order import BASELINE_MODEL, PROMPT_ORDER, rank_by_order, sort_table
 from sam_ft.evaluation.study import find_per_object, write_study
+from sam_ft.evaluation.summary import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run"]
@@ -132,19 +125,7 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
-    finetunes = [BASELINE_MODEL, *sorted(set(df["finetune"]) - {BASELINE_MODEL})]
-    ranks = pd.DataFrame(
-        {
-            "size": rank_by_order(df["model_size"], sorted(set(df["model_size"]))),
-            "task": rank_by_order(df["task"], sorted(set(df["task"].astype(str)))),
-            "prompt": rank_by_order(df["prompt"], PROMPT_ORDER),
-            "jitter": jitter_rank(df["jitter"]),
-            "finetune": rank_by_order(df["finetune"], finetunes),
-        },
-        index=df.index,
-    )
-    order = ranks.sort_values(list(ranks.columns), kind="stable").index
-    return df.loc[order].reset_index(drop=True)
+    return sort_table(df, by=("model_size", "task", "prompt", "jitter", "finetune"))
 
 
 def dice_overview(merged: pd.DataFrame) -> pd.DataFrame:

@@ -12,16 +12,12 @@ from segment_anything import SamPredictor
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
-from sam_ft.evaluation.engine import (
-    LazyCase,
-    _per_case_rows,
-    eval_options,
-    evaluate,
-    evaluate_and_report,
-    lazy_cases,
-)
+from sam_ft.evaluation.cases import LazyCase, lazy_cases
+from sam_ft.evaluation.engine import evaluate
 from sam_ft.evaluation.metrics import volume_metrics
+from sam_ft.evaluation.options import eval_options
 from sam_ft.evaluation.predictions import CasePredictions
+from sam_ft.evaluation.scoring import _per_case_rows
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import make_eval_prompt
@@ -81,9 +77,9 @@ def test_zero_shot_matches_sam_predictor(model, tmp_path):
     """Box and point1 with the oracle mask: Dice equals SamPredictor's best of 3 masks."""
     cases = [_case("p0", slices=(2,)), _case("p1", slices=(1,))]
     res = evaluate(
-        model,
+        {"zero_shot": model},
         cases,
-        model_name="zero_shot",
+        report=False,
         task_name="t",
         cfg={**FAST, "mask_selection": "oracle"},
         out_dir=tmp_path,
@@ -137,9 +133,9 @@ def test_encoder_runs_once_per_slice(model, tmp_path):
         }
         cases = [_case("e0", slices=(0, 1), objects=1), _case("e1", slices=(2,), objects=1)]
         res = evaluate(
-            model,
+            {"zero_shot": model},
             cases,
-            model_name="zero_shot",
+            report=False,
             task_name="t",
             cfg=cfg,
             out_dir=tmp_path,
@@ -170,19 +166,19 @@ def _files(d) -> dict[str, bytes]:
 def test_resume_after_kill_gives_same_files(model, tmp_path):
     cfg = {**FAST, "clicks": 2}
     cases = [_case(f"r{i}", slices=(0,), objects=1) for i in range(3)]
-    kw = dict(model_name="zero_shot", task_name="t", cfg=cfg, seed=SEED, progress=False)
+    kw = dict(report=False, task_name="t", cfg=cfg, seed=SEED, progress=False)
 
     full = tmp_path / "full"
-    evaluate(model, cases, out_dir=full, **kw)
+    evaluate({"zero_shot": model}, cases, out_dir=full, **kw)
 
     part = tmp_path / "part"
-    evaluate(model, cases[:1], out_dir=part, **kw)
+    evaluate({"zero_shot": model}, cases[:1], out_dir=part, **kw)
     # A kill in the middle of the next case: rows of r1 appended, no marker, last line cut.
     rows = (full / "per_object.csv").read_text().splitlines()
     r1 = [line for line in rows if ",r1," in line]
     with open(part / "per_object.csv", "a") as f:
         f.write("\n".join(r1) + "\n" + r1[0][: len(r1[0]) // 2])
-    resumed = evaluate(model, cases, out_dir=part, **kw)
+    resumed = evaluate({"zero_shot": model}, cases, out_dir=part, **kw)
     assert _files(part) == _files(full)
     assert len(resumed.per_object) == 3 * 2
 
@@ -190,7 +186,7 @@ def test_resume_after_kill_gives_same_files(model, tmp_path):
     calls = []
     handle = model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        evaluate(model, cases, out_dir=part, **kw)
+        evaluate({"zero_shot": model}, cases, out_dir=part, **kw)
     finally:
         handle.remove()
     assert calls == [] and _files(part) == _files(full)
@@ -265,9 +261,9 @@ def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     nib = pytest.importorskip("nibabel")
     records = _case("n0", slices=(0, 2), objects=1)  # slice 1 of 3 has no kept object
     res = evaluate(
-        model,
+        {"zero_shot": model},
         [records],
-        model_name="zero_shot",
+        report=False,
         task_name="t",
         cfg={**FAST, "save_predictions": True},
         out_dir=tmp_path,
@@ -300,9 +296,9 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
         _case("ok1", slices=(1,), objects=1),
     ]
     res = evaluate(
-        model,
+        {"zero_shot": model},
         cases,
-        model_name="zero_shot",
+        report=False,
         task_name="t",
         cfg=FAST,
         out_dir=tmp_path,
@@ -325,9 +321,9 @@ def test_a_bug_is_never_a_skipped_case(model, tmp_path):
     cases = [_case("ok0", slices=(0,), objects=1), LazyCase("buggy", buggy, "buggy.nii.gz")]
     with pytest.raises(KeyError, match="a bug"):
         evaluate(
-            model,
+            {"zero_shot": model},
             cases,
-            model_name="zero_shot",
+            report=False,
             task_name="t",
             cfg={**FAST, "on_error": "skip"},
             out_dir=tmp_path,
@@ -351,7 +347,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
     cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
     out = tmp_path / "eval"
-    evaluate_and_report(
+    evaluate(
         {"zero_shot": model}, cases, task_name="t", cfg=FAST, out_dir=out, seed=SEED, progress=False
     )
     md = (out / "summary.md").read_text()
@@ -363,7 +359,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     assert metrics["eval/skipped_cases"].dropna().tolist() == [2.0]
 
     clean = tmp_path / "clean"
-    evaluate_and_report(
+    evaluate(
         {"zero_shot": model}, cases[:1], task_name="t", cfg=FAST, out_dir=clean, seed=SEED,
         progress=False,
     )  # fmt: skip
@@ -372,7 +368,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
 def test_two_models_share_prompts_and_report(model, tmp_path):
     """evaluate_and_report: one summary with both models; identical model -> identical Dice."""
-    res = evaluate_and_report(
+    res = evaluate(
         {"zero_shot": model, "finetuned": model},
         [_case("m0", slices=(0,), objects=1)],
         task_name="t",
@@ -413,9 +409,9 @@ def test_real_png_files_match_sam_predictor(model, tmp_path):
     task["intensity"] = {"mode": "none"}
     files = find_cases(root, task)
     res = evaluate(
-        model,
+        {"zero_shot": model},
         lazy_cases(files, task),
-        model_name="zero_shot",
+        report=False,
         task_name="demo_2d",
         cfg=FAST,
         out_dir=tmp_path / "eval",

@@ -12,8 +12,9 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import eval_options, evaluate, evaluate_and_report
+from sam_ft.evaluation.engine import evaluate
 from sam_ft.evaluation.metrics import batch_slice_metrics
+from sam_ft.evaluation.options import eval_options
 from sam_ft.evaluation.pipeline import WorkerDiedError, pack_masks, unpack_masks
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.model.builders import build_sam_architecture
@@ -105,12 +106,8 @@ def _files(d) -> dict[str, bytes]:
 def test_two_workers_equal_the_serial_path_row_for_row(model, tmp_path):
     kw = dict(task_name="t", seed=SEED, progress=False)
     models = {"zero_shot": model, "finetuned": model}
-    serial = evaluate_and_report(
-        models, _cases(), cfg={**CFG, "workers": 0}, out_dir=tmp_path / "w0", **kw
-    )
-    pooled = evaluate_and_report(
-        models, _cases(), cfg={**CFG, "workers": 2}, out_dir=tmp_path / "w2", **kw
-    )
+    serial = evaluate(models, _cases(), cfg={**CFG, "workers": 0}, out_dir=tmp_path / "w0", **kw)
+    pooled = evaluate(models, _cases(), cfg={**CFG, "workers": 2}, out_dir=tmp_path / "w2", **kw)
     assert _files(tmp_path / "w2") == _files(tmp_path / "w0")
     assert len(serial.per_object) == 2 * (3 + 2 + 1 + 3) * 2 * 5  # models x objects x variants
     assert set(serial.per_case["case"]) == {"vol0", "vol1", "img2d", "vol2"}
@@ -129,13 +126,15 @@ class _DiesWhenUnpickled(str):
 
 
 def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, tmp_path):
-    kw = dict(model_name="zero_shot", task_name="t", seed=SEED, progress=False)
+    kw = dict(report=False, task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "clicks": 0, "workers": 2}
     good = [_records("a0", (0,)), _records("a1", (1,))]
     doomed = _records("doomed", (0, 1), modality=_DiesWhenUnpickled("CT"))
     out = tmp_path / "run"
     with pytest.raises(WorkerDiedError, match="case doomed"):
-        evaluate(model, [*good, doomed, _records("a2", (2,))], cfg=cfg, out_dir=out, **kw)
+        evaluate(
+            {"zero_shot": model}, [*good, doomed, _records("a2", (2,))], cfg=cfg, out_dir=out, **kw
+        )
     # The cases committed before the worker died are saved and marked done (which of a0, a1
     # were still in flight, and lost with it, depends on timing), nothing else.
     marks = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
@@ -144,8 +143,10 @@ def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, 
 
     # Rerun after the crash (the bad job replaced): the same files as one uninterrupted run.
     cases = [*good, _records("doomed", (0, 1)), _records("a2", (2,))]
-    evaluate(model, cases, cfg=cfg, out_dir=out, **kw)
-    evaluate(model, cases, cfg={**cfg, "workers": 0}, out_dir=tmp_path / "serial", **kw)
+    evaluate({"zero_shot": model}, cases, cfg=cfg, out_dir=out, **kw)
+    evaluate(
+        {"zero_shot": model}, cases, cfg={**cfg, "workers": 0}, out_dir=tmp_path / "serial", **kw
+    )
     for name in ("per_object.csv", "per_case.csv"):
         assert (out / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
 
@@ -184,7 +185,7 @@ def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
 def test_overlap_scores_on_the_device_equal_the_numpy_metrics(device):
     """Dice / IoU from the device's counts are batch_slice_metrics' float64 numbers bit for bit,
     empty ground truth, empty prediction and both empty included."""
-    from sam_ft.evaluation.selection import overlap_scores
+    from sam_ft.evaluation.overlap import overlap_scores
 
     rng = np.random.default_rng(7)
     n, h, w = 64, 37, 29  # H * W not a multiple of 8
@@ -209,8 +210,7 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     """Thresholding and selection stay on the model's device; the same channel as the host's
     ``select_masks`` comes out, ties (an empty GT, identical masks) included, with the kept
     masks' Dice / IoU equal to the numpy metrics'."""
-    from sam_ft.evaluation.selection import _select_on_device, pack_bits
-    from sam_ft.prompts.strategies import select_masks
+    from sam_ft.evaluation.selection import _select_on_device, pack_bits, select_masks
 
     rng = np.random.default_rng(1)
     binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)
@@ -284,13 +284,13 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
     """End to end: the CSVs with Dice / IoU from the device equal, byte for byte, those of a
     run whose Dice / IoU are the numpy metrics of the same masks (what the workers computed
     before), Everything mode and the click curve included."""
-    from sam_ft.evaluation import engine
+    from sam_ft.evaluation import scoring
     from sam_ft.evaluation.selection import decode_scored
 
     kw = dict(task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "workers": 0, "prompts": ["everything", "point1", "point5_neg5", "box"]}
     models = {"zero_shot": model}
-    evaluate_and_report(models, _cases(), cfg=cfg, out_dir=tmp_path / "device", **kw)
+    evaluate(models, _cases(), cfg=cfg, out_dir=tmp_path / "device", **kw)
 
     calls = {"decode": 0, "everything": 0}
 
@@ -306,9 +306,9 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
         calls["everything"] += 1
         return tuple(map(torch.from_numpy, _numpy_dice_iou(pred.numpy(), gt.numpy())))
 
-    monkeypatch.setattr(engine, "decode_scored", numpy_scored)
-    monkeypatch.setattr(engine, "overlap_scores", numpy_overlap)
-    evaluate_and_report(models, _cases(), cfg=cfg, out_dir=tmp_path / "numpy", **kw)
+    monkeypatch.setattr(scoring, "decode_scored", numpy_scored)
+    monkeypatch.setattr(scoring, "overlap_scores", numpy_overlap)
+    evaluate(models, _cases(), cfg=cfg, out_dir=tmp_path / "numpy", **kw)
     assert calls["decode"] > 0 and calls["everything"] > 0
     assert _files(tmp_path / "device") == _files(tmp_path / "numpy")
 
@@ -352,7 +352,7 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
     never loaded on resume; the files are those of cases given already loaded."""
     import threading
 
-    from sam_ft.evaluation.engine import LazyCase
+    from sam_ft.evaluation.cases import LazyCase
 
     loads: list[tuple[str, str]] = []
 
@@ -365,14 +365,16 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
 
     names = {"l0": (0,), "l1": (1, 2), "l2": (2,)}
     lazy = [LazyCase(n, loader(n, s), f"{n}.nii.gz") for n, s in names.items()]
-    kw = dict(model_name="zero_shot", task_name="t", seed=SEED, progress=False)
+    kw = dict(report=False, task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "clicks": 0, "workers": 0}
-    evaluate(model, lazy[:1], cfg=cfg, out_dir=tmp_path / "lazy", **kw)
+    evaluate({"zero_shot": model}, lazy[:1], cfg=cfg, out_dir=tmp_path / "lazy", **kw)
     loads.clear()
-    evaluate(model, lazy, cfg=cfg, out_dir=tmp_path / "lazy", **kw)  # l0 is done: not loaded
+    evaluate(
+        {"zero_shot": model}, lazy, cfg=cfg, out_dir=tmp_path / "lazy", **kw
+    )  # l0 is done: not loaded
     assert [n for n, _ in loads] == ["l1", "l2"]
     assert all(t.startswith("eval-load") for _, t in loads)
     loaded = [_records(n, s) for n, s in names.items()]
-    evaluate(model, loaded, cfg=cfg, out_dir=tmp_path / "ready", **kw)
+    evaluate({"zero_shot": model}, loaded, cfg=cfg, out_dir=tmp_path / "ready", **kw)
     for name in ("per_object.csv", "per_case.csv"):
         assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "ready" / name).read_bytes()

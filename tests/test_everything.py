@@ -14,9 +14,9 @@ from sam_ft.evaluation.everything import (
     everything_predictions,
     generate_masks,
 )
+from sam_ft.evaluation.overlap import dice_matrix
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.geometry import dice_matrix
 
 H, W = 64, 80
 # tiny at a 128 input: 8 x 8 embedding tokens keep the decoder cheap on a CPU.
@@ -150,9 +150,9 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
         case="c", slice_index=-1, image=image, masks=gt, labels=np.array([1, 2]), names=["a", "b"]
     )
     res = evaluate(
-        TrainableSam(sam),
+        {"zero_shot": TrainableSam(sam)},
         [[rec]],
-        model_name="zero_shot",
+        report=False,
         task_name="t",
         cfg={"prompts": ["everything"], "grid": 3, "everything": {"pred_iou_thresh": 1e9}},
         out_dir=tmp_path,

@@ -211,7 +211,7 @@ def _volume_variants(rng: np.random.Generator, gt: np.ndarray) -> list[np.ndarra
 
 def test_quantile_matches_torch_bit_for_bit():
     # The HD95 percentile skips torch's sort; it must still give torch.quantile's float32 value.
-    from sam_ft.evaluation.metrics import _quantile95
+    from sam_ft.evaluation.surface import _quantile95
 
     rng = np.random.default_rng(3)
     sizes = [*range(1, 120), 1000, 4321, 65537]
@@ -230,7 +230,7 @@ def test_quantile_matches_torch_bit_for_bit():
 def test_surface_is_mask_minus_its_erosion():
     from scipy.ndimage import binary_erosion
 
-    from sam_ft.evaluation.metrics import _surface
+    from sam_ft.evaluation.surface import _surface
 
     rng = np.random.default_rng(4)
     for shape in [(1, 5), (5, 1), (7, 9), (1, 6, 6), (2, 8, 9), (5, 1, 4), (6, 7, 8)]:
@@ -241,14 +241,14 @@ def test_surface_is_mask_minus_its_erosion():
 def test_distance_map_equals_scipy_edt():
     from scipy.ndimage import distance_transform_edt
 
-    from sam_ft.evaluation import metrics
+    from sam_ft.evaluation import surface
 
     rng = np.random.default_rng(5)
     for shape in [(30, 41), (6, 25, 33)]:
         feature = rng.random(shape) < 0.02
         spacing = tuple(rng.uniform(0.3, 4, len(shape)))
         want = distance_transform_edt(~feature, sampling=spacing).astype(np.float32)
-        np.testing.assert_array_equal(metrics._distance_map(feature, spacing), want)
+        np.testing.assert_array_equal(surface._distance_map(feature, spacing), want)
 
 
 def test_batch_volume_matches_volume_metrics_and_monai():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sam_ft.evaluation.plots import plot_overlay_grid
-from sam_ft.evaluation.report import SUMMARY_COLUMNS, noc, summarize, write_report
+from sam_ft.evaluation.summary import SUMMARY_COLUMNS, noc, summarize, write_report
 from sam_ft.prompts.types import Prompt
 from sam_ft.report import main, merge_summaries
 
@@ -259,8 +259,8 @@ def test_report_cli_names_the_folder_without_summaries(tmp_path, capsys):
 def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
     """Levels [[0, 5], [5, 10], [10, 20]]: as text "10-20" < "5-10"; every table must order
     none, 0-5, 5-10, 10-20 and the robustness drop must go to 10-20, the largest level."""
-    from sam_ft.evaluation.engine import sort_table
-    from sam_ft.evaluation.report import jitter_table
+    from sam_ft.evaluation.order import sort_table
+    from sam_ft.evaluation.summary import jitter_table
 
     dice = {"none": 0.9, "0-5": 0.8, "5-10": 0.7, "10-20": 0.5}
     order = list(dice)
@@ -316,7 +316,7 @@ def test_2d_images_without_spacing_report_distances_in_pixels(tmp_path):
 
 def test_engine_labels_png_distances_px_and_volumes_mm():
     from sam_ft.data.types import SliceRecord
-    from sam_ft.evaluation.engine import distance_unit
+    from sam_ft.evaluation.scoring import distance_unit
 
     def rec(s, spacing):
         m = np.zeros((1, 8, 8), bool)

@@ -171,7 +171,8 @@ def evaluate_cases(
     Returns the engine's ``EvalResult`` for ``out_dir`` (one process, a shard, or rank 0 after
     the merge) or None on ranks other than 0.
     """
-    from sam_ft.evaluation import engine
+    from sam_ft.evaluation import engine, tables
+    from sam_ft.evaluation.cases import case_key_of
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     shard = parse_shard(eval_cfg.pop("shard", None))
@@ -179,9 +180,9 @@ def evaluate_cases(
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")
     common = {"task_name": cfg.task.name, "cfg": eval_cfg, "seed": cfg.seed}
     if shard is None and ranks is None:
-        return engine.evaluate_and_report(dict(models), cases, out_dir=out_dir, **common)
+        return engine.evaluate(dict(models), cases, out_dir=out_dir, **common)
 
-    keys = [engine._case_key(c) for c in cases]
+    keys = [case_key_of(c) for c in cases]
     shard = shard or Shard(ranks.rank, ranks.world)
     share = balanced_shares(keys, slices, shard.count)[shard.index]
     where = out_dir if ranks is None else out_dir / RANKS_DIR / f"{shard.index}-of-{shard.count}"
@@ -197,7 +198,7 @@ def evaluate_cases(
     )
     mine = [cases[i] for i in share]
     if ranks is None:
-        return engine.evaluate_and_report(dict(models), mine, out_dir=where, **common)
+        return engine.evaluate(dict(models), mine, out_dir=where, **common)
 
     engine._run(dict(models), mine, out_dir=where, progress=True, **common)
     ranks.barrier("evaluation_shares")
@@ -206,10 +207,10 @@ def evaluate_cases(
     parts = [out_dir / RANKS_DIR / f"{r}-of-{ranks.world}" for r in range(ranks.world)]
     report, overlays = merge_shards_with_overlays(parts, out_dir)
     result = engine.EvalResult(
-        per_object=engine._read_csv(out_dir / engine.PER_OBJECT_CSV, engine.PER_OBJECT_COLUMNS),
-        per_case=engine._read_csv(out_dir / engine.PER_CASE_CSV, engine.PER_CASE_COLUMNS),
-        clicks=engine._read_csv(out_dir / engine.CLICKS_CSV, engine.CLICK_COLUMNS),
-        skipped=engine._read_csv(out_dir / engine.SKIPPED_CSV, engine.SKIPPED_COLUMNS),
+        per_object=tables.read_table(out_dir / tables.PER_OBJECT_CSV, tables.PER_OBJECT_COLUMNS),
+        per_case=tables.read_table(out_dir / tables.PER_CASE_CSV, tables.PER_CASE_COLUMNS),
+        clicks=tables.read_table(out_dir / tables.CLICKS_CSV, tables.CLICK_COLUMNS),
+        skipped=tables.read_table(out_dir / tables.SKIPPED_CSV, tables.SKIPPED_COLUMNS),
     )
     result.report, result.overlays = report, overlays
     return result

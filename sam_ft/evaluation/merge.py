@@ -6,7 +6,7 @@ evaluation folder of the engine (``per_object.csv``, ``per_case.csv``, ``clicks.
 ``shard.json``: which share it is, the cases it was given and the configuration that scored them.
 :func:`merge_shards` checks that every share of one configuration is there, then writes into the
 output folder exactly what one process over all the cases writes: the engine's tables are
-rewritten in its canonical order (``engine.sort_table``), floats are read back exactly
+rewritten in its canonical order (``order.sort_table``), floats are read back exactly
 (``float_precision="round_trip"``), and the overlay pools are merged (the union of every share's
 best/worst k holds the overall best/worst k).
 
@@ -30,6 +30,19 @@ import pandas as pd
 
 from sam_ft.atomic import atomic_write_text
 from sam_ft.errors import ConfigError, SamFtError
+from sam_ft.evaluation.order import sort_table
+from sam_ft.evaluation.tables import (
+    CLICK_COLUMNS,
+    CLICKS_CSV,
+    PER_CASE_COLUMNS,
+    PER_CASE_CSV,
+    PER_OBJECT_COLUMNS,
+    PER_OBJECT_CSV,
+    SKIPPED_COLUMNS,
+    SKIPPED_CSV,
+    STATE_DIR,
+    read_table,
+)
 
 SHARD_FILE = "shard.json"
 
@@ -143,7 +156,7 @@ def read_shards(dirs: Sequence[str | Path]) -> list[tuple[Path, dict]]:
 def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None):
     """Merge share folders into ``out_dir``: the tables and report one process would write.
 
-    Returns the report's ``{name: path}`` (``evaluation.report.write_report``).
+    Returns the report's ``{name: path}`` (``evaluation.summary.write_report``).
     """
     return merge_shards_with_overlays(dirs, out_dir, title=title)[0]
 
@@ -153,38 +166,37 @@ def merge_shards_with_overlays(
 ) -> tuple[dict[str, Path], dict[str, list]]:
     """:func:`merge_shards`, also returning the merged best/worst overlay items (as
     ``engine.EvalResult.overlays``)."""
-    from sam_ft.evaluation import engine
-    from sam_ft.evaluation.report import write_report
+    from sam_ft.evaluation.summary import write_report
 
     shards = read_shards(dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {}
     for name, columns in (
-        (engine.PER_OBJECT_CSV, engine.PER_OBJECT_COLUMNS),
-        (engine.PER_CASE_CSV, engine.PER_CASE_COLUMNS),
-        (engine.CLICKS_CSV, engine.CLICK_COLUMNS),
+        (PER_OBJECT_CSV, PER_OBJECT_COLUMNS),
+        (PER_CASE_CSV, PER_CASE_COLUMNS),
+        (CLICKS_CSV, CLICK_COLUMNS),
     ):
         if not any((d / name).exists() for d, _ in shards):
             continue  # e.g. clicks.csv of an evaluation without clicks
-        parts = [engine._read_csv(d / name, columns) for d, _ in shards]
+        parts = [read_table(d / name, columns) for d, _ in shards]
         parts = [p for p in parts if not p.empty]
-        df = engine.sort_table(pd.concat(parts, ignore_index=True)) if parts else None
+        df = sort_table(pd.concat(parts, ignore_index=True)) if parts else None
         df = df if df is not None else pd.DataFrame(columns=columns)
         atomic_write_text(out / name, df.to_csv(index=False))
         tables[name] = df
     _merge_skipped([d for d, _ in shards], out)
 
-    per_object = tables.get(engine.PER_OBJECT_CSV)
+    per_object = tables.get(PER_OBJECT_CSV)
     if per_object is None or per_object.empty:
         return {}, {}
     overlays = _merged_overlays(shards, out)
-    clicks = tables.get(engine.CLICKS_CSV)
+    clicks = tables.get(CLICKS_CSV)
     config = shards[0][1]["config"]
     report = write_report(
         out,
         per_object,
-        tables.get(engine.PER_CASE_CSV),
+        tables.get(PER_CASE_CSV),
         clicks if clicks is not None and not clicks.empty else None,
         overlays=overlays or None,
         title=title or config.get("title") or "Evaluation summary",
@@ -196,43 +208,42 @@ def _merge_skipped(dirs: Sequence[Path], out: Path) -> None:
     """``skipped.csv`` as one process leaves it: the data loader's rows (the same in every
     share, which all index every case; kept from ``out`` when it has them), then the engine's
     failed cases of all shares in table order."""
-    from sam_ft.evaluation import engine
 
     def read(path: Path) -> pd.DataFrame:
         if not path.is_file() or not path.stat().st_size:
-            return pd.DataFrame(columns=engine.SKIPPED_COLUMNS)
+            return pd.DataFrame(columns=SKIPPED_COLUMNS)
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return df.reindex(columns=engine.SKIPPED_COLUMNS, fill_value="")
+        return df.reindex(columns=SKIPPED_COLUMNS, fill_value="")
 
-    target = out / engine.SKIPPED_CSV
+    target = out / SKIPPED_CSV
     own = read(target)
     foreign = own[own["stage"] != "evaluate"]
     if foreign.empty:
-        first = read(dirs[0] / engine.SKIPPED_CSV)
+        first = read(dirs[0] / SKIPPED_CSV)
         foreign = first[first["stage"] != "evaluate"]
-    parts = [read(d / engine.SKIPPED_CSV) for d in dirs]
+    parts = [read(d / SKIPPED_CSV) for d in dirs]
     failed = pd.concat(parts, ignore_index=True)
     failed = failed[failed["stage"] == "evaluate"]
-    failed = engine.sort_table(failed) if not failed.empty else failed
+    failed = sort_table(failed) if not failed.empty else failed
     merged = pd.concat([foreign, failed], ignore_index=True)
-    if not merged.empty or target.exists() or any((d / engine.SKIPPED_CSV).exists() for d in dirs):
+    if not merged.empty or target.exists() or any((d / SKIPPED_CSV).exists() for d in dirs):
         merged.to_csv(target, index=False)
 
 
 def _merged_overlays(shards: Sequence[tuple[Path, dict]], out: Path) -> dict[str, list]:
     """The best/worst overlays of all shares together, per model (the engine's pool files)."""
-    from sam_ft.evaluation.engine import STATE_DIR, _OverlayPool
+    from sam_ft.evaluation.overlays import OverlayPool
 
     config = shards[0][1]["config"]
     k = int((config.get("eval") or {}).get("overlays", 8))
     overlays: dict[str, list] = {}
     for model in config.get("models", []):
         file = f"overlays_{model}_{config.get('task_name', '')}.npz"
-        pool = _OverlayPool(out / STATE_DIR / file, k)
+        pool = OverlayPool(out / STATE_DIR / file, k)
         pool.items = {}  # a pool left in out_dir by an earlier merge is rebuilt, not added to
         for d, _ in shards:
             if (d / STATE_DIR / file).is_file():
-                pool.offer(list(_OverlayPool(d / STATE_DIR / file, k).items.values()))
+                pool.offer(list(OverlayPool(d / STATE_DIR / file, k).items.values()))
         best, worst = pool.grids()
         if best:
             overlays[f"best_{model}"], overlays[f"worst_{model}"] = best, worst

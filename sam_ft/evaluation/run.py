@@ -16,8 +16,8 @@ from sam_ft.atomic import atomic_write_text
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.cases import LazyCase
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
-from sam_ft.evaluation.engine import LazyCase
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
@@ -106,7 +106,7 @@ def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: Dict
 def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
     """The number of cases skipped for bad data to the log (a warning naming them) and to every
     logger that takes metrics, the CSV logger too (``eval/skipped_cases``)."""
-    from sam_ft.evaluation.report import read_skipped
+    from sam_ft.evaluation.summary import read_skipped
 
     skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
     if len(skipped):

@@ -1,4 +1,5 @@
-"""Decode one image's prompts and keep one mask per prompt, as ``eval.mask_selection`` says.
+"""Mask selection among SAM's outputs (``eval.mask_selection``), on the host and on the device,
+and decoding one image's prompts with it.
 
 Shared by the evaluation engine and the training module's validation, so the checkpoint kept is
 the best by the measure that is reported. Prompts are (x, y) original-image pixels; masks are
@@ -14,14 +15,95 @@ import numpy as np
 import torch
 
 from sam_ft.evaluation.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
+from sam_ft.evaluation.overlap import dice_from_counts, dice_iou, overlap_counts, overlap_scores
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.strategies import prompt_selection
 from sam_ft.prompts.types import Prompt
 
 DEVICE_UPSAMPLE_BUDGET_BYTES = 2 * 2**30
 """Bytes of float32 logits upsampled at once on an accelerator (:data:`UPSAMPLE_BUDGET_BYTES`
 on a CPU): blocks of ~100 prompts, so the upsampling, selection and scoring run as a few large
 batched kernels and the host waits for the device once per block, not once per 2 prompts."""
+
+
+MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
+"""``oracle``: best of 3 by Dice vs GT (the study's); ``predicted_iou``: best of 3 by SAM's IoU
+head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
+own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
+mask prompt) and the single mask for every other prompt. A model with a single mask output
+(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
+
+
+def is_ambiguous(prompt: Prompt) -> bool:
+    """One point, no box, no mask prompt: the prompts SAM decodes with 3 masks."""
+    points = 0 if prompt.points is None else len(prompt.points)
+    return prompt.box is None and points == 1 and prompt.mask_logits is None
+
+
+def prompt_selection(mode: str, prompt: Prompt, model_multimask: bool = True) -> str:
+    """The concrete selection (``oracle``, ``predicted_iou`` or ``single``) one prompt gets under
+    ``eval.mask_selection == mode`` on a model with (``model_multimask``) or without 3 outputs."""
+    needs_multimask(mode)
+    if not model_multimask:
+        return "single"
+    if mode == "auto":
+        return "predicted_iou" if is_ambiguous(prompt) else "single"
+    return mode
+
+
+def needs_multimask(mode: str) -> bool:
+    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``
+    (``auto`` does for some prompts: see :func:`prompt_selection`)."""
+    if mode not in MASK_SELECTIONS:
+        raise ValueError(f"mask selection must be one of {MASK_SELECTIONS}, got {mode!r}")
+    return mode != "single"
+
+
+def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy() if x.dtype != torch.bool else x.cpu().numpy()
+    return np.asarray(x)
+
+
+def select_masks(
+    masks: np.ndarray | torch.Tensor,
+    iou_pred: np.ndarray | torch.Tensor | None,
+    gt: np.ndarray | torch.Tensor | None,
+    mode: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep one of SAM's C masks per object.
+
+    Args:
+        masks: (N, C, H, W) bool masks, or float logits (binarised at > 0, SAM's threshold).
+        iou_pred: (N, C) SAM IoU predictions; needed for ``predicted_iou``.
+        gt: (N, H, W) bool ground truth at the masks' resolution; needed for ``oracle``.
+        mode: one of ``MASK_SELECTIONS`` (``auto`` ranks 3 masks by the IoU head, as SAM does).
+
+    Returns:
+        (N, H, W) bool chosen masks and (N,) int64 chosen channel. Ties go to the lower channel.
+    """
+    needs_multimask(mode)
+    m = _to_numpy(masks)
+    if m.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) masks, got shape {m.shape}")
+    m = m if m.dtype == bool else m > 0.0
+    n, c = m.shape[:2]
+    if c == 1:
+        index = np.zeros(n, dtype=np.int64)
+    elif mode == "single":
+        raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
+    elif mode in ("predicted_iou", "auto"):
+        if iou_pred is None:
+            raise ValueError("mask selection 'predicted_iou' needs iou_pred")
+        index = _to_numpy(iou_pred).reshape(n, c).argmax(axis=1)
+    else:
+        if gt is None:
+            raise ValueError("mask selection 'oracle' needs the ground truth")
+        g = _to_numpy(gt).astype(bool)[:, None]  # (N, 1, H, W)
+        inter = (m & g).sum(axis=(2, 3), dtype=np.int64)
+        denom = m.sum(axis=(2, 3), dtype=np.int64) + g.sum(axis=(2, 3), dtype=np.int64)
+        index = dice_from_counts(inter, denom).argmax(axis=1)
+    index = index.astype(np.int64)
+    return m[np.arange(n), index], index
 
 
 def pack_bits(masks: torch.Tensor) -> torch.Tensor:
@@ -36,39 +118,10 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
     return (flat.reshape(n, -1, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.uint8)
 
 
-def overlap_counts(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., H, W) bool masks and ground truth (broadcast against each other) on one device ->
-    (...) int64 intersection and total (``|pred| + |gt|``) pixel counts, on that device."""
-    inter = (pred & gt).sum(dim=(-2, -1))
-    total = pred.sum(dim=(-2, -1)) + gt.sum(dim=(-2, -1))
-    return inter, total
-
-
-def dice_iou(inter: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and IoU (float64, on the counts' device) from :func:`overlap_counts`.
-
-    The numbers of :func:`~sam_ft.evaluation.metrics.batch_slice_metrics` bit for bit: 1 when
-    both masks are empty, 0 when one is, else ``2 * inter / total`` and ``inter / (total -
-    inter)``, each one IEEE float64 division of exact integers (correctly rounded on CPUs and
-    CUDA alike), as numpy's and Python's.
-    """
-    inter, total = inter.double(), total.double()
-    union = total - inter
-    dice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), 1.0)
-    iou = torch.where(union > 0, inter / union.clamp_min(1), 1.0)
-    return dice, iou
-
-
-def overlap_scores(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and IoU of (..., H, W) bool masks against their ground truth on the masks' device
-    -> (...) float64 each (:func:`dice_iou` of :func:`overlap_counts`)."""
-    return dice_iou(*overlap_counts(pred, gt))
-
-
 def _select_on_device(
     binary: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor | np.ndarray, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~sam_ft.prompts.strategies.select_masks` on the masks' device (the GPU when there
+    """:func:`select_masks` on the masks' device (the GPU when there
     is one), and the Dice and IoU of the kept masks: (N, C, H, W) bool, (N, C) IoU predictions,
     (N, H, W) bool ground truth -> (N, H, W) chosen masks, (N,) int64 chosen channel, (N,)
     float64 Dice and IoU, all on the masks' device (nothing comes back to the host here).
@@ -133,7 +186,7 @@ def decode_scored(
 ) -> Selected:
     """Decode prompts of one image in chunks, keep one mask per prompt and score it.
 
-    Each prompt gets :func:`~sam_ft.prompts.strategies.prompt_selection` of ``mode``: 3 masks and
+    Each prompt gets :func:`prompt_selection` of ``mode``: 3 masks and
     a choice among them, or the single mask output (``single``; ``auto`` for unambiguous prompts;
     always for a model without multimask output, e.g. MedSAM).
 

@@ -26,14 +26,8 @@ import pandas as pd
 
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
-from sam_ft.evaluation.report import (
-    BASELINE_MODEL,
-    JITTER_ORDER,
-    PROMPT_NAMES,
-    PROMPT_ORDER,
-    rank_by_order,
-    to_markdown,
-)
+from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
+from sam_ft.evaluation.summary import PROMPT_NAMES, to_markdown
 
 UNKNOWN = "unknown"
 ROW_KEYS = ["model_size", "setting", "task", "case", "slice", "label", "prompt", "jitter"]
@@ -107,15 +101,9 @@ def pooled(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
 
 def _order(df: pd.DataFrame) -> pd.DataFrame:
     """Rows by model size, setting (zero-shot first), modality, task, object, prompt S1..S6,
-    jitter; names alphabetically."""
-    fixed = {"setting": [BASELINE_MODEL], "prompt": PROMPT_ORDER, "jitter": JITTER_ORDER}
-    keys = pd.DataFrame(index=df.index)
-    for column in ("model_size", "setting", "modality", "task", "object", "prompt", "jitter"):
-        if column in df:
-            keys[column] = rank_by_order(df[column], fixed.get(column, ()))
-    if keys.empty:
-        return df
-    return df.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+    jitter (numerically); names alphabetically."""
+    by = ("model_size", "setting", "modality", "task", "object", "prompt", "jitter")
+    return sort_table(df, by=by)
 
 
 def _paired(rows: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str]) -> pd.DataFrame:

@@ -39,15 +39,10 @@ from sam_ft.errors import ConfigError
 from sam_ft.evaluation.everything import EverythingConfig, generate_codes, prompts_per_upsample
 from sam_ft.evaluation.everything import decode_mask as decode_code
 from sam_ft.evaluation.predictions import label_map
+from sam_ft.evaluation.selection import MASK_SELECTIONS, needs_multimask, select_masks
 from sam_ft.inference.inputs import LoadedImage, stem_of
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.strategies import (
-    MASK_SELECTIONS,
-    STRATEGIES,
-    make_eval_prompt,
-    needs_multimask,
-    select_masks,
-)
+from sam_ft.prompts.strategies import STRATEGIES, make_eval_prompt
 from sam_ft.prompts.types import Prompt
 
 log = logging.getLogger(__name__)

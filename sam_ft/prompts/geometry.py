@@ -1,4 +1,4 @@
-"""Mask geometry used to build prompts: tight box, centroid, enlarged box, point grid, matching.
+"""Mask geometry used to build prompts: tight box, centroid, enlarged box, point grid.
 
 Prompts use (x, y) = (column, row) pixel coordinates of the ORIGINAL image; numpy arrays are
 indexed (row, col). Boxes are ``[x_min, y_min, x_max, y_max]`` with inclusive pixel indices, so a
@@ -76,51 +76,3 @@ def point_grid(m: int, original_size: tuple[int, int]) -> np.ndarray:
     xs, ys = np.meshgrid(side, side)  # (m, m) each, xs varying along columns
     grid = np.stack([xs, ys], axis=-1).reshape(-1, 2)
     return grid * np.array([w, h], dtype=np.float64)
-
-
-def dice_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Dice between (M, H, W) and (K, H, W) bool masks -> (M, K) float.
-
-    Two empty masks score 1.0 (they agree); an empty and a non-empty mask score 0.0.
-    Intersections are counted only over the pixels of each ``b`` mask, which keeps memory at
-    O(M * |b_k|) instead of materialising M x K full-size products.
-    """
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"mask sizes differ: {a.shape[1:]} vs {b.shape[1:]}")
-    a_flat = a.reshape(len(a), -1)
-    b_flat = b.reshape(len(b), -1)
-    area_a = a_flat.sum(axis=1, dtype=np.int64)
-    area_b = b_flat.sum(axis=1, dtype=np.int64)
-    inter = np.empty((len(a), len(b)), dtype=np.int64)
-    for k in range(len(b)):
-        idx = np.flatnonzero(b_flat[k])
-        inter[:, k] = a_flat[:, idx].sum(axis=1, dtype=np.int64)
-    denom = area_a[:, None] + area_b[None, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(denom > 0, 2.0 * inter / denom, 1.0)
-    return dice.astype(np.float64)
-
-
-def match_masks_to_objects(generated: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Match each ground-truth object to the generated mask with the highest Dice (study's S1).
-
-    Several objects may pick the same generated mask, as in the study (no one-to-one assignment).
-
-    Args:
-        generated: (M, H, W) bool masks from automatic mask generation; M may be 0.
-        gt: (K, H, W) bool ground-truth object masks.
-
-    Returns:
-        index: (K,) int64 index into ``generated`` (-1 when M == 0).
-        dice: (K,) float64 Dice of the chosen mask (0.0 when M == 0).
-    """
-    gt = np.asarray(gt, dtype=bool)
-    k = len(gt)
-    generated = np.asarray(generated, dtype=bool)
-    if generated.size == 0 or len(generated) == 0:
-        return np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=np.float64)
-    dice = dice_matrix(generated, gt)  # (M, K)
-    index = dice.argmax(axis=0)
-    return index.astype(np.int64), dice[index, np.arange(k)]

@@ -1,4 +1,4 @@
-"""The study's evaluation prompt strategies (S1-S6), their seeding, and SAM mask selection.
+"""The study's evaluation prompt strategies (S1-S6) and their seeding.
 
 Prompts are (x, y) = (column, row) in ORIGINAL-image pixels; masks are (H, W) arrays indexed
 (row, col). Evaluation calls :func:`make_eval_prompt` once per (object, strategy, jitter).
@@ -11,7 +11,6 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from sam_ft.prompts.geometry import enlarged_box, mask_box, mask_centroid
 from sam_ft.prompts.jitter import JitterRange, jitter_name, jitter_prompt, parse_jitter_name
@@ -267,89 +266,3 @@ def make_eval_prompt(
     if jitter is None:
         return base
     return jitter_prompt(base, tuple(jitter), prompt_rng(*ident, strategy, jitter), mask.shape)
-
-
-# --------------------------------------------------------------------------------------------------
-# Mask selection among SAM's outputs
-
-MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
-"""``oracle``: best of 3 by Dice vs GT (the study's); ``predicted_iou``: best of 3 by SAM's IoU
-head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
-own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
-mask prompt) and the single mask for every other prompt. A model with a single mask output
-(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
-
-
-def is_ambiguous(prompt: Prompt) -> bool:
-    """One point, no box, no mask prompt: the prompts SAM decodes with 3 masks."""
-    points = 0 if prompt.points is None else len(prompt.points)
-    return prompt.box is None and points == 1 and prompt.mask_logits is None
-
-
-def prompt_selection(mode: str, prompt: Prompt, model_multimask: bool = True) -> str:
-    """The concrete selection (``oracle``, ``predicted_iou`` or ``single``) one prompt gets under
-    ``eval.mask_selection == mode`` on a model with (``model_multimask``) or without 3 outputs."""
-    needs_multimask(mode)
-    if not model_multimask:
-        return "single"
-    if mode == "auto":
-        return "predicted_iou" if is_ambiguous(prompt) else "single"
-    return mode
-
-
-def needs_multimask(mode: str) -> bool:
-    """Whether ``eval.mask_selection == mode`` needs SAM called with ``multimask_output=True``
-    (``auto`` does for some prompts: see :func:`prompt_selection`)."""
-    if mode not in MASK_SELECTIONS:
-        raise ValueError(f"mask selection must be one of {MASK_SELECTIONS}, got {mode!r}")
-    return mode != "single"
-
-
-def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.dtype != torch.bool else x.cpu().numpy()
-    return np.asarray(x)
-
-
-def select_masks(
-    masks: np.ndarray | torch.Tensor,
-    iou_pred: np.ndarray | torch.Tensor | None,
-    gt: np.ndarray | torch.Tensor | None,
-    mode: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keep one of SAM's C masks per object.
-
-    Args:
-        masks: (N, C, H, W) bool masks, or float logits (binarised at > 0, SAM's threshold).
-        iou_pred: (N, C) SAM IoU predictions; needed for ``predicted_iou``.
-        gt: (N, H, W) bool ground truth at the masks' resolution; needed for ``oracle``.
-        mode: one of ``MASK_SELECTIONS`` (``auto`` ranks 3 masks by the IoU head, as SAM does).
-
-    Returns:
-        (N, H, W) bool chosen masks and (N,) int64 chosen channel. Ties go to the lower channel.
-    """
-    needs_multimask(mode)
-    m = _to_numpy(masks)
-    if m.ndim != 4:
-        raise ValueError(f"expected (N, C, H, W) masks, got shape {m.shape}")
-    m = m if m.dtype == bool else m > 0.0
-    n, c = m.shape[:2]
-    if c == 1:
-        index = np.zeros(n, dtype=np.int64)
-    elif mode == "single":
-        raise ValueError(f"mask selection 'single' expects 1 mask per object, got {c}")
-    elif mode in ("predicted_iou", "auto"):
-        if iou_pred is None:
-            raise ValueError("mask selection 'predicted_iou' needs iou_pred")
-        index = _to_numpy(iou_pred).reshape(n, c).argmax(axis=1)
-    else:
-        if gt is None:
-            raise ValueError("mask selection 'oracle' needs the ground truth")
-        g = _to_numpy(gt).astype(bool)[:, None]  # (N, 1, H, W)
-        inter = (m & g).sum(axis=(2, 3), dtype=np.int64)
-        denom = m.sum(axis=(2, 3), dtype=np.int64) + g.sum(axis=(2, 3), dtype=np.int64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dice = np.where(denom > 0, 2.0 * inter / denom, 1.0)
-        index = dice.argmax(axis=1)
-    index = index.astype(np.int64)
-    return m[np.arange(n), index], index

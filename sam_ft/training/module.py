@@ -283,6 +283,7 @@ class SamFinetuneModule(L.LightningModule):
     # --- validation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from sam_ft.evaluation.overlap import dice_from_counts
         from sam_ft.evaluation.selection import decode_select
 
         embeddings = self._embeddings(batch)
@@ -296,9 +297,7 @@ class SamFinetuneModule(L.LightningModule):
             )
             inter = (pred & gt).sum(axis=(1, 2))
             total = pred.sum(axis=(1, 2)) + gt.sum(axis=(1, 2))
-            dice = torch.as_tensor(
-                np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0), dtype=torch.float32
-            )
+            dice = torch.as_tensor(dice_from_counts(inter, total), dtype=torch.float32)
             self.val_dice.update(dice.to(emb.device))
             wants = batch_idx == 0 and len(self._overlay_items) < self.overlays
             if wants and "image_uint8" in batch:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from sam_ft.data.folder import find_cases
-from sam_ft.evaluation.engine import evaluate, lazy_cases
+from sam_ft.evaluation.cases import lazy_cases
+from sam_ft.evaluation.engine import evaluate
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -44,9 +45,9 @@ def run(model: TrainableSam, job: dict) -> dict:
     before = _status("VmRSS")
     t0 = time.perf_counter()
     result = evaluate(
-        model,
+        {"zero_shot": model},
         lazy_cases(find_cases(job["root"], TASK), TASK),
-        model_name="zero_shot",
+        report=False,
         task_name="big",
         cfg=job["cfg"],
         out_dir=job["out"],

@@ -22,9 +22,12 @@ import pandas as pd
 
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.attributes import spearman_table
+from sam_ft.evaluation.order import (
+    BASELINE_MODEL,
+    jitter_levels_sorted,
+    sort_table,
+)
 
-BASELINE_MODEL = "zero_shot"
-PROMPT_ORDER = ("everything", "point1", "point5", "point5_neg5", "box", "box_point1")
 PROMPT_NAMES = {
     "everything": "S1 everything",
     "point1": "S2 1 point",
@@ -33,8 +36,6 @@ PROMPT_NAMES = {
     "box": "S5 box",
     "box_point1": "S6 box+point",
 }
-JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
-"""The default levels, in order; any other levels sort by :func:`jitter_key` the same way."""
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
 SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
@@ -44,59 +45,9 @@ tolerance are then in pixels); ``mm+px`` when a group mixes both."""
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
-def rank_by_order(values: pd.Series, order: Sequence[str]) -> pd.Series:
-    """Position in ``order``; unknown values after the known ones, alphabetically."""
-    known = {v: i for i, v in enumerate(order)}
-    extra = sorted(set(values.astype(str)) - set(known))
-    known.update({v: len(order) + i for i, v in enumerate(extra)})
-    return values.astype(str).map(known)
-
-
-def jitter_key(name: str) -> tuple:
-    """Sort key of a jitter level: ``none`` first, then ``LO-HI`` ranges by (LO, HI) as NUMBERS
-    (``0-5 < 5-10 < 10-20``, where text order would put ``10-20`` before ``5-10``); an
-    unparsable name last, by text."""
-    from sam_ft.prompts.jitter import parse_jitter_name
-
-    try:
-        level = parse_jitter_name(str(name))
-    except ValueError:
-        return (2, 0.0, 0.0, str(name))
-    return (0, 0.0, 0.0, "") if level is None else (1, level[0], level[1], "")
-
-
-def jitter_levels_sorted(values) -> list[str]:
-    """The distinct jitter names of ``values`` in :func:`jitter_key` order."""
-    return sorted({str(v) for v in values}, key=jitter_key)
-
-
-def jitter_rank(values: pd.Series) -> pd.Series:
-    """Position of each jitter name in :func:`jitter_key` order: the one sort every table uses
-    (per_object, per_case, summary, summary.md, the merged report)."""
-    order = jitter_levels_sorted(values)
-    return values.astype(str).map({v: i for i, v in enumerate(order)})
-
-
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Sort by model (zero-shot first), task, prompt S1..S6, jitter (numerically) where present."""
-    keys = []
-    if "model" in df:
-        models = sorted(set(df["model"].astype(str)) - {BASELINE_MODEL})
-        keys.append(("model", [BASELINE_MODEL, *models]))
-    if "task" in df:
-        keys.append(("task", sorted(set(df["task"].astype(str)))))
-    if "prompt" in df:
-        keys.append(("prompt", PROMPT_ORDER))
-    if not keys and "jitter" not in df or df.empty:
-        return df.reset_index(drop=True)
-    ranks = pd.DataFrame(
-        {f"_{c}": rank_by_order(df[c], order) for c, order in keys}, index=df.index
-    )
-    if "jitter" in df:
-        ranks["_jitter"] = jitter_rank(df["jitter"])
-    return df.loc[ranks.sort_values(list(ranks.columns), kind="stable").index].reset_index(
-        drop=True
-    )
+    return sort_table(df, by=("model", "task", "prompt", "jitter"))
 
 
 def _missing_hd95(df: pd.DataFrame) -> pd.Series:
@@ -331,7 +282,22 @@ def write_report(
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    tables = _write_tables(out_dir, per_object, per_case, clicks, paths)
+    _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
+    lines = _markdown(out_dir, title, per_object, tables, paths)
+    paths["summary_md"] = out_dir / "summary.md"
+    paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
 
+
+def _write_tables(
+    out_dir: Path,
+    per_object: pd.DataFrame,
+    per_case: pd.DataFrame | None,
+    clicks: pd.DataFrame | None,
+    paths: dict[str, Path],
+) -> dict[str, pd.DataFrame | None]:
+    """The summary CSVs (paths added to ``paths``); -> the tables, and the pooled rows."""
     summary = summarize(per_object)
     paths["summary_csv"] = out_dir / "summary.csv"
     summary.to_csv(paths["summary_csv"], index=False)
@@ -357,8 +323,24 @@ def write_report(
         noc_table = noc(clicks)
         paths["noc_csv"] = out_dir / "noc.csv"
         noc_table.to_csv(paths["noc_csv"], index=False)
+    return {
+        "summary": summary,
+        "pooled": pooled,
+        "case_summary": case_summary,
+        "spearman": spearman,
+        "noc": noc_table,
+    }
 
-    # Figures.
+
+def _write_figures(
+    plot_dir: Path,
+    per_object: pd.DataFrame,
+    pooled: pd.DataFrame,
+    clicks: pd.DataFrame | None,
+    overlays: Mapping[str, Sequence[plots.OverlayItem]] | Sequence[plots.OverlayItem] | None,
+    paths: dict[str, Path],
+) -> None:
+    """The summary's figures in ``plot_dir`` (paths added to ``paths``)."""
     paths["plot_dice_per_prompt"] = plots.plot_grouped_bars(
         _bar_table(pooled),
         plot_dir / "dice_per_prompt.png",
@@ -394,7 +376,18 @@ def write_report(
             file = f"overlays_{name}.png" if name else "overlays.png"
             paths[key] = plots.plot_overlay_grid(plot_dir / file, items)
 
-    # Markdown.
+
+def _markdown(
+    out_dir: Path,
+    title: str,
+    per_object: pd.DataFrame,
+    tables: dict[str, pd.DataFrame | None],
+    paths: dict[str, Path],
+) -> list[str]:
+    """The lines of ``summary.md``: the tables of :func:`_write_tables` and the figures."""
+    summary, pooled = tables["summary"], tables["pooled"]
+    case_summary, spearman, noc_table = tables["case_summary"], tables["spearman"], tables["noc"]
+    assert summary is not None and pooled is not None and spearman is not None
     tasks = list(dict.fromkeys(summary["task"]))
     models = ", ".join(map(str, dict.fromkeys(summary["model"])))
     lines = [
@@ -438,9 +431,7 @@ def write_report(
     for key, path in paths.items():
         if key.startswith("plot_"):
             lines.append(f"![{key[5:]}]({path.relative_to(out_dir).as_posix()})")
-    paths["summary_md"] = out_dir / "summary.md"
-    paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return paths
+    return lines
 
 
 def _unit(summary: pd.DataFrame) -> str:

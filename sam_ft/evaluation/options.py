@@ -1,0 +1,108 @@
+"""The ``eval`` config group, parsed once into a checked, typed :class:`EvalOptions`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sam_ft.errors import ConfigError
+from sam_ft.evaluation.everything import EverythingConfig
+from sam_ft.evaluation.metrics import NSD_METHODS
+from sam_ft.evaluation.pipeline import resolve_workers
+from sam_ft.evaluation.selection import MASK_SELECTIONS
+from sam_ft.prompts.jitter import JitterRange, jitter_levels
+from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
+
+# --------------------------------------------------------------------------------------------
+# Configuration and inputs
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The ``eval`` config, checked. ``variants`` are the (prompt, jitter) pairs decoded per
+    object, in table order; ``everything`` is evaluated without jitter only."""
+
+    prompts: tuple[str, ...]
+    levels: tuple[JitterRange | None, ...]
+    mask_selection: str
+    point_sampling: str
+    nsd_tolerance_mm: float
+    nsd_method: str
+    clicks: int
+    save_predictions: bool
+    max_prompts_per_call: int
+    overlays: int
+    volume_gt: str
+    on_error: str
+    everything: EverythingConfig
+    workers: int = 0
+
+    @property
+    def variants(self) -> list[tuple[str, JitterRange | None]]:
+        return [(p, j) for p in self.prompts if p != "everything" for j in self.levels]
+
+
+def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
+    """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over the defaults of
+    ``conf/eval/default.yaml`` (:func:`~sam_ft.config.group_defaults`) and check.
+
+    Raises:
+        ConfigError: an unknown key or an invalid value, naming the option.
+    """
+    if cfg is not None and not isinstance(cfg, dict):
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        except ValueError:
+            cfg = dict(cfg)
+    from sam_ft.config import group_defaults
+
+    defaults = group_defaults("eval")
+    merged = {**defaults, **(cfg or {})}
+    unknown = sorted(set(merged) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown eval option(s) {unknown}; known: {sorted(defaults)}")
+    prompts = tuple(merged["prompts"] or ())
+    bad = [p for p in prompts if p not in STRATEGIES]
+    if bad or not prompts:
+        raise ConfigError(f"eval.prompts must be a non-empty subset of {STRATEGIES}, got {bad}")
+    if merged["mask_selection"] not in MASK_SELECTIONS:
+        raise ConfigError(f"eval.mask_selection must be one of {MASK_SELECTIONS}")
+    if merged["point_sampling"] not in POINT_SAMPLINGS:
+        raise ConfigError(f"eval.point_sampling must be one of {POINT_SAMPLINGS}")
+    if merged["nsd_method"] not in NSD_METHODS:
+        raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
+    if merged["volume_gt"] not in ("kept", "full"):
+        raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
+    if merged["on_error"] not in ("skip", "raise"):
+        raise ConfigError("eval.on_error must be 'skip' or 'raise'")
+    workers = merged["workers"]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
+        raise ConfigError(f"eval.workers must be an integer >= 0 or null, got {workers!r}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"eval.workers must be >= 0 or null (the cores left), got {workers}")
+    if int(merged["max_prompts_per_call"]) < 1 or int(merged["clicks"]) < 0:
+        raise ConfigError("eval.max_prompts_per_call must be >= 1 and eval.clicks >= 0")
+    try:
+        levels = tuple(jitter_levels(merged["jitter_px"]))
+        everything = EverythingConfig.from_eval_cfg(merged)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"eval.jitter_px / eval.everything: {e}") from e
+    return EvalOptions(
+        prompts=tuple(p for p in STRATEGIES if p in prompts),
+        levels=levels,
+        mask_selection=str(merged["mask_selection"]),
+        point_sampling=str(merged["point_sampling"]),
+        nsd_tolerance_mm=float(merged["nsd_tolerance_mm"]),
+        nsd_method=str(merged["nsd_method"]),
+        clicks=int(merged["clicks"]),
+        save_predictions=bool(merged["save_predictions"]),
+        max_prompts_per_call=int(merged["max_prompts_per_call"]),
+        overlays=int(merged["overlays"]),
+        volume_gt=str(merged["volume_gt"]),
+        on_error=str(merged["on_error"]),
+        everything=everything,
+        workers=resolve_workers(workers),
+    )

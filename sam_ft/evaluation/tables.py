@@ -1,0 +1,141 @@
+"""The engine's output tables: their columns and files, appends, resume markers, the one sort.
+
+Rows are appended and flushed after each case, then its marker line goes to ``progress.jsonl``;
+a new run in the same folder drops rows of unmarked cases (killed mid-write) and skips marked
+ones. At the end the CSVs are rewritten in :func:`sort_table` order, so a resumed run ends with
+the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sam_ft.atomic import atomic_write_text
+from sam_ft.evaluation.order import sort_table
+from sam_ft.evaluation.pipeline import ATTRIBUTE_COLUMNS
+
+PER_OBJECT_COLUMNS = [
+    "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
+    "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "mask_index", "pred_iou",
+    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit",
+]  # fmt: skip
+PER_CASE_COLUMNS = [
+    "model", "task", "case", "label", "name", "prompt", "jitter",
+    "dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred", "num_slices", "patient",
+    "distance_unit",
+]  # fmt: skip
+CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
+SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
+_STRING_COLUMNS = (
+    "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
+)  # fmt: skip
+
+PER_OBJECT_CSV = "per_object.csv"
+PER_CASE_CSV = "per_case.csv"
+CLICKS_CSV = "clicks.csv"
+SKIPPED_CSV = "skipped.csv"
+PROGRESS_FILE = "progress.jsonl"
+STATE_DIR = ".eval_state"
+
+
+def truncate_partial_line(path: Path) -> None:
+    """Drop a last line without its newline (a write killed midway) so appends stay valid."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
+    header = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        pd.DataFrame(rows, columns=columns).to_csv(f, header=header, index=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=columns)
+    present = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(
+        path,
+        dtype={c: str for c in _STRING_COLUMNS if c in present},
+        keep_default_na=False,
+        na_values=[""],
+        float_precision="round_trip",  # the default parser may change the last digit
+    )
+
+
+def read_progress(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def append_progress(path: Path, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def last_markers(entries: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """Last marker per (model, task, case)."""
+    return {(e["model"], e["task"], e["case"]): e for e in entries}
+
+
+def rewrite_sorted(path: Path, columns: list[str]) -> pd.DataFrame:
+    df = sort_table(read_table(path, columns))
+    if path.exists():
+        atomic_write_text(path, df.to_csv(index=False))
+    return df
+
+
+def drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, str]]) -> None:
+    """Remove rows of (model, task, case) without a "done" marker (a run killed mid-case)."""
+    truncate_partial_line(path)
+    df = read_table(path, columns)
+    if df.empty:
+        return
+    cols = (df[c].astype(str) for c in ("model", "task", "case"))
+    keys = list(zip(*cols, strict=True))
+    keep = np.array([k in done for k in keys], dtype=bool)
+    if not keep.all() or list(df.columns) != list(columns):
+        # Also brings a table written by an older version to today's columns before appending.
+        atomic_write_text(path, df[keep].reindex(columns=columns).to_csv(index=False))
+
+
+def write_skipped(path: Path, entries: list[dict]) -> pd.DataFrame:
+    """``skipped.csv``: this engine's failed cases (``stage=evaluate``) after any rows another
+    writer (e.g. the data loader's ``SkipLog``) left in the same file."""
+    foreign = pd.DataFrame(columns=SKIPPED_COLUMNS)
+    if path.exists() and path.stat().st_size > 0:
+        old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "stage" in old:
+            old = old[old["stage"] != "evaluate"]
+        foreign = old.reindex(columns=SKIPPED_COLUMNS, fill_value="")
+    failed = [e for e in last_markers(entries).values() if e["status"] == "skipped"]
+    mine = pd.DataFrame(
+        [{**{c: e.get(c, "") for c in SKIPPED_COLUMNS}, "stage": "evaluate"} for e in failed],
+        columns=SKIPPED_COLUMNS,
+    )
+    mine = sort_table(mine) if not mine.empty else mine
+    out = pd.concat([foreign, mine], ignore_index=True)
+    if not out.empty or path.exists():
+        out.to_csv(path, index=False)
+    return mine
