@@ -9,7 +9,7 @@ Defaults live in the YAML files under ``conf/`` only: a field without a Python d
 required (the YAML must set it); ``optional()`` marks keys that only some presets set (e.g.
 ``task.decathlon_task``), for which "absent" means "not used". Code that builds a group without
 Hydra (the Python API, tests, notebooks) fills the keys it is not given from the same YAML with
-:func:`group_defaults`, so no Python module holds a second copy of a default.
+:func:`sam_ft.defaults.group_defaults`, so no Python module holds a second copy of a default.
 
 **Adding a config key**: declare it as one field of the dataclass of its group below (``task`` ->
 :class:`TaskConfig`, ``task.intensity`` -> :class:`IntensityConfig`, ``data`` ->
@@ -21,11 +21,8 @@ default in the YAML. An undeclared key is reported as unknown.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import functools
-import os
 import types
 import typing
 from collections.abc import Mapping
@@ -39,75 +36,6 @@ from sam_ft.errors import ConfigError
 def optional() -> Any:
     """A key only some presets set; absent means "not used" (``None``)."""
     return field(default=None, metadata={"optional": True})
-
-
-# ---------------------------------------------------------------------------------------------
-# Where the YAML lives, and one group's defaults read from it
-
-
-def config_dir() -> str:
-    """``$SAM_FT_CONFIG_DIR``, else the configs installed with the package (``sam_ft/conf``, a
-    non-editable install), else the ``conf/`` of this checkout, else ``./conf``.
-
-    Raises:
-        ConfigError: none of them holds ``train.yaml``.
-    """
-    here = Path(__file__).resolve().parent
-    candidates = [os.environ.get("SAM_FT_CONFIG_DIR"), here / "conf", here.parent / "conf"]
-    candidates.append(Path.cwd() / "conf")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "train.yaml").is_file():
-            return str(Path(candidate).resolve())
-    raise ConfigError("sam_ft: cannot find the conf/ folder; set SAM_FT_CONFIG_DIR to it")
-
-
-def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
-    """The values of ``conf/<group>/<name>.yaml`` (in :func:`config_dir`) as a plain dict: the
-    defaults of code that builds a config group without Hydra (``task_options``,
-    ``data_options``, ``eval_options``, ``SliceAugment`` given a partial mapping).
-
-    The file is read with OmegaConf; values only a composed run knows are decided per kind:
-
-    * ``???`` (required, e.g. ``task.root``) -> None: the caller must pass it, and the code that
-      needs it says so (``task_root`` raises ``ConfigError``).
-    * ``${seed}`` (``data.seed``) -> the ``seed`` of ``conf/train.yaml``, the run's default, so
-      the Python API splits cases as ``train.py`` does.
-    * any other interpolation (``data.cache_dir: ${paths.cache_dir}/cache``, ``${hydra:...}``,
-      ``${oc.env:...}``) -> None: it names a place of a Hydra run, and None is the code's own
-      per-run place (``data.cache_dir``: ``<run dir>/cache``), so a side path never writes into
-      the shared user cache.
-
-    Returns a fresh copy (callers may change it); each file is parsed once per process.
-
-    Raises:
-        ConfigError: the file does not exist.
-    """
-    return copy.deepcopy(_load_group(config_dir(), group, name))
-
-
-@functools.cache
-def _load_group(conf: str, group: str, name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    path = Path(conf) / group / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file of {group}={name} not found")
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    root = OmegaConf.to_container(OmegaConf.load(Path(conf) / "train.yaml"), resolve=False)
-    return _concrete(values, root.get("seed"))
-
-
-def _concrete(value: Any, seed: Any) -> Any:
-    """``value`` with ``???`` and interpolations replaced (see :func:`group_defaults`)."""
-    if isinstance(value, dict):
-        return {k: _concrete(v, seed) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_concrete(v, seed) for v in value]
-    if value == "???":
-        return None
-    if isinstance(value, str) and "${" in value:
-        return seed if value == "${seed}" else None
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,19 +1,165 @@
 """The evaluation task: ``python evaluate.py`` / ``sam-ft-evaluate`` score one model with the
-study's protocol (the work is :func:`sam_ft.evaluation.run.evaluate`; ``main`` is its Hydra entry
-point)."""
+study's protocol (:func:`evaluate`; ``main`` is its Hydra entry point); :func:`compare_models`
+is also the comparison at the end of ``train.py``."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
 import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sam_ft.config import config_dir
-from sam_ft.errors import exit_on_own_error
+from sam_ft.atomic import atomic_write_text
+from sam_ft.config import parse_config
+from sam_ft.data.datamodule import SamDataModule, load_case_entry
+from sam_ft.defaults import config_dir
+from sam_ft.errors import ConfigError, exit_on_own_error
+from sam_ft.evaluation.cases import LazyCase
+from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.inference.card import apply_card
+from sam_ft.logging_results import eval_loggers, log_evaluation
+from sam_ft.model.trainable import TrainableSam
+from sam_ft.prompts.training import BoxPrompts
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+    """The cases of ``eval.split`` (``test`` (default), ``val`` or ``all``) as :class:`LazyCase`:
+    only these splits are preprocessed, and each case is read from the slice cache when it is
+    scored and dropped after, so memory holds one case however many there are."""
+    if split not in (*SPLITS, "all"):
+        raise ConfigError(f"eval.split={split!r} must be one of test, val, all")
+    entries = []
+    for s in SPLITS if split == "all" else (split,):
+        datamodule.prepare_split(s)
+        entries += datamodule.case_entries(s)
+    return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
+
+
+def compare_models(
+    models: Mapping[str, TrainableSam],
+    datamodule: SamDataModule,
+    cfg: DictConfig,
+    out_dir: Path,
+    loggers: Sequence = (),
+    ranks: Ranks | None = None,
+) -> dict[str, float]:
+    """Evaluate every model on the same cases and prompts; write and log one report.
+
+    With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
+    (``sam_ft.evaluation.distributed``). Returns mean Dice per model for the box prompt without
+    jitter (``eval/<model>/box_dice``) and the scalars logged to the run
+    (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
+    """
+    device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
+    for model in models.values():
+        model.to(device)
+    if ranks is not None and getattr(datamodule, "trainer", None) is None:
+        # evaluate.py's ranks: rank 0 fills the slice cache first, the others then read it (a
+        # Trainer's datamodule, in train.py, shares the work between its ranks itself).
+        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split))
+    else:
+        cases = split_cases(datamodule, cfg.eval.split)
+    if not cases:
+        raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
+    slices = slice_counts(cases, datamodule)
+    result = evaluate_cases(models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks)
+    if result is None:
+        return {}
+    _write_run_info(out_dir, models, cfg)
+    _report_skipped(out_dir, loggers)
+    scalars = log_evaluation(out_dir, loggers, result.overlays)
+    rows = result.per_object
+    box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
+    box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
+    return {**box_dice, **scalars}
+
+
+RUN_INFO = "run_info.json"
+
+
+def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
+    """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
+    preprocessing, mask selection), merged with the entries of models evaluated earlier into the
+    same folder (the report covers them too)."""
+    import json
+
+    path = Path(out_dir) / RUN_INFO
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    entries = info.setdefault("models", {})
+    for name, model in models.items():
+        entries[name] = {
+            "precision": model.precision(),
+            "multimask_output": bool(getattr(model, "multimask_output", True)),
+            "preprocess": model.transform.mode,
+            "mask_selection": str(cfg.eval.mask_selection),
+        }
+        log.info("model %s: precision %s", name, entries[name]["precision"])
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
+    """The number of cases skipped for bad data to the log (a warning naming them) and to every
+    logger that takes metrics, the CSV logger too (``eval/skipped_cases``)."""
+    from sam_ft.evaluation.summary import read_skipped
+
+    skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
+    if len(skipped):
+        log.warning(
+            "%d case(s) skipped for bad data (%s): %s",
+            len(skipped),
+            out_dir / "skipped.csv",
+            ", ".join(skipped["case"].astype(str)),
+        )
+    for logger in loggers:
+        if hasattr(logger, "log_metrics"):
+            logger.log_metrics({"eval/skipped_cases": float(len(skipped))})
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """One model (zero-shot from ``model.checkpoint``, or ``ckpt_path``) on ``eval.split``."""
+    # Every option checked before anything is built, hashed or downloaded.
+    parse_config(cfg, "evaluate")
+    # Other ranks of a distributed evaluation (trainer=ddp ...) start here, as this command.
+    ranks = start_ranks(cfg.get("trainer"))
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt = cfg.get("ckpt_path")
+    # Weights a checkpoint does not set (all of them for model.checkpoint=null) are random: seed
+    # them, or a resumed evaluation would score its remaining cases with another model.
+    L.seed_everything(cfg.seed, verbose=False)
+    apply_card(cfg, ckpt)  # a model card beside the weights fixes how they are fed
+    model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
+    label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
+    datamodule = SamDataModule(
+        task=cfg.task,
+        data=cfg.data,
+        transform=model.transform,
+        train_prompt=BoxPrompts(),
+        seed=cfg.seed,
+        run_dir=run_dir,
+        data_dir=cfg.paths.data_dir,
+    )
+    loggers = eval_loggers(cfg, label)
+    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
+    summary_md = run_dir / "summary.md"
+    if summary_md.is_file() and (ranks is None or ranks.rank == 0):
+        from rich.console import Console
+
+        Console().print(summary_md.read_text(), markup=False)  # the report has [links](...)
+    log.info("evaluation written to %s", run_dir)
+    return metrics
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """``python evaluate.py`` / ``sam-ft-evaluate``."""
-    from sam_ft.evaluation.run import evaluate
-
     exit_on_own_error(evaluate)(cfg)

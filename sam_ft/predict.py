@@ -12,8 +12,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.config import config_dir
 from sam_ft.data.skips import SkipLog, check_on_error
+from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.inference.card import card_for, read_card

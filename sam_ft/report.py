@@ -22,12 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.order import BASELINE_MODEL, PROMPT_ORDER, rank_by_order, sort_table
-from sam_ft.evaluation.study import find_per_object, write_study
+from sam_ft.evaluation.study import find_per_object, run_config, write_study
 from sam_ft.evaluation.summary import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
@@ -53,31 +52,6 @@ def find_summaries(dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
             )
         found += [(s, d) for s in summaries]
     return found
-
-
-def run_config(summary: Path, root: Path) -> dict[str, str | None]:
-    """``model_size``, ``finetune`` and ``task`` from the nearest ``.hydra/config.yaml`` between
-    the summary's folder and ``root``; None for what is not found."""
-    info: dict[str, str | None] = {"model_size": None, "finetune": None, "task": None}
-    root = root.resolve()
-    folder = summary.parent.resolve()
-    while True:
-        config = folder / ".hydra" / "config.yaml"
-        if config.is_file():
-            cfg = OmegaConf.load(config)
-            for key, path in (("model_size", "model.name"), ("finetune", "finetune.name")):
-                info[key] = _select(cfg, path)
-            info["task"] = _select(cfg, "task.name")
-            return info
-        if folder == root or folder.parent == folder:
-            return info
-        folder = folder.parent
-
-
-def _select(cfg, key: str) -> str | None:
-    # Hydra-only resolvers (${hydra:...}) cannot resolve outside a Hydra run: treat as unknown.
-    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    return None if value is None else str(value)
 
 
 def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:

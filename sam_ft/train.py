@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.config import config_dir, parse_config
+from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
+from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, exit_on_own_error
 from sam_ft.evaluation.distributed import TrainerRanks
 from sam_ft.inference.card import (
@@ -215,7 +216,7 @@ def _compare_with_zero_shot(
 ) -> dict[str, float]:
     """Evaluate the zero-shot model (the ``initial`` weights) and the finetuned one into
     ``<run dir>/eval``; the results go into the model ``card`` too (rank 0 only has one)."""
-    from sam_ft.evaluation.run import compare_models
+    from sam_ft.evaluate import compare_models
 
     run_dir = Path(cfg.paths.output_dir)
     zero_shot = instantiate(cfg.model, checkpoint=None)

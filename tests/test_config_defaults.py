@@ -12,9 +12,10 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from sam_ft.config import group_defaults, parse_config
+from sam_ft.config import parse_config
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.tasks import data_options, task_options
+from sam_ft.defaults import group_defaults
 from sam_ft.evaluation.options import eval_options
 from sam_ft.prompts.jitter import jitter_levels
 

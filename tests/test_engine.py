@@ -337,7 +337,7 @@ def test_a_bug_is_never_a_skipped_case(model, tmp_path):
 def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    from sam_ft.evaluation.run import _report_skipped
+    from sam_ft.evaluate import _report_skipped
 
     def unreadable(name):
         def load():

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sam_ft.config import config_dir
 from sam_ft.data.readers import read_volume
+from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.inference.card import card_path, read_card, write_model_card
 from sam_ft.inference.geometry import file_geometry
@@ -247,7 +247,7 @@ def test_folder_of_volumes_with_folder_of_labels(tmp_path, weights):
 
 
 def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights):
-    from sam_ft.evaluation.run import evaluate
+    from sam_ft.evaluate import evaluate
 
     affine = lps_affine()
     image, label = make_volume()
@@ -474,7 +474,7 @@ def test_dicom_series_folder_with_json_prompts(tmp_path, weights):
 def test_evaluate_refuses_weights_that_do_not_match_their_card(tmp_path, weights):
     import shutil
 
-    from sam_ft.evaluation.run import evaluate
+    from sam_ft.evaluate import evaluate
 
     copy = tmp_path / "sam_finetuned.pth"
     shutil.copy(weights, copy)

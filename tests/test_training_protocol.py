@@ -327,7 +327,7 @@ class RecordInitialState(L.Callback):
 def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monkeypatch):
     """With random weights (model=tiny, the demo) a freshly built model is another network: the
     baseline must be the exact weights finetuning started from."""
-    import sam_ft.evaluation.run as eval_run
+    import sam_ft.evaluate as eval_run
     from sam_ft.train import train
 
     seen = {}

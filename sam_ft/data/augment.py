@@ -3,7 +3,7 @@ its object masks together, before prompts are drawn from the (augmented) masks.
 
 Config (``data.augment``; every key optional, ``enabled: false`` => no augmentation). The keys,
 whose defaults are those of ``conf/data/default.yaml`` only (read by
-:func:`sam_ft.config.group_defaults`)::
+:func:`sam_ft.defaults.group_defaults`)::
 
     enabled                      # false: no augmentation at all
     hflip_p                      # horizontal flip probability
@@ -32,7 +32,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from sam_ft.config import group_defaults
+from sam_ft.defaults import group_defaults
 from sam_ft.errors import ConfigError
 
 

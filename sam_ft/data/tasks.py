@@ -11,7 +11,7 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
 
 Task keys (declared in :class:`sam_ft.config.TaskConfig`; defaults in ``conf/task/folder.yaml``,
 the base task, and ``data`` defaults in ``conf/data/default.yaml``, read by
-:func:`sam_ft.config.group_defaults`): ``name, source, root, decathlon_task, url, md5,
+:func:`sam_ft.defaults.group_defaults`): ``name, source, root, decathlon_task, url, md5,
 modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
 labels ({name: [values]} or null), ignore_labels, slice_axis (auto|0|1|2), channel,
 label_binarize (false | true | threshold), case_pattern, images_dir,
@@ -31,8 +31,8 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from sam_ft.config import group_defaults
 from sam_ft.data.skips import check_on_error
+from sam_ft.defaults import group_defaults
 from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def to_plain(cfg: Any) -> Any:
 
 def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
     """The task config as a plain dict; keys it lacks (``task.intensity``'s too) take their
-    values from ``conf/task/folder.yaml`` (:func:`~sam_ft.config.group_defaults`)."""
+    values from ``conf/task/folder.yaml`` (:func:`~sam_ft.defaults.group_defaults`)."""
     base = group_defaults("task", "folder")
     opts = {**base, **(to_plain(task) or {})}
     opts["intensity"] = {**base["intensity"], **(opts.get("intensity") or {})}
@@ -91,7 +91,7 @@ def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
 
 def data_options(data: Mapping[str, Any] | Any | None) -> dict[str, Any]:
     """The data config as a plain dict; keys it lacks (``data.split``'s too) take their values
-    from ``conf/data/default.yaml`` (:func:`~sam_ft.config.group_defaults`: ``seed`` is
+    from ``conf/data/default.yaml`` (:func:`~sam_ft.defaults.group_defaults`: ``seed`` is
     ``conf/train.yaml``'s, ``cache_dir`` None, i.e. ``<run dir>/cache``)."""
     base = group_defaults("data")
     opts = {**base, **(to_plain(data) or {})}

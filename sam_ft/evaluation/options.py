@@ -45,7 +45,7 @@ class EvalOptions:
 
 def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
     """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over the defaults of
-    ``conf/eval/default.yaml`` (:func:`~sam_ft.config.group_defaults`) and check.
+    ``conf/eval/default.yaml`` (:func:`~sam_ft.defaults.group_defaults`) and check.
 
     Raises:
         ConfigError: an unknown key or an invalid value, naming the option.
@@ -57,7 +57,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         except ValueError:
             cfg = dict(cfg)
-    from sam_ft.config import group_defaults
+    from sam_ft.defaults import group_defaults
 
     defaults = group_defaults("eval")
     merged = {**defaults, **(cfg or {})}

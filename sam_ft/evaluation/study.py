@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
@@ -45,15 +46,40 @@ def find_per_object(dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+def run_config(summary: Path, root: Path) -> dict[str, str | None]:
+    """``model_size``, ``finetune``, ``task`` and ``modality`` from the nearest
+    ``.hydra/config.yaml`` between the summary's folder and ``root``; None for what is not found."""
+    info: dict[str, str | None] = {"model_size": None, "finetune": None, "task": None}
+    info["modality"] = None
+    root = root.resolve()
+    folder = summary.parent.resolve()
+    while True:
+        config = folder / ".hydra" / "config.yaml"
+        if config.is_file():
+            cfg = OmegaConf.load(config)
+            for key, path in (("model_size", "model.name"), ("finetune", "finetune.name")):
+                info[key] = _select(cfg, path)
+            info["task"] = _select(cfg, "task.name")
+            info["modality"] = _select(cfg, "task.modality")
+            return info
+        if folder == root or folder.parent == folder:
+            return info
+        folder = folder.parent
+
+
+def _select(cfg, key: str) -> str | None:
+    # Hydra-only resolvers (${hydra:...}) cannot resolve outside a Hydra run: treat as unknown.
+    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    return None if value is None else str(value)
+
+
 def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
     """All object rows of all runs with ``model_size, setting, task, modality, object``."""
-    from sam_ft.report import run_config
-
     frames = []
     for path, root in find_per_object(dirs):
         df = pd.read_csv(path, dtype={"model": str, "task": str, "name": str, "jitter": str})
         info = run_config(path, root)
-        modality = _task_modality(path, root)
+        modality = info["modality"]
         df["model_size"] = info["model_size"] or UNKNOWN
         df["setting"] = df["model"].astype(str)
         if info["finetune"]:
@@ -69,23 +95,6 @@ def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
         raise SamFtError(f"no per_object.csv under {', '.join(map(str, dirs))}")
     rows = pd.concat(frames, ignore_index=True)
     return rows.drop_duplicates(subset=ROW_KEYS, keep="first").reset_index(drop=True)
-
-
-def _task_modality(path: Path, root: Path) -> str | None:
-    from omegaconf import OmegaConf
-
-    folder, root = path.parent.resolve(), root.resolve()
-    while True:
-        config = folder / ".hydra" / "config.yaml"
-        if config.is_file():
-            value = OmegaConf.select(
-                OmegaConf.load(config), "task.modality", default=None,
-                throw_on_resolution_failure=False,
-            )  # fmt: skip
-            return None if value is None else str(value)
-        if folder == root or folder.parent == folder:
-            return None
-        folder = folder.parent
 
 
 def pooled(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:

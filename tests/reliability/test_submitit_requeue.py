@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from sam_ft.config import config_dir
+from sam_ft.defaults import config_dir
 from sam_ft.train import newest_last_checkpoint, resolve_ckpt_path
 from sam_ft.training.callbacks import submitit_signal
 
