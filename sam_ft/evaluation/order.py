@@ -10,8 +10,11 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from sam_ft.prompts.strategies import STRATEGIES
+
 BASELINE_MODEL = "zero_shot"
-PROMPT_ORDER = ("everything", "point1", "point5", "point5_neg5", "box", "box_point1")
+PROMPT_ORDER = STRATEGIES
+"""S1..S6: the strategies' own order (one vocabulary, defined with the strategies)."""
 JITTER_ORDER = ("none", "0-10", "10-20", "20-30")
 """The default levels, in order; any other levels sort by :func:`jitter_key` the same way."""
 
