@@ -216,12 +216,16 @@ class SliceCache:
             raise RuntimeError("the slice cache is disabled (no cache_dir)")
         return self.root / f"{_slug(case)}-{key[:32]}.npz"
 
-    def load(self, case: str, key: str) -> CachedCase | None:
-        """The entry of ``case`` under ``key``, or ``None`` when missing, truncated or corrupt."""
+    def _existing(self, case: str, key: str) -> Path | None:
+        """The entry file of ``case`` under ``key`` if the cache is on and the file exists."""
         if self.root is None:
             return None
         path = self.path(case, key)
-        if not path.is_file():
+        return path if path.is_file() else None
+
+    def load(self, case: str, key: str) -> CachedCase | None:
+        """The entry of ``case`` under ``key``, or ``None`` when missing, truncated or corrupt."""
+        if (path := self._existing(case, key)) is None:
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -270,10 +274,7 @@ class SliceCache:
         """The header of the entry of ``case`` under ``key`` after checking every member's CRC
         (streamed in 1 MiB chunks, so memory stays small however large the case); ``None`` when
         missing, truncated or corrupt."""
-        if self.root is None:
-            return None
-        path = self.path(case, key)
-        if not path.is_file():
+        if (path := self._existing(case, key)) is None:
             return None
         try:
             return _verified_header(path, key)

@@ -18,15 +18,8 @@ centres scaled by the spacing.
   ``monai.metrics.compute_surface_dice`` without sub-voxels (every surface voxel weighs the same,
   whatever its spacing and orientation).
 
-Empty masks are scored explicitly, never left to MONAI (which returns NaN, inf or, for HD, 0):
-
-============================  ====  ====  ====  =====================================
-case                          Dice  IoU   NSD   HD95
-============================  ====  ====  ====  =====================================
-both empty                    1     1     1     0
-empty pred, non-empty GT      0     0     0     NaN, ``hd95_missing=True``
-non-empty pred, empty GT      0     0     0     NaN, ``hd95_missing=True``
-============================  ====  ====  ====  =====================================
+Empty masks are scored explicitly, never left to MONAI (which returns NaN, inf or, for HD, 0),
+by the one rule of :mod:`sam_ft.evaluation.overlap` (its table lists Dice, IoU, NSD and HD95).
 
 A missing HD95 is never replaced by 0 (the official COSMOS code did, which hides failed
 predictions); averages must skip it and report how many were missing.
