@@ -19,3 +19,29 @@ def _one_thread():
     """The tiny models' small matmuls gain nothing from a second thread, and on a busy machine
     OpenMP's spin-waiting made 2 threads ~40x slower than 1."""
     torch.set_num_threads(1)
+
+
+# The longest modules (minutes each on 2 cores), first: pytest-xdist hands whole modules to its
+# two workers in collection order, so a long module collected last would run alone at the end.
+_LONG_FIRST = (
+    "test_eval_distributed.py",
+    "test_dashboards.py",
+    "test_scale_memory.py",
+    "test_submitit_requeue.py",
+    "test_bench_gpu.py",
+    "test_train_faults.py",
+    "test_eval_faults.py",
+    "test_memory.py",
+    "test_bench.py",
+    "test_train_scale.py",
+    "test_multinode.py",
+    "test_train_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
