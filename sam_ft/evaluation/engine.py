@@ -67,6 +67,7 @@ from sam_ft.evaluation.tables import (
     drop_unfinished,
     last_markers,
     read_progress,
+    read_table,
     rewrite_sorted,
     truncate_partial_line,
     write_skipped,
@@ -110,7 +111,6 @@ class _Run:
             "per_case": (self.out / PER_CASE_CSV, PER_CASE_COLUMNS),
             "clicks": (self.out / CLICKS_CSV, CLICK_COLUMNS),
         }
-        self.tables: dict[str, pd.DataFrame] = {}  # set by finish()
         self.progress_path = self.out / PROGRESS_FILE
         truncate_partial_line(self.progress_path)
         self.entries = read_progress(self.progress_path)
@@ -240,10 +240,8 @@ class _Run:
                 pending.popleft()
 
     def finish(self) -> EvalResult:
-        """Rewrite the tables in canonical order (kept whole in ``self.tables``, every model's
-        rows, for the summary); this call's models' rows and overlays."""
-        self.tables = {n: rewrite_sorted(path, cols) for n, (path, cols) in self.paths.items()}
-        tables = self.tables
+        """Rewrite the tables in canonical order; this call's models' rows and overlays."""
+        tables = {name: rewrite_sorted(path, cols) for name, (path, cols) in self.paths.items()}
         skipped = write_skipped(self.out / SKIPPED_CSV, self.entries)
         if self.counts["failed"] and not self.counts["ok"] and not self.done:
             raise RuntimeError(
@@ -268,6 +266,32 @@ class _Run:
             skipped=skipped,
             overlays=overlays,
         )
+
+
+def _run(
+    models: Mapping[str, TrainableSam],
+    cases: Iterable[Any],
+    *,
+    task_name: str,
+    cfg: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    seed: int,
+    progress: bool,
+) -> EvalResult:
+    run = _Run(models, task_name=task_name, opts=eval_options(cfg), out_dir=out_dir, seed=seed)
+    training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    if progress:
+        run.open_bar(cases)
+    try:
+        run.loop(cases)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        for name, m in models.items():
+            m.train(training[name])
+    return run.finish()
 
 
 def _commit_case(
@@ -342,30 +366,27 @@ def evaluate(
     Returns:
         :class:`EvalResult` with all rows of these models and task in ``out_dir``.
     """
-    models = dict(models)
-    run = _Run(models, task_name=task_name, opts=eval_options(cfg), out_dir=out_dir, seed=seed)
-    training = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    if progress:
-        run.open_bar(cases)
-    try:
-        run.loop(cases)
-    finally:
-        if run.bar is not None:
-            run.bar.close()
-        for name, m in models.items():
-            m.train(training[name])
-    result = run.finish()
-    # The summary covers every row in out_dir (earlier calls' models too): the tables as just
-    # rewritten, not read back from disk.
-    per_object, per_case, clicks = (run.tables[n] for n in ("per_object", "per_case", "clicks"))
-    if not report or per_object.empty:
+    result = _run(
+        dict(models),
+        cases,
+        task_name=task_name,
+        cfg=cfg,
+        out_dir=out_dir,
+        seed=seed,
+        progress=progress,
+    )
+    if not report:
         return result
     from sam_ft.evaluation.summary import write_report
 
+    out = Path(out_dir)
+    per_object = read_table(out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS)
+    if per_object.empty:
+        return result
+    per_case = read_table(out / PER_CASE_CSV, PER_CASE_COLUMNS)
+    clicks = read_table(out / CLICKS_CSV, CLICK_COLUMNS)
     result.report = write_report(
-        Path(out_dir),
+        out,
         per_object,
         per_case,
         clicks if not clicks.empty else None,
