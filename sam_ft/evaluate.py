@@ -38,10 +38,9 @@ def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
     scored and dropped after, so memory holds one case however many there are."""
     if split not in (*SPLITS, "all"):
         raise ConfigError(f"eval.split={split!r} must be one of test, val, all")
-    entries = []
-    for s in SPLITS if split == "all" else (split,):
-        datamodule.prepare_split(s)
-        entries += datamodule.case_entries(s)
+    splits = SPLITS if split == "all" else (split,)
+    datamodule.prepare_splits(splits)
+    entries = [e for s in splits for e in datamodule.case_entries(s)]
     return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 

@@ -144,8 +144,7 @@ class SamDataModule(L.LightningDataModule):
         needs: ``fit`` all three (so a bad test case stops the run before training, not after),
         ``validate`` val, ``test``/``predict`` test, ``None`` all."""
         needed = {"validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in needed.get(str(stage), SPLITS):
-            self.prepare_split(split)
+        self.prepare_splits(needed.get(str(stage), SPLITS))
 
     def _split_cases(self) -> dict[str, list[CaseFiles]]:
         if self._assigned is None:
@@ -161,52 +160,63 @@ class SamDataModule(L.LightningDataModule):
         return self._assigned
 
     def prepare_split(self, split: str) -> None:
-        """Preprocess ``split``'s cases into the slice cache (parallel) and index them (once).
+        """Preprocess ``split``'s cases into the slice cache (parallel) and index them (once)."""
+        self.prepare_splits((split,))
 
+    def prepare_splits(self, splits: Sequence[str]) -> None:
+        """Preprocess the cases of ``splits`` into the slice cache and index them (once each).
+
+        All their cases go through one pool of ``data.prep_workers`` processes: a pool per split
+        would leave a core idle while the last case of each (often 1-2 val/test cases) runs.
         Under DDP each rank first fills its share of the cache, then (after a barrier) indexes
         every case from it, so no case is read twice and every rank holds the same index.
         """
-        split = _split_name(split)
-        if split in self._refs:
+        todo = [s for s in dict.fromkeys(map(_split_name, splits)) if s not in self._refs]
+        if not todo:
             return
-        cases = self._split_cases()[split]
+        assigned = self._split_cases()
+        tagged = [(split, case) for split in todo for case in assigned[split]]
+        label = ", ".join(todo)
         world, rank = self._distributed()
-        if world > 1 and cases:
-            self._prepare(cases[rank::world], split, record=False)
-            self.trainer.strategy.barrier(f"slice_cache_{split}")
-        refs: list[SliceRef] = []
-        entries: list[CaseEntry] = []
-        for case, case_refs in self._prepare(cases, split, record=True):
-            refs.extend(case_refs)
-            entries.append(CaseEntry(case.image_id, case.case, case_refs[0].path, str(case.image)))
-        self._refs[split], self._entries[split] = refs, entries
+        if world > 1 and tagged:
+            self._prepare(tagged[rank::world], label, record=False)
+            self.trainer.strategy.barrier(f"slice_cache_{'_'.join(todo)}")
+        refs: dict[str, list[SliceRef]] = {split: [] for split in todo}
+        entries: dict[str, list[CaseEntry]] = {split: [] for split in todo}
+        for split, case, case_refs in self._prepare(tagged, label, record=True):
+            refs[split].extend(case_refs)
+            entries[split].append(
+                CaseEntry(case.image_id, case.case, case_refs[0].path, str(case.image))
+            )
+        self._refs.update(refs)
+        self._entries.update(entries)
         log.info(
             "slice cache %s: %d hits, %d misses (%s)",
             self.slice_cache.root,
             self.slice_cache.hits,
             self.slice_cache.misses,
-            split,
+            label,
         )
 
     def _prepare(
-        self, cases: Sequence[CaseFiles], split: str, record: bool
-    ) -> list[tuple[CaseFiles, list[SliceRef]]]:
-        """(case, refs) of the good cases in order, preprocessing misses in
+        self, tagged: Sequence[tuple[str, CaseFiles]], label: str, record: bool
+    ) -> list[tuple[str, CaseFiles, list[SliceRef]]]:
+        """(split, case, refs) of the good (split, case) pairs in order, preprocessing misses in
         ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error``
         (raise, or ``skipped.csv``) and hits/misses are counted; without, they are left out."""
         root = str(self.cache_dir)
-        args = [(c, self.task, self.data, root) for c in cases]
-        workers = prep_workers(self.data.get("prep_workers"), len(cases), self._distributed()[0])
+        args = [(c, self.task, self.data, root) for _, c in tagged]
+        workers = prep_workers(self.data.get("prep_workers"), len(tagged), self._distributed()[0])
         bar = tqdm(
-            total=len(cases), desc=f"slices ({split})", unit="case", disable=not self.progress
+            total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
         )
-        out: list[tuple[CaseFiles, list[SliceRef]]] = []
+        out: list[tuple[str, CaseFiles, list[SliceRef]]] = []
         pool = pool_context().Pool(workers, worker_init) if workers > 1 else None
         try:
             # Ordered results, so the index (and every seeded choice) is the same for any
             # number of workers; each worker holds one case at a time.
             results = pool.imap(prepare_star, args) if pool else map(prepare_star, args)
-            for case, refs, error, hit in results:
+            for (split, _), (case, refs, error, hit) in zip(tagged, results, strict=True):
                 bar.update(1)
                 if record:
                     self.slice_cache.hits += int(hit)
@@ -219,7 +229,7 @@ class SamDataModule(L.LightningDataModule):
                             self.data["on_error"], case.case, DataError(*error), self.skip_log
                         )
                     continue
-                out.append((case, refs))
+                out.append((split, case, refs))
         finally:
             bar.close()
             if pool is not None:

@@ -375,3 +375,35 @@ def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tm
     assert again.slice_cache.hits == 7
     with pytest.raises(Exception, match=broken.name):
         _dm(task, tmp_path / "c", prep_workers=2).setup("fit")
+
+
+def test_all_splits_share_one_preprocessing_pool(demo_task, tmp_path, monkeypatch):
+    """``setup('fit')`` sends every split's cases through one pool (a pool per split idles a
+    core on each split's last case), and indexes each split as preparing it alone does."""
+    import sam_ft.data.datamodule as datamodule
+
+    pools = []
+    real_context = datamodule.pool_context
+
+    def counting_context():
+        context = real_context()
+        pools.append(context)
+        return context
+
+    monkeypatch.setattr(datamodule, "pool_context", counting_context)
+    together = _dm(demo_task, tmp_path / "a", prep_workers=2)
+    together.setup("fit")
+    assert len(pools) == 1
+    one_by_one = _dm(demo_task, tmp_path / "b", prep_workers=2)
+    for split in ("test", "val", "train"):
+        one_by_one.prepare_split(split)
+    # Alone, each split with more than one case starts its own pool.
+    assert len(pools) == 1 + sum(
+        len(together.case_entries(s)) > 1 for s in ("train", "val", "test")
+    )
+    for split in ("train", "val", "test"):
+        assert _index(together, split) == _index(one_by_one, split)
+        assert [e.case for e in together.case_entries(split)] == [
+            e.case for e in one_by_one.case_entries(split)
+        ]
+    assert together.slice_cache.misses == one_by_one.slice_cache.misses == 8
