@@ -1,8 +1,9 @@
 """Evaluation cost of the study's protocol vs one encoder pass per image.
 
-The product's ``sam_ft.evaluation.engine.evaluate`` runs S2-S6 (point1, point5, point5_neg5, box,
-box_point1) at no jitter and three jitter levels (0-10, 10-20, 20-30 px): 20 prompts per object,
-oracle mask selection, Dice / IoU / HD95 / NSD per slice and per case, the CSVs and overlays.
+The product's ``sam_ft.evaluation.engine.evaluate_models`` runs S2-S6 (point1, point5,
+point5_neg5, box, box_point1) at no jitter and three jitter levels (0-10, 10-20, 20-30 px): 20
+prompts per object, oracle mask selection, Dice / IoU / HD95 / NSD per slice and per case, the
+CSVs and overlays.
 The reference is the image encoder alone on the same images (preprocess + ``encode``), timed just
 before and just after the evaluation and averaged, so a machine that slows down or speeds up
 during the run (a shared host) moves both sides alike; one untimed encoder pass comes first, so
@@ -99,7 +100,7 @@ def _worker_counts(text: str) -> list[int | None]:
 
 def pipeline(args, threads: int) -> float:
     """images/s of the full protocol for each ``--workers`` value, and of the encoder alone."""
-    from sam_ft.evaluation.engine import evaluate
+    from sam_ft.evaluation.engine import evaluate_models
     from sam_ft.evaluation.pipeline import ScoringPool, default_workers, resolve_workers
 
     device = torch.device(args.device)
@@ -152,7 +153,7 @@ def pipeline(args, threads: int) -> float:
         out = tmp / f"eval_w{count}"
         eval_cfg = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": workers}
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        evaluate(
+        evaluate_models(
             {"bench": model},
             cases,
             report=False,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> float:
         return pipeline(args, threads)
     args.model = args.model or "vit_b"
 
-    from sam_ft.evaluation.engine import evaluate
+    from sam_ft.evaluation.engine import evaluate_models
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     splits = write_ct_task(tmp / "task", args.images, args.size)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> float:
     t0 = time.perf_counter()
     # The serial path (eval.workers=0): every part runs, and is timed, in this process.
     serial = {**OmegaConf.to_container(cfg.eval, resolve=True), "workers": 0}
-    result = evaluate(
+    result = evaluate_models(
         {"bench": model},
         cases,
         report=False,
@@ -266,10 +267,15 @@ def main(argv: list[str] | None = None) -> float:
         "evaluation vs encoder alone",
         ["run", "total s", "s / image", "x encoder"],
         [
-            ["encoder alone, before evaluate()", t_before, t_before / n, t_before / t_encoder],
-            ["encoder alone, after evaluate()", t_after, t_after / n, t_after / t_encoder],
+            [
+                "encoder alone, before evaluate_models()",
+                t_before,
+                t_before / n,
+                t_before / t_encoder,
+            ],
+            ["encoder alone, after evaluate_models()", t_after, t_after / n, t_after / t_encoder],
             ["encoder alone, mean (the reference)", t_encoder, t_encoder / n, 1.0],
-            ["evaluate(): S2-S6, 3 jitter levels", t_eval, t_eval / n, ratio],
+            ["evaluate_models(): S2-S6, 3 jitter levels", t_eval, t_eval / n, ratio],
         ],
     )
     parts = sorted(totals.items(), key=lambda kv: -kv[1])
@@ -277,7 +283,9 @@ def main(argv: list[str] | None = None) -> float:
     listed = sum(v for k, v in totals.items() if k != "encoder")
     rest = t_eval - totals.get("encoder", 0.0) - listed
     rows.append(["rest (records, rows, overlays, bookkeeping)", rest, rest / n, rest / t_encoder])
-    print_table("where evaluate() spends its time", ["part", "s", "s / image", "x encoder"], rows)
+    print_table(
+        "where evaluate_models() spends its time", ["part", "s", "s / image", "x encoder"], rows
+    )
     final_line("eval_cost_vs_encoder", ratio)
     return ratio
 

@@ -13,7 +13,7 @@ from segment_anything import SamPredictor
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.evaluation.cases import LazyCase, lazy_cases
-from sam_ft.evaluation.engine import evaluate
+from sam_ft.evaluation.engine import evaluate_models
 from sam_ft.evaluation.metrics import volume_metrics
 from sam_ft.evaluation.options import eval_options
 from sam_ft.evaluation.predictions import CasePredictions
@@ -76,7 +76,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_zero_shot_matches_sam_predictor(model, tmp_path):
     """Box and point1 with the oracle mask: Dice equals SamPredictor's best of 3 masks."""
     cases = [_case("p0", slices=(2,)), _case("p1", slices=(1,))]
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": model},
         cases,
         report=False,
@@ -132,7 +132,7 @@ def test_encoder_runs_once_per_slice(model, tmp_path):
             "overlays": 0,
         }
         cases = [_case("e0", slices=(0, 1), objects=1), _case("e1", slices=(2,), objects=1)]
-        res = evaluate(
+        res = evaluate_models(
             {"zero_shot": model},
             cases,
             report=False,
@@ -169,16 +169,16 @@ def test_resume_after_kill_gives_same_files(model, tmp_path):
     kw = dict(report=False, task_name="t", cfg=cfg, seed=SEED, progress=False)
 
     full = tmp_path / "full"
-    evaluate({"zero_shot": model}, cases, out_dir=full, **kw)
+    evaluate_models({"zero_shot": model}, cases, out_dir=full, **kw)
 
     part = tmp_path / "part"
-    evaluate({"zero_shot": model}, cases[:1], out_dir=part, **kw)
+    evaluate_models({"zero_shot": model}, cases[:1], out_dir=part, **kw)
     # A kill in the middle of the next case: rows of r1 appended, no marker, last line cut.
     rows = (full / "per_object.csv").read_text().splitlines()
     r1 = [line for line in rows if ",r1," in line]
     with open(part / "per_object.csv", "a") as f:
         f.write("\n".join(r1) + "\n" + r1[0][: len(r1[0]) // 2])
-    resumed = evaluate({"zero_shot": model}, cases, out_dir=part, **kw)
+    resumed = evaluate_models({"zero_shot": model}, cases, out_dir=part, **kw)
     assert _files(part) == _files(full)
     assert len(resumed.per_object) == 3 * 2
 
@@ -186,7 +186,7 @@ def test_resume_after_kill_gives_same_files(model, tmp_path):
     calls = []
     handle = model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        evaluate({"zero_shot": model}, cases, out_dir=part, **kw)
+        evaluate_models({"zero_shot": model}, cases, out_dir=part, **kw)
     finally:
         handle.remove()
     assert calls == [] and _files(part) == _files(full)
@@ -260,7 +260,7 @@ def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     """per_case.csv equals volume_metrics on the written NIfTI prediction vs the stacked GT."""
     nib = pytest.importorskip("nibabel")
     records = _case("n0", slices=(0, 2), objects=1)  # slice 1 of 3 has no kept object
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": model},
         [records],
         report=False,
@@ -295,7 +295,7 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
         LazyCase("broken", unreadable, str(tmp_path / "broken.nii.gz")),
         _case("ok1", slices=(1,), objects=1),
     ]
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": model},
         cases,
         report=False,
@@ -320,7 +320,7 @@ def test_a_bug_is_never_a_skipped_case(model, tmp_path):
 
     cases = [_case("ok0", slices=(0,), objects=1), LazyCase("buggy", buggy, "buggy.nii.gz")]
     with pytest.raises(KeyError, match="a bug"):
-        evaluate(
+        evaluate_models(
             {"zero_shot": model},
             cases,
             report=False,
@@ -347,7 +347,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
     cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
     out = tmp_path / "eval"
-    evaluate(
+    evaluate_models(
         {"zero_shot": model}, cases, task_name="t", cfg=FAST, out_dir=out, seed=SEED, progress=False
     )
     md = (out / "summary.md").read_text()
@@ -359,7 +359,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     assert metrics["eval/skipped_cases"].dropna().tolist() == [2.0]
 
     clean = tmp_path / "clean"
-    evaluate(
+    evaluate_models(
         {"zero_shot": model}, cases[:1], task_name="t", cfg=FAST, out_dir=clean, seed=SEED,
         progress=False,
     )  # fmt: skip
@@ -368,7 +368,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
 def test_two_models_share_prompts_and_report(model, tmp_path):
     """evaluate_and_report: one summary with both models; identical model -> identical Dice."""
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": model, "finetuned": model},
         [_case("m0", slices=(0,), objects=1)],
         task_name="t",
@@ -408,7 +408,7 @@ def test_real_png_files_match_sam_predictor(model, tmp_path):
     task = {"name": "demo_2d", "source": "demo", "root": str(root), "modality": "MR"}
     task["intensity"] = {"mode": "none"}
     files = find_cases(root, task)
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": model},
         lazy_cases(files, task),
         report=False,

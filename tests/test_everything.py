@@ -8,7 +8,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from sam_ft.data.types import SliceRecord
-from sam_ft.evaluation.engine import evaluate
+from sam_ft.evaluation.engine import evaluate_models
 from sam_ft.evaluation.everything import (
     EverythingConfig,
     everything_predictions,
@@ -149,7 +149,7 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
     rec = SliceRecord(
         case="c", slice_index=-1, image=image, masks=gt, labels=np.array([1, 2]), names=["a", "b"]
     )
-    res = evaluate(
+    res = evaluate_models(
         {"zero_shot": TrainableSam(sam)},
         [[rec]],
         report=False,

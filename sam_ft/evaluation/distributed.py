@@ -180,7 +180,7 @@ def evaluate_cases(
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")
     common = {"task_name": cfg.task.name, "cfg": eval_cfg, "seed": cfg.seed}
     if shard is None and ranks is None:
-        return engine.evaluate(dict(models), cases, out_dir=out_dir, **common)
+        return engine.evaluate_models(dict(models), cases, out_dir=out_dir, **common)
 
     keys = [case_key_of(c) for c in cases]
     shard = shard or Shard(ranks.rank, ranks.world)
@@ -198,9 +198,9 @@ def evaluate_cases(
     )
     mine = [cases[i] for i in share]
     if ranks is None:
-        return engine.evaluate(dict(models), mine, out_dir=where, **common)
+        return engine.evaluate_models(dict(models), mine, out_dir=where, **common)
 
-    engine._run(dict(models), mine, out_dir=where, progress=True, **common)
+    engine.evaluate_models(dict(models), mine, out_dir=where, report=False, **common)
     ranks.barrier("evaluation_shares")
     if ranks.rank != 0:
         return None

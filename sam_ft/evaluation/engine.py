@@ -67,7 +67,6 @@ from sam_ft.evaluation.tables import (
     drop_unfinished,
     last_markers,
     read_progress,
-    read_table,
     rewrite_sorted,
     truncate_partial_line,
     write_skipped,
@@ -239,8 +238,9 @@ class _Run:
                 self.commit(pending[0], pending)
                 pending.popleft()
 
-    def finish(self) -> EvalResult:
-        """Rewrite the tables in canonical order; this call's models' rows and overlays."""
+    def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
+        """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,
+        and the whole rewritten tables (every model and task in ``out_dir``, for the summary)."""
         tables = {name: rewrite_sorted(path, cols) for name, (path, cols) in self.paths.items()}
         skipped = write_skipped(self.out / SKIPPED_CSV, self.entries)
         if self.counts["failed"] and not self.counts["ok"] and not self.done:
@@ -259,39 +259,14 @@ class _Run:
             best, worst = pool.grids()
             if best:
                 overlays[f"best_{name}"], overlays[f"worst_{name}"] = best, worst
-        return EvalResult(
+        result = EvalResult(
             per_object=mine(tables["per_object"]),
             per_case=mine(tables["per_case"]),
             clicks=mine(tables["clicks"]),
             skipped=skipped,
             overlays=overlays,
         )
-
-
-def _run(
-    models: Mapping[str, TrainableSam],
-    cases: Iterable[Any],
-    *,
-    task_name: str,
-    cfg: Mapping[str, Any] | None,
-    out_dir: str | Path,
-    seed: int,
-    progress: bool,
-) -> EvalResult:
-    run = _Run(models, task_name=task_name, opts=eval_options(cfg), out_dir=out_dir, seed=seed)
-    training = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    if progress:
-        run.open_bar(cases)
-    try:
-        run.loop(cases)
-    finally:
-        if run.bar is not None:
-            run.bar.close()
-        for name, m in models.items():
-            m.train(training[name])
-    return run.finish()
+        return result, tables
 
 
 def _commit_case(
@@ -332,7 +307,7 @@ def _patient(case_data: Any, key: str) -> str:
     return str(getattr(case_data, "case", key)) if case_data is not None else key
 
 
-def evaluate(
+def evaluate_models(
     models: Mapping[str, TrainableSam],
     cases: Iterable[Any],
     *,
@@ -366,31 +341,31 @@ def evaluate(
     Returns:
         :class:`EvalResult` with all rows of these models and task in ``out_dir``.
     """
-    result = _run(
-        dict(models),
-        cases,
-        task_name=task_name,
-        cfg=cfg,
-        out_dir=out_dir,
-        seed=seed,
-        progress=progress,
-    )
-    if not report:
-        return result
-    from sam_ft.evaluation.summary import write_report
+    models = dict(models)
+    run = _Run(models, task_name=task_name, opts=eval_options(cfg), out_dir=out_dir, seed=seed)
+    training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    if progress:
+        run.open_bar(cases)
+    try:
+        run.loop(cases)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        for name, m in models.items():
+            m.train(training[name])
+    result, tables = run.finish()
+    if report and not tables["per_object"].empty:
+        from sam_ft.evaluation.summary import write_report
 
-    out = Path(out_dir)
-    per_object = read_table(out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS)
-    if per_object.empty:
-        return result
-    per_case = read_table(out / PER_CASE_CSV, PER_CASE_COLUMNS)
-    clicks = read_table(out / CLICKS_CSV, CLICK_COLUMNS)
-    result.report = write_report(
-        out,
-        per_object,
-        per_case,
-        clicks if not clicks.empty else None,
-        overlays=result.overlays or None,
-        title=title,
-    )
+        clicks = tables["clicks"]
+        result.report = write_report(
+            run.out,
+            tables["per_object"],
+            tables["per_case"],
+            clicks if not clicks.empty else None,
+            overlays=result.overlays or None,
+            title=title,
+        )
     return result

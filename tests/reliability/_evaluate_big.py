@@ -16,7 +16,7 @@ import torch
 
 from sam_ft.data.folder import find_cases
 from sam_ft.evaluation.cases import lazy_cases
-from sam_ft.evaluation.engine import evaluate
+from sam_ft.evaluation.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -44,7 +44,7 @@ def run(model: TrainableSam, job: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    result = evaluate(
+    result = evaluate_models(
         {"zero_shot": model},
         lazy_cases(find_cases(job["root"], TASK), TASK),
         report=False,
