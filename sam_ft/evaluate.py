@@ -23,7 +23,12 @@ from sam_ft.errors import ConfigError, exit_on_own_error
 from sam_ft.evaluation.cases import LazyCase
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
 from sam_ft.inference.card import apply_card
-from sam_ft.logging_results import eval_loggers, log_evaluation
+from sam_ft.logging_results import (
+    SKIPPED_KEY,
+    eval_loggers,
+    log_evaluation,
+    takes_scalars_itself,
+)
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -107,8 +112,9 @@ def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: Dict
 
 
 def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
-    """The number of cases skipped for bad data to the log (a warning naming them) and to every
-    logger that takes metrics, the CSV logger too (``eval/skipped_cases``)."""
+    """The cases skipped for bad data to the log (a warning naming them), and their number
+    (``eval/skipped``) to the loggers that take metrics but not :func:`log_evaluation`'s
+    scalars (the CSV logger); W&B and TensorBoard get it with those scalars."""
     from sam_ft.evaluation.summary import read_skipped
 
     skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
@@ -120,8 +126,8 @@ def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
             ", ".join(skipped["case"].astype(str)),
         )
     for logger in loggers:
-        if hasattr(logger, "log_metrics"):
-            logger.log_metrics({"eval/skipped_cases": float(len(skipped))})
+        if hasattr(logger, "log_metrics") and not takes_scalars_itself(logger):
+            logger.log_metrics({SKIPPED_KEY: float(len(skipped))})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -73,6 +73,15 @@ def _means(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SKIPPED_KEY = "eval/skipped"
+"""The logged number of cases skipped for bad data (``skipped.csv``), in every logger."""
+
+
+def takes_scalars_itself(logger: Any) -> bool:
+    """True for the loggers :func:`log_evaluation` sends the scalars to (W&B, TensorBoard)."""
+    return _is_wandb(logger) or _is_tensorboard(logger)
+
+
 def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
     """The summary scalars of the evaluation written in ``out_dir`` (see the module docstring),
     read from its ``summary.csv``, ``summary_case.csv``, ``noc.csv`` and ``skipped.csv``.
@@ -104,7 +113,7 @@ def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
             value = np.average(g[col].astype(float), weights=g["n"].astype(float))
             scalars[f"eval/{model}/clicks/noc{col[4:]}"] = float(value)
     skipped = _read(out_dir / "skipped.csv")
-    scalars["eval/skipped"] = float(skipped["case"].nunique()) if "case" in skipped else 0.0
+    scalars[SKIPPED_KEY] = float(skipped["case"].nunique()) if "case" in skipped else 0.0
     return {k: float(v) for k, v in scalars.items() if not math.isnan(v)}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.data.skips import SkipLog, check_on_error
+from sam_ft.data.skips import SkipLog, check_on_error, raise_or_skip
 from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.everything import EverythingConfig
@@ -241,13 +241,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             except (ConfigError, CheckpointError):
                 raise
             except Exception as err:
-                if on_error == "raise":
-                    raise
-                if isinstance(err, DataError):
-                    path, reason = err.path, err.reason
-                else:
-                    path, reason = str(image_path), f"{type(err).__name__}: {err}"
-                skips.add(stem_of(image_path), path, reason)
+                raise_or_skip(on_error, stem_of(image_path), err, skips, image_path)
     if skips.entries and not written:
         first = skips.entries[0]
         raise DataError(first.path, f"{first.reason} (all {len(skips)} inputs failed)")

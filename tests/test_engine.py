@@ -356,7 +356,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     _report_skipped(out, [logger])
     logger.save()
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
-    assert metrics["eval/skipped_cases"].dropna().tolist() == [2.0]
+    assert metrics["eval/skipped"].dropna().tolist() == [2.0]
 
     clean = tmp_path / "clean"
     evaluate_models(

@@ -89,10 +89,22 @@ class SkipLog:
         return len(self.entries)
 
 
-def raise_or_skip(on_error: str, case: str, error: DataError, skip_log: SkipLog | None) -> None:
+def raise_or_skip(
+    on_error: str,
+    case: str,
+    error: Exception,
+    skip_log: SkipLog | None,
+    path: str | Path = "",
+) -> None:
     """Apply the ``on_error`` policy to one bad input: ``raise`` re-raises ``error``; ``skip``
-    records it in ``skip_log`` (when given), and the caller goes on with the next input."""
+    records it in ``skip_log`` (when given) and returns, so the caller goes on with the next
+    input. A :class:`DataError` names its file and reason; any other error is recorded against
+    ``path`` with its type and message."""
     if on_error == "raise":
         raise error
-    if skip_log is not None:
+    if skip_log is None:
+        return
+    if isinstance(error, DataError):
         skip_log.add(case, error.path, error.reason)
+    else:
+        skip_log.add(case, str(path), f"{type(error).__name__}: {error}")

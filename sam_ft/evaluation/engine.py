@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sam_ft.data.skips import raise_or_skip
 from sam_ft.errors import DataError
 from sam_ft.evaluation.cases import loaded_ahead
 from sam_ft.evaluation.options import EvalOptions, eval_options
@@ -142,9 +143,9 @@ class _Run:
 
     def skip(self, key: str, names: Iterable[str], e: DataError) -> None:
         # Only bad input (unreadable or inconsistent files) is skipped: any other exception
-        # is a bug and stops the run, whatever eval.on_error says.
-        if self.opts.on_error == "raise":
-            raise e
+        # is a bug and stops the run, whatever eval.on_error says. The engine's record is its
+        # progress markers (-> skipped.csv with the stage and model), hence no SkipLog here.
+        raise_or_skip(self.opts.on_error, key, e, None)
         log.warning("case %s failed and is skipped: %s", key, e.reason)
         self.first_error.append(f"{key}: {e.reason}")
         self.counts["failed"] += 1

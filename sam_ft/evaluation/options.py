@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sam_ft.data.skips import check_on_error
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.evaluation.metrics import NSD_METHODS
@@ -76,8 +77,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
-    if merged["on_error"] not in ("skip", "raise"):
-        raise ConfigError("eval.on_error must be 'skip' or 'raise'")
+    check_on_error(merged["on_error"], "eval.on_error")
     workers = merged["workers"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
         raise ConfigError(f"eval.workers must be an integer >= 0 or null, got {workers!r}")

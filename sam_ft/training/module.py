@@ -215,10 +215,12 @@ class SamFinetuneModule(L.LightningModule):
 
     @staticmethod
     def _best_by_target(logits, target):
-        pred = (logits > 0).float()
-        inter = (pred * target[:, None]).flatten(2).sum(-1)
-        denom = pred.flatten(2).sum(-1) + target[:, None].flatten(2).sum(-1)
-        return (2 * inter / denom.clamp(min=1)).argmax(dim=1)
+        """(N, M, h, w) logits of M candidate masks, (N, h, w) target -> (N,) index of the mask
+        with the best Dice (the package's one Dice: an empty mask matches an empty target)."""
+        from sam_ft.evaluation.overlap import overlap_scores
+
+        dice, _ = overlap_scores(logits > 0, target[:, None].bool())
+        return dice.argmax(dim=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
