@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -114,6 +114,22 @@ def _negative_region(mask: np.ndarray, factor: float) -> np.ndarray:
     return np.flatnonzero(region)
 
 
+def _negatives(
+    mask: np.ndarray, n: int, factor: float, pick: Callable[[int], Sequence[int] | np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """n negative points at ``pick(count)``, indices into the ``count`` background pixels of the
+    enlarged box (:func:`_negative_region`, raster order); ``pick`` is called only when there is
+    such a pixel, so a random picker draws nothing otherwise."""
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    flat = _negative_region(mask, factor)
+    if len(flat) == 0:
+        return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
+    rows, cols = np.divmod(flat[pick(len(flat))], mask.shape[1])
+    return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
+
+
 def negative_points(
     mask: np.ndarray, n: int, rng: np.random.Generator, factor: float = NEGATIVE_BOX_FACTOR
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,14 +140,7 @@ def negative_points(
     they come from the whole image's background; if the mask covers the whole image, the points
     are (0, 0) with label ``PAD_LABEL`` (-1), which SAM ignores.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if n <= 0:
-        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
-    flat = _negative_region(mask, factor)
-    if len(flat) == 0:
-        return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
-    rows, cols = np.divmod(flat[_draw_distinct(len(flat), n, rng, set())], mask.shape[1])
-    return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
+    return _negatives(mask, n, factor, lambda count: _draw_distinct(count, n, rng, set()))
 
 
 def _strided(count: int, n: int) -> np.ndarray:
@@ -172,14 +181,7 @@ def even_negative_points(
     Returns ``(points (n, 2) float (x, y), labels (n,) int)``; the fallbacks are those of
     :func:`negative_points` (whole-image background, then ``PAD_LABEL`` points).
     """
-    mask = np.asarray(mask, dtype=bool)
-    if n <= 0:
-        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
-    flat = _negative_region(mask, factor)
-    if len(flat) == 0:
-        return np.zeros((n, 2)), np.full(n, PAD_LABEL, dtype=np.int64)
-    rows, cols = np.divmod(flat[_strided(len(flat), n)], mask.shape[1])
-    return np.stack([cols, rows], axis=-1).astype(np.float64), np.zeros(n, dtype=np.int64)
+    return _negatives(mask, n, factor, lambda count: _strided(count, n))
 
 
 def make_prompt(
