@@ -24,7 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sam_ft.data.loading import CaseData
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.cases import Case, LazyCase, case_key_of
 from sam_ft.evaluation.merge import (
     Shard,
     balanced_shares,
@@ -135,7 +137,7 @@ def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def slice_counts(cases: Sequence[Any], datamodule: Any = None) -> list[int]:
+def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
     """Slices per case, the unit of encoder work, without loading a case that is not loaded:
     a loaded case's own slices, else the datamodule's index (one entry per slice)."""
     index: Counter = Counter()
@@ -149,16 +151,16 @@ def slice_counts(cases: Sequence[Any], datamodule: Any = None) -> list[int]:
             index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
     counts = []
     for case in cases:
-        if hasattr(case, "slices"):
-            counts.append(len(case.slices))
+        if isinstance(case, LazyCase):
+            counts.append(index.get(case.case, 1))
         else:
-            counts.append(index.get(str(getattr(case, "case", "")), 1))
+            counts.append(len(case.slices if isinstance(case, CaseData) else case))
     return counts
 
 
 def evaluate_cases(
     models: Mapping[str, Any],
-    cases: Sequence[Any],
+    cases: Sequence[Case],
     *,
     cfg: DictConfig,
     out_dir: Path,
@@ -172,7 +174,6 @@ def evaluate_cases(
     the merge) or None on ranks other than 0.
     """
     from sam_ft.evaluation import engine, tables
-    from sam_ft.evaluation.cases import case_key_of
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     shard = parse_shard(eval_cfg.pop("shard", None))

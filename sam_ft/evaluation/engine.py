@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +46,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sam_ft.data.loading import CaseData
 from sam_ft.data.skips import raise_or_skip
 from sam_ft.errors import DataError
-from sam_ft.evaluation.cases import loaded_ahead
+from sam_ft.evaluation.cases import Case, case_path, loaded_ahead
 from sam_ft.evaluation.options import EvalOptions, eval_options
 from sam_ft.evaluation.overlays import OverlayPool
 from sam_ft.evaluation.pipeline import ScoringPool, WorkerDiedError
@@ -127,7 +129,7 @@ class _Run:
         self.counts = {"ok": 0, "failed": 0}
         self.first_error: list[str] = []
 
-    def open_bar(self, cases: Iterable[Any]) -> None:
+    def open_bar(self, cases: Iterable[Case]) -> None:
         from tqdm.auto import tqdm
 
         total = len(cases) if hasattr(cases, "__len__") else None  # type: ignore[arg-type]
@@ -188,24 +190,26 @@ class _Run:
         if self.bar is not None and self.box_dice:
             self.bar.set_postfix(dice_box=f"{np.mean(self.box_dice):.3f}")
 
-    def start(self, item: Any, key: str, loaded: Any, pool: ScoringPool) -> PendingCase | None:
+    def start(
+        self, item: Case, key: str, loaded: Future | None, pool: ScoringPool
+    ) -> PendingCase | None:
         """Load and start one case on the models that have not finished it; None when there is
         nothing to do (all finished, or skipped for bad data)."""
         todo = {n: m for n, m in self.models.items() if (n, self.task_name, key) not in self.done}
         if not todo:
             self.tick()
             return None
-        path = getattr(item, "path", "") or getattr(item, "image_path", "")
+        path = case_path(item)
         try:
             records, case_data = loaded.result()
-            path = getattr(case_data, "image_path", path)
+            path = case_data.image_path if case_data is not None else path
             return start_case(todo, records, case_data, self.opts, self.seed, key, pool, str(path))
         except DataError as e:
             self.skip(key, todo, e)
             self.tick()
             return None
 
-    def loop(self, cases: Iterable[Any]) -> None:
+    def loop(self, cases: Iterable[Case]) -> None:
         """Every case through the models and the pool, committed in input order."""
         # Cases whose scoring is in the pool, in input order: committed in that order, so the
         # files are the same for any eval.workers. A few cases ahead keep the workers fed while
@@ -277,7 +281,7 @@ def _commit_case(
     res: CaseOutput,
     paths: Mapping[str, tuple[Path, list[str]]],
     opts: EvalOptions,
-    case_data: Any,
+    case_data: CaseData | None,
     out: Path,
 ) -> None:
     """Append one case's rows (flushed) and its predictions; the marker is written after."""
@@ -304,13 +308,14 @@ def _commit_case(
         )
 
 
-def _patient(case_data: Any, key: str) -> str:
-    return str(getattr(case_data, "case", key)) if case_data is not None else key
+def _patient(case_data: CaseData | None, key: str) -> str:
+    """The ``patient`` column: the split's case id (the image id ``key`` without a CaseData)."""
+    return str(case_data.case) if case_data is not None else key
 
 
 def evaluate_models(
     models: Mapping[str, TrainableSam],
-    cases: Iterable[Any],
+    cases: Iterable[Case],
     *,
     task_name: str,
     cfg: Mapping[str, Any] | None,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sam_ft.atomic import atomic_path, atomic_write
+from sam_ft.data.loading import CaseData
 
 
 class CasePredictions:
@@ -108,7 +108,7 @@ def write_case_predictions(
     *,
     num_slices: int,
     is_3d: bool,
-    case_data: Any = None,
+    case_data: CaseData | None = None,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> list[Path]:
     """Write the unjittered predictions of one case, one label map per prompt strategy.
@@ -146,7 +146,7 @@ def write_case_predictions(
             continue
         shape = (int(num_slices), *store.shape)
         stack = label_map([(int(k[0]), store.stack(k, num_slices)) for k in keys], shape)
-        if case_data is not None and hasattr(case_data, "to_volume"):
+        if case_data is not None:
             volume, affine = case_data.to_volume(stack), case_data.affine
         else:
             volume, affine = stack, np.diag([*map(float, spacing), 1.0])

@@ -14,11 +14,11 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.evaluation.everything import everything_predictions
@@ -182,9 +182,11 @@ def distance_unit(rec: SliceRecord) -> str:
     return "px" if rec.slice_index < 0 and tuple(rec.spacing) == (1.0, 1.0) else "mm"
 
 
-def case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, int, tuple]:
+def case_geometry(
+    records: list[SliceRecord], case_data: CaseData | None
+) -> tuple[bool, int, tuple]:
     """(is 3D, number of slices, (slice, row, col) spacing in mm) of a case."""
-    if case_data is not None and hasattr(case_data, "volume_shape"):
+    if case_data is not None:
         is_3d = bool(case_data.is_3d)
         return is_3d, int(case_data.volume_shape[0]), tuple(map(float, case_data.spacing))
     first = records[0]
@@ -195,7 +197,7 @@ def case_geometry(records: list[SliceRecord], case_data: Any) -> tuple[bool, int
 
 def _case_job(
     records: list[SliceRecord],
-    case_data: Any,
+    case_data: CaseData | None,
     stores: Mapping[str, CasePredictions],
     opts: EvalOptions,
     case_key: str,
@@ -243,7 +245,7 @@ def _case_job(
 
 def _per_case_rows(
     records: list[SliceRecord],
-    case_data: Any,
+    case_data: CaseData | None,
     store: CasePredictions,
     opts: EvalOptions,
     case_key: str,
@@ -270,7 +272,7 @@ class PendingCase:
     key: str
     models: list[str]
     records: list[SliceRecord]
-    case_data: Any
+    case_data: CaseData | None
     path: str
     stores: dict[str, CasePredictions]
     clicks: dict[str, list[dict]]
@@ -305,7 +307,7 @@ class PendingCase:
 def start_case(
     models: Mapping[str, TrainableSam],
     records: list[SliceRecord],
-    case_data: Any,
+    case_data: CaseData | None,
     opts: EvalOptions,
     seed: int,
     case_key: str,
