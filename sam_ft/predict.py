@@ -1,6 +1,6 @@
 """The prediction task: ``python predict.py`` / ``sam-ft-predict`` load the model as it was
 trained, predict every input, write one label map per input (``predict``; ``main`` is its Hydra
-entry point; the per-image work is in :mod:`sam_ft.inference.predict`)."""
+entry point; the per-image work is in :mod:`sam_ft.inference.label_maps`)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.inference.card import card_for, read_card
-from sam_ft.inference.geometry import file_geometry
+from sam_ft.inference.frames import file_geometry
 from sam_ft.inference.inputs import companion, list_inputs, load_image, stem_of
-from sam_ft.inference.output import write_prediction
-from sam_ft.inference.predict import (
+from sam_ft.inference.label_maps import (
     Settings,
     predict_everything,
     predict_from_labels,
     predict_from_prompts,
 )
+from sam_ft.inference.output import write_prediction
 from sam_ft.inference.prompt_file import read_prompt_file
 from sam_ft.model.trainable import TrainableSam
 

@@ -18,7 +18,7 @@ from sam_ft.data.readers import read_volume
 from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.inference.card import card_path, read_card, write_model_card
-from sam_ft.inference.geometry import file_geometry
+from sam_ft.inference.frames import file_geometry
 from sam_ft.model.builders import build_trainable_sam
 from sam_ft.model.checkpoint import export_official
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from sam_ft.data.slicing import from_slicing_frame
 from sam_ft.evaluation.predictions import write_png
-from sam_ft.inference.geometry import file_geometry, write_label_volume
+from sam_ft.inference.frames import file_geometry, write_label_volume
 from sam_ft.inference.inputs import stem_of
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.errors import DataError
-from sam_ft.inference.geometry import FileGeometry
+from sam_ft.inference.frames import FileGeometry
 from sam_ft.inference.inputs import LoadedImage
 from sam_ft.prompts.types import Prompt
 

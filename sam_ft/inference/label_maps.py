@@ -19,7 +19,7 @@ Three ways to prompt, per input file:
 
 Images go through the loader of training and evaluation (RAS orientation, the slicing axis, the
 intensity mapping, grey to RGB); each prediction is written back in the input's own geometry
-(:mod:`sam_ft.inference.geometry`). Masks are (row, col); prompts (x, y).
+(:mod:`sam_ft.inference.frames`). Masks are (row, col); prompts (x, y).
 """
 
 from __future__ import annotations
