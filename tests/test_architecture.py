@@ -1,5 +1,6 @@
 """The package's shape (issue #17): sam_ft's packages depend on each other in one direction, and
-no module outgrows one idea. Read from the source with ``ast`` (function-level imports count)."""
+no module or function outgrows one idea. Read from the source with ``ast`` (function-level
+imports count)."""
 
 from __future__ import annotations
 
@@ -68,5 +69,27 @@ def test_no_module_over_the_line_limit():
         str(p.relative_to(PACKAGE)): n
         for p in PACKAGE.rglob("*.py")
         if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, long
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first statement after the docstring to the last one."""
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:] or body
+    return body[-1].end_lineno - body[0].lineno + 1
+
+
+def test_no_function_over_the_line_limit():
+    long = {
+        f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name}": n
+        for p in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text(), str(p)))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (n := _code_lines(node)) > MAX_FUNCTION_LINES
     }
     assert not long, long
