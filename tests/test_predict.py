@@ -246,7 +246,11 @@ def test_folder_of_volumes_with_folder_of_labels(tmp_path, weights):
 # Masks equal to evaluation
 
 
-def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights):
+@pytest.mark.parametrize(
+    ("prompt", "selection"),
+    [("box_point1", "predicted_iou"), ("box", "single")],
+)
+def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, selection):
     from sam_ft.evaluate import evaluate
 
     affine = lps_affine()
@@ -267,24 +271,24 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights):
             f"ckpt_path={weights}",
             "model=vit_b",  # the card overrides it: tiny, as trained
             "eval.split=all",
-            "eval.prompts=[box_point1]",
+            f"eval.prompts=[{prompt}]",
             "eval.jitter_px=[]",
-            "eval.mask_selection=predicted_iou",
+            f"eval.mask_selection={selection}",
             "eval.save_predictions=true",
             "eval.overlays=0",
             f"paths.output_dir={tmp_path / 'eval'}",
         ],
     )
     evaluate(cfg)
-    scored = nib.load(tmp_path / "eval/predictions/finetuned/box_point1/case1.nii.gz")
+    scored = nib.load(tmp_path / f"eval/predictions/finetuned/{prompt}/case1.nii.gz")
     run_predict(
         weights,
         tmp_path / "pred",
         *common,
         f"input={root / 'imagesTr' / 'case1.nii.gz'}",
         f"labels={root / 'labelsTr' / 'case1.nii.gz'}",
-        "prompt=box_point1",
-        "mask_selection=predicted_iou",
+        f"prompt={prompt}",
+        f"mask_selection={selection}",
     )
     mine = nib.load(tmp_path / "pred" / "case1.nii.gz")
     # Evaluation writes the loader's RAS frame, predict the file's own (LPS): same voxels.

@@ -36,10 +36,10 @@ import torch
 from sam_ft.data.loading import CaseData, dataset_meta, load_case
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.everything import EverythingConfig, generate_codes, prompts_per_upsample
+from sam_ft.evaluation.everything import EverythingConfig, generate_codes
 from sam_ft.evaluation.everything import decode_mask as decode_code
 from sam_ft.evaluation.predictions import label_map
-from sam_ft.evaluation.selection import MASK_SELECTIONS, needs_multimask, select_masks
+from sam_ft.evaluation.selection import MASK_SELECTIONS, decode_scored
 from sam_ft.inference.inputs import LoadedImage, stem_of
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import STRATEGIES, make_eval_prompt
@@ -100,9 +100,10 @@ def decode_select(
 ) -> np.ndarray:
     """(N, H, W) bool: one mask per prompt, chosen by ``mode``.
 
-    The same calls in the same order as the evaluation engine (prompts sorted by structure,
-    ``max_per_call`` per ``model.decode``, upsampled :func:`prompts_per_upsample` at a time),
-    so the masks are bit for bit those evaluation scores.
+    Evaluation's own decoding (:func:`sam_ft.evaluation.selection.decode_scored`: the same
+    decoder calls in the same order, the same per-prompt selection, e.g. ``auto`` keeps SAM's
+    single output for an unambiguous prompt), so the masks are bit for bit those evaluation
+    scores.
 
     Args:
         embedding: (C, h, w) image embedding.
@@ -110,24 +111,17 @@ def decode_select(
         size: (H, W) of the image.
         gt: (N, H, W) bool reference masks, needed for ``oracle`` only.
     """
-    n = len(prompts)
-    masks = np.zeros((n, *size), dtype=bool)
-    if n == 0:
-        return masks
-    multimask = needs_multimask(mode)
-    threshold = float(model.sam.mask_threshold)
-    order = sorted(range(n), key=lambda i: prompts[i].structure)
-    step = prompts_per_upsample(size, 3 if multimask else 1, model.image_size)
-    for start in range(0, n, max_per_call):
-        chunk = order[start : start + max_per_call]
-        low, ious = model.decode(embedding, [prompts[i] for i in chunk], size, multimask)
-        for s in range(0, len(chunk), step):
-            idx = chunk[s : s + step]
-            sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-            binary = (model.postprocess(sub_low, size) > threshold).cpu().numpy()
-            chosen, _ = select_masks(binary, sub_iou.cpu(), None if gt is None else gt[idx], mode)
-            masks[idx] = chosen
-    return masks
+    if gt is None:
+        if mode == "oracle":
+            raise ConfigError("mask_selection=oracle needs a reference label map")
+        # Scores against an empty stand-in (one mask for all prompts) are computed and dropped.
+        gt, gt_of = np.zeros((1, *size), dtype=bool), np.zeros(len(prompts), dtype=np.int64)
+    else:
+        gt_of = None
+    selected = decode_scored(
+        model, embedding, prompts, gt, mode, max_per_call, gt_of=gt_of, keep_low=False
+    )
+    return selected.masks
 
 
 def _embed(model: TrainableSam, image: np.ndarray) -> torch.Tensor:
