@@ -236,8 +236,8 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     assert np.array_equal(jaccard.cpu().numpy(), ref_iou)
 
 
-def test_decode_select_packed_equals_unpacked(model):
-    from sam_ft.evaluation.selection import decode_select
+def test_decode_scored_packed_equals_unpacked(model):
+    from sam_ft.evaluation.selection import decode_scored
     from sam_ft.prompts.strategies import make_eval_prompt
 
     rec = _records("p", (1,))[0]
@@ -249,8 +249,10 @@ def test_decode_select_packed_equals_unpacked(model):
     gt = np.repeat(rec.masks, 2, axis=0)
     with torch.inference_mode():
         emb = model.encode(model.preprocess(rec.image)[None])[0]
-        m, index, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3)
-        p, index_p, _, _ = decode_select(model, emb, prompts, gt, "oracle", 3, packed=True)
+        m, index, _, _ = _as_tuple(decode_scored(model, emb, prompts, gt, "oracle", 3))
+        p, index_p, _, _ = _as_tuple(
+            decode_scored(model, emb, prompts, gt, "oracle", 3, packed=True)
+        )
     assert np.array_equal(unpack_masks(p, (H, W)), m) and np.array_equal(index, index_p)
 
 
@@ -258,7 +260,7 @@ def test_decode_select_packed_equals_unpacked(model):
 def test_decode_scored_gives_the_numpy_metrics_with_one_gt_per_object(model, mode):
     """One GT per object on the device (``gt_of``) gives what one GT per prompt gives, and the
     scores are the numpy metrics of the kept masks against their object's GT."""
-    from sam_ft.evaluation.selection import decode_scored, decode_select
+    from sam_ft.evaluation.selection import decode_scored
     from sam_ft.prompts.strategies import make_eval_prompt
 
     rec = _records("q", (2,))[0]
@@ -273,7 +275,7 @@ def test_decode_scored_gives_the_numpy_metrics_with_one_gt_per_object(model, mod
     with torch.inference_mode():
         emb = model.encode(model.preprocess(rec.image)[None])[0]
         sel = decode_scored(model, emb, prompts, rec.masks, mode, 3, gt_of=gt_of, keep_low=False)
-        m, index, pred_iou, _ = decode_select(model, emb, prompts, per_prompt, mode, 3)
+        m, index, pred_iou, _ = _as_tuple(decode_scored(model, emb, prompts, per_prompt, mode, 3))
     assert sel.low is None
     assert np.array_equal(sel.masks, m) and np.array_equal(sel.index, index)
     assert np.array_equal(sel.pred_iou, pred_iou)
@@ -382,3 +384,8 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
     evaluate_models({"zero_shot": model}, loaded, cfg=cfg, out_dir=tmp_path / "ready", **kw)
     for name in ("per_object.csv", "per_case.csv"):
         assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "ready" / name).read_bytes()
+
+
+def _as_tuple(sel) -> tuple:
+    """(masks, chosen channel, predicted IoU, low-res logits) of a ``decode_scored`` result."""
+    return sel.masks, sel.index, sel.pred_iou, sel.low

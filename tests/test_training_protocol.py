@@ -98,7 +98,7 @@ def test_model_configs_state_their_mask_outputs():
 
 
 def test_auto_selection_is_sams_convention():
-    from sam_ft.evaluation.selection import decode_select
+    from sam_ft.evaluation.selection import decode_scored
 
     model = _tiny()
     image, masks = _scene()
@@ -106,7 +106,7 @@ def test_auto_selection_is_sams_convention():
         emb = model.encode(model.preprocess(image)[None])[0]
         prompts = _prompts()
         gt = masks[[0, 1, 0]]
-        got, index, iou, _ = decode_select(model, emb, prompts, gt, "auto", 8)
+        got, index, iou, _ = _as_tuple(decode_scored(model, emb, prompts, gt, "auto", 8))
         for i, prompt in enumerate(prompts):
             multi = i == 0  # 3 masks for the single point only, ranked by the IoU head
             low, pred_iou = model.decode(emb, [prompt], (H, W), multi)
@@ -118,14 +118,14 @@ def test_auto_selection_is_sams_convention():
 
 @pytest.mark.parametrize("mode", ["oracle", "predicted_iou", "single", "auto"])
 def test_single_output_model_uses_its_one_mask_in_every_mode(mode):
-    from sam_ft.evaluation.selection import decode_select
+    from sam_ft.evaluation.selection import decode_scored
 
     model = _tiny(multimask_output=False)
     image, masks = _scene()
     with torch.no_grad():
         emb = model.encode(model.preprocess(image)[None])[0]
         prompts = _prompts()
-        got, index, _, _ = decode_select(model, emb, prompts, masks[[0, 1, 0]], mode, 8)
+        got, index, _, _ = _as_tuple(decode_scored(model, emb, prompts, masks[[0, 1, 0]], mode, 8))
         low, _ = model.decode(emb, prompts, (H, W), False)
         want = (model.postprocess(low, (H, W))[:, 0] > 0).numpy()
     assert np.array_equal(got, want) and (index == 0).all()
@@ -188,7 +188,7 @@ def _module(model, selection: str, resolution: str = "original"):
 @pytest.mark.parametrize("selection", ["oracle", "predicted_iou"])
 def test_validation_selects_masks_as_the_evaluation_does(selection):
     """val/dice is the mean Dice of the masks eval.mask_selection keeps (oracle: the best of 3)."""
-    from sam_ft.evaluation.selection import decode_select
+    from sam_ft.evaluation.selection import decode_scored
 
     model = _tiny()
     module = _module(model, selection)
@@ -211,7 +211,7 @@ def test_validation_selects_masks_as_the_evaluation_does(selection):
             pred = (model.postprocess(low, (H, W))[k] > 0).numpy()
             inter = (pred & masks[k]).sum(axis=(1, 2))
             dice3.append(2 * inter / (pred.sum(axis=(1, 2)) + masks[k].sum()))
-        chosen, _, _, _ = decode_select(model, emb[0], prompts, masks, selection, 8)
+        chosen, _, _, _ = _as_tuple(decode_scored(model, emb[0], prompts, masks, selection, 8))
     want = np.mean(
         [2 * (c & m).sum() / (c.sum() + m.sum()) for c, m in zip(chosen, masks, strict=True)]
     )
@@ -358,3 +358,8 @@ def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monk
     # ... and it is the model that was trained: the decoder moved, the frozen encoder did not.
     assert any(not torch.equal(finetuned[k], initial[k]) for k in initial if "mask_decoder" in k)
     assert all(torch.equal(finetuned[k], initial[k]) for k in initial if "image_encoder" in k)
+
+
+def _as_tuple(sel) -> tuple:
+    """(masks, chosen channel, predicted IoU, low-res logits) of a ``decode_scored`` result."""
+    return sel.masks, sel.index, sel.pred_iou, sel.low

@@ -262,32 +262,3 @@ def decode_scored(
                 if low_kept is not None:
                     low_kept[idx] = sub_low[rows, ch].float().cpu()
     return Selected(masks, index, pred_iou, dice, iou, low_kept)
-
-
-def decode_select(
-    model: TrainableSam,
-    embedding: torch.Tensor,
-    prompts: Sequence[Prompt],
-    gt: np.ndarray,
-    mode: str,
-    max_per_call: int,
-    *,
-    packed: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-    """:func:`decode_scored` with one ground-truth mask per prompt, as a tuple.
-
-    Args:
-        embedding: (C, h, w) image embedding.
-        prompts: N prompts, (x, y) original-image pixels.
-        gt: (N, H, W) bool ground truth of each prompt's object.
-        mode: one of ``MASK_SELECTIONS``.
-        max_per_call: prompts per ``model.decode`` call.
-        packed: return the masks bit-packed, (N, ceil(H * W / 8)) uint8.
-
-    Returns:
-        masks (N, H, W) bool at the original size, chosen channel (N,) (0 for a single output),
-        its predicted IoU (N,), and its low-res logits (N, S/4, S/4) (fed back by click loops).
-    """
-    sel = decode_scored(model, embedding, prompts, gt, mode, max_per_call, packed=packed)
-    assert sel.low is not None
-    return sel.masks, sel.index, sel.pred_iou, sel.low

@@ -36,7 +36,7 @@ class SamFinetuneModule(L.LightningModule):
         scheduler: partial ``(optimizer, total_steps) -> LRScheduler`` or None.
         multimask_output: train with 3 masks per prompt (loss on the best) or 1 (the paper's).
         mask_selection: how validation keeps one mask per object, as ``eval.mask_selection``
-            (``sam_ft.evaluation.selection.decode_select``), so ``val/dice`` ranks checkpoints by
+            (``sam_ft.evaluation.selection.decode_scored``), so ``val/dice`` ranks checkpoints by
             the measure the evaluation reports.
         iterative_rounds: extra click rounds per step (``prompt=iterative``); loss on every round.
         max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients
@@ -285,21 +285,21 @@ class SamFinetuneModule(L.LightningModule):
     # --- validation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from sam_ft.evaluation.overlap import dice_from_counts
-        from sam_ft.evaluation.selection import decode_select
+        from sam_ft.evaluation.selection import decode_scored
 
         embeddings = self._embeddings(batch)
         for b, (emb, prompts) in enumerate(zip(embeddings, batch["prompts"], strict=True)):
             if not prompts:
                 continue
             gt = batch["masks"][b].cpu().numpy().astype(bool)
-            # The mask the evaluation would keep (eval.mask_selection), at the original size.
-            pred, _, _, _ = decode_select(
-                self.model, emb, list(prompts), gt, self.mask_selection, VAL_PROMPTS_PER_CALL
-            )
-            inter = (pred & gt).sum(axis=(1, 2))
-            total = pred.sum(axis=(1, 2)) + gt.sum(axis=(1, 2))
-            dice = torch.as_tensor(dice_from_counts(inter, total), dtype=torch.float32)
+            # The mask the evaluation would keep (eval.mask_selection), at the original size,
+            # and its Dice as the evaluation scores it.
+            kept = decode_scored(
+                self.model, emb, list(prompts), gt, self.mask_selection, VAL_PROMPTS_PER_CALL,
+                keep_low=False,
+            )  # fmt: skip
+            pred = kept.masks
+            dice = torch.as_tensor(kept.dice, dtype=torch.float32)
             self.val_dice.update(dice.to(emb.device))
             wants = batch_idx == 0 and len(self._overlay_items) < self.overlays
             if wants and "image_uint8" in batch:
