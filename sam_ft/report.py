@@ -27,7 +27,7 @@ from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.order import BASELINE_MODEL, PROMPT_ORDER, rank_by_order, sort_table
 from sam_ft.evaluation.study import find_per_object, run_config, write_study
-from sam_ft.evaluation.summary import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
+from sam_ft.evaluation.summary_tables import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run"]

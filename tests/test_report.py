@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sam_ft.evaluation.plots import plot_overlay_grid
-from sam_ft.evaluation.summary import SUMMARY_COLUMNS, noc, summarize, write_report
+from sam_ft.evaluation.summary import write_report
+from sam_ft.evaluation.summary_tables import SUMMARY_COLUMNS, noc, summarize
 from sam_ft.prompts.types import Prompt
 from sam_ft.report import main, merge_summaries
 
@@ -260,7 +261,7 @@ def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
     """Levels [[0, 5], [5, 10], [10, 20]]: as text "10-20" < "5-10"; every table must order
     none, 0-5, 5-10, 10-20 and the robustness drop must go to 10-20, the largest level."""
     from sam_ft.evaluation.order import sort_table
-    from sam_ft.evaluation.summary import jitter_table
+    from sam_ft.evaluation.summary_tables import jitter_table
 
     dice = {"none": 0.9, "0-5": 0.8, "5-10": 0.7, "10-20": 0.5}
     order = list(dice)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.summary import PROMPT_NAMES, to_markdown
+from sam_ft.evaluation.summary_tables import PROMPT_NAMES, to_markdown
 
 UNKNOWN = "unknown"
 ROW_KEYS = ["model_size", "setting", "task", "case", "slice", "label", "prompt", "jitter"]

@@ -1,0 +1,281 @@
+"""The tables of one evaluation's summary, from the per-object rows: the statistics per (model,
+task, prompt, jitter), the click study's NoC and curves, the display tables (prompts side by
+side, jitter robustness, Spearman rho, all metrics) and their Markdown.
+
+Inputs are the evaluation engine's tables:
+
+- ``per_object``: one row per (model, task, case, slice, label, prompt, jitter) with
+  ``dice, iou, hd95, hd95_missing, nsd`` and attribute columns
+  (``area_px, aspect_ratio, boundary_complexity, contrast, modality``).
+- ``per_case``: the same per (model, task, case, label, prompt, jitter), scored in 3D.
+- ``clicks`` (optional): ``model, task, case, slice, label, click, dice``, click = 1..N.
+
+``model`` is ``zero_shot`` (the baseline) or a finetuned model name. Tables are ordered by model
+(zero-shot first), task, prompt strategy S1..S6 and jitter level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from sam_ft.evaluation.order import (
+    BASELINE_MODEL,
+    jitter_levels_sorted,
+    sort_table,
+)
+
+PROMPT_NAMES = {
+    "everything": "S1 everything",
+    "point1": "S2 1 point",
+    "point5": "S3 5 points",
+    "point5_neg5": "S4 5+5 points",
+    "box": "S5 box",
+    "box_point1": "S6 box+point",
+}
+SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
+SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
+"""The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
+"""``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
+tolerance are then in pixels); ``mm+px`` when a group mixes both."""
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Sort by model (zero-shot first), task, prompt S1..S6, jitter (numerically) where present."""
+    return sort_table(df, by=("model", "task", "prompt", "jitter"))
+
+
+def _missing_hd95(df: pd.DataFrame) -> pd.Series:
+    """Bool per row: HD95 missing. CSV round trips may give strings; NaN HD95 also counts."""
+    missing = df["hd95"].isna() if "hd95" in df else pd.Series(False, index=df.index)
+    if "hd95_missing" in df:
+        flag = df["hd95_missing"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+        missing = missing | flag
+    return missing
+
+
+def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
+    """Mean metrics per (model, task, prompt, jitter).
+
+    Args:
+        per_object: rows with at least ``model, task, prompt, dice, iou, hd95, nsd``; a missing
+            ``jitter`` column means no jitter.
+
+    Returns:
+        DataFrame with columns ``model, task, prompt, jitter, n, dice_mean, dice_std, iou_mean,
+        hd95_mean, nsd_mean, hd95_missing, distance_unit``: ``dice_std`` is the population std
+        (ddof=0, so one object gives 0), ``hd95_mean`` skips missing HD95 values and
+        ``hd95_missing`` counts them; ``distance_unit`` is ``mm``, ``px`` or ``mm+px``.
+    """
+    df = per_object.copy()
+    if "jitter" not in df:
+        df["jitter"] = "none"
+    df["hd95"] = pd.to_numeric(df["hd95"], errors="coerce")
+    df["_missing"] = _missing_hd95(df)
+    df.loc[df["_missing"], "hd95"] = np.nan
+    if "distance_unit" not in df:
+        df["distance_unit"] = "mm"
+    df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
+    grouped = df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
+    out = grouped.agg(
+        n=("dice", "size"),
+        dice_mean=("dice", "mean"),
+        iou_mean=("iou", "mean"),
+        hd95_mean=("hd95", "mean"),
+        nsd_mean=("nsd", "mean"),
+        hd95_missing=("_missing", "sum"),
+    )
+    out["dice_std"] = grouped["dice"].std(ddof=0)
+    out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
+    out = out.reset_index()
+    out["hd95_missing"] = out["hd95_missing"].astype(int)
+    return sort_rows(out[SUMMARY_COLUMNS])
+
+
+def _click_matrix(group: pd.DataFrame, object_keys: list[str]) -> pd.DataFrame:
+    """Objects x clicks Dice; an object that stopped early keeps its last Dice afterwards."""
+    matrix = group.pivot_table(index=object_keys, columns="click", values="dice", aggfunc="mean")
+    return matrix.sort_index(axis=1).ffill(axis=1)
+
+
+def noc(clicks: pd.DataFrame, thresholds: Sequence[float] = (0.85, 0.90)) -> pd.DataFrame:
+    """Number of clicks to reach a Dice threshold (NoC@85, NoC@90) and Dice after each click.
+
+    For each object, NoC@t is the first click whose Dice is >= t, or N (the last click) when it is
+    never reached; the table gives the mean over objects, per (model, task).
+
+    Args:
+        clicks: ``model, task, case, slice, label, click, dice`` rows, click = 1..N.
+        thresholds: Dice thresholds in [0, 1].
+
+    Returns:
+        DataFrame ``model, task, n, noc@85, noc@90, dice@1 .. dice@N`` (n = objects).
+    """
+    object_keys = [c for c in ("case", "slice", "label") if c in clicks]
+    rows = []
+    for (model, task), group in clicks.groupby(["model", "task"], sort=False):
+        matrix = _click_matrix(group, object_keys)
+        clicks_taken = matrix.columns.to_numpy()
+        values = matrix.to_numpy(float)
+        row: dict = {"model": model, "task": task, "n": len(matrix)}
+        for t in thresholds:
+            reached = values >= t
+            first = np.where(
+                reached.any(axis=1), clicks_taken[reached.argmax(axis=1)], clicks_taken.max()
+            )
+            row[f"noc@{round(t * 100)}"] = float(first.mean())
+        for click, mean in zip(clicks_taken, values.mean(axis=0), strict=True):
+            row[f"dice@{int(click)}"] = float(mean)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    dice_cols = sorted((c for c in out if c.startswith("dice@")), key=lambda c: int(c[5:]))
+    return sort_rows(out[[c for c in out if not c.startswith("dice@")] + dice_cols])
+
+
+def click_curves(clicks: pd.DataFrame) -> pd.DataFrame:
+    """Mean Dice after each click per model, over the objects of all tasks: ``model, click,
+    dice_mean``."""
+    object_keys = [c for c in ("task", "case", "slice", "label") if c in clicks]
+    rows = []
+    for model, group in clicks.groupby("model", sort=False):
+        means = _click_matrix(group, object_keys).mean(axis=0)
+        rows += [(model, int(k), float(v)) for k, v in means.items()]
+    return sort_rows(pd.DataFrame(rows, columns=["model", "click", "dice_mean"]))
+
+
+def _fmt(value, digits: int) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "–" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub Markdown table; floats with ``digits`` decimals, NaN as an en dash."""
+    if df.empty:
+        return "_(no rows)_\n"
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in df.itertuples(False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def _signed(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:+.3f}"
+
+
+def pooled_summary(per_object: pd.DataFrame) -> pd.DataFrame:
+    """Summary over the objects of all tasks together (task = ``all``)."""
+    return summarize(per_object.assign(task="all"))
+
+
+def prompt_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Dice mean ± std per (task, prompt) at no jitter, one column per model, and the Dice
+    difference of each other model minus zero-shot when both are present."""
+    s = summary[summary["jitter"].astype(str) == "none"]
+    models = list(dict.fromkeys(s["model"]))
+    wide = s.pivot_table(index=["task", "prompt"], columns="model", values="dice_mean", sort=False)
+    std = s.pivot_table(index=["task", "prompt"], columns="model", values="dice_std", sort=False)
+    out = pd.DataFrame(index=wide.index)
+    for m in models:
+        out[f"{m} Dice"] = [
+            "–" if pd.isna(a) else f"{a:.3f} ± {b:.3f}"
+            for a, b in zip(wide[m], std[m], strict=True)
+        ]
+    if BASELINE_MODEL in models:
+        for m in models:
+            if m != BASELINE_MODEL:
+                out[f"Δ {m} − {BASELINE_MODEL}"] = [
+                    _signed(v) for v in wide[m] - wide[BASELINE_MODEL]
+                ]
+    out = out.reset_index()
+    out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return out
+
+
+def jitter_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Dice per jitter level (columns) for each (model, task, prompt) that was jittered, and the
+    drop from no jitter to the largest level."""
+    jittered = summary.groupby(["model", "task", "prompt"], sort=False)["jitter"].transform(
+        lambda j: (j.astype(str) != "none").any()
+    )
+    s = summary[jittered]
+    if s.empty:
+        return pd.DataFrame()
+    wide = s.pivot_table(
+        index=["model", "task", "prompt"], columns="jitter", values="dice_mean", sort=False
+    )
+    levels = jitter_levels_sorted(wide.columns)  # none first, the largest level last
+    wide = wide[levels]
+    if "none" in levels and len(levels) > 1:
+        wide[f"drop none→{levels[-1]}"] = wide["none"] - wide[levels[-1]]
+    wide.columns = [f"Dice {c}" if c in levels else c for c in wide.columns]
+    out = wide.reset_index()
+    out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return out
+
+
+def spearman_wide(spearman: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, prompt), one rho column per attribute (* marks p < 0.05)."""
+    if spearman.empty:
+        return spearman
+    cell = [
+        "–" if pd.isna(r) else f"{r:+.2f}{'*' if p < 0.05 else ''}"
+        for r, p in zip(spearman["rho"], spearman["p_value"], strict=True)
+    ]
+    wide = spearman.assign(cell=cell).pivot(
+        index=["model", "prompt"], columns="attribute", values="cell"
+    )
+    n = spearman.groupby(["model", "prompt"], sort=False)["n"].max()
+    wide.insert(0, "n", n)
+    out = sort_rows(wide.reset_index())
+    out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return out
+
+
+def no_jitter(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["jitter"].astype(str) == "none"] if "jitter" in df else df
+
+
+def bar_table(pooled: pd.DataFrame) -> pd.DataFrame:
+    t = pooled[pooled["jitter"].astype(str) == "none"].copy()
+    t["prompt"] = t["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return t
+
+
+def summary_unit(summary: pd.DataFrame) -> str:
+    """The one distance unit of a summary's rows, or ``""`` when they differ."""
+    units = set(summary["distance_unit"].astype(str)) if "distance_unit" in summary else {"mm"}
+    return units.pop() if len(units) == 1 else ""
+
+
+def unit_words(unit: str) -> str:
+    if unit == "px":
+        return "pixels (2D images without a spacing)"
+    return "mm" if unit == "mm" else "the unit of each row's `distance_unit` (mm, or px for 2D)"
+
+
+def metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
+    unit = summary_unit(summary)
+    # One unit: in the header; mixed (2D images and volumes): the column stays beside the value.
+    drop = ["jitter", "distance_unit"] if unit and "distance_unit" in summary else ["jitter"]
+    view = summary.drop(columns=drop).rename(
+        columns={
+            "dice_mean": "Dice",
+            "dice_std": "Dice std",
+            "iou_mean": "IoU",
+            "hd95_mean": f"HD95 ({unit})" if unit else "HD95",
+            "nsd_mean": "NSD",
+            "hd95_missing": "hd95 missing",
+        }
+    )
+    view["prompt"] = view["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    return view
