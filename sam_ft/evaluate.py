@@ -23,12 +23,7 @@ from sam_ft.errors import ConfigError, exit_on_own_error
 from sam_ft.evaluation.cases import LazyCase
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
 from sam_ft.inference.card import apply_card
-from sam_ft.logging_results import (
-    SKIPPED_KEY,
-    eval_loggers,
-    log_evaluation,
-    takes_scalars_itself,
-)
+from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.training import BoxPrompts
 
@@ -80,7 +75,7 @@ def compare_models(
     if result is None:
         return {}
     _write_run_info(out_dir, models, cfg)
-    _report_skipped(out_dir, loggers)
+    _warn_skipped(out_dir)
     scalars = log_evaluation(out_dir, loggers, result.overlays)
     rows = result.per_object
     box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
@@ -111,10 +106,9 @@ def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: Dict
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
-    """The cases skipped for bad data to the log (a warning naming them), and their number
-    (``eval/skipped``) to the loggers that take metrics but not :func:`log_evaluation`'s
-    scalars (the CSV logger); W&B and TensorBoard get it with those scalars."""
+def _warn_skipped(out_dir: Path) -> None:
+    """A warning naming the cases skipped for bad data (their number reaches every logger
+    through :func:`log_evaluation`, as ``eval/skipped``)."""
     from sam_ft.evaluation.summary import read_skipped
 
     skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
@@ -125,9 +119,6 @@ def _report_skipped(out_dir: Path, loggers: Sequence) -> None:
             out_dir / "skipped.csv",
             ", ".join(skipped["case"].astype(str)),
         )
-    for logger in loggers:
-        if hasattr(logger, "log_metrics") and not takes_scalars_itself(logger):
-            logger.log_metrics({SKIPPED_KEY: float(len(skipped))})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -77,11 +77,6 @@ SKIPPED_KEY = "eval/skipped"
 """The logged number of cases skipped for bad data (``skipped.csv``), in every logger."""
 
 
-def takes_scalars_itself(logger: Any) -> bool:
-    """True for the loggers :func:`log_evaluation` sends the scalars to (W&B, TensorBoard)."""
-    return _is_wandb(logger) or _is_tensorboard(logger)
-
-
 def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
     """The summary scalars of the evaluation written in ``out_dir`` (see the module docstring),
     read from its ``summary.csv``, ``summary_case.csv``, ``noc.csv`` and ``skipped.csv``.
@@ -186,12 +181,14 @@ def log_evaluation(
     overlays: Mapping[str, Sequence[Any]] | None = None,
     step: int = 0,
 ) -> dict[str, float]:
-    """Send the evaluation in ``out_dir`` to every W&B and TensorBoard logger.
+    """Send the evaluation in ``out_dir`` to every W&B and TensorBoard logger, and the number
+    of skipped cases (``eval/skipped``) to any other logger that takes metrics (the CSV
+    logger: its ``metrics.csv`` shows it beside the training curves).
 
     Args:
         out_dir: the evaluation folder (``summary.csv``, ``plots/``, ...).
-        loggers: Lightning loggers; others than W&B and TensorBoard are left alone (the CSV
-            files are already in the run dir).
+        loggers: Lightning loggers; the CSV files are already in the run dir, so loggers other
+            than W&B and TensorBoard get only the skipped count.
         overlays: ``{"best_<model>": items, "worst_<model>": items}`` from the engine's
             ``EvalResult.overlays``, each item as in ``plots.plot_overlay_grid``.
         step: TensorBoard step of the scalars and images.
@@ -210,6 +207,8 @@ def log_evaluation(
             _log_wandb(logger.experiment, scalars, tables, plots, overlays or {})
         elif _is_tensorboard(logger):
             _log_tensorboard(logger.experiment, scalars, tables, plots, step, out_dir)
+        elif hasattr(logger, "log_metrics"):
+            logger.log_metrics({SKIPPED_KEY: scalars[SKIPPED_KEY]})
     return scalars
 
 

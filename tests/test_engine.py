@@ -337,7 +337,7 @@ def test_a_bug_is_never_a_skipped_case(model, tmp_path):
 def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    from sam_ft.evaluate import _report_skipped
+    from sam_ft.logging_results import log_evaluation
 
     def unreadable(name):
         def load():
@@ -353,7 +353,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     md = (out / "summary.md").read_text()
     assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md
     logger = CSVLogger(tmp_path / "logs", name="")
-    _report_skipped(out, [logger])
+    log_evaluation(out, [logger])
     logger.save()
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
     assert metrics["eval/skipped"].dropna().tolist() == [2.0]
