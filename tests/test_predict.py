@@ -519,3 +519,41 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, weights):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(prompts) in errors[0] and "outside the image" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts typed on the command line
+
+
+def test_typed_box_and_points_equal_the_same_object_in_a_prompts_file(tmp_path, weights):
+    """box=[x0,y0,x1,y1] points=[[x,y]] point_labels=[0] slice=K label=N is one prompts-file
+    object: the label map written is the same, voxel for voxel."""
+    affine = lps_affine(permuted=True)
+    image, _ = make_volume(PSHAPE, slice_axis=1)
+    img = save(tmp_path / "case.nii.gz", image, affine)
+    obj = {"slice": 2, "box": [3, 4, 20, 30], "points": [[25, 35]], "point_labels": [0]}
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{**obj, "label": 3}]))
+    run_predict(weights, tmp_path / "file", f"input={img}", f"prompts={prompts}", "overlay=false")
+    typed = ["box=[3,4,20,30]", "points=[[25,35]]", "point_labels=[0]", "slice=2", "label=3"]
+    run_predict(weights, tmp_path / "typed", f"input={img}", "overlay=false", *typed)
+    a = np.asarray(nib.load(tmp_path / "file" / "case.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "typed" / "case.nii.gz").dataobj)
+    assert (b == 3).any() and set(np.unique(b)) <= {0, 3}
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (["box=[3,4,20,99]", "slice=2"], DataError, r"command line: object 1: box .* outside"),
+        (["box=[3,4,20,30]"], DataError, r"command line: object 1: a volume needs .*'slice'"),
+        (["slice=2"], ConfigError, r"^slice= needs box= or points="),
+        (["box=[3,4,20,30]", "slice=2", "prompts=x.json"], ConfigError, r"^give one of labels="),
+    ],
+)
+def test_typed_prompt_errors_name_the_option(tmp_path, weights, args, error, message):
+    image, _ = make_volume(PSHAPE, slice_axis=1)
+    img = save(tmp_path / "case.nii.gz", image, lps_affine(permuted=True))
+    with pytest.raises(error, match=message):
+        run_predict(weights, tmp_path / "out", f"input={img}", "on_error=raise", *args)
