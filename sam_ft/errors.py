@@ -39,6 +39,16 @@ def own_error(err: BaseException | None) -> SamFtError | None:
     return err
 
 
+def _log_to_files(err: SamFtError) -> None:
+    """Record ``err`` in the run's log files (Hydra's ``<job>.log``) but not on the console,
+    where the ``error:`` line already says it: the user reads it once."""
+    logger = logging.getLogger("sam_ft")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers + logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def exit_on_own_error(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     """Our own errors end a command with one readable line and exit code 1, not a traceback.
 
@@ -54,7 +64,7 @@ def exit_on_own_error(fn: Callable[[Any], T]) -> Callable[[Any], T]:
             ours = own_error(err)
             if ours is None:
                 raise
-            logging.getLogger("sam_ft").error("%s", ours)
+            _log_to_files(ours)
             print(f"error: {ours}", file=sys.stderr)
             raise SystemExit(1) from None
 
