@@ -24,6 +24,9 @@ CASES = [
     ("train.py", ["model=vit_x"], "model=vit_x: no such option"),
     ("evaluate.py", ["eval.promts=[box]"], "unknown option eval.promts (did you mean "
      "eval.prompts?)"),
+    # Found inside the task, after Hydra made the run dir (which then goes again).
+    ("train.py", ["task=folder", "task.root=/no/such/folder"],
+     "task.root=/no/such/folder: folder not found"),
     ("predict.py", ["input=x.png", "labels=y.png"],
      "missing required option(s): checkpoint=... output=..."),
     ("predict.py", ["checkpoint=/no/such.pth", "input=x.png", "labels=y.png", "output=o",
@@ -46,4 +49,4 @@ def test_a_mistake_is_one_line_printed_once(tmp_path, script, args, message):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == [f"error: {lines[0][len('error: ') :]}"], lines
     assert message in lines[0]
-    assert not (tmp_path / "run").exists()  # stopped before Hydra made the run dir
+    assert not (tmp_path / "run").exists()  # no run dir left behind by a failed start
