@@ -557,3 +557,26 @@ def test_typed_prompt_errors_name_the_option(tmp_path, weights, args, error, mes
     img = save(tmp_path / "case.nii.gz", image, lps_affine(permuted=True))
     with pytest.raises(error, match=message):
         run_predict(weights, tmp_path / "out", f"input={img}", "on_error=raise", *args)
+
+
+@pytest.mark.parametrize("iou_thresh", [0.0, 1.5])
+def test_everything_mode_warns_when_it_keeps_no_mask(tmp_path, weights, caplog, iou_thresh):
+    """A predicted IoU is at most ~1, so a threshold of 1.5 keeps nothing: an empty label map
+    with a warning that says why, not a silent all-zero file."""
+    png, _ = _png_pair(tmp_path, "img")
+    with caplog.at_level("WARNING", logger="sam_ft"):
+        run_predict(
+            weights,
+            tmp_path / "out",
+            f"input={png}",
+            "prompt=everything",
+            "everything.grid=4",
+            f"everything.pred_iou_thresh={iou_thresh}",
+            "everything.stability_score_thresh=0",
+        )
+    empty = not np.asarray(Image.open(tmp_path / "out" / "img.png")).any()
+    warned = [r.getMessage() for r in caplog.records if "kept no mask" in r.getMessage()]
+    assert empty == (iou_thresh > 1)
+    assert bool(warned) == empty
+    if warned:
+        assert "pred_iou_thresh=1.5" in warned[0] and "img" in warned[0]
