@@ -199,6 +199,7 @@ def predict_one(
         )
     image = load_image(image_path, settings.task)
     name = stem_of(image_path)
+    by_slice = None
     if isinstance(prompts, dict):
         typed = "box=/points= on the command line"
         by_slice = parse_prompt_objects([prompts], typed, file_geometry(image_path), image)
@@ -216,6 +217,7 @@ def predict_one(
         image.ras_affine,
         image.slice_image,
         settings.overlay,
+        by_slice,
     )
 
 

@@ -580,3 +580,22 @@ def test_everything_mode_warns_when_it_keeps_no_mask(tmp_path, weights, caplog, 
     assert bool(warned) == empty
     if warned:
         assert "pred_iou_thresh=1.5" in warned[0] and "img" in warned[0]
+
+
+def test_overlay_is_readable_with_distinct_label_colours(tmp_path, weights):
+    """A 64 x 48 image gives a 768-pixel-wide overlay (not a thumbnail); the first ten label
+    values get clearly different colours (tab20 gave 1 and 2 two shades of one blue)."""
+    from sam_ft.inference.output import OVERLAY_SIDE, label_colour
+
+    png, _ = _png_pair(tmp_path, "img")
+    run_predict(weights, tmp_path / "out", f"input={png}", "box=[10,8,29,23]", "label=2")
+    overlay = Image.open(tmp_path / "out" / "img_overlay.png")
+    assert overlay.size[0] == OVERLAY_SIDE and overlay.size[1] > 48 * OVERLAY_SIDE / 64
+    from matplotlib.colors import rgb_to_hsv
+
+    hsv = {v: rgb_to_hsv(np.asarray(label_colour(v))) for v in range(1, 11)}
+    for a in range(1, 10):  # neighbouring values (most often shown together): other hues
+        b = a + 1
+        if min(hsv[a][1], hsv[b][1]) > 0.2:  # both chromatic
+            gap = abs(hsv[a][0] - hsv[b][0])
+            assert min(gap, 1 - gap) > 0.05, (a, b)

@@ -326,3 +326,27 @@ def test_engine_labels_png_distances_px_and_volumes_mm():
     assert distance_unit(rec(-1, (1.0, 1.0))) == "px"
     assert distance_unit(rec(-1, (0.3, 0.3))) == "mm"
     assert distance_unit(rec(4, (1.0, 1.0))) == "mm"
+
+
+def test_jitter_plot_tells_zero_shot_from_finetuned_by_colour():
+    """Two models: each model one colour across its prompts, the two models two colours; the
+    prompts of one model differ in line style. One model: the prompts get the colours."""
+    from matplotlib.colors import to_hex
+
+    from sam_ft.evaluation.plots import jitter_figure
+
+    rows = [
+        {"model": m, "prompt": p, "jitter": j, "dice_mean": d}
+        for m, base in (("zero_shot", 0.4), ("finetuned", 0.8))
+        for p in ("box", "point1")
+        for j, d in (("none", base), ("0-10", base - 0.1))
+    ]
+    lines = jitter_figure(pd.DataFrame(rows), ["none", "0-10"]).axes[0].get_lines()
+    style = {ln.get_label(): (to_hex(ln.get_color()), ln.get_linestyle()) for ln in lines}
+    assert style["zero_shot / box"][0] == style["zero_shot / point1"][0]
+    assert style["finetuned / box"][0] == style["finetuned / point1"][0]
+    assert style["zero_shot / box"][0] != style["finetuned / box"][0]
+    assert style["zero_shot / box"][1] != style["zero_shot / point1"][1]
+    one = pd.DataFrame([r for r in rows if r["model"] == "finetuned"])
+    colours = {to_hex(ln.get_color()) for ln in jitter_figure(one, ["none"]).axes[0].get_lines()}
+    assert len(colours) == 2
