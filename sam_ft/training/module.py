@@ -306,7 +306,7 @@ class SamFinetuneModule(L.LightningModule):
                 for k in range(min(len(prompts), self.overlays - len(self._overlay_items))):
                     self._overlay_items.append(
                         (batch["image_uint8"][b], gt[k], pred[k],
-                         prompts[k], f"{batch['case'][b]} #{k} dice {dice[k]:.2f}")
+                         prompts[k], _overlay_title(batch, b, k, float(dice[k])))
                     )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
@@ -359,3 +359,14 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     check per tensor). A NaN or Inf makes its tensor's sum non-finite; a finite sum can only
     overflow for values near float32's limit, which are as broken as an Inf."""
     return bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum().isfinite())
+
+
+def _overlay_title(batch: dict, b: int, k: int, dice: float) -> str:
+    """``<case> slice <s> label <v>, Dice 0.87``: each panel names its own object (two objects
+    of one case, or one object on two slices, otherwise got the same title)."""
+    where = batch["case"][b]
+    if "slice_index" in batch:
+        where += f" slice {int(batch['slice_index'][b])}"
+    if "labels" in batch and k < len(batch["labels"][b]):
+        where += f" label {int(batch['labels'][b][k])}"
+    return f"{where}, Dice {dice:.2f}"
