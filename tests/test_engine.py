@@ -438,3 +438,15 @@ def test_real_png_files_match_sam_predictor(model, tmp_path):
                 checked += 1
     assert checked == len(res.per_object) > 0
     assert (res.per_object["slice"] == -1).all() and (res.per_case["num_slices"] == 1).all()
+
+
+def test_the_bar_shows_the_slice_being_decoded(model, tmp_path, capsys):
+    """Inside a long case the bar names the case and slice, so a slow case does not look hung."""
+    cases = [_case("p0", slices=(0, 1, 2), objects=1)]
+    evaluate_models(
+        {"zero_shot": model}, cases, report=False, task_name="t",
+        cfg={**FAST, "prompts": ["box"], "overlays": 0}, out_dir=tmp_path, seed=SEED,
+        progress=True,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "p0: slice 1/3" in err and "p0: slice 3/3" in err

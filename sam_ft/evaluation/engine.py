@@ -135,6 +135,17 @@ class _Run:
         total = len(cases) if hasattr(cases, "__len__") else None  # type: ignore[arg-type]
         self.bar = tqdm(total=total, unit="case", desc=f"eval {self.task_name}")
 
+    def slice_progress(self, key: str):
+        """The bar's note on the case being decoded (``demo_003: slice 5/12``): a case can take
+        minutes (Everything mode, large volumes), and the case count alone looks hung."""
+        bar = self.bar
+
+        def note(done: int, total: int) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{key}: slice {done}/{total}", refresh=True)
+
+        return note
+
     def tick(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -203,7 +214,10 @@ class _Run:
         try:
             records, case_data = loaded.result()
             path = case_data.image_path if case_data is not None else path
-            return start_case(todo, records, case_data, self.opts, self.seed, key, pool, str(path))
+            return start_case(
+                todo, records, case_data, self.opts, self.seed, key, pool, str(path),
+                progress=self.slice_progress(key),
+            )  # fmt: skip
         except DataError as e:
             self.skip(key, todo, e)
             self.tick()
