@@ -142,7 +142,9 @@ def _check_appended(cfg, overrides: Sequence[str]) -> None:
 
 def _check(config_name: str, args: Sequence[str]) -> None:
     from sam_ft.errors import exit_on_own_error
+    from sam_ft.quiet import quiet_third_party
 
+    quiet_third_party()
     exit_on_own_error(lambda argv: check_overrides(config_name, argv))(args)
 
 

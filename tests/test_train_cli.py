@@ -62,6 +62,8 @@ def test_demo_writes_comparison(demo_run):
         assert info["models"][name]["precision"] == {"encoder": "float32", "decoder": "float32"}
     assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
     assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
+    for noise in ("💡 Tip", "LeafSpec", "module(s) in eval mode"):  # sam_ft.quiet
+        assert noise not in proc.stdout + proc.stderr
 
 
 def test_exported_weights_load_in_segment_anything_classes(demo_run):
