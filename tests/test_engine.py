@@ -450,3 +450,18 @@ def test_the_bar_shows_the_slice_being_decoded(model, tmp_path, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert "p0: slice 1/3" in err and "p0: slice 3/3" in err
+
+
+def test_everything_keeping_no_mask_is_said_not_silent(model, tmp_path, caplog):
+    """A predicted-IoU threshold above 1 keeps no mask: S1's zeros come with a warning naming
+    how many objects and the threshold."""
+    cfg = {**FAST, "prompts": ["everything"], "grid": 2, "overlays": 0}
+    cfg["everything"] = {"pred_iou_thresh": 1.5, "stability_score_thresh": 0.0}
+    with caplog.at_level("WARNING", logger="sam_ft"):
+        res = evaluate_models(
+            {"zero_shot": model}, [_case("w0", slices=(0,), objects=2)], report=False,
+            task_name="t", cfg=cfg, out_dir=tmp_path, seed=SEED, progress=False,
+        )  # fmt: skip
+    assert (res.per_object["dice"] == 0).all()
+    said = [r.getMessage() for r in caplog.records if "kept no mask" in r.getMessage()]
+    assert len(said) == 1 and "2 of 2 objects" in said[0] and "pred_iou_thresh=1.5" in said[0]
