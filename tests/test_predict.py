@@ -311,6 +311,26 @@ def test_card_fields(weights):
     assert card["evaluation"] == {"finetuned": {"box_dice": 0.5}}
     assert card["finetune"] == {"name": "decoder"}
     assert len(card["sha256"]) == 64 and card["sam_ft_version"]
+    # What a reader deciding to use the weights needs: the weights were never pretrained.
+    assert card["base_weights"]["checkpoint"] is None
+    assert "random" in card["base_weights"]["description"] and "random" in card["licence"]
+    assert (
+        "predict_test" in card["intended_use"]
+        and "not validated for clinical" in (card["intended_use"])
+    )
+
+
+def test_card_names_a_base_weights_file_by_its_hash(tmp_path, weights):
+    import hashlib
+
+    from sam_ft.inference.card import base_weights
+
+    base = tmp_path / "base.pth"
+    base.write_bytes(b"weights")
+    facts = base_weights({"name": "vit_b", "checkpoint": str(base)})
+    assert facts["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    auto = base_weights({"name": "vit_b", "checkpoint": "auto"})
+    assert auto["file"] == "sam_vit_b_01ec64.pth" and len(auto["sha256"]) == 64
 
 
 def test_card_that_does_not_match_the_weights_is_an_error(tmp_path, weights):
