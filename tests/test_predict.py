@@ -31,7 +31,9 @@ PSPACING = (0.8, 4.0, 1.2)
 TASK = {
     "name": "predict_test",
     "modality": "CT",
-    "intensity": {"mode": "window", "level": 40, "width": 400},
+    # The CT presets' rule: per-slice percentiles (the official code's), which a whole-volume
+    # mapping in predict would not reproduce.
+    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": False},
     "slice_axis": "auto",
     "channel": 0,
     "label_binarize": False,
@@ -266,7 +268,7 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
             "task=folder",
             f"task.root={root}",
             "task.modality=CT",
-            "task.intensity={mode: window, level: 40, width: 400}",
+            "task.intensity={mode: percentile, scope: slice, keep_zero: false}",
             "data.min_object_pixels=20",
             f"ckpt_path={weights}",
             "model=vit_b",  # the card overrides it: tiny, as trained
