@@ -203,7 +203,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         exported = export_official(finetuned, exported)
         card = write_model_card(
-            exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
+            # "auto" decodes most prompts (boxes, several points) with the single mask: not "3 masks
+            # per prompt", so predict keeps its single-mask default for such a checkpoint.
+            exported,
+            cfg,
+            multimask_output=module.multimask_output is True,
+            facts=trained_facts(datamodule),
         )
         log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 
