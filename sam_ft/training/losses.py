@@ -10,7 +10,8 @@ Two mask losses per object and per predicted mask, averaged over objects, and th
   ``DiceCELoss(sigmoid=True, squared_pred=True)`` on each image's logits laid out as
   (1, objects, H, W), averaged over images: objects are channels, so the Dice is squared and
   averaged over an image's objects, and the cross-entropy is MONAI's for that layout (a softmax
-  across the image's objects for several, binary for one, in MONAI >= 1.4). One mask output.
+  across the image's objects for several, binary for one in MONAI 1.6; 0 for one in the 2023
+  versions). One mask output.
 
 With multimask output (C = 3) only the mask with the lowest loss counts for each object, as SAM
 trains its ambiguity-aware output. An optional MSE term trains the IoU head towards the true IoU
