@@ -439,3 +439,22 @@ def test_auto_selection_trains_the_iou_outputs_it_ranks():
     module.training_step(batch, 0).backward()
     last = model.sam.mask_decoder.iou_prediction_head.layers[-1].weight.grad  # (4, hidden)
     assert (last[1:].abs().sum(dim=1) > 0).all()  # tokens 1-3: the outputs auto ranks
+
+
+def test_auto_selection_warns_when_no_training_prompt_is_ranked(caplog):
+    from sam_ft.train import train_multimask
+
+    model = _tiny()
+    module = _module(model, "auto")
+    module.multimask_output = train_multimask(_cfg("auto"), model)
+    image, masks = _scene()
+    with torch.no_grad():
+        emb = model.encode(model.preprocess(image)[None])
+    module._decode_all(emb, [[Prompt(box=[48, 8, 74, 24])]], [(H, W)])  # boxes only
+    with caplog.at_level("WARNING"):
+        module.on_train_end()
+    assert "no training prompt was a single point" in caplog.text
+    caplog.clear()
+    module._decode_all(emb, [[Prompt(points=[[28, 30]], point_labels=[1])]], [(H, W)])
+    module.on_train_end()
+    assert "single point" not in caplog.text

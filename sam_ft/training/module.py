@@ -80,6 +80,7 @@ class SamFinetuneModule(L.LightningModule):
         self._consecutive_nonfinite = 0
         self._last_cases: list[str] = []
         self._overlay_items: list = []
+        self.auto_ranked = 0  # lone-point prompts decoded with 3 masks (multimask_output="auto")
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class SamFinetuneModule(L.LightningModule):
         from sam_ft.evaluation.selection import is_ambiguous
 
         ambiguous = [is_ambiguous(p) for p in prompts]
+        self.auto_ranked += sum(ambiguous)
         out_low, out_iou = [None] * len(prompts), [None] * len(prompts)
         for multi in (True, False):
             idx = [i for i, a in enumerate(ambiguous) if a == multi]
@@ -255,6 +257,14 @@ class SamFinetuneModule(L.LightningModule):
 
         dice, _ = overlap_scores(logits > 0, target[:, None].bool())
         return dice.argmax(dim=1)
+
+    def on_train_end(self) -> None:
+        if self.multimask_output == "auto" and self.auto_ranked == 0:
+            log.warning(
+                "eval.mask_selection=auto ranks 3 masks by the IoU head for single-point prompts, "
+                "but no training prompt was a single point (e.g. prompt=box): those rankings use "
+                "an IoU head never trained on them; train with prompt=points or prompt=mixed"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
