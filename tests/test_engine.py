@@ -212,7 +212,7 @@ def test_per_case_3d_matches_volume_metrics():
     opts = eval_options({"nsd_tolerance_mm": 1.5})
     (row,) = _per_case_rows(records, None, store, opts, "v")
     expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5)
-    for key in ("dice", "iou", "hd95", "nsd"):
+    for key in ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
 

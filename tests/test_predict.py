@@ -31,7 +31,9 @@ PSPACING = (0.8, 4.0, 1.2)
 TASK = {
     "name": "predict_test",
     "modality": "CT",
-    "intensity": {"mode": "window", "level": 40, "width": 400},
+    # The CT presets' rule: per-slice percentiles (the official code's), which a whole-volume
+    # mapping in predict would not reproduce.
+    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": False},
     "slice_axis": "auto",
     "channel": 0,
     "label_binarize": False,
@@ -266,7 +268,7 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
             "task=folder",
             f"task.root={root}",
             "task.modality=CT",
-            "task.intensity={mode: window, level: 40, width: 400}",
+            "task.intensity={mode: percentile, scope: slice, keep_zero: false}",
             "data.min_object_pixels=20",
             f"ckpt_path={weights}",
             "model=vit_b",  # the card overrides it: tiny, as trained
@@ -297,6 +299,17 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
     assert b.any()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(nib.as_closest_canonical(mine).affine, scored.affine, atol=1e-5)
+    # The images themselves: predict's are the loader's, slice for slice (per-slice percentiles;
+    # a random tiny model's masks alone may not show a different intensity mapping).
+    from sam_ft.data.folder import find_cases
+    from sam_ft.data.loading import load_case
+    from sam_ft.inference.inputs import load_image
+
+    case = load_case(find_cases(root, cfg.task)[0], cfg.task, {"min_object_pixels": 20})
+    loaded = load_image(root / "imagesTr" / "case1.nii.gz", read_card(card_path(weights))["task"])
+    assert len(case.slices) > 1
+    for rec in case.slices:
+        np.testing.assert_array_equal(loaded.slice_image(rec.slice_index), rec.image)
 
 
 # ---------------------------------------------------------------------------------------------
