@@ -85,6 +85,7 @@ def check_overrides(config_name: str, args: Sequence[str]) -> None:
         try:
             cfg = compose(config_name, overrides=overrides)
             _check_appended(cfg, overrides)
+            _check_target_values(cfg)
             if config_name == "predict":  # train/evaluate name theirs in parse_config
                 missing = [str(k) for k in cfg if OmegaConf.is_missing(cfg, k)]
                 if missing:
@@ -138,6 +139,83 @@ def _check_appended(cfg, overrides: Sequence[str]) -> None:
         known = [n for n in params if n not in ("self", "args", "kwargs")]
         near = _nearest(leaf, known).replace("mean ", f"mean {parent}.")
         raise ConfigError(f"unknown option {key}{near}: {node['_target_']} takes no {leaf!r}")
+
+
+# Values of ours that a target never sees: train.py resolves `auto` before building the Trainer.
+_OWN_VALUES = {("trainer", "precision"): {"auto"}}
+
+
+def _admits(value, tp) -> bool | None:
+    """Whether ``value`` (a YAML scalar or list) fits the annotation ``tp``; None: can't tell."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if tp is typing.Any or isinstance(tp, typing.TypeVar):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_admits(value, a) for a in typing.get_args(tp)]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or tp in (list, tuple):
+        return isinstance(value, list | tuple) or None
+    if isinstance(tp, type) and isinstance(value, str | int | float | bool):
+        return isinstance(value, tp)  # a class (an Accelerator, a Tensor): never a scalar
+    return None
+
+
+def _check_target_values(cfg) -> None:
+    """Each value given to a library's ``_target_`` (``trainer``, ``optimizer``, callbacks,
+    loggers) fits the type its constructor declares: ``trainer.max_epochs=abc`` or
+    ``trainer.precision=bf17`` is one line now, not an error inside Lightning after the data
+    were prepared."""
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    def nodes(node, path):
+        if OmegaConf.is_dict(node):
+            if "_target_" in node:
+                yield path, node
+            for key in node:
+                if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+                    continue
+                yield from nodes(node[key], f"{path}.{key}" if path else str(key))
+
+    for path, node in nodes(cfg, ""):
+        # sam_ft's own targets are checked by parse_config, with the rules of the code using them.
+        if path.startswith("hydra") or str(node["_target_"]).startswith("sam_ft."):
+            continue
+        try:
+            target = get_object(str(node["_target_"]))
+            hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        except Exception:  # an unimportable target is reported when it is built
+            continue
+        for key in node:
+            key = str(key)
+            if key.startswith("_") or key not in hints or OmegaConf.is_missing(node, key):
+                continue
+            if OmegaConf.is_interpolation(node, key):
+                continue
+            value = OmegaConf.to_container(node, resolve=False)[key]
+            if value in _OWN_VALUES.get((path, key), ()):
+                continue
+            if _admits(value, hints[key]) is False:
+                expected = str(hints[key]).replace("typing.", "")
+                raise ConfigError(f"{path}.{key}={value!r}: {node['_target_']} expects {expected}")
 
 
 def _check(config_name: str, args: Sequence[str]) -> None:

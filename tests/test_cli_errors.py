@@ -4,6 +4,7 @@ one, before any model or data work (the real scripts, run as a user runs them)."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,37 @@ def test_a_mistake_is_one_line_printed_once(tmp_path, script, args, message):
     assert lines == [f"error: {lines[0][len('error: ') :]}"], lines
     assert message in lines[0]
     assert not (tmp_path / "run").exists()  # no run dir left behind by a failed start
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if p.stem != "default")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[]]
+    + [[f"{g}={o}"] for g in ("trainer", "logger", "optimizer", "scheduler") for o in _options(g)]
+    + [[f"experiment={o}", "task=spleen_ct"] for o in _options("experiment")]
+    + [["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.max_epochs=null"]],
+)
+def test_every_shipped_option_passes_the_check(overrides):
+    """The check is no stricter than the libraries: every preset as shipped passes it."""
+    from sam_ft.cli import check_overrides
+
+    check_overrides("train", overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=abc", "trainer.max_epochs='abc': lightning.pytorch.Trainer expects"),
+        ("optimizer.lr=abc", "optimizer.lr='abc': torch.optim.AdamW expects float"),
+        ("trainer.precision=bf17", "trainer.precision='bf17': lightning.pytorch.Trainer expects"),
+    ],
+)
+def test_a_value_a_library_cannot_take_is_named_before_any_work(override, message):
+    from sam_ft.cli import check_overrides
+    from sam_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_overrides("train", [override])
