@@ -9,19 +9,41 @@ leave an empty file under the final name), then renamed over the target. On any 
 temporary file is removed and the target is left as it was.
 
 Temporary names start with a dot (``.<name>.<random>.tmp``) so folder listings and globs for
-the final names do not pick them up.
+the final names do not pick them up. A process killed mid-write leaves its temporary file
+behind; :func:`sweep_temp_files` removes those at the next start. A full disk (or quota) is a
+one-line :class:`~sam_ft.errors.DiskFullError` naming the file, the free space and the bytes
+needed, not a traceback from wherever the write happened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text"]
+from sam_ft.errors import DiskFullError
+
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_text",
+    "check_free_space",
+    "disk_full_error",
+    "sweep_temp_files",
+]
+
+log = logging.getLogger(__name__)
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+TEMP_GLOB = ".*.tmp*"
+"""Names of the temporary files written here (``.<name>.<random>.tmp[.<suffixes>]``)."""
 
 
 def _temp_file(path: Path, suffix: str) -> tuple[int, str]:
@@ -35,6 +57,40 @@ def _discard(tmp: str) -> None:
         os.unlink(tmp)
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _free(folder: Path) -> int:
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free
+    return 0
+
+
+def disk_full_error(path: str | Path, needed: int | None) -> DiskFullError:
+    """The one-line error for ``path`` not written on a full disk (``needed``: bytes, if known)."""
+    path = Path(path)
+    free = _free(path.parent if path.parent.exists() else Path.cwd())
+    need = f"; {_size(needed)} needed" if needed else ""
+    return DiskFullError(
+        f"cannot write {path}: no space left on its disk ({_size(free)} free{need}); "
+        "free some space or point the output elsewhere, then run the same command again"
+    )
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Raise :func:`disk_full_error` before writing ``needed`` bytes to ``path`` when its disk
+    has less free space than that (the write would fail midway)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _free(path.parent) < needed:
+        raise disk_full_error(path, needed)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write ``path`` through ``write(file)`` (a binary file object) atomically; return ``path``.
 
@@ -42,17 +98,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     propagates (e.g. a download whose checksum does not match is never renamed into place).
     """
     path = Path(path)
-    fd, tmp = _temp_file(path, ".tmp")
+    try:
+        fd, tmp = _temp_file(path, ".tmp")
+    except OSError as err:
+        if err.errno in _FULL:
+            raise disk_full_error(path, None) from None
+        raise
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = f.tell()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _discard(tmp)
+        if _is_full(err):
+            raise disk_full_error(path, written or None) from None
         raise
     return path
+
+
+def _is_full(err: BaseException) -> bool:
+    """A full disk, also when a writer (``torch.save``'s zip writer) wraps the ``OSError``."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return True
+        if isinstance(err, RuntimeError) and "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -77,6 +155,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _discard(tmp)
+        if _is_full(err):
+            raise disk_full_error(path, None) from None
         raise
+
+
+def sweep_temp_files(root: str | Path, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files under ``root`` that writers killed mid-write left behind.
+
+    Only files named as this module names them and last written more than ``older_than_s``
+    seconds ago are removed: a folder shared with running jobs (a cache) passes an age no write
+    takes, so a file another process is writing now is kept. Returns the removed files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for tmp in root.rglob(TEMP_GLOB):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        log.info("removed %d stale temporary file(s) under %s", len(removed), root)
+    return removed

@@ -27,8 +27,8 @@ class SignalAtStep(L.Callback):
     """
 
     def __init__(self, step: int, signum: int = int(signal.SIGKILL), when: str = "end") -> None:
-        if when not in ("start", "end"):
-            raise ValueError(f"when must be start or end, got {when!r}")
+        if when not in ("start", "end", "validation"):
+            raise ValueError(f"when must be start, end or validation, got {when!r}")
         self.step = int(step)
         self.signum = int(signum)
         self.when = when
@@ -39,6 +39,10 @@ class SignalAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.when == "end" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args) -> None:
+        if self.when == "validation" and trainer.global_step == self.step and batch_idx == 0:
             os.kill(os.getpid(), self.signum)
 
 
