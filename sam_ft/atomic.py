@@ -36,12 +36,17 @@ __all__ = [
     "atomic_write_text",
     "check_free_space",
     "disk_full_error",
+    "STALE_TEMP_S",
     "sweep_temp_files",
 ]
 
 log = logging.getLogger(__name__)
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+STALE_TEMP_S = 6 * 3600
+"""Age after which a temporary file in a folder shared by jobs (a cache) is a killed writer's:
+no single write takes that long."""
+
 TEMP_GLOB = ".*.tmp*"
 """Names of the temporary files written here (``.<name>.<random>.tmp[.<suffixes>]``)."""
 

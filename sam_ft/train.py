@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sam_ft.atomic import sweep_temp_files
+from sam_ft.atomic import STALE_TEMP_S, sweep_temp_files
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
@@ -46,9 +46,6 @@ def resolve_precision(precision: Any) -> str:
         return "bf16-mixed"
     return "32-true"
 
-
-STALE_TEMP_S = 6 * 3600
-"""Age after which a temporary file in a (shared) cache is a killed writer's, not a live one's."""
 
 IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
 """``eval.mask_selection`` modes that pick masks with the IoU head, which must then be trained."""
