@@ -42,7 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+# No space left, over quota, over the file size limit (``ulimit -f``): the write cannot finish.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 STALE_TEMP_S = 6 * 3600
 """Age after which a temporary file in a folder shared by jobs (a cache) is a killed writer's:
 no single write takes that long."""
@@ -76,14 +77,17 @@ def _free(folder: Path) -> int:
     return 0
 
 
-def disk_full_error(path: str | Path, needed: int | None) -> DiskFullError:
-    """The one-line error for ``path`` not written on a full disk (``needed``: bytes, if known)."""
+def disk_full_error(
+    path: str | Path, needed: int | None, code: int = errno.ENOSPC, at_least: bool = False
+) -> DiskFullError:
+    """The one-line error for ``path`` not written (``needed``: bytes, when known, ``at_least``
+    when only the bytes written before the refusal are; ``code``: the refusal's ``errno``)."""
     path = Path(path)
     free = _free(path.parent if path.parent.exists() else Path.cwd())
-    need = f"; {_size(needed)} needed" if needed else ""
+    need = f"; {'more than ' if at_least else ''}{_size(needed)} needed" if needed else ""
     return DiskFullError(
-        f"cannot write {path}: no space left on its disk ({_size(free)} free{need}); "
-        "free some space or point the output elsewhere, then run the same command again"
+        f"cannot write {path}: {os.strerror(code)} ({_size(free)} free on its disk{need}); "
+        "free some space or write elsewhere, then run the same command again"
     )
 
 
@@ -107,7 +111,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
         fd, tmp = _temp_file(path, ".tmp")
     except OSError as err:
         if err.errno in _FULL:
-            raise disk_full_error(path, None) from None
+            raise disk_full_error(path, None, err.errno) from None
         raise
     written = 0
     try:
@@ -117,25 +121,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
                 f.flush()
                 os.fsync(f.fileno())
             finally:
-                written = f.tell()
+                with contextlib.suppress(OSError, ValueError):
+                    written = f.tell()
         os.replace(tmp, path)
     except BaseException as err:
         _discard(tmp)
-        if _is_full(err):
-            raise disk_full_error(path, written or None) from None
+        if code := _full_errno(err):
+            raise disk_full_error(path, written or None, code, at_least=True) from None
         raise
     return path
 
 
-def _is_full(err: BaseException) -> bool:
-    """A full disk, also when a writer (``torch.save``'s zip writer) wraps the ``OSError``."""
+def _full_errno(err: BaseException | None) -> int | None:
+    """The errno of a full disk behind ``err``, also when a writer wraps the ``OSError``
+    (``torch.save``'s zip writer raises a ``RuntimeError`` in its context), else None."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in _FULL:
-            return True
-        if isinstance(err, RuntimeError) and "No space left on device" in str(err):
-            return True
+            return err.errno
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -162,8 +166,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as err:
         _discard(tmp)
-        if _is_full(err):
-            raise disk_full_error(path, None) from None
+        if code := _full_errno(err):
+            raise disk_full_error(path, None, code) from None
         raise
 
 

@@ -83,3 +83,56 @@ class Fp16WithScaler(L.Callback):
             "cpu", init_scale=self.init_scale, backoff_factor=self.backoff_factor
         )
         trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler)
+
+
+class KillInside(L.Callback):
+    """SIGKILLs this process at the ``nth`` call of one of the product's own steps, outside
+    Lightning's hooks: data preparation, embedding caching, a checkpoint or export write (cut
+    in the middle: half the bytes are on disk), or the final evaluation's progress record.
+
+    The step is wrapped when this callback is built (``build_trainer``, before ``fit``), so data
+    preparation inside ``fit`` and the export and evaluation after it are covered too.
+    """
+
+    TARGETS = {
+        # where: (module, attribute, the call writes a file to cut short)
+        "prep": ("sam_ft.data.datamodule", "prepare_star", False),
+        "embedding": ("sam_ft.data.embedding_cache", "EmbeddingCache.put", False),
+        "checkpoint": ("sam_ft.training.checkpoints", "atomic_write", True),
+        "export": ("sam_ft.model.checkpoint", "atomic_write", True),
+        "evaluation": ("sam_ft.evaluation.engine", "append_progress", False),
+    }
+
+    def __init__(self, where: str, nth: int = 1) -> None:
+        import importlib
+
+        module, attr, midwrite = self.TARGETS[where]
+        owner = importlib.import_module(module)
+        if "." in attr:
+            cls, attr = attr.split(".")
+            owner = getattr(owner, cls)
+        real = getattr(owner, attr)
+        calls = [0]
+
+        def die() -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] != int(nth):
+                return real(*args, **kwargs)
+            if not midwrite:
+                die()
+            path, write = args
+
+            def half(f) -> None:
+                write(f)
+                f.flush()
+                f.truncate(f.tell() // 2)
+                f.flush()
+                os.fsync(f.fileno())
+                die()
+
+            return real(path, half)
+
+        setattr(owner, attr, dying)
