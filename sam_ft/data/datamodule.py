@@ -146,7 +146,9 @@ class SamDataModule(L.LightningDataModule):
         needs: ``fit`` all three (so a bad test case stops the run before training, not after),
         ``validate`` val, ``test``/``predict`` test, ``None`` all."""
         needed = {"validate": ("val",), "test": ("test",), "predict": ("test",)}
-        self.prepare_splits(needed.get(str(stage), SPLITS))
+        splits = needed.get(str(stage), SPLITS)
+        self.prepare_splits(splits)
+        self._check_usable(splits)
 
     def _split_cases(self) -> dict[str, list[CaseFiles]]:
         if self._assigned is None:
@@ -190,7 +192,6 @@ class SamDataModule(L.LightningDataModule):
             entries[split].append(
                 CaseEntry(case.image_id, case.case, case_refs[0].path, str(case.image))
             )
-        self._check_usable(todo, entries)
         self._refs.update(refs)
         self._entries.update(entries)
         log.info(
@@ -201,12 +202,12 @@ class SamDataModule(L.LightningDataModule):
             label,
         )
 
-    def _check_usable(self, splits: Sequence[str], entries: Mapping[str, list]) -> None:
+    def _check_usable(self, splits: Sequence[str]) -> None:
         """A split that had cases and lost every one to ``data.on_error=skip`` cannot be trained,
         validated or evaluated on: stop now, before training, not when it is first used."""
         assigned = self._split_cases()
-        for split in splits:
-            if assigned[split] and not entries[split]:
+        for split in map(_split_name, splits):
+            if assigned[split] and not self._entries[split]:
                 where = self.skip_log.path if self.skip_log is not None else self.run_dir
                 raise DataError(
                     str(where),
