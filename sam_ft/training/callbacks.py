@@ -47,7 +47,8 @@ class PreemptionCheckpoint(L.Callback):
         self.saved: Path | None = None
         self.requeue: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
-        self._held: Any = None
+        self._holding = False
+        self._lightning_handler: Any = None
         self._signal_held = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -67,7 +68,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self._held = signal.signal(signal.SIGTERM, self._hold)
+        self._lightning_handler = signal.signal(signal.SIGTERM, self._hold)
+        self._holding = True
         # A signal that came during the step before: Lightning would stop at the first
         # validation batch. (Its flag has no public setter.)
         if trainer.received_sigterm:
@@ -83,10 +85,10 @@ class PreemptionCheckpoint(L.Callback):
 
     def _release(self) -> None:
         """Give SIGTERM back to Lightning's handler, and pass it a signal held meanwhile."""
-        if self._held is None:
+        if not self._holding:
             return
-        handler, self._held = self._held, None
-        signal.signal(signal.SIGTERM, handler)
+        self._holding = False
+        signal.signal(signal.SIGTERM, self._lightning_handler or signal.SIG_DFL)
         if self._signal_held:
             self._signal_held = False
             os.kill(os.getpid(), signal.SIGTERM)
