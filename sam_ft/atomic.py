@@ -65,16 +65,17 @@ def _discard(tmp: str) -> None:
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 
 
-def _free(folder: Path) -> int:
+def _free(folder: Path) -> int | None:
+    """Free bytes on ``folder``'s disk; None when the filesystem does not say."""
     with contextlib.suppress(OSError):
         return shutil.disk_usage(folder).free
-    return 0
+    return None
 
 
 def disk_full_error(
@@ -84,9 +85,10 @@ def disk_full_error(
     when only the bytes written before the refusal are; ``code``: the refusal's ``errno``)."""
     path = Path(path)
     free = _free(path.parent if path.parent.exists() else Path.cwd())
+    free_text = "unknown free space" if free is None else f"{_size(free)} free"
     need = f"; {'more than ' if at_least else ''}{_size(needed)} needed" if needed else ""
     return DiskFullError(
-        f"cannot write {path}: {os.strerror(code)} ({_size(free)} free on its disk{need}); "
+        f"cannot write {path}: {os.strerror(code)} ({free_text} on its disk{need}); "
         "free some space or write elsewhere, then run the same command again"
     )
 
@@ -96,7 +98,8 @@ def check_free_space(path: str | Path, needed: int) -> None:
     has less free space than that (the write would fail midway)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _free(path.parent) < needed:
+    free = _free(path.parent)
+    if free is not None and free < needed:
         raise disk_full_error(path, needed)
 
 
