@@ -174,19 +174,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def sweep_temp_files(root: str | Path, older_than_s: float = 0.0) -> list[Path]:
+def sweep_temp_files(
+    root: str | Path, older_than_s: float = 0.0, recursive: bool = True
+) -> list[Path]:
     """Remove the temporary files under ``root`` that writers killed mid-write left behind.
 
     Only files named as this module names them and last written more than ``older_than_s``
     seconds ago are removed: a folder shared with running jobs (a cache) passes an age no write
-    takes, so a file another process is writing now is kept. Returns the removed files.
+    takes, so a file another process is writing now is kept. ``recursive=False``: ``root``'s
+    own files only. Returns the removed files.
     """
     root = Path(root)
     if not root.is_dir():
         return []
     cutoff = time.time() - older_than_s
     removed = []
-    for tmp in root.rglob(TEMP_GLOB):
+    for tmp in root.rglob(TEMP_GLOB) if recursive else root.glob(TEMP_GLOB):
         with contextlib.suppress(OSError):
             if tmp.is_file() and tmp.stat().st_mtime < cutoff:
                 tmp.unlink()

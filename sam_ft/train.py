@@ -107,7 +107,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         # Temp files of a process killed mid-write (this run dir's earlier attempt), never read.
         # Rank 0 only: it starts before the others, which could sweep a file it is writing.
-        sweep_temp_files(run_dir)
+        # The run's own folders only: a run dir may hold other runs' folders.
+        sweep_temp_files(run_dir, recursive=False)
+        for folder in ("checkpoints", "eval"):
+            sweep_temp_files(run_dir / folder)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
