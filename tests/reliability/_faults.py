@@ -20,7 +20,8 @@ class SignalAtStep(L.Callback):
 
     ``when="end"``: after that step's update, before its step checkpoint is written (callbacks run
     before Lightning's checkpoint callbacks). ``when="start"``: as the next batch starts, i.e.
-    right after step ``step``'s checkpoint was written.
+    right after step ``step``'s checkpoint was written. ``when="validation"``: after the first
+    batch of the validation that follows step ``step``.
 
     With SIGKILL the process dies at once: whatever the checkpoints hold at that moment is all a
     resume gets, exactly as after an out-of-memory kill or a node failure.
