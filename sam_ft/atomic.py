@@ -9,19 +9,47 @@ leave an empty file under the final name), then renamed over the target. On any 
 temporary file is removed and the target is left as it was.
 
 Temporary names start with a dot (``.<name>.<random>.tmp``) so folder listings and globs for
-the final names do not pick them up.
+the final names do not pick them up. A process killed mid-write leaves its temporary file
+behind; :func:`sweep_temp_files` removes those at the next start. A full disk (or quota) is a
+one-line :class:`~sam_ft.errors.DiskFullError` naming the file, the free space and the bytes
+needed, not a traceback from wherever the write happened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text"]
+from sam_ft.errors import DiskFullError
+
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_text",
+    "check_free_space",
+    "disk_full_error",
+    "STALE_TEMP_S",
+    "sweep_temp_files",
+]
+
+log = logging.getLogger(__name__)
+
+# No space left, over quota, over the file size limit (``ulimit -f``): the write cannot finish.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+STALE_TEMP_S = 6 * 3600
+"""Age after which a temporary file in a folder shared by jobs (a cache) is a killed writer's:
+no single write takes that long."""
+
+TEMP_GLOB = ".*.tmp*"
+"""Names of the temporary files written here (``.<name>.<random>.tmp[.<suffixes>]``)."""
 
 
 def _umask() -> int:
@@ -49,6 +77,46 @@ def _discard(tmp: str) -> None:
         os.unlink(tmp)
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _free(folder: Path) -> int | None:
+    """Free bytes on ``folder``'s disk; None when the filesystem does not say."""
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free
+    return None
+
+
+def disk_full_error(
+    path: str | Path, needed: int | None, code: int = errno.ENOSPC, at_least: bool = False
+) -> DiskFullError:
+    """The one-line error for ``path`` not written (``needed``: bytes, when known, ``at_least``
+    when only the bytes written before the refusal are; ``code``: the refusal's ``errno``)."""
+    path = Path(path)
+    free = _free(path.parent if path.parent.exists() else Path.cwd())
+    free_text = "unknown free space" if free is None else f"{_size(free)} free"
+    need = f"; {'more than ' if at_least else ''}{_size(needed)} needed" if needed else ""
+    return DiskFullError(
+        f"cannot write {path}: {os.strerror(code)} ({free_text} on its disk{need}); "
+        "free some space or write elsewhere, then run the same command again"
+    )
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Raise :func:`disk_full_error` before writing ``needed`` bytes to ``path`` when its disk
+    has less free space than that (the write would fail midway)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = _free(path.parent)
+    if free is not None and free < needed:
+        raise disk_full_error(path, needed)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write ``path`` through ``write(file)`` (a binary file object) atomically; return ``path``.
 
@@ -56,17 +124,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     propagates (e.g. a download whose checksum does not match is never renamed into place).
     """
     path = Path(path)
-    fd, tmp = _temp_file(path, ".tmp")
+    try:
+        fd, tmp = _temp_file(path, ".tmp")
+    except OSError as err:
+        if err.errno in _FULL:
+            raise disk_full_error(path, None, err.errno) from None
+        raise
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                with contextlib.suppress(OSError, ValueError):
+                    written = f.tell()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _discard(tmp)
+        if code := _full_errno(err):
+            raise disk_full_error(path, written or None, code, at_least=True) from None
         raise
     return path
+
+
+def _full_errno(err: BaseException | None) -> int | None:
+    """The errno of a full disk behind ``err``, also when a writer wraps the ``OSError``
+    (``torch.save``'s zip writer raises a ``RuntimeError`` in its context), else None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -91,6 +181,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _discard(tmp)
+        if code := _full_errno(err):
+            raise disk_full_error(path, None, code) from None
         raise
+
+
+def sweep_temp_files(
+    root: str | Path, older_than_s: float = 0.0, recursive: bool = True
+) -> list[Path]:
+    """Remove the temporary files under ``root`` that writers killed mid-write left behind.
+
+    Only files named as this module names them and last written more than ``older_than_s``
+    seconds ago are removed: a folder shared with running jobs (a cache) passes an age no write
+    takes, so a file another process is writing now is kept. ``recursive=False``: ``root``'s
+    own files only. Returns the removed files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for tmp in root.rglob(TEMP_GLOB) if recursive else root.glob(TEMP_GLOB):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        log.info("removed %d stale temporary file(s) under %s", len(removed), root)
+    return removed

@@ -139,7 +139,6 @@ class EvalConfig:
     max_prompts_per_call: int
     overlays: int
     volume_gt: Literal["full", "kept"]
-    on_error: Literal["skip", "raise"]
     workers: int | None
     everything: EverythingConfig
     # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.

@@ -24,6 +24,10 @@ class CheckpointError(SamFtError):
     """A checkpoint file is missing, unsafe, corrupt or does not fit the model."""
 
 
+class DiskFullError(SamFtError):
+    """A file could not be written because its filesystem is full (or over quota)."""
+
+
 class DataError(SamFtError):
     """An input file cannot be used. ``path`` names it; ``reason`` says what is wrong."""
 

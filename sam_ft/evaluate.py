@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sam_ft.atomic import atomic_write_text
+from sam_ft.atomic import STALE_TEMP_S, atomic_write_text, sweep_temp_files
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.defaults import config_dir
@@ -32,13 +32,18 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
-    """The cases of ``eval.split`` (``test`` (default), ``val`` or ``all``) as :class:`LazyCase`:
-    only these splits are preprocessed, and each case is read from the slice cache when it is
-    scored and dropped after, so memory holds one case however many there are."""
+def eval_splits(split: str) -> tuple[str, ...]:
+    """The data splits of ``eval.split`` (``test`` (default), ``val`` or ``all``)."""
     if split not in (*SPLITS, "all"):
         raise ConfigError(f"eval.split={split!r} must be one of test, val, all")
-    splits = SPLITS if split == "all" else (split,)
+    return SPLITS if split == "all" else (split,)
+
+
+def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+    """The cases of ``eval.split`` as :class:`LazyCase`: only these splits are preprocessed,
+    and each case is read from the slice cache when it is scored and dropped after, so memory
+    holds one case however many there are."""
+    splits = eval_splits(split)
     datamodule.prepare_splits(splits)
     entries = [e for s in splits for e in datamodule.case_entries(s)]
     return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
@@ -133,17 +138,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # them, or a resumed evaluation would score its remaining cases with another model.
     L.seed_everything(cfg.seed, verbose=False)
     apply_card(cfg, ckpt)  # a model card beside the weights fixes how they are fed
-    model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
-    label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     datamodule = SamDataModule(
         task=cfg.task,
         data=cfg.data,
-        transform=model.transform,
+        transform=None,  # the model's, set below
         train_prompt=BoxPrompts(),
         seed=cfg.seed,
         run_dir=run_dir,
         data_dir=cfg.paths.data_dir,
     )
+    sweep_temp_files(datamodule.cache_dir, older_than_s=STALE_TEMP_S)
+    if ranks is None:
+        # Every input file is read (into the slice cache) before any weights are: a bad one is
+        # named now (data.on_error=raise), not after a model was loaded and hashed.
+        datamodule.prepare_splits(eval_splits(cfg.eval.split))
+    model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
+    datamodule.transform = model.transform
+    label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     loggers = eval_loggers(cfg, label)
     metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
     summary_md = run_dir / "summary.md"

@@ -11,9 +11,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from sam_ft.atomic import STALE_TEMP_S, sweep_temp_files
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
@@ -28,6 +31,7 @@ from sam_ft.inference.card import (
 from sam_ft.logging_results import log_exported_model, sweep_objective
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
+from sam_ft.training.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from sam_ft.training.module import SamFinetuneModule
 from sam_ft.training.wandb import scrub
 
@@ -41,43 +45,6 @@ def resolve_precision(precision: Any) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``null`` -> fresh start; ``last`` -> this run dir's newest last checkpoint, which must
-    exist; ``auto`` -> that checkpoint when present (a requeued or restarted job), else a fresh
-    start; any other value is an explicit checkpoint file, which wins."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    newest = newest_last_checkpoint(run_dir)
-    if str(ckpt_path) == "auto":
-        if newest is not None:
-            log.info("ckpt_path=auto: resuming from %s", newest)
-            return str(newest)
-        return None
-    if str(ckpt_path) == "last":
-        if newest is None:
-            raise ConfigError(
-                f"ckpt_path=last: there is no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}"
-                ". To resume a run, pass its run directory too: hydra.run.dir=<run dir>. "
-                "Nothing was started."
-            )
-        return str(newest)
-    if not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: file not found")
-    return str(ckpt_path)
-
-
-def newest_last_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written ``checkpoints/last*.ckpt`` of a run dir, or None.
-
-    Several writers save a "last" checkpoint (the best-by-val/dice callback after validations,
-    the every-N-steps callback, the preemption handler), and Lightning names a second writer's
-    file ``last-v1.ckpt`` rather than overwrite one it did not write: the newest is the resume
-    point, whatever its name.
-    """
-    found = list((run_dir / "checkpoints").glob("last*.ckpt"))
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
@@ -127,8 +94,12 @@ def train_multimask(cfg: DictConfig, model) -> bool | str:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """The configured Trainer; its checkpoints are written by :class:`AtomicCheckpointIO`."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if not loggers:
+        # logger=none: the learning-rate monitor has nothing to write to (Lightning refuses it).
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plain = scrub(OmegaConf.to_container(cfg, resolve=True))
     for logger in loggers:
         logger.log_hyperparams(plain)
@@ -137,6 +108,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         precision=resolve_precision(cfg.trainer.precision),
         callbacks=callbacks,
         logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -145,6 +117,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Every option checked before anything is built, hashed or downloaded.
     parse_config(cfg, "train")
     run_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        # Temp files of a process killed mid-write (this run dir's earlier attempt), never read.
+        # Rank 0 only: it starts before the others, which could sweep a file it is writing.
+        # The run's own folders only: a run dir may hold other runs' folders.
+        sweep_temp_files(run_dir, recursive=False)
+        for folder in ("checkpoints", "eval"):
+            sweep_temp_files(run_dir / folder)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -182,6 +161,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         overlays=cfg.train.overlays,
     )
+    # A shared cache: only temp files no live writer could still be writing.
+    sweep_temp_files(datamodule.cache_dir, older_than_s=STALE_TEMP_S)
     trainer = build_trainer(cfg, run_dir)
     if model.encoder_frozen:
         datamodule.use_embedding_cache(*_frozen_encoder(model))

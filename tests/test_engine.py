@@ -295,12 +295,18 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
         LazyCase("broken", unreadable, str(tmp_path / "broken.nii.gz")),
         _case("ok1", slices=(1,), objects=1),
     ]
+    # The default (data.on_error=raise) stops at the first bad case, naming its file.
+    with pytest.raises(DataError, match="bad: slice 0: mask/image sizes differ"):
+        evaluate_models(
+            {"zero_shot": model}, cases, report=False, task_name="t", cfg=FAST,
+            out_dir=tmp_path / "raise", seed=SEED, progress=False,
+        )  # fmt: skip
     res = evaluate_models(
         {"zero_shot": model},
         cases,
         report=False,
         task_name="t",
-        cfg=FAST,
+        cfg={**FAST, "on_error": "skip"},
         out_dir=tmp_path,
         seed=SEED,
         progress=False,
@@ -313,7 +319,7 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
 
 
 def test_a_bug_is_never_a_skipped_case(model, tmp_path):
-    """eval.on_error=skip skips only data errors: any other exception stops the run."""
+    """data.on_error=skip skips only data errors: any other exception stops the run."""
 
     def buggy():
         raise KeyError("a bug in the loader, not bad data")
@@ -347,8 +353,9 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
     cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
     out = tmp_path / "eval"
+    skip = {**FAST, "on_error": "skip"}
     evaluate_models(
-        {"zero_shot": model}, cases, task_name="t", cfg=FAST, out_dir=out, seed=SEED, progress=False
+        {"zero_shot": model}, cases, task_name="t", cfg=skip, out_dir=out, seed=SEED, progress=False
     )
     md = (out / "summary.md").read_text()
     assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md

@@ -52,7 +52,7 @@ from sam_ft.data.preparation import (
     prepare_star,
     worker_init,
 )
-from sam_ft.data.skips import SkipLog, raise_or_skip
+from sam_ft.data.skips import SkipLog
 from sam_ft.data.splits import SPLITS, make_splits, write_splits
 from sam_ft.data.tasks import data_options, prepare_task, task_options, to_plain
 from sam_ft.data.types import CaseFiles
@@ -68,7 +68,9 @@ class SamDataModule(L.LightningDataModule):
     Args:
         task: the ``task`` config (``conf/task/*.yaml``).
         data: the ``data`` config (``conf/data/default.yaml``).
-        transform: model input / low-res target transform of the model being trained.
+        transform: model input / low-res target transform of the model being trained; may be
+            set after preprocessing (``evaluate.py`` checks the files before building a model),
+            it is first needed by :meth:`dataset`.
         train_prompt: (K, H, W) bool masks, generator -> K ``Prompt``s for training items.
         seed: run seed; fixes the order of each epoch and every item's random choices.
         run_dir: where ``splits.json`` and ``skipped.csv`` are written.
@@ -83,7 +85,7 @@ class SamDataModule(L.LightningDataModule):
         self,
         task: Mapping[str, Any],
         data: Mapping[str, Any],
-        transform: SamTransform,
+        transform: SamTransform | None,
         train_prompt: PromptFn,
         seed: int,
         run_dir: str | Path,
@@ -144,7 +146,9 @@ class SamDataModule(L.LightningDataModule):
         needs: ``fit`` all three (so a bad test case stops the run before training, not after),
         ``validate`` val, ``test``/``predict`` test, ``None`` all."""
         needed = {"validate": ("val",), "test": ("test",), "predict": ("test",)}
-        self.prepare_splits(needed.get(str(stage), SPLITS))
+        splits = needed.get(str(stage), SPLITS)
+        self.prepare_splits(splits)
+        self._check_usable(splits)
 
     def _split_cases(self) -> dict[str, list[CaseFiles]]:
         if self._assigned is None:
@@ -198,12 +202,29 @@ class SamDataModule(L.LightningDataModule):
             label,
         )
 
+    def _check_usable(self, splits: Sequence[str]) -> None:
+        """A split that had cases and lost every one to ``data.on_error=skip`` cannot be trained,
+        validated or evaluated on: stop now, before training, not when it is first used."""
+        assigned = self._split_cases()
+        for split in map(_split_name, splits):
+            if assigned[split] and not self._entries[split]:
+                where = self.skip_log.path if self.skip_log is not None else self.run_dir
+                raise DataError(
+                    str(where),
+                    f"every case of the {split} split ({len(assigned[split])}) was skipped for bad "
+                    "data; fix or remove those files, or change data.split",
+                )
+
     def _prepare(
         self, tagged: Sequence[tuple[str, CaseFiles]], label: str, record: bool
     ) -> list[tuple[str, CaseFiles, list[SliceRef]]]:
         """(split, case, refs) of the good (split, case) pairs in order, preprocessing misses in
-        ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error``
-        (raise, or ``skipped.csv``) and hits/misses are counted; without, they are left out."""
+        ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error`` and
+        hits/misses are counted; without, they are left out.
+
+        Every case is read before a bad one stops the run: with ``raise`` each bad file goes to
+        ``skipped.csv`` and the error names the first and counts the others, so one run lists
+        every file to fix (and none of them is found hours later)."""
         root = str(self.cache_dir)
         args = [(c, self.task, self.data, root) for _, c in tagged]
         workers = prep_workers(self.data.get("prep_workers"), len(tagged), self._distributed()[0])
@@ -211,6 +232,7 @@ class SamDataModule(L.LightningDataModule):
             total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
         )
         out: list[tuple[str, CaseFiles, list[SliceRef]]] = []
+        bad: list[DataError] = []
         pool = pool_context().Pool(workers, worker_init) if workers > 1 else None
         try:
             # Ordered results, so the index (and every seeded choice) is the same for any
@@ -225,9 +247,8 @@ class SamDataModule(L.LightningDataModule):
                     # A rank's first (share) pass never raises: a rank that stopped there would
                     # leave the others waiting at the barrier; the full pass raises on every rank.
                     if record:
-                        raise_or_skip(
-                            self.data["on_error"], case.case, DataError(*error), self.skip_log
-                        )
+                        bad.append(DataError(*error))
+                        self.skip_log.add(case.case, bad[-1].path, bad[-1].reason)
                     continue
                 out.append((split, case, refs))
         finally:
@@ -235,6 +256,13 @@ class SamDataModule(L.LightningDataModule):
             if pool is not None:
                 pool.terminate()
                 pool.join()
+        if bad and self.data["on_error"] == "raise":
+            more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+            raise DataError(
+                bad[0].path,
+                f"{bad[0].reason}{more}; all are listed in {self.skip_log.path}. Nothing was "
+                "trained or evaluated; fix them, or pass data.on_error=skip to leave them out",
+            )
         return out
 
     def _require_split(self, split: str) -> str:

@@ -276,12 +276,17 @@ class ResumableLoader(DataLoader):
         if not isinstance(self.sampler, SeededSampler):
             raise TypeError("ResumableLoader needs a SeededSampler")
         self._served = 0
-        self._resume_at = 0
+        self._resume_at: tuple[int, int] | None = None
+        """(epoch, batches served in it) of the checkpoint being resumed, used once."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        skip, self._resume_at = self._resume_at, 0
-        self.sampler.start = skip * int(self.batch_size or 1)
-        self._served = skip
+        skip, self._resume_at = self._resume_at, None
+        # Only within the epoch the checkpoint was taken in: a checkpoint taken after an epoch's
+        # last batch (``len(self)`` or ``trainer.limit_train_batches`` of them) resumes with the
+        # next epoch, whose ``set_epoch`` came before this call, from its start.
+        served = skip[1] if skip is not None and skip[0] == int(self.sampler.epoch) else 0
+        self.sampler.start = served * int(self.batch_size or 1)
+        self._served = served
         for batch in super().__iter__():
             self._served += 1
             yield batch
@@ -291,5 +296,4 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         served = int(state.get("batches_served", 0))
-        # A checkpoint taken after the epoch's last batch resumes at the next epoch's start.
-        self._resume_at = served if served < len(self) else 0
+        self._resume_at = (int(state.get("epoch", 0)), served if served < len(self) else 0)

@@ -4,11 +4,13 @@ skipped under ``skip``, written as ``skipped.csv``."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sam_ft.atomic import atomic_write_text
 from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,13 +74,13 @@ class SkipLog:
             raise ValueError("SkipLog.write needs a path")
         if target.is_dir():
             target = target / SKIPPED_CSV
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case", "path", "reason"])
-            for e in self.entries:
-                writer.writerow([e.case, e.path, e.reason])
-        return target
+        rows = io.StringIO(newline="")
+        writer = csv.writer(rows)
+        writer.writerow(["case", "path", "reason"])
+        for e in self.entries:
+            writer.writerow([e.case, e.path, e.reason])
+        # Atomic: a kill or a full disk never leaves a half-written list of skipped files.
+        return atomic_write_text(target, rows.getvalue())
 
     @property
     def cases(self) -> set[str]:

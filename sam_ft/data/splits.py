@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from sam_ft.atomic import atomic_write_text
 from sam_ft.data.tasks import data_options
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
@@ -125,6 +126,4 @@ def write_splits(splits: Mapping[str, Sequence[Any]], path: str | Path) -> Path:
         path = path / SPLITS_JSON
     ids = case_ids(splits)
     check_disjoint(ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: ids.get(k, []) for k in SPLITS}, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps({k: ids.get(k, []) for k in SPLITS}, indent=2) + "\n")

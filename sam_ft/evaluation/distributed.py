@@ -176,6 +176,8 @@ def evaluate_cases(
     from sam_ft.evaluation import engine, tables
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    # One key for bad files, in loading and scoring alike.
+    eval_cfg["on_error"] = str((cfg.get("data") or {}).get("on_error", "raise"))
     shard = parse_shard(eval_cfg.pop("shard", None))
     if shard is not None and ranks is not None:
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")

@@ -18,7 +18,7 @@ Outputs in ``out_dir`` (one row per object and prompt variant; columns in
   also what a case given as a bare list of ``SliceRecord`` has);
 - ``clicks.csv``: Dice after clicks 1..N (``eval.clicks > 0``);
 - ``skipped.csv``: cases skipped for bad data (``case, path, reason, stage, model, task``): with
-  ``eval.on_error=skip`` only a ``DataError`` (unreadable or inconsistent files) skips a case;
+  ``data.on_error=skip`` only a ``DataError`` (unreadable or inconsistent files) skips a case;
   any other exception stops the run;
 - ``progress.jsonl``: one line per finished or failed (model, task, case): the resume marker.
 
@@ -156,7 +156,7 @@ class _Run:
 
     def skip(self, key: str, names: Iterable[str], e: DataError) -> None:
         # Only bad input (unreadable or inconsistent files) is skipped: any other exception
-        # is a bug and stops the run, whatever eval.on_error says. The engine's record is its
+        # is a bug and stops the run, whatever data.on_error says. The engine's record is its
         # progress markers (-> skipped.csv with the stage and model), hence no SkipLog here.
         raise_or_skip(self.opts.on_error, key, e, None)
         log.warning("case %s failed and is skipped: %s", key, e.reason)

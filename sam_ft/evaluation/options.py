@@ -48,6 +48,9 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
     """Merge ``cfg`` (the ``eval`` config; a DictConfig is accepted) over the defaults of
     ``conf/eval/default.yaml`` (:func:`~sam_ft.defaults.group_defaults`) and check.
 
+    ``cfg`` may also hold ``on_error`` (``raise``, the default, or ``skip``): the entry points
+    put ``data.on_error`` there, the one key for bad files in loading and scoring alike.
+
     Raises:
         ConfigError: an unknown key or an invalid value, naming the option.
     """
@@ -62,6 +65,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
 
     defaults = group_defaults("eval")
     merged = {**defaults, **(cfg or {})}
+    on_error = check_on_error(merged.pop("on_error", "raise"), "data.on_error")
     unknown = sorted(set(merged) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown eval option(s) {unknown}; known: {sorted(defaults)}")
@@ -77,7 +81,6 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.nsd_method must be one of {NSD_METHODS}")
     if merged["volume_gt"] not in ("kept", "full"):
         raise ConfigError("eval.volume_gt must be 'kept' or 'full'")
-    check_on_error(merged["on_error"], "eval.on_error")
     workers = merged["workers"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
         raise ConfigError(f"eval.workers must be an integer >= 0 or null, got {workers!r}")
@@ -102,7 +105,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         max_prompts_per_call=int(merged["max_prompts_per_call"]),
         overlays=int(merged["overlays"]),
         volume_gt=str(merged["volume_gt"]),
-        on_error=str(merged["on_error"]),
+        on_error=on_error,
         everything=everything,
         workers=resolve_workers(workers),
     )

@@ -35,6 +35,11 @@ class PreemptionCheckpoint(L.Callback):
     asks SLURM to send). Submitit's own handler for it would requeue the job at once, mid-step and
     without a checkpoint; it is kept and called by :func:`requeue_if_submitit` once the
     checkpoint is saved, so the requeued job resumes from it (``ckpt_path=auto``).
+
+    A signal during validation is held until the validation ends: a checkpoint taken midway
+    holds neither the validation's partial scores nor a state Lightning resumes exactly, so
+    validation finishes, its checkpoint callback saves ``last.ckpt``, then training stops
+    (Lightning stops after the epoch's end hooks, or after the validation mid-epoch).
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -42,6 +47,9 @@ class PreemptionCheckpoint(L.Callback):
         self.saved: Path | None = None
         self.requeue: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
+        self._holding = False
+        self._lightning_handler: Any = None
+        self._signal_held = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for signum in sorted({signal.SIGUSR1, submitit_signal()}):
@@ -57,7 +65,36 @@ class PreemptionCheckpoint(L.Callback):
         log.warning("received %s from submitit: stopping with a checkpoint", signal.Signals(signum))
         _as_sigterm(signum, frame)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._lightning_handler = signal.signal(signal.SIGTERM, self._hold)
+        self._holding = True
+        # A signal that came during the step before: Lightning would stop at the first
+        # validation batch. (Its flag has no public setter.)
+        if trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self._signal_held = True
+
+    def _hold(self, signum, frame) -> None:
+        log.warning("received %s during validation: stopping once it ends", signal.Signals(signum))
+        self._signal_held = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Give SIGTERM back to Lightning's handler, and pass it a signal held meanwhile."""
+        if not self._holding:
+            return
+        self._holding = False
+        signal.signal(signal.SIGTERM, self._lightning_handler or signal.SIG_DFL)
+        if self._signal_held:
+            self._signal_held = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release()
         self._restore()
         if not isinstance(exception, SIGTERMException):
             return

@@ -16,13 +16,18 @@ from urllib.parse import urlsplit
 
 from hydra.experimental.callback import Callback
 
+from sam_ft.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 # Override keys left out of a run name: already in it (model, task, finetune) or not about the
 # experiment (where files go, which logger, Hydra's own settings).
-_UNNAMED_KEYS = {"model", "task", "finetune", "logger", "paths", "hydra", "hparams_search"}
+_UNNAMED_KEYS = {
+    *("model", "task", "finetune", "logger", "paths", "hydra", "hparams_search"),
+    "ckpt_path",  # a resumed job is the same run (same W&B run id, same name)
+}
 MAX_NAME = 128  # W&B's limit for display names and groups
 
 
@@ -197,6 +202,28 @@ class FinishWandbRun(Callback):
         finish_run(0 if job_return.status == JobStatus.COMPLETED else 1)
 
 
+RUN_IDS = "wandb_run_ids.json"
+
+
+def run_id(save_dir: str | Path, name: str) -> str | None:
+    """The W&B run id of the run ``name`` saved under ``save_dir``: drawn at random once and kept
+    in ``<save_dir>/wandb_run_ids.json``, so a resumed job logs into the run it started. None on
+    DDP ranks other than 0, which start no W&B run (and must not draw an id of their own)."""
+    import json
+    import secrets
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return None
+    path = Path(save_dir) / RUN_IDS
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if name not in ids:
+        ids[name] = secrets.token_hex(8)
+        atomic_write_text(path, json.dumps(ids, indent=2, sort_keys=True) + "\n")
+    return str(ids[name])
+
+
 def make_wandb_logger(
     project: str = "sam_ft",
     name: str | None = None,
@@ -236,9 +263,13 @@ def make_wandb_logger(
     # started outside Hydra): WandbLogger would log this job into it.
     finish_run()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run_name = job_run_name(name) if name else None
     logger = WandbLogger(
         project=project,
-        name=job_run_name(name) if name else None,
+        name=run_name,
+        # A rerun in the same folder (a resumed or requeued job) continues the same W&B run.
+        id=run_id(save_dir, run_name or project),
+        resume="allow",
         group=group or sweep_group(),
         tags=list(dict.fromkeys([*(tags or []), *(run_tags or [])])),
         save_dir=save_dir,

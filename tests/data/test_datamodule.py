@@ -312,6 +312,12 @@ def test_resumable_loader_continues_where_its_state_was_taken(workers):
     done.load_state_dict({"epoch": 1, "batches_served": 4})  # saved after the last batch
     assert epoch(done, 2) == epoch(loader(), 2)
 
+    # trainer.limit_train_batches=3: the epoch ended after 3 of 4 batches; the resumed run
+    # starts the next epoch whole (issue #24: it skipped 3 of its batches).
+    limited = loader()
+    limited.load_state_dict({"epoch": 1, "batches_served": 3})
+    assert epoch(limited, 2) == epoch(loader(), 2)
+
 
 # ---------------------------------------------------------------------------------------------
 # The slice cache is the data set (issue #14)

@@ -20,15 +20,16 @@ class SignalAtStep(L.Callback):
 
     ``when="end"``: after that step's update, before its step checkpoint is written (callbacks run
     before Lightning's checkpoint callbacks). ``when="start"``: as the next batch starts, i.e.
-    right after step ``step``'s checkpoint was written.
+    right after step ``step``'s checkpoint was written. ``when="validation"``: after the first
+    batch of the validation that follows step ``step``.
 
     With SIGKILL the process dies at once: whatever the checkpoints hold at that moment is all a
     resume gets, exactly as after an out-of-memory kill or a node failure.
     """
 
     def __init__(self, step: int, signum: int = int(signal.SIGKILL), when: str = "end") -> None:
-        if when not in ("start", "end"):
-            raise ValueError(f"when must be start or end, got {when!r}")
+        if when not in ("start", "end", "validation"):
+            raise ValueError(f"when must be start, end or validation, got {when!r}")
         self.step = int(step)
         self.signum = int(signum)
         self.when = when
@@ -39,6 +40,10 @@ class SignalAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.when == "end" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args) -> None:
+        if self.when == "validation" and trainer.global_step == self.step and batch_idx == 0:
             os.kill(os.getpid(), self.signum)
 
 
@@ -79,3 +84,56 @@ class Fp16WithScaler(L.Callback):
             "cpu", init_scale=self.init_scale, backoff_factor=self.backoff_factor
         )
         trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler)
+
+
+class KillInside(L.Callback):
+    """SIGKILLs this process at the ``nth`` call of one of the product's own steps, outside
+    Lightning's hooks: data preparation, embedding caching, a checkpoint or export write (cut
+    in the middle: half the bytes are on disk), or the final evaluation's progress record.
+
+    The step is wrapped when this callback is built (``build_trainer``, before ``fit``), so data
+    preparation inside ``fit`` and the export and evaluation after it are covered too.
+    """
+
+    TARGETS = {
+        # where: (module, attribute, the call writes a file to cut short)
+        "prep": ("sam_ft.data.datamodule", "prepare_star", False),
+        "embedding": ("sam_ft.data.embedding_cache", "EmbeddingCache.put", False),
+        "checkpoint": ("sam_ft.training.checkpoints", "atomic_write", True),
+        "export": ("sam_ft.model.checkpoint", "atomic_write", True),
+        "evaluation": ("sam_ft.evaluation.engine", "append_progress", False),
+    }
+
+    def __init__(self, where: str, nth: int = 1) -> None:
+        import importlib
+
+        module, attr, midwrite = self.TARGETS[where]
+        owner = importlib.import_module(module)
+        if "." in attr:
+            cls, attr = attr.split(".")
+            owner = getattr(owner, cls)
+        real = getattr(owner, attr)
+        calls = [0]
+
+        def die() -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] != int(nth):
+                return real(*args, **kwargs)
+            if not midwrite:
+                die()
+            path, write = args
+
+            def half(f) -> None:
+                write(f)
+                f.flush()
+                f.truncate(f.tell() // 2)
+                f.flush()
+                os.fsync(f.fileno())
+                die()
+
+            return real(path, half)
+
+        setattr(owner, attr, dying)

@@ -19,8 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sam_ft.defaults import config_dir
-from sam_ft.train import newest_last_checkpoint, resolve_ckpt_path
 from sam_ft.training.callbacks import submitit_signal
+from sam_ft.training.checkpoints import newest_last_checkpoint, resolve_ckpt_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = [
@@ -59,14 +59,14 @@ def test_ckpt_path_auto_resumes_newest_else_fresh_and_explicit_wins(tmp_path):
     assert resolve_ckpt_path("auto", run_dir) is None  # nothing there: a fresh start
     (run_dir / "checkpoints").mkdir(parents=True)
     older, newer = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last-v1.ckpt"
-    older.write_bytes(b"0")
-    newer.write_bytes(b"1")
+    torch.save({"step": 0}, older)
+    torch.save({"step": 1}, newer)
     os.utime(older, ns=(1, 1_000_000_000))
     assert resolve_ckpt_path("auto", run_dir) == str(newer)
     assert resolve_ckpt_path("last", run_dir) == str(newer)
     assert resolve_ckpt_path(None, run_dir) is None
     explicit = tmp_path / "other.ckpt"
-    explicit.write_bytes(b"2")
+    torch.save({"step": 2}, explicit)
     assert resolve_ckpt_path(str(explicit), run_dir) == str(explicit)
 
 

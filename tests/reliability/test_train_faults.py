@@ -197,3 +197,28 @@ def test_fp16_overflow_steps_are_counted_apart_and_never_stop_the_run(tmp_path, 
     assert state["global_step"] == EPOCHS * BATCHES
     assert _all_finite(tmp_path / "checkpoints" / "last.ckpt")
     assert (tmp_path / "sam_finetuned.pth").exists()
+
+
+def test_loggers_continue_the_run_they_resume(tmp_path, cache):
+    import pandas as pd
+
+    loggers = "logger=[csv,tensorboard,wandb]"
+    killed = train(tmp_path, cache, loggers, *fault(6, signal.SIGKILL))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = train(tmp_path, cache, loggers, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The CSV keeps the killed process's rows (Lightning's CSVLogger deleted them) and the
+    # resumed one's, under one header.
+    steps = pd.read_csv(tmp_path / "csv" / "metrics.csv")["step"]
+    assert steps.min() == 0 and steps.max() == EPOCHS * BATCHES - 1
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    # Both processes logged to one W&B run: two offline segments of the same run id.
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+
+
+def test_logger_none_trains(tmp_path, cache):
+    proc = train(tmp_path, cache, "logger=none", "trainer.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sam_finetuned.pth").is_file()
+    assert not (tmp_path / "csv").exists()
