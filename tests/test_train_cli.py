@@ -55,6 +55,9 @@ def test_demo_writes_comparison(demo_run):
     for name in ("per_object.csv", "per_case.csv", "summary.md"):
         assert (run_dir / "eval" / name).is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # One checkpoint per role: the last and the best (no last-v1.ckpt copies of 48 MB each).
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(kept) == 2 and kept[1] == "last.ckpt" and kept[0].startswith("epoch_"), kept
     assert (run_dir / "sam_finetuned.pth").is_file()
     assert (run_dir / "splits.json").is_file()
     info = json.loads((run_dir / "eval" / "run_info.json").read_text())
