@@ -115,10 +115,14 @@ def case_totals(values: pd.Series, clusters: pd.Series) -> tuple[np.ndarray, np.
     """Per case (sorted by id: the same arrays whatever the row order, so shards and DDP give
     the statistics of one process): the sum and the count of its non-NaN ``values``; cases
     without any value are left out."""
-    v = pd.to_numeric(values, errors="coerce")
-    ok = v.notna()
-    g = v[ok].groupby(clusters[ok], sort=True)
-    return g.sum().to_numpy(float), g.size().to_numpy(float)
+    v = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    c = clusters.astype(str).to_numpy()
+    ok = ~np.isnan(v)
+    # Sorted by case then value: float sums do not depend on the order rows arrived in.
+    order = np.lexsort((v[ok], c[ok]))
+    v, c = v[ok][order], c[ok][order]
+    names, start, counts = np.unique(c, return_index=True, return_counts=True)
+    return np.add.reduceat(v, start) if len(v) else v, counts.astype(float)
 
 
 def mean_ci(values: pd.Series, clusters: pd.Series, opts: Bootstrap) -> tuple[float, float]:
