@@ -180,3 +180,20 @@ def test_report_writes_provenance_and_the_config_hash_survives_json(tmp_path):
     assert "## Provenance" in md and info["config_hash"] in md
     assert "## IoU-head calibration" in md and paths["plot_iou_reliability"].is_file()
     assert "liver/c00;liver/c11" in paths["comparisons_csv"].read_text()
+
+
+def test_logged_scalars_carry_the_ci_bounds_and_the_paired_test(tmp_path):
+    from sam_ft.logging_results import evaluation_scalars
+
+    rows = _objects()
+    write_report(tmp_path, rows, options=eval_options(None))
+    scalars = evaluation_scalars(tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    box = summary[(summary["model"] == "finetuned") & (summary["prompt"] == "box")].iloc[0]
+    assert scalars["eval/finetuned/box/none/dice"] == pytest.approx(box["dice_mean"])
+    assert scalars["eval/finetuned/box/none/dice_ci_low"] == box["dice_ci_low"]
+    assert scalars["eval/finetuned/box/none/hd95_ci_high"] == box["hd95_ci_high"]
+    paired = pd.read_csv(tmp_path / "comparisons.csv")
+    paired = paired[(paired["family"] == "model") & (paired["prompt"] == "box")].iloc[0]
+    assert scalars["eval/paired/finetuned/box/none/p_value"] == paired["p_value"]
+    assert scalars["eval/paired/finetuned/box/none/ci_low"] == paired["delta_ci_low"]
