@@ -59,7 +59,8 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns ``model_size, finetune, task, prompt, jitter, n, dice_mean,
-        dice_std, iou_mean, hd95_mean, nsd_mean, distance_unit, delta_dice, run``
+        dice_std, iou_mean, hd95_mean, nsd_mean, distance_unit, delta_dice, run`` and the runs'
+        ``n_cases`` and ``<metric>_ci_low/high`` when their summaries have them
         (``distance_unit``: the unit of ``hd95_mean``, ``mm`` or ``px`` for 2D images); a
         zero-shot baseline evaluated by several runs is kept once (the first run's).
     """
@@ -95,7 +96,9 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
     keys = pd.MultiIndex.from_frame(merged[["model_size", "task", "prompt", "jitter"]])
     merged["delta_dice"] = merged["dice_mean"].to_numpy() - baseline.reindex(keys).to_numpy()
     merged.loc[merged["finetune"] == BASELINE_MODEL, "delta_dice"] = float("nan")
-    return _sort(merged[MERGED_COLUMNS])
+    # The runs' CIs (and their case counts) come along, after the fixed columns.
+    intervals = [c for c in merged if c == "n_cases" or c.endswith(("_ci_low", "_ci_high"))]
+    return _sort(merged[[*MERGED_COLUMNS, *intervals]])
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:

@@ -183,7 +183,7 @@ def pooled_summary(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None)
     return summarize(per_object.assign(**{CLUSTER: cluster_ids(per_object)}, task="all"), bootstrap)
 
 
-def _with_ci(mean: float, low: float, high: float) -> str:
+def with_ci(mean: float, low: float, high: float) -> str:
     """``0.812 [0.790, 0.834]``; the mean alone when its CI is NaN (fewer than 2 cases)."""
     if pd.isna(mean):
         return "–"
@@ -197,7 +197,7 @@ def ci_cells(table: pd.DataFrame, metric: str) -> list[str]:
     mean = table[f"{metric}_mean"]
     low = table.get(f"{metric}_ci_low", pd.Series(np.nan, index=table.index))
     high = table.get(f"{metric}_ci_high", pd.Series(np.nan, index=table.index))
-    return [_with_ci(*v) for v in zip(mean, low, high, strict=True)]
+    return [with_ci(*v) for v in zip(mean, low, high, strict=True)]
 
 
 def signed_ci(delta: float, low: float, high: float) -> str:
