@@ -144,7 +144,17 @@ def test_calibration_spearman_and_mace():
     assert got["mace"] == pytest.approx(error.mean())
     low, high = _scipy_ci(_by_case(ref.assign(e=error), "e"), BOOT)
     assert (got["mace_ci_low"], got["mace_ci_high"]) == pytest.approx((low, high))
-    assert np.isnan(got["dice_gap"])  # no dice_top_iou column recorded
+    assert np.isnan(got["dice_gap"])  # no dice_oracle / dice_top_iou columns recorded
+    # With them: oracle minus the IoU head's choice, its CI over cases.
+    loss = np.random.default_rng(2).uniform(0, 0.1, len(rows))
+    rows = rows.assign(dice_oracle=rows["dice"], dice_top_iou=rows["dice"] - loss)
+    table = calibration_table(rows, BOOT)
+    got = table[(table["model"] == "zero_shot") & (table["prompt"] == "box")].iloc[0]
+    ref = rows[(rows["model"] == "zero_shot") & (rows["prompt"] == "box")]
+    gap = ref["dice_oracle"] - ref["dice_top_iou"]
+    assert got["dice_gap"] == pytest.approx(gap.mean())
+    low, high = _scipy_ci(_by_case(ref.assign(g=gap), "g"), BOOT)
+    assert (got["dice_gap_ci_low"], got["dice_gap_ci_high"]) == pytest.approx((low, high))
 
 
 def test_pooled_ci_resamples_the_cases_of_every_task():

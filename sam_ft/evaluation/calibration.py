@@ -3,8 +3,9 @@
 The study's "predicted IoU" mask selection trusts the IoU head; on medical images nothing says
 it is calibrated. Per model and prompt (no jitter; Everything mode has no prediction), over
 objects: Spearman's rho of predicted vs true IoU, the mean absolute calibration error
-(MACE = mean |predicted - true|, CI resampling cases), and, when the engine recorded the Dice of
-the mask the IoU head ranks first (``dice_top_iou``), the Dice gap oracle minus that choice.
+(MACE = mean |predicted - true|, CI resampling cases), and the Dice gap between the oracle's
+mask and the IoU head's first choice (``per_object.csv``'s ``dice_oracle - dice_top_iou``,
+whatever ``eval.mask_selection`` kept), with its CI.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def _scored(per_object: pd.DataFrame) -> pd.DataFrame:
 
 def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame:
     """One row per (model, prompt) with :data:`CALIBRATION_COLUMNS` (``dice_gap*`` NaN when
-    ``dice_top_iou`` was not recorded; ``spearman_*`` NaN under 3 objects or a constant
-    column)."""
+    ``dice_oracle`` / ``dice_top_iou`` were not recorded, as in tables of older versions;
+    ``spearman_*`` NaN under 3 objects or a constant column)."""
     rows = _scored(per_object)
     out = []
     for (model, prompt), g in rows.groupby(["model", "prompt"], sort=False):
@@ -57,8 +58,8 @@ def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame
         }  # fmt: skip
         row["mace_ci_low"], row["mace_ci_high"] = mean_ci(error, clusters, opts)
         gap = np.nan, np.nan, np.nan
-        if "dice_top_iou" in g:
-            d = pd.to_numeric(g["dice"], errors="coerce")
+        if {"dice_oracle", "dice_top_iou"} <= set(g):
+            d = pd.to_numeric(g["dice_oracle"], errors="coerce")
             d = d - pd.to_numeric(g["dice_top_iou"], errors="coerce")
             if d.notna().any():
                 gap = (float(d.mean()), *mean_ci(d, clusters, opts))
