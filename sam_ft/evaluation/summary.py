@@ -244,7 +244,7 @@ def _markdown(
         view = comparisons_view(comparisons, family) if comparisons is not None else None
         if view is not None and not view.empty:
             lines += [f"## {heading}", "", "`left out`: cases scored on one side only "]
-            lines[-1] += "(named in `comparisons.csv`)."
+            lines[-1] += "(all named in `comparisons.csv`)."
             lines += ["", to_markdown(view), ""]
     if calibration is not None and not calibration.empty:
         lines += [

@@ -255,13 +255,19 @@ def prompt_table(summary: pd.DataFrame, comparisons: pd.DataFrame | None = None)
     return out
 
 
+def _left_out(cases: str, shown: int = 4) -> str:
+    """The cases of one side only, named when few (``task/case``), else counted."""
+    names = [c for c in cases.split(";") if c]
+    return ", ".join(names) if len(names) <= shown else f"{len(names)} cases"
+
+
 def comparisons_view(comparisons: pd.DataFrame, family: str) -> pd.DataFrame:
     """One family of :func:`~sam_ft.evaluation.statistics.comparison_table` for
     ``summary.md``: B vs A, paired Δ [CI], p, Holm's p, paired cases and those left out."""
     c = comparisons[comparisons["family"] == family]
     if c.empty:
         return pd.DataFrame()
-    left = [len(v.split(";")) if v else 0 for v in c["left_out"].fillna("").astype(str)]
+    left = [_left_out(v) for v in c["left_out"].fillna("").astype(str)]
     view = pd.DataFrame(
         {
             "model": c["model"],
