@@ -190,6 +190,14 @@ def test_report_writes_provenance_and_the_config_hash_survives_json(tmp_path):
     assert "## Provenance" in md and info["config_hash"] in md
     assert "## IoU-head calibration" in md and paths["plot_iou_reliability"].is_file()
     assert "liver/c00;liver/c11" in paths["comparisons_csv"].read_text()
+    # The tables state the bootstrap settings beside their CIs; summary.md says them once.
+    for key in ("summary_csv", "comparisons_csv", "calibration_csv"):
+        table = pd.read_csv(paths[key])
+        assert set(table["ci_resamples"]) == {options.bootstrap.resamples}, key
+        assert set(table["ci_seed"]) == {options.bootstrap.seed} and set(table["ci_method"]) == {
+            "BCa"
+        }
+    assert "ci_seed" not in md and f"{options.bootstrap.resamples} resamples, seed 0" in md
 
 
 def test_logged_scalars_carry_the_ci_bounds_and_the_paired_test(tmp_path):

@@ -65,7 +65,8 @@ def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame
                 gap = (float(d.mean()), *mean_ci(d, clusters, opts))
         row["dice_gap"], row["dice_gap_ci_low"], row["dice_gap_ci_high"] = gap
         out.append(row)
-    return sort_table(pd.DataFrame(out, columns=CALIBRATION_COLUMNS), by=("model", "prompt"))
+    table = pd.DataFrame(out, columns=CALIBRATION_COLUMNS).assign(**opts.columns())
+    return sort_table(table, by=("model", "prompt"))
 
 
 def calibration_view(table: pd.DataFrame) -> pd.DataFrame:

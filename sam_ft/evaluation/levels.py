@@ -105,7 +105,8 @@ def aggregation_levels(
         f"{metric}_ci_low",
         f"{metric}_ci_high",
     ]
-    return sort_table(pd.DataFrame(out, columns=columns), by=("model_size", "setting", "prompt"))
+    table = pd.DataFrame(out, columns=columns).assign(**opts.columns())
+    return sort_table(table, by=("model_size", "setting", "prompt"))
 
 
 def with_case_level(

@@ -29,6 +29,8 @@ from sam_ft.errors import ConfigError
 CLUSTER = "_cluster"
 """Column of the case a row belongs to (``task/case``), kept when rows are pooled over tasks."""
 METHODS = ("BCa", "percentile", "basic")
+CI_SETTINGS = ("ci_method", "ci_level", "ci_resamples", "ci_seed")
+"""The columns of :meth:`Bootstrap.columns`."""
 BATCH = 500
 """Resamples per vectorised call: bounds memory to BATCH x cases floats (also the jackknife of
 BCa); a fixed part of the method, as the seed."""
@@ -61,6 +63,15 @@ class Bootstrap:
         if not 0.5 <= out.confidence < 1:
             raise ConfigError(f"{name}.confidence must be in [0.5, 1), got {out.confidence}")
         return out
+
+    def columns(self) -> dict[str, Any]:
+        """The settings as the table columns that state them beside the CIs (``ci_*``)."""
+        return {
+            "ci_method": self.method,
+            "ci_level": self.confidence,
+            "ci_resamples": self.resamples,
+            "ci_seed": self.seed,
+        }
 
     def describe(self) -> str:
         """One line for the tables: what the CIs are."""
@@ -135,7 +146,8 @@ def add_intervals(
 ) -> pd.DataFrame:
     """``summary`` (one row per ``keys`` group of ``rows``) with ``n_cases`` and, for every
     ``<metric>_mean`` column whose ``<metric>`` is a column of ``rows``,
-    ``<metric>_ci_low`` and ``<metric>_ci_high`` appended (NaN values of a metric skipped)."""
+    ``<metric>_ci_low`` and ``<metric>_ci_high`` appended (NaN values of a metric skipped), then
+    the bootstrap settings (:meth:`Bootstrap.columns`)."""
     keys = list(keys)
     metrics = [c[: -len("_mean")] for c in summary if c.endswith("_mean") and c[:-5] in rows]
     rows = rows.assign(**{CLUSTER: cluster_ids(rows)})
@@ -151,6 +163,8 @@ def add_intervals(
     out = summary.copy()
     for column in extra:
         out[column] = extra[column].astype(int if column == "n_cases" else float)
+    for column, value in opts.columns().items():
+        out[column] = value
     return out
 
 
@@ -254,4 +268,5 @@ def comparison_table(rows: pd.DataFrame, opts: Bootstrap, metric: str = "dice") 
     for _, family in table.groupby("family", sort=False):
         table.loc[family.index, "p_holm"] = holm(family["p_value"])
     table["metric"] = metric
+    table = table.assign(**opts.columns())
     return sort_table(table, by=("family", "model", "task", "prompt", "jitter"))

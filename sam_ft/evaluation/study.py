@@ -36,7 +36,7 @@ from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.levels import aggregation_levels, with_case_level
 from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.statistics import Bootstrap, add_intervals, holm, paired
+from sam_ft.evaluation.statistics import CI_SETTINGS, Bootstrap, add_intervals, holm, paired
 from sam_ft.evaluation.summary_tables import PROMPT_NAMES, signed_ci, to_markdown, with_ci
 
 UNKNOWN = "unknown"
@@ -147,8 +147,10 @@ def _paired(
             out.append({**dict(zip(by, key, strict=True)), **result})
     if not out:
         return pd.DataFrame()
-    table = pd.DataFrame(out).rename(
-        columns={"n_objects": "n", "mean_a": f"dice_{a}", "mean_b": f"dice_{b}"}
+    table = (
+        pd.DataFrame(out)
+        .assign(**boot.columns())
+        .rename(columns={"n_objects": "n", "mean_a": f"dice_{a}", "mean_b": f"dice_{b}"})
     )
     table = table.rename(
         columns={"delta": "delta_dice", "delta_ci_low": "delta_dice_ci_low",
@@ -208,6 +210,7 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             for v in zip(df[mean], df[low], df[f"{stem}_ci_high"], strict=True)
         ]
         df = df.assign(**{mean: cells}).drop(columns=[low, f"{stem}_ci_high"])
+    df = df.drop(columns=[c for c in CI_SETTINGS if c in df])  # stated above the tables
     if "left_out" in df:
         counts = [len(v.split(";")) if v else 0 for v in df["left_out"].fillna("").astype(str)]
         df = df.assign(left_out=counts)

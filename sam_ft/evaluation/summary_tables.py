@@ -26,7 +26,13 @@ from sam_ft.evaluation.order import (
     jitter_levels_sorted,
     sort_table,
 )
-from sam_ft.evaluation.statistics import CLUSTER, Bootstrap, add_intervals, cluster_ids
+from sam_ft.evaluation.statistics import (
+    CI_SETTINGS,
+    CLUSTER,
+    Bootstrap,
+    add_intervals,
+    cluster_ids,
+)
 
 PROMPT_NAMES = {
     "everything": "S1 everything",
@@ -384,6 +390,7 @@ def metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
         shown = view.columns[list(summary.drop(columns=drop).columns).index(f"{metric}_mean")]
         view[shown] = ci_cells(summary, metric)
         view = view.drop(columns=[column, f"{metric}_ci_high"])
+    view = view.drop(columns=[c for c in CI_SETTINGS if c in view])  # stated above the table
     view = view.rename(columns={"n_cases": "cases"})
     view["prompt"] = view["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
     return view
