@@ -224,6 +224,7 @@ def _markdown(
         "correlated). Paired Δ: over the objects both sides scored; p: two-sided Wilcoxon "
         "signed-rank over per-case mean differences, Holm-corrected within each table.",
         "",
+        *few_cases_lines(summary),
         *skipped_lines(out_dir),
         "## Dice per prompt strategy (no jitter)",
         "",
@@ -281,6 +282,23 @@ def _markdown(
         if key.startswith("plot_"):
             lines.append(f"![{key[5:]}]({path.relative_to(out_dir).as_posix()})")
     return lines
+
+
+FEW_CASES = 10
+
+
+def few_cases_lines(summary: pd.DataFrame) -> list[str]:
+    """A warning when some mean rests on fewer than :data:`FEW_CASES` cases: the bootstrap sees
+    no more variability than those cases show, and the two-sided Wilcoxon test cannot reach
+    p < 0.05 under 6 pairs (its smallest exact p is 2 / 2^n)."""
+    if "n_cases" not in summary or summary["n_cases"].min() >= FEW_CASES:
+        return []
+    return [
+        f"**Few cases**: some means rest on {int(summary['n_cases'].min())} case(s) (column "
+        f"`cases`); with fewer than {FEW_CASES} the CIs understate the uncertainty, and under 6 "
+        "paired cases no Wilcoxon p can be below 0.05.",
+        "",
+    ]
 
 
 def read_skipped(out_dir: str | Path) -> pd.DataFrame:

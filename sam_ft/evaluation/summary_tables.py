@@ -278,6 +278,11 @@ def comparisons_view(comparisons: pd.DataFrame, family: str) -> pd.DataFrame:
         {
             "model": c["model"],
             "task": c["task"],
+            **(
+                {"prompt": c["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))}
+                if family == "model"
+                else {}
+            ),
             "jitter": c["jitter"],
             "B vs A": [
                 f"{PROMPT_NAMES.get(b, b)} vs {PROMPT_NAMES.get(a, a)}"
