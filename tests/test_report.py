@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -223,8 +224,13 @@ def test_report_cli_merges_runs(tmp_path, capsys):
     _fake_run(multirun / "1", "vit_b", "lora", 0.70, 0.85)
     single = tmp_path / "single"
     _fake_run(single, "vit_h", "decoder", 0.75, 0.90)
+    provenance = {"sam_ft_version": "9.9", "config_hash": "abc123def456"}
+    (single / "eval" / "provenance.json").write_text(json.dumps(provenance))
 
     merged = merge_summaries([multirun, single])
+    # Each row says which protocol produced it (a run written before provenance.json: empty).
+    hashes = merged.groupby("model_size")["config_hash"].agg(lambda h: set(h.fillna("")))
+    assert hashes["vit_h"] == {"abc123def456"} and hashes["vit_b"] == {""}
     keys = list(zip(merged["model_size"], merged["finetune"], merged["jitter"], strict=True))
     assert keys == [
         ("vit_b", "zero_shot", "none"),
