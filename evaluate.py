@@ -1,6 +1,6 @@
 """Evaluate SAM with the study's protocol: ``python evaluate.py [overrides]``."""
 
-from sam_ft.evaluate import main
+from sam_ft.cli import evaluate_main
 
 if __name__ == "__main__":
-    main()
+    evaluate_main()

@@ -1,7 +1,7 @@
 """Label maps for new images with a (finetuned) SAM: ``python predict.py checkpoint=... input=...
-output=... [labels=...|prompts=...|prompt=everything]``."""
+output=... [labels=...|prompts=...|box=...|prompt=everything]`` (``--help``: the options)."""
 
-from sam_ft.predict import main
+from sam_ft.cli import predict_main
 
 if __name__ == "__main__":
-    main()
+    predict_main()

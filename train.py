@@ -1,6 +1,6 @@
 """Finetune SAM and compare it with the zero-shot model: ``python train.py [overrides]``."""
 
-from sam_ft.train import main
+from sam_ft.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

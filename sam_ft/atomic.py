@@ -24,10 +24,24 @@ from typing import Any, BinaryIO
 __all__ = ["atomic_path", "atomic_write", "atomic_write_text"]
 
 
+def _umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it, so it is put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_file(path: Path, suffix: str) -> tuple[int, str]:
-    """A new, uniquely named file beside ``path`` (its folder is created): (fd, name)."""
+    """A new, uniquely named file beside ``path`` (its folder is created): (fd, name).
+
+    ``mkstemp`` creates the file readable by its owner only; the final file gets the mode any
+    new file of this user gets (0666 less the umask), so colleagues sharing a cluster project
+    folder can read predictions and tables as they read the user's other files.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, name
 
 
 def _discard(tmp: str) -> None:

@@ -141,7 +141,7 @@ class EvalConfig:
     prompts: list[str]
     jitter_px: list[list[float]]
     mask_selection: Literal["oracle", "predicted_iou", "single", "auto"]
-    point_sampling: Literal["even", "random"]
+    point_sampling: Literal["even", "random", "official"]
     grid: int
     nsd_tolerance_mm: float
     nsd_method: Literal["area", "count"]

@@ -17,6 +17,20 @@ from typing import Any
 from sam_ft.errors import ConfigError
 
 
+def folder_name(root: str) -> str:
+    """The last component of a folder path (``/data/Task03_Liver/`` -> ``Task03_Liver``): the
+    name of a ``task=folder`` run, so run dirs, W&B runs and study tables tell datasets apart."""
+    return Path(str(root)).expanduser().name or str(root)
+
+
+def register_resolvers() -> None:
+    """The config resolvers sam_ft's YAML uses (``${sam_ft.folder_name:...}``); idempotent."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sam_ft.folder_name"):
+        OmegaConf.register_new_resolver("sam_ft.folder_name", folder_name)
+
+
 def config_dir() -> str:
     """``$SAM_FT_CONFIG_DIR``, else the configs installed with the package (``sam_ft/conf``, a
     non-editable install), else the ``conf/`` of this checkout, else ``./conf``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -39,6 +40,41 @@ def own_error(err: BaseException | None) -> SamFtError | None:
     return err
 
 
+def _log_to_files(err: SamFtError) -> None:
+    """Record ``err`` in the run's log files (Hydra's ``<job>.log``) but not on the console,
+    where the ``error:`` line already says it: the user reads it once."""
+    logger = logging.getLogger("sam_ft")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers + logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _remove_empty_run_dir() -> None:
+    """A run that stopped on a user error before writing anything of its own leaves no run dir
+    (Hydra's ``.hydra/`` and job log are all it holds): ``logs/`` keeps only runs worth opening.
+    A dir holding anything else (a checkpoint, a table, a cache) is kept as it is."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return
+    if not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in run_dir.iterdir()):
+        logging.shutdown()  # closes the job log before its file goes
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent  # runs/<run name>/, now empty when this was its only run
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
 def exit_on_own_error(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     """Our own errors end a command with one readable line and exit code 1, not a traceback.
 
@@ -54,8 +90,9 @@ def exit_on_own_error(fn: Callable[[Any], T]) -> Callable[[Any], T]:
             ours = own_error(err)
             if ours is None:
                 raise
-            logging.getLogger("sam_ft").error("%s", ours)
+            _log_to_files(ours)
             print(f"error: {ours}", file=sys.stderr)
+            _remove_empty_run_dir()
             raise SystemExit(1) from None
 
     return run

@@ -26,7 +26,7 @@ from sam_ft.inference.label_maps import (
     predict_from_prompts,
 )
 from sam_ft.inference.output import write_prediction
-from sam_ft.inference.prompt_file import read_prompt_file
+from sam_ft.inference.prompt_file import parse_prompt_objects, read_prompt_file
 from sam_ft.model.trainable import TrainableSam
 
 log = logging.getLogger(__name__)
@@ -159,15 +159,32 @@ def build_settings(cfg: DictConfig, facts: dict[str, Any]) -> Settings:
     )
 
 
+def typed_prompt(cfg: DictConfig) -> dict[str, Any] | None:
+    """The object given as ``box=`` / ``points=`` (+ ``point_labels=``, ``slice=``, ``label=``)
+    on the command line, in a prompts file's form; None when neither box nor points is given."""
+    if cfg.get("box") is None and cfg.get("points") is None:
+        for key in ("point_labels", "slice"):
+            if cfg.get(key) is not None:
+                raise ConfigError(f"{key}= needs box= or points= (the prompt it belongs to)")
+        return None
+    obj = {"label": cfg.get("label", 1)}
+    for key in ("box", "points", "point_labels", "slice"):
+        value = cfg.get(key)
+        if value is not None:
+            obj[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return obj
+
+
 def predict_one(
     model: TrainableSam,
     image_path: Path,
     settings: Settings,
     out_dir: Path,
     labels: Path | None,
-    prompts: Path | None,
+    prompts: Path | dict[str, Any] | None,
 ) -> list[Path]:
-    """One input -> its label map (and overlay) in ``out_dir``."""
+    """One input -> its label map (and overlay) in ``out_dir``; ``prompts`` is a prompts file
+    or one object typed on the command line (:func:`typed_prompt`)."""
     if labels is not None:
         case, stack, images = predict_from_labels(model, image_path, labels, settings)
         first = next(iter(images.values()))
@@ -182,7 +199,12 @@ def predict_one(
         )
     image = load_image(image_path, settings.task)
     name = stem_of(image_path)
-    if prompts is not None:
+    by_slice = None
+    if isinstance(prompts, dict):
+        typed = "box=/points= on the command line"
+        by_slice = parse_prompt_objects([prompts], typed, file_geometry(image_path), image)
+        stack = predict_from_prompts(model, image, by_slice, settings, name)
+    elif prompts is not None:
         by_slice = read_prompt_file(prompts, file_geometry(image_path), image)
         stack = predict_from_prompts(model, image, by_slice, settings, name)
     else:
@@ -195,6 +217,7 @@ def predict_one(
         image.ras_affine,
         image.slice_image,
         settings.overlay,
+        by_slice,
     )
 
 
@@ -206,15 +229,21 @@ def predict(cfg: DictConfig) -> list[Path]:
         DataError: a bad input with ``on_error=raise``, or when every input failed.
     """
     on_error = check_on_error(str(cfg.on_error), "on_error")
-    if cfg.labels and cfg.prompts:
-        raise ConfigError("give labels= or prompts=, not both")
+    typed = typed_prompt(cfg)
+    if sum(bool(x) for x in (cfg.labels, cfg.prompts, typed)) > 1:
+        raise ConfigError("give one of labels=, prompts= or box=/points=, not several")
     everything = str(cfg.strategy) == "everything"
-    if everything and (cfg.labels or cfg.prompts):
-        raise ConfigError("prompt=everything takes no labels= or prompts=")
-    if not (everything or cfg.labels or cfg.prompts):
-        raise ConfigError("give labels=LABEL_MAP, prompts=PROMPTS.json or prompt=everything")
+    if everything and (cfg.labels or cfg.prompts or typed):
+        raise ConfigError("prompt=everything takes no labels=, prompts= or box=/points=")
+    if not (everything or cfg.labels or cfg.prompts or typed):
+        raise ConfigError(
+            "give labels=LABEL_MAP, prompts=PROMPTS.json, box=[x0,y0,x1,y1] (and/or "
+            "points=[[x,y]]) or prompt=everything"
+        )
     inputs = list_inputs(cfg.input)
     single = len(inputs) == 1 and Path(str(cfg.input)).expanduser().resolve() == inputs[0].resolve()
+    if typed and not single:
+        raise ConfigError(f"box=/points= prompt one image; input={cfg.input} is a folder")
     facts, checkpoint = trained_settings(cfg)
     settings = build_settings(cfg, facts)
     if settings.mask_selection == "oracle" and not cfg.labels:
@@ -232,7 +261,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     with torch.inference_mode():
         for image_path in tqdm(inputs, desc="predict", unit="file", disable=len(inputs) < 2):
             try:
-                lab = pro = None
+                lab, pro = None, typed
                 if cfg.labels:
                     lab = companion(cfg.labels, image_path, single, _LABEL_SUFFIXES)
                 if cfg.prompts:

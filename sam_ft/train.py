@@ -93,22 +93,35 @@ def build_loss(cfg: DictConfig) -> torch.nn.Module:
     return instantiate(cfg.loss, iou_weight=1.0 if selection in IOU_HEAD_SELECTIONS else 0.0)
 
 
-def train_multimask(cfg: DictConfig, model) -> bool:
+def train_multimask(cfg: DictConfig, model) -> bool | str:
     """``train.multimask``: null = 3 masks (loss on the best) when ``eval.mask_selection`` is
-    ``predicted_iou`` (the IoU head then learns to rank the masks it picks among), else one mask
-    as the paper's code trains. A model without multimask output (MedSAM) trains its one mask.
+    ``predicted_iou`` (the IoU head then learns to rank the masks it picks among), ``"auto"``
+    (each prompt decoded as ``eval.mask_selection=auto`` decodes it: 3 masks for a lone point,
+    1 otherwise) when it is ``auto``, else one mask as the paper's code trains. A model without
+    multimask output (MedSAM) and ``loss=cosmos_official`` (the official single-mask loss) train
+    one mask.
 
     Raises:
-        ConfigError: ``train.multimask=true`` for a model with a single mask output.
+        ConfigError: ``train.multimask=true`` for a model with a single mask output or with
+            ``loss=cosmos_official``.
     """
     value = cfg.get("train", {}).get("multimask")
     model_multimask = bool(getattr(model, "multimask_output", True))
+    single_loss = cfg.get("loss", {}).get("kind") == "cosmos_official"
     if value is None:
-        return model_multimask and str(cfg.eval.get("mask_selection")) == "predicted_iou"
+        if not model_multimask or single_loss:
+            return False
+        selection = str(cfg.eval.get("mask_selection"))
+        return {"predicted_iou": True, "auto": "auto"}.get(selection, False)
     if bool(value) and not model_multimask:
         raise ConfigError(
             f"train.multimask=true, but model {cfg.model.name} has a single mask output "
             "(model.multimask_output=false); drop train.multimask or set it to false"
+        )
+    if bool(value) and single_loss:
+        raise ConfigError(
+            "train.multimask=true, but loss=cosmos_official is the official single-mask loss; "
+            "drop train.multimask or set it to false"
         )
     return bool(value)
 
@@ -190,7 +203,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         exported = export_official(finetuned, exported)
         card = write_model_card(
-            exported, cfg, multimask_output=module.multimask_output, facts=trained_facts(datamodule)
+            # "auto" decodes most prompts (boxes, several points) with the single mask: not "3 masks
+            # per prompt", so predict keeps its single-mask default for such a checkpoint.
+            exported,
+            cfg,
+            multimask_output=module.multimask_output is True,
+            facts=trained_facts(datamodule),
         )
         log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
 

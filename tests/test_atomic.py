@@ -143,3 +143,21 @@ def test_no_fixed_temporary_names_left_in_sam_ft():
         if ('.tmp"' in line or ".tmp." in line or "mkstemp(" in line)
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_of_the_users_umask(tmp_path, umask):
+    """mkstemp's 0600 would hide predictions and tables from colleagues on a shared cluster."""
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what any other program of this user would create
+        written = atomic_write_text(tmp_path / "table.csv", "a,b\n")
+        with atomic_path(tmp_path / "label.nii.gz") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert written.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "label.nii.gz").stat().st_mode & 0o777 == expected

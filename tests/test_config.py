@@ -101,3 +101,16 @@ def test_cli_stops_before_building_or_downloading_the_model(tmp_path):
     ]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()  # no weights were fetched or hashed
+
+
+@pytest.mark.parametrize("config", ["train", "eval"])
+def test_a_folder_task_is_named_after_its_folder(config, tmp_path):
+    """Run dirs, W&B runs and the study's task column tell two folder datasets apart."""
+    root = tmp_path / "Task05_Prostate"
+    (root / "imagesTr").mkdir(parents=True)
+    cfg = _compose(config, ["task=folder", f"task.root={root}/", "model=tiny"])
+    assert cfg.task.name == "Task05_Prostate"
+    assert cfg.run_name.startswith("tiny_Task05_Prostate")
+    assert parse_config(cfg, "train" if config == "train" else "evaluate").task.name == (
+        "Task05_Prostate"
+    )

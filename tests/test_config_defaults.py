@@ -37,7 +37,10 @@ def test_python_fallbacks_equal_the_yaml():
 
     task = _yaml(CONF / "task" / "folder.yaml")
     assert task["root"] == "???"
-    assert task_options({}) == {**task, "root": None}
+    # The name is the root's folder name (a resolver); with no root, "folder".
+    assert task["name"].startswith("${sam_ft.folder_name:")
+    assert task_options({}) == {**task, "root": None, "name": "folder"}
+    assert task_options({"root": "/data/Task02_Heart"})["name"] == "Task02_Heart"
     assert task_options({})["intensity"]["keep_zero"] is True  # the study's rule, now in the YAML
 
     assert SliceAugment({}).cfg == data["augment"]

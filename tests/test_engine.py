@@ -212,7 +212,7 @@ def test_per_case_3d_matches_volume_metrics():
     opts = eval_options({"nsd_tolerance_mm": 1.5})
     (row,) = _per_case_rows(records, None, store, opts, "v")
     expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5)
-    for key in ("dice", "iou", "hd95", "nsd"):
+    for key in ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
 
@@ -438,3 +438,30 @@ def test_real_png_files_match_sam_predictor(model, tmp_path):
                 checked += 1
     assert checked == len(res.per_object) > 0
     assert (res.per_object["slice"] == -1).all() and (res.per_case["num_slices"] == 1).all()
+
+
+def test_the_bar_shows_the_slice_being_decoded(model, tmp_path, capsys):
+    """Inside a long case the bar names the case and slice, so a slow case does not look hung."""
+    cases = [_case("p0", slices=(0, 1, 2), objects=1)]
+    evaluate_models(
+        {"zero_shot": model}, cases, report=False, task_name="t",
+        cfg={**FAST, "prompts": ["box"], "overlays": 0}, out_dir=tmp_path, seed=SEED,
+        progress=True,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "p0: slice 1/3" in err and "p0: slice 3/3" in err
+
+
+def test_everything_keeping_no_mask_is_said_not_silent(model, tmp_path, caplog):
+    """A predicted-IoU threshold above 1 keeps no mask: S1's zeros come with a warning naming
+    how many objects and the threshold."""
+    cfg = {**FAST, "prompts": ["everything"], "grid": 2, "overlays": 0}
+    cfg["everything"] = {"pred_iou_thresh": 1.5, "stability_score_thresh": 0.0}
+    with caplog.at_level("WARNING", logger="sam_ft"):
+        res = evaluate_models(
+            {"zero_shot": model}, [_case("w0", slices=(0,), objects=2)], report=False,
+            task_name="t", cfg=cfg, out_dir=tmp_path, seed=SEED, progress=False,
+        )  # fmt: skip
+    assert (res.per_object["dice"] == 0).all()
+    said = [r.getMessage() for r in caplog.records if "kept no mask" in r.getMessage()]
+    assert len(said) == 1 and "2 of 2 objects" in said[0] and "pred_iou_thresh=1.5" in said[0]

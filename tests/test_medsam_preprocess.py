@@ -48,3 +48,38 @@ def test_resize_matrices_equal_postprocess(mode, size):
     a_h, a_w = t.resize_matrices(None)
     up = torch.nn.functional.interpolate(x, (256, 256), mode="bilinear", align_corners=False)
     torch.testing.assert_close(a_h @ x @ a_w.T, up, atol=2e-5, rtol=1e-5)
+
+
+def _medsam_masks(low_res_logits: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """MedSAM_Inference.py's medsam_inference tail: sigmoid, bilinear to (H, W), > 0.5."""
+    low_res_pred = torch.sigmoid(low_res_logits)
+    low_res_pred = torch.nn.functional.interpolate(
+        low_res_pred, size=(h, w), mode="bilinear", align_corners=False
+    )
+    return (low_res_pred > 0.5).numpy()
+
+
+def test_medsam_masks_are_sigmoid_then_upsampled_then_half():
+    """The evaluation keeps MedSAM's mask: sigmoid before the upsampling, not logits > 0."""
+    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.model.builders import build_sam
+    from sam_ft.model.trainable import TrainableSam
+    from sam_ft.prompts.types import Prompt
+
+    torch.manual_seed(0)
+    model = TrainableSam(build_sam("tiny", None), "medsam", multimask_output=False).eval()
+    h, w = 300, 230
+    image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    prompts = [Prompt(box=[40, 60, 150, 220]), Prompt(box=[10, 10, 90, 120])]
+    with torch.no_grad():
+        emb = model.encode(model.preprocess(image)[None])[0]
+        low, _ = model.decode(emb, prompts, (h, w), False)
+        got = decode_scored(model, emb, prompts, np.zeros((2, h, w), bool), "single", 8)
+    want = _medsam_masks(low, h, w)[:, 0]
+    np.testing.assert_array_equal(got.masks, want)
+    # The order matters: strongly curved logits give another boundary when thresholded at 0
+    # after upsampling them (on a 4 x 4 logit grid upsampled to 15 x 15).
+    x = torch.tensor([[-9.0, 4, -9, 4], [4, -9, 4, -9], [-9, 4, -9, 4], [4, -9, 4, -9]])[None, None]
+    t = SamTransform(16, "medsam")
+    np.testing.assert_array_equal(t.binarize(x, (15, 15)).numpy(), _medsam_masks(x, 15, 15))
+    assert not np.array_equal(_medsam_masks(x, 15, 15), (t.postprocess(x, (15, 15)) > 0).numpy())

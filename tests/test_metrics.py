@@ -350,3 +350,77 @@ def test_batch_volume_empty_rules_and_checks():
         batch_volume_metrics([np.zeros((3, 8, 9), bool)], gt)
     with pytest.raises(ValueError, match="spacing"):
         batch_volume_metrics([gt], gt, spacing=(1.0, 1.0))
+
+
+# --- the official cal_matric.py metrics (issue 25, item 8) ---------------------------------
+
+
+def _official_surface_distances(result, reference, voxelspacing=None, connectivity=1):
+    """get_score.py's __surface_distances (medpy's), line for line."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+    result = np.atleast_1d(result.astype(np.bool_))
+    reference = np.atleast_1d(reference.astype(np.bool_))
+    footprint = generate_binary_structure(result.ndim, connectivity)
+    result_border = result ^ binary_erosion(result, structure=footprint, iterations=1)
+    reference_border = reference ^ binary_erosion(reference, structure=footprint, iterations=1)
+    dt = distance_transform_edt(~reference_border, sampling=voxelspacing)
+    return dt[result_border]
+
+
+def _official_scores(pred, gt, spacing):
+    """cal_matric.py's hd, asd and d2c (on a Dice in [0, 1]) for non-empty masks."""
+    hd = max(
+        _official_surface_distances(pred, gt, spacing).max(),
+        _official_surface_distances(gt, pred, spacing).max(),
+    )
+    asd = _official_surface_distances(pred, gt, spacing).mean()
+    dice = 2.0 * np.count_nonzero(pred & gt) / (np.count_nonzero(pred) + np.count_nonzero(gt))
+    con = 0.0 if dice == 0.0 else (3 * dice - 2) / dice
+    return hd, asd, con
+
+
+def test_hd_asd_conformity_are_the_official_codes_and_monais():
+    from monai.metrics import compute_average_surface_distance
+
+    rng = np.random.default_rng(5)
+    spacing = (0.7, 1.3)
+    preds, gts = [], []
+    while len(preds) < 12:
+        p, g = _blob(rng), _blob(rng)
+        if p.any() and g.any():
+            preds.append(p)
+            gts.append(g)
+    preds.append(gts[0] & ~_square((40, 48), 0, 0, 40))  # no overlap: Dice 0, conformity 0
+    gts.append(gts[0] & _square((40, 48), 0, 0, 40))
+    batch = batch_slice_metrics(np.stack(preds), np.stack(gts), spacing)
+    for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
+        if not (p.any() and g.any()):
+            continue
+        hd, asd, con = _official_scores(p, g, spacing)
+        single = slice_metrics(p, g, spacing)  # the MONAI path
+        for got in (single, {k: v[i] for k, v in batch.items()}):
+            assert got["hd"] == pytest.approx(hd, rel=1e-5)
+            assert got["asd"] == pytest.approx(asd, rel=1e-5)
+            assert got["conformity"] == pytest.approx(con, rel=1e-9, abs=1e-12)
+        t_p, t_g = torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monai_hd = compute_hausdorff_distance(
+                t_p, t_g, include_background=True, spacing=spacing
+            )
+            monai_asd = compute_average_surface_distance(
+                t_p, t_g, include_background=True, symmetric=False, spacing=spacing
+            )
+        assert batch["hd"][i] == pytest.approx(float(monai_hd), rel=1e-5)
+        assert batch["asd"][i] == pytest.approx(float(monai_asd), rel=1e-5)
+    # 3D: the per-case path, with the slice spacing.
+    vp, vg = np.stack(preds[:4]), np.stack(gts[:4])
+    hd, asd, con = _official_scores(vp, vg, (3.0, *spacing))
+    got = volume_metrics(vp, vg, (3.0, *spacing))
+    assert got["hd"] == pytest.approx(hd, rel=1e-5) and got["asd"] == pytest.approx(asd, rel=1e-5)
+    assert got["conformity"] == pytest.approx(con, rel=1e-9)
+    # An empty prediction: the official code says HD = ASD = 0; here they are missing.
+    empty = slice_metrics(np.zeros_like(gts[0]), gts[0], spacing)
+    assert math.isnan(empty["hd"]) and math.isnan(empty["asd"]) and empty["hd95_missing"]
+    assert empty["conformity"] == 0.0

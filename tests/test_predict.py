@@ -31,7 +31,9 @@ PSPACING = (0.8, 4.0, 1.2)
 TASK = {
     "name": "predict_test",
     "modality": "CT",
-    "intensity": {"mode": "window", "level": 40, "width": 400},
+    # The CT presets' rule: per-slice percentiles (the official code's), which a whole-volume
+    # mapping in predict would not reproduce.
+    "intensity": {"mode": "percentile", "scope": "slice", "keep_zero": False},
     "slice_axis": "auto",
     "channel": 0,
     "label_binarize": False,
@@ -266,7 +268,7 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
             "task=folder",
             f"task.root={root}",
             "task.modality=CT",
-            "task.intensity={mode: window, level: 40, width: 400}",
+            "task.intensity={mode: percentile, scope: slice, keep_zero: false}",
             "data.min_object_pixels=20",
             f"ckpt_path={weights}",
             "model=vit_b",  # the card overrides it: tiny, as trained
@@ -297,6 +299,17 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
     assert b.any()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(nib.as_closest_canonical(mine).affine, scored.affine, atol=1e-5)
+    # The images themselves: predict's are the loader's, slice for slice (per-slice percentiles;
+    # a random tiny model's masks alone may not show a different intensity mapping).
+    from sam_ft.data.folder import find_cases
+    from sam_ft.data.loading import load_case
+    from sam_ft.inference.inputs import load_image
+
+    case = load_case(find_cases(root, cfg.task)[0], cfg.task, {"min_object_pixels": 20})
+    loaded = load_image(root / "imagesTr" / "case1.nii.gz", read_card(card_path(weights))["task"])
+    assert len(case.slices) > 1
+    for rec in case.slices:
+        np.testing.assert_array_equal(loaded.slice_image(rec.slice_index), rec.image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +324,26 @@ def test_card_fields(weights):
     assert card["evaluation"] == {"finetuned": {"box_dice": 0.5}}
     assert card["finetune"] == {"name": "decoder"}
     assert len(card["sha256"]) == 64 and card["sam_ft_version"]
+    # What a reader deciding to use the weights needs: the weights were never pretrained.
+    assert card["base_weights"]["checkpoint"] is None
+    assert "random" in card["base_weights"]["description"] and "random" in card["licence"]
+    assert (
+        "predict_test" in card["intended_use"]
+        and "not validated for clinical" in (card["intended_use"])
+    )
+
+
+def test_card_names_a_base_weights_file_by_its_hash(tmp_path, weights):
+    import hashlib
+
+    from sam_ft.inference.card import base_weights
+
+    base = tmp_path / "base.pth"
+    base.write_bytes(b"weights")
+    facts = base_weights({"name": "vit_b", "checkpoint": str(base)})
+    assert facts["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    auto = base_weights({"name": "vit_b", "checkpoint": "auto"})
+    assert auto["file"] == "sam_vit_b_01ec64.pth" and len(auto["sha256"]) == 64
 
 
 def test_card_that_does_not_match_the_weights_is_an_error(tmp_path, weights):
@@ -519,3 +552,83 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, weights):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(prompts) in errors[0] and "outside the image" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts typed on the command line
+
+
+def test_typed_box_and_points_equal_the_same_object_in_a_prompts_file(tmp_path, weights):
+    """box=[x0,y0,x1,y1] points=[[x,y]] point_labels=[0] slice=K label=N is one prompts-file
+    object: the label map written is the same, voxel for voxel."""
+    affine = lps_affine(permuted=True)
+    image, _ = make_volume(PSHAPE, slice_axis=1)
+    img = save(tmp_path / "case.nii.gz", image, affine)
+    obj = {"slice": 2, "box": [3, 4, 20, 30], "points": [[25, 35]], "point_labels": [0]}
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{**obj, "label": 3}]))
+    run_predict(weights, tmp_path / "file", f"input={img}", f"prompts={prompts}", "overlay=false")
+    typed = ["box=[3,4,20,30]", "points=[[25,35]]", "point_labels=[0]", "slice=2", "label=3"]
+    run_predict(weights, tmp_path / "typed", f"input={img}", "overlay=false", *typed)
+    a = np.asarray(nib.load(tmp_path / "file" / "case.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "typed" / "case.nii.gz").dataobj)
+    assert (b == 3).any() and set(np.unique(b)) <= {0, 3}
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (["box=[3,4,20,99]", "slice=2"], DataError, r"command line: object 1: box .* outside"),
+        (["box=[3,4,20,30]"], DataError, r"command line: object 1: a volume needs .*'slice'"),
+        (["slice=2"], ConfigError, r"^slice= needs box= or points="),
+        (["box=[3,4,20,30]", "slice=2", "prompts=x.json"], ConfigError, r"^give one of labels="),
+    ],
+)
+def test_typed_prompt_errors_name_the_option(tmp_path, weights, args, error, message):
+    image, _ = make_volume(PSHAPE, slice_axis=1)
+    img = save(tmp_path / "case.nii.gz", image, lps_affine(permuted=True))
+    with pytest.raises(error, match=message):
+        run_predict(weights, tmp_path / "out", f"input={img}", "on_error=raise", *args)
+
+
+@pytest.mark.parametrize("iou_thresh", [0.0, 1.5])
+def test_everything_mode_warns_when_it_keeps_no_mask(tmp_path, weights, caplog, iou_thresh):
+    """A predicted IoU is at most ~1, so a threshold of 1.5 keeps nothing: an empty label map
+    with a warning that says why, not a silent all-zero file."""
+    png, _ = _png_pair(tmp_path, "img")
+    with caplog.at_level("WARNING", logger="sam_ft"):
+        run_predict(
+            weights,
+            tmp_path / "out",
+            f"input={png}",
+            "prompt=everything",
+            "everything.grid=4",
+            f"everything.pred_iou_thresh={iou_thresh}",
+            "everything.stability_score_thresh=0",
+        )
+    empty = not np.asarray(Image.open(tmp_path / "out" / "img.png")).any()
+    warned = [r.getMessage() for r in caplog.records if "kept no mask" in r.getMessage()]
+    assert empty == (iou_thresh > 1)
+    assert bool(warned) == empty
+    if warned:
+        assert "pred_iou_thresh=1.5" in warned[0] and "img" in warned[0]
+
+
+def test_overlay_is_readable_with_distinct_label_colours(tmp_path, weights):
+    """A 64 x 48 image gives a 768-pixel-wide overlay (not a thumbnail); the first ten label
+    values get clearly different colours (tab20 gave 1 and 2 two shades of one blue)."""
+    from sam_ft.inference.output import OVERLAY_SIDE, label_colour
+
+    png, _ = _png_pair(tmp_path, "img")
+    run_predict(weights, tmp_path / "out", f"input={png}", "box=[10,8,29,23]", "label=2")
+    overlay = Image.open(tmp_path / "out" / "img_overlay.png")
+    assert overlay.size[0] == OVERLAY_SIDE and overlay.size[1] > 48 * OVERLAY_SIDE / 64
+    from matplotlib.colors import rgb_to_hsv
+
+    hsv = {v: rgb_to_hsv(np.asarray(label_colour(v))) for v in range(1, 11)}
+    for a in range(1, 10):  # neighbouring values (most often shown together): other hues
+        b = a + 1
+        if min(hsv[a][1], hsv[b][1]) > 0.2:  # both chromatic
+            gap = abs(hsv[a][0] - hsv[b][0])
+            assert min(gap, 1 - gap) > 0.05, (a, b)

@@ -73,11 +73,104 @@ def test_empty_mask_raises():
         mask_box(np.zeros((4, 4), dtype=bool))
 
 
-def test_enlarged_box_doubles_pixel_extent_and_clips():
-    # 10 columns (10..19) and 4 rows (20..23) -> 20 columns (5..24), 8 rows (18..25).
-    np.testing.assert_array_equal(enlarged_box([10, 20, 19, 23], 2.0, (100, 100)), [5, 18, 24, 25])
-    # Near the corner it is clipped to the image.
-    np.testing.assert_array_equal(enlarged_box([0, 1, 3, 4], 2.0, (6, 50)), [0, 0, 5, 5])
+def _official_find_box(mask):
+    y, x = np.where(mask == 1)
+    return [x.min(), y.min(), x.max(), y.max()]
+
+
+def _official_limit_rect(mask, box_ratio):
+    """``limit_rect`` of the official utils/get_prompts.py, line for line."""
+    height, width = mask.shape[0], mask.shape[1]
+    box = _official_find_box(mask)
+    w, h = box[2] - box[0], box[3] - box[1]
+    w_ratio = w * box_ratio
+    h_ratio = h * box_ratio
+    x1 = box[0] - w_ratio / 2 + w / 2
+    y1 = box[1] - h_ratio / 2 + h / 2
+    x2 = x1 + w_ratio
+    y2 = y1 + h_ratio
+    if x1 < 0:
+        x1 = 0
+    if y1 < 0:
+        y1 = 0
+    if x2 >= width:
+        x2 = width
+    if y2 >= height:
+        y2 = height
+    return x1, y1, x2 - x1, y2 - y1
+
+
+def _official_find_center(mask, box_ratio=2, n_fg=5, n_bg=5):
+    """``find_center_from_mask_new`` of the official code, line for line (cv2.moments written
+    with numpy: m10 / m00 and m01 / m00 of the 0/1 mask)."""
+    m = mask.astype(np.float64)
+    m00 = m.sum()
+    cX = int((np.arange(mask.shape[1])[None, :] * m).sum() / m00)
+    cY = int((np.arange(mask.shape[0])[:, None] * m).sum() / m00)
+    center_point = np.array([cX, cY]).reshape(1, 2)
+    indices_fg = np.where(mask == 1)
+    points_fg = np.column_stack((indices_fg[1], indices_fg[0]))
+    step_fg = int(len(points_fg) / n_fg)
+    points_fg = points_fg[::step_fg, :]
+    x, y, w, h = _official_limit_rect(mask, box_ratio)
+    x, y, w, h = int(x), int(y), int(w), int(h)
+    yy, xx = np.meshgrid(np.arange(x, x + w), np.arange(y, y + h))
+    roi = mask[y : y + h, x : x + w]
+    bool_mask = roi == 0
+    points_bg = np.column_stack((yy[bool_mask], xx[bool_mask]))
+    step_bg = int(len(points_bg) / n_bg)
+    points_bg = points_bg[::step_bg, :]
+    points_fg = np.concatenate((center_point, points_fg[1:]), axis=0)
+    point_coords = np.concatenate((points_fg, points_bg), axis=0)
+    point_labels = np.concatenate((np.ones(n_fg), np.zeros(n_bg)), axis=0)
+    return point_coords, point_labels, points_fg, points_bg
+
+
+def _official_prompt(mask, point_num):
+    """``find_all_info``'s points for one object: the first ``point_num`` of the list."""
+    coords, labels, _, _ = _official_find_center(mask.astype(np.uint8))
+    return coords[:point_num], labels[:point_num]
+
+
+def _synthetic_masks(count: int = 60, seed: int = 0) -> list[np.ndarray]:
+    """Ellipses and rectangles of 51+ pixels at random places, some touching the border."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        h, w = (int(v) for v in rng.integers(24, 70, 2))
+        yy, xx = np.mgrid[:h, :w]
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(3, h / 2), rng.uniform(3, w / 2)
+        if rng.random() < 0.5:
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        else:
+            m = (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
+        if 50 < m.sum() < m.size // 2:
+            out.append(m)
+    return out
+
+
+def test_enlarged_box_is_the_official_limit_rect():
+    # The official region is mask[int(y):int(y) + int(h), int(x):int(x) + int(w)].
+    for mask in _synthetic_masks() + [rect(30, 30, 0, 3, 0, 6), rect(30, 30, 20, 29, 25, 29)]:
+        x, y, w, h = (int(v) for v in _official_limit_rect(mask.astype(np.uint8), 2))
+        want = [x, y, x + w - 1, y + h - 1]
+        np.testing.assert_array_equal(enlarged_box(mask_box(mask), 2.0, mask.shape), want)
+    # Columns 10..19: extent 9 -> start 10 - 9 + 4.5 = 5.5, width 18 -> int: columns 5..22.
+    # Rows 20..23: extent 3 -> start 18.5, height 6 -> rows 18..23.
+    np.testing.assert_array_equal(enlarged_box([10, 20, 19, 23], 2.0, (100, 100)), [5, 18, 22, 23])
+
+
+def test_official_sampling_is_find_all_info_quirk_included():
+    quirks = 0
+    for mask in _synthetic_masks():
+        for strategy, n in (("point1", 1), ("point5", 5), ("point5_neg5", 10)):
+            coords, labels = _official_prompt(mask, n)
+            p = make_eval_prompt(mask, strategy, None, **IDENT, sampling="official")
+            np.testing.assert_array_equal(p.points, coords)
+            np.testing.assert_array_equal(p.point_labels, labels)
+        quirks += int(mask.sum() % 5 != 0)
+    assert quirks > 0  # the 6th positive labelled negative occurs in this set
 
 
 def test_point_grid_matches_segment_anything():
@@ -356,19 +449,12 @@ def _official_positives(mask: np.ndarray, n: int) -> list:
     [rect(20, 30, 2, 4, 5, 13), rect(40, 60, 10, 19, 20, 29), rect(64, 64, 3, 40, 10, 17)],
 )
 def test_default_points_are_the_official_evenly_spaced_ones(mask):
-    from sam_ft.prompts.geometry import enlarged_box
-
     pos = _official_positives(mask, 5)
     p = make_eval_prompt(mask, "point5_neg5", None, **IDENT)
     np.testing.assert_array_equal(p.points[:5], pos)
-    # The 2x box: our enlarged_box is the official enlargement (checked in the geometry tests);
-    # the negatives are the raster-order background of that box at stride floor(count / n).
-    x0, y0, x1, y1 = enlarged_box(mask_box(mask), 2.0, mask.shape)
-    region = np.zeros_like(mask)
-    region[y0 : y1 + 1, x0 : x1 + 1] = True
-    nys, nxs = np.where(region & ~mask)
-    stride = len(nys) // 5
-    np.testing.assert_array_equal(p.points[5:], np.stack([nxs, nys], 1)[::stride][:5])
+    # Negatives: the official code's 5 background points (its list after the positives).
+    _, _, _, points_bg = _official_find_center(mask.astype(np.uint8))
+    np.testing.assert_array_equal(p.points[5:], points_bg[:5])
     np.testing.assert_array_equal(p.point_labels, [1] * 5 + [0] * 5)
     # Same for every seed and case: no random stream is involved.
     other = make_eval_prompt(mask, "point5_neg5", None, **{**IDENT, "seed": 7, "case": "x"})

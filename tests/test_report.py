@@ -86,6 +86,44 @@ def test_summarize_reads_hd95_missing_from_csv_strings(per_object, tmp_path):
     assert s.loc[s["model"] == "finetuned", "hd95_missing"].item() == 1
 
 
+def test_summaries_per_label_value_beside_the_pooled_one(tmp_path):
+    """The official code reports each target (liver, tumour) on its own: summary_label.csv has
+    one row per (model, task, label, prompt, jitter), with the same statistics as the pooled
+    summary computed over that label's objects only."""
+    from sam_ft.evaluation.summary_tables import summarize_by_label
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(12):
+        label, name = (1, "liver") if k % 3 else (2, "liver_tumour")
+        dice = float(rng.uniform(0.2, 0.95))
+        row = _row("finetuned", "box", dice, case=f"c{k}", hd95=float(rng.uniform(1, 9)))
+        row.update(label=label, name=name, hd=2 * row["hd95"], asd=row["hd95"] / 3)
+        row["conformity"] = (3 * dice - 2) / dice
+        rows.append(row)
+    per_object = pd.DataFrame(rows)
+    per_object.loc[4, ["hd95", "hd", "asd"]] = np.nan
+    per_object.loc[4, "hd95_missing"] = True
+    got = summarize_by_label(per_object)
+    assert list(got["label"]) == [1, 2] and list(got["name"]) == ["liver", "liver_tumour"]
+    for _, r in got.iterrows():
+        sub = per_object[per_object["label"] == r["label"]]
+        assert r["n"] == len(sub)
+        assert r["dice_mean"] == pytest.approx(np.mean(sub["dice"]))
+        assert r["dice_std"] == pytest.approx(np.std(sub["dice"]))
+        assert r["hd_mean"] == pytest.approx(np.nanmean(sub["hd"]))
+        assert r["asd_mean"] == pytest.approx(np.nanmean(sub["asd"]))
+        assert r["conformity_mean"] == pytest.approx(np.mean(sub["conformity"]))
+        assert r["hd95_missing"] == int(sub["hd95_missing"].sum())
+    pooled = summarize(per_object)
+    assert len(pooled) == 1 and pooled["n"].item() == 12
+    assert pooled["dice_mean"].item() == pytest.approx(per_object["dice"].mean())
+    paths = write_report(tmp_path / "eval", per_object)
+    written = pd.read_csv(paths["summary_label_csv"])
+    assert list(written["label"]) == [1, 2]
+    assert "## Per target (label value, no jitter)" in paths["summary_md"].read_text()
+
+
 def test_noc_hand_computed():
     dice = {"a": [0.5, 0.86, 0.92], "b": [0.88, 0.89, 0.89], "c": [0.1, 0.2]}
     rows = [
@@ -149,6 +187,7 @@ def test_write_report_creates_every_file(per_object, tmp_path):
     )
     expected = {
         "summary_csv",
+        "summary_label_csv",
         "summary_md",
         "summary_case_csv",
         "spearman_csv",
@@ -339,3 +378,27 @@ def test_engine_labels_png_distances_px_and_volumes_mm():
     assert distance_unit(rec(-1, (1.0, 1.0))) == "px"
     assert distance_unit(rec(-1, (0.3, 0.3))) == "mm"
     assert distance_unit(rec(4, (1.0, 1.0))) == "mm"
+
+
+def test_jitter_plot_tells_zero_shot_from_finetuned_by_colour():
+    """Two models: each model one colour across its prompts, the two models two colours; the
+    prompts of one model differ in line style. One model: the prompts get the colours."""
+    from matplotlib.colors import to_hex
+
+    from sam_ft.evaluation.plots import jitter_figure
+
+    rows = [
+        {"model": m, "prompt": p, "jitter": j, "dice_mean": d}
+        for m, base in (("zero_shot", 0.4), ("finetuned", 0.8))
+        for p in ("box", "point1")
+        for j, d in (("none", base), ("0-10", base - 0.1))
+    ]
+    lines = jitter_figure(pd.DataFrame(rows), ["none", "0-10"]).axes[0].get_lines()
+    style = {ln.get_label(): (to_hex(ln.get_color()), ln.get_linestyle()) for ln in lines}
+    assert style["zero_shot / box"][0] == style["zero_shot / point1"][0]
+    assert style["finetuned / box"][0] == style["finetuned / point1"][0]
+    assert style["zero_shot / box"][0] != style["finetuned / box"][0]
+    assert style["zero_shot / box"][1] != style["zero_shot / point1"][1]
+    one = pd.DataFrame([r for r in rows if r["model"] == "finetuned"])
+    colours = {to_hex(ln.get_color()) for ln in jitter_figure(one, ["none"]).axes[0].get_lines()}
+    assert len(colours) == 2

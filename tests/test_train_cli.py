@@ -62,6 +62,13 @@ def test_demo_writes_comparison(demo_run):
         assert info["models"][name]["precision"] == {"encoder": "float32", "decoder": "float32"}
     assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
     assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
+    card = json.loads((run_dir / "sam_finetuned.json").read_text())
+    splits = json.loads((run_dir / "splits.json").read_text())
+    for split in ("train", "val", "test"):  # the cases behind the weights and the scores, by id
+        assert card["cases"][split] == sorted(splits[split])
+    assert card["evaluation_protocol"]["prompts"] == ["box", "point1"]
+    for noise in ("💡 Tip", "LeafSpec", "module(s) in eval mode"):  # sam_ft.quiet
+        assert noise not in proc.stdout + proc.stderr
 
 
 def test_exported_weights_load_in_segment_anything_classes(demo_run):

@@ -39,6 +39,7 @@ def test_paper_experiment_is_the_papers_recipe(name):
     assert cfg.trainer.gradient_clip_val is None
     assert str(cfg.trainer.precision) == "32" and cfg.model.encoder_bf16 is False
     assert cfg.train.multimask is False and cfg.loss.resolution == "original"
+    assert cfg.data.embedding_dtype == "float32"  # the official embeddings are float32
     assert "demo" not in cfg.tags and cfg.task.name == "liver_ct"
     # What the user asks for on the command line still wins.
     cfg = _compose("train", [f"experiment={name}", "task=liver_ct", "trainer.precision=bf16-mixed"])
@@ -148,7 +149,7 @@ def test_training_mask_outputs_default_to_the_papers_single_mask():
 
     assert _compose("train", []).train.multimask is None
     assert train_multimask(_cfg("oracle"), _tiny()) is False  # the paper's code
-    assert train_multimask(_cfg("auto"), _tiny()) is False
+    assert train_multimask(_cfg("auto"), _tiny()) == "auto"  # each prompt as auto decodes it
     assert train_multimask(_cfg("predicted_iou"), _tiny()) is True  # the IoU head ranks 3
     assert train_multimask(_cfg("predicted_iou"), _tiny(False)) is False  # MedSAM-like
     assert train_multimask(_cfg("oracle", True), _tiny()) is True
@@ -363,3 +364,97 @@ def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monk
 def _as_tuple(sel) -> tuple:
     """(masks, chosen channel, predicted IoU, low-res logits) of a ``decode_scored`` result."""
     return sel.masks, sel.index, sel.pred_iou, sel.low
+
+
+# --- the official loss (issue 25, item 1) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("second", [(H, W), (48, 40)])
+def test_cosmos_official_loss_is_monai_dicece_per_image(second):
+    """loss=cosmos_official is train_only_box.py's criterion: MONAI's DiceCELoss(sigmoid=True,
+    squared_pred=True) on each image's (1, objects, H, W) upsampled logits, summed over the
+    batch's images and divided by their number (one image with 1 object, one with 3)."""
+    from monai.losses import DiceCELoss
+
+    from sam_ft.training.losses import SegmentationLoss
+
+    model = _tiny(False)
+    module = _module(model, "oracle")
+    module.loss = SegmentationLoss("cosmos_official", iou_weight=0.0)
+    sizes, counts = [(H, W), second], [1, 3]
+    g = torch.Generator().manual_seed(0)
+    s = model.transform.low_res_size
+    logits = torch.randn(4, 1, s, s, generator=g) * 3
+    targets = [
+        (torch.rand(k, *hw, generator=g) < 0.3).float() for k, hw in zip(counts, sizes, strict=True)
+    ]
+    got, parts = module._loss(logits, torch.zeros(4, 1), targets, sizes)
+
+    criterion = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    batched_loss = 0.0
+    for lg, gt, size in zip(logits.split(counts), targets, sizes, strict=True):
+        masks = model.postprocess(lg, size)  # (K, 1, H, W), as Sam.postprocess_masks
+        # float: MONAI 1.6 squared_pred rejects the official long targets (2023 versions took them)
+        batched_loss += criterion(masks.squeeze(1).unsqueeze(0), gt.unsqueeze(0))
+    want = batched_loss / len(sizes)
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert parts["dice"] + parts["ce"] == pytest.approx(got.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="cosmos_official.*one mask output"):
+        module.loss(torch.zeros(2, 3, s, s), None, torch.zeros(2, s, s))
+
+
+# --- auto selection trains what it ranks (issue 25, item 10) --------------------------------
+
+
+def test_auto_selection_trains_the_iou_outputs_it_ranks():
+    """With eval.mask_selection=auto a lone point is decoded with 3 masks in training, as at
+    evaluation, so the IoU-head outputs of tokens 1-3 (which auto ranks) get gradients; a box
+    keeps the single mask (token 0)."""
+    from sam_ft.train import build_loss, train_multimask
+
+    model = _tiny()
+    module = _module(model, "auto")
+    module.multimask_output = train_multimask(_cfg("auto"), model)
+    module.loss = build_loss(_cfg("auto"))
+    assert module.loss.iou_weight == 1.0
+    image, masks = _scene()
+    prompts = [Prompt(points=[[28, 30]], point_labels=[1]), Prompt(box=[48, 8, 74, 24])]
+    with torch.no_grad():
+        emb = model.encode(model.preprocess(image)[None])
+    batch = {
+        "embedding": emb,
+        "prompts": [prompts],
+        "original_size": [(H, W)],
+        "target": [torch.from_numpy(masks).float()],
+        "case": ["c"],
+    }
+    logits, iou = module._decode_all(emb, [prompts], [(H, W)])
+    with torch.no_grad():
+        want_point, _ = model.decode(emb[0], prompts[:1], (H, W), True)
+        want_box, _ = model.decode(emb[0], prompts[1:], (H, W), False)
+    torch.testing.assert_close(logits[0], want_point[0])
+    for k in range(3):
+        torch.testing.assert_close(logits[1, k], want_box[0, 0])
+    model.zero_grad()
+    module.training_step(batch, 0).backward()
+    last = model.sam.mask_decoder.iou_prediction_head.layers[-1].weight.grad  # (4, hidden)
+    assert (last[1:].abs().sum(dim=1) > 0).all()  # tokens 1-3: the outputs auto ranks
+
+
+def test_auto_selection_warns_when_no_training_prompt_is_ranked(caplog):
+    from sam_ft.train import train_multimask
+
+    model = _tiny()
+    module = _module(model, "auto")
+    module.multimask_output = train_multimask(_cfg("auto"), model)
+    image, masks = _scene()
+    with torch.no_grad():
+        emb = model.encode(model.preprocess(image)[None])
+    module._decode_all(emb, [[Prompt(box=[48, 8, 74, 24])]], [(H, W)])  # boxes only
+    with caplog.at_level("WARNING"):
+        module.on_train_end()
+    assert "no training prompt was a single point" in caplog.text
+    caplog.clear()
+    module._decode_all(emb, [[Prompt(points=[[28, 30]], point_labels=[1])]], [(H, W)])
+    module.on_train_end()
+    assert "single point" not in caplog.text

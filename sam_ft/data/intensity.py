@@ -131,6 +131,30 @@ def map_slice(
     return out
 
 
+def case_bounds(
+    volume: np.ndarray, intensity: Mapping[str, Any] | None
+) -> tuple[float, float] | None:
+    """The bounds of a whole case for :func:`prepare_slice`, or None when they are computed on
+    each slice (``scope: slice`` with the percentile rule)."""
+    if intensity_scope(intensity) == "slice":
+        return None
+    return intensity_bounds(volume, intensity)
+
+
+def prepare_slice(
+    raw: np.ndarray, intensity: Mapping[str, Any] | None, bounds: tuple[float, float] | None
+) -> np.ndarray:
+    """One raw 2D slice -> the (H, W, 3) uint8 image SAM's preprocessing takes.
+
+    The one function the loader (training, evaluation) and ``predict.py`` prepare images with:
+    :func:`map_slice` (``bounds`` from :func:`case_bounds`), then grey replicated to RGB.
+
+    Args:
+        raw: (H, W) or (H, W, 3) raw intensities.
+    """
+    return to_rgb(map_slice(np.asarray(raw, dtype=np.float32), intensity, bounds))
+
+
 def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     """Like :func:`scale_to_uint8`, but (0, 255) bounds pass integer 8-bit data through exactly."""
     if low == 0.0 and high == 255.0:

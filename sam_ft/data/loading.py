@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.data.folder import is_2d_file
-from sam_ft.data.intensity import intensity_bounds, intensity_scope
+from sam_ft.data.intensity import case_bounds
 from sam_ft.data.readers import check_file, read_2d, read_volume, spacing_from_affine
 from sam_ft.data.skips import SkipLog, raise_or_skip
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
@@ -292,8 +292,7 @@ def load_case(
 
     modality = task_modality(opts, meta)
     # scope=slice (the official code's per-image percentiles): bounds are computed per slice.
-    per_slice = intensity_scope(opts["intensity"]) == "slice"
-    bounds = None if per_slice else intensity_bounds(image, opts["intensity"])
+    bounds = case_bounds(image, opts["intensity"])
     records = slice_records(
         image,
         label,

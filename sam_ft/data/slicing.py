@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sam_ft.data.intensity import map_slice, to_rgb
+from sam_ft.data.intensity import prepare_slice
 from sam_ft.data.types import SliceRecord
 
 # Spacings within this ratio of the largest count as equally coarse for the ``auto`` axis.
@@ -121,7 +121,7 @@ def slice_records(
             SliceRecord(
                 case=case,
                 slice_index=int(i) if is_3d else -1,
-                image=to_rgb(map_slice(raw, intensity, bounds)),
+                image=prepare_slice(raw, intensity, bounds),
                 masks=masks,
                 labels=values,
                 names=obj_names,

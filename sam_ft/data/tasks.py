@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from sam_ft.data.skips import check_on_error
-from sam_ft.defaults import group_defaults
+from sam_ft.defaults import folder_name, group_defaults
 from sam_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
     base = group_defaults("task", "folder")
     opts = {**base, **(to_plain(task) or {})}
     opts["intensity"] = {**base["intensity"], **(opts.get("intensity") or {})}
+    if opts["name"] is None:  # folder.yaml's name is its root's (an interpolation Hydra resolves)
+        opts["name"] = folder_name(opts["root"]) if opts["root"] else "folder"
     if opts["source"] not in SOURCES:
         raise ConfigError(f"task.source must be one of {SOURCES}, got {opts['source']!r}")
     if opts["labels"] is not None:

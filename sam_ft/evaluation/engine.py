@@ -135,6 +135,17 @@ class _Run:
         total = len(cases) if hasattr(cases, "__len__") else None  # type: ignore[arg-type]
         self.bar = tqdm(total=total, unit="case", desc=f"eval {self.task_name}")
 
+    def slice_progress(self, key: str):
+        """The bar's note on the case being decoded (``demo_003: slice 5/12``): a case can take
+        minutes (Everything mode, large volumes), and the case count alone looks hung."""
+        bar = self.bar
+
+        def note(done: int, total: int) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{key}: slice {done}/{total}", refresh=True)
+
+        return note
+
     def tick(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -203,7 +214,10 @@ class _Run:
         try:
             records, case_data = loaded.result()
             path = case_data.image_path if case_data is not None else path
-            return start_case(todo, records, case_data, self.opts, self.seed, key, pool, str(path))
+            return start_case(
+                todo, records, case_data, self.opts, self.seed, key, pool, str(path),
+                progress=self.slice_progress(key),
+            )  # fmt: skip
         except DataError as e:
             self.skip(key, todo, e)
             self.tick()
@@ -264,6 +278,7 @@ class _Run:
             best, worst = pool.grids()
             if best:
                 overlays[f"best_{name}"], overlays[f"worst_{name}"] = best, worst
+        warn_if_everything_kept_nothing(mine(tables["per_object"]), self.opts)
         result = EvalResult(
             per_object=mine(tables["per_object"]),
             per_case=mine(tables["per_case"]),
@@ -272,6 +287,25 @@ class _Run:
             overlays=overlays,
         )
         return result, tables
+
+
+def warn_if_everything_kept_nothing(per_object: pd.DataFrame, opts: EvalOptions) -> None:
+    """S1's Dice is 0 for an object when the generator kept no mask on its slice (``mask_index``
+    -1): say how often, per model, and which thresholds dropped them, so a 0.000 in the summary
+    is not read as a bug or a model that found the object and missed it."""
+    if per_object.empty or "everything" not in set(per_object["prompt"]):
+        return
+    s1 = per_object[per_object["prompt"] == "everything"]
+    for model, rows in s1.groupby("model", sort=False):
+        empty = int((rows["mask_index"] < 0).sum())
+        if empty:
+            e = opts.everything
+            log.warning(
+                "S1 everything, %s: the generator kept no mask for %d of %d objects (their Dice "
+                "is 0): no grid prompt passed pred_iou_thresh=%s / stability_score_thresh=%s "
+                "(SAM's defaults; eval.everything.* sets them)",
+                model, empty, len(rows), e.pred_iou_thresh, e.stability_score_thresh,
+            )  # fmt: skip
 
 
 def _commit_case(

@@ -1,4 +1,4 @@
-"""Overlap and surface metrics for one object: Dice, IoU, HD95 (mm) and NSD (mm tolerance).
+"""Overlap and surface metrics for one object: Dice, IoU, conformity, HD95, HD and ASD (mm), NSD.
 
 Arrays are indexed (row, col) in 2D and (slice, row, col) in 3D; ``spacing`` is given in the same
 order, in mm (for a 2D image without spacing, (1, 1): distances are then in pixels). HD95 follows
@@ -8,6 +8,11 @@ centres scaled by the spacing.
 
 - HD95: the larger of the two directed 95th percentiles (linear interpolation) of surface
   distances, as ``monai.metrics.compute_hausdorff_distance(percentile=95)``.
+- HD: the larger of the two directed maxima, ``compute_hausdorff_distance()`` (the official
+  ``cal_matric.py``'s ``hd``).
+- ASD: the mean distance from the prediction's surface pixels to the GT surface (directed, as the
+  official ``asd(result, reference)``), ``compute_average_surface_distance(symmetric=False)``.
+- conformity: ``(3 Dice - 2) / Dice``, 0 where Dice is 0 (the official ``d2c``).
 - NSD, ``nsd_method="area"`` (default): DeepMind's surface Dice (the ``surface-distance``
   package, used by the Decathlon and MedSAM papers): surface elements on the grid of voxel
   corners, each weighted by its area (3D) or contour length (2D) from the neighbour-code lookup
@@ -33,16 +38,20 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 from monai.metrics import (
+    compute_average_surface_distance,
     compute_dice,
     compute_hausdorff_distance,
     compute_iou,
     compute_surface_dice,
 )
 
-from sam_ft.evaluation.overlap import empty_rule
+from sam_ft.evaluation.overlap import conformity, dice_from_counts, empty_rule
 from sam_ft.evaluation.surface import GtSurface
 
-METRIC_KEYS = ("dice", "iou", "hd95", "nsd", "empty_pred", "empty_gt", "hd95_missing")
+METRIC_KEYS = (
+    "dice", "iou", "hd95", "hd", "asd", "nsd", "conformity", "empty_pred", "empty_gt",
+    "hd95_missing",
+)  # fmt: skip
 NSD_METHODS = ("area", "count")
 """``area``: DeepMind's surface Dice (surface-element areas; default); ``count``: surface voxels."""
 
@@ -71,6 +80,7 @@ def _monai_metrics(
     """All four metrics from MONAI for a pair of NON-empty masks of any dimension."""
     p = torch.from_numpy(pred)[None, None]
     g = torch.from_numpy(gt)[None, None]
+    inter, total = np.count_nonzero(pred & gt), np.count_nonzero(pred) + np.count_nonzero(gt)
     sp = [float(s) for s in spacing]
     with warnings.catch_warnings():
         # MONAI emits a deprecation warning from its own internals on every call.
@@ -78,6 +88,10 @@ def _monai_metrics(
         dice = compute_dice(p.float(), g.float(), include_background=True)
         iou = compute_iou(p.float(), g.float(), include_background=True)
         hd = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)
+        hd_max = compute_hausdorff_distance(p, g, include_background=True, spacing=sp)
+        asd = compute_average_surface_distance(
+            p, g, include_background=True, symmetric=False, spacing=sp
+        )
         nsd = compute_surface_dice(
             p,
             g,
@@ -90,7 +104,11 @@ def _monai_metrics(
         "dice": float(dice),
         "iou": float(iou),
         "hd95": float(hd),
+        "hd": float(hd_max),
+        "asd": float(asd),
         "nsd": float(nsd),
+        # From the exact float64 Dice: 1 / Dice would magnify MONAI's float32 rounding.
+        "conformity": float(conformity(dice_from_counts(inter, total))),
         "empty_pred": False,
         "empty_gt": False,
         "hd95_missing": False,
@@ -114,8 +132,8 @@ def slice_metrics(
         nsd_method: ``area`` (DeepMind's surface Dice) or ``count`` (surface voxels).
 
     Returns:
-        dict with ``dice, iou, hd95`` (mm, NaN when missing), ``nsd``, ``empty_pred``,
-        ``empty_gt``, ``hd95_missing``; empty masks follow the module table.
+        dict with ``dice, iou, hd95, hd, asd`` (mm, NaN when missing), ``nsd``, ``conformity``,
+        ``empty_pred``, ``empty_gt``, ``hd95_missing``; empty masks follow the module table.
     """
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)

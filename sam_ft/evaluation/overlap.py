@@ -1,12 +1,15 @@
 """Dice and IoU of bool masks, numpy and torch, with one rule for empty masks.
 
-============================  ====  ====  ====  =====================================
-case                          Dice  IoU   NSD   HD95
-============================  ====  ====  ====  =====================================
-both empty                    1     1     1     0
-empty pred, non-empty GT      0     0     0     NaN, ``hd95_missing=True``
-non-empty pred, empty GT      0     0     0     NaN, ``hd95_missing=True``
-============================  ====  ====  ====  =====================================
+============================  ====  ====  ====  ===========  ================================
+case                          Dice  IoU   NSD   conformity   HD95, HD, ASD
+============================  ====  ====  ====  ===========  ================================
+both empty                    1     1     1     1            0
+empty pred, non-empty GT      0     0     0     0            NaN, ``hd95_missing=True``
+non-empty pred, empty GT      0     0     0     0            NaN, ``hd95_missing=True``
+============================  ====  ====  ====  ===========  ================================
+
+The official code returns 0 for HD and ASD when a mask is empty; a NaN keeps the failure visible
+(``hd95_missing`` flags all three distances, which are missing together).
 
 Every Dice in the package (the engine's scores, the oracle mask selection, Everything mode's
 matching, the training module's validation) comes from here.
@@ -25,11 +28,23 @@ def empty_rule(empty_pred: bool, empty_gt: bool) -> dict:
         "dice": 1.0 if both else 0.0,
         "iou": 1.0 if both else 0.0,
         "hd95": 0.0 if both else float("nan"),
+        "hd": 0.0 if both else float("nan"),
+        "asd": 0.0 if both else float("nan"),
         "nsd": 1.0 if both else 0.0,
+        "conformity": 1.0 if both else 0.0,
         "empty_pred": empty_pred,
         "empty_gt": empty_gt,
         "hd95_missing": not both,
     }
+
+
+def conformity(dice: np.ndarray | float) -> np.ndarray:
+    """The conformity coefficient of the official ``cal_matric.py`` (``d2c``) from Dice:
+    ``(3 * dice - 2) / dice``, 0 where Dice is 0 (as the official code); 1 for a perfect mask,
+    negative once Dice < 2/3 (mis-segmented pixels outnumber the correct ones). Float64."""
+    dice = np.asarray(dice, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(dice == 0, 0.0, (3 * dice - 2) / np.where(dice == 0, 1.0, dice))
 
 
 def dice_from_counts(inter: np.ndarray, total: np.ndarray) -> np.ndarray:

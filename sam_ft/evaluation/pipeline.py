@@ -39,11 +39,12 @@ import numpy as np
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation.attributes import object_attributes
 from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.overlap import conformity
 from sam_ft.prompts.strategies import make_eval_prompt
 from sam_ft.prompts.types import Prompt
 
 ATTRIBUTE_COLUMNS = ["area_px", "area_mm2", "aspect_ratio", "boundary_complexity", "contrast"]
-_METRICS = ("dice", "iou", "hd95", "hd95_missing", "nsd", "empty_pred")
+_METRICS = ("dice", "iou", "hd95", "hd", "asd", "hd95_missing", "nsd", "conformity", "empty_pred")
 
 
 class WorkerDiedError(SamFtError):
@@ -207,8 +208,11 @@ def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
                         "dice": ms.dice[i, j].item(),
                         "iou": ms.iou[i, j].item(),
                         "hd95": scores["hd95"][j].item(),
+                        "hd": scores["hd"][j].item(),
+                        "asd": scores["asd"][j].item(),
                         "hd95_missing": bool(scores["hd95_missing"][j]),
                         "nsd": float(scores["nsd"][j]),
+                        "conformity": float(conformity(ms.dice[i, j].item())),
                         "empty_pred": bool(scores["empty_pred"][j]),
                         "mask_index": int(ms.mask_index[i, j]),
                         "pred_iou": float(ms.pred_iou[i, j]),

@@ -84,7 +84,14 @@ def plot_grouped_bars(
 
 
 def plot_dice_vs_jitter(table: pd.DataFrame, path: str | Path, jitter_order: Sequence[str]) -> Path:
-    """Dice against prompt jitter: one line per (model, prompt); colour = prompt, style = model.
+    """Dice against prompt jitter, one line per (model, prompt) (see :func:`jitter_figure`)."""
+    return _save(jitter_figure(table, jitter_order), path)
+
+
+def jitter_figure(table: pd.DataFrame, jitter_order: Sequence[str]) -> Figure:
+    """Dice against prompt jitter: one line per (model, prompt). With several models the colour
+    is the model (zero-shot vs finetuned is the comparison a reader looks for) and the line
+    style and marker the prompt; with one model the colour is the prompt.
 
     ``table`` has columns ``model, prompt, jitter, dice_mean`` (one row each).
     """
@@ -92,21 +99,22 @@ def plot_dice_vs_jitter(table: pd.DataFrame, path: str | Path, jitter_order: Seq
     ax = fig.add_subplot()
     if table.empty:
         _empty_note(ax, "no jittered prompts evaluated")
-        return _save(fig, path)
+        return fig
     levels = [j for j in jitter_order if j in set(table["jitter"])]
     levels += sorted(set(table["jitter"]) - set(levels))
-    styles = ["-", "--", ":", "-."]
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v", "P"]
     prompts = list(dict.fromkeys(table["prompt"]))
     models = list(dict.fromkeys(table["model"]))
-    colours = {p: f"C{i % 10}" for i, p in enumerate(prompts)}
+    by_model = len(models) > 1
     for (model, prompt), rows in table.groupby(["model", "prompt"], sort=False):
         rows = rows.set_index("jitter").reindex(levels)
+        m, p = models.index(model), prompts.index(prompt)
         ax.plot(
             range(len(levels)),
             rows["dice_mean"].to_numpy(float),
-            marker="o",
-            color=colours[prompt],
-            linestyle=styles[models.index(model) % len(styles)],
+            marker=markers[p % len(markers)] if by_model else "o",
+            color=f"C{(m if by_model else p) % 10}",
+            linestyle=styles[(p if by_model else m) % len(styles)],
             label=f"{model} / {prompt}",
         )
     ax.set_xticks(range(len(levels)), [f"{j} px" if j != "none" else j for j in levels])
@@ -116,7 +124,7 @@ def plot_dice_vs_jitter(table: pd.DataFrame, path: str | Path, jitter_order: Seq
     ax.set_title("Dice vs prompt jitter")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 def plot_dice_vs_clicks(curves: pd.DataFrame, path: str | Path) -> Path:

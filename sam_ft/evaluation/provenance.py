@@ -50,6 +50,9 @@ def provenance(options: EvalOptions, seed: int | None, rows: pd.DataFrame) -> di
         "empty masks by its table)",
         "hd95": "MONAI's (monai.metrics.compute_hausdorff_distance, percentile=95); missing "
         "when a mask is empty, never 0",
+        "hd_asd": "HD: MONAI's compute_hausdorff_distance (the maximum); ASD: MONAI's "
+        "compute_average_surface_distance(symmetric=False), prediction to ground truth",
+        "conformity": "(3 Dice - 2) / Dice, 0 where Dice is 0",
         "nsd": f"{options.nsd_method}: {NSD_WORDS[options.nsd_method]}",
         "nsd_tolerance": f"{options.nsd_tolerance_mm:g} mm (pixels for 2D images without spacing)",
         "spacing": "each image's own voxel spacing from its header, in mm; 2D images without a "

@@ -11,7 +11,7 @@ Coordinates: prompts (x, y) = (column, row); masks (row, col); volumes (slice, r
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -317,9 +317,11 @@ def start_case(
     case_key: str,
     pool: ScoringPool,
     path: str,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PendingCase:
     """All models on one case: the encoder (once per slice per model), the decoder and the click
-    curves here; the scoring jobs go to ``pool``."""
+    curves here; the scoring jobs go to ``pool``. ``progress(done, total)`` is called after each
+    slice is decoded."""
     if not records:
         raise DataError(case_key, "case has no slice with an object")
     if len({r.image_id for r in records}) > 1:
@@ -378,6 +380,8 @@ def start_case(
             else -1,
         )
         jobs.append(pool.submit(score_slice, job))
+        if progress is not None:
+            progress(n + 1, len(records))
     case_job = pool.submit(score_case, _case_job(records, case_data, stores, opts, case_key))
     geometry = case_geometry(records, case_data)
     return PendingCase(

@@ -225,7 +225,6 @@ def decode_scored(
         )
     device = embedding.device
     gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
-    threshold = float(model.sam.mask_threshold)
     multimask_model = bool(getattr(model, "multimask_output", True))
     if packed:
         masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
@@ -256,7 +255,7 @@ def decode_scored(
             for s in range(0, len(chunk), step):
                 idx = chunk[s : s + step]
                 sub_low, sub_iou = low[s : s + len(idx)], ious[s : s + len(idx)]
-                binary = model.postprocess(sub_low, size) > threshold
+                binary = model.binarize(sub_low, size)
                 g = gt_dev[torch.from_numpy(gt_of[idx]).to(device)]
                 chosen, ch, d, u = _select_on_device(binary, sub_iou, g, selection)
                 rows = torch.arange(len(idx), device=device)

@@ -32,6 +32,7 @@ from sam_ft.evaluation.summary_tables import (
     sort_rows,
     spearman_wide,
     summarize,
+    summarize_by_label,
     summary_unit,
     to_markdown,
     unit_words,
@@ -119,6 +120,10 @@ def _write_tables(
     calibration = calibration_table(per_object, boot)
     paths["calibration_csv"] = out_dir / "calibration.csv"
     calibration.to_csv(paths["calibration_csv"], index=False)
+    # Per target (label value) beside the pooled task rows, as the official code reports.
+    by_label = summarize_by_label(per_object, boot)
+    paths["summary_label_csv"] = out_dir / "summary_label.csv"
+    by_label.to_csv(paths["summary_label_csv"], index=False)
 
     case_summary = None
     if per_case is not None and not per_case.empty:
@@ -142,6 +147,7 @@ def _write_tables(
         noc_table.to_csv(paths["noc_csv"], index=False)
     return {
         "summary": summary,
+        "by_label": by_label,
         "pooled": pooled,
         "case_summary": case_summary,
         "spearman": spearman,
@@ -235,6 +241,11 @@ def _markdown(
     lines += ["## All metrics (no jitter)", "", f"HD95 in {unit_words(unit)}, averaged where it "]
     lines[-1] += "exists; `hd95 missing` counts objects with an empty prediction or ground truth."
     lines += ["", to_markdown(metrics_view(no_jitter(summary))), ""]
+    by_label = tables.get("by_label")
+    if by_label is not None and not by_label.empty:
+        lines += ["## Per target (label value, no jitter)", ""]
+        lines += ["The tables above pool a task's targets; the official code reports each.", ""]
+        lines += [to_markdown(metrics_view(no_jitter(by_label))), ""]
     jitter = jitter_table(summary)
     if not jitter.empty:
         lines += ["## Robustness to prompt jitter (Dice)", "", to_markdown(jitter), ""]

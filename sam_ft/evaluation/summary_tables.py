@@ -43,7 +43,10 @@ PROMPT_NAMES = {
     "box_point1": "S6 box+point",
 }
 SUMMARY_KEYS = ["model", "task", "prompt", "jitter"]
-SCORE_COLUMNS = ["n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean"]
+SCORE_COLUMNS = [
+    "n", "dice_mean", "dice_std", "iou_mean", "hd95_mean", "nsd_mean", "hd_mean", "asd_mean",
+    "conformity_mean",
+]  # fmt: skip
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
 SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
 """``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
@@ -86,6 +89,7 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
     df["hd95"] = pd.to_numeric(df["hd95"], errors="coerce")
     df["_missing"] = _missing_hd95(df)
     df.loc[df["_missing"], "hd95"] = np.nan
+    _official_metric_columns(df)
     if "distance_unit" not in df:
         df["distance_unit"] = "mm"
     df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
@@ -96,6 +100,9 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
         iou_mean=("iou", "mean"),
         hd95_mean=("hd95", "mean"),
         nsd_mean=("nsd", "mean"),
+        hd_mean=("hd", "mean"),
+        asd_mean=("asd", "mean"),
+        conformity_mean=("conformity", "mean"),
         hd95_missing=("_missing", "sum"),
     )
     out["dice_std"] = grouped["dice"].std(ddof=0)
@@ -104,6 +111,43 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
     out["hd95_missing"] = out["hd95_missing"].astype(int)
     out = sort_rows(out[SUMMARY_COLUMNS])
     return out if bootstrap is None else add_intervals(out, df, SUMMARY_KEYS, bootstrap)
+
+
+def _official_metric_columns(df: pd.DataFrame) -> None:
+    """HD, ASD and conformity (the official ``cal_matric.py``'s) as numbers, in place: HD and
+    ASD missing where HD95 is (one mask empty); NaN columns for tables written without them."""
+    for column in ("hd", "asd", "conformity"):
+        df[column] = pd.to_numeric(df[column], errors="coerce") if column in df else np.nan
+    df.loc[df["_missing"], ["hd", "asd"]] = np.nan
+
+
+LABEL_KEYS = ["label", "name"]
+
+
+def summarize_by_label(
+    per_object: pd.DataFrame, bootstrap: Bootstrap | None = None
+) -> pd.DataFrame:
+    """:func:`summarize` per label value (target), as the official code reports each target
+    (e.g. liver and tumour) on its own; ``summarize`` pools the objects of a task.
+
+    Returns:
+        :data:`SUMMARY_COLUMNS` with ``label`` and ``name`` after ``task`` (and the CIs of
+        ``bootstrap``, over the cases of each target), sorted by model, task, label, prompt and
+        jitter.
+    """
+    frames = []
+    df = per_object.copy()
+    if "name" not in df:
+        df["name"] = ""
+    for (label, name), rows in df.groupby(LABEL_KEYS, sort=False, dropna=False):
+        part = summarize(rows, bootstrap)
+        part.insert(2, "label", label)
+        part.insert(3, "name", name)
+        frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=[*SUMMARY_KEYS[:2], *LABEL_KEYS, *SUMMARY_COLUMNS[2:]])
+    out = pd.concat(frames, ignore_index=True)
+    return sort_table(out, by=("model", "task", "label", "prompt", "jitter"))
 
 
 def _click_matrix(group: pd.DataFrame, object_keys: list[str]) -> pd.DataFrame:
@@ -387,6 +431,9 @@ def metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
             "iou_mean": "IoU",
             "hd95_mean": f"HD95 ({unit})" if unit else "HD95",
             "nsd_mean": "NSD",
+            "hd_mean": f"HD ({unit})" if unit else "HD",
+            "asd_mean": f"ASD ({unit})" if unit else "ASD",
+            "conformity_mean": "conformity",
             "hd95_missing": "hd95 missing",
         }
     )

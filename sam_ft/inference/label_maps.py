@@ -227,6 +227,16 @@ def predict_everything(
                 [(m + 1, decode_code(c)) for m, c in enumerate(codes[:65535])], image.size
             )
             bar.update(1)
+    if not stack.any():
+        e = settings.everything
+        log.warning(
+            "%s: Everything mode kept no mask on any of its %d slice(s): none of the %d x %d grid "
+            "prompts passed pred_iou_thresh=%s and stability_score_thresh=%s (SAM's defaults, "
+            "tuned on natural images); the label map is empty. Lower them "
+            "(everything.pred_iou_thresh=0.5 everything.stability_score_thresh=0.8) or prompt "
+            "the objects (box=, points=, prompts=, labels=)",
+            name, image.num_slices, e.grid, e.grid, e.pred_iou_thresh, e.stability_score_thresh,
+        )  # fmt: skip
     return _narrow(stack)
 
 

@@ -1,5 +1,6 @@
-"""A prompts JSON (``predict.py prompts=``) read, checked and moved from the input file's own
-pixel indices into the slicing frame: ``{slice: [(label value, Prompt)]}``, prompts (x, y)."""
+"""Prompts for ``predict.py`` (a ``prompts=`` JSON, or ``box=``/``points=`` on the command line)
+read, checked and moved from the input file's own pixel indices into the slicing frame:
+``{slice: [(label value, Prompt)]}``, prompts (x, y)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def read_prompt_file(
     objects = data.get("objects") if isinstance(data, dict) else data
     if isinstance(data, dict) and "objects" not in data:
         objects = [data]
+    return parse_prompt_objects(objects, str(path), geometry, image)
+
+
+def parse_prompt_objects(
+    objects: Any, path: str, geometry: FileGeometry, image: LoadedImage
+) -> dict[int, list[tuple[int, Prompt]]]:
+    """Check prompt objects (a prompts JSON's list, or the one ``predict.py box=... slice=...``
+    gives) -> {slice (slicing frame): [(label value, Prompt)]}.
+
+    Every problem raises a :class:`DataError` naming ``path`` (the file, or the command-line
+    options) and the object.
+    """
     if not isinstance(objects, list) or not objects:
         raise DataError(str(path), "no objects: expected a non-empty list of prompt objects")
     is_3d = image.slice_axis >= 0
@@ -109,7 +122,7 @@ def _number_list(value: Any, n: int | None) -> bool:
     )
 
 
-def _check_box(path: Path, where: str, box: Any, plane: tuple[int, int]) -> np.ndarray:
+def _check_box(path: str, where: str, box: Any, plane: tuple[int, int]) -> np.ndarray:
     if not _number_list(box, 4):
         raise DataError(str(path), f"{where}: box must be [x_min, y_min, x_max, y_max], got {box}")
     x0, y0, x1, y1 = box
@@ -125,7 +138,7 @@ def _check_box(path: Path, where: str, box: Any, plane: tuple[int, int]) -> np.n
     return np.asarray(box, dtype=np.float64)
 
 
-def _check_points(path: Path, where: str, points: Any, plane: tuple[int, int]) -> np.ndarray:
+def _check_points(path: str, where: str, points: Any, plane: tuple[int, int]) -> np.ndarray:
     if not isinstance(points, list) or not points or not all(_number_list(p, 2) for p in points):
         raise DataError(str(path), f"{where}: points must be [[x, y], ...], got {points}")
     pts = np.asarray(points, dtype=np.float64)

@@ -166,3 +166,19 @@ class SamTransform:
         h, w = self.input_size(original_size)
         x = x[..., :h, :w]
         return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def binarize(
+        self, low_res_logits: torch.Tensor, original_size: tuple[int, int], threshold: float = 0.0
+    ) -> torch.Tensor:
+        """(N, C, S/4, S/4) logits -> (N, C, H, W) bool masks at the original size.
+
+        ``sam``: ``postprocess(...) > threshold`` (``SamPredictor``). ``medsam``: MedSAM's
+        ``MedSAM_Inference.py`` order, sigmoid, then bilinear to the original size, then > 0.5;
+        bilinear interpolation does not commute with the sigmoid, so upsampling the logits and
+        thresholding at 0 moves the boundary.
+        """
+        if self.mode == "medsam":
+            prob = torch.sigmoid(low_res_logits.float())
+            size = tuple(original_size)
+            return F.interpolate(prob, size, mode="bilinear", align_corners=False) > 0.5
+        return self.postprocess(low_res_logits, original_size) > threshold

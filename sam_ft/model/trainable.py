@@ -218,6 +218,11 @@ class TrainableSam(nn.Module):
         """(N, M, S/4, S/4) logits -> (N, M, H, W) logits at the original image size."""
         return self.transform.postprocess(low_res_logits, original_size)
 
+    def binarize(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
+        """(N, M, S/4, S/4) logits -> (N, M, H, W) bool masks as the model's own code makes them
+        (SAM: logits upsampled, > ``mask_threshold``; MedSAM: sigmoid, upsampled, > 0.5)."""
+        return self.transform.binarize(low_res_logits, original_size, self.sam.mask_threshold)
+
     @torch.no_grad()
     def predict(
         self, image: np.ndarray, prompts: list[Prompt], multimask_output: bool = True

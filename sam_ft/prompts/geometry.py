@@ -38,10 +38,14 @@ def mask_centroid(mask: np.ndarray) -> tuple[int, int]:
 
 
 def enlarged_box(box: np.ndarray, factor: float, original_size: tuple[int, int]) -> np.ndarray:
-    """Box scaled ``factor`` times about its centre, clipped to the image -> (4,) int, inclusive.
+    """The official ``limit_rect`` (``utils/get_prompts.py``) as an inclusive box -> (4,) int.
 
-    The scaling acts on the pixel extent (``x_max - x_min + 1`` pixels), so a 10-pixel-wide box
-    becomes 20 pixels wide at ``factor=2``; a degenerate box still grows.
+    The official code scales the box's extent measured between its first and last pixel index
+    (``x_max - x_min``, one less than the pixel count) ``factor`` times about its centre, clips
+    the float corners to [0, W] x [0, H], truncates the corner and the extent with ``int`` and
+    reads ``mask[y:y + h, x:x + w]``: a half-open range, so the box reaches ``x_max + extent / 2``
+    exclusive on the right and bottom. A one-pixel-wide box has extent 0 and stays empty
+    (``x_max < x_min`` in the result); callers fall back to the whole image's background.
 
     Args:
         box: (4,) ``[x_min, y_min, x_max, y_max]`` inclusive pixel indices.
@@ -50,15 +54,16 @@ def enlarged_box(box: np.ndarray, factor: float, original_size: tuple[int, int])
     """
     x0, y0, x1, y1 = np.asarray(box, dtype=np.float64)
     h, w = original_size
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    # Half-extents measured between pixel centres: an extent of n pixels spans n - 1 between the
-    # first and last centre, hence the -0.5 on each side.
-    hx = factor * (x1 - x0 + 1) / 2 - 0.5
-    hy = factor * (y1 - y0 + 1) / 2 - 0.5
-    out = np.array(
-        [np.ceil(cx - hx), np.ceil(cy - hy), np.floor(cx + hx), np.floor(cy + hy)], dtype=np.int64
-    )
-    return np.clip(out, 0, [w - 1, h - 1, w - 1, h - 1])
+    out = []
+    for lo, hi, size in ((x0, x1, w), (y0, y1, h)):
+        extent = hi - lo
+        start = lo - extent * factor / 2 + extent / 2
+        stop = start + extent * factor  # from the unclipped start, as in the official code
+        start, stop = max(start, 0.0), min(stop, float(size))
+        first = int(start)
+        out.append((first, first + int(stop - start) - 1))
+    (ex0, ex1), (ey0, ey1) = out
+    return np.array([ex0, ey0, ex1, ey1], dtype=np.int64)
 
 
 def point_grid(m: int, original_size: tuple[int, int]) -> np.ndarray:

@@ -30,9 +30,14 @@ _LAYOUT: dict[str, tuple[int, int, bool]] = {
     "box_point1": (1, 0, True),
 }
 
-POINT_SAMPLINGS: tuple[str, ...] = ("even", "random")
-"""``even``: the official code's evenly spaced points (raster order, fixed stride; the default);
-``random``: uniform draws without replacement from the prompt stream."""
+POINT_SAMPLINGS: tuple[str, ...] = ("even", "random", "official")
+"""``even``: the official code's evenly spaced points (raster order, fixed stride; the default),
+with n positives and n negatives exactly and the centroid checked; ``official``: the official code
+verbatim, its S4 quirk and unchecked centroid included (:func:`official_points`); ``random``:
+uniform draws without replacement from the prompt stream."""
+
+OFFICIAL_POINTS_PER_KIND = 5
+"""``find_center_from_mask_new`` samples 5 positives and 5 negatives, whatever the strategy."""
 
 NEGATIVE_BOX_FACTOR = 2.0
 """Negatives are drawn inside the tight box enlarged this many times about its centre."""
@@ -184,6 +189,37 @@ def even_negative_points(
     return _negatives(mask, n, factor, lambda count: _strided(count, n))
 
 
+def official_points(mask: np.ndarray, n: int, factor: float = NEGATIVE_BOX_FACTOR):
+    """The official ``find_all_info(..., point_num=n)``: its first n points and labels.
+
+    ``find_center_from_mask_new`` lists the mask's pixels in raster order at stride
+    floor(count / 5) (5 points, or 6 when count is not a multiple of 5), replaces the first by
+    the centroid (``int`` of the image moments, unchecked: it may lie outside the mask), appends
+    the enlarged box's background pixels at stride floor(count / 5) and labels the list
+    ``[1] * 5 + [0] * 5``. With 6 positives, S4 (n = 10) labels the 6th in-mask pixel negative
+    and keeps 4 background points. Where the official code would crash (a stride of 0, no
+    background in the box) the fallbacks of :func:`_negatives` apply.
+
+    Returns ``(points (n, 2) float (x, y), labels (n,) int)``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    k = OFFICIAL_POINTS_PER_KIND
+    rows, cols = np.nonzero(mask)  # raster order
+    fg = np.stack([cols, rows], axis=-1)[:: max(len(rows) // k, 1)].astype(np.float64)
+    fg[0] = mask_centroid(mask)
+    labels = np.concatenate([np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64)])
+    if n <= len(fg):
+        return fg[:n], labels[:n]
+    flat = _negative_region(mask, factor)
+    if len(flat) == 0:
+        pad = n - len(fg)
+        pts = np.concatenate([fg, np.zeros((pad, 2))])
+        return pts, np.concatenate([labels[: len(fg)], np.full(pad, PAD_LABEL, dtype=np.int64)])
+    r, c = np.divmod(flat[:: max(len(flat) // k, 1)], mask.shape[1])
+    pts = np.concatenate([fg, np.stack([c, r], axis=-1).astype(np.float64)])[:n]
+    return pts, labels[: len(pts)]
+
+
 def make_prompt(
     mask: np.ndarray,
     strategy: str,
@@ -193,8 +229,9 @@ def make_prompt(
 ) -> Prompt:
     """Unjittered prompt of one per-object strategy (all of S2-S6) for an (H, W) bool mask.
 
-    ``sampling="even"`` (default, the official code) spreads the points evenly and uses no
-    random stream; ``"random"`` draws positives from ``rng`` and negatives from ``neg_rng``
+    ``sampling="even"`` (default, the official code's spacing) spreads the points evenly and
+    uses no random stream; ``"official"`` is the official code verbatim (:func:`official_points`);
+    ``"random"`` draws positives from ``rng`` and negatives from ``neg_rng``
     (default ``rng``).
     """
     if sampling not in POINT_SAMPLINGS:
@@ -212,6 +249,9 @@ def make_prompt(
     box = mask_box(mask) if with_box else None
     if n_pos + n_neg == 0:
         return Prompt(box=box)
+    if sampling == "official":
+        points, labels = official_points(mask, n_pos + n_neg)
+        return Prompt(box=box, points=points, point_labels=labels)
     if sampling == "even":
         pos = even_positive_points(mask, n_pos)
         neg, neg_labels = even_negative_points(mask, n_neg)
@@ -250,7 +290,7 @@ def make_eval_prompt(
         strategy: one of ``STRATEGIES`` except ``"everything"``.
         jitter: ``None``/``"none"``, a name such as ``"0-10"``, or a ``[lo, hi]`` range in pixels.
         seed, case, slice_index, label: identity of the object (``label`` is its label value).
-        sampling: ``even`` or ``random`` (``eval.point_sampling``).
+        sampling: ``even``, ``official`` or ``random`` (``eval.point_sampling``).
 
     Returns:
         Prompt in original-image (x, y) pixel coordinates.

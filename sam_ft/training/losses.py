@@ -1,11 +1,17 @@
 """Segmentation losses for SAM's mask decoder (Hydra config group ``loss``).
 
-Two mask losses, each per object and per predicted mask, then averaged over objects:
+Two mask losses per object and per predicted mask, averaged over objects, and the official one:
 
-* ``dice_ce``: soft Dice + binary cross-entropy on sigmoid logits, the study's finetuning loss
-  (MONAI ``DiceCELoss(sigmoid=True)`` with per-sample Dice).
+* ``dice_ce``: soft Dice + binary cross-entropy on sigmoid logits, each object on its own (the
+  default: a documented correction of the study's loss, see ``cosmos_official``).
 * ``focal_dice``: 20 x focal + 1 x Dice, SAM's own training loss (focal alpha 0.25, gamma 2, as
   in DETR / ``torchvision.ops.sigmoid_focal_loss``).
+* ``cosmos_official``: the official ``train_only_box.py`` loss, MONAI
+  ``DiceCELoss(sigmoid=True, squared_pred=True)`` on each image's logits laid out as
+  (1, objects, H, W), averaged over images: objects are channels, so the Dice is squared and
+  averaged over an image's objects, and the cross-entropy is MONAI's for that layout (a softmax
+  across the image's objects for several, binary for one in MONAI 1.6; 0 for one in the 2023
+  versions). One mask output.
 
 With multimask output (C = 3) only the mask with the lowest loss counts for each object, as SAM
 trains its ambiguity-aware output. An optional MSE term trains the IoU head towards the true IoU
@@ -18,10 +24,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
+from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import nn
 
-LossKind = Literal["dice_ce", "focal_dice"]
+LossKind = Literal["dice_ce", "focal_dice", "cosmos_official"]
+KINDS: tuple[str, ...] = ("dice_ce", "focal_dice", "cosmos_official")
 Resolution = Literal["low", "input", "original"]
 RESOLUTIONS: tuple[str, ...] = ("low", "input", "original")
 
@@ -43,7 +50,9 @@ class SegmentationLoss(nn.Module):
     """Per-object mask loss with best-of-C selection and an optional IoU-head MSE.
 
     Args:
-        kind: ``"dice_ce"`` (the study's) or ``"focal_dice"`` (SAM's).
+        kind: ``"dice_ce"`` (per object), ``"focal_dice"`` (SAM's) or ``"cosmos_official"``
+            (the official code's, per image; ``per_image`` is then True and ``forward`` needs
+            ``groups``).
         iou_weight: weight of the IoU-head MSE; 0 disables it (``iou_pred`` may then be None).
         dice_weight: weight of the Dice term.
         ce_weight: weight of the cross-entropy term (``dice_ce``).
@@ -83,15 +92,24 @@ class SegmentationLoss(nn.Module):
                 "loss.iou_weight is null: build the loss with sam_ft.train.build_loss, "
                 "which sets it from eval.mask_selection, or give a number"
             )
-        if kind not in ("dice_ce", "focal_dice"):
-            raise ValueError(f"loss kind must be 'dice_ce' or 'focal_dice', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"loss kind must be one of {KINDS}, got {kind!r}")
         if iou_on not in ("all", "best"):
             raise ValueError(f"iou_on must be 'all' or 'best', got {iou_on!r}")
         self.kind = kind
         self.iou_weight = float(iou_weight)
         self.dice_weight = float(dice_weight)
-        self.pixel_weight = float(ce_weight if kind == "dice_ce" else focal_weight)
-        self.pixel_name = "ce" if kind == "dice_ce" else "focal"
+        self.pixel_weight = float(focal_weight if kind == "focal_dice" else ce_weight)
+        self.pixel_name = "focal" if kind == "focal_dice" else "ce"
+        self.per_image = kind == "cosmos_official"
+        self.official = DiceCELoss(
+            sigmoid=True,
+            squared_pred=True,
+            lambda_dice=dice_weight,
+            lambda_ce=ce_weight,
+            smooth_nr=smooth,
+            smooth_dr=smooth,
+        )
         self.iou_on = iou_on
         self.resolution = resolution
         # reduction="none" keeps one Dice per (object, mask): per-object Dice, never batch-global.
@@ -112,11 +130,39 @@ class SegmentationLoss(nn.Module):
             pix = self.focal(logits, t)
         return {"dice": dice, self.pixel_name: pix.mean(dim=(-2, -1))}
 
+    def per_image_official(
+        self, logits: torch.Tensor, target: torch.Tensor, groups: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """``cosmos_official``: MONAI DiceCE on each image's (1, K, h, w) logits, mean over images.
+
+        Args:
+            logits: (N, 1, h, w), the objects of the images concatenated.
+            target: (N, h, w) {0, 1}.
+            groups: objects per image, summing to N.
+        Returns:
+            ``{"total", "dice", "ce"}`` scalars.
+        """
+        if logits.shape[1] != 1:
+            raise ValueError(
+                "loss=cosmos_official is the official single-mask loss: it needs one mask output "
+                f"(train.multimask=false), got {logits.shape[1]} masks per object"
+            )
+        if sum(groups) != logits.shape[0]:
+            raise ValueError(f"groups {groups} do not add up to {logits.shape[0]} objects")
+        total, dice = [], []
+        for lg, t in zip(logits.split(groups), target.split(groups), strict=True):
+            x, y = lg.transpose(0, 1), t[None]  # (1, K, h, w): objects as channels
+            total.append(self.official(x, y))
+            dice.append(self.official.dice(x, y) * self.official.lambda_dice)
+        total_t, dice_t = torch.stack(total).mean(), torch.stack(dice).mean()
+        return {"total": total_t, "dice": dice_t, "ce": total_t - dice_t}
+
     def forward(
         self,
         logits: torch.Tensor,
         iou_pred: torch.Tensor | None,
         target: torch.Tensor,
+        groups: list[int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of a batch of objects.
 
@@ -125,6 +171,7 @@ class SegmentationLoss(nn.Module):
             iou_pred: (N, C) IoU-head predictions, or None when ``iou_weight == 0``.
             target: (N, h, w) float {0, 1} ground truth at the logits' resolution (the module
                 brings both into the ``resolution`` frame).
+            groups: objects per image (summing to N), for ``cosmos_official``; None = one image.
 
         Returns:
             ``(loss, parts)``: the scalar loss, and detached scalars ``dice``, ``ce`` or
@@ -148,11 +195,17 @@ class SegmentationLoss(nn.Module):
                 "iou_mse": zero.detach(),
                 "iou": zero.detach(),
             }
-        parts = self.per_mask(logits, target)
-        seg = self.dice_weight * parts["dice"] + self.pixel_weight * parts[self.pixel_name]
-        best = seg.detach().argmin(dim=1)  # (N,) mask kept per object
         rows = torch.arange(n, device=logits.device)
-        loss = seg[rows, best].mean()
+        if self.per_image:
+            official = self.per_image_official(logits, target, groups or [n])
+            loss = official.pop("total")
+            best = torch.zeros(n, dtype=torch.long, device=logits.device)
+            parts = {k: v.expand(n, 1) for k, v in official.items()}
+        else:
+            parts = self.per_mask(logits, target)
+            seg = self.dice_weight * parts["dice"] + self.pixel_weight * parts[self.pixel_name]
+            best = seg.detach().argmin(dim=1)  # (N,) mask kept per object
+            loss = seg[rows, best].mean()
 
         with torch.no_grad():
             true_iou = mask_iou(logits, target.unsqueeze(1))  # (N, C)

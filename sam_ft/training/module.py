@@ -34,7 +34,9 @@ class SamFinetuneModule(L.LightningModule):
             for ``low``, original-resolution masks otherwise).
         optimizer: partial ``torch.optim`` constructor taking parameter groups.
         scheduler: partial ``(optimizer, total_steps) -> LRScheduler`` or None.
-        multimask_output: train with 3 masks per prompt (loss on the best) or 1 (the paper's).
+        multimask_output: train with 3 masks per prompt (loss on the best), 1 (the paper's), or
+            ``"auto"``: each prompt as ``eval.mask_selection=auto`` decodes it (3 masks for a
+            lone point, else 1), so the IoU head learns to rank the masks auto ranks.
         mask_selection: how validation keeps one mask per object, as ``eval.mask_selection``
             (``sam_ft.evaluation.selection.decode_scored``), so ``val/dice`` ranks checkpoints by
             the measure the evaluation reports.
@@ -51,7 +53,7 @@ class SamFinetuneModule(L.LightningModule):
         loss: torch.nn.Module,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        multimask_output: bool = False,
+        multimask_output: bool | str = False,
         mask_selection: str = "oracle",
         iterative_rounds: int = 0,
         max_nonfinite_steps: int = 10,
@@ -78,6 +80,7 @@ class SamFinetuneModule(L.LightningModule):
         self._consecutive_nonfinite = 0
         self._last_cases: list[str] = []
         self._overlay_items: list = []
+        self.auto_ranked = 0  # lone-point prompts decoded with 3 masks (multimask_output="auto")
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -88,15 +91,42 @@ class SamFinetuneModule(L.LightningModule):
         return self.model.encode(batch["image"])
 
     def _decode_all(self, embeddings, prompts, sizes):
-        """Decode every image's prompts; returns per-object logits and IoU, concatenated."""
+        """Decode every image's prompts; returns per-object logits and IoU, concatenated.
+
+        ``multimask_output="auto"`` decodes each prompt as ``eval.mask_selection=auto`` will: a
+        lone point with 3 masks (the loss on the best, the IoU head trained on the 3 it ranks),
+        any other prompt with the single mask, repeated 3 times so that the batch has one layout
+        (the best of 3 equal masks is that mask, and its IoU error counts as once).
+        """
         logits, ious = [], []
         for emb, image_prompts, size in zip(embeddings, prompts, sizes, strict=True):
             if not image_prompts:
                 continue
-            low, iou = self.model.decode(emb, image_prompts, size, self.multimask_output)
+            if self.multimask_output == "auto":
+                low, iou = self._decode_as_auto(emb, list(image_prompts), size)
+            else:
+                low, iou = self.model.decode(emb, image_prompts, size, self.multimask_output)
             logits.append(low)
             ious.append(iou)
         return torch.cat(logits), torch.cat(ious)
+
+    def _decode_as_auto(self, emb, prompts, size):
+        """(K, 3, h, w) logits and (K, 3) IoU: 3 masks for lone points, the single one x 3 else."""
+        from sam_ft.evaluation.selection import is_ambiguous
+
+        ambiguous = [is_ambiguous(p) for p in prompts]
+        self.auto_ranked += sum(ambiguous)
+        out_low, out_iou = [None] * len(prompts), [None] * len(prompts)
+        for multi in (True, False):
+            idx = [i for i, a in enumerate(ambiguous) if a == multi]
+            if not idx:
+                continue
+            low, iou = self.model.decode(emb, [prompts[i] for i in idx], size, multi)
+            if not multi:
+                low, iou = low.expand(-1, 3, -1, -1), iou.expand(-1, 3)
+            for j, i in enumerate(idx):
+                out_low[i], out_iou[i] = low[j], iou[j]
+        return torch.stack(out_low), torch.stack(out_iou)
 
     # --- training ----------------------------------------------------------------------------
 
@@ -139,9 +169,10 @@ class SamFinetuneModule(L.LightningModule):
                 original-resolution masks (``input``, ``original``).
             sizes: per image, (H_b, W_b).
         """
-        if self.resolution == "low":
-            return self.loss(logits, iou, torch.cat(targets).to(logits.dtype))
         counts = [len(t) for t in targets]
+        groups = [c for c in counts if c]  # objects per image, for a per-image loss
+        if self.resolution == "low":
+            return self.loss(logits, iou, torch.cat(targets).to(logits.dtype), groups=groups)
         pairs = [
             self._in_frame(lg, t, size)
             for lg, t, size in zip(logits.split(counts), targets, sizes, strict=True)
@@ -150,15 +181,20 @@ class SamFinetuneModule(L.LightningModule):
         ious = [i for i, c in zip(iou.split(counts), counts, strict=True) if c]
         if len({p[1].shape[1:] for p in pairs}) == 1:  # one frame: one call
             cat = torch.cat
-            return self.loss(cat([p[0] for p in pairs]), cat(ious), cat([p[1] for p in pairs]))
+            return self.loss(
+                cat([p[0] for p in pairs]), cat(ious), cat([p[1] for p in pairs]), groups=groups
+            )
         # Images of different sizes: the per-image losses weighted by their share of objects
-        # equal the mean over all objects that one call would give.
+        # equal the mean over all objects that one call would give (a per-image loss such as
+        # cosmos_official: by 1 / images, its mean over images).
         total, parts, n = 0.0, {}, sum(counts)
+        per_image = bool(getattr(self.loss, "per_image", False))
         for (lg, t), i in zip(pairs, ious, strict=True):
-            loss, p = self.loss(lg, i, t)
-            total = total + loss * (len(t) / n)
+            loss, p = self.loss(lg, i, t, groups=[len(t)])
+            share = 1 / len(pairs) if per_image else len(t) / n
+            total = total + loss * share
             for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v * (len(t) / n)
+                parts[k] = parts.get(k, 0.0) + v * share
         return total, parts
 
     def _in_frame(self, logits, masks, size):
@@ -221,6 +257,14 @@ class SamFinetuneModule(L.LightningModule):
 
         dice, _ = overlap_scores(logits > 0, target[:, None].bool())
         return dice.argmax(dim=1)
+
+    def on_train_end(self) -> None:
+        if self.multimask_output == "auto" and self.auto_ranked == 0:
+            log.warning(
+                "eval.mask_selection=auto ranks 3 masks by the IoU head for single-point prompts, "
+                "but no training prompt was a single point (e.g. prompt=box): those rankings use "
+                "an IoU head never trained on them; train with prompt=points or prompt=mixed"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -306,7 +350,7 @@ class SamFinetuneModule(L.LightningModule):
                 for k in range(min(len(prompts), self.overlays - len(self._overlay_items))):
                     self._overlay_items.append(
                         (batch["image_uint8"][b], gt[k], pred[k],
-                         prompts[k], f"{batch['case'][b]} #{k} dice {dice[k]:.2f}")
+                         prompts[k], _overlay_title(batch, b, k, float(dice[k])))
                     )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
@@ -359,3 +403,14 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     check per tensor). A NaN or Inf makes its tensor's sum non-finite; a finite sum can only
     overflow for values near float32's limit, which are as broken as an Inf."""
     return bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum().isfinite())
+
+
+def _overlay_title(batch: dict, b: int, k: int, dice: float) -> str:
+    """``<case> slice <s> label <v>, Dice 0.87``: each panel names its own object (two objects
+    of one case, or one object on two slices, otherwise got the same title)."""
+    where = batch["case"][b]
+    if "slice_index" in batch:
+        where += f" slice {int(batch['slice_index'][b])}"
+    if "labels" in batch and k < len(batch["labels"][b]):
+        where += f" label {int(batch['labels'][b][k])}"
+    return f"{where}, Dice {dice:.2f}"

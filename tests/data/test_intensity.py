@@ -118,3 +118,48 @@ def test_bad_intensity_settings():
     with pytest.raises(ConfigError, match="mode"):
         intensity_bounds(np.zeros(3), {"mode": "zscore"})
     assert scale_to_uint8(np.ones(4), 1.0, 1.0).tolist() == [0, 0, 0, 0]
+
+
+def _official_percentile_rule(x: np.ndarray, keep_zero: bool) -> np.ndarray:
+    """pre_grey_rgb2D.py's intensity lines on one 2D image (its np.uint8 cast included)."""
+    lower_bound, upper_bound = np.percentile(x, 0.95), np.percentile(x, 99.5)
+    pre = np.clip(x, lower_bound, upper_bound)
+    pre = (pre - np.min(pre)) / (np.max(pre) - np.min(pre)) * 255.0
+    if keep_zero:
+        pre[x == 0] = 0
+    return np.uint8(pre)
+
+
+@pytest.mark.parametrize("name", ["liver_ct", "pancreas_ct", "spleen_ct", "lung_tumour_ct"])
+def test_ct_presets_keep_water_visible(name):
+    """On raw HU, 0 is water: the CT presets map it by the percentile rule like any other value
+    (the official 0-stays-0 line ran on 8-bit PNGs, where 0 is background)."""
+    from sam_ft.data.tasks import task_options
+    from sam_ft.defaults import group_defaults
+
+    intensity = task_options(group_defaults("task", name))["intensity"]
+    hu = np.random.default_rng(0).normal(-100, 300, (32, 32)).round()
+    hu[10:20, 10:20] = 0.0  # a water-filled region
+    got = map_slice(hu, intensity, None)
+    np.testing.assert_array_equal(got, _official_percentile_rule(hu, keep_zero=False))
+    assert (got[10:20, 10:20] > 0).all()
+    # The literal rule stays one option away.
+    literal = map_slice(hu, {**intensity, "keep_zero": True}, None)
+    np.testing.assert_array_equal(literal, _official_percentile_rule(hu, keep_zero=True))
+
+
+@pytest.mark.parametrize("scope", ["slice", "volume"])
+def test_predict_prepares_images_as_the_loader(nifti_folder, tmp_path, scope):
+    """predict.py's load_image gives each slice the loader's image: per-slice percentiles and
+    the zero rule included (the official rule computed here on each 2D image)."""
+    from sam_ft.inference.inputs import load_image
+
+    image, data = _two_slice_case(nifti_folder, scope)
+    task = {"slice_axis": 2, "intensity": {"mode": "percentile", "scope": scope}}
+    loaded = load_image(tmp_path / "task" / "imagesTr" / "c.nii.gz", task)
+    for z in range(2):
+        x = image[..., z] if scope == "slice" else image
+        want = _official_percentile_rule(x, keep_zero=True)
+        want = want if scope == "slice" else want[..., z]
+        np.testing.assert_array_equal(data.slices[z].image[..., 0], want)
+        np.testing.assert_array_equal(loaded.slice_image(z), data.slices[z].image)
