@@ -14,9 +14,10 @@ Hydra (the Python API, tests, notebooks) fills the keys it is not given from the
 **Adding a config key**: declare it as one field of the dataclass of its group below (``task`` ->
 :class:`TaskConfig`, ``task.intensity`` -> :class:`IntensityConfig`, ``data`` ->
 :class:`DataConfig`, ``data.split`` -> :class:`SplitConfig`, ``eval`` -> :class:`EvalConfig`,
-``eval.everything`` -> :class:`EverythingConfig`, ``model`` -> :class:`ModelConfig`, ``finetune``
--> :class:`FinetuneConfig`, ``train`` -> :class:`TrainConfig`), with its type, and set its
-default in the YAML. An undeclared key is reported as unknown.
+``eval.everything`` -> :class:`EverythingConfig`, ``eval.bootstrap`` -> :class:`BootstrapConfig`,
+``model`` -> :class:`ModelConfig`, ``finetune`` -> :class:`FinetuneConfig`, ``train`` ->
+:class:`TrainConfig`), with its type, and set its default in the YAML. An undeclared key is
+reported as unknown.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ class EverythingConfig:
 
 
 @dataclass(frozen=True)
+class BootstrapConfig:
+    """``eval.bootstrap`` (the CIs' ``scipy.stats.bootstrap`` settings)."""
+
+    resamples: int
+    seed: int
+    method: Literal["BCa", "percentile", "basic"]
+    confidence: float
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.options)."""
 
@@ -141,6 +152,7 @@ class EvalConfig:
     volume_gt: Literal["full", "kept"]
     workers: int | None
     everything: EverythingConfig
+    bootstrap: BootstrapConfig
     # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.
     shard: str | None = optional()
 

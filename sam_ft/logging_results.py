@@ -4,13 +4,17 @@ What a run gets after its evaluation (:func:`log_evaluation`), per model (``zero
 ``finetuned``, ...), prompt strategy and jitter level (``none``, ``0-10``, ...):
 
 - summary scalars ``eval/<model>/<prompt>/<jitter>/{dice,iou,hd95,nsd}`` (means over 2D
-  objects), ``.../case_{dice,iou,hd95,nsd}`` (means over per-case 3D scores),
+  objects), ``.../case_{dice,iou,hd95,nsd}`` (means over per-case 3D scores), with their
+  bootstrap CI bounds ``.../<metric>_ci_low`` and ``_ci_high`` when the summary has one task
+  (CIs of means pooled over several tasks are not those of the tasks),
   ``eval/delta/<model>/<prompt>/<jitter>/{dice,...}`` (that model minus zero-shot),
+  ``eval/paired/<model>/<prompt>/<jitter>/{delta,ci_low,ci_high,p_value,p_holm}`` (the paired
+  Dice comparison with zero-shot of ``comparisons.csv``, one task),
   ``eval/<model>/clicks/noc85`` and ``noc90`` when the click study ran, ``eval/skipped`` (cases
   the evaluation could not score);
 - W&B tables ``eval/summary`` (``summary.csv``), ``eval/prompt_table`` (Dice per prompt, one
-  column per model and the differences), ``eval/per_case``, ``eval/spearman``,
-  ``eval/click_curve``;
+  column per model and the paired differences), ``eval/per_case``, ``eval/spearman``,
+  ``eval/comparisons``, ``eval/calibration``, ``eval/click_curve``;
 - images: every report figure, and the best/worst objects as W&B images whose prediction and
   ground-truth masks (and the box prompt) can be switched on and off in the UI.
 
@@ -73,6 +77,31 @@ def _means(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _interval_scalars(summary: pd.DataFrame, prefix: str = "") -> dict[str, float]:
+    """``eval/<model>/<prompt>/<jitter>/<prefix><metric>_ci_{low,high}`` of a one-task summary."""
+    if "task" not in summary or summary["task"].nunique() != 1:
+        return {}
+    out = {}
+    for r in summary.to_dict("records"):
+        for column in (c for c in summary if c.endswith(("_ci_low", "_ci_high"))):
+            key = f"eval/{r['model']}/{r['prompt']}/{r['jitter']}/{prefix}{column}"
+            out[key] = float(r[column])
+    return out
+
+
+def _paired_scalars(comparisons: pd.DataFrame) -> dict[str, float]:
+    """``eval/paired/<model>/<prompt>/<jitter>/...``: each model vs zero-shot, one task."""
+    if comparisons.empty or comparisons["task"].nunique() != 1:
+        return {}
+    out = {}
+    for r in comparisons[comparisons["family"] == "model"].to_dict("records"):
+        for column, name in (("delta", "delta"), ("delta_ci_low", "ci_low"),
+                             ("delta_ci_high", "ci_high"), ("p_value", "p_value"),
+                             ("p_holm", "p_holm")):  # fmt: skip
+            out[f"eval/paired/{r['model']}/{r['prompt']}/{r['jitter']}/{name}"] = float(r[column])
+    return out
+
+
 SKIPPED_KEY = "eval/skipped"
 """The logged number of cases skipped for bad data (``skipped.csv``), in every logger."""
 
@@ -90,11 +119,14 @@ def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
     for r in means.itertuples(index=False):
         for metric in METRICS:
             scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/{metric}"] = getattr(r, metric)
+    scalars.update(_interval_scalars(summary))
     case = _read(out_dir / "summary_case.csv")
     if not case.empty:
         for r in _means(case).itertuples(index=False):
             for metric in METRICS:
                 scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/case_{metric}"] = getattr(r, metric)
+        scalars.update(_interval_scalars(case, "case_"))
+    scalars.update(_paired_scalars(_read(out_dir / "comparisons.csv")))
     base = means[means["model"] == BASELINE_MODEL].set_index(["prompt", "jitter"])
     for r in means[means["model"] != BASELINE_MODEL].itertuples(index=False):
         if (r.prompt, r.jitter) in base.index:
@@ -113,17 +145,24 @@ def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
 
 
 def evaluation_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``click_curve`` of the
+    """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``comparisons``,
+    ``calibration``, ``click_curve`` of the
     evaluation in ``out_dir`` (the ones that exist)."""
     from sam_ft.evaluation.summary_tables import click_curves, prompt_table
 
     out_dir = Path(out_dir)
     tables: dict[str, pd.DataFrame] = {}
     summary = _read(out_dir / "summary.csv")
+    comparisons = _read(out_dir / "comparisons.csv")
     if not summary.empty:
         tables["summary"] = summary
-        tables["prompt_table"] = prompt_table(summary)
-    for name, file in (("per_case", "per_case.csv"), ("spearman", "spearman.csv")):
+        tables["prompt_table"] = prompt_table(summary, comparisons)
+    for name, file in (
+        ("per_case", "per_case.csv"),
+        ("spearman", "spearman.csv"),
+        ("comparisons", "comparisons.csv"),
+        ("calibration", "calibration.csv"),
+    ):
         df = _read(out_dir / file)
         if not df.empty:
             tables[name] = df

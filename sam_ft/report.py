@@ -16,6 +16,7 @@ model size x finetune mode x task x prompt x jitter; the zero-shot evaluation is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,11 @@ from sam_ft.evaluation.study import find_per_object, run_config, write_study
 from sam_ft.evaluation.summary_tables import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
-MERGED_COLUMNS = [*MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run"]
+MERGED_COLUMNS = [
+    *MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run", "sam_ft_version",
+    "config_hash",
+]  # fmt: skip
+"""``sam_ft_version`` and ``config_hash``: the run's ``provenance.json`` (empty before it)."""
 UNKNOWN = "unknown"
 
 
@@ -59,7 +64,9 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns ``model_size, finetune, task, prompt, jitter, n, dice_mean,
-        dice_std, iou_mean, hd95_mean, nsd_mean, distance_unit, delta_dice, run``
+        dice_std, iou_mean, hd95_mean, nsd_mean, distance_unit, delta_dice, run, sam_ft_version,
+        config_hash`` and the runs'
+        ``n_cases`` and ``<metric>_ci_low/high`` when their summaries have them
         (``distance_unit``: the unit of ``hd95_mean``, ``mm`` or ``px`` for 2D images); a
         zero-shot baseline evaluated by several runs is kept once (the first run's).
     """
@@ -82,6 +89,10 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
         if "distance_unit" not in df:
             df["distance_unit"] = "mm"  # summaries written before the column existed
         df["run"] = os.path.relpath(summary.parent, root.parent)
+        provenance = summary.parent / "provenance.json"
+        info = json.loads(provenance.read_text()) if provenance.is_file() else {}
+        df["sam_ft_version"] = info.get("sam_ft_version", "")
+        df["config_hash"] = info.get("config_hash", "")
         frames.append(df)
     merged = pd.concat(frames, ignore_index=True)
     for column in MERGED_COLUMNS:
@@ -95,7 +106,9 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
     keys = pd.MultiIndex.from_frame(merged[["model_size", "task", "prompt", "jitter"]])
     merged["delta_dice"] = merged["dice_mean"].to_numpy() - baseline.reindex(keys).to_numpy()
     merged.loc[merged["finetune"] == BASELINE_MODEL, "delta_dice"] = float("nan")
-    return _sort(merged[MERGED_COLUMNS])
+    # The runs' CIs (and their case counts) come along, after the fixed columns.
+    intervals = [c for c in merged if c == "n_cases" or c.endswith(("_ci_low", "_ci_high"))]
+    return _sort(merged[[*MERGED_COLUMNS, *intervals]])
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:

@@ -172,6 +172,9 @@ def test_tensorboard_has_the_same_scalars_and_images(sweep):
         tags = events.Tags()
         expected = _eval_scalars(run_info(_wandb_file(job))["summary"])
         assert "eval/finetuned/box/0-10/nsd" in expected
+        # The CI bounds and the paired test reach both dashboards with the means (#29).
+        assert "eval/finetuned/box/none/dice_ci_low" in expected
+        assert "eval/paired/finetuned/box/none/p_value" in expected
         for key, value in expected.items():
             assert events.Scalars(key)[-1].value == pytest.approx(value, rel=1e-5), key
         assert {"train/loss", "val/dice"} <= set(tags["scalars"])

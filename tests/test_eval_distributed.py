@@ -37,6 +37,9 @@ FILES = [
     "summary.md",
     "spearman.csv",
     "skipped.csv",
+    "comparisons.csv",  # the bootstrap and the paired tests run on the merged tables (#29)
+    "calibration.csv",
+    "provenance.json",
 ]
 
 

@@ -282,6 +282,16 @@ def test_decode_scored_gives_the_numpy_metrics_with_one_gt_per_object(model, mod
     ref_dice, ref_iou = _numpy_dice_iou(m, per_prompt)
     assert np.array_equal(sel.dice, ref_dice) and np.array_equal(sel.iou, ref_iou)
     assert ref_dice.min() > 0 and len(set(ref_dice.tolist())) > 1
+    # Both selections' Dice are recorded whatever the mode (the IoU-head calibration's gap):
+    # they are what the oracle and the predicted-IoU selections keep.
+    other = "predicted_iou" if mode == "oracle" else "oracle"
+    with torch.inference_mode():
+        alt = decode_scored(model, emb, prompts, rec.masks, other, 3, gt_of=gt_of, keep_low=False)
+    oracle, head = (sel, alt) if mode == "oracle" else (alt, sel)
+    for s in (sel, alt):
+        assert np.array_equal(s.dice_oracle, oracle.dice)
+        assert np.array_equal(s.dice_top_iou, head.dice)
+    assert (oracle.dice >= head.dice).all()
     with pytest.raises(ValueError, match="ground-truth mask each"):
         decode_scored(model, emb, prompts, rec.masks, mode, 3)  # 8 prompts, 2 masks
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -197,6 +198,10 @@ def test_write_report_creates_every_file(per_object, tmp_path):
         "plot_attributes",
         "plot_overlays_best",
         "plot_overlays_worst",
+        "comparisons_csv",
+        "calibration_csv",
+        "provenance_json",
+        "plot_iou_reliability",
     }
     assert set(paths) == expected
     for key, path in paths.items():
@@ -206,14 +211,17 @@ def test_write_report_creates_every_file(per_object, tmp_path):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     md = paths["summary_md"].read_text()
-    # Box, no jitter: finetuned 0.800 vs zero-shot 0.633 -> +0.167.
+    # Box, no jitter: finetuned 0.800 vs zero-shot 0.633 over their own cases; paired on c0
+    # and c1 (c2 has no finetuned row): +0.1 each, Wilcoxon p = 0.5 on 2 cases.
     assert "Δ finetuned − zero_shot" in md
-    assert "+0.167" in md
-    assert "| S5 box | 0.633 ± 0.125 | 0.800 ± 0.100 | +0.167 |" in md
+    box = "| S5 box | 0.633 [0.500, 0.800] | 0.800 [0.700, 0.900] | +0.100 [+0.100, +0.100] |"
+    assert box in md
+    assert "| 0.5 | 2 |" in md
     assert "Robustness to prompt jitter" in md and "NoC@t" in md
     assert "![dice_per_prompt](plots/dice_per_prompt.png)" in md
     written = pd.read_csv(paths["summary_csv"])
-    assert list(written.columns) == SUMMARY_COLUMNS and len(written) == 6
+    assert list(written.columns)[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS and len(written) == 6
+    assert {"n_cases", "dice_ci_low", "dice_ci_high", "hd95_ci_low"} <= set(written.columns)
 
 
 def test_overlay_grid_alone(tmp_path):
@@ -255,8 +263,13 @@ def test_report_cli_merges_runs(tmp_path, capsys):
     _fake_run(multirun / "1", "vit_b", "lora", 0.70, 0.85)
     single = tmp_path / "single"
     _fake_run(single, "vit_h", "decoder", 0.75, 0.90)
+    provenance = {"sam_ft_version": "9.9", "config_hash": "abc123def456"}
+    (single / "eval" / "provenance.json").write_text(json.dumps(provenance))
 
     merged = merge_summaries([multirun, single])
+    # Each row says which protocol produced it (a run written before provenance.json: empty).
+    hashes = merged.groupby("model_size")["config_hash"].agg(lambda h: set(h.fillna("")))
+    assert hashes["vit_h"] == {"abc123def456"} and hashes["vit_b"] == {""}
     keys = list(zip(merged["model_size"], merged["finetune"], merged["jitter"], strict=True))
     assert keys == [
         ("vit_b", "zero_shot", "none"),

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
+from sam_ft.evaluation.statistics import Bootstrap
 from sam_ft.evaluation.study import load_study, study_tables
 from sam_ft.report import main
+
+BOOT = Bootstrap(resamples=500, seed=1, method="percentile", confidence=0.95)
 
 TASKS = {  # task -> (modality, objects)
     "liver_ct": ("CT", ["liver", "liver_tumour"]),
@@ -75,7 +80,7 @@ def study_dir(tmp_path) -> Path:
 def test_tables_pool_over_objects(study_dir):
     rows = load_study([study_dir])
     assert len(rows) == 2 * 3 * 2 * 2 * 2  # sizes x (task, object) x settings x cases x jitters
-    t = study_tables(rows)
+    t = study_tables(rows, BOOT)
 
     modality = t["modality"].set_index(["model_size", "setting", "modality"])
     ct = modality.loc[("vit_b", "zero_shot", "CT")]
@@ -99,6 +104,42 @@ def test_tables_pool_over_objects(study_dir):
     assert set(t["finetune"]["comparison"]) == {"decoder vs zero_shot"}
     assert ft.loc["vit_b"]["delta_dice"] == pytest.approx(0.05)
     assert ft.loc["vit_b"]["n"] == 6
+    # Paired over 4 cases (2 per task), +0.05 everywhere: the CI is that value; Holm over the
+    # table's two comparisons (vit_b, vit_h).
+    assert ft.loc["vit_b"]["n_cases"] == 4 and ft.loc["vit_b"]["left_out"] == ""
+    assert ft.loc["vit_b"]["delta_dice_ci_low"] == pytest.approx(0.05)
+    p = [stats.wilcoxon(np.full(4, 0.05)).pvalue] * 2
+    np.testing.assert_allclose(t["finetune"]["p_holm"], np.minimum(1, np.array(p) * 2))
+
+
+def test_aggregation_levels_micro_case_macro(study_dir):
+    t = study_tables(load_study([study_dir]), BOOT)
+    levels = t["levels"]
+    got = levels[(levels["model_size"] == "vit_b") & (levels["setting"] == "zero_shot")]
+    got = got.set_index("level")
+    # liver_ct: liver 0.60/0.61 and tumour 0.30/0.31 in cases c0/c1; prostate 0.50/0.51.
+    micro = (0.6 + 0.61 + 0.3 + 0.31 + 0.5 + 0.51) / 6
+    case_means = np.array([0.45, 0.46, 0.5, 0.51])
+    macro = (0.455 + 0.505) / 2
+    row = {lvl.split(" ")[0]: got.loc[lvl] for lvl in got.index}
+    assert row["object"]["dice_mean"] == pytest.approx(micro) and row["object"]["n"] == 6
+    assert row["case"]["dice_mean"] == pytest.approx(case_means.mean()) and row["case"]["n"] == 4
+    assert row["task"]["dice_mean"] == pytest.approx(macro) and row["task"]["n"] == 2
+    ref = stats.bootstrap(
+        (np.sort(case_means),), np.mean, n_resamples=500, method="percentile",
+        rng=np.random.default_rng(1),
+    )  # fmt: skip
+    assert row["case"]["dice_ci_low"] == pytest.approx(ref.confidence_interval.low)
+    assert row["case"]["dice_ci_high"] == pytest.approx(ref.confidence_interval.high)
+    for r in row.values():
+        assert r["dice_ci_low"] <= r["dice_mean"] <= r["dice_ci_high"]
+    # The task table holds the per-case level beside the pooled mean.
+    task = (
+        t["task"]
+        .set_index(["model_size", "setting", "task"])
+        .loc[("vit_b", "zero_shot", "liver_ct")]
+    )
+    assert task["case_dice_mean"] == pytest.approx(0.455) and task["n_cases"] == 2
 
 
 def test_report_cli_writes_the_study(study_dir, capsys):
@@ -113,6 +154,7 @@ def test_report_cli_writes_the_study(study_dir, capsys):
     assert "8 runs, 2 tasks, 2 modalities, 3 objects" in text
     for heading in (
         "Per task",
+        "Across tasks: micro (objects), per case, macro (tasks)",
         "Per modality",
         "Per object",
         "Model vs model",

@@ -407,5 +407,7 @@ def evaluate_models(
             clicks if not clicks.empty else None,
             overlays=result.overlays or None,
             title=title,
+            options=run.opts,
+            seed=seed,
         )
     return result

@@ -166,6 +166,7 @@ def merge_shards_with_overlays(
 ) -> tuple[dict[str, Path], dict[str, list]]:
     """:func:`merge_shards`, also returning the merged best/worst overlay items (as
     ``engine.EvalResult.overlays``)."""
+    from sam_ft.evaluation.options import eval_options
     from sam_ft.evaluation.summary import write_report
 
     shards = read_shards(dirs)
@@ -200,6 +201,8 @@ def merge_shards_with_overlays(
         clicks if clicks is not None and not clicks.empty else None,
         overlays=overlays or None,
         title=title or config.get("title") or "Evaluation summary",
+        options=eval_options(config.get("eval")),
+        seed=config.get("seed"),
     )
     return report, overlays
 

@@ -12,6 +12,7 @@ from sam_ft.evaluation.everything import EverythingConfig
 from sam_ft.evaluation.metrics import NSD_METHODS
 from sam_ft.evaluation.pipeline import resolve_workers
 from sam_ft.evaluation.selection import MASK_SELECTIONS
+from sam_ft.evaluation.statistics import Bootstrap
 from sam_ft.prompts.jitter import JitterRange, jitter_levels
 from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
 
@@ -37,6 +38,7 @@ class EvalOptions:
     volume_gt: str
     on_error: str
     everything: EverythingConfig
+    bootstrap: Bootstrap
     workers: int = 0
 
     @property
@@ -93,6 +95,9 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         everything = EverythingConfig.from_eval_cfg(merged)
     except (ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"eval.jitter_px / eval.everything: {e}") from e
+    if not isinstance(merged["bootstrap"], Mapping):
+        raise ConfigError(f"eval.bootstrap must be a mapping, got {merged['bootstrap']!r}")
+    bootstrap = Bootstrap.from_mapping({**defaults["bootstrap"], **merged["bootstrap"]})
     return EvalOptions(
         prompts=tuple(p for p in STRATEGIES if p in prompts),
         levels=levels,
@@ -107,5 +112,6 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         volume_gt=str(merged["volume_gt"]),
         on_error=on_error,
         everything=everything,
+        bootstrap=bootstrap,
         workers=resolve_workers(workers),
     )

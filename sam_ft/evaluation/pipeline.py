@@ -122,13 +122,18 @@ def make_prompts(job: PromptJob) -> list[Prompt]:
     ]
 
 
+def _cell(values: np.ndarray | None, i: int, j: int) -> float:
+    return float("nan") if values is None else float(values[i, j])
+
+
 @dataclass
 class ModelSlice:
     """One model's predictions on one slice: ``packed`` (K, V, nbytes) masks per object and
     variant column, ``mask_index`` / ``pred_iou`` (K, V), their ``dice`` / ``iou`` (K, V)
     float64 against the object's ground truth (computed where the masks were made, on the
     model's device), and the overlay prompt's box per object ((x0, y0, x1, y1), or None without
-    a box prompt)."""
+    a box prompt)); ``dice_oracle`` / ``dice_top_iou`` (K, V): the Dice of the best of the
+    prompt's masks and of the IoU head's first choice (NaN for Everything mode)."""
 
     packed: np.ndarray
     mask_index: np.ndarray
@@ -136,6 +141,8 @@ class ModelSlice:
     dice: np.ndarray
     iou: np.ndarray
     boxes: list[Any] = field(default_factory=list)
+    dice_oracle: np.ndarray | None = None
+    dice_top_iou: np.ndarray | None = None
 
 
 @dataclass
@@ -209,6 +216,8 @@ def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
                         "empty_pred": bool(scores["empty_pred"][j]),
                         "mask_index": int(ms.mask_index[i, j]),
                         "pred_iou": float(ms.pred_iou[i, j]),
+                        "dice_oracle": _cell(ms.dice_oracle, i, j),
+                        "dice_top_iou": _cell(ms.dice_top_iou, i, j),
                         **attributes[i],
                         "modality": job.modality,
                         "distance_unit": job.distance_unit,

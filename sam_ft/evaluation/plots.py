@@ -143,6 +143,34 @@ def plot_dice_vs_clicks(curves: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_reliability(bins: pd.DataFrame, path: str | Path) -> Path:
+    """IoU-head reliability diagram: mean true IoU against mean predicted IoU per bin, one line
+    per (model, prompt), the diagonal for a calibrated head. ``bins``: ``model, prompt,
+    pred_iou, iou`` (``calibration.reliability_bins``)."""
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.add_subplot()
+    if bins.empty:
+        _empty_note(ax, "no predicted IoU recorded")
+        return _save(fig, path)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    styles = ["-", "--", ":", "-."]
+    models = list(dict.fromkeys(bins["model"]))
+    prompts = list(dict.fromkeys(bins["prompt"]))
+    for (model, prompt), rows in bins.groupby(["model", "prompt"], sort=False):
+        ax.plot(
+            rows["pred_iou"], rows["iou"], marker="o", color=f"C{prompts.index(prompt) % 10}",
+            linestyle=styles[models.index(model) % len(styles)], label=f"{model} / {prompt}",
+        )  # fmt: skip
+    ax.set_xlabel("predicted IoU (bin mean)")
+    ax.set_ylabel("true IoU (bin mean)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("IoU-head reliability (no jitter)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_attribute_scatter(
     rows: pd.DataFrame,
     attributes: Sequence[str],

@@ -81,6 +81,7 @@ def _decode_slice(
     mask_index = np.full((k, v), -1, dtype=np.int64)
     pred_iou = np.full((k, v), np.nan)
     dice, iou = np.full((k, v), np.nan), np.full((k, v), np.nan)
+    oracle, top_iou = np.full((k, v), np.nan), np.full((k, v), np.nan)
     if prompts:
         sel = decode_scored(
             model,
@@ -97,6 +98,7 @@ def _decode_slice(
         mask_index[:] = sel.index.reshape(k, v)
         pred_iou[:] = sel.pred_iou.reshape(k, v)
         dice[:], iou[:] = sel.dice.reshape(k, v), sel.iou.reshape(k, v)
+        oracle[:], top_iou[:] = sel.dice_oracle.reshape(k, v), sel.dice_top_iou.reshape(k, v)
     if "everything" in opts.prompts:
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
         # Everything mode's masks are on the host already (run-length codes): scored here.
@@ -106,6 +108,8 @@ def _decode_slice(
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
         dice = np.concatenate([d.numpy()[:, None], dice], axis=1)
         iou = np.concatenate([u.numpy()[:, None], iou], axis=1)
+        oracle = np.concatenate([np.full((k, 1), np.nan), oracle], axis=1)
+        top_iou = np.concatenate([np.full((k, 1), np.nan), top_iou], axis=1)
         names = [("everything", "none"), *names]
     # The overlay prompt's index within an object's prompts.
     overlay_prompt = variants.index(("box", None)) if ("box", None) in variants else -1
@@ -113,7 +117,7 @@ def _decode_slice(
     for i in range(k):
         for j, (prompt, jit) in enumerate(names):
             store.add_packed((labels[i], prompt, jit), rec.slice_index, packed[i, j])
-    return names, ModelSlice(packed, mask_index, pred_iou, dice, iou, boxes)
+    return names, ModelSlice(packed, mask_index, pred_iou, dice, iou, boxes, oracle, top_iou)
 
 
 def _click_curve(

@@ -162,6 +162,10 @@ class Selected:
         iou: (N,) float64 IoU (Jaccard) of the kept mask against its object's ground truth.
         low: (N, S/4, S/4) float32 low-res logits of the kept channel (fed back by click loops),
             or None when not asked for.
+        dice_oracle: (N,) float64 the best Dice of the prompt's masks (``dice`` with oracle
+            selection; with one mask output, that mask's).
+        dice_top_iou: (N,) float64 Dice of the mask the IoU head ranks first (``dice`` with
+            predicted-IoU selection): with ``dice_oracle``, what trusting the head costs.
     """
 
     masks: np.ndarray
@@ -170,6 +174,8 @@ class Selected:
     dice: np.ndarray
     iou: np.ndarray
     low: torch.Tensor | None
+    dice_oracle: np.ndarray
+    dice_top_iou: np.ndarray
 
 
 def decode_scored(
@@ -228,6 +234,8 @@ def decode_scored(
     pred_iou = np.zeros(n, dtype=np.float64)
     dice = np.zeros(n, dtype=np.float64)
     iou = np.zeros(n, dtype=np.float64)
+    dice_oracle = np.zeros(n, dtype=np.float64)
+    dice_top_iou = np.zeros(n, dtype=np.float64)
     side = model.transform.low_res_size
     low_kept = torch.zeros((n, side, side)) if keep_low else None
     budget = UPSAMPLE_BUDGET_BYTES if device.type == "cpu" else DEVICE_UPSAMPLE_BUDGET_BYTES
@@ -252,12 +260,30 @@ def decode_scored(
                 chosen, ch, d, u = _select_on_device(binary, sub_iou, g, selection)
                 rows = torch.arange(len(idx), device=device)
                 masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
+                best, top = _oracle_and_top_iou(binary, sub_iou, g, d)
                 # The scalars in one copy: channel (exact as float64), predicted IoU (float32,
-                # exact as float64, as numpy widens it), Dice, IoU.
+                # exact as float64, as numpy widens it), Dice, IoU, the two selections' Dice.
                 kept_iou = sub_iou[rows, ch].float().double()
-                scalars = torch.stack([ch.double(), kept_iou, d, u]).cpu().numpy()
+                scalars = torch.stack([ch.double(), kept_iou, d, u, best, top]).cpu().numpy()
                 index[idx] = scalars[0].astype(np.int64)
                 pred_iou[idx], dice[idx], iou[idx] = scalars[1], scalars[2], scalars[3]
+                dice_oracle[idx], dice_top_iou[idx] = scalars[4], scalars[5]
                 if low_kept is not None:
                     low_kept[idx] = sub_low[rows, ch].float().cpu()
-    return Selected(masks, index, pred_iou, dice, iou, low_kept)
+    return Selected(masks, index, pred_iou, dice, iou, low_kept, dice_oracle, dice_top_iou)
+
+
+def _oracle_and_top_iou(
+    binary: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float64 Dice of the oracle's mask and of the IoU head's first choice among the
+    (N, C, H, W) masks ((N, C) predictions, (N, H, W) ground truth); ``kept`` (the kept mask's
+    Dice) for both when there is one mask. The channels as ``_select_on_device`` ranks them."""
+    n, c = binary.shape[:2]
+    if c == 1:
+        return kept, kept
+    inter, total = overlap_counts(binary, gt[:, None])  # (N, C) each
+    per_channel, _ = dice_iou(inter, total)
+    rows = torch.arange(n, device=binary.device)
+    top = iou.detach().float().reshape(n, c).argmax(dim=1)
+    return per_channel.max(dim=1).values, per_channel[rows, top]

@@ -8,12 +8,18 @@ on one slice for one prompt. The run's ``.hydra/config.yaml`` says the model siz
 task (``task.name``) and its modality (``task.modality``); the object is the row's ``name`` (the
 task config's label name). A zero-shot evaluation found in several runs counts once.
 
-Every table is pooled over objects: a mean is over all object rows behind it, and ``n`` says
-how many (as the study reports means over its masks). Rows without jitter unless named.
+The task, modality and object tables are pooled over objects: a mean is over all object rows
+behind it, and ``n`` says how many (as the study reports means over its masks); the task table
+adds the mean of case means. ``study_levels.csv`` sets the levels side by side across tasks:
+pooled over objects (micro), mean of case means, mean of task means (macro)
+(:mod:`sam_ft.evaluation.levels`). Every mean has a CI resampling cases, every comparison a
+paired CI, a Wilcoxon p over cases and Holm's correction within its table
+(:mod:`sam_ft.evaluation.statistics`; the bootstrap settings of ``conf/eval/default.yaml``).
+Rows without jitter unless named.
 
 Files: ``study.md``; ``study_task.csv``, ``study_modality.csv``, ``study_object.csv``,
-``study_models.csv`` (model size vs model size), ``study_finetune.csv`` (zero-shot vs
-finetuned); ``study_modality.png`` and ``study_models.png``.
+``study_levels.csv``, ``study_models.csv`` (model size vs model size), ``study_finetune.csv``
+(zero-shot vs finetuned); ``study_modality.png`` and ``study_models.png``.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from sam_ft import __version__
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
+from sam_ft.evaluation.levels import aggregation_levels, with_case_level
 from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.summary_tables import PROMPT_NAMES, to_markdown
+from sam_ft.evaluation.statistics import CI_SETTINGS, Bootstrap, add_intervals, holm, paired
+from sam_ft.evaluation.summary_tables import PROMPT_NAMES, signed_ci, to_markdown, with_ci
 
 UNKNOWN = "unknown"
 ROW_KEYS = ["model_size", "setting", "task", "case", "slice", "label", "prompt", "jitter"]
@@ -97,15 +106,18 @@ def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
     return rows.drop_duplicates(subset=ROW_KEYS, keep="first").reset_index(drop=True)
 
 
-def pooled(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """Mean of each score over the object rows of each group, and ``n`` (rows behind it)."""
+def pooled(rows: pd.DataFrame, by: Sequence[str], boot: Bootstrap | None = None) -> pd.DataFrame:
+    """Mean of each score over the object rows of each group, and ``n`` (rows behind it); with
+    ``boot``, ``n_cases`` and each mean's CI resampling cases
+    (:func:`~sam_ft.evaluation.statistics.add_intervals`)."""
     by = list(by)
     g = rows.groupby(by, sort=False, dropna=False)
     out = g.size().rename("n").to_frame()
     for score in SCORES:
         if score in rows:
             out[f"{score}_mean"] = g[score].mean()
-    return _order(out.reset_index())
+    out = _order(out.reset_index())
+    return out if boot is None else add_intervals(out, rows, by, boot)
 
 
 def _order(df: pd.DataFrame) -> pd.DataFrame:
@@ -115,63 +127,108 @@ def _order(df: pd.DataFrame) -> pd.DataFrame:
     return sort_table(df, by=by)
 
 
-def _paired(rows: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str]) -> pd.DataFrame:
+def _paired(
+    rows: pd.DataFrame, column: str, a: str, b: str, by: Sequence[str], boot: Bootstrap
+) -> pd.DataFrame:
     """``b`` vs ``a`` of ``column`` on the objects both scored (same task, case, slice, label,
-    prompt, jitter): Dice of each, ``b - a`` and ``n`` pairs, per ``by``."""
+    prompt, jitter), per ``by``: Dice of each, ``delta_dice`` = ``b - a`` with its CI, the
+    Wilcoxon p over cases (:func:`~sam_ft.evaluation.statistics.paired`), ``n`` pairs,
+    ``n_cases`` and the cases ``left_out``."""
     keys = [k for k in ROW_KEYS if k != column and k not in ("model_size", "setting")]
+    other = [c for c in ("model_size", "setting") if c != column]
     left = rows[rows[column] == a]
     right = rows[rows[column] == b]
-    other = [c for c in ("model_size", "setting") if c != column]
-    pairs = left.merge(right, on=[*keys, *other], suffixes=("_a", "_b"))
-    if pairs.empty:
+    out = []
+    for key, b_rows in right.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        a_rows = left[(left[list(by)].astype(str) == [str(k) for k in key]).all(axis=1)]
+        result = paired(a_rows, b_rows, [*keys, *other], "dice", boot)
+        if result["n_objects"]:
+            out.append({**dict(zip(by, key, strict=True)), **result})
+    if not out:
         return pd.DataFrame()
-    g = pairs.groupby(list(by), sort=False)
-    out = g.size().rename("n").to_frame()
-    out[f"dice_{a}"] = g["dice_a"].mean()
-    out[f"dice_{b}"] = g["dice_b"].mean()
-    out["delta_dice"] = out[f"dice_{b}"] - out[f"dice_{a}"]
-    return _order(out.reset_index())
+    table = (
+        pd.DataFrame(out)
+        .assign(**boot.columns())
+        .rename(columns={"n_objects": "n", "mean_a": f"dice_{a}", "mean_b": f"dice_{b}"})
+    )
+    table = table.rename(
+        columns={"delta": "delta_dice", "delta_ci_low": "delta_dice_ci_low",
+                 "delta_ci_high": "delta_dice_ci_high"}
+    )  # fmt: skip
+    return _order(table)
 
 
-def study_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def _with_holm(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The comparisons of one table together, Holm-corrected over all of them (``p_holm``)."""
+    table = pd.concat([p for p in parts if not p.empty] or [pd.DataFrame()], ignore_index=True)
+    if not table.empty:
+        table["p_holm"] = holm(table["p_value"])
+    return table
+
+
+def study_tables(rows: pd.DataFrame, boot: Bootstrap) -> dict[str, pd.DataFrame]:
     """The study's tables (see the module docstring), from :func:`load_study` rows."""
     plain = rows[rows["jitter"].astype(str) == "none"]
     base = ["model_size", "setting"]
+    task_keys = [*base, "modality", "task", "prompt"]
     tables = {
-        "task": pooled(plain, [*base, "modality", "task", "prompt"]),
-        "modality": pooled(plain, [*base, "modality", "prompt"]),
-        "object": pooled(plain, [*base, "modality", "object", "prompt"]),
+        "task": with_case_level(pooled(plain, task_keys, boot), plain, task_keys, boot),
+        "modality": pooled(plain, [*base, "modality", "prompt"], boot),
+        "object": pooled(plain, [*base, "modality", "object", "prompt"], boot),
+        "levels": aggregation_levels(plain, [*base, "prompt"], boot),
     }
     sizes = sorted(set(rows["model_size"].astype(str)))
     models = [
-        _paired(plain, "model_size", a, b, ["setting", "prompt"]).assign(comparison=f"{b} vs {a}")
+        _paired(plain, "model_size", a, b, ["setting", "prompt"], boot).assign(
+            comparison=f"{b} vs {a}"
+        )
         for i, a in enumerate(sizes)
         for b in sizes[i + 1 :]
     ]
-    tables["models"] = pd.concat([m for m in models if not m.empty] or [pd.DataFrame()])
+    tables["models"] = _with_holm(models)
     settings = sorted(set(rows["setting"].astype(str)) - {BASELINE_MODEL})
     finetune = [
-        _paired(plain, "setting", BASELINE_MODEL, s, ["model_size", "prompt"]).assign(
+        _paired(plain, "setting", BASELINE_MODEL, s, ["model_size", "prompt"], boot).assign(
             comparison=f"{s} vs {BASELINE_MODEL}"
         )
         for s in settings
     ]
-    tables["finetune"] = pd.concat([f for f in finetune if not f.empty] or [pd.DataFrame()])
+    tables["finetune"] = _with_holm(finetune)
     return tables
 
 
 def _display(df: pd.DataFrame) -> pd.DataFrame:
+    """Prompt names, each mean with its CI in one cell, the cases left out counted."""
     if "prompt" in df:
         df = df.assign(prompt=df["prompt"].map(lambda p: PROMPT_NAMES.get(p, p)))
+    for low in [c for c in df if c.endswith("_ci_low")]:
+        stem = low[: -len("_ci_low")]
+        mean = f"{stem}_mean" if f"{stem}_mean" in df else stem
+        cells = [
+            signed_ci(*v) if stem.startswith("delta") else with_ci(*v)
+            for v in zip(df[mean], df[low], df[f"{stem}_ci_high"], strict=True)
+        ]
+        df = df.assign(**{mean: cells}).drop(columns=[low, f"{stem}_ci_high"])
+    df = df.drop(columns=[c for c in CI_SETTINGS if c in df])  # stated above the tables
+    if "left_out" in df:
+        counts = [len(v.split(";")) if v else 0 for v in df["left_out"].fillna("").astype(str)]
+        df = df.assign(left_out=counts)
     return df
 
 
-def write_study(dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
-    """Write the study's files into ``out_dir``; returns name -> path."""
+def write_study(
+    dirs: Sequence[str | Path], out_dir: str | Path, boot: Bootstrap | None = None
+) -> dict[str, Path]:
+    """Write the study's files into ``out_dir``; returns name -> path. ``boot``: the CIs'
+    settings (None: ``eval.bootstrap`` of ``conf/eval/default.yaml``)."""
+    from sam_ft.evaluation.options import eval_options
+
+    boot = boot or eval_options(None).bootstrap
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = load_study(dirs)
-    tables = study_tables(rows)
+    tables = study_tables(rows, boot)
     paths: dict[str, Path] = {}
     for name, table in tables.items():
         paths[f"study_{name}_csv"] = out / f"study_{name}.csv"
@@ -202,11 +259,16 @@ def write_study(dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Pa
         "",
         f"{len(counts)} runs, {rows['task'].nunique()} tasks, {rows['modality'].nunique()} "
         f"modalities, {rows['object'].nunique()} objects, {len(rows)} object rows (all jitter "
-        "levels). Means are pooled over objects; `n` = object rows behind each mean; no jitter.",
+        "levels). Means are pooled over objects unless labelled; `n` = object rows behind each "
+        f"mean; no jitter. Brackets: {boot.describe()}. Comparisons: Δ over the objects both "
+        "sides scored, p = two-sided Wilcoxon signed-rank over per-case mean differences, "
+        "Holm-corrected within each table; `left_out` counts cases scored on one side only "
+        f"(named in the CSV). sam_ft {__version__}.",
         "",
     ]
     sections = [
-        ("Per task", "task"),
+        ("Per task (pooled over objects; case_dice: mean of case means)", "task"),
+        ("Across tasks: micro (objects), per case, macro (tasks)", "levels"),
         ("Per modality", "modality"),
         ("Per object", "object"),
         ("Model vs model (objects both scored)", "models"),

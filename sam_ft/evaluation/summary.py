@@ -5,18 +5,24 @@ with :mod:`sam_ft.evaluation.summary_tables`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from sam_ft.evaluation import plots
 from sam_ft.evaluation.attributes import spearman_table
+from sam_ft.evaluation.calibration import calibration_table, calibration_view, reliability_bins
 from sam_ft.evaluation.order import jitter_levels_sorted
+from sam_ft.evaluation.provenance import provenance, provenance_lines
+from sam_ft.evaluation.statistics import CLUSTER, cluster_ids, comparison_table
 from sam_ft.evaluation.summary_tables import (
     PROMPT_NAMES,
     bar_table,
     click_curves,
+    comparisons_view,
     jitter_table,
     metrics_view,
     no_jitter,
@@ -32,6 +38,9 @@ from sam_ft.evaluation.summary_tables import (
     unit_words,
 )
 
+if TYPE_CHECKING:
+    from sam_ft.evaluation.options import EvalOptions
+
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
@@ -42,6 +51,8 @@ def write_report(
     clicks: pd.DataFrame | None = None,
     overlays: Mapping[str, Sequence[plots.OverlayItem]] | Sequence[plots.OverlayItem] | None = None,
     title: str = "Evaluation summary",
+    options: EvalOptions | None = None,
+    seed: int | None = None,
 ) -> dict[str, Path]:
     """Write the summary tables, ``summary.md`` and the figures of one evaluation.
 
@@ -54,19 +65,31 @@ def write_report(
             (``plots/overlays.png``) or a mapping name -> items (``plots/overlays_<name>.png``,
             e.g. ``{"best": ..., "worst": ...}``).
         title: heading of ``summary.md``.
+        options: the evaluation's options (the CIs' bootstrap settings, the provenance); None:
+            the defaults of ``conf/eval/default.yaml``.
+        seed: the prompt seed, for the provenance's config hash.
 
     Returns:
         name -> path of every file written: ``summary_csv``, ``summary_md``, ``spearman_csv``,
-        ``plot_dice_per_prompt``, ``plot_dice_vs_jitter``, ``plot_attributes``, and when given
-        ``summary_case_csv``, ``noc_csv``, ``plot_dice_vs_clicks``, ``plot_overlays[_<name>]``.
+        ``comparisons_csv``, ``calibration_csv``, ``provenance_json``,
+        ``plot_dice_per_prompt``, ``plot_dice_vs_jitter``, ``plot_attributes``,
+        ``plot_iou_reliability``, and when given ``summary_case_csv``, ``noc_csv``,
+        ``plot_dice_vs_clicks``, ``plot_overlays[_<name>]``.
     """
+    from sam_ft.evaluation.options import eval_options
+
+    options = options or eval_options(None)
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    tables = _write_tables(out_dir, per_object, per_case, clicks, paths)
+    tables = _write_tables(out_dir, per_object, per_case, clicks, paths, options)
+    info = provenance(options, seed, per_object)
+    paths["provenance_json"] = out_dir / "provenance.json"
+    paths["provenance_json"].write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
     lines = _markdown(out_dir, title, per_object, tables, paths)
+    lines += ["", *provenance_lines(info)]
     paths["summary_md"] = out_dir / "summary.md"
     paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
@@ -78,20 +101,33 @@ def _write_tables(
     per_case: pd.DataFrame | None,
     clicks: pd.DataFrame | None,
     paths: dict[str, Path],
-) -> dict[str, pd.DataFrame | None]:
+    options: EvalOptions,
+) -> dict[str, Any]:
     """The summary CSVs (paths added to ``paths``); -> the tables, and the pooled rows."""
-    summary = summarize(per_object)
+    boot = options.bootstrap
+    summary = summarize(per_object, boot)
     paths["summary_csv"] = out_dir / "summary.csv"
     summary.to_csv(paths["summary_csv"], index=False)
-    pooled = pooled_summary(per_object)
+    several_tasks = per_object["task"].nunique() > 1
+    # Pooled rows: CIs only where summary.md shows them (several tasks); the figures need none.
+    pooled = pooled_summary(per_object, boot if several_tasks else None)
+    comparisons = comparison_table(per_object, boot)
+    if several_tasks:
+        everything = per_object.assign(**{CLUSTER: cluster_ids(per_object)}, task="all")
+        comparisons = pd.concat([comparisons, comparison_table(everything, boot)])
+    paths["comparisons_csv"] = out_dir / "comparisons.csv"
+    comparisons.to_csv(paths["comparisons_csv"], index=False)
+    calibration = calibration_table(per_object, boot)
+    paths["calibration_csv"] = out_dir / "calibration.csv"
+    calibration.to_csv(paths["calibration_csv"], index=False)
     # Per target (label value) beside the pooled task rows, as the official code reports.
-    by_label = summarize_by_label(per_object)
+    by_label = summarize_by_label(per_object, boot)
     paths["summary_label_csv"] = out_dir / "summary_label.csv"
     by_label.to_csv(paths["summary_label_csv"], index=False)
 
     case_summary = None
     if per_case is not None and not per_case.empty:
-        case_summary = summarize(per_case)
+        case_summary = summarize(per_case, boot)
         paths["summary_case_csv"] = out_dir / "summary_case.csv"
         case_summary.to_csv(paths["summary_case_csv"], index=False)
 
@@ -116,6 +152,9 @@ def _write_tables(
         "case_summary": case_summary,
         "spearman": spearman,
         "noc": noc_table,
+        "comparisons": comparisons,
+        "calibration": calibration,
+        "ci": boot.describe(),
     }
 
 
@@ -152,6 +191,9 @@ def _write_figures(
         plot_dir / "dice_vs_attributes.png",
         title=f"Dice vs object attributes ({PROMPT_NAMES.get(scatter_prompt, scatter_prompt)})",
     )
+    paths["plot_iou_reliability"] = plots.plot_reliability(
+        reliability_bins(per_object), plot_dir / "iou_reliability.png"
+    )
     if clicks is not None and not clicks.empty:
         paths["plot_dice_vs_clicks"] = plots.plot_dice_vs_clicks(
             click_curves(clicks), plot_dir / "dice_vs_clicks.png"
@@ -168,7 +210,7 @@ def _markdown(
     out_dir: Path,
     title: str,
     per_object: pd.DataFrame,
-    tables: dict[str, pd.DataFrame | None],
+    tables: dict[str, Any],
     paths: dict[str, Path],
 ) -> list[str]:
     """The lines of ``summary.md``: the tables of :func:`_write_tables` and the figures."""
@@ -177,18 +219,24 @@ def _markdown(
     assert summary is not None and pooled is not None and spearman is not None
     tasks = list(dict.fromkeys(summary["task"]))
     models = ", ".join(map(str, dict.fromkeys(summary["model"])))
+    comparisons, calibration = tables["comparisons"], tables["calibration"]
+    n_cases = per_object.assign(**{CLUSTER: cluster_ids(per_object)})[CLUSTER].nunique()
     lines = [
         f"# {title}",
         "",
-        f"{len(per_object)} scored objects; models: {models}; tasks: {', '.join(map(str, tasks))}."
-        " Dice is mean ± std over objects (2D slices); task `all` pools the objects of all tasks.",
+        f"{len(per_object)} scored objects in {n_cases} cases; models: {models}; tasks: "
+        f"{', '.join(map(str, tasks))}. Means are over objects (2D slices); task `all` pools the "
+        f"objects of all tasks. Brackets: {tables['ci']}, the case being the unit (its objects are "
+        "correlated). Paired Δ: over the objects both sides scored; p: two-sided Wilcoxon "
+        "signed-rank over per-case mean differences, Holm-corrected within each table.",
         "",
+        *few_cases_lines(summary),
         *skipped_lines(out_dir),
         "## Dice per prompt strategy (no jitter)",
         "",
     ]
     table_source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
-    lines += [to_markdown(prompt_table(table_source)), ""]
+    lines += [to_markdown(prompt_table(table_source, comparisons)), ""]
     unit = summary_unit(summary)
     lines += ["## All metrics (no jitter)", "", f"HD95 in {unit_words(unit)}, averaged where it "]
     lines[-1] += "exists; `hd95 missing` counts objects with an empty prediction or ground truth."
@@ -201,6 +249,27 @@ def _markdown(
     jitter = jitter_table(summary)
     if not jitter.empty:
         lines += ["## Robustness to prompt jitter (Dice)", "", to_markdown(jitter), ""]
+    for family, heading in (
+        ("model", "Paired: each model vs zero-shot (Dice)"),
+        ("prompt", "Paired: each prompt vs the box (Dice)"),
+    ):
+        view = comparisons_view(comparisons, family) if comparisons is not None else None
+        if view is not None and not view.empty:
+            lines += [f"## {heading}", "", "`left out`: cases scored on one side only "]
+            lines[-1] += "(all named in `comparisons.csv`)."
+            lines += ["", to_markdown(view), ""]
+    if calibration is not None and not calibration.empty:
+        lines += [
+            "## IoU-head calibration (no jitter)",
+            "",
+            "Predicted IoU (SAM's IoU head, kept mask) vs true IoU over objects: Spearman rho, "
+            "mean absolute calibration error (MACE = mean |predicted − true|, with its CI) and, "
+            "where recorded, the Dice lost by keeping the IoU head's choice instead of the "
+            "oracle's.",
+            "",
+            to_markdown(calibration_view(calibration)),
+            "",
+        ]
     if case_summary is not None:
         lines += [
             "## Per case (3D, no jitter)",
@@ -224,6 +293,23 @@ def _markdown(
         if key.startswith("plot_"):
             lines.append(f"![{key[5:]}]({path.relative_to(out_dir).as_posix()})")
     return lines
+
+
+FEW_CASES = 10
+
+
+def few_cases_lines(summary: pd.DataFrame) -> list[str]:
+    """A warning when some mean rests on fewer than :data:`FEW_CASES` cases: the bootstrap sees
+    no more variability than those cases show, and the two-sided Wilcoxon test cannot reach
+    p < 0.05 under 6 pairs (its smallest exact p is 2 / 2^n)."""
+    if "n_cases" not in summary or summary["n_cases"].min() >= FEW_CASES:
+        return []
+    return [
+        f"**Few cases**: some means rest on {int(summary['n_cases'].min())} case(s) (column "
+        f"`cases`); with fewer than {FEW_CASES} the CIs understate the uncertainty, and under 6 "
+        "paired cases no Wilcoxon p can be below 0.05.",
+        "",
+    ]
 
 
 def read_skipped(out_dir: str | Path) -> pd.DataFrame:

@@ -26,6 +26,13 @@ from sam_ft.evaluation.order import (
     jitter_levels_sorted,
     sort_table,
 )
+from sam_ft.evaluation.statistics import (
+    CI_SETTINGS,
+    CLUSTER,
+    Bootstrap,
+    add_intervals,
+    cluster_ids,
+)
 
 PROMPT_NAMES = {
     "everything": "S1 everything",
@@ -60,12 +67,15 @@ def _missing_hd95(df: pd.DataFrame) -> pd.Series:
     return missing
 
 
-def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
+def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> pd.DataFrame:
     """Mean metrics per (model, task, prompt, jitter).
 
     Args:
         per_object: rows with at least ``model, task, prompt, dice, iou, hd95, nsd``; a missing
             ``jitter`` column means no jitter.
+        bootstrap: when given, ``n_cases`` and the CI of every mean (``<metric>_ci_low``,
+            ``<metric>_ci_high``, :func:`~sam_ft.evaluation.statistics.add_intervals`) are
+            appended.
 
     Returns:
         DataFrame with columns ``model, task, prompt, jitter, n, dice_mean, dice_std, iou_mean,
@@ -99,7 +109,8 @@ def summarize(per_object: pd.DataFrame) -> pd.DataFrame:
     out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
-    return sort_rows(out[SUMMARY_COLUMNS])
+    out = sort_rows(out[SUMMARY_COLUMNS])
+    return out if bootstrap is None else add_intervals(out, df, SUMMARY_KEYS, bootstrap)
 
 
 def _official_metric_columns(df: pd.DataFrame) -> None:
@@ -113,20 +124,23 @@ def _official_metric_columns(df: pd.DataFrame) -> None:
 LABEL_KEYS = ["label", "name"]
 
 
-def summarize_by_label(per_object: pd.DataFrame) -> pd.DataFrame:
+def summarize_by_label(
+    per_object: pd.DataFrame, bootstrap: Bootstrap | None = None
+) -> pd.DataFrame:
     """:func:`summarize` per label value (target), as the official code reports each target
     (e.g. liver and tumour) on its own; ``summarize`` pools the objects of a task.
 
     Returns:
-        :data:`SUMMARY_COLUMNS` with ``label`` and ``name`` after ``task``, sorted by model,
-        task, label, prompt and jitter.
+        :data:`SUMMARY_COLUMNS` with ``label`` and ``name`` after ``task`` (and the CIs of
+        ``bootstrap``, over the cases of each target), sorted by model, task, label, prompt and
+        jitter.
     """
     frames = []
     df = per_object.copy()
     if "name" not in df:
         df["name"] = ""
     for (label, name), rows in df.groupby(LABEL_KEYS, sort=False, dropna=False):
-        part = summarize(rows)
+        part = summarize(rows, bootstrap)
         part.insert(2, "label", label)
         part.insert(3, "name", name)
         frames.append(part)
@@ -213,33 +227,124 @@ def _signed(value: float) -> str:
     return "–" if pd.isna(value) else f"{value:+.3f}"
 
 
-def pooled_summary(per_object: pd.DataFrame) -> pd.DataFrame:
-    """Summary over the objects of all tasks together (task = ``all``)."""
-    return summarize(per_object.assign(task="all"))
+def pooled_summary(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> pd.DataFrame:
+    """Summary over the objects of all tasks together (task = ``all``; CIs resample the
+    cases of every task)."""
+    return summarize(per_object.assign(**{CLUSTER: cluster_ids(per_object)}, task="all"), bootstrap)
 
 
-def prompt_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Dice mean ± std per (task, prompt) at no jitter, one column per model, and the Dice
-    difference of each other model minus zero-shot when both are present."""
+def with_ci(mean: float, low: float, high: float) -> str:
+    """``0.812 [0.790, 0.834]``; the mean alone when its CI is NaN (fewer than 2 cases)."""
+    if pd.isna(mean):
+        return "–"
+    if pd.isna(low) or pd.isna(high):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def ci_cells(table: pd.DataFrame, metric: str) -> list[str]:
+    """``<metric>_mean`` with its CI as text cells (the mean alone where no CI was computed)."""
+    mean = table[f"{metric}_mean"]
+    low = table.get(f"{metric}_ci_low", pd.Series(np.nan, index=table.index))
+    high = table.get(f"{metric}_ci_high", pd.Series(np.nan, index=table.index))
+    return [with_ci(*v) for v in zip(mean, low, high, strict=True)]
+
+
+def signed_ci(delta: float, low: float, high: float) -> str:
+    """``+0.050 [+0.021, +0.080]``; the difference alone when its CI is NaN."""
+    if pd.isna(delta):
+        return "–"
+    if pd.isna(low) or pd.isna(high):
+        return f"{delta:+.3f}"
+    return f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _p(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
+
+
+def prompt_table(summary: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Dice per (task, prompt) at no jitter, one column per model (mean [CI] when the
+    summary has CIs, else mean ± std), and each other model minus zero-shot: with
+    ``comparisons`` (:func:`~sam_ft.evaluation.statistics.comparison_table`) the paired
+    difference [CI], Holm-corrected Wilcoxon p and paired cases, else the difference of the
+    means."""
     s = summary[summary["jitter"].astype(str) == "none"]
     models = list(dict.fromkeys(s["model"]))
-    wide = s.pivot_table(index=["task", "prompt"], columns="model", values="dice_mean", sort=False)
-    std = s.pivot_table(index=["task", "prompt"], columns="model", values="dice_std", sort=False)
-    out = pd.DataFrame(index=wide.index)
-    for m in models:
-        out[f"{m} Dice"] = [
+    has_ci = "dice_ci_low" in s
+    s = s.assign(
+        cell=ci_cells(s, "dice")
+        if has_ci
+        else [
             "–" if pd.isna(a) else f"{a:.3f} ± {b:.3f}"
-            for a, b in zip(wide[m], std[m], strict=True)
+            for a, b in zip(s["dice_mean"], s["dice_std"], strict=True)
         ]
-    if BASELINE_MODEL in models:
-        for m in models:
-            if m != BASELINE_MODEL:
-                out[f"Δ {m} − {BASELINE_MODEL}"] = [
-                    _signed(v) for v in wide[m] - wide[BASELINE_MODEL]
-                ]
+    )
+    wide = s.pivot_table(index=["task", "prompt"], columns="model", values="dice_mean", sort=False)
+    cells = s.pivot(index=["task", "prompt"], columns="model", values="cell").reindex(wide.index)
+    out = pd.DataFrame(index=wide.index)
+    label = "Dice [CI]" if has_ci else "Dice"
+    for m in models:
+        out[f"{m} {label}"] = cells[m].fillna("–").to_numpy()
+    others = [m for m in models if m != BASELINE_MODEL] if BASELINE_MODEL in models else []
+    for m in others:
+        name = f"Δ {m} − {BASELINE_MODEL}"
+        if comparisons is None or comparisons.empty:
+            out[name] = [_signed(v) for v in wide[m] - wide[BASELINE_MODEL]]
+            continue
+        c = comparisons[(comparisons["family"] == "model") & (comparisons["model"] == m)]
+        c = c[c["jitter"].astype(str) == "none"].set_index(["task", "prompt"]).reindex(wide.index)
+        out[f"{name} [CI]"] = [
+            signed_ci(*v)
+            for v in zip(c["delta"], c["delta_ci_low"], c["delta_ci_high"], strict=True)
+        ]
+        out[f"p (Holm) {m}"] = [_p(v) for v in c["p_holm"]]
+        out[f"paired cases {m}"] = ["–" if pd.isna(n) else str(int(n)) for n in c["n_cases"]]
     out = out.reset_index()
     out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
     return out
+
+
+def _left_out(cases: str, shown: int = 4) -> str:
+    """The cases of one side only, named when few (``task/case``), else counted."""
+    names = [c for c in cases.split(";") if c]
+    return ", ".join(names) if len(names) <= shown else f"{len(names)} cases"
+
+
+def comparisons_view(comparisons: pd.DataFrame, family: str) -> pd.DataFrame:
+    """One family of :func:`~sam_ft.evaluation.statistics.comparison_table` for
+    ``summary.md``: B vs A, paired Δ [CI], p, Holm's p, paired cases and those left out."""
+    c = comparisons[comparisons["family"] == family]
+    if c.empty:
+        return pd.DataFrame()
+    left = [_left_out(v) for v in c["left_out"].fillna("").astype(str)]
+    view = pd.DataFrame(
+        {
+            "model": c["model"],
+            "task": c["task"],
+            **(
+                {"prompt": c["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))}
+                if family == "model"
+                else {}
+            ),
+            "jitter": c["jitter"],
+            "B vs A": [
+                f"{PROMPT_NAMES.get(b, b)} vs {PROMPT_NAMES.get(a, a)}"
+                for a, b in zip(c["a"], c["b"], strict=True)
+            ],
+            "A": c["mean_a"],
+            "B": c["mean_b"],
+            "Δ [CI]": [
+                signed_ci(*v)
+                for v in zip(c["delta"], c["delta_ci_low"], c["delta_ci_high"], strict=True)
+            ],
+            "p": [_p(v) for v in c["p_value"]],
+            "p (Holm)": [_p(v) for v in c["p_holm"]],
+            "cases": c["n_cases"].astype(int),
+            "left out": left,
+        }
+    )
+    return view.reset_index(drop=True)
 
 
 def jitter_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -256,8 +361,19 @@ def jitter_table(summary: pd.DataFrame) -> pd.DataFrame:
     )
     levels = jitter_levels_sorted(wide.columns)  # none first, the largest level last
     wide = wide[levels]
+    if "dice_ci_low" in s:  # mean [CI] cells; the drop is computed from the means
+        cells = s.assign(cell=ci_cells(s, "dice")).pivot(
+            index=["model", "task", "prompt"], columns="jitter", values="cell"
+        )
+        wide = wide.astype(object)
+        wide[levels] = cells.reindex(index=wide.index, columns=levels).fillna("–")
+        means = s.pivot_table(
+            index=["model", "task", "prompt"], columns="jitter", values="dice_mean", sort=False
+        )
+    else:
+        means = wide
     if "none" in levels and len(levels) > 1:
-        wide[f"drop none→{levels[-1]}"] = wide["none"] - wide[levels[-1]]
+        wide[f"drop none→{levels[-1]}"] = (means["none"] - means[levels[-1]]).astype(float)
     wide.columns = [f"Dice {c}" if c in levels else c for c in wide.columns]
     out = wide.reset_index()
     out["prompt"] = out["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
@@ -321,5 +437,12 @@ def metrics_view(summary: pd.DataFrame) -> pd.DataFrame:
             "hd95_missing": "hd95 missing",
         }
     )
+    for column in [c for c in summary if c.endswith("_ci_low")]:
+        metric = column[: -len("_ci_low")]
+        shown = view.columns[list(summary.drop(columns=drop).columns).index(f"{metric}_mean")]
+        view[shown] = ci_cells(summary, metric)
+        view = view.drop(columns=[column, f"{metric}_ci_high"])
+    view = view.drop(columns=[c for c in CI_SETTINGS if c in view])  # stated above the table
+    view = view.rename(columns={"n_cases": "cases"})
     view["prompt"] = view["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
     return view

@@ -23,7 +23,7 @@ PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "dice", "iou", "hd95", "hd95_missing", "nsd", "hd", "asd", "conformity", "empty_pred",
     "mask_index", "pred_iou",
-    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit",
+    *ATTRIBUTE_COLUMNS, "modality", "patient", "distance_unit", "dice_oracle", "dice_top_iou",
 ]  # fmt: skip
 PER_CASE_COLUMNS = [
     "model", "task", "case", "label", "name", "prompt", "jitter",
