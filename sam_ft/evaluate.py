@@ -157,11 +157,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     loggers = eval_loggers(cfg, label)
     metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
-    summary_md = run_dir / "summary.md"
-    if summary_md.is_file() and (ranks is None or ranks.rank == 0):
-        from rich.console import Console
+    if ranks is None or ranks.rank == 0:
+        from sam_ft.console import print_evaluation
 
-        Console().print(summary_md.read_text(), markup=False)  # the report has [links](...)
+        print_evaluation(run_dir, run_dir.name)
     log.info("evaluation written to %s", run_dir)
     return metrics
 

@@ -264,17 +264,13 @@ def _best_checkpoint(trainer: L.Trainer) -> Path:
 
 
 def _print_summary(run_dir: Path, exported: Path) -> None:
-    from rich.console import Console
+    from sam_ft.console import in_multirun, print_evaluation
 
-    console = Console()
-    console.rule("[bold]sam_ft run finished")
-    console.print(f"run dir      {run_dir}")
-    console.print(f"checkpoints  {run_dir / 'checkpoints'}")
-    console.print(f"weights      {exported}  (segment_anything format)")
-    summary_md = run_dir / "eval" / "summary.md"
-    if summary_md.is_file():
-        console.print(f"report       {summary_md}")
-        console.print(summary_md.read_text(), markup=False)  # the report has [links](...)
+    if not in_multirun():
+        print(f"run dir      {run_dir}")
+        print(f"checkpoints  {run_dir / 'checkpoints'}")
+        print(f"weights      {exported}  (segment_anything format)")
+    print_evaluation(run_dir / "eval", run_dir.name)
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")

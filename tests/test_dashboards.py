@@ -98,12 +98,26 @@ def sweep(tmp_path_factory) -> Path:
         "eval.overlays=2",
         f"hydra.sweep.dir={tmp / 'multirun'}",
     ]
-    _run("train.py", args, _env(tmp))
+    proc = _run("train.py", args, _env(tmp))
+    (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp / "multirun"
 
 
 def _jobs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir())
+
+
+def test_multirun_prints_a_line_per_job_and_one_table_at_the_end(sweep):
+    """Not a 100-line report per job: each job's box Dice in one line, then the sweep's table."""
+    out = (sweep.parent / "stdout.txt").read_text()
+    jobs = _jobs(sweep)
+    for job in jobs:
+        (line,) = [ln for ln in out.splitlines() if ln.startswith(f"{job.name}: box Dice ")]
+        assert "finetuned" in line and "zero_shot" in line and line.endswith("summary.md")
+    assert "Dice per prompt" not in out  # no job printed its full headline
+    table = out[out.index(f"sweep {sweep}") :]
+    assert "zero_shot" in table and f"sam-ft-report {sweep}" in table
+    assert out.index(f"sweep {sweep}") > max(out.index(f"{j.name}: box Dice") for j in jobs)
 
 
 def test_multirun_gives_one_finished_wandb_run_per_job(sweep):

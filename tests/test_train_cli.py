@@ -63,8 +63,14 @@ def test_demo_writes_comparison(demo_run):
     info = json.loads((run_dir / "eval" / "run_info.json").read_text())
     for name in ("zero_shot", "finetuned"):  # precision is recorded with the results
         assert info["models"][name]["precision"] == {"encoder": "float32", "decoder": "float32"}
-    assert "zero_shot" in proc.stdout and "finetuned" in proc.stdout  # the printed table
-    assert "![dice_per_prompt](plots/dice_per_prompt.png)" in proc.stdout  # printed as written
+    # The printed headline is summary.txt: plain text (Markdown wraps and breaks in logs), the
+    # object count that the rows' n counts, and where the Markdown report is.
+    printed = (run_dir / "eval" / "summary.txt").read_text()
+    assert printed.replace("summary.md", str(run_dir / "eval" / "summary.md")) in proc.stdout
+    assert "zero_shot Dice [CI]" in printed and "finetuned Dice [CI]" in printed
+    assert "|" not in printed and max(len(line) for line in printed.splitlines()) < 300
+    objects = int(printed.splitlines()[1].split()[0])
+    assert set(summary["n"]) == {objects}  # every row scores each object once
     card = json.loads((run_dir / "sam_finetuned.json").read_text())
     splits = json.loads((run_dir / "splits.json").read_text())
     for split in ("train", "val", "test"):  # the cases behind the weights and the scores, by id

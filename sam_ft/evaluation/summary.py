@@ -27,6 +27,7 @@ from sam_ft.evaluation.summary_tables import (
     metrics_view,
     no_jitter,
     noc,
+    object_counts,
     pooled_summary,
     prompt_table,
     sort_rows,
@@ -35,6 +36,7 @@ from sam_ft.evaluation.summary_tables import (
     summarize_by_label,
     summary_unit,
     to_markdown,
+    to_text,
     unit_words,
 )
 
@@ -70,7 +72,8 @@ def write_report(
         seed: the prompt seed, for the provenance's config hash.
 
     Returns:
-        name -> path of every file written: ``summary_csv``, ``summary_md``, ``spearman_csv``,
+        name -> path of every file written: ``summary_csv``, ``summary_md``, ``summary_txt``
+        (the headline as plain text, what the commands print), ``spearman_csv``,
         ``comparisons_csv``, ``calibration_csv``, ``provenance_json``,
         ``plot_dice_per_prompt``, ``plot_dice_vs_jitter``, ``plot_attributes``,
         ``plot_iou_reliability``, and when given ``summary_case_csv``, ``noc_csv``,
@@ -92,6 +95,9 @@ def write_report(
     lines += ["", *provenance_lines(info)]
     paths["summary_md"] = out_dir / "summary.md"
     paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    paths["summary_txt"] = out_dir / "summary.txt"
+    text = summary_text(title, per_object, tables) + "All tables and figures: summary.md\n"
+    paths["summary_txt"].write_text(text, encoding="utf-8")
     return paths
 
 
@@ -220,11 +226,10 @@ def _markdown(
     tasks = list(dict.fromkeys(summary["task"]))
     models = ", ".join(map(str, dict.fromkeys(summary["model"])))
     comparisons, calibration = tables["comparisons"], tables["calibration"]
-    n_cases = per_object.assign(**{CLUSTER: cluster_ids(per_object)})[CLUSTER].nunique()
     lines = [
         f"# {title}",
         "",
-        f"{len(per_object)} scored objects in {n_cases} cases; models: {models}; tasks: "
+        f"{counts_line(per_object)}; models: {models}; tasks: "
         f"{', '.join(map(str, tasks))}. Means are over objects (2D slices); task `all` pools the "
         f"objects of all tasks. Brackets: {tables['ci']}, the case being the unit (its objects are "
         "correlated). Paired Δ: over the objects both sides scored; p: two-sided Wilcoxon "
@@ -296,6 +301,36 @@ def _markdown(
 
 
 FEW_CASES = 10
+
+
+def counts_line(per_object: pd.DataFrame) -> str:
+    """``51 objects in 2 cases, each scored by 2 models x 21 prompt settings (2142 rows)``: the
+    objects are what a summary row's ``n`` counts."""
+    objects, rows = object_counts(per_object)
+    n_cases = per_object.assign(**{CLUSTER: cluster_ids(per_object)})[CLUSTER].nunique()
+    models = per_object["model"].nunique()
+    settings = len(per_object[["prompt", "jitter"]].drop_duplicates())
+    return (
+        f"{objects} objects in {n_cases} cases, each scored by {models} model(s) x {settings} "
+        f"prompt setting(s) ({rows} rows)"
+    )
+
+
+def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -> str:
+    """The headline as plain text for the console and logs (``summary.txt``): the counts, the
+    Dice per prompt without jitter (with CIs and the paired test when computed), and where the
+    rest is. Markdown stays in ``summary.md``."""
+    summary, pooled = tables["summary"], tables["pooled"]
+    tasks = list(dict.fromkeys(summary["task"]))
+    source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
+    lines = [
+        title,
+        counts_line(per_object) + ".",
+        f"Dice per prompt, no jitter (brackets: {tables['ci']}; p: Wilcoxon over cases, Holm):",
+        "",
+        to_text(prompt_table(source, tables["comparisons"])).rstrip("\n"),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def few_cases_lines(summary: pd.DataFrame) -> list[str]:

@@ -223,6 +223,27 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
+def to_text(df: pd.DataFrame, digits: int = 3) -> str:
+    """The same table as plain fixed-width text, for logs and terminals: no Markdown pipes, and
+    never wrapped (a wrapped Markdown row in a SLURM log is unreadable)."""
+    if df.empty:
+        return "(no rows)\n"
+    cells = [[str(c) for c in df.columns]]
+    cells += [[_fmt(v, digits) for v in row] for row in df.itertuples(False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(df.columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def object_counts(per_object: pd.DataFrame) -> tuple[int, int]:
+    """(objects, rows): an object is one (task, case, slice, label); each is scored once per
+    model, prompt and jitter level, so the rows are a multiple of the objects (the ``n`` of a
+    summary row counts objects)."""
+    keys = [c for c in ("task", "case", "slice", "label") if c in per_object]
+    return len(per_object[keys].drop_duplicates()), len(per_object)
+
+
 def _signed(value: float) -> str:
     return "–" if pd.isna(value) else f"{value:+.3f}"
 
