@@ -153,7 +153,7 @@ class ModelConfig:
     name: str
     checkpoint: str | None
     image_size: int
-    preprocess: Literal["sam", "medsam"]
+    preprocess: Literal["sam", "medsam", "litemedsam"]
     grad_checkpointing: bool
     compile_encoder: bool
     encoder_bf16: bool
