@@ -60,7 +60,7 @@ class TaskConfig:
     """``task`` (conf/task/*.yaml; keys documented in sam_ft/data/tasks.py)."""
 
     name: str
-    source: Literal["folder", "decathlon", "demo"]
+    source: Literal["folder", "decathlon", "demo", "mni152"]
     root: str | None
     modality: str | None
     intensity: IntensityConfig
