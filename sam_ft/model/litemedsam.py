@@ -18,6 +18,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
@@ -76,7 +77,10 @@ def _refresh_attention_bias(module: nn.Module, _incompatible) -> None:
 
 def build_litemedsam_architecture() -> Sam:
     """A randomly initialised LiteMedSAM (eval mode): (B, 3, 256, 256) -> (B, 256, 64, 64)."""
-    encoder = _tinyvit_class()(**TINYVIT)
+    device = torch.get_default_device()
+    with torch.device("cpu"):  # TinyViT's __init__ calls .item(), which meta tensors refuse
+        encoder = _tinyvit_class()(**TINYVIT)
+    encoder = encoder.to(device)
     for sub in encoder.modules():
         if hasattr(sub, "attention_biases"):
             sub.register_load_state_dict_post_hook(_refresh_attention_bias)
