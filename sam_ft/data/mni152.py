@@ -26,15 +26,16 @@ MARKER = ".complete"
 VERSION = 1
 LABELS = {1: "white_matter", 2: "grey_matter"}
 STRIDE = 3
-# Axial slabs [z0, z1) of the 1 mm template, in voxels, one per split (3, 6 and 12 slices kept);
+# Axial slabs [z0, z1) of the 1 mm template, in voxels, one per split (4, 8 and 16 slices kept);
 # the nearest slices of two slabs are 9 mm apart, 6 mm more than within a slab.
-SLABS = {"val": (40, 49), "test": (55, 73), "train": (79, 115)}
+SLABS = {"val": (38, 50), "test": (56, 80), "train": (86, 134)}
 GAP_MM = 9
 
 
 def describe_split() -> str:
     """One line for the run's output: how the single subject was split."""
-    parts = ", ".join(f"{k} z {a}-{b - 1}" for k, (a, b) in SLABS.items())
+    kept = {k: range(a, b, STRIDE) for k, (a, b) in SLABS.items()}
+    parts = ", ".join(f"{k} z {z[0]}-{z[-1]} ({len(z)} slices)" for k, z in kept.items())
     return (
         f"MNI152 (one subject) cut into separate axial slabs {GAP_MM} mm apart, every "
         f"{STRIDE}rd slice kept: {parts}; no test slice was seen in training"
@@ -97,7 +98,9 @@ def generate_mni152(root: str | Path) -> Path:
         for folder, data in (("imagesTr", image), ("labelsTr", label)):
             volume = np.ascontiguousarray(data[:, :, zs])
             nib.save(nib.Nifti1Image(volume, slab_affine), root / folder / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        training.append(
+            {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+        )
         splits[split] = [name]
     meta = {
         "name": "brain_mni152",
