@@ -171,3 +171,52 @@ def test_preprocessing_matches_official_frame(litemedsam, mni_slices):
     torch.testing.assert_close(t.postprocess(logits, (h, w)), ref)
     a_h, a_w = t.resize_matrices((h, w))
     torch.testing.assert_close(a_h @ logits @ a_w.T, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.heavy
+def test_evaluate_cli_on_png_folder_gives_official_dice(litemedsam, mni_slices, tmp_path):
+    """``evaluate.py model=litemedsam task=folder eval.prompts=[box]`` on real PNG slices: per
+    object the Dice of the official LiteMedSAM inference (mean |difference| <= 0.005)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    _, package = litemedsam
+    root = tmp_path / "task"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    expected = {}
+    for i, (image, masks) in enumerate(mni_slices):
+        case = f"mni_{i}"
+        label = np.zeros(image.shape[:2], dtype=np.uint8)
+        for value, mask in enumerate(masks, start=1):
+            label[mask] = value
+        Image.fromarray(image[..., 0]).save(root / "imagesTr" / f"{case}.png")
+        Image.fromarray(label).save(root / "labelsTr" / f"{case}.png")
+        objects = [label == v for v in (1, 2)]
+        masks_official = official_masks(package, image, [_box(m) for m in objects])
+        for value, (m, gt) in enumerate(zip(masks_official, objects, strict=True), start=1):
+            expected[(case, value)] = _dice(m, gt)
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    args = [
+        "model=litemedsam", "task=folder", f"task.root={root}", "task.intensity.mode=none",
+        "eval.prompts=[box]", "eval.jitter_px=[]", "eval.split=all", "eval.overlays=0",
+        "model.encoder_bf16=false", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(repo / "evaluate.py"), *args],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (per_object,) = run.rglob("per_object.csv")
+    with open(per_object) as f:
+        got = {(r["case"], int(r["label"])): float(r["dice"]) for r in csv.DictReader(f)}
+    assert got.keys() == expected.keys()
+    diffs = [abs(got[k] - expected[k]) for k in expected]
+    assert np.mean(diffs) <= 0.005, (got, expected)
