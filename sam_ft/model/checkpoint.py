@@ -99,7 +99,9 @@ def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     """Name the known architecture whose encoder width and depth match ``state``, if any."""
     patch = state.get("image_encoder.patch_embed.proj.weight")
     if patch is None:
-        return None
+        # TinyViT (LiteMedSAM) has stages (``layers``) and a convolutional patch embedding.
+        tinyvit = any(k.startswith("image_encoder.layers.") for k in state)
+        return "LiteMedSAM (TinyViT)" if tinyvit else None
     block = re.compile(r"image_encoder\.blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
     arch = (patch.shape[0], len(blocks))

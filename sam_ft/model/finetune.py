@@ -3,8 +3,9 @@
 Modes:
     decoder         the paper's: image and prompt encoder frozen, mask decoder trains.
     decoder_prompt  mask decoder + prompt encoder.
-    encoder_last_n  the last ``last_n`` ViT blocks + the neck + the mask decoder.
-    lora            rank-``rank`` adapters on every encoder block's attention qkv + the decoder;
+    encoder_last_n  the last ``last_n`` ViT blocks (TinyViT: stages, of 4) + the neck + the mask
+                    decoder.
+    lora            rank-``rank`` adapters on every encoder attention's qkv + the decoder;
                     merged into plain weights on export.
     full            everything.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from sam_ft.errors import ConfigError
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.trainable import TrainableSam, encoder_stages
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,22 @@ class Finetune:
         if self.name == "decoder_prompt":
             sam.prompt_encoder.requires_grad_(True)
         elif self.name == "encoder_last_n":
-            blocks = sam.image_encoder.blocks
+            blocks = encoder_stages(sam.image_encoder)
             if not 1 <= self.last_n <= len(blocks):
+                unit = "blocks" if hasattr(sam.image_encoder, "blocks") else "stages (TinyViT)"
                 raise ConfigError(
-                    f"finetune.last_n={self.last_n}: the encoder has {len(blocks)} blocks"
+                    f"finetune.last_n={self.last_n}: the encoder has {len(blocks)} {unit}"
                 )
             for block in blocks[len(blocks) - self.last_n :]:
                 block.requires_grad_(True)
             sam.image_encoder.neck.requires_grad_(True)
         elif self.name == "lora":
-            for block in sam.image_encoder.blocks:
-                if not isinstance(block.attn.qkv, LoRALinear):
-                    block.attn.qkv = LoRALinear(block.attn.qkv, self.rank, self.alpha)
-                block.attn.qkv.lora_a.requires_grad_(True)
-                block.attn.qkv.lora_b.requires_grad_(True)
+            # Every attention's qkv: the ViT's blocks, or TinyViT's attention stages (1-3).
+            for attn in [m for m in sam.image_encoder.modules() if hasattr(m, "qkv")]:
+                if not isinstance(attn.qkv, LoRALinear):
+                    attn.qkv = LoRALinear(attn.qkv, self.rank, self.alpha)
+                attn.qkv.lora_a.requires_grad_(True)
+                attn.qkv.lora_b.requires_grad_(True)
         counts = count_parameters(model)
         log.info(
             "finetune=%s: %s trainable / %s frozen parameters",

