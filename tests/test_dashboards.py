@@ -20,6 +20,9 @@ from wandb_records import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
@@ -389,6 +392,7 @@ def test_run_name_has_own_overrides_but_no_secret(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     overrides = [
         "model=tiny",
+        "task=demo",
         "optimizer.lr=0.001",
         "logger=wandb",
         f"+extra.note=see{HF_TOKEN}",  # a secret typed literally, under an innocent key

@@ -164,6 +164,8 @@ def test_train_ddp_evaluates_in_shares(tmp_path):
     env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     env.update(WANDB_MODE="offline")
     args = [
+        "model=tiny",
+        "task=demo",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",

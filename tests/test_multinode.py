@@ -18,6 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "trainer=ddp",
     "trainer.accelerator=cpu",
     "trainer.max_epochs=1",

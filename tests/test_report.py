@@ -189,6 +189,7 @@ def test_write_report_creates_every_file(per_object, tmp_path):
         "summary_csv",
         "summary_label_csv",
         "summary_md",
+        "summary_txt",
         "summary_case_csv",
         "spearman_csv",
         "noc_csv",

@@ -14,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
@@ -91,16 +94,18 @@ def test_exported_weights_load_in_segment_anything_classes(demo_run):
 
 
 def test_resume_without_checkpoint_fails_clearly(tmp_path):
-    proc = _run(["ckpt_path=last", f"hydra.run.dir={tmp_path / 'nothing'}"], tmp_path / "cache")
+    args = ["model=tiny", "task=demo", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'nothing'}"]
+    proc = _run(args, tmp_path / "cache")
     assert proc.returncode == 1
-    assert "ckpt_path=last: there is no checkpoint" in proc.stderr
+    assert "ckpt_path=last: no checkpoint to resume from" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "nothing" / "checkpoints").exists()
 
 
 def test_error_while_building_the_model_is_one_line(tmp_path):
     # Raised inside Hydra's instantiate, which wraps it: still our one line, no traceback.
-    proc = _run(["model.image_size=128", f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path / "cache")
+    args = ["model=tiny", "task=demo", "model.image_size=128", f"hydra.run.dir={tmp_path / 'bad'}"]
+    proc = _run(args, tmp_path / "cache")
     assert proc.returncode == 1
     assert "error: model.image_size=128" in proc.stderr
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr

@@ -18,6 +18,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",

@@ -57,7 +57,8 @@ def test_paper_experiment_without_task_says_what_to_add(name):
 def test_a_named_task_carries_nothing_of_the_demo():
     cfg = _compose("train", ["model=vit_b", "task=liver_ct"])
     assert "demo" not in cfg.tags
-    assert _compose("train", []).tags == ["demo"]  # the demo run itself is tagged
+    assert _compose("train", ["task=demo"]).tags == ["demo"]  # the demo run itself is tagged
+    assert list(_compose("train", []).tags) == []  # the default run (LiteMedSAM on MNI152)
 
 
 # --- mask outputs and selection (issue 13, items 2 and 3) -----------------------------------
@@ -341,6 +342,8 @@ def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monk
     cfg = _compose(
         "train",
         [
+            "model=tiny",
+            "task=demo",
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.data_dir={tmp_path / 'data'}",
             "trainer=cpu",

@@ -15,6 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_STEP = [
+    "model=tiny",  # the synthetic demo (the default run is LiteMedSAM on MNI152)
+    "task=demo",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=1",
     "trainer.limit_val_batches=1",

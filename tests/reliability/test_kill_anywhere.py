@@ -21,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
+    "model=tiny",  # the synthetic demo (the default run is LiteMedSAM on MNI152)
+    "task=demo",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=2",

@@ -21,6 +21,9 @@ SECRETS = {
     "GITHUB_TOKEN": "ghp_SECRETzxcvbnmZXCVBNM1234567890",
 }
 QUICK = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "logger=wandb",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",

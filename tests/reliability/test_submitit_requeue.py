@@ -24,6 +24,9 @@ from sam_ft.training.checkpoints import newest_last_checkpoint, resolve_ckpt_pat
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=2",

@@ -18,6 +18,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BATCHES = 2, 4
 SHORT = [
+    # The synthetic demo with the tiny model (the default run is LiteMedSAM on MNI152).
+    "model=tiny",
+    "task=demo",
     f"trainer.max_epochs={EPOCHS}",
     f"trainer.limit_train_batches={BATCHES}",
     "trainer.limit_val_batches=2",
