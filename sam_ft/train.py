@@ -29,6 +29,7 @@ from sam_ft.inference.card import (
     write_model_card,
 )
 from sam_ft.logging_results import log_exported_model, sweep_objective
+from sam_ft.model.builders import weights_loaded_later
 from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
@@ -178,7 +179,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
     best = _best_checkpoint(trainer)
-    finetuned = instantiate(cfg.model, checkpoint=None)
+    with weights_loaded_later():
+        finetuned = instantiate(cfg.model, checkpoint=None)
     load_weights(finetuned.sam, read_state_dict(best), str(best), cfg.model.name)
     exported, card = run_dir / "sam_finetuned.pth", None
     if trainer.is_global_zero:
@@ -218,7 +220,8 @@ def _compare_with_zero_shot(
     from sam_ft.evaluate import compare_models
 
     run_dir = Path(cfg.paths.output_dir)
-    zero_shot = instantiate(cfg.model, checkpoint=None)
+    with weights_loaded_later():
+        zero_shot = instantiate(cfg.model, checkpoint=None)
     load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
     summary = compare_models(
         {"zero_shot": zero_shot, "finetuned": finetuned},

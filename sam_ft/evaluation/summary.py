@@ -311,7 +311,7 @@ def counts_line(per_object: pd.DataFrame) -> str:
     models = per_object["model"].nunique()
     settings = len(per_object[["prompt", "jitter"]].drop_duplicates())
     return (
-        f"{objects} objects in {n_cases} cases, each scored by {models} model(s) x {settings} "
+        f"{objects} objects in {n_cases} case(s), each scored by {models} model(s) x {settings} "
         f"prompt setting(s) ({rows} rows)"
     )
 
@@ -323,9 +323,11 @@ def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -
     summary, pooled = tables["summary"], tables["pooled"]
     tasks = list(dict.fromkeys(summary["task"]))
     source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
+    few = [line.replace("**", "").replace("`", "") for line in few_cases_lines(summary)]
     lines = [
         title,
         counts_line(per_object) + ".",
+        *few[:1],
         f"Dice per prompt, no jitter (brackets: {tables['ci']}; p: Wilcoxon over cases, Holm):",
         "",
         to_text(prompt_table(source, tables["comparisons"])).rstrip("\n"),
@@ -339,6 +341,12 @@ def few_cases_lines(summary: pd.DataFrame) -> list[str]:
     p < 0.05 under 6 pairs (its smallest exact p is 2 / 2^n)."""
     if "n_cases" not in summary or summary["n_cases"].min() >= FEW_CASES:
         return []
+    if summary["n_cases"].min() < 2:
+        return [
+            "**Few cases**: some means rest on 1 case (column `cases`): no CI can be drawn (the "
+            "bootstrap resamples cases) and no paired test can reject; more cases are needed.",
+            "",
+        ]
     return [
         f"**Few cases**: some means rest on {int(summary['n_cases'].min())} case(s) (column "
         f"`cases`); with fewer than {FEW_CASES} the CIs understate the uncertainty, and under 6 "

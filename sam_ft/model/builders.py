@@ -9,7 +9,10 @@ official checkpoints, ``SamPredictor`` and our trainable wrapper all see the sam
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -127,6 +130,22 @@ def resolve_checkpoint(name: str, checkpoint: str | None) -> Path | None:
     )
 
 
+_WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "weights_follow", default=False
+)
+
+
+@contextlib.contextmanager
+def weights_loaded_later() -> Iterator[None]:
+    """Build models whose weights the caller loads right after (the finetuned and zero-shot
+    models at the end of training): no random-weights warning, which would be false there."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
 def build_sam(name: str, checkpoint: str | None = None, image_size: int | None = None) -> Sam:
     """Build the named SAM and load its weights (eval mode).
 
@@ -141,6 +160,8 @@ def build_sam(name: str, checkpoint: str | None = None, image_size: int | None =
     sam = build_sam_architecture(name, image_size)
     path = resolve_checkpoint(name, checkpoint)
     if path is None:
+        if _WEIGHTS_FOLLOW.get():
+            return sam
         log.warning(
             "model %s: NO CHECKPOINT, weights are RANDOM (model.checkpoint=null). "
             "Zero-shot results mean nothing; pass model.checkpoint=auto or a path.",
