@@ -127,6 +127,8 @@ def _check_appended(cfg, overrides: Sequence[str]) -> None:
             continue
         key = arg.lstrip("+").split("=", 1)[0]
         parent, _, leaf = key.rpartition(".")
+        if leaf.startswith("_"):  # Hydra's own keys (_target_, _partial_, ...)
+            continue
         node = OmegaConf.select(cfg, parent) if parent else None
         if not (OmegaConf.is_dict(node) and "_target_" in node):
             continue

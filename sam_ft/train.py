@@ -118,13 +118,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Every option checked before anything is built, hashed or downloaded.
     parse_config(cfg, "train")
     run_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:
-        # Temp files of a process killed mid-write (this run dir's earlier attempt), never read.
-        # Rank 0 only: it starts before the others, which could sweep a file it is writing.
-        # The run's own folders only: a run dir may hold other runs' folders.
-        sweep_temp_files(run_dir, recursive=False)
-        for folder in ("checkpoints", "eval"):
-            sweep_temp_files(run_dir / folder)
+    _sweep_run_dir(run_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -178,6 +172,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero and ranks is None:
         return metrics
 
+    finetuned, exported, card = _export(cfg, trainer, module, datamodule, run_dir)
+    if cfg.train.evaluate:
+        metrics.update(
+            _compare_with_zero_shot(cfg, initial, finetuned, datamodule, trainer, ranks, card)
+        )
+    if not trainer.is_global_zero:
+        return metrics
+    log_exported_model(trainer.loggers, exported, cfg.run_name)
+    _print_summary(run_dir, exported)
+    return metrics
+
+
+def _sweep_run_dir(run_dir: Path) -> None:
+    """Temp files of a process killed mid-write (this run dir's earlier attempt), never read.
+    Rank 0 only: it starts before the others, which could sweep a file it is writing. The run's
+    own folders only: a run dir may hold other runs' folders."""
+    if rank_zero_only.rank == 0:
+        sweep_temp_files(run_dir, recursive=False)
+        for folder in ("checkpoints", "eval"):
+            sweep_temp_files(run_dir / folder)
+
+
+def _export(cfg, trainer, module, datamodule, run_dir: Path):
+    """The best checkpoint as a model, exported with its card by rank 0: (finetuned model,
+    ``sam_finetuned.pth``, its card or None on other ranks)."""
     best = _best_checkpoint(trainer)
     with weights_loaded_later():
         finetuned = instantiate(cfg.model, checkpoint=None)
@@ -193,17 +212,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             multimask_output=module.multimask_output is True,
             facts=trained_facts(datamodule),
         )
-        log.info("exported %s (official SAM format, from %s), card %s", exported, best, card)
-
-    if cfg.train.evaluate:
-        metrics.update(
-            _compare_with_zero_shot(cfg, initial, finetuned, datamodule, trainer, ranks, card)
-        )
-    if not trainer.is_global_zero:
-        return metrics
-    log_exported_model(trainer.loggers, exported, cfg.run_name)
-    _print_summary(run_dir, exported)
-    return metrics
+        log.info("exported %s (from %s), card %s", exported, best, card)
+    return finetuned, exported, card
 
 
 def _compare_with_zero_shot(
@@ -272,7 +282,7 @@ def _print_summary(run_dir: Path, exported: Path) -> None:
     if not in_multirun():
         print(f"run dir      {run_dir}")
         print(f"checkpoints  {run_dir / 'checkpoints'}")
-        print(f"weights      {exported}  (segment_anything format)")
+        print(f"weights      {exported}  (model card: {exported.with_suffix('.json').name})")
     print_evaluation(run_dir / "eval", run_dir.name)
 
 
