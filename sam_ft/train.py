@@ -24,6 +24,7 @@ from sam_ft.errors import ConfigError, exit_on_own_error
 from sam_ft.evaluation.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
+    predicted_headline,
     trained_facts,
     update_card_evaluation,
     write_model_card,
@@ -243,7 +244,8 @@ def _compare_with_zero_shot(
     )
     if card is not None:
         summary_csv = run_dir / "eval" / "summary.csv"
-        update_card_evaluation(card, evaluation_summary(summary, summary_csv))
+        headline = predicted_headline(run_dir / "eval", card, str(cfg.eval.mask_selection))
+        update_card_evaluation(card, evaluation_summary(summary, summary_csv), headline)
     return summary
 
 

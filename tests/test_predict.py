@@ -632,3 +632,39 @@ def test_overlay_is_readable_with_distinct_label_colours(tmp_path, weights):
         if min(hsv[a][1], hsv[b][1]) > 0.2:  # both chromatic
             gap = abs(hsv[a][0] - hsv[b][0])
             assert min(gap, 1 - gap) > 0.05, (a, b)
+
+
+def test_card_headline_is_the_dice_of_the_masks_predict_keeps(tmp_path, weights):
+    """predict keeps the IoU head's choice for weights trained with 3 masks: the headline is the
+    mean of the evaluation's dice_top_iou, not its oracle Dice; single-mask decoding that the
+    evaluation did not score is said to be unmeasured, not replaced by another number."""
+    import shutil
+
+    from sam_ft.inference.card import predicted_headline
+
+    rows = [
+        {"model": m, "prompt": p, "jitter": j, "dice": d, "dice_top_iou": t}
+        for m, d, t in (("zero_shot", 0.5, 0.2), ("finetuned", 0.9, 0.7))
+        for p, j in (("box", "none"), ("box", "0-10"), ("point1", "none"))
+    ]
+    rows.append({"model": "finetuned", "prompt": "box", "jitter": "none", "dice": 0.7,
+                 "dice_top_iou": 0.5})  # fmt: skip
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(eval_dir / "per_object.csv", index=False)
+    card = card_path(weights)  # tiny, trained with 3 masks
+    head = predicted_headline(eval_dir, card, "oracle")
+    assert head["mask_selection"] == "predicted_iou"
+    assert head["dice"] == pytest.approx({"zero_shot": 0.2, "finetuned": 0.6})
+    assert predicted_headline(eval_dir, card, "predicted_iou")["dice"]["finetuned"] == (
+        pytest.approx(0.8)  # the evaluation already kept predict's masks: its own Dice
+    )
+    single = tmp_path / "single.json"
+    shutil.copy(card, single)
+    single.write_text(
+        single.read_text().replace('"multimask_output": true', '"multimask_output": false')
+    )
+    unmeasured = predicted_headline(eval_dir, single, "oracle")
+    assert unmeasured["dice"] is None and "single masks were not scored" in unmeasured["why"]

@@ -79,6 +79,12 @@ def test_demo_writes_comparison(demo_run):
     for split in ("train", "val", "test"):  # the cases behind the weights and the scores, by id
         assert card["cases"][split] == sorted(splits[split])
     assert card["evaluation_protocol"]["prompts"] == ["box", "point1"]
+    # The headline states predict's mask choice for these weights (a number, or why there is none).
+    assert card["headline"]["prompt"] == "box" and card["headline"]["mask_selection"] in (
+        "single",
+        "predicted_iou",
+    )
+    assert card["headline"]["dice"] is not None or card["headline"]["why"]
     for noise in ("💡 Tip", "LeafSpec", "module(s) in eval mode"):  # sam_ft.quiet
         assert noise not in proc.stdout + proc.stderr
 

@@ -166,11 +166,16 @@ def base_weights(model: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def update_card_evaluation(card: str | Path, evaluation: Mapping[str, Any]) -> Path:
-    """Set the card's ``evaluation`` summary (written after the exported weights are scored)."""
+def update_card_evaluation(
+    card: str | Path, evaluation: Mapping[str, Any], headline: Mapping[str, Any] | None = None
+) -> Path:
+    """Set the card's ``evaluation`` summary (written after the exported weights are scored)
+    and its ``headline`` (:func:`predicted_headline`)."""
     path = Path(card)
     data = json.loads(path.read_text())
     data["evaluation"] = _plain(evaluation)
+    if headline is not None:
+        data["headline"] = _plain(headline)
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -196,6 +201,55 @@ def evaluation_summary(
                 "nsd": float(row.nsd_mean),
                 "n": int(row.n),
             }
+    return out
+
+
+def predicted_headline(
+    eval_dir: str | Path, card: str | Path, eval_selection: str, prompt: str = "box"
+) -> dict[str, Any]:
+    """The card's headline: mean Dice per model for ``prompt`` without jitter with the masks
+    ``predict.py`` keeps by default for these weights (``auto``: the IoU head's choice of 3 for
+    weights trained with 3 masks, else the single mask), which may differ from the evaluation's
+    ``eval.mask_selection`` (the study's oracle picks the best of 3 against the ground truth).
+
+    ``per_object.csv`` records the Dice of the evaluation's choice and of the IoU head's
+    (``dice_top_iou``); when predict's choice is neither (single-mask decoding after a 3-mask
+    evaluation), the headline says it was not measured instead of giving another number.
+    """
+    import pandas as pd
+
+    from sam_ft.model.specs import SPECS
+
+    data = json.loads(Path(card).read_text())
+    spec = SPECS.get(data["architecture"])
+    selection = "predicted_iou" if data.get("multimask_output") else "single"
+    one_output = spec is not None and not spec.multimask_output  # every selection is that mask
+    if (
+        one_output
+        or selection == eval_selection
+        or (selection, eval_selection)
+        == (
+            "single",
+            "auto",  # auto decodes boxes with the single mask
+        )
+    ):
+        column = "dice"
+    elif selection == "predicted_iou":
+        column = "dice_top_iou"
+    else:
+        column = None
+    out: dict[str, Any] = {"prompt": prompt, "jitter": "none", "mask_selection": selection}
+    table = Path(eval_dir) / "per_object.csv"
+    if column is None or not table.is_file():
+        out["dice"] = None
+        out["why"] = f"{selection} masks were not scored (eval.mask_selection={eval_selection})"
+        return out
+    rows = pd.read_csv(table, usecols=["model", "prompt", "jitter", column], dtype={"jitter": str})
+    rows = rows[(rows["prompt"] == prompt) & (rows["jitter"] == "none")]
+    out["dice"] = {
+        str(m): float(v) for m, v in rows.groupby("model", sort=False)[column].mean().items()
+    }
+    out["note"] = "mean over objects, masks selected as predict.py selects them by default"
     return out
 
 
