@@ -186,7 +186,7 @@ def predict_one(
     """One input -> its label map (and overlay) in ``out_dir``; ``prompts`` is a prompts file
     or one object typed on the command line (:func:`typed_prompt`)."""
     if labels is not None:
-        case, stack, images = predict_from_labels(model, image_path, labels, settings)
+        case, stack, images, used = predict_from_labels(model, image_path, labels, settings)
         first = next(iter(images.values()))
         return write_prediction(
             out_dir,
@@ -196,6 +196,7 @@ def predict_one(
             case.affine,
             lambda s: images.get(s, first),
             settings.overlay,
+            used,
         )
     image = load_image(image_path, settings.task)
     name = stem_of(image_path)

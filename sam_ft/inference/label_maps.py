@@ -137,9 +137,10 @@ def _bar(total: int, desc: str, leave: bool = False):
 
 def predict_from_labels(
     model: TrainableSam, image_path: Path, label_path: Path, settings: Settings
-) -> tuple[CaseData, np.ndarray, dict[int, np.ndarray]]:
+) -> tuple[CaseData, np.ndarray, dict[int, np.ndarray], dict[int, list[tuple[int, Prompt]]]]:
     """Prompts from a label map, per object per slice -> (case, (S, R, C) label stack,
-    {slice: (H, W, 3) uint8 image} of the prompted slices).
+    {slice: (H, W, 3) uint8 image} of the prompted slices, {slice: [(label, Prompt)]}: the
+    prompts, for the overlay; slice -1 for a 2D image).
 
     The case is loaded by evaluation's ``load_case`` and prompted by ``make_eval_prompt`` with
     evaluation's identity (seed, image id, slice, label value).
@@ -151,6 +152,7 @@ def predict_from_labels(
     stack = np.zeros(case.volume_shape, dtype=np.uint16)
     pairs_by_slice: dict[int, list[tuple[int, np.ndarray]]] = {}
     shown: dict[int, np.ndarray] = {}
+    used: dict[int, list[tuple[int, Prompt]]] = {}
     with _bar(len(case.slices), f"predict {stem}") as bar:
         for rec in case.slices:
             gt = np.asarray(rec.masks, dtype=bool)
@@ -179,10 +181,11 @@ def predict_from_labels(
             s = max(rec.slice_index, 0)
             pairs_by_slice[s] = list(zip(labels, masks, strict=True))
             shown[s] = rec.image
+            used[s if case.slice_axis >= 0 else -1] = list(zip(labels, prompts, strict=True))
             bar.update(1)
     for s, pairs in pairs_by_slice.items():
         stack[s] = label_map(pairs, stack.shape[1:])
-    return case, _narrow(stack), shown
+    return case, _narrow(stack), shown, used
 
 
 def predict_from_prompts(
