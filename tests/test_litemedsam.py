@@ -220,3 +220,69 @@ def test_evaluate_cli_on_png_folder_gives_official_dice(litemedsam, mni_slices, 
     assert got.keys() == expected.keys()
     diffs = [abs(got[k] - expected[k]) for k in expected]
     assert np.mean(diffs) <= 0.005, (got, expected)
+
+
+def test_predict_cli_gives_the_official_masks(litemedsam, mni_slices, official, tmp_path):
+    """``predict.py`` on exported LiteMedSAM weights (with their card), a real 8-bit slice and a
+    typed box: the label map is the official pipeline's mask, pixel for pixel."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from sam_ft.defaults import config_dir
+    from sam_ft.inference.card import write_model_card
+    from sam_ft.model.checkpoint import export_official
+    from sam_ft.predict import predict
+
+    ours, _ = litemedsam
+    weights = export_official(ours, tmp_path / "run" / "sam_finetuned.pth")
+    task = {"name": "mni", "modality": "MR", "intensity": {"mode": "none"}, "slice_axis": "auto",
+            "channel": 0, "label_binarize": False, "labels": None}  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "model": {"name": "litemedsam", "image_size": 256, "preprocess": "litemedsam"},
+            "finetune": {"_target_": "x", "name": "decoder"},
+            "task": task,
+            "data": {"min_object_pixels": 20},
+        }
+    )
+    write_model_card(weights, cfg, multimask_output=False)
+    image, _ = mni_slices[0]
+    boxes, expected = official[0]
+    png = tmp_path / "slice.png"
+    Image.fromarray(image[..., 0]).save(png)
+    x0, y0, x1, y1 = (int(v) for v in boxes[0])
+    overrides = [f"checkpoint={weights}", f"input={png}", f"output={tmp_path / 'out'}",
+                 f"box=[{x0},{y0},{x1},{y1}]", "overlay=false"]  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        predict(compose("predict", overrides))
+    got = np.asarray(Image.open(tmp_path / "out" / "slice.png")) == 1
+    np.testing.assert_array_equal(got, expected[0].astype(bool))
+
+
+@pytest.mark.heavy
+def test_ddp_training_on_two_cpu_ranks(tmp_path):
+    """The default run's model and task under DDP (2 CPU processes, gloo): it trains, exports
+    the package's format with its card and evaluates zero-shot vs finetuned."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env.pop("OMP_NUM_THREADS", None)  # Lightning gives each rank its share of the cores
+    args = ["model=litemedsam", "task=brain_mni152", "trainer=ddp", "trainer.devices=2",
+            "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "train.overlays=0",
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), *args],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((tmp_path / "run" / "sam_finetuned.json").read_text())
+    assert card["architecture"] == "litemedsam" and card["headline"]["dice"]
+    summary = (tmp_path / "run" / "eval" / "summary.csv").read_text()
+    assert "zero_shot" in summary and "finetuned" in summary
