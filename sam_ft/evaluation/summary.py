@@ -91,6 +91,7 @@ def write_report(
     paths["provenance_json"] = out_dir / "provenance.json"
     paths["provenance_json"].write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
+    tables["headline"] = headline_table(tables)
     lines = _markdown(out_dir, title, per_object, tables, paths)
     lines += ["", *provenance_lines(info)]
     paths["summary_md"] = out_dir / "summary.md"
@@ -240,8 +241,7 @@ def _markdown(
         "## Dice per prompt strategy (no jitter)",
         "",
     ]
-    table_source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
-    lines += [to_markdown(prompt_table(table_source, comparisons)), ""]
+    lines += [to_markdown(tables["headline"]), ""]
     unit = summary_unit(summary)
     lines += ["## All metrics (no jitter)", "", f"HD95 in {unit_words(unit)}, averaged where it "]
     lines[-1] += "exists; `hd95 missing` counts objects with an empty prediction or ground truth."
@@ -316,13 +316,20 @@ def counts_line(per_object: pd.DataFrame) -> str:
     )
 
 
+def headline_table(tables: dict[str, Any]) -> pd.DataFrame:
+    """Dice per prompt without jitter, each model with its CI and the paired test
+    (:func:`prompt_table`); with several tasks the pooled rows too. Shown first in ``summary.md``
+    and printed as ``summary.txt``."""
+    summary, pooled = tables["summary"], tables["pooled"]
+    source = summary if summary["task"].nunique() == 1 else pd.concat([summary, pooled])
+    return prompt_table(source, tables["comparisons"])
+
+
 def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -> str:
     """The headline as plain text for the console and logs (``summary.txt``): the counts, the
     Dice per prompt without jitter (with CIs and the paired test when computed), and where the
     rest is. Markdown stays in ``summary.md``."""
-    summary, pooled = tables["summary"], tables["pooled"]
-    tasks = list(dict.fromkeys(summary["task"]))
-    source = summary if len(tasks) == 1 else pd.concat([summary, pooled])
+    summary = tables["summary"]
     few = [line.replace("**", "").replace("`", "") for line in few_cases_lines(summary)]
     lines = [
         title,
@@ -330,7 +337,7 @@ def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -
         *few[:1],
         f"Dice per prompt, no jitter (brackets: {tables['ci']}; p: Wilcoxon over cases, Holm):",
         "",
-        to_text(prompt_table(source, tables["comparisons"])).rstrip("\n"),
+        to_text(tables["headline"]).rstrip("\n"),
     ]
     return "\n".join(lines) + "\n"
 

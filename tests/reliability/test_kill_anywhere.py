@@ -11,13 +11,12 @@ again (``ckpt_path=auto``, the default: a requeued job) and must end with a byte
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _train_run import run_train  # tests/reliability/_train_run.py
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
@@ -41,21 +40,7 @@ pytestmark = pytest.mark.heavy
 
 
 def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        SAM_FT_CACHE=str(cache),
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(Path(__file__).parent),
-    )
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *RUN, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_train([*RUN, *overrides], run_dir, cache, timeout=900)
 
 
 def at_step(step: int, signum: int, when: str) -> list[str]:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _train_run import train_env  # tests/reliability/_train_run.py
 from hydra import compose, initialize_config_dir
 
 from sam_ft.defaults import config_dir
@@ -74,13 +75,7 @@ def test_ckpt_path_auto_resumes_newest_else_fresh_and_explicit_wins(tmp_path):
 
 
 def _train(cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        SAM_FT_CACHE=str(cache),
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(Path(__file__).parent),
-    )
+    env = train_env(cache)
     env.pop("SUBMITIT_PREEMPT_SIGNAL", None)
     return subprocess.run(
         # Flags (-m) before the overrides, as Hydra's argument parser wants them.

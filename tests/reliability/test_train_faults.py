@@ -6,14 +6,13 @@ The runs are real ``train.py`` processes on the demo task with the tiny model; f
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _train_run import run_train  # tests/reliability/_train_run.py
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BATCHES = 2, 4
@@ -32,21 +31,7 @@ SHORT = [
 
 
 def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        SAM_FT_CACHE=str(cache),
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(Path(__file__).parent),
-    )
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *SHORT, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_train([*SHORT, *overrides], run_dir, cache, timeout=600)
 
 
 def fault(step: int, signum: int, when: str = "end") -> list[str]:
