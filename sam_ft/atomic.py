@@ -8,9 +8,11 @@ the last one wins), is flushed to disk (``fsync``, so a crash right after the re
 leave an empty file under the final name), then renamed over the target. On any error the
 temporary file is removed and the target is left as it was.
 
-Temporary names start with a dot (``.<name>.<random>.tmp``) so folder listings and globs for
-the final names do not pick them up. A process killed mid-write leaves its temporary file
-behind; :func:`sweep_temp_files` removes those at the next start. A full disk (or quota) is a
+Temporary names start with a dot (``.<name>.<pid>-<random>.tmp``) so folder listings and globs
+for the final names do not pick them up. A process killed mid-write leaves its temporary file
+behind; :func:`sweep_temp_files` removes those at the next start, and a parent that kills its
+own workers (a terminated pool) removes theirs at once with :func:`remove_temp_files_of`, found
+by the writer's process id in the name. A full disk (or quota) is a
 one-line :class:`~sam_ft.errors.DiskFullError` naming the file, the free space and the bytes
 needed, not a traceback from wherever the write happened.
 """
@@ -24,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "check_free_space",
     "disk_full_error",
+    "remove_temp_files_of",
     "STALE_TEMP_S",
     "sweep_temp_files",
 ]
@@ -49,7 +52,7 @@ STALE_TEMP_S = 6 * 3600
 no single write takes that long."""
 
 TEMP_GLOB = ".*.tmp*"
-"""Names of the temporary files written here (``.<name>.<random>.tmp[.<suffixes>]``)."""
+"""Names of the temporary files written here (``.<name>.<pid>-<random>.tmp[.<suffixes>]``)."""
 
 
 def _umask() -> int:
@@ -67,7 +70,8 @@ def _temp_file(path: Path, suffix: str) -> tuple[int, str]:
     folder can read predictions and tables as they read the user's other files.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    prefix = f".{path.name}.{os.getpid()}-"
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.fchmod(fd, 0o666 & ~_umask())
     return fd, name
 
@@ -210,4 +214,21 @@ def sweep_temp_files(
                 removed.append(tmp)
     if removed:
         log.info("removed %d stale temporary file(s) under %s", len(removed), root)
+    return removed
+
+
+def remove_temp_files_of(folder: str | Path, pids: Iterable[int]) -> list[Path]:
+    """Remove the temporary files in ``folder`` (not below) that the processes ``pids`` left.
+
+    For a parent that has just killed its workers (``Pool.terminate`` in the middle of their
+    writes): those files belong to no live writer, and other processes' files (another rank
+    writing the same cache) are kept, whatever their age. Returns the removed files.
+    """
+    folder = Path(folder)
+    removed = []
+    for pid in set(pids):
+        for tmp in folder.glob(f".*.{pid}-*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
     return removed

@@ -161,3 +161,39 @@ def test_written_files_get_the_mode_of_the_users_umask(tmp_path, umask):
     assert expected == 0o666 & ~umask
     assert written.stat().st_mode & 0o777 == expected
     assert (tmp_path / "label.nii.gz").stat().st_mode & 0o777 == expected
+
+
+KILLED_MID_WRITE = """
+import sys, time
+from sam_ft.atomic import atomic_write
+
+def write(f):
+    f.write(b"half an entry")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_a_killed_writers_temp_file_is_removed_by_its_pid_and_others_are_kept(tmp_path):
+    """A terminated pool worker dies mid-write (SIGKILL runs no cleanup): its parent removes the
+    worker's temporary file at once; another live writer's file in the same folder stays."""
+    from sam_ft.atomic import remove_temp_files_of
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "entry.npz")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(f".entry.npz.{child.pid}-") and left.name.endswith(".tmp")
+    live = tmp_path / f".other.npz.{os.getpid()}-abc.tmp"  # a live writer (this process)
+    live.write_bytes(b"being written")
+    assert remove_temp_files_of(tmp_path, [child.pid]) == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]

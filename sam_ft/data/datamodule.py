@@ -23,6 +23,7 @@ or float16 to halve the embedding cache).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sam_ft.atomic import remove_temp_files_of
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.cache import SliceCache, SliceRef
 from sam_ft.data.dataset import (
@@ -254,8 +256,13 @@ class SamDataModule(L.LightningDataModule):
         finally:
             bar.close()
             if pool is not None:
+                workers = [p.pid for p in pool._pool]  # Pool keeps its processes here
                 pool.terminate()
                 pool.join()
+                if sys.exc_info()[0] is not None and self.slice_cache.root is not None:
+                    # Stopped by an error: the workers were killed mid-case, and their
+                    # half-written entries go with them (other ranks' files stay).
+                    remove_temp_files_of(self.slice_cache.root, workers)
         if bad and self.data["on_error"] == "raise":
             more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
             raise DataError(
