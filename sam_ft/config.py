@@ -164,7 +164,7 @@ class ModelConfig:
     name: str
     checkpoint: str | None
     image_size: int
-    preprocess: Literal["sam", "medsam", "litemedsam"]
+    preprocess: Literal["sam", "medsam", "litemedsam", "sam2"]
     grad_checkpointing: bool
     compile_encoder: bool
     encoder_bf16: bool

@@ -37,6 +37,7 @@ from sam_ft.evaluation.pipeline import (
 )
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.evaluation.selection import decode_scored
+from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import jitter_name
@@ -355,7 +356,7 @@ def start_case(
         columns: list[tuple[str, str]] = []
         for name, model in models.items():
             x = model.preprocess(rec.image)[None].to(_device(model))
-            embedding = model.encode(x)[0]
+            embedding = embedding_at(model.encode(x), 0)
             columns, decoded[name] = _decode_slice(
                 model, rec, embedding, opts, prompts, store=stores[name]
             )

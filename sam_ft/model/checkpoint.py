@@ -23,6 +23,21 @@ from sam_ft.model.specs import SPECS
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "model.", "sam.", "_orig_mod.")
+# SAM2Base's top-level names besides image_encoder (sam2.modeling.sam2_base).
+SAM2_TOPS = (
+    "sam_prompt_encoder.",
+    "sam_mask_decoder.",
+    "memory_attention.",
+    "memory_encoder.",
+    "mask_downsample.",
+    "obj_ptr_proj.",
+    "obj_ptr_tpos_proj.",
+    "maskmem_tpos_enc",
+    "no_mem_embed",
+    "no_mem_pos_enc",
+    "no_obj_ptr",
+    "no_obj_embed_spatial",
+)
 _LORA_BASE = re.compile(r"^(?P<stem>.*)\.base\.(?P<param>weight|bias)$")
 
 
@@ -65,6 +80,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             key = key.split(".", 1)[1]
         out[key] = value
     tops = ("image_encoder.", "prompt_encoder.", "mask_decoder.", "pixel_mean", "pixel_std")
+    tops += SAM2_TOPS
     if any(k.startswith(tops) for k in out):
         out = {k: v for k, v in out.items() if k.startswith(tops)}
     return out
@@ -98,6 +114,11 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     """Name the known architecture whose encoder width and depth match ``state``, if any."""
     patch = state.get("image_encoder.patch_embed.proj.weight")
+    hiera = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if hiera is not None:
+        block = re.compile(r"image_encoder\.trunk\.blocks\.(\d+)\.")
+        depth = len({int(m.group(1)) for k in state if (m := block.match(k))})
+        return f"SAM 2 (Hiera, width {hiera.shape[0]}, {depth} blocks)"
     if patch is None:
         # TinyViT (LiteMedSAM) has stages (``layers``) and a convolutional patch embedding.
         tinyvit = any(k.startswith("image_encoder.layers.") for k in state)
@@ -105,7 +126,11 @@ def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     block = re.compile(r"image_encoder\.blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
     arch = (patch.shape[0], len(blocks))
-    names = [n for n, s in SPECS.items() if (s.encoder_embed_dim, s.encoder_depth) == arch]
+    names = [
+        n
+        for n, s in SPECS.items()
+        if s.family == "sam" and (s.encoder_embed_dim, s.encoder_depth) == arch
+    ]
     label = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H", "tiny": "tiny"}
     pretty = " or ".join(dict.fromkeys(label.get(n, n) for n in names if n != "medsam"))
     return pretty or f"an unknown encoder (width {arch[0]}, {arch[1]} blocks)"
@@ -150,4 +175,6 @@ def export_official(model: nn.Module, path: str | Path) -> Path:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"refusing to export {path}: parameter {key} is not finite")
-    return atomic_write(path, lambda f: torch.save(state, f))
+    # The family's own layout (SAM: the flat state dict; SAM 2: {"model": state dict}).
+    obj = model.official_checkpoint(state) if hasattr(model, "official_checkpoint") else state
+    return atomic_write(path, lambda f: torch.save(obj, f))
