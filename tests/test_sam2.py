@@ -144,6 +144,51 @@ def test_many_prompts_in_one_call_match_one_by_one(ours):
         assert torch.allclose(iou_together[i], iou_alone[0], atol=1e-5)
 
 
+def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
+    from sam_ft.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real(name, *a)
+    )
+    with pytest.raises(ConfigError) as err:
+        build_trainable_sam("sam2.1_hiera_t", None, image_size=SIZE)
+    message = str(err.value)
+    assert "\n" not in message and "pip install 'sam_ft[sam2]'" in message
+    assert message.startswith("model.name=sam2.1_hiera_t needs the package sam2")
+
+
+def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
+    """``finetune=lora`` adapts every Hiera attention's qkv (gradients reach the adapters, the
+    embedding is then not cacheable); the export merges them into the official layout."""
+    from sam_ft.model.checkpoint import export_official
+    from sam_ft.model.finetune import Finetune, LoRALinear
+
+    model = build_trainable_sam("sam2.1_hiera_t", str(weights), image_size=SIZE)
+    Finetune(name="lora", rank=2, alpha=2.0).apply(model)
+    adapters = [m for m in model.image_encoder.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 12 and not model.encoder_frozen
+    conv_s0 = model.mask_decoder.conv_s0.weight
+    assert not conv_s0.requires_grad  # part of the embedding: frozen with the encoder
+    model.train()
+    embedding = model.encode(model.preprocess(_image())[None])
+    low, iou = model.decode({k: v[0] for k, v in embedding.items()}, [CASES["box"]], (300, 457))
+    (low.mean() + iou.mean()).backward()
+    grad = adapters[0].lora_b.grad  # B starts at zero, so A gets none yet
+    assert grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():  # non-zero adapters, so that merging them changes the weights
+        for m in adapters:
+            m.lora_b.normal_(std=0.01)
+    model.eval()
+    expected, _, _ = model.predict(_image(), [CASES["box"]])
+    exported = export_official(model, tmp_path / "lora.pth")
+    predictor = official_predictor(exported, SIZE)
+    predictor.set_image(_image())
+    box = CASES["box"].box
+    ref, _, _ = predictor.predict(box=np.asarray(box), multimask_output=True, return_logits=True)
+    assert np.abs(expected[0].numpy() - ref).max() <= 1e-3
+
+
 def _spawned_build(checkpoint: str, queue) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
