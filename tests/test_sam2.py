@@ -144,6 +144,43 @@ def test_many_prompts_in_one_call_match_one_by_one(ours):
         assert torch.allclose(iou_together[i], iou_alone[0], atol=1e-5)
 
 
+def test_medsam2_settings_are_its_released_configuration():
+    """MedSAM2's sam2.1_hiera_t512.yaml differs from the official sam2.1_hiera_t.yaml in three
+    values only: image_size 512 and the memory attention's RoPE sizes [32, 32] (twice)."""
+    from omegaconf import OmegaConf
+
+    from sam_ft.model.sam2_model import sam2_model_config
+    from sam_ft.model.specs import SPECS
+
+    spec = SPECS["medsam2"]
+    ours = OmegaConf.to_container(sam2_model_config(spec.config, spec.image_size))
+    official = OmegaConf.to_container(sam2_model_config(spec.config))
+    layer = ours["memory_attention"]["layer"]
+    assert ours["image_size"] == 512 and official["image_size"] == 1024
+    assert layer["self_attention"]["feat_sizes"] == [32, 32]
+    assert layer["cross_attention"]["feat_sizes"] == [32, 32]
+    for part in ("self_attention", "cross_attention"):
+        official["memory_attention"]["layer"][part]["feat_sizes"] = [32, 32]
+    assert ours == {**official, "image_size": 512}
+
+
+@pytest.mark.heavy
+def test_medsam2_is_sam2_tiny_at_512_with_the_released_checkpoint_format(tmp_path):
+    """``model=medsam2``: MedSAM2's released configuration (sam2.1_hiera_t512.yaml = the
+    official Hiera-T config at image_size 512); a file in its checkpoint format (``{"model":
+    state dict}``) loads strictly, and a box gives the masks of SAM2ImagePredictor run as
+    MedSAM2's fork runs it at 512."""
+    weights = save_random_weights(tmp_path / "MedSAM2_latest.pt", 512, seed=5)
+    ours = build_trainable_sam("medsam2", str(weights)).eval()
+    assert ours.image_size == 512 and ours.transform.mode == "sam2"
+    predictor = official_predictor(weights, 512)
+    image, prompt = _image(), CASES["box"]
+    predictor.set_image(image)
+    ref, _, _ = predictor.predict(box=np.asarray(prompt.box), return_logits=True)
+    logits, _, _ = ours.predict(image, [prompt])
+    assert np.abs(logits[0].numpy() - ref).max() <= 1e-4
+
+
 def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
     from sam_ft.errors import ConfigError
 
@@ -332,3 +369,29 @@ def test_decoder_finetuning_on_the_demo_exports_what_sam2_loads(tmp_path):
     ours = build_trainable_sam("sam2.1_hiera_t", str(exported), image_size=SIZE).eval()
     logits, _, _ = ours.predict(image, [prompt], multimask_output=False)
     assert np.abs(logits[0].numpy() - ref).max() <= 1e-4
+
+
+@pytest.mark.heavy
+def test_ddp_training_on_two_cpu_ranks_and_resume(tmp_path):
+    """SAM 2.1 under DDP (2 CPU processes, gloo; Lightning starts the second rank as a new
+    Hydra task, which builds sam2 again without compose), then resumed from ``last.ckpt`` for
+    a second epoch; the export loads in sam2."""
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env.pop("OMP_NUM_THREADS", None)  # Lightning gives each rank its share of the cores
+    run = tmp_path / "run"
+    common = [
+        "model=sam2.1_hiera_t", f"model.image_size={SIZE}", "task=demo", "finetune=decoder",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "train.overlays=0",
+        "train.evaluate=false", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
+    for args in (ddp, ["trainer.max_epochs=2", "ckpt_path=last"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *common, *args],
+            env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # 2 steps in the DDP epoch, 2 more in the resumed one: it went on from the first's state.
+    assert last["global_step"] == 4
+    official_predictor(run / "sam_finetuned.pth", SIZE)  # loads strictly

@@ -22,6 +22,8 @@ from sam_ft.model.decoder import decode_prompts, fits_token_path, image_side
 from sam_ft.model.preprocess_lite import make_transform
 from sam_ft.prompts.types import Prompt
 
+__all__ = ["TrainableSam", "encoder_stages"]
+
 CPU_PROMPTS_PER_CALL = 4
 
 
@@ -30,9 +32,6 @@ class LayerNorm2dFp32(LayerNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
-
-
-__all__ = ["TrainableSam", "encoder_stages"]
 
 
 class TrainableSam(SegmentBackend):
