@@ -144,6 +144,46 @@ def test_many_prompts_in_one_call_match_one_by_one(ours):
         assert torch.allclose(iou_together[i], iou_alone[0], atol=1e-5)
 
 
+def test_predict_cli_on_an_export_gives_sam2_image_predictor_masks(ours, weights, tmp_path):
+    """``predict.py`` on exported SAM 2.1 weights with their card, an 8-bit PNG and a typed
+    box: the label map is SAM2ImagePredictor's single mask, pixel for pixel."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from sam_ft.defaults import config_dir
+    from sam_ft.inference.card import write_model_card
+    from sam_ft.model.checkpoint import export_official
+    from sam_ft.predict import predict
+
+    exported = export_official(ours, tmp_path / "run" / "sam_finetuned.pth")
+    task = {"name": "shapes", "modality": "MR", "intensity": {"mode": "none"},
+            "slice_axis": "auto", "channel": 0, "label_binarize": False,
+            "labels": None}  # fmt: skip
+    model = {"name": "sam2.1_hiera_t", "image_size": SIZE, "preprocess": "sam2"}
+    cfg = OmegaConf.create(
+        {
+            "model": model,
+            "finetune": {"_target_": "x", "name": "decoder"},
+            "task": task,
+            "data": {"min_object_pixels": 20},
+        }
+    )
+    write_model_card(exported, cfg, multimask_output=False)
+    gray = _image()[..., 0]
+    png = tmp_path / "slice.png"
+    Image.fromarray(gray).save(png)
+    overrides = [f"checkpoint={exported}", f"input={png}", f"output={tmp_path / 'out'}",
+                 "box=[150,100,300,200]", "overlay=false"]  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        predict(compose("predict", overrides))
+    got = np.asarray(Image.open(tmp_path / "out" / "slice.png")) == 1
+    predictor = official_predictor(exported, SIZE)
+    predictor.set_image(np.repeat(gray[..., None], 3, axis=2))
+    expected, _, _ = predictor.predict(box=np.array([150, 100, 300, 200]), multimask_output=False)
+    np.testing.assert_array_equal(got, expected[0].astype(bool))
+
+
 def test_medsam2_settings_are_its_released_configuration():
     """MedSAM2's sam2.1_hiera_t512.yaml differs from the official sam2.1_hiera_t.yaml in three
     values only: image_size 512 and the memory attention's RoPE sizes [32, 32] (twice)."""
