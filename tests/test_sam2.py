@@ -348,7 +348,7 @@ def test_evaluate_cli_gives_sam2_image_predictor_dice(size, tmp_path):
     for case, (image, masks) in cases.items():
         expected.update(_official_oracle_dice(predictor, image, masks, case))
     run = tmp_path / "run"
-    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     args = [
         "model=sam2.1_hiera_t", f"model.checkpoint={weights}", f"model.image_size={size}",
         "model.encoder_bf16=false", "task=folder", f"task.root={tmp_path / 'task'}",
@@ -377,7 +377,7 @@ def test_decoder_finetuning_on_the_demo_exports_what_sam2_loads(tmp_path):
     ``sam_finetuned.pth`` loads strictly through ``sam2.build_sam.build_sam2``, whose
     ``SAM2ImagePredictor`` then gives the masks of our model on the same file."""
     cache, run = tmp_path / "cache", tmp_path / "run"
-    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     args = [
         "model=sam2.1_hiera_t", f"model.image_size={SIZE}", "task=demo", "finetune=decoder",
