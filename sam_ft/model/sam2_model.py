@@ -70,7 +70,8 @@ def import_sam2(name: str = "sam2") -> None:
 
 def sam2_model_config(config: str, image_size: int | None = None) -> DictConfig:
     """The ``model`` node of a ``sam2`` package config (e.g. ``sam2.1/sam2.1_hiera_t.yaml``),
-    with ``build_sam2``'s postprocessing settings and, for tests, another input size."""
+    with ``build_sam2``'s postprocessing settings and another input size where asked
+    (MedSAM2's 512; the tests' 256)."""
     import_sam2()
     path = importlib.resources.files("sam2").joinpath("configs", *config.split("/"))
     cfg = OmegaConf.load(str(path))
