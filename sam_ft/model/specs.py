@@ -34,6 +34,9 @@ class SamSpec:
     low_res_size: int | None = None
     # Published file size in bytes (checked before the hash), where known.
     size_bytes: int | None = None
+    # "sam" (segment_anything's MaskDecoder) or "hq" (SAM-HQ's MaskDecoderHQ, built by
+    # sam_ft.model.sam_hq: it also reads the ViT's first global-attention features).
+    decoder: str = "sam"
 
     @property
     def filename(self) -> str | None:
@@ -41,6 +44,9 @@ class SamSpec:
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+# SAM-HQ's published weights (SysCV/sam-hq README). No SHA-256 is published and none could be
+# established here: `auto` then checks the file by loading it strictly (docs/checkpoints.md).
+_SAM_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 
 SPECS: dict[str, SamSpec] = {
     "vit_h": SamSpec(
@@ -90,4 +96,63 @@ SPECS: dict[str, SamSpec] = {
         sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
         size_bytes=39_370_479,
     ),
+    # SAM-HQ (Ke et al., NeurIPS 2023; the segment-anything-hq package): SAM's ViT and prompt
+    # encoder (the same weights as SAM's) with MaskDecoderHQ, which returns ONE mask per prompt
+    # (SAM's mask plus the HQ token's, or the HQ token's alone: model.hq_token_only).
+    "sam_hq_vit_h": SamSpec(
+        1280,
+        32,
+        16,
+        (7, 15, 23, 31),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_h.pth",
+    ),
+    "sam_hq_vit_l": SamSpec(
+        1024,
+        24,
+        16,
+        (5, 11, 17, 23),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_l.pth",
+    ),
+    "sam_hq_vit_b": SamSpec(
+        768,
+        12,
+        12,
+        (2, 5, 8, 11),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_b.pth",
+    ),
+    # The same classes, CPU-sized like `tiny`, for the demo and tests: no published weights.
+    "sam_hq_tiny": SamSpec(
+        96, 2, 2, (1,), image_size=256, window_size=8, decoder="hq", multimask_output=False
+    ),
+}
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A published checkpoint of a model built outside ``SPECS`` (SAM 2.1: its own package)."""
+
+    url: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+# SAM 2.1 (facebookresearch/sam2, checkpoints/download_ckpts.sh). No SHA-256 is published and
+# none could be established here: `auto` downloads them unverified and the loader checks them
+# strictly (docs/checkpoints.md).
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+WEIGHTS_FILES: dict[str, WeightsFile] = {
+    "sam2.1_hiera_t": WeightsFile(_SAM2_URL + "sam2.1_hiera_tiny.pt"),
+    "sam2.1_hiera_s": WeightsFile(_SAM2_URL + "sam2.1_hiera_small.pt"),
+    "sam2.1_hiera_b+": WeightsFile(_SAM2_URL + "sam2.1_hiera_base_plus.pt"),
+    "sam2.1_hiera_l": WeightsFile(_SAM2_URL + "sam2.1_hiera_large.pt"),
 }
