@@ -256,3 +256,45 @@ def test_finetune_decoder_on_demo_exports_sam_hq_weights(tmp_path):
     assert any(k.startswith("mask_decoder.compress_vit_feat.") for k in changed)
     assert any(k.startswith("mask_decoder.output_hypernetworks_mlps.") for k in changed)
     assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in changed)
+
+
+@pytest.mark.heavy
+def test_export_of_vit_b_size_loads_in_sam_model_registry(tmp_path):
+    """Our ``sam_hq_vit_b`` export is a file SAM-HQ's own ``sam_model_registry["vit_b"]`` model
+    takes with every key matched (its builder loads with strict=False, so strict is checked)."""
+    from sam_ft.model.checkpoint import export_official
+
+    torch.manual_seed(0)
+    path = export_official(build_trainable_sam("sam_hq_vit_b", None), tmp_path / "hq_b.pth")
+    official = hq.sam_model_registry["vit_b"]()
+    official.load_state_dict(torch.load(path, weights_only=True), strict=True)
+
+
+def test_grad_checkpointing_gives_the_same_embedding_and_gradients(image):
+    torch.manual_seed(0)
+    plain = build_trainable_sam("sam_hq_tiny").train()
+    ckpt = build_trainable_sam("sam_hq_tiny", grad_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = plain.preprocess(image)[None]
+    grads = []
+    for model in (plain, ckpt):
+        emb = model.encode(x)
+        (emb[:, :256].square().mean() + emb[:, 256:].mean()).backward()
+        grads.append((emb.detach(), model.sam.image_encoder.blocks[0].attn.qkv.weight.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from sam_ft.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "segment_anything_hq" else
+        real(name, *a)
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^SAM-HQ models need .*sam_ft\[samhq\]") as err:
+        build_trainable_sam("sam_hq_tiny")
+    assert "\n" not in str(err.value)
