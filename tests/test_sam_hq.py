@@ -9,6 +9,7 @@ state dict (the format of ``sam_hq_vit_b.pth``), and its ``SamPredictor``. Ours 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -216,6 +217,10 @@ def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path)
         got = {(r["case"], int(r["label"]), r["prompt"]): float(r["dice"])
                for r in csv.DictReader(f)}  # fmt: skip
     assert got.keys() == expected.keys()
+    # The encoder was timed on each of the 2 images (sam_ft.evaluation.timing).
+    (info,) = run.rglob("run_info.json")
+    timed = json.loads(info.read_text())["models"]["zero_shot"]
+    assert timed["encoder_images_timed"] == 2 and timed["encoder_seconds_per_image"] > 0
     assert any(v > 0.1 for v in expected.values())  # not all empty masks
     for key, want in expected.items():
         assert abs(got[key] - want) <= 0.02 * max(want, 1e-6) + 1e-9, (key, got[key], want)
