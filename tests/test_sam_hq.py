@@ -229,26 +229,34 @@ def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path)
 # --- finetune=decoder on the demo task; the export loads into segment_anything_hq ----------------
 
 
-def test_finetune_decoder_on_demo_exports_sam_hq_weights(tmp_path):
-    """``train.py model=sam_hq_tiny task=demo finetune=decoder`` with the embedding cache (frozen
-    encoder): the HQ parts and SAM's mask decoder train, the encoder does not, and the exported
-    file loads strictly into SAM-HQ's own classes."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def hq_run(tmp_path_factory):
+    """``train.py model=sam_hq_tiny task=demo finetune=decoder hq_token_only=true`` with the
+    embedding cache (frozen encoder), a few steps."""
+    tmp = tmp_path_factory.mktemp("hq_train")
+    run = tmp / "run"
     args = [
-        "model=sam_hq_tiny", "task=demo", "finetune=decoder", "data.cache_embeddings=true",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-        "eval.prompts=[box]", "eval.jitter_px=[]", "train.overlays=0", "eval.overlays=0",
-        f"hydra.run.dir={run}",
+        "model=sam_hq_tiny", "model.hq_token_only=true", "task=demo", "finetune=decoder",
+        "data.cache_embeddings=true", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1", "eval.prompts=[box]", "eval.jitter_px=[]",
+        "train.overlays=0", "eval.overlays=0", f"hydra.run.dir={run}",
     ]  # fmt: skip
-    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline",
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp / "cache"), WANDB_MODE="offline",
                OMP_NUM_THREADS="1")  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, run
+
+
+def test_finetune_decoder_on_demo_exports_sam_hq_weights(hq_run):
+    """The HQ parts and SAM's mask decoder train, the encoder does not, the cached embeddings
+    carry the early ViT features, and the export loads strictly into SAM-HQ's own classes."""
+    tmp, run = hq_run
     # The cached embeddings hold the early ViT features too: (256 + 96, 16, 16) each.
-    (entry, *_) = (tmp_path / "cache" / "cache" / "embeddings").rglob("*.pt")
+    (entry, *_) = (tmp / "cache" / "cache" / "embeddings").rglob("*.pt")
     assert list(torch.load(entry, weights_only=True)["shape"])[-3:] == [256 + 96, 16, 16]
     exported = torch.load(run / "sam_finetuned.pth", weights_only=True)
     official = official_hq_sam(256)
@@ -261,6 +269,37 @@ def test_finetune_decoder_on_demo_exports_sam_hq_weights(tmp_path):
     assert any(k.startswith("mask_decoder.compress_vit_feat.") for k in changed)
     assert any(k.startswith("mask_decoder.output_hypernetworks_mlps.") for k in changed)
     assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in changed)
+    assert json.loads((run / "sam_finetuned.json").read_text())["hq_token_only"] is True
+
+
+def test_predict_cli_on_the_export_gives_the_official_masks(hq_run, image, tmp_path):
+    """``predict.py checkpoint=<export>`` (its card says SAM-HQ, HQ token only) on an 8-bit
+    PNG and a box: the label map is SAM-HQ's ``SamPredictor`` mask on the exported weights."""
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from sam_ft.defaults import config_dir
+    from sam_ft.predict import predict
+
+    _, run = hq_run
+    official = official_hq_sam(256)
+    official.load_state_dict(torch.load(run / "sam_finetuned.pth", weights_only=True))
+    gray = image[..., 0]
+    predictor = hq.SamPredictor(official)
+    predictor.set_image(np.repeat(gray[..., None], 3, axis=2))
+    box = CASES["box"].box
+    expected, _, _ = predictor.predict(box=np.asarray(box), multimask_output=False,
+                                       hq_token_only=True)  # fmt: skip
+    png = tmp_path / "slice.png"
+    Image.fromarray(gray).save(png)
+    overrides = [f"checkpoint={run / 'sam_finetuned.pth'}", f"input={png}",
+                 f"output={tmp_path / 'out'}", f"box=[{','.join(str(v) for v in box)}]",
+                 "overlay=false", "intensity={mode: none}"]  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        predict(compose("predict", overrides))
+    got = np.asarray(Image.open(tmp_path / "out" / "slice.png")) == 1
+    assert 0 < expected[0].sum() < expected[0].size
+    np.testing.assert_array_equal(got, expected[0])
 
 
 @pytest.mark.heavy

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sam_ft.errors import ConfigError
 from sam_ft.model.specs import SamSpec
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.trainable import LayerNorm2dFp32, TrainableSam
 
 PACKAGE = "segment_anything_hq"
 PIP_HINT = "pip install 'sam_ft[samhq]' (the segment-anything-hq package)"
@@ -73,6 +73,10 @@ class TrainableSamHQ(TrainableSam):
     def __init__(self, sam, *args, hq_token_only: bool = False, **kwargs):
         super().__init__(sam, *args, **kwargs)
         self.hq_token_only = bool(hq_token_only)
+        hq_norm = import_hq().modeling.common.LayerNorm2d
+        for module in sam.mask_decoder.modules():
+            if type(module) is hq_norm:  # the same module as SAM's: computed in float32 too
+                module.__class__ = LayerNorm2dFp32
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 256 + D, S/16, S/16): ``ImageEncoderViT.forward`` (blocks
