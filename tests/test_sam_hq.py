@@ -342,3 +342,26 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(ConfigError, match=r"^SAM-HQ models need .*sam_ft\[samhq\]") as err:
         build_trainable_sam("sam_hq_tiny")
     assert "\n" not in str(err.value)
+
+
+def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_path):
+    """finetune=lora on SAM-HQ: adapters in the ViT's qkv get gradients through the early
+    features and the neck; the export (adapters merged) loads into SAM-HQ's classes."""
+    from sam_ft.model.checkpoint import export_official
+    from sam_ft.model.finetune import Finetune
+
+    torch.manual_seed(0)
+    model = build_trainable_sam("sam_hq_tiny").train()
+    Finetune("lora", rank=2).apply(model)
+    x = model.preprocess(image)[None]
+    low, iou = model.decode(model.encode(x)[0], [CASES["box"]], image.shape[:2])
+    (low.mean() + iou.mean()).backward()
+    qkv = model.sam.image_encoder.blocks[0].attn.qkv
+    assert qkv.lora_b.grad is not None and qkv.lora_b.grad.abs().sum() > 0
+    with torch.no_grad():
+        qkv.lora_b.add_(0.1)  # a trained adapter, so merging changes the weight
+    path = export_official(model, tmp_path / "lora.pth")
+    official = official_hq_sam(256)
+    official.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    merged = official.image_encoder.blocks[0].attn.qkv.weight
+    assert not torch.equal(merged, qkv.base.weight)
