@@ -365,3 +365,8 @@ def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_
     official.load_state_dict(torch.load(path, weights_only=True), strict=True)
     merged = official.image_encoder.blocks[0].attn.qkv.weight
     assert not torch.equal(merged, qkv.base.weight)
+
+
+def test_compile_encoder_compiles_what_encode_calls():
+    model = build_trainable_sam("sam_hq_tiny", compile_encoder=True)
+    assert all(block._compiled_call_impl is not None for block in model.sam.image_encoder.blocks)

@@ -234,6 +234,9 @@ def build_trainable_sam(
         sam = build_sam(name, checkpoint)
         model = TrainableSam(sam, spec.preprocess, grad_checkpointing, **common)
     if compile_encoder:
-        # In place, so state-dict keys keep their official names.
-        model.sam.image_encoder.compile()
+        # In place, so state-dict keys keep their official names. SAM-HQ's encode calls the
+        # blocks one by one (it keeps an early one's output): they are what is compiled there.
+        encoder = model.sam.image_encoder
+        for module in encoder.blocks if spec.decoder == "hq" else [encoder]:
+            module.compile()
     return model
