@@ -168,13 +168,22 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
-def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path):
+@pytest.mark.parametrize(
+    "model", ["sam_hq_tiny", pytest.param("sam_hq_vit_b", marks=pytest.mark.heavy)]
+)
+def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path, model):
     """``evaluate.py model=sam_hq_tiny model.checkpoint=PATH task=folder 'eval.prompts=[box,point1]'
     eval.mask_selection=oracle``: per object, Dice within 2% of SAM-HQ's ``SamPredictor`` on the
-    same image and prompt (the protocol's prompt, made by ``make_eval_prompt``)."""
+    same image and prompt (the protocol's prompt, made by ``make_eval_prompt``). ViT-B: SAM-HQ's
+    own ``sam_model_registry["vit_b"]`` with random weights, in the heavy tier."""
     from PIL import Image
 
     official, path = official_file
+    if model == "sam_hq_vit_b":
+        official = hq.sam_model_registry["vit_b"]().eval()
+        _randomize(official, 1)
+        path = tmp_path / "sam_hq_vit_b.pth"
+        torch.save(official.state_dict(), path)
     predictor = hq.SamPredictor(official)
     root = tmp_path / "task"
     for sub in ("imagesTr", "labelsTr"):
@@ -201,7 +210,7 @@ def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path)
                 expected[(f"c{i}", value, strategy)] = _dice(mask[0], gt)
     run = tmp_path / "run"
     args = [
-        "model=sam_hq_tiny", f"model.checkpoint={path}", "task=folder", f"task.root={root}",
+        f"model={model}", f"model.checkpoint={path}", "task=folder", f"task.root={root}",
         "task.intensity.mode=none", "eval.prompts=[box,point1]", "eval.mask_selection=oracle",
         "eval.jitter_px=[]", "eval.split=all", "eval.overlays=0", "model.encoder_bf16=false",
         f"hydra.run.dir={run}",
