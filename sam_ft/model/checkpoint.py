@@ -99,7 +99,12 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # SAM 2 / 2.1 (and MedSAM2, its finetune) image encoders: a Hiera trunk, named by its width and
 # depth (sam2's configs: tiny 96 x 12 blocks, small 96 x 16, base+ 112 x 24, large 144 x 48).
-_HIERA = {(96, 12): "Hiera-T", (96, 16): "Hiera-S", (112, 24): "Hiera-B+", (144, 48): "Hiera-L"}
+_HIERA = {
+    (96, 12): ("Hiera-T", "sam2.1_hiera_t"),
+    (96, 16): ("Hiera-S", "sam2.1_hiera_s"),
+    (112, 24): ("Hiera-B+", "sam2.1_hiera_b+"),
+    (144, 48): ("Hiera-L", "sam2.1_hiera_l"),
+}
 # A family's models, to say which ``model=`` takes a file of it.
 _FAMILY_MODELS = {
     "SAM": "vit_b, vit_l, vit_h or medsam",
@@ -128,28 +133,46 @@ def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := re.match(pattern, k))})
 
 
+def _hiera(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(width, blocks) of a SAM 2 image encoder's Hiera trunk."""
+    width = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
+    return width, _count(state, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+
+
+def matching_models(state: dict[str, torch.Tensor]) -> list[str]:
+    """The model names whose family, encoder width and depth match ``state`` (SAM 2's: by its
+    Hiera size; none for LiteMedSAM, whose one model needs no naming)."""
+    family = checkpoint_family(state)
+    if family == "SAM 2":
+        return [_HIERA[_hiera(state)][1]] if _hiera(state) in _HIERA else []
+    if family not in ("SAM", "SAM-HQ"):
+        return []
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    arch = (patch.shape[0], _count(state, r"image_encoder\.blocks\.(\d+)\."))
+    decoder = "hq" if family == "SAM-HQ" else "sam"
+    return [
+        n
+        for n, s in SPECS.items()
+        if (s.encoder_embed_dim, s.encoder_depth) == arch and s.decoder == decoder
+    ]
+
+
 def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
     """Name the known architecture whose family, encoder width and depth match ``state``."""
     family = checkpoint_family(state)
     if family in (None, "LiteMedSAM"):
         return "LiteMedSAM (TinyViT)" if family else None
     if family == "SAM 2":
-        width = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
-        depth = _count(state, r"image_encoder\.trunk\.blocks\.(\d+)\.")
-        return f"SAM 2 ({_HIERA.get((width, depth), f'Hiera, width {width}, {depth} blocks')})"
-    patch = state["image_encoder.patch_embed.proj.weight"]
-    arch = (patch.shape[0], _count(state, r"image_encoder\.blocks\.(\d+)\."))
-    decoder = "hq" if family == "SAM-HQ" else "sam"
-    names = [
-        n
-        for n, s in SPECS.items()
-        if (s.encoder_embed_dim, s.encoder_depth) == arch and s.decoder == decoder
-    ]
+        width, depth = _hiera(state)
+        size = _HIERA.get((width, depth), (f"Hiera, width {width}, {depth} blocks",))[0]
+        return f"SAM 2 ({size})"
     label = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H", "tiny": "tiny"}
     label |= {f"sam_hq_{k}": f"SAM-HQ {v}" for k, v in label.items()}
+    names = matching_models(state)
     pretty = " or ".join(dict.fromkeys(label.get(n, n) for n in names if n != "medsam"))
-    unknown = f"an unknown {family} encoder (width {arch[0]}, {arch[1]} blocks)"
-    return pretty or unknown
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    blocks = _count(state, r"image_encoder\.blocks\.(\d+)\.")
+    return pretty or f"an unknown {family} encoder (width {patch.shape[0]}, {blocks} blocks)"
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
@@ -173,7 +196,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
         raise CheckpointError(
             f"{source} is a {describe_architecture(state)} checkpoint, of the {found_family} "
             f"family, not {wanted_family} like model {name!r}: load it with model="
-            f"{_FAMILY_MODELS[found_family]}"
+            f"{' or '.join(matching_models(state)) or _FAMILY_MODELS[found_family]}"
         )
     lines = [f"{source} does not fit model {name!r}:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
