@@ -169,6 +169,8 @@ class ModelConfig:
     compile_encoder: bool
     encoder_bf16: bool
     multimask_output: bool
+    # SAM-HQ only (conf/model/sam_hq_*.yaml): the HQ token's mask alone (sam_ft/model/sam_hq.py).
+    hq_token_only: bool | None = optional()
 
 
 @dataclass(frozen=True)

@@ -93,19 +93,29 @@ RUN_INFO = "run_info.json"
 
 def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
     """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
-    preprocessing, mask selection), merged with the entries of models evaluated earlier into the
-    same folder (the report covers them too)."""
+    preprocessing, mask selection) and its image encoder's median time per image where this
+    process encoded images (``sam_ft.evaluation.timing``), merged with the entries of models
+    evaluated earlier into the same folder (the report covers them too)."""
     import json
+
+    from sam_ft.evaluation.timing import device_label, encoder_seconds
 
     path = Path(out_dir) / RUN_INFO
     info = json.loads(path.read_text()) if path.is_file() else {}
     entries = info.setdefault("models", {})
     for name, model in models.items():
+        timed = {}
+        if (seconds := encoder_seconds(model)) is not None:  # none on a resumed, finished run
+            device = next(model.parameters()).device
+            timed = {"encoder_seconds_per_image": seconds[0], "encoder_images_timed": seconds[1],
+                     "encoder_device": device_label(device)}  # fmt: skip
         entries[name] = {
+            **{k: v for k, v in entries.get(name, {}).items() if k.startswith("encoder_")},
             "precision": model.precision(),
             "multimask_output": bool(getattr(model, "multimask_output", True)),
             "preprocess": model.transform.mode,
             "mask_selection": str(cfg.eval.mask_selection),
+            **timed,
         }
         log.info("model %s: precision %s", name, entries[name]["precision"])
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -75,6 +75,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
             name=card["architecture"],
             image_size=int(card["image_size"]),
             preprocess=card["preprocess"],
+            hq_token_only=card.get("hq_token_only"),
         )
         facts.update(
             task=dict(card.get("task") or {}),
@@ -86,6 +87,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
     elif path.suffix == ".ckpt" and (run := _run_config(path)) is not None:
         trained = run.get("model") or {}
         model.update({k: trained[k] for k in ("name", "image_size", "preprocess") if k in trained})
+        model["hq_token_only"] = trained.get("hq_token_only")  # SAM-HQ only
         task = run.get("task") or {}
         facts.update(
             task={k: task[k] for k in _TASK_KEYS if k in task},
@@ -123,6 +125,7 @@ def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
         checkpoint=checkpoint,
         image_size=m.get("image_size"),
         preprocess=m.get("preprocess"),
+        hq_token_only=m.get("hq_token_only"),
     )
 
 

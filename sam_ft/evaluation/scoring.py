@@ -37,6 +37,7 @@ from sam_ft.evaluation.pipeline import (
 )
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.evaluation.selection import decode_scored
+from sam_ft.evaluation.timing import encoder_clock
 from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
@@ -356,7 +357,8 @@ def start_case(
         columns: list[tuple[str, str]] = []
         for name, model in models.items():
             x = model.preprocess(rec.image)[None].to(_device(model))
-            embedding = embedding_at(model.encode(x), 0)
+            with encoder_clock(model, x.device):
+                embedding = embedding_at(model.encode(x), 0)
             columns, decoded[name] = _decode_slice(
                 model, rec, embedding, opts, prompts, store=stores[name]
             )

@@ -106,6 +106,10 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    if spec.decoder == "hq":
+        from sam_ft.model.sam_hq import hq_mask_decoder
+
+        sam.mask_decoder = hq_mask_decoder(spec)
     return sam.eval()
 
 
@@ -193,6 +197,7 @@ def build_trainable_sam(
     compile_encoder: bool = False,
     encoder_bf16: bool = True,
     multimask_output: bool | None = None,
+    hq_token_only: bool | None = None,
 ) -> TrainableSam:
     """The ``model`` config's target: a SAM with weights, wrapped for training and prediction.
 
@@ -202,6 +207,7 @@ def build_trainable_sam(
     gradients (faster); False keeps everything float32, as the study assumes.
     ``multimask_output``: whether the model's 3 mask outputs are used (SAM) or only its single
     one (MedSAM, trained with ``multimask_output=False``); None = the architecture's own.
+    ``hq_token_only``: SAM-HQ only (``sam_ft.model.sam_hq``); None = False, the official default.
     """
     if name not in SPECS:
         raise ConfigError(f"model.name={name!r} is not one of {sorted(SPECS)}")
@@ -217,16 +223,28 @@ def build_trainable_sam(
         raise ConfigError(
             f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
         )
-    model = TrainableSam(
-        build_sam(name, checkpoint),
-        spec.preprocess,
-        grad_checkpointing,
-        encoder_bf16=bool(encoder_bf16),
-        multimask_output=spec.multimask_output if multimask_output is None else multimask_output,
-    )
+    multimask = spec.multimask_output if multimask_output is None else bool(multimask_output)
+    common = dict(encoder_bf16=bool(encoder_bf16), multimask_output=multimask)
+    if spec.decoder == "hq":
+        if multimask:
+            raise ConfigError(f"model.multimask_output=true: {name} returns one mask per prompt")
+        from sam_ft.model.sam_hq import TrainableSamHQ
+
+        hq = dict(hq_token_only=bool(hq_token_only))
+        model = TrainableSamHQ(
+            build_sam(name, checkpoint), spec.preprocess, grad_checkpointing, **common, **hq
+        )
+    elif hq_token_only is not None:
+        raise ConfigError(f"model.hq_token_only: {name} is not a SAM-HQ model")
+    else:
+        sam = build_sam(name, checkpoint)
+        model = TrainableSam(sam, spec.preprocess, grad_checkpointing, **common)
     if compile_encoder:
-        # In place, so state-dict keys keep their official names.
-        model.sam.image_encoder.compile()
+        # In place, so state-dict keys keep their official names. SAM-HQ's encode calls the
+        # blocks one by one (it keeps an early one's output): they are what is compiled there.
+        encoder = model.sam.image_encoder
+        for module in encoder.blocks if spec.decoder == "hq" else [encoder]:
+            module.compile()
     return model
 
 

@@ -39,6 +39,9 @@ class SamSpec:
     # under sam2/configs/; the ViT fields then describe its Hiera trunk).
     family: str = "sam"
     config: str | None = None
+    # "sam" (segment_anything's MaskDecoder) or "hq" (SAM-HQ's MaskDecoderHQ, built by
+    # sam_ft.model.sam_hq: it also reads the ViT's first global-attention features).
+    decoder: str = "sam"
 
     @property
     def filename(self) -> str | None:
@@ -51,6 +54,9 @@ _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 # SAM 2.1 rows: Hiera (embed width, blocks, first-stage heads, global-attention blocks), input
 # 1024, SAM2ImagePredictor's preprocessing ("sam2"), 3 mask outputs.
 _SAM2 = {"preprocess": "sam2", "family": "sam2"}
+# SAM-HQ's published weights (SysCV/sam-hq README). No SHA-256 is published and none could be
+# established here: `auto` then checks the file by loading it strictly (docs/checkpoints.md).
+_SAM_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 
 SPECS: dict[str, SamSpec] = {
     "vit_h": SamSpec(
@@ -143,5 +149,39 @@ SPECS: dict[str, SamSpec] = {
     # Built from the official sam2 package; what its fork changes is in conf/model/medsam2.yaml.
     "medsam2": SamSpec(
         96, 12, 1, (5, 7, 9), config="sam2.1/sam2.1_hiera_t.yaml", image_size=512, **_SAM2
+    ),
+    # SAM-HQ (Ke et al., NeurIPS 2023; the segment-anything-hq package): SAM's ViT and prompt
+    # encoder (the same weights as SAM's) with MaskDecoderHQ, which returns ONE mask per prompt
+    # (SAM's mask plus the HQ token's, or the HQ token's alone: model.hq_token_only).
+    "sam_hq_vit_h": SamSpec(
+        1280,
+        32,
+        16,
+        (7, 15, 23, 31),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_h.pth",
+    ),
+    "sam_hq_vit_l": SamSpec(
+        1024,
+        24,
+        16,
+        (5, 11, 17, 23),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_l.pth",
+    ),
+    "sam_hq_vit_b": SamSpec(
+        768,
+        12,
+        12,
+        (2, 5, 8, 11),
+        decoder="hq",
+        multimask_output=False,
+        url=_SAM_HQ_URL + "sam_hq_vit_b.pth",
+    ),
+    # The same classes, CPU-sized like `tiny`, for the demo and tests: no published weights.
+    "sam_hq_tiny": SamSpec(
+        96, 2, 2, (1,), image_size=256, window_size=8, decoder="hq", multimask_output=False
     ),
 }
