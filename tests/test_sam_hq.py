@@ -379,3 +379,30 @@ def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_
 def test_compile_encoder_compiles_what_encode_calls():
     model = build_trainable_sam("sam_hq_tiny", compile_encoder=True)
     assert all(block._compiled_call_impl is not None for block in model.sam.image_encoder.blocks)
+
+
+@pytest.mark.heavy
+def test_ddp_training_on_two_cpu_ranks_and_resume(tmp_path):
+    """SAM-HQ under DDP (2 CPU processes, gloo), then resumed from ``last.ckpt`` for a second
+    epoch; the export loads strictly into SAM-HQ's own classes."""
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env.pop("OMP_NUM_THREADS", None)  # Lightning gives each rank its share of the cores
+    run = tmp_path / "run"
+    common = [
+        "model=sam_hq_tiny", "task=demo", "finetune=decoder", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "train.overlays=0", "train.evaluate=false",
+        f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
+    for args in (ddp, ["trainer.max_epochs=2", "ckpt_path=last"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *common, *args],
+            env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # 2 steps in the DDP epoch, 2 more in the resumed one: it went on from the first's state.
+    assert last["global_step"] == 4
+    official_hq_sam(256).load_state_dict(
+        torch.load(run / "sam_finetuned.pth", weights_only=True), strict=True
+    )
