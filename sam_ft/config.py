@@ -134,10 +134,23 @@ class BootstrapConfig:
 
 
 @dataclass(frozen=True)
+class PropagateConfig:
+    """``eval.propagate`` (``eval.mode=propagate``: sam_ft.evaluation.propagation)."""
+
+    prompt: Literal["box", "memory"]
+    key: Literal["largest", "middle", "even"]
+    keys: int
+    stop: Literal["vanish", "box_ends"]
+    margin_px: int
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.options)."""
 
     split: Literal["test", "val", "all"]
+    mode: Literal["slices", "propagate"]
+    propagate: PropagateConfig
     prompts: list[str]
     jitter_px: list[list[float]]
     mask_selection: Literal["oracle", "predicted_iou", "single", "auto"]

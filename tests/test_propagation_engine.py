@@ -1,0 +1,98 @@
+"""eval.mode=propagate through the engine with a tiny random-weight SAM on real NIfTI files in tmp:
+pairing with the slices mode, per-volume scores against the whole label volume, and the shards'
+merge (the official-loop parity with LiteMedSAM's real weights is in test_propagation.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sam_ft.evaluation.engine import evaluate_models
+from sam_ft.model.builders import build_sam_architecture
+from sam_ft.model.trainable import TrainableSam
+
+nib = pytest.importorskip("nibabel")
+
+S, H, W = 9, 48, 56
+SEED = 3
+CFG = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainableSam:
+    torch.manual_seed(0)
+    return TrainableSam(build_sam_architecture("tiny", image_size=64)).eval()
+
+
+def _write_case(root, name: str, shift: int) -> None:
+    """A (W, H, S) RAS volume: a bright ellipsoid (label 1, slices 2-6) and a box (label 2,
+    slices 1-7, 1 px on slice 7: kept out of the prompts, counted in the 3D score)."""
+    x, y, z = np.mgrid[:W, :H, :S]
+    ellipsoid = ((x - 20 - shift) / 10) ** 2 + ((y - 24) / 12) ** 2 + ((z - 4) / 2.5) ** 2 < 1
+    label = ellipsoid.astype(np.uint8)
+    label[38:50, 6:18, 1:7] = 2
+    label[40, 10, 7] = 2
+    rng = np.random.default_rng(shift)
+    image = rng.normal(40, 8, label.shape) + 90 * (label > 0)
+    affine = np.diag([0.9, 0.8, 3.0, 1.0])
+    for sub, data in (("imagesTr", image.astype(np.float32)), ("labelsTr", label)):
+        (root / sub).mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), root / sub / f"{name}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    from sam_ft.data.folder import find_cases
+    from sam_ft.data.loading import load_case
+
+    root = tmp_path_factory.mktemp("volumes")
+    for i in range(3):
+        _write_case(root, f"vol_{i}", shift=2 * i)
+    task = {"name": "vol", "source": "folder", "root": str(root), "modality": "MR"}
+    task |= {"slice_axis": 2, "intensity": {"mode": "none"}}
+    data = {"min_object_pixels": 5}
+    return [load_case(f, task, data, keep_images=True) for f in find_cases(root, task)]
+
+
+def _evaluate(model, cases, out, name, **cfg):
+    return evaluate_models(
+        {name: model}, cases, task_name="vol", cfg={**CFG, **cfg}, out_dir=out, seed=SEED,
+        progress=False, report=False,
+    )  # fmt: skip
+
+
+def test_propagation_pairs_with_the_slices_mode_and_scores_whole_volumes(model, cases, tmp_path):
+    """The key slice's mask is the slices mode's on that slice (same prompt, same selection);
+    every kept slice is scored in both modes (paired rows); the 3D Dice is the saved volume's
+    against the whole label volume; the over/missed counts follow from the rows."""
+    slices = _evaluate(model, cases, tmp_path, "m").per_object
+    res = _evaluate(
+        model, cases, tmp_path, "m_propagate", mode="propagate", save_predictions=True
+    )  # fmt: skip
+    prop = res.per_object
+    keys = ["case", "slice", "label", "prompt", "jitter"]
+    assert sorted(map(tuple, prop[keys].values)) == sorted(map(tuple, slices[keys].values))
+    table = pd.read_csv(tmp_path / "propagation.csv", dtype={"case": str})
+    at_key = [tuple(k) for k in table.loc[table["is_key"], ["case", "slice", "label"]].values]
+    assert len(at_key) == 2 * len(cases)  # one key per object
+    index = ["case", "slice", "label"]
+    np.testing.assert_allclose(
+        prop.set_index(index).loc[at_key, "dice"], slices.set_index(index).loc[at_key, "dice"]
+    )
+    for case in cases:
+        for label in (1, 2):
+            gt = case.gt_volume(label)
+            rows = table.query(f"case == '{case.image_id}' and label == {label}")
+            row = res.per_case.query(f"case == '{case.image_id}' and label == {label}").iloc[0]
+            # The 3D Dice over the whole label volume, from the per-slice counts.
+            inter = (rows["dice"] * (rows["gt_px"] + rows["pred_px"]) / 2).sum()
+            assert rows["gt_px"].sum() == gt.sum()  # every slice of the object, kept or not
+            assert row["dice"] == pytest.approx(2 * inter / (gt.sum() + rows["pred_px"].sum()))
+            z = np.flatnonzero(gt.any(axis=(1, 2)))
+            assert (rows["in_extent"] == rows["slice"].between(z[0], z[-1])).all()
+            assert (rows["distance"] == rows["slice"] - rows["key_slice"]).all()
+            # vanish: a chain's predicted slices are contiguous around its key.
+            on = sorted(rows.loc[rows["pred_px"] > 0, "slice"])
+            assert on == list(range(on[0], on[-1] + 1)) if on else True
