@@ -96,3 +96,51 @@ def test_propagation_pairs_with_the_slices_mode_and_scores_whole_volumes(model, 
             # vanish: a chain's predicted slices are contiguous around its key.
             on = sorted(rows.loc[rows["pred_px"] > 0, "slice"])
             assert on == list(range(on[0], on[-1] + 1)) if on else True
+
+
+def _files(out) -> dict[str, bytes]:
+    names = ("per_object.csv", "per_case.csv", "propagation.csv")
+    return {n: (out / n).read_bytes() for n in names}
+
+
+def test_propagation_shards_merge_and_resume_equal_one_process(model, cases, tmp_path):
+    """Shards 0/2 and 1/2 merge to the one-process files (propagation's included), and a run
+    killed mid-case resumes to the same files."""
+    from omegaconf import OmegaConf
+
+    from sam_ft.evaluation.distributed import evaluate_cases
+    from sam_ft.evaluation.merge import merge_shards
+
+    def run(out, shard=None, subset=cases):
+        # Few bootstrap resamples: the reports' CIs are not what is tested here.
+        boot = {"resamples": 100, "method": "percentile"}
+        eval_cfg = {**CFG, "mode": "propagate", "shard": shard, "bootstrap": boot}
+        cfg = OmegaConf.create(
+            {"eval": eval_cfg, "task": {"name": "vol"}, "seed": SEED, "model": {"name": "tiny"},
+             "data": {"on_error": "raise"}}
+        )  # fmt: skip
+        evaluate_cases({"m_propagate": model}, subset, cfg=cfg, out_dir=out, slices=[1] * 3)
+
+    run(tmp_path / "one")
+    run(tmp_path / "s0", "0/2")
+    run(tmp_path / "s1", "1/2")
+    merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    one = _files(tmp_path / "one")
+    assert _files(tmp_path / "merged") == one
+    for name in ("summary.md", "propagation_volumes.csv", "propagation_distance.csv"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert "## Propagation" in (tmp_path / "one" / "summary.md").read_text()
+    volumes = pd.read_csv(tmp_path / "one" / "propagation_volumes.csv")
+    assert len(volumes) == 2 * len(cases) and (volumes["prompts"] == 1).all()
+    per_case = pd.read_csv(tmp_path / "one" / "per_case.csv")
+    np.testing.assert_array_equal(volumes["dice"], per_case["dice"])
+
+    # A kill in the middle of the second case: its rows appended, no marker, last line cut.
+    part = tmp_path / "part"
+    _evaluate(model, cases[:1], part, "m_propagate", mode="propagate")
+    lines = (tmp_path / "one" / "propagation.csv").read_text().splitlines()
+    second = [line for line in lines if f",{cases[1].image_id}," in line]
+    with open(part / "propagation.csv", "a") as f:
+        f.write("\n".join(second) + "\n" + second[0][: len(second[0]) // 2])
+    _evaluate(model, cases, part, "m_propagate", mode="propagate")
+    assert _files(part) == one
