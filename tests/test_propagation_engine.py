@@ -144,3 +144,25 @@ def test_propagation_shards_merge_and_resume_equal_one_process(model, cases, tmp
         f.write("\n".join(second) + "\n" + second[0][: len(second[0]) // 2])
     _evaluate(model, cases, part, "m_propagate", mode="propagate")
     assert _files(part) == one
+
+
+def test_two_evenly_spaced_keys_split_the_volume(model, cases, tmp_path):
+    """key=even keys=2: two prompted slices per object, each slice carried from its nearest."""
+    evaluate_models(
+        {"m_propagate": model}, cases[:1], task_name="vol", out_dir=tmp_path, seed=SEED,
+        cfg={**CFG, "mode": "propagate", "propagate": {"key": "even", "keys": 2}},
+        progress=False, report=True,
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "propagation.csv")
+    volumes = pd.read_csv(tmp_path / "propagation_volumes.csv")
+    assert (volumes["prompts"] == 2).all()
+    for label, rows in table.groupby("label"):
+        keys = sorted(rows.loc[rows["is_key"], "slice"])
+        gt = cases[0].gt_volume(int(label))
+        area = gt.sum(axis=(1, 2))
+        z, kept = np.flatnonzero(area), np.flatnonzero(area > 5)  # data.min_object_pixels 5
+        # The extent's two ends, each moved to the nearest slice that was kept (prompted).
+        assert keys == [kept[np.abs(kept - e).argmin()] for e in (z[0], z[-1])]
+        nearest = [min(keys, key=lambda k, s=s: (abs(k - s), k)) for s in rows["slice"]]
+        assert list(rows["key_slice"]) == nearest
+    assert (tmp_path / "plots" / "propagation_distance.png").stat().st_size > 0
