@@ -150,6 +150,13 @@ def next_box(mask: np.ndarray, margin_px: int = 3, frame: int = FRAME) -> np.nda
     return (box + 0.5) * (max(mask.shape) / frame)
 
 
+def _first_image(embedding):
+    """The first image of a batched embedding: a tensor, or (SAM 2's, #30) a dict of them."""
+    if isinstance(embedding, dict):
+        return {k: v[0] for k, v in embedding.items()}
+    return embedding[0]
+
+
 def propagated_selection(mode: str) -> str:
     """Mask selection on slices reached by propagation: the ground truth is not looked at there
     (the oracle becomes the IoU head's choice); the key slice keeps ``eval.mask_selection``."""
@@ -170,6 +177,7 @@ def propagate_boxes(
     margin_px: int,
     selection: str,
     max_per_call: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Propagated:
     """Run every chain with the box rule: one pass up the volume, then one down.
 
@@ -186,15 +194,23 @@ def propagate_boxes(
             makes the next slice use the key prompt again, as the official loop does).
         selection: ``eval.mask_selection`` (the key slices'; :func:`propagated_selection` on the
             others).
+        progress: called with (slices passed, slices of both passes) after each slice.
     """
     out: Propagated = {i: {} for i in range(len(chains))}
     if not chains:
         return out
     device = next(model.parameters()).device
+    keys = [c.key for c in chains]
+    up = range(min(keys), max(c.high for c in chains) + 1)
+    down = range(max(keys) - 1, min(c.low for c in chains) - 1, -1)
+    passed = [0]
 
     def run(order: Sequence[int], step: int) -> None:
         ended: set[int] = set()  # chains stopped in this direction (vanish)
         for s in order:
+            passed[0] += 1
+            if progress is not None:
+                progress(passed[0], len(up) + len(down))
             active = [
                 i
                 for i, c in enumerate(chains)
@@ -220,7 +236,7 @@ def propagate_boxes(
                 continue
             image = image_of(s)
             x = model.preprocess(image)[None].to(device)
-            embedding = model.encode(x)[0]
+            embedding = _first_image(model.encode(x))
             gt = np.asarray(gt_of(s), dtype=bool)
             for is_key in (True, False):
                 ids = [i for i in prompts if (chains[i].key == s) == is_key]
@@ -240,7 +256,6 @@ def propagate_boxes(
                     out[i][s] = SliceMask(sel.masks[n], float(sel.pred_iou[n]))
 
     with torch.inference_mode():
-        keys = [c.key for c in chains]
-        run(range(min(keys), max(c.high for c in chains) + 1), +1)
-        run(range(max(keys) - 1, min(c.low for c in chains) - 1, -1), -1)
+        run(up, +1)
+        run(down, -1)
     return out

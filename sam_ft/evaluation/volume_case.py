@@ -179,7 +179,8 @@ def start_volume_case(
     path: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> PendingCase:
-    """All models on one volume in ``eval.mode=propagate``; the scoring jobs go to ``pool``."""
+    """All models on one volume in ``eval.mode=propagate``; the scoring jobs go to ``pool``.
+    ``progress(done, total)`` is called after each slice a model's propagation passes."""
     if not records:
         raise DataError(case_key, "case has no slice with an object")
     images = None if case_data is None else case_data.extra.get("images")
@@ -197,11 +198,12 @@ def start_volume_case(
     stores = {name: CasePredictions(shape) for name in models}
     results: dict[str, dict[tuple[int, int], dict]] = {}
     propagation: dict[str, list[dict]] = {}
-    for n, (name, model) in enumerate(models.items()):
+    for name, model in models.items():
         out = propagate_boxes(
             model, images.__getitem__, lambda s: np.stack([g[s] for g in gts]), chains,
             stop=opts.propagate.stop, margin_px=opts.propagate.margin_px,
             selection=opts.mask_selection, max_per_call=opts.max_prompts_per_call,
+            progress=progress,
         )  # fmt: skip
         merged = {
             (i, j): _merged(chains, out, i, j)
@@ -218,8 +220,6 @@ def start_volume_case(
             propagation[name] += _propagation_rows(
                 case_key, labels[i], names_of[labels[i]], *variants[j], gts[i], slices, keys
             )
-        if progress is not None:
-            progress(n + 1, len(models))
     jobs = [
         pool.submit(score_slice, _slice_job(rec, labels, variants, results, opts, case_key))
         for rec in records
