@@ -254,3 +254,18 @@ def test_bad_propagate_options_are_one_line_errors(cfg, message):
     with pytest.raises(ConfigError, match=message) as info:
         eval_options(cfg)
     assert "\n" not in str(info.value)
+
+
+def test_slices_mode_keeps_its_config_hash():
+    """eval.propagate decides nothing in the slices mode: the provenance hash ignores it (the
+    slices mode's files stay byte-identical to those before the modes), and not in propagate."""
+    from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.provenance import config_hash
+
+    plain, other = eval_options({}), eval_options({"propagate": {"key": "middle"}})
+    assert config_hash(plain, 0) == config_hash(other, 0)
+    prop = eval_options({"mode": "propagate", "prompts": ["box"]})
+    prop_middle = eval_options(
+        {"mode": "propagate", "prompts": ["box"], "propagate": {"key": "middle"}}
+    )
+    assert config_hash(prop, 0) != config_hash(prop_middle, 0)
