@@ -15,6 +15,7 @@ Hydra (the Python API, tests, notebooks) fills the keys it is not given from the
 :class:`TaskConfig`, ``task.intensity`` -> :class:`IntensityConfig`, ``data`` ->
 :class:`DataConfig`, ``data.split`` -> :class:`SplitConfig`, ``eval`` -> :class:`EvalConfig`,
 ``eval.everything`` -> :class:`EverythingConfig`, ``eval.bootstrap`` -> :class:`BootstrapConfig`,
+``eval.propagate`` -> :class:`PropagateConfig`,
 ``model`` -> :class:`ModelConfig`, ``finetune`` -> :class:`FinetuneConfig`, ``train`` ->
 :class:`TrainConfig`), with its type, and set its default in the YAML. An undeclared key is
 reported as unknown.

@@ -25,18 +25,18 @@ class PropagateOptions:
     """``eval.propagate``, checked (``eval.mode=propagate``; see
     :mod:`sam_ft.evaluation.propagation`)."""
 
-    prompt: str = "box"
-    key: str = "largest"
-    keys: int = 1
-    stop: str = "vanish"
-    margin_px: int = 3
+    prompt: str
+    key: str
+    keys: int
+    stop: str
+    margin_px: int
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> PropagateOptions:
-        unknown = sorted(set(cfg) - {f for f in cls.__dataclass_fields__})
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown eval.propagate option(s) {unknown}")
-        opts = cls(**{k: v for k, v in cfg.items()})
+        opts = cls(**cfg)
         if opts.prompt not in PROPAGATORS:
             raise ConfigError(f"eval.propagate.prompt must be one of {PROPAGATORS}")
         if opts.prompt == "memory":
@@ -84,9 +84,9 @@ class EvalOptions:
     on_error: str
     everything: EverythingConfig
     bootstrap: Bootstrap
+    mode: str
+    propagate: PropagateOptions
     workers: int = 0
-    mode: str = "slices"
-    propagate: PropagateOptions = PropagateOptions()
 
     @property
     def variants(self) -> list[tuple[str, JitterRange | None]]:
@@ -171,7 +171,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         on_error=on_error,
         everything=everything,
         bootstrap=bootstrap,
-        workers=resolve_workers(workers),
         mode=str(merged["mode"]),
         propagate=propagate,
+        workers=resolve_workers(workers),
     )
