@@ -21,8 +21,8 @@ How it differs from the official LiteMedSAM 3D loop (the CVPR 2024 challenge's
 - official: the previous mask is painted with the object's index before its INTER_AREA resize,
   so objects 2, 3... keep more boundary pixels; here every mask is 0/1 (object 1's rule).
 
-A ``memory`` propagator (SAM 2's video predictor, #30) would take the same chains and return the
-same ``{chain: {slice: mask}}``: the interface is :data:`Propagated`.
+A ``memory`` propagator (SAM 2's video predictor, #30) takes the same chains and returns the
+same ``{chain: {slice: mask}}`` (:data:`Propagated`), registered in :data:`PROPAGATORS`.
 """
 
 from __future__ import annotations
@@ -259,3 +259,9 @@ def propagate_boxes(
         run(up, +1)
         run(down, -1)
     return out
+
+
+PROPAGATORS: dict[str, Callable[..., Propagated]] = {"box": propagate_boxes}
+"""``eval.propagate.prompt`` -> its propagator, each called as :func:`propagate_boxes` is (the
+model, slice images, ground truth, chains, keywords) and returning :data:`Propagated`; SAM 2's
+``memory`` (its video predictor over the volume's slices as frames) joins here with #30."""

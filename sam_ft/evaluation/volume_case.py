@@ -30,13 +30,7 @@ from sam_ft.evaluation.options import EvalOptions
 from sam_ft.evaluation.overlap import overlap_scores
 from sam_ft.evaluation.pipeline import ModelSlice, ScoringPool, SliceJob, score_case, score_slice
 from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.propagation import (
-    Chain,
-    SliceMask,
-    chain_ranges,
-    key_slices,
-    propagate_boxes,
-)
+from sam_ft.evaluation.propagation import PROPAGATORS, Chain, SliceMask, chain_ranges, key_slices
 from sam_ft.evaluation.scoring import PendingCase, _case_job, case_geometry, distance_unit
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.jitter import jitter_name
@@ -199,7 +193,7 @@ def start_volume_case(
     results: dict[str, dict[tuple[int, int], dict]] = {}
     propagation: dict[str, list[dict]] = {}
     for name, model in models.items():
-        out = propagate_boxes(
+        out = PROPAGATORS[opts.propagate.prompt](
             model, images.__getitem__, lambda s: np.stack([g[s] for g in gts]), chains,
             stop=opts.propagate.stop, margin_px=opts.propagate.margin_px,
             selection=opts.mask_selection, max_per_call=opts.max_prompts_per_call,
