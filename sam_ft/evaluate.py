@@ -39,13 +39,23 @@ def eval_splits(split: str) -> tuple[str, ...]:
     return SPLITS if split == "all" else (split,)
 
 
-def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+def split_cases(datamodule: SamDataModule, split: str, mode: str = "slices") -> list[LazyCase]:
     """The cases of ``eval.split`` as :class:`LazyCase`: only these splits are preprocessed,
     and each case is read from the slice cache when it is scored and dropped after, so memory
-    holds one case however many there are."""
+    holds one case however many there are. ``eval.mode=propagate`` reads each case from its
+    files instead, keeping every slice's image (the cache holds only slices with objects)."""
     splits = eval_splits(split)
     datamodule.prepare_splits(splits)
     entries = [e for s in splits for e in datamodule.case_entries(s)]
+    if mode == "propagate":
+        from sam_ft.data.loading import load_case
+
+        files = [f for s in splits for f in datamodule.case_files(s)]
+        task, data = datamodule.task, datamodule.data
+        return [
+            LazyCase(f.image_id, partial(load_case, f, task, data, keep_images=True), f.image)
+            for f in files
+        ]
     return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 
@@ -65,14 +75,18 @@ def compare_models(
     (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
     """
     device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
+    mode = str(cfg.eval.get("mode", "slices"))
+    if mode == "propagate":
+        # Its own rows beside the slices mode's in one folder (sam-ft-report, comparisons).
+        models = {f"{name}_propagate": model for name, model in models.items()}
     for model in models.values():
         model.to(device)
     if ranks is not None and getattr(datamodule, "trainer", None) is None:
         # evaluate.py's ranks: rank 0 fills the slice cache first, the others then read it (a
         # Trainer's datamodule, in train.py, shares the work between its ranks itself).
-        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split))
+        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split, mode))
     else:
-        cases = split_cases(datamodule, cfg.eval.split)
+        cases = split_cases(datamodule, cfg.eval.split, mode)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
     slices = slice_counts(cases, datamodule)

@@ -287,6 +287,12 @@ class SamDataModule(L.LightningDataModule):
         order; :func:`load_case_entry` reads one when it is evaluated."""
         return self._entries[self._require_split(split)]
 
+    def case_files(self, split: str) -> list[CaseFiles]:
+        """The files of ``split``'s preprocessed cases, in :meth:`case_entries` order (what
+        ``eval.mode=propagate`` reads again, for the slices without objects)."""
+        files = {c.image_id: c for c in self._split_cases()[_split_name(split)]}
+        return [files[e.image_id] for e in self.case_entries(split)]
+
     def iter_case_data(self, split: str):
         """Yield the cases of ``split`` as ``CaseData``, one at a time, read from the cache."""
         for entry in self.case_entries(split):
