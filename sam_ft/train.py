@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -35,18 +34,10 @@ from sam_ft.model.checkpoint import export_official, load_weights, read_state_di
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from sam_ft.training.module import SamFinetuneModule
+from sam_ft.training.options import resolve_precision
 from sam_ft.training.wandb import scrub
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: Any) -> str:
-    """``auto`` = bf16-mixed on GPUs that support it, else full precision."""
-    if str(precision) != "auto":
-        return str(precision)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
