@@ -15,6 +15,8 @@ separate machines); ``sam-ft-report merge DIR... --out DIR`` then writes the ful
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -119,13 +121,29 @@ def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
     return Ranks(fabric)
 
 
-def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
-    """What must be equal for shares to be merged: models, task, evaluation protocol, seed."""
+def shard_config(
+    cfg: DictConfig,
+    models: Mapping[str, Any],
+    keys: Sequence[str],
+    slices: Sequence[int],
+    datamodule: Any = None,
+) -> dict[str, Any]:
+    """What must be equal for shares to be merged: the models (each one's weights digest,
+    precision and preprocessing), the data (the split's cases, their slice counts, their pixels
+    where the index knows them, and how they were sliced: intensity, axis, labels), the
+    evaluation protocol and the seed. ``eval.workers`` is left out: it never changes a row."""
+    from sam_ft.data.loading import slice_settings
+    from sam_ft.model.checkpoint import weights_digest
+
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     eval_cfg.pop("shard", None)
+    eval_cfg.pop("workers", None)
     ckpt = cfg.get("ckpt_path")
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
     return {
         "models": list(models),
+        "weights": {name: _model_facts(m, weights_digest) for name, m in models.items()},
         "task_name": str(cfg.task.name),
         "model_name": str(cfg.model.name),
         "checkpoint": Path(str(ckpt or cfg.model.get("checkpoint") or "")).name,
@@ -134,7 +152,46 @@ def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
         "data_split": OmegaConf.to_container(cfg.data.split, resolve=True)
         if "split" in cfg.data
         else None,
+        "data": {
+            "slicing": json.loads(json.dumps(slice_settings(task, data), default=str)),
+            "cases": _cases_digest(keys, slices, datamodule),
+        },
     }
+
+
+def _model_facts(model: Any, digest: Callable[[Any], str]) -> dict[str, Any]:
+    """A model's weights digest, precision and preprocessing (what its numbers depend on)."""
+    sam = getattr(model, "sam", model)
+    transform = getattr(model, "transform", None)
+    precision = model.precision() if callable(getattr(model, "precision", None)) else None
+    return {
+        "weights_sha256": digest(sam),
+        "precision": precision,
+        "preprocess": getattr(transform, "mode", None),
+        "image_size": getattr(transform, "image_size", None),
+        "multimask_output": bool(getattr(model, "multimask_output", True)),
+    }
+
+
+def _cases_digest(keys: Sequence[str], slices: Sequence[int], datamodule: Any) -> str:
+    """SHA-256 over the split's cases in order, each with its slice count and (from the
+    datamodule's index, no pixel read) its slices' image digests: another copy of the data with
+    one changed pixel, or another split, gives another digest."""
+    images: dict[str, list[str]] = {}
+    records = getattr(datamodule, "records", None)
+    if callable(records):
+        for split in ("train", "val", "test"):
+            try:
+                refs = records(split)
+            except (RuntimeError, KeyError):
+                continue
+            for r in refs:
+                key = str(getattr(r, "image_id", None) or r.case)
+                images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
+    h = hashlib.sha256()
+    for key, count in zip(keys, slices, strict=True):
+        h.update(json.dumps([key, int(count), images.get(key, [])]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
@@ -166,6 +223,7 @@ def evaluate_cases(
     out_dir: Path,
     slices: Sequence[int],
     ranks: Ranks | None = None,
+    datamodule: Any = None,
 ):
     """Score ``cases`` with ``models`` into ``out_dir`` in one process, as share
     ``eval.shard``, or as this rank's share of a distributed run (then merged by rank 0).
@@ -189,7 +247,7 @@ def evaluate_cases(
     shard = shard or Shard(ranks.rank, ranks.world)
     share = balanced_shares(keys, slices, shard.count)[shard.index]
     where = out_dir if ranks is None else out_dir / RANKS_DIR / f"{shard.index}-of-{shard.count}"
-    config = shard_config(cfg, list(models))
+    config = shard_config(cfg, models, keys, slices, datamodule)
     write_shard_file(where, shard, [keys[i] for i in share], config)
     log.info(
         "evaluation share %s: %d of %d cases, %d of %d slices",
