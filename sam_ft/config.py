@@ -153,6 +153,7 @@ class EvalConfig:
     overlays: int
     volume_gt: Literal["full", "kept"]
     workers: int | None
+    queue_mb: int
     everything: EverythingConfig
     bootstrap: BootstrapConfig
     # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.

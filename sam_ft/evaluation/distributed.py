@@ -36,6 +36,7 @@ from sam_ft.evaluation.merge import (
     parse_shard,
     write_shard_file,
 )
+from sam_ft.evaluation.pipeline import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class Ranks:
     @property
     def device(self):
         return self.fabric.device
+
+    @property
+    def local_world(self) -> int:
+        """The ranks on this node (they share its cores)."""
+        return max(1, self.world // max(1, int(self.fabric.strategy.num_nodes)))
 
     def barrier(self, name: str) -> None:
         self.fabric.barrier(name)
@@ -94,6 +100,10 @@ class TrainerRanks(Ranks):
     @property
     def device(self):
         return self.trainer.strategy.root_device
+
+    @property
+    def local_world(self) -> int:
+        return max(1, self.world // max(1, int(self.trainer.num_nodes)))
 
     def barrier(self, name: str) -> None:
         self.trainer.strategy.barrier(name)
@@ -131,13 +141,15 @@ def shard_config(
     """What must be equal for shares to be merged: the models (each one's weights digest,
     precision and preprocessing), the data (the split's cases, their slice counts, their pixels
     where the index knows them, and how they were sliced: intensity, axis, labels), the
-    evaluation protocol and the seed. ``eval.workers`` is left out: it never changes a row."""
+    evaluation protocol and the seed. ``eval.workers`` and ``eval.queue_mb`` are left out: they
+    never change a row."""
     from sam_ft.data.loading import slice_settings
     from sam_ft.model.checkpoint import weights_digest
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     eval_cfg.pop("shard", None)
     eval_cfg.pop("workers", None)
+    eval_cfg.pop("queue_mb", None)
     ckpt = cfg.get("ckpt_path")
     task = OmegaConf.to_container(cfg.task, resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
@@ -236,6 +248,9 @@ def evaluate_cases(
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     # One key for bad files, in loading and scoring alike.
     eval_cfg["on_error"] = str((cfg.get("data") or {}).get("on_error", "raise"))
+    if ranks is not None and eval_cfg.get("workers") is None:
+        # The node's cores divided among its ranks (each would otherwise take them all).
+        eval_cfg["workers"] = default_workers(ranks.local_world)
     shard = parse_shard(eval_cfg.pop("shard", None))
     if shard is not None and ranks is not None:
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")

@@ -227,9 +227,15 @@ class _Run:
         """Every case through the models and the pool, committed in input order."""
         # Cases whose scoring is in the pool, in input order: committed in that order, so the
         # files are the same for any eval.workers. A few cases ahead keep the workers fed while
-        # the main process encodes the next one; more would only hold memory.
+        # the main process encodes the next one; more would only hold memory: at most
+        # workers + 1 cases and eval.queue_mb MiB of them (a case larger than that alone).
         pending: deque[PendingCase] = deque()
         max_pending = self.opts.workers + 1
+        budget = None if self.opts.queue_mb is None else self.opts.queue_mb * 2**20
+        held = [0]  # bytes of the pending cases
+
+        def over() -> bool:
+            return len(pending) > max_pending or (budget is not None and held[0] > budget)
 
         def finished(key: str) -> bool:
             return all((n, self.task_name, key) in self.done for n in self.models)
@@ -240,9 +246,10 @@ class _Run:
                     case = self.start(item, key, loaded, pool)
                     if case is not None:
                         pending.append(case)
-                    while pending and (pending[0].done() or len(pending) > max_pending):
+                        held[0] += case.nbytes()
+                    while pending and (pending[0].done() or over()):
                         self.commit(pending[0], pending)
-                        pending.popleft()
+                        held[0] -= pending.popleft().nbytes()
             except BaseException:
                 # A bug (or a stop) in a later case keeps the results of the earlier ones,
                 # as the serial path always did: finish and write what is in flight.
