@@ -237,6 +237,13 @@ class _Run:
         def over() -> bool:
             return len(pending) > max_pending or (budget is not None and held[0] > budget)
 
+        def commit_first() -> None:
+            # Out of the queue before its commit: a commit cut short (a stop signal between two
+            # models' markers) is never written twice; a resume redoes its unmarked part.
+            case = pending.popleft()
+            held[0] -= case.nbytes()
+            self.commit(case, [case, *pending])
+
         def finished(key: str) -> bool:
             return all((n, self.task_name, key) in self.done for n in self.models)
 
@@ -248,21 +255,18 @@ class _Run:
                         pending.append(case)
                         held[0] += case.nbytes()
                     while pending and (pending[0].done() or over()):
-                        self.commit(pending[0], pending)
-                        held[0] -= pending.popleft().nbytes()
+                        commit_first()
             except BaseException:
                 # A bug (or a stop) in a later case keeps the results of the earlier ones,
                 # as the serial path always did: finish and write what is in flight.
                 while pending:
                     try:
-                        self.commit(pending[0], pending)
+                        commit_first()
                     except BaseException:  # the first error is the one raised
                         break
-                    pending.popleft()
                 raise
             while pending:
-                self.commit(pending[0], pending)
-                pending.popleft()
+                commit_first()
 
     def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
         """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,
