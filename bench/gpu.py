@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import logging
 import subprocess
 import sys
@@ -73,21 +74,19 @@ def _rate(fn, items: int, iters: int, warmup: int, device: torch.device) -> floa
     return items * iters / (time.perf_counter() - start)
 
 
-def encoder_rows(model_name: str, batch: int, iters: int, device: torch.device) -> list[dict]:
+def encoder_rows(
+    model_name: str, batch: int, iters: int, device: torch.device, precision: str
+) -> list[dict]:
     from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)
     model = build_trainable_sam(model_name).to(device).eval()
     images = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
-    rows = []
-    for precision, bf16 in (("fp32", False), ("bf16", True)):
-        model.encoder_bf16 = bf16
-        _reset_peak(device)
-        with torch.inference_mode():
-            rate = _rate(partial(model.encode, images), batch, iters, 1, device)
-        rows.append(_row("encoder", model_name, "-", precision, batch, rate, "images/s", device))
-    del model
-    return rows
+    model.encoder_bf16 = precision == "bf16"
+    _reset_peak(device)
+    with torch.inference_mode():
+        rate = _rate(partial(model.encode, images), batch, iters, 1, device)
+    return [_row("encoder", model_name, "-", precision, batch, rate, "images/s", device)]
 
 
 def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
@@ -111,57 +110,50 @@ def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
     return out
 
 
-def train_rows(model_name: str, batch: int, iters: int, device: torch.device) -> list[dict]:
+def train_rows(
+    model_name: str, batch: int, iters: int, device: torch.device, mode: str, precision: str
+) -> list[dict]:
     from sam_ft.model.builders import build_trainable_sam
     from sam_ft.model.finetune import Finetune
     from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
-    rows = []
-    for mode in MODES:
-        for precision in ("fp32", "bf16"):
-            torch.manual_seed(0)
-            model = build_trainable_sam(model_name).to(device)
-            finetune = Finetune(name=mode)
-            finetune.apply(model)
-            module = SamFinetuneModule(model, finetune, SegmentationLoss(), torch.optim.AdamW)
-            module.train()
-            optimizer = torch.optim.AdamW(finetune.param_groups(model, 1e-4))
-            data = _train_batch(model, batch, mode, device)
-            bf16 = precision == "bf16"
+    torch.manual_seed(0)
+    model = build_trainable_sam(model_name).to(device)
+    finetune = Finetune(name=mode)
+    finetune.apply(model)
+    module = SamFinetuneModule(model, finetune, SegmentationLoss(), torch.optim.AdamW)
+    module.train()
+    optimizer = torch.optim.AdamW(finetune.param_groups(model, 1e-4))
+    data = _train_batch(model, batch, mode, device)
+    bf16 = precision == "bf16"
 
-            def step(module=module, optimizer=optimizer, data=data, bf16=bf16) -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = module.training_step(data, 0)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = module.training_step(data, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-            _reset_peak(device)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # self.log() outside a Trainer warns
-                rate = _rate(step, 1, iters, 2, device)
-            rows.append(
-                _row("train step", model_name, mode, precision, batch, rate, "steps/s", device)
-            )
-            del model, module, optimizer, data
-    return rows
+    _reset_peak(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log() outside a Trainer warns
+        rate = _rate(step, 1, iters, 2, device)
+    return [_row("train step", model_name, mode, precision, batch, rate, "steps/s", device)]
 
 
 def pipeline_rows(models: list[str], images: int, size: int, device: str) -> list[dict]:
     """``bench/eval_throughput.py --pipeline`` (issue #20): evaluation images/s with every
     ``eval.workers`` against the encoder alone on the same images (target >= 0.8)."""
     rows = []
-    for name in models:
+    for name in models:  # one model per call from main(): a failure costs its row only
         cmd = [sys.executable, str(BENCH / "eval_throughput.py"), "--pipeline", "--model", name]
         cmd += ["--device", device, "--workers", "auto", "--images", str(images)]
         cmd += ["--size", str(size), "--threads", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
         if proc.returncode != 0 or not last.startswith("eval_vs_encoder_rate="):
-            raise SystemExit(
-                f"eval_throughput.py --pipeline ({name}) failed:\n{proc.stderr[-3000:]}"
-            )
+            raise RuntimeError(f"eval_throughput.py --pipeline failed: {_last_line(proc.stderr)}")
         rate = float(last.split("=", 1)[1])
         rows.append(
             {
@@ -211,10 +203,59 @@ def write_table(rows: list[dict], out: Path, header: str) -> Path:
     return path
 
 
+def _last_line(text: str) -> str:
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _failed_row(label: tuple[str, str, str, str], batch: int, err: BaseException) -> dict:
+    """The row of a measurement that failed: its cause in ``unit``, no rate."""
+    oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    cause = "out of memory" if oom else f"{type(err).__name__}: {_last_line(str(err))}"
+    bench, model, mode, precision = label
+    return {
+        "bench": bench, "model": model, "mode": mode, "precision": precision, "batch": batch,
+        "rate": float("nan"), "unit": f"FAILED ({cause})", "peak_mib": float("nan"),
+    }  # fmt: skip
+
+
+def _jobs(args, models: list[str], device: torch.device, size: int, gpus: int, work: Path):
+    """(label, batch, measurement) per row, in the order they run."""
+    for name in models:
+        for precision in ("fp32", "bf16"):
+            yield (
+                ("encoder", name, "-", precision),
+                args.encoder_batch,
+                partial(encoder_rows, name, args.encoder_batch, args.iters, device, precision),
+            )
+    for name in models:
+        for mode in MODES:
+            for precision in ("fp32", "bf16"):
+                yield (
+                    ("train step", name, mode, precision),
+                    args.train_batch,
+                    partial(
+                        train_rows, name, args.train_batch, args.iters, device, mode, precision
+                    ),
+                )
+    for name in models:
+        yield (
+            ("evaluate vs encoder", name, "eval.workers=auto", "auto"),
+            args.eval_images,
+            partial(pipeline_rows, [name], args.eval_images, size, device.type),
+        )
+    yield (
+        ("evaluate", args.eval_model, "1 process", "auto"),
+        args.eval_images,
+        partial(eval_rows, args.eval_model, args.eval_images, size, gpus, work, device.type),
+    )
+    # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for gpu_bench.md / .csv")
-    p.add_argument("--models", default="vit_b,vit_h")
+    p.add_argument("--models", default=None, help="default vit_b,vit_h (tiny in a dry run)")
     p.add_argument("--iters", type=int, default=10, help="timed repeats per measurement")
     p.add_argument("--encoder-batch", type=int, default=4)
     p.add_argument("--train-batch", type=int, default=2)
@@ -225,14 +266,14 @@ def main(argv: list[str] | None = None) -> float:
     logging.getLogger("sam_ft").setLevel(logging.ERROR)  # the random-weights warning
 
     if args.dry_run:
-        device, models, gpus = torch.device("cpu"), ["tiny"], 1
+        device, models, gpus = torch.device("cpu"), (args.models or "tiny").split(","), 1
         args.iters, args.encoder_batch, args.train_batch = 1, 1, 1
         args.eval_images, args.eval_model, size = 2, "tiny", 128
         torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/gpu.py: no CUDA GPU visible to torch; use --dry-run on a CPU")
-        device, models = torch.device("cuda"), args.models.split(",")
+        device, models = torch.device("cuda"), (args.models or "vit_b,vit_h").split(",")
         gpus, size = torch.cuda.device_count(), 512
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     header = (
@@ -240,22 +281,28 @@ def main(argv: list[str] | None = None) -> float:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; random weights"
     )
     print(header, flush=True)
+    # Each row is measured alone and written at once (table and CSV rewritten, the row printed):
+    # a failure (an out-of-memory error: ViT-H full in fp32 may not fit) costs that row only, and
+    # a run stopped at its time limit keeps every row measured before.
     rows: list[dict] = []
-    for name in models:
-        rows += encoder_rows(name, args.encoder_batch, args.iters, device)
-        print(f"encoder {name}: done", flush=True)
-    for name in models:
-        rows += train_rows(name, args.train_batch, args.iters, device)
-        print(f"train steps {name}: done", flush=True)
-    rows += pipeline_rows(models, args.eval_images, size, device.type)
-    print("evaluation vs encoder: done", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as work:
-        rows += eval_rows(args.eval_model, args.eval_images, size, gpus, Path(work), device.type)
-    path = write_table(rows, args.out, header)
-    print(path.read_text())
+        for label, batch, measure in _jobs(args, models, device, size, gpus, Path(work)):
+            try:
+                got = measure()
+            except (Exception, SystemExit) as err:  # one row lost, the others go on
+                got = [_failed_row(label, batch, err)]
+            finally:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for r in got:
+                rows.append(r)
+                print("row: " + ", ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+            write_table(rows, args.out, header)
+    print((args.out / "gpu_bench.md").read_text())
     first = [r for r in rows if r["bench"] == "encoder" and r["model"] == models[0]]
     enc = {r["precision"]: r["rate"] for r in first}
-    ratio = enc["bf16"] / enc["fp32"]
+    ratio = enc.get("bf16", float("nan")) / enc.get("fp32", float("nan"))
     final_line(f"encoder_bf16_vs_fp32_{models[0]}", ratio)
     return ratio
 

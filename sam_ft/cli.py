@@ -39,23 +39,34 @@ def usage(name: str) -> str:
     return "\n".join([_USAGE[name], "", "options (key=value; # says what each does):", *options])
 
 
-def _first_values(args: Sequence[str]) -> list[str]:
-    """The overrides with each sweep (``a=1,2``, ``range(...)``) replaced by its first value, so
-    one composition checks the keys of every job; sweeps without values (``interval``) are
-    left to the sweeper."""
+MAX_CHECKED_JOBS = 64
+"""Sweep values composed and checked up front; a job beyond them checks itself (parse_config)
+before its own work."""
+
+
+def _sweep_variants(args: Sequence[str]) -> list[list[str]]:
+    """The overrides of the first job (each sweep ``a=1,2``, ``range(...)`` at its first value),
+    then one list per further listed value of each sweep, the other sweeps at their first: every
+    value is composed and checked once, without composing every combination. Sweeps without
+    listed values (``interval``) are left to the sweeper."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    out = []
+    choices = []  # per override: its values as key=value lines
     for override in OverridesParser.create().parse_overrides(list(args)):
         if not override.is_sweep_override():
-            out.append(override.input_line)
+            choices.append([override.input_line])
             continue
         try:
-            first = next(iter(override.sweep_string_iterator()))
+            values = list(override.sweep_string_iterator())
         except Exception:  # an interval or another sweep without listed values
             continue
-        out.append(f"{override.get_key_element()}={first}")
-    return out
+        if values:
+            choices.append([f"{override.get_key_element()}={v}" for v in values])
+    first = [c[0] for c in choices]
+    variants = [first]
+    for i, lines in enumerate(choices):
+        variants += [[*first[:i], line, *first[i + 1 :]] for line in lines[1:]]
+    return variants[:MAX_CHECKED_JOBS]
 
 
 def _nearest(key: str, keys: list[str]) -> str:
@@ -70,48 +81,60 @@ def check_overrides(config_name: str, args: Sequence[str]) -> None:
     Command-line flags (``--cfg``, ``-m``, ...) are Hydra's own and pass; so does anything this
     check cannot parse (Hydra then reports it as it does).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf import OmegaConf
+    from hydra import initialize_config_dir
 
     overrides = [a for a in args if not a.startswith("-")]
     if len(overrides) != len(args) and any(a in ("--cfg", "-c", "--info", "-i") for a in args):
         return
     try:
-        overrides = _first_values(overrides)
+        variants = _sweep_variants(overrides)
     except Exception:
         return
     with initialize_config_dir(config_dir(), version_base="1.3"):
-        try:
-            cfg = compose(config_name, overrides=overrides)
-            _check_appended(cfg, overrides)
-            _check_target_values(cfg)
-            if config_name == "predict":  # train/evaluate name theirs in parse_config
-                missing = [str(k) for k in cfg if OmegaConf.is_missing(cfg, k)]
-                if missing:
-                    given = " ".join(f"{k}=..." for k in missing)
-                    raise ConfigError(f"missing required option(s): {given}")
-            return
-        except MissingConfigException as err:
-            group = str(err.missing_cfg_file or "").rsplit("/", 1)
-            if err.options and len(group) == 2:
-                raise ConfigError(
-                    f"{group[0]}={group[1]}: no such option{_nearest(group[1], err.options)}; "
-                    f"available: {', '.join(err.options)}"
-                ) from None
-            raise ConfigError(str(err).splitlines()[0]) from None
-        except ConfigCompositionException as err:
-            message = str(err)
-            if not message.startswith("Could not override '"):
-                raise ConfigError(message.splitlines()[0]) from None
-            key = message.split("'")[1]
-        parent, _, leaf = key.rpartition(".")
-        bad = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") == key]
-        cfg = compose(config_name, overrides=[a for a in overrides if a not in bad])
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        known = [str(k) for k in node] if OmegaConf.is_dict(node) else []
-        near = _nearest(leaf, known).replace("mean ", f"mean {parent}." if parent else "mean ")
-        raise ConfigError(f"unknown option {key}{near}")
+        for job in variants:
+            _check_job(config_name, job)
+
+
+def _check_job(config_name: str, overrides: list[str]) -> None:
+    """One job's composition: its keys, its group options and its values (``check_overrides``)."""
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf import OmegaConf
+
+    from sam_ft.training.options import check_library_values
+
+    try:
+        cfg = compose(config_name, overrides=overrides)
+        _check_appended(cfg, overrides)
+        if config_name == "predict":  # train/evaluate name theirs in parse_config
+            missing = [str(k) for k in cfg if OmegaConf.is_missing(cfg, k)]
+            if missing:
+                given = " ".join(f"{k}=..." for k in missing)
+                raise ConfigError(f"missing required option(s): {given}")
+        # The Trainer's devices are the job's machine's: parse_config checks them there.
+        entry = {"eval": "evaluate"}.get(config_name, config_name)
+        check_library_values(cfg, entry, machine=False)
+        return
+    except MissingConfigException as err:
+        group = str(err.missing_cfg_file or "").rsplit("/", 1)
+        if err.options and len(group) == 2:
+            raise ConfigError(
+                f"{group[0]}={group[1]}: no such option{_nearest(group[1], err.options)}; "
+                f"available: {', '.join(err.options)}"
+            ) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
+    except ConfigCompositionException as err:
+        message = str(err)
+        if not message.startswith("Could not override '"):
+            raise ConfigError(message.splitlines()[0]) from None
+        key = message.split("'")[1]
+    parent, _, leaf = key.rpartition(".")
+    bad = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") == key]
+    cfg = compose(config_name, overrides=[a for a in overrides if a not in bad])
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    known = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+    near = _nearest(leaf, known).replace("mean ", f"mean {parent}." if parent else "mean ")
+    raise ConfigError(f"unknown option {key}{near}")
 
 
 def _check_appended(cfg, overrides: Sequence[str]) -> None:
@@ -141,83 +164,6 @@ def _check_appended(cfg, overrides: Sequence[str]) -> None:
         known = [n for n in params if n not in ("self", "args", "kwargs")]
         near = _nearest(leaf, known).replace("mean ", f"mean {parent}.")
         raise ConfigError(f"unknown option {key}{near}: {node['_target_']} takes no {leaf!r}")
-
-
-# Values of ours that a target never sees: train.py resolves `auto` before building the Trainer.
-_OWN_VALUES = {("trainer", "precision"): {"auto"}}
-
-
-def _admits(value, tp) -> bool | None:
-    """Whether ``value`` (a YAML scalar or list) fits the annotation ``tp``; None: can't tell."""
-    import types
-    import typing
-
-    origin = typing.get_origin(tp)
-    if tp is typing.Any or isinstance(tp, typing.TypeVar):
-        return True
-    if origin in (typing.Union, types.UnionType):
-        verdicts = [_admits(value, a) for a in typing.get_args(tp)]
-        return True if True in verdicts else (None if None in verdicts else False)
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple) or tp in (list, tuple):
-        return isinstance(value, list | tuple) or None
-    if isinstance(tp, type) and isinstance(value, str | int | float | bool):
-        return isinstance(value, tp)  # a class (an Accelerator, a Tensor): never a scalar
-    return None
-
-
-def _check_target_values(cfg) -> None:
-    """Each value given to a library's ``_target_`` (``trainer``, ``optimizer``, callbacks,
-    loggers) fits the type its constructor declares: ``trainer.max_epochs=abc`` or
-    ``trainer.precision=bf17`` is one line now, not an error inside Lightning after the data
-    were prepared."""
-    import inspect
-    import typing
-
-    from hydra.utils import get_object
-    from omegaconf import OmegaConf
-
-    def nodes(node, path):
-        if OmegaConf.is_dict(node):
-            if "_target_" in node:
-                yield path, node
-            for key in node:
-                if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
-                    continue
-                yield from nodes(node[key], f"{path}.{key}" if path else str(key))
-
-    for path, node in nodes(cfg, ""):
-        # sam_ft's own targets are checked by parse_config, with the rules of the code using them.
-        if path.startswith("hydra") or str(node["_target_"]).startswith("sam_ft."):
-            continue
-        try:
-            target = get_object(str(node["_target_"]))
-            hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-        except Exception:  # an unimportable target is reported when it is built
-            continue
-        for key in node:
-            key = str(key)
-            if key.startswith("_") or key not in hints or OmegaConf.is_missing(node, key):
-                continue
-            if OmegaConf.is_interpolation(node, key):
-                continue
-            value = OmegaConf.to_container(node, resolve=False)[key]
-            if value in _OWN_VALUES.get((path, key), ()):
-                continue
-            if _admits(value, hints[key]) is False:
-                expected = str(hints[key]).replace("typing.", "")
-                raise ConfigError(f"{path}.{key}={value!r}: {node['_target_']} expects {expected}")
 
 
 def _check(config_name: str, args: Sequence[str]) -> None:

@@ -2,8 +2,10 @@
 
 ``train.py`` and ``evaluate.py`` call :func:`parse_config` first, before any model is built or
 any weights are hashed or downloaded, so a typo in ``eval.*``, a missing ``task.root``, a wrong
-type (``finetune.rank=abc``, ``task.intensity=none`` where a mapping is expected) or an unknown
-option ends the run at once with one line naming the option and what is expected.
+type (``finetune.rank=abc``, ``task.intensity=none`` where a mapping is expected), an unknown
+option or a value a library refuses (``trainer.*``, ``optimizer.*``, ``scheduler.*``: checked by
+:mod:`sam_ft.training.options`) ends the run at once with one line naming the option and what is
+expected.
 
 Defaults live in the YAML files under ``conf/`` only: a field without a Python default is
 required (the YAML must set it); ``optional()`` marks keys that only some presets set (e.g.
@@ -165,6 +167,7 @@ class EvalConfig:
     overlays: int
     volume_gt: Literal["full", "kept"]
     workers: int | None
+    queue_mb: int
     everything: EverythingConfig
     bootstrap: BootstrapConfig
     # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.
@@ -259,6 +262,9 @@ def parse_config(cfg: Any, entry: Literal["train", "evaluate"] = "train") -> Run
         seed=seed,
     )
     _check_values(run, group("eval"), group("data"))
+    from sam_ft.training.options import check_library_values
+
+    check_library_values(cfg, entry)  # trainer, optimizer, scheduler: the libraries' values
     return run
 
 

@@ -90,7 +90,9 @@ def compare_models(
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
     slices = slice_counts(cases, datamodule)
-    result = evaluate_cases(models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks)
+    result = evaluate_cases(
+        models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks, datamodule=datamodule
+    )
     if result is None:
         return {}
     _write_run_info(out_dir, models, cfg)

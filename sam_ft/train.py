@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -31,22 +30,19 @@ from sam_ft.inference.card import (
 )
 from sam_ft.logging_results import log_exported_model, sweep_objective
 from sam_ft.model.builders import weights_loaded_later
-from sam_ft.model.checkpoint import export_official, load_weights, read_state_dict
+from sam_ft.model.checkpoint import (
+    export_official,
+    load_weights,
+    read_state_dict,
+    weights_digest,
+)
 from sam_ft.training.callbacks import preempted_error, requeue_if_submitit
 from sam_ft.training.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from sam_ft.training.module import SamFinetuneModule
+from sam_ft.training.options import resolve_precision
 from sam_ft.training.wandb import scrub
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: Any) -> str:
-    """``auto`` = bf16-mixed on GPUs that support it, else full precision."""
-    if str(precision) != "auto":
-        return str(precision)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
@@ -125,12 +121,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     model = instantiate(cfg.model)
     # The zero-shot baseline is this model before finetuning, bit for bit (random weights
-    # included): kept before finetune.apply, which may add adapters to it.
-    initial = (
-        {k: v.detach().to("cpu", copy=True) for k, v in model.sam.state_dict().items()}
-        if cfg.train.evaluate
-        else None
-    )
+    # included): built again at the end the same way, and checked against this digest (64
+    # characters held through the run, not a copy of the weights).
+    initial = weights_digest(model.sam) if cfg.train.evaluate else None
     finetune = instantiate(cfg.finetune)
     finetune.apply(model)
     prompt = instantiate(cfg.prompt)
@@ -173,6 +166,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero and ranks is None:
         return metrics
 
+    # One model copy per rank from here on: the trained one's weights and optimizer state are
+    # released (the best checkpoint holds them) before the evaluated models are built.
+    _release_training_memory(trainer, model)
     finetuned, exported, card = _export(cfg, trainer, module, datamodule, run_dir)
     if cfg.train.evaluate:
         metrics.update(
@@ -183,6 +179,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log_exported_model(trainer.loggers, exported, cfg.run_name)
     _print_summary(run_dir, exported)
     return metrics
+
+
+def _release_training_memory(trainer: L.Trainer, model: torch.nn.Module) -> None:
+    """Free the trained model's tensors (its storage moved to the meta device: every reference
+    to it stays valid, none holds memory) and the optimizer's state (AdamW: two more copies of
+    the trained weights)."""
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+    model.to_empty(device="meta")
 
 
 def _sweep_run_dir(run_dir: Path) -> None:
@@ -219,21 +224,20 @@ def _export(cfg, trainer, module, datamodule, run_dir: Path):
 
 def _compare_with_zero_shot(
     cfg: DictConfig,
-    initial: dict[str, torch.Tensor],
+    initial: str,
     finetuned,
     datamodule: SamDataModule,
     trainer: L.Trainer,
     ranks: TrainerRanks | None,
     card: Path | None,
 ) -> dict[str, float]:
-    """Evaluate the zero-shot model (the ``initial`` weights) and the finetuned one into
-    ``<run dir>/eval``; the results go into the model ``card`` too (rank 0 only has one)."""
+    """Evaluate the zero-shot model (the initial weights, whose digest is ``initial``) and the
+    finetuned one into ``<run dir>/eval``; the results go into the model ``card`` too (rank 0
+    only has one)."""
     from sam_ft.evaluate import compare_models
 
     run_dir = Path(cfg.paths.output_dir)
-    with weights_loaded_later():
-        zero_shot = instantiate(cfg.model, checkpoint=None)
-    load_weights(zero_shot.sam, initial, "the initial weights", cfg.model.name)
+    zero_shot = _initial_model(cfg, initial)
     summary = compare_models(
         {"zero_shot": zero_shot, "finetuned": finetuned},
         datamodule,
@@ -247,6 +251,26 @@ def _compare_with_zero_shot(
         headline = predicted_headline(run_dir / "eval", card, str(cfg.eval.mask_selection))
         update_card_evaluation(card, evaluation_summary(summary, summary_csv), headline)
     return summary
+
+
+def _initial_model(cfg: DictConfig, digest: str):
+    """The model as ``train`` built it before finetuning: built again from the same config and
+    seed (the checkpoint file again; random weights drawn again), and checked bit for bit.
+
+    Raises:
+        ConfigError: the weights differ from the run's start (the checkpoint file was replaced
+            during the run).
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    with weights_loaded_later():  # any random-weights warning was given at the start
+        model = instantiate(cfg.model)
+    if weights_digest(model.sam) != digest:
+        raise ConfigError(
+            f"model.checkpoint={cfg.model.checkpoint}: the initial weights changed during the run "
+            "(the file was replaced?); the zero-shot baseline would not be the model finetuned. "
+            "Evaluate the exported sam_finetuned.pth and the zero-shot model with evaluate.py"
+        )
+    return model
 
 
 def _frozen_encoder(model):

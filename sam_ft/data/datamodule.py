@@ -229,7 +229,7 @@ class SamDataModule(L.LightningDataModule):
         every file to fix (and none of them is found hours later)."""
         root = str(self.cache_dir)
         args = [(c, self.task, self.data, root) for _, c in tagged]
-        workers = prep_workers(self.data.get("prep_workers"), len(tagged), self._distributed()[0])
+        workers = prep_workers(self.data.get("prep_workers"), len(tagged), self._local_ranks())
         bar = tqdm(
             total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
         )
@@ -329,6 +329,13 @@ class SamDataModule(L.LightningDataModule):
         if trainer is None:
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
+
+    def _local_ranks(self) -> int:
+        """The ranks of this run on this node (they share its cores)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1
+        return max(1, int(trainer.world_size) // max(1, int(getattr(trainer, "num_nodes", 1))))
 
     def _loader(self, split: str) -> DataLoader | list:
         ds = self.dataset(split)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
 import signal
 import typing
 from collections.abc import Mapping
@@ -80,12 +79,14 @@ def _prepare_case(
     return case, refs, None, cache.hits > 0
 
 
-def prep_workers(setting: Any, n_cases: int, ranks: int = 1) -> int:
-    """``data.prep_workers`` -> a process count (null = the cores this process may use, divided
-    between the ``ranks`` DDP processes, which preprocess their shares at the same time)."""
+def prep_workers(setting: Any, n_cases: int, local_ranks: int = 1) -> int:
+    """``data.prep_workers`` -> a process count (null = this rank's cores: its node's
+    allocation divided among the ``local_ranks`` DDP processes on the node, which preprocess
+    their shares at the same time; :func:`sam_ft.cores.cores_per_rank`)."""
     if setting is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        setting = (len(affinity(0)) if affinity else os.cpu_count() or 1) // max(1, ranks)
+        from sam_ft.cores import cores_per_rank
+
+        setting = cores_per_rank(local_ranks)
     return max(1, min(int(setting), n_cases))
 
 

@@ -15,6 +15,8 @@ separate machines); ``sam-ft-report merge DIR... --out DIR`` then writes the ful
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +36,7 @@ from sam_ft.evaluation.merge import (
     parse_shard,
     write_shard_file,
 )
+from sam_ft.evaluation.pipeline import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,11 @@ class Ranks:
     @property
     def device(self):
         return self.fabric.device
+
+    @property
+    def local_world(self) -> int:
+        """The ranks on this node (they share its cores)."""
+        return max(1, self.world // max(1, int(self.fabric.strategy.num_nodes)))
 
     def barrier(self, name: str) -> None:
         self.fabric.barrier(name)
@@ -93,6 +101,10 @@ class TrainerRanks(Ranks):
     def device(self):
         return self.trainer.strategy.root_device
 
+    @property
+    def local_world(self) -> int:
+        return max(1, self.world // max(1, int(self.trainer.num_nodes)))
+
     def barrier(self, name: str) -> None:
         self.trainer.strategy.barrier(name)
 
@@ -119,13 +131,31 @@ def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
     return Ranks(fabric)
 
 
-def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
-    """What must be equal for shares to be merged: models, task, evaluation protocol, seed."""
+def shard_config(
+    cfg: DictConfig,
+    models: Mapping[str, Any],
+    keys: Sequence[str],
+    slices: Sequence[int],
+    datamodule: Any = None,
+) -> dict[str, Any]:
+    """What must be equal for shares to be merged: the models (each one's weights digest,
+    precision and preprocessing), the data (the split's cases, their slice counts, their pixels
+    where the index knows them, and how they were sliced: intensity, axis, labels), the
+    evaluation protocol and the seed. ``eval.workers`` and ``eval.queue_mb`` are left out: they
+    never change a row."""
+    from sam_ft.data.loading import slice_settings
+    from sam_ft.model.checkpoint import weights_digest
+
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     eval_cfg.pop("shard", None)
+    eval_cfg.pop("workers", None)
+    eval_cfg.pop("queue_mb", None)
     ckpt = cfg.get("ckpt_path")
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
     return {
         "models": list(models),
+        "weights": {name: _model_facts(m, weights_digest) for name, m in models.items()},
         "task_name": str(cfg.task.name),
         "model_name": str(cfg.model.name),
         "checkpoint": Path(str(ckpt or cfg.model.get("checkpoint") or "")).name,
@@ -134,7 +164,46 @@ def shard_config(cfg: DictConfig, models: Sequence[str]) -> dict[str, Any]:
         "data_split": OmegaConf.to_container(cfg.data.split, resolve=True)
         if "split" in cfg.data
         else None,
+        "data": {
+            "slicing": json.loads(json.dumps(slice_settings(task, data), default=str)),
+            "cases": _cases_digest(keys, slices, datamodule),
+        },
     }
+
+
+def _model_facts(model: Any, digest: Callable[[Any], str]) -> dict[str, Any]:
+    """A model's weights digest, precision and preprocessing (what its numbers depend on)."""
+    sam = getattr(model, "sam", model)
+    transform = getattr(model, "transform", None)
+    precision = model.precision() if callable(getattr(model, "precision", None)) else None
+    return {
+        "weights_sha256": digest(sam),
+        "precision": precision,
+        "preprocess": getattr(transform, "mode", None),
+        "image_size": getattr(transform, "image_size", None),
+        "multimask_output": bool(getattr(model, "multimask_output", True)),
+    }
+
+
+def _cases_digest(keys: Sequence[str], slices: Sequence[int], datamodule: Any) -> str:
+    """SHA-256 over the split's cases in order, each with its slice count and (from the
+    datamodule's index, no pixel read) its slices' image digests: another copy of the data with
+    one changed pixel, or another split, gives another digest."""
+    images: dict[str, list[str]] = {}
+    records = getattr(datamodule, "records", None)
+    if callable(records):
+        for split in ("train", "val", "test"):
+            try:
+                refs = records(split)
+            except (RuntimeError, KeyError):
+                continue
+            for r in refs:
+                key = str(getattr(r, "image_id", None) or r.case)
+                images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
+    h = hashlib.sha256()
+    for key, count in zip(keys, slices, strict=True):
+        h.update(json.dumps([key, int(count), images.get(key, [])]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
@@ -166,6 +235,7 @@ def evaluate_cases(
     out_dir: Path,
     slices: Sequence[int],
     ranks: Ranks | None = None,
+    datamodule: Any = None,
 ):
     """Score ``cases`` with ``models`` into ``out_dir`` in one process, as share
     ``eval.shard``, or as this rank's share of a distributed run (then merged by rank 0).
@@ -178,6 +248,9 @@ def evaluate_cases(
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     # One key for bad files, in loading and scoring alike.
     eval_cfg["on_error"] = str((cfg.get("data") or {}).get("on_error", "raise"))
+    if ranks is not None and eval_cfg.get("workers") is None:
+        # The node's cores divided among its ranks (each would otherwise take them all).
+        eval_cfg["workers"] = default_workers(ranks.local_world)
     shard = parse_shard(eval_cfg.pop("shard", None))
     if shard is not None and ranks is not None:
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")
@@ -189,7 +262,7 @@ def evaluate_cases(
     shard = shard or Shard(ranks.rank, ranks.world)
     share = balanced_shares(keys, slices, shard.count)[shard.index]
     where = out_dir if ranks is None else out_dir / RANKS_DIR / f"{shard.index}-of-{shard.count}"
-    config = shard_config(cfg, list(models))
+    config = shard_config(cfg, models, keys, slices, datamodule)
     write_shard_file(where, shard, [keys[i] for i in share], config)
     log.info(
         "evaluation share %s: %d of %d cases, %d of %d slices",

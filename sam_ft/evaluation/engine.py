@@ -233,9 +233,22 @@ class _Run:
         """Every case through the models and the pool, committed in input order."""
         # Cases whose scoring is in the pool, in input order: committed in that order, so the
         # files are the same for any eval.workers. A few cases ahead keep the workers fed while
-        # the main process encodes the next one; more would only hold memory.
+        # the main process encodes the next one; more would only hold memory: at most
+        # workers + 1 cases and eval.queue_mb MiB of them (a case larger than that alone).
         pending: deque[PendingCase] = deque()
         max_pending = self.opts.workers + 1
+        budget = None if self.opts.queue_mb is None else self.opts.queue_mb * 2**20
+        held = [0]  # bytes of the pending cases
+
+        def over() -> bool:
+            return len(pending) > max_pending or (budget is not None and held[0] > budget)
+
+        def commit_first() -> None:
+            # Out of the queue before its commit: a commit cut short (a stop signal between two
+            # models' markers) is never written twice; a resume redoes its unmarked part.
+            case = pending.popleft()
+            held[0] -= case.nbytes()
+            self.commit(case, [case, *pending])
 
         def finished(key: str) -> bool:
             return all((n, self.task_name, key) in self.done for n in self.models)
@@ -246,22 +259,20 @@ class _Run:
                     case = self.start(item, key, loaded, pool)
                     if case is not None:
                         pending.append(case)
-                    while pending and (pending[0].done() or len(pending) > max_pending):
-                        self.commit(pending[0], pending)
-                        pending.popleft()
+                        held[0] += case.nbytes()
+                    while pending and (pending[0].done() or over()):
+                        commit_first()
             except BaseException:
                 # A bug (or a stop) in a later case keeps the results of the earlier ones,
                 # as the serial path always did: finish and write what is in flight.
                 while pending:
                     try:
-                        self.commit(pending[0], pending)
+                        commit_first()
                     except BaseException:  # the first error is the one raised
                         break
-                    pending.popleft()
                 raise
             while pending:
-                self.commit(pending[0], pending)
-                pending.popleft()
+                commit_first()
 
     def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
         """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,

@@ -87,6 +87,7 @@ class EvalOptions:
     mode: str
     propagate: PropagateOptions
     workers: int = 0
+    queue_mb: int | None = None  # None: no bound in bytes (the count bound, workers + 1, holds)
 
     @property
     def variants(self) -> list[tuple[str, JitterRange | None]]:
@@ -135,6 +136,9 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.workers must be an integer >= 0 or null, got {workers!r}")
     if workers is not None and workers < 0:
         raise ConfigError(f"eval.workers must be >= 0 or null (the cores left), got {workers}")
+    queue_mb = merged["queue_mb"]
+    if isinstance(queue_mb, bool) or not isinstance(queue_mb, int) or queue_mb < 1:
+        raise ConfigError(f"eval.queue_mb must be an integer >= 1 (MiB), got {queue_mb!r}")
     if int(merged["max_prompts_per_call"]) < 1 or int(merged["clicks"]) < 0:
         raise ConfigError("eval.max_prompts_per_call must be >= 1 and eval.clicks >= 0")
     try:
@@ -174,4 +178,5 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         mode=str(merged["mode"]),
         propagate=propagate,
         workers=resolve_workers(workers),
+        queue_mb=queue_mb,
     )

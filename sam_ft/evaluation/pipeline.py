@@ -10,12 +10,13 @@ rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a case
 mask, 8 masks-pixels to a byte), their Dice / IoU and the objects' ground truth, so a job is a
 few MB even for 512 x 512 slices.
 
-``eval.workers`` sets the pool's size: ``null`` (default) takes the cores left after the main
-process, ``0`` scores in the main process (the serial path: the same functions, called inline).
-At most ``2 x workers`` jobs are in flight (:class:`ScoringPool` blocks the submitter), so memory
-stays bounded however many cases there are; the engine commits finished cases in their input
-order, so the CSVs are the same for every worker count. A worker that dies (killed, out of
-memory) raises :class:`WorkerDiedError` naming the case whose results were lost.
+``eval.workers`` sets the pool's size: ``null`` (default) takes this rank's cores (its node's
+allocation divided among the ranks sharing it) less the main process, ``0`` scores in the main
+process (the serial path: the same functions, called inline). At most ``2 x workers`` jobs are
+in flight (:class:`ScoringPool` blocks the submitter), so memory stays bounded however many cases
+there are; the engine commits finished cases in their input order, so the CSVs are the same for
+every worker count. A worker that dies (killed, out of memory) raises :class:`WorkerDiedError`
+naming the case whose results were lost.
 
 Workers are forked from a ``forkserver`` that has imported this module (and so torch, MONAI and
 SciPy) once: starting one costs milliseconds, and no worker inherits the main process's torch
@@ -51,13 +52,13 @@ class WorkerDiedError(SamFtError):
     """A scoring worker process died (killed, out of memory, crashed) with a case in flight."""
 
 
-def default_workers(_: Any = None) -> int:
-    """Cores this process may use, less one for the main process (0 on a single core)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(cores - 1, 0)
+def default_workers(local_ranks: int | None = 1) -> int:
+    """The cores of this rank (:func:`sam_ft.cores.cores_per_rank`: its node's allocation
+    divided among the ``local_ranks`` ranks sharing it), less one for the main process (0 on a
+    single core)."""
+    from sam_ft.cores import cores_per_rank
+
+    return max(cores_per_rank(local_ranks or 1) - 1, 0)
 
 
 def resolve_workers(value: Any) -> int:

@@ -45,6 +45,10 @@ class CasePredictions:
             raise ValueError(f"packed mask {packed.shape} does not fit the case's {self.shape}")
         self._masks[key][int(slice_index)] = packed
 
+    def nbytes(self) -> int:
+        """Bytes of the stored (packed) masks."""
+        return sum(p.nbytes for masks in self._masks.values() for p in masks.values())
+
     def variants(self) -> list[Hashable]:
         """Stored keys, in insertion order."""
         return list(self._masks)

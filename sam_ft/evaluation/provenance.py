@@ -2,9 +2,9 @@
 implementations, the NSD method and tolerance, the spacing, the statistics, the sam_ft version
 and a hash of the evaluation protocol.
 
-The hash covers what decides the numbers (the ``eval`` options but the scoring worker count,
-which never changes a CSV, and the prompt seed), so one process, merged shards and a DDP run of
-one configuration write the same provenance.
+The hash covers what decides the numbers (the ``eval`` options but the scoring worker count and
+the queue's size, which never change a CSV, and the prompt seed), so one process, merged shards
+and a DDP run of one configuration write the same provenance.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def config_hash(options: EvalOptions, seed: int | None) -> str:
     """12 hex digits of SHA-256 over the options that decide the numbers, and the seed."""
     fields = dataclasses.asdict(options)
     fields.pop("workers", None)
+    fields.pop("queue_mb", None)
     if fields.get("mode") == "slices":
         # eval.propagate decides nothing in the slices mode: the hash it had before the modes.
         fields.pop("mode")

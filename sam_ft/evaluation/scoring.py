@@ -291,6 +291,15 @@ class PendingCase:
     def done(self) -> bool:
         return self.case_job.done() and all(f.done() for f in self.slice_jobs)
 
+    def nbytes(self) -> int:
+        """The memory this case holds until it is committed: its slices' arrays, its label
+        volume and its packed predictions (the jobs' copies live in the workers)."""
+        arrays = [a for r in self.records for a in (r.image, r.masks, r.labels, r.raw)]
+        if self.case_data is not None:
+            arrays.append(self.case_data.label_volume)
+        held = sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
+        return held + sum(store.nbytes() for store in self.stores.values())
+
     def done_ok(self) -> bool:
         """All jobs finished without an exception."""
         jobs = [*self.slice_jobs, self.case_job]

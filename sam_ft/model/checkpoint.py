@@ -242,3 +242,16 @@ def export_official(model: nn.Module, path: str | Path) -> Path:
     # The family's own layout (SAM: the flat state dict; SAM 2: {"model": state dict}).
     obj = model.official_checkpoint(state) if hasattr(model, "official_checkpoint") else state
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Hex SHA-256 of a module's state dict (names, dtypes, shapes and values, in name order):
+    the weights a model scored with, wherever its file was (two shards on two machines agree
+    when, and only when, their weights are bit-equal)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

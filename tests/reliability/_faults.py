@@ -104,8 +104,13 @@ class KillInside(L.Callback):
         "evaluation": ("sam_ft.evaluation.engine", "append_progress", False),
     }
 
-    def __init__(self, where: str, nth: int = 1) -> None:
+    def __init__(
+        self, where: str, nth: int = 1, signum: int = int(signal.SIGKILL), once: str | None = None
+    ) -> None:
+        """``signum`` instead of SIGKILL (submitit's preemption signal); with ``once`` (a file
+        path) only the first process fires (a requeued job then runs to its end)."""
         import importlib
+        from pathlib import Path
 
         module, attr, midwrite = self.TARGETS[where]
         owner = importlib.import_module(module)
@@ -116,14 +121,19 @@ class KillInside(L.Callback):
         calls = [0]
 
         def die() -> None:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if once is not None:
+                if Path(once).exists():
+                    return
+                Path(once).touch()
+            os.kill(os.getpid(), int(signum))
 
         def dying(*args, **kwargs):
             calls[0] += 1
             if calls[0] != int(nth):
                 return real(*args, **kwargs)
             if not midwrite:
-                die()
+                die()  # returns when the signal's handler does (or the fault fired before)
+                return real(*args, **kwargs)
             path, write = args
 
             def half(f) -> None:

@@ -9,12 +9,14 @@ The preemption is submitit's own signal (SIGUSR2), sent by a fault callback at a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _train_run import train_env  # tests/reliability/_train_run.py
 from hydra import compose, initialize_config_dir
@@ -130,3 +132,67 @@ def test_requeued_submitit_job_resumes_and_equals_uninterrupted(tmp_path):
     reference = torch.load(uninterrupted / "sam_finetuned.pth", weights_only=True)
     for key, value in reference.items():
         torch.testing.assert_close(exported[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+EVALUATED = [
+    "model=tiny",
+    "task=demo",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "train.overlays=0",
+    "callbacks.progress=null",
+    "eval.prompts=[box]",
+    "eval.jitter_px=[]",
+    "eval.workers=0",
+]
+
+
+@pytest.mark.heavy
+def test_preempted_during_the_final_evaluation_resumes_it(tmp_path):
+    """submitit's signal while the final evaluation commits its 2nd case: submitit requeues the
+    job, which resumes (``ckpt_path=auto``: the fit is complete), scores only the cases left
+    and ends with the tables of a run that never stopped."""
+    cache = tmp_path / "cache"
+    uninterrupted = tmp_path / "uninterrupted"
+    proc = _run(cache, *EVALUATED, f"hydra.run.dir={uninterrupted}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    fired = tmp_path / "fired"
+    proc = _run(
+        cache,
+        "-m",
+        "hydra/launcher=submitit_local",
+        f"paths.log_dir={tmp_path}/logs",
+        *EVALUATED,
+        "+callbacks.fault._target_=_faults.KillInside",
+        "+callbacks.fault.where=evaluation",
+        "+callbacks.fault.nth=2",
+        f"+callbacks.fault.signum={int(signal.SIGUSR2)}",
+        f"+callbacks.fault.once={fired}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fired.exists()  # the signal came during the final evaluation
+    (job_dir,) = (tmp_path / "logs" / "train" / "multiruns").glob("*/0_*")
+    logs = "\n".join(p.read_text() for p in job_dir.parent.glob(".submitit/*/*_log.*"))
+    assert "Requeued job" in logs
+    progress = (job_dir / "eval" / "progress.jsonl").read_text().splitlines()
+    marks = [(json.loads(line)["model"], json.loads(line)["case"]) for line in progress]
+    assert len(marks) == len(set(marks))  # no case scored twice: the evaluation resumed
+    for name in ("per_object.csv", "per_case.csv", "summary.csv"):
+        assert (job_dir / "eval" / name).read_bytes() == (
+            uninterrupted / "eval" / name
+        ).read_bytes()
+
+
+def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = train_env(cache)
+    env.pop("SUBMITIT_PREEMPT_SIGNAL", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *sorted(args, key=lambda a: a != "-m")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
