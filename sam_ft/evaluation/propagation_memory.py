@@ -58,6 +58,9 @@ def check_memory_model(model: torch.nn.Module) -> None:
 def video_predictor(sam: torch.nn.Module):
     """A ``SAM2VideoPredictor`` sharing every module, parameter and buffer of ``sam`` (a
     ``SAM2Base``): a shallow copy whose class is the predictor's, with the video settings."""
+    from sam_ft.model.sam2_model import import_sam2
+
+    import_sam2()  # (Hydra's global state left as it was)
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
     video = copy.copy(sam)  # the same _modules / _parameters / _buffers dicts
