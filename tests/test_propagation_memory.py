@@ -225,3 +225,40 @@ def test_box_propagator_runs_a_sam2_model(ours, case, tmp_path):
     )  # fmt: skip
     table = pd.read_csv(tmp_path / "propagation.csv")
     assert table["is_key"].sum() == 2 and (table.loc[table["is_key"], "pred_px"] > 0).all()
+
+
+@pytest.mark.heavy
+def test_evaluate_cli_propagates_with_memory(weights, official, official_state, case, tmp_path):
+    """``python evaluate.py model=sam2.1_hiera_t model.checkpoint=PATH task=folder
+    eval.mode=propagate eval.propagate.prompt=memory`` on the NIfTI volume: the propagation
+    table's predicted pixels per slice are the official predictor's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    args = [
+        "model=sam2.1_hiera_t", f"model.checkpoint={weights}", f"model.image_size={SIZE}",
+        "model.encoder_bf16=false", "task=folder",
+        f"task.root={Path(case.image_path).parents[1]}", "task.modality=MR", "task.slice_axis=2",
+        "task.intensity.mode=none", "data.min_object_pixels=5", "eval.prompts=[box]",
+        "eval.jitter_px=[]", "eval.split=all", "eval.overlays=0", "eval.mode=propagate",
+        "eval.propagate.prompt=memory", f"seed={SEED}", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    env = dict(os.environ, SAM_FT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(root / "evaluate.py"), *args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = run.rglob("propagation.csv")
+    table = pd.read_csv(path)
+    for label in (1, 2):
+        rows = table[table["label"] == label].set_index("slice")
+        (key,) = set(rows["key_slice"])
+        want = official_masks(
+            official, official_state, Chain(0, 0, key, _prompt(case, label, key, "box"), 0, S - 1)
+        )
+        np.testing.assert_array_equal(rows["pred_px"], [want[s].sum() for s in rows.index])
