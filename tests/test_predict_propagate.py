@@ -68,7 +68,7 @@ def test_one_box_on_one_slice_gives_a_label_volume(tmp_path, weights):  # noqa: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["propagate=memory", "box=[3,4,20,30]", "slice=2"], r"needs a SAM 2 model"),
+        (["propagate=memory", "box=[3,4,20,30]", "slice=2"], r"^propagate=memory is not in predi"),
         (["propagate=sideways", "box=[3,4,20,30]", "slice=2"], r"^propagate='sideways' must"),
         (["propagate=box", "prompt=everything"], r"^propagate= carries prompts="),
     ],

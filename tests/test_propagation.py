@@ -243,7 +243,6 @@ def test_box_propagation_equals_the_official_litemedsam_3d_loop(litemedsam, mni_
         ({"propagate": {"key": "first"}}, r"^eval\.propagate\.key must be one of"),
         ({"propagate": {"keys": 3}}, r"keys > 1 needs eval\.propagate\.key=even"),
         ({"propagate": {"margin_px": -1}}, r"^eval\.propagate\.margin_px must be >= 0"),
-        ({"propagate": {"prompt": "memory"}}, r"needs a SAM 2 model .*#30"),
         ({"mode": "propagate", "prompts": ["everything"]}, r"remove everything"),
     ],
 )

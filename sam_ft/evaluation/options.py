@@ -39,11 +39,6 @@ class PropagateOptions:
         opts = cls(**cfg)
         if opts.prompt not in PROPAGATORS:
             raise ConfigError(f"eval.propagate.prompt must be one of {PROPAGATORS}")
-        if opts.prompt == "memory":
-            raise ConfigError(
-                "eval.propagate.prompt=memory needs a SAM 2 model (not in the zoo yet, #30); "
-                "use eval.propagate.prompt=box"
-            )
         if opts.key not in KEY_RULES:
             raise ConfigError(f"eval.propagate.key must be one of {KEY_RULES}, got {opts.key!r}")
         if isinstance(opts.keys, bool) or not isinstance(opts.keys, int) or opts.keys < 1:

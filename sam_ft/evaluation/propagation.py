@@ -21,8 +21,9 @@ How it differs from the official LiteMedSAM 3D loop (the CVPR 2024 challenge's
 - official: the previous mask is painted with the object's index before its INTER_AREA resize,
   so objects 2, 3... keep more boundary pixels; here every mask is 0/1 (object 1's rule).
 
-A ``memory`` propagator (SAM 2's video predictor, #30) takes the same chains and returns the
-same ``{chain: {slice: mask}}`` (:data:`Propagated`), registered in :data:`PROPAGATORS`.
+The ``memory`` propagator (SAM 2's video predictor,
+:mod:`sam_ft.evaluation.propagation_memory`) takes the same chains and returns the same
+``{chain: {slice: mask}}`` (:data:`Propagated`); ``volume_case.PROPAGATORS`` names both.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def propagate_boxes(
     margin_px: int,
     selection: str,
     max_per_call: int,
+    num_slices: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Propagated:
     """Run every chain with the box rule: one pass up the volume, then one down.
@@ -188,6 +190,7 @@ def propagate_boxes(
             makes the next slice use the key prompt again, as the official loop does).
         selection: ``eval.mask_selection`` (the key slices'; :func:`propagated_selection` on the
             others).
+        num_slices: the volume's slice count (not needed here: the chains' ranges bound it).
         progress: called with (slices passed, slices of both passes) after each slice.
     """
     out: Propagated = {i: {} for i in range(len(chains))}
@@ -253,9 +256,3 @@ def propagate_boxes(
         run(up, +1)
         run(down, -1)
     return out
-
-
-PROPAGATORS: dict[str, Callable[..., Propagated]] = {"box": propagate_boxes}
-"""``eval.propagate.prompt`` -> its propagator, each called as :func:`propagate_boxes` is (the
-model, slice images, ground truth, chains, keywords) and returning :data:`Propagated`; SAM 2's
-``memory`` (its video predictor over the volume's slices as frames) joins here with #30."""

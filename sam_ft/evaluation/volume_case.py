@@ -30,11 +30,26 @@ from sam_ft.evaluation.options import EvalOptions
 from sam_ft.evaluation.overlap import overlap_scores
 from sam_ft.evaluation.pipeline import ModelSlice, ScoringPool, SliceJob, score_case, score_slice
 from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.propagation import PROPAGATORS, Chain, SliceMask, chain_ranges, key_slices
+from sam_ft.evaluation.propagation import (
+    Chain,
+    Propagated,
+    SliceMask,
+    chain_ranges,
+    key_slices,
+    propagate_boxes,
+)
+from sam_ft.evaluation.propagation_memory import propagate_memory
 from sam_ft.evaluation.scoring import PendingCase, _case_job, case_geometry, distance_unit
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
+
+PROPAGATORS: dict[str, Callable[..., Propagated]] = {
+    "box": propagate_boxes,
+    "memory": propagate_memory,
+}
+"""``eval.propagate.prompt`` -> its propagator: (the model, slice images, ground truth, chains,
+keywords) -> :data:`~sam_ft.evaluation.propagation.Propagated`."""
 
 
 def _objects(records: list[SliceRecord]) -> tuple[list[int], dict[int, str], dict]:
@@ -197,7 +212,7 @@ def start_volume_case(
             model, images.__getitem__, lambda s: np.stack([g[s] for g in gts]), chains,
             stop=opts.propagate.stop, margin_px=opts.propagate.margin_px,
             selection=opts.mask_selection, max_per_call=opts.max_prompts_per_call,
-            progress=progress,
+            num_slices=len(images), progress=progress,
         )  # fmt: skip
         merged = {
             (i, j): _merged(chains, out, i, j)

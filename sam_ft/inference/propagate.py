@@ -25,7 +25,10 @@ def check_propagate(value: object) -> str | None:
     if value in (None, False, "none", "null"):
         return None
     if value == "memory":
-        raise ConfigError("propagate=memory needs a SAM 2 model (not in the zoo yet, #30)")
+        raise ConfigError(
+            "propagate=memory is not in predict.py (evaluate.py has it: "
+            "eval.propagate.prompt=memory); use propagate=box"
+        )
     if value not in PROPAGATORS:
         raise ConfigError(f"propagate={value!r} must be null or one of {list(PROPAGATORS)}")
     return str(value)
