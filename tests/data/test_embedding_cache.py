@@ -158,8 +158,10 @@ def test_two_processes_writing_same_entries_leave_valid_entries(tmp_path):
     count = Counting(enc)
     cache.fill(records, count, tf, progress=False)
     assert count.images == 0 and cache.corrupt == 0
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "stamps"]
     assert len(files) == 6 and all(p.suffix == ".pt" for p in files)  # no temp files left
+    # Beside the entries: the stat stamps of the fills (one file per list of digests).
+    assert {p.suffix for p in tmp_path.rglob("stamps/*")} == {".npy"}
 
 
 def test_float16_embeddings_decode_like_float32(tmp_path):
