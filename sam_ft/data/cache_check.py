@@ -213,7 +213,7 @@ def verify(cache_dir: str | Path) -> list[tuple[str, str]]:
     for path in sorted((Path(cache_dir) / INDEX).glob("*.npz")):
         if (index := open_index(path)) is not None:
             for row in index.entries:
-                digests[index.string(row["path"])] = bytes(row["sha256"])
+                digests[index.string(row["path"])] = row["sha256"].tobytes()
     bad = []
     for entry in sorted((Path(cache_dir) / "slices").glob("*.npz")):
         try:

@@ -35,7 +35,9 @@ ROW = np.dtype(
         ("image_shape", "<i4", (3,)),  # (H, W, C); C = 0 for a 2D (H, W) image
         ("masks_shape", "<i4", (3,)),  # (K, H, W)
         ("label_start", "<i8"),  # labels[label_start : label_start + K], names likewise
-        ("digest", "S32"),  # the image's SHA-256 (embedding-cache key), raw bytes
+        # The image's SHA-256 (embedding-cache key) as bytes; not "S32", which drops trailing
+        # zero bytes when read back.
+        ("digest", "u1", (32,)),
         ("spacing", "<f8", (2,)),
         ("slice_spacing", "<f8"),
         ("num_slices", "<i8"),
@@ -56,7 +58,7 @@ ENTRY = np.dtype(
         ("size", "<i8"),  # stat stamp of the entry file when verified or written
         ("mtime_ns", "<i8"),
         ("ino", "<i8"),
-        ("sha256", "S32"),  # of the entry file's bytes, when it was made or verified
+        ("sha256", "u1", (32,)),  # of the entry file's bytes, when made or verified
     ]
 )
 
@@ -71,6 +73,10 @@ def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)
+
+
+def _raw(hex_digest: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(hex_digest), dtype=np.uint8)
 
 
 class _Strings:
@@ -106,7 +112,7 @@ def build_index(entries: Sequence[tuple[str, str, Mapping[str, Any], Mapping[str
         size, mtime_ns, ino = facts["stamp"]
         table[e] = (
             strings(facts["path"]), strings(case), strings(image_id), strings(image), r,
-            len(slices), size, mtime_ns, ino, bytes.fromhex(facts["sha256"]),
+            len(slices), size, mtime_ns, ino, _raw(facts["sha256"]),
         )  # fmt: skip
         for i, s in enumerate(slices):
             shape = [int(v) for v in s["image_shape"]] + [0] * (3 - len(s["image_shape"]))
@@ -114,7 +120,7 @@ def build_index(entries: Sequence[tuple[str, str, Mapping[str, Any], Mapping[str
                 raise ValueError(f"{facts['path']}: slice {i} has labels and names of two lengths")
             rows[r] = (
                 e, i, int(s["slice_index"]), shape, [int(v) for v in s["masks_shape"]],
-                len(labels), bytes.fromhex(s["digest"]), s["spacing"], float(s["slice_spacing"]),
+                len(labels), _raw(s["digest"]), s["spacing"], float(s["slice_spacing"]),
                 int(s["num_slices"]), bool(s["has_raw"]), strings(s["case"]),
                 strings(s["image_id"]), strings(s["modality"]),
             )  # fmt: skip
@@ -164,7 +170,7 @@ class SliceIndex(Sequence[SliceRef]):
             original_size=(shape[0], shape[1]),
             image_shape=shape,
             masks_shape=tuple(int(v) for v in row["masks_shape"]),  # type: ignore[arg-type]
-            digest=bytes(row["digest"]).hex(),
+            digest=row["digest"].tobytes().hex(),
             spacing=(float(row["spacing"][0]), float(row["spacing"][1])),
             modality=self.string(row["modality"]),
             num_slices=int(row["num_slices"]),
@@ -179,7 +185,7 @@ class SliceIndex(Sequence[SliceRef]):
 
     def digests(self) -> list[str]:
         """Hex image digest of every slice (the embedding cache's keys), in order."""
-        return [bytes(d).hex() for d in self.rows["digest"]]
+        return [d.tobytes().hex() for d in self.rows["digest"]]
 
     def entry_paths(self) -> list[str]:
         return [self.string(p) for p in self.entries["path"]]
@@ -222,7 +228,7 @@ class SliceIndex(Sequence[SliceRef]):
         return {
             "path": self.string(row["path"]),
             "stamp": stamp,
-            "sha256": bytes(row["sha256"]).hex(),
+            "sha256": row["sha256"].tobytes().hex(),
         }
 
     # Pickled (a spawned worker, a rank) as the file's path when it came from one: the new
