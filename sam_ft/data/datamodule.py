@@ -3,13 +3,12 @@
 ``setup`` finds the task's cases, splits them by case (patient), writes ``splits.json`` and
 ``skipped.csv`` into the run folder and preprocesses the cases of the splits it needs into the
 slice cache (``data.prep_workers`` processes; the next run reads no NIfTI). The slice cache *is*
-the data set: the module keeps only an index (:mod:`~sam_ft.data.slice_index`, a row per slice),
-items are read from disk inside the DataLoader workers and evaluation loads one case at a time
-(:meth:`SamDataModule.case_entries`), so memory does not grow with the number of cases. The
-dataloaders yield the batch format of :func:`sam_ft.data.dataset.collate_slices`. When the
-training module's image encoder is frozen it calls :meth:`SamDataModule.use_embedding_cache`;
-items then carry cached ``embedding``s instead of ``image``s (for every split without image
-augmentation).
+the data set: the module keeps only an index (:mod:`~sam_ft.data.slice_index`), items are read
+inside the DataLoader workers and evaluation loads one case at a time
+(:meth:`SamDataModule.case_entries`), so memory does not grow with the number of cases. Batches:
+:func:`sam_ft.data.dataset.collate_slices`; with a frozen image encoder
+(:meth:`SamDataModule.use_embedding_cache`) items carry cached ``embedding``s instead of
+``image``s (every split without image augmentation).
 
 ``data`` keys read here (besides the loaders' ``min_object_pixels, split, seed, on_error,
 affine_atol``): ``cache_dir`` (null = ``<run_dir>/cache``, a cache of this run only),
@@ -188,8 +187,7 @@ class SamDataModule(L.LightningDataModule):
         assigned = self._split_cases()
         tags = {s: split_tag(assigned[s], self.task, self.data) for s in todo}
         ready = {s: open_trusted(self.cache_dir, tags[s]) for s in todo}
-        world, rank = self._distributed()
-        fast = all(index is not None for index in ready.values())
+        world, rank, fast = *self._distributed(), all(i is not None for i in ready.values())
         if world > 1:  # every rank takes the same path (the slow one has a barrier)
             fast = bool(self.trainer.strategy.reduce_boolean_decision(fast, all=True))
         label = ", ".join(todo)
@@ -199,24 +197,17 @@ class SamDataModule(L.LightningDataModule):
             tagged = [(split, case) for split in todo for case in assigned[split]]
             known = list(tags.values())
             if world > 1 and tagged:
-                shares = [tagged[r::world] for r in range(world)]
-                known += [
-                    split_tag([c for _, c in share], self.task, self.data) for share in shares
-                ]
-                share_tag = known[len(tags) + rank]
-                index_splits(shares[rank], partial(self._prepare, label=label, record=False),
-                             self.cache_dir, share_tag)  # fmt: skip
+                shares = [[c for _, c in tagged[r::world]] for r in range(world)]
+                known += [split_tag(share, self.task, self.data) for share in shares]
+                mine = partial(self._prepare, label=label, record=False)
+                index_splits(tagged[rank::world], mine, self.cache_dir, known[len(tags) + rank])
                 self.trainer.strategy.barrier(f"slice_cache_{'_'.join(todo)}")
             prepare = partial(self._prepare, label=label, record=True)
             ready = index_splits(tagged, prepare, self.cache_dir, tags, known)
         self._refs.update(ready)
-        log.info(
-            "slice cache %s: %d hits, %d misses (%s)",
-            self.slice_cache.root,
-            self.slice_cache.hits,
-            self.slice_cache.misses,
-            label,
-        )
+        cache = self.slice_cache
+        log.info("slice cache %s: %d hits, %d misses (%s)", cache.root, cache.hits, cache.misses,
+                 label)  # fmt: skip
 
     def _check_usable(self, splits: Sequence[str]) -> None:
         """A split that had cases and lost every one to ``data.on_error=skip`` cannot be trained,
@@ -237,21 +228,21 @@ class SamDataModule(L.LightningDataModule):
         label: str,
         record: bool,
         known: Mapping[str, tuple] | None = None,
+        errors: dict[str, DataError] | None = None,
     ) -> list[tuple[str, CaseFiles, tuple]]:
         """(split, case, (header, facts)) of the good (split, case) pairs in order, preprocessing
         (or verifying whole) in ``data.prep_workers`` processes the entries not in ``known``
         ({entry path: (header, facts)}, unchanged since indexed). With ``record``, bad cases
-        follow ``data.on_error`` and hits/misses are counted; without, they are left out.
+        follow ``data.on_error`` and hits/misses are counted; without, they are left out (and
+        put in ``errors`` by image id when given).
 
         Every case is read before a bad one stops the run: with ``raise`` each bad file goes to
         ``skipped.csv`` and the error names the first and counts the others, so one run lists
         every file to fix (and none of them is found hours later)."""
         root = str(self.cache_dir)
-        found = known_of(
-            [c for _, c in tagged], known or {}, self.slice_cache, self.task, self.data
-        )
-        args = [(c, self.task, self.data, root) for (_, c), f in zip(tagged, found, strict=True)]
-        args = [a for a, f in zip(args, found, strict=True) if f is None]
+        cases = [c for _, c in tagged]
+        found = known_of(cases, known or {}, self.slice_cache, self.task, self.data)
+        args = [(c, self.task, self.data, root) for c, f in zip(cases, found, strict=True) if not f]
         workers = prep_workers(self.data.get("prep_workers"), len(args), self._distributed()[0])
         bar = tqdm(
             total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
@@ -276,6 +267,8 @@ class SamDataModule(L.LightningDataModule):
                     if record:
                         bad.append(DataError(*error))
                         self.skip_log.add(case.case, bad[-1].path, bad[-1].reason)
+                    elif errors is not None:
+                        errors[case.image_id] = DataError(*error)
                     continue
                 out.append((split, case, entry))
         finally:
@@ -297,6 +290,27 @@ class SamDataModule(L.LightningDataModule):
             )
         return out
 
+    def split_files(self, split: str) -> list[CaseFiles]:
+        """The cases of ``split`` as files, in order, before any is read."""
+        return list(self._split_cases()[_split_name(split)])
+
+    def prepare_share(
+        self, tagged: Sequence[tuple[str, CaseFiles]]
+    ) -> tuple[dict[str, CaseEntry], dict[str, DataError]]:
+        """Preprocess and index only the (split, case) pairs ``tagged`` (an evaluation's share:
+        nothing else is read). Returns ({image id: entry} of the good cases, {image id: error}
+        of the bad ones, neither raised nor logged here)."""
+        if not tagged:
+            return {}, {}
+        tag, errors = split_tag([c for _, c in tagged], self.task, self.data), {}
+        splits = list(dict.fromkeys(s for s, _ in tagged))
+        ready = {s: open_trusted(self.cache_dir, f"{tag}-{s}") for s in splits}
+        if any(index is None for index in ready.values()):
+            prepare = partial(self._prepare, label="share", record=False, errors=errors)
+            ready = index_splits(tagged, prepare, self.cache_dir, tag, [tag])
+        entries = [e for s in splits if s in ready for e in ready[s].case_entries()]
+        return {e.image_id: e for e in entries}, errors
+
     def _require_split(self, split: str) -> str:
         split = _split_name(split)
         if split not in self._refs:
@@ -311,11 +325,7 @@ class SamDataModule(L.LightningDataModule):
     def case_entries(self, split: str) -> list[CaseEntry]:
         """The preprocessed cases of ``split`` ('train', 'val', 'test'; 'predict' = 'test'), in
         order; :func:`load_case_entry` reads one when it is evaluated."""
-        index = self._refs[self._require_split(split)]
-        return [
-            CaseEntry(*(index.string(e[k]) for k in ("image_id", "case", "path", "image")))
-            for e in index.entries
-        ]
+        return self._refs[self._require_split(split)].case_entries()
 
     def iter_case_data(self, split: str):
         """Yield the cases of ``split`` as ``CaseData``, one at a time, read from the cache."""
@@ -473,14 +483,8 @@ class SamDataModule(L.LightningDataModule):
             # exists and the full pass below checks the stamps the shares saved.
             share_digests = [ds.records.digests()[r::world] for r in range(world)]
             shares = [cache.tag(list(dict.fromkeys(d))) for d in share_digests]
-            cache.fill(
-                ds.records[rank::world],
-                encode,
-                self.transform,
-                self.batch_size,
-                device,
-                progress=self.progress,
-            )
+            args = (encode, self.transform, self.batch_size, device, self.progress)
+            cache.fill(ds.records[rank::world], *args)
             self.trainer.strategy.barrier(f"embedding_cache_{split}")
         digests = cache.fill(
             ds.records, encode, self.transform, self.batch_size, device, self.progress, shares

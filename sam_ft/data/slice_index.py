@@ -26,6 +26,7 @@ import numpy as np
 
 from sam_ft.atomic import atomic_write
 from sam_ft.data.cache import SliceRef
+from sam_ft.data.preparation import CaseEntry
 
 ROW = np.dtype(
     [
@@ -186,6 +187,11 @@ class SliceIndex(Sequence[SliceRef]):
     def digests(self) -> list[str]:
         """Hex image digest of every slice (the embedding cache's keys), in order."""
         return [d.tobytes().hex() for d in self.rows["digest"]]
+
+    def case_entries(self) -> list[CaseEntry]:
+        """The cases (entries) of the index, in order."""
+        keys = ("image_id", "case", "path", "image")
+        return [CaseEntry(*(self.string(e[k]) for k in keys)) for e in self.entries]
 
     def entry_paths(self) -> list[str]:
         return [self.string(p) for p in self.entries["path"]]
