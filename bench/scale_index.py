@@ -17,7 +17,7 @@ list of ``SliceRef``s (``tracemalloc``); and the private memory (``Private_*`` o
 (what ``SliceDataset.record`` does before it reads pixels) over the whole index, for each.
 
     python bench/scale.py index                    # N = 10k and 100k, 32 x 32 images
-    python bench/scale.py index --quick            # N = 500 and 2000 (tests)
+    python bench/scale.py index --quick            # N = 100 and 400 (tests)
 
 Last line: ``startup_ratio_old_vs_new=<old check / unchanged start at the larger N>`` (target
 >= 50).
@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--processes", type=int, default=2, help="processes writing the entries")
     p.add_argument("--work", default=None, help="folder for the caches (default: tmp)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.add_argument("--quick", action="store_true", help="N = 500 and 2000 (tests)")
+    p.add_argument("--quick", action="store_true", help="N = 100 and 400 (tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.entries = "500,2000"
+        args.entries = "100,400"
     sizes = [int(v) for v in args.entries.split(",")]
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import final_line, machine, print_table
