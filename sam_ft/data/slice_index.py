@@ -281,6 +281,8 @@ def open_index(path: str | Path) -> SliceIndex | None:
                 arrays[name] = np.memmap(
                     path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order
                 )
+        if arrays["rows"].dtype != ROW or arrays["entries"].dtype != ENTRY:
+            raise ValueError("an index of another layout")
         index = SliceIndex(*(arrays[k] for k in _ARRAYS))
         index.source = Path(path)
         return index
