@@ -11,10 +11,11 @@ one process, so the seconds are CPU seconds):
 * ``unchanged start``: a new datamodule on the unchanged cache (the saved index, one ``stat``
   per entry); ``ratio`` = old check / unchanged start, in the same run.
 
-Index memory: the columns' bytes (memory-mapped: shared by ranks and workers) against the old
-list of ``SliceRef``s (``tracemalloc``); and the private memory (``Private_*`` of
-``/proc/<pid>/smaps_rollup``) a DataLoader worker adds while it builds every item's ``SliceRef``
-(what ``SliceDataset.record`` does before it reads pixels) over the whole index, for each.
+Index memory: the columns' bytes (memory-mapped: shared by ranks and workers through the page
+cache) against the old list of ``SliceRef``s (``tracemalloc``); and the private memory
+(``Private_Dirty`` of ``/proc/<pid>/smaps_rollup``: pages copied or allocated, not the clean
+pages of a mapped file) a DataLoader worker adds while it builds every item's ``SliceRef`` (what
+``SliceDataset.record`` does before it reads pixels) over the whole index, for each.
 
     python bench/scale.py index                    # N = 10k and 100k, 32 x 32 images
     python bench/scale.py index --quick            # N = 100 and 400 (tests)
@@ -29,6 +30,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -123,12 +125,12 @@ def old_check(cache_dir: Path, cases: list) -> tuple[float, list]:
 
 
 def _private_kb() -> int:
-    """This process's private memory (KiB): pages it does not share with its parent."""
-    kb = 0
+    """This process's private dirty memory (KiB): the pages it copied or allocated, not those it
+    shares with its parent or reads from the page cache (a memory-mapped file's clean pages)."""
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            kb += int(line.split()[1])
-    return kb
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise RuntimeError("no Private_Dirty in /proc/self/smaps_rollup")
 
 
 class _Touch:
@@ -160,6 +162,8 @@ def worker_growth_mb(records, workers: int = 2) -> float:
 
 def measure(n: int, side: int, work: Path, processes: int) -> dict:
     cache_dir = work / f"cache_{n}"
+    if (cache_dir / "index").exists():  # a kept --work folder: measured on fresh entries only
+        shutil.rmtree(cache_dir)
     write_s = write_entries(cache_dir, n, side, processes)
     cases = _cases(str(cache_dir), 0, n)
     entry_kb = os.path.getsize(next((cache_dir / "slices").iterdir())) / 1024

@@ -18,6 +18,7 @@ recorded, and marks the bad ones for recomputation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -98,14 +99,8 @@ def clear_distrust(cache_dir: str | Path, paths: Sequence[str]) -> None:
     marked = distrusted(cache_dir)
     for p in paths:
         if (name := os.path.basename(p)) in marked:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(Path(cache_dir) / DISTRUSTED / name)
-
-
-def _suppress():
-    import contextlib
-
-    return contextlib.suppress(OSError)
 
 
 def trusted(index: SliceIndex, cache_dir: str | Path) -> np.ndarray:
@@ -177,7 +172,7 @@ def index_splits(
     done = prepare(tagged, known=known_entries(cache_dir, known))
     out = {}
     for split in dict.fromkeys(s for s, _ in tagged):
-        rows = [(c.case, str(c.image), *found) for s, c, found in done if s == split]
+        rows = [(c.case, c.image_id, str(c.image), *found) for s, c, found in done if s == split]
         index = build_index(rows)
         name = tag[split] if isinstance(tag, Mapping) else f"{tag}-{split}"
         name += "" if len(rows) == sum(s == split for s, _ in tagged) else "-partial"

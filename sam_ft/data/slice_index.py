@@ -96,20 +96,19 @@ class _Strings:
         return np.frombuffer(b"".join(data), dtype=np.uint8), offsets
 
 
-def build_index(entries: Sequence[tuple[str, str, Mapping[str, Any], Mapping[str, Any]]]):
-    """The index of entries given as (case, source image, header, facts) in order, where
+def build_index(entries: Sequence[tuple[str, str, str, Mapping[str, Any], Mapping[str, Any]]]):
+    """The index of entries given as (case, image id, source image, header, facts) in order, where
     ``header`` is the entry's header (its ``slices``) and ``facts`` holds ``path``, ``stamp``
     ((size, mtime_ns, inode)) and ``sha256`` (hex) of the entry file."""
     strings = _Strings()
-    n_rows = sum(len(h["slices"]) for _, _, h, _ in entries)
+    n_rows = sum(len(h["slices"]) for *_, h, _ in entries)
     rows = np.zeros(n_rows, dtype=ROW)
     table = np.zeros(len(entries), dtype=ENTRY)
     labels: list[int] = []
     names: list[int] = []
     r = 0
-    for e, (case, image, header, facts) in enumerate(entries):
+    for e, (case, image_id, image, header, facts) in enumerate(entries):
         slices = header["slices"]
-        image_id = slices[0]["image_id"] if slices else case
         size, mtime_ns, ino = facts["stamp"]
         table[e] = (
             strings(facts["path"]), strings(case), strings(image_id), strings(image), r,
@@ -200,8 +199,9 @@ class SliceIndex(Sequence[SliceRef]):
         """{image_id: number of slices} from the entry table (no row is read)."""
         out: dict[str, int] = {}
         for e in self.entries:
-            key = self.string(e["image_id"])
-            out[key] = out.get(key, 0) + int(e["count"])
+            if e["count"]:  # an image without a kept slice counts as none, as with no row
+                key = self.string(e["image_id"])
+                out[key] = out.get(key, 0) + int(e["count"])
         return out
 
     def save(self, path: str | Path) -> Path:

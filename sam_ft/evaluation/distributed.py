@@ -148,6 +148,9 @@ def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
                 refs = records(split)
             except (RuntimeError, KeyError):
                 continue
+            if callable(per_image := getattr(refs, "slices_per_image", None)):
+                index.update(per_image())  # a SliceIndex: from its entry table, no row read
+                continue
             index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
     counts = []
     for case in cases:
