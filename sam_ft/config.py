@@ -15,6 +15,7 @@ Hydra (the Python API, tests, notebooks) fills the keys it is not given from the
 :class:`TaskConfig`, ``task.intensity`` -> :class:`IntensityConfig`, ``data`` ->
 :class:`DataConfig`, ``data.split`` -> :class:`SplitConfig`, ``eval`` -> :class:`EvalConfig`,
 ``eval.everything`` -> :class:`EverythingConfig`, ``eval.bootstrap`` -> :class:`BootstrapConfig`,
+``eval.propagate`` -> :class:`PropagateConfig`,
 ``model`` -> :class:`ModelConfig`, ``finetune`` -> :class:`FinetuneConfig`, ``train`` ->
 :class:`TrainConfig`), with its type, and set its default in the YAML. An undeclared key is
 reported as unknown.
@@ -134,10 +135,23 @@ class BootstrapConfig:
 
 
 @dataclass(frozen=True)
+class PropagateConfig:
+    """``eval.propagate`` (``eval.mode=propagate``: sam_ft.evaluation.propagation)."""
+
+    prompt: Literal["box", "memory"]
+    key: Literal["largest", "middle", "even"]
+    keys: int
+    stop: Literal["vanish", "box_ends"]
+    margin_px: int
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.options)."""
 
     split: Literal["test", "val", "all"]
+    mode: Literal["slices", "propagate"]
+    propagate: PropagateConfig
     prompts: list[str]
     jitter_px: list[list[float]]
     mask_selection: Literal["oracle", "predicted_iou", "single", "auto"]
@@ -164,11 +178,13 @@ class ModelConfig:
     name: str
     checkpoint: str | None
     image_size: int
-    preprocess: Literal["sam", "medsam", "litemedsam"]
+    preprocess: Literal["sam", "medsam", "litemedsam", "sam2"]
     grad_checkpointing: bool
     compile_encoder: bool
     encoder_bf16: bool
     multimask_output: bool
+    # SAM-HQ only (conf/model/sam_hq_*.yaml): the HQ token's mask alone (sam_ft/model/sam_hq.py).
+    hq_token_only: bool | None = optional()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from sam_ft.atomic import STALE_TEMP_S, atomic_write_text, sweep_temp_files
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
+from sam_ft.data.loading import load_case
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.cases import LazyCase
@@ -40,13 +41,23 @@ def eval_splits(split: str) -> tuple[str, ...]:
     return SPLITS if split == "all" else (split,)
 
 
-def split_cases(datamodule: SamDataModule, split: str) -> list[LazyCase]:
+def split_cases(datamodule: SamDataModule, split: str, mode: str = "slices") -> list[LazyCase]:
     """The cases of ``eval.split`` as :class:`LazyCase`: only these splits are preprocessed,
     and each case is read from the slice cache when it is scored and dropped after, so memory
-    holds one case however many there are."""
+    holds one case however many there are. ``eval.mode=propagate`` reads each case from its
+    files instead, keeping every slice's image (the cache holds only slices with objects)."""
     splits = eval_splits(split)
     datamodule.prepare_splits(splits)
     entries = [e for s in splits for e in datamodule.case_entries(s)]
+    if mode == "propagate":
+        from sam_ft.data.loading import load_case
+
+        files = [f for s in splits for f in datamodule.case_files(s)]
+        task, data = datamodule.task, datamodule.data
+        return [
+            LazyCase(f.image_id, partial(load_case, f, task, data, keep_images=True), f.image)
+            for f in files
+        ]
     return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 
@@ -78,8 +89,12 @@ def share_cases(
         more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
         raise DataError(bad[0].path, f"{bad[0].reason}{more}; nothing was evaluated")
     cases = []
+    propagate = str(cfg.eval.get("mode", "slices")) == "propagate"
     for _, c in tagged:
-        if c.image_id in entries:
+        if c.image_id in entries and propagate:  # every slice's image: from the files
+            task, data = datamodule.task, datamodule.data
+            load = partial(load_case, c, task, data, keep_images=True)
+        elif c.image_id in entries:
             load = partial(load_case_entry, entries[c.image_id])
         else:  # a bad case of this share raises its error; another share's is never loaded
             load = partial(_fail, errors.get(c.image_id) or _NotMine(c.image_id))
@@ -126,6 +141,10 @@ def compare_models(
     (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
     """
     device = ranks.device if ranks else "cuda" if torch.cuda.is_available() else "cpu"
+    mode = str(cfg.eval.get("mode", "slices"))
+    if mode == "propagate":
+        # Its own rows beside the slices mode's in one folder (sam-ft-report, comparisons).
+        models = {f"{name}_propagate": model for name, model in models.items()}
     for model in models.values():
         model.to(device)
     own_ranks = ranks is not None and getattr(datamodule, "trainer", None) is None
@@ -136,7 +155,7 @@ def compare_models(
         # Trainer's datamodule, in train.py, has indexed every split on every rank already).
         cases, slices = share_cases(datamodule, cfg, ranks)
     else:
-        cases = split_cases(datamodule, cfg.eval.split)
+        cases = split_cases(datamodule, cfg.eval.split, mode)
         slices = slice_counts(cases, datamodule)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
@@ -157,19 +176,29 @@ RUN_INFO = "run_info.json"
 
 def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
     """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
-    preprocessing, mask selection), merged with the entries of models evaluated earlier into the
-    same folder (the report covers them too)."""
+    preprocessing, mask selection) and its image encoder's median time per image where this
+    process encoded images (``sam_ft.evaluation.timing``), merged with the entries of models
+    evaluated earlier into the same folder (the report covers them too)."""
     import json
+
+    from sam_ft.evaluation.timing import device_label, encoder_seconds
 
     path = Path(out_dir) / RUN_INFO
     info = json.loads(path.read_text()) if path.is_file() else {}
     entries = info.setdefault("models", {})
     for name, model in models.items():
+        timed = {}
+        if (seconds := encoder_seconds(model)) is not None:  # none on a resumed, finished run
+            device = next(model.parameters()).device
+            timed = {"encoder_seconds_per_image": seconds[0], "encoder_images_timed": seconds[1],
+                     "encoder_device": device_label(device)}  # fmt: skip
         entries[name] = {
+            **{k: v for k, v in entries.get(name, {}).items() if k.startswith("encoder_")},
             "precision": model.precision(),
             "multimask_output": bool(getattr(model, "multimask_output", True)),
             "preprocess": model.transform.mode,
             "mask_selection": str(cfg.eval.mask_selection),
+            **timed,
         }
         log.info("model %s: precision %s", name, entries[name]["precision"])
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")

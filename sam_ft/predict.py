@@ -27,6 +27,7 @@ from sam_ft.inference.label_maps import (
 )
 from sam_ft.inference.output import write_prediction
 from sam_ft.inference.prompt_file import parse_prompt_objects, read_prompt_file
+from sam_ft.inference.propagate import check_propagate, propagate_from_prompts
 from sam_ft.model.trainable import TrainableSam
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
             name=card["architecture"],
             image_size=int(card["image_size"]),
             preprocess=card["preprocess"],
+            hq_token_only=card.get("hq_token_only"),
         )
         facts.update(
             task=dict(card.get("task") or {}),
@@ -86,6 +88,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
     elif path.suffix == ".ckpt" and (run := _run_config(path)) is not None:
         trained = run.get("model") or {}
         model.update({k: trained[k] for k in ("name", "image_size", "preprocess") if k in trained})
+        model["hq_token_only"] = trained.get("hq_token_only")  # SAM-HQ only
         task = run.get("task") or {}
         facts.update(
             task={k: task[k] for k in _TASK_KEYS if k in task},
@@ -123,6 +126,7 @@ def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
         checkpoint=checkpoint,
         image_size=m.get("image_size"),
         preprocess=m.get("preprocess"),
+        hq_token_only=m.get("hq_token_only"),
     )
 
 
@@ -182,9 +186,11 @@ def predict_one(
     out_dir: Path,
     labels: Path | None,
     prompts: Path | dict[str, Any] | None,
+    propagate: str | None = None,
 ) -> list[Path]:
     """One input -> its label map (and overlay) in ``out_dir``; ``prompts`` is a prompts file
-    or one object typed on the command line (:func:`typed_prompt`)."""
+    or one object typed on the command line (:func:`typed_prompt`); ``propagate="box"`` carries
+    each prompted object through the whole volume (:mod:`sam_ft.inference.propagate`)."""
     if labels is not None:
         case, stack, images, used = predict_from_labels(model, image_path, labels, settings)
         first = next(iter(images.values()))
@@ -201,13 +207,18 @@ def predict_one(
     image = load_image(image_path, settings.task)
     name = stem_of(image_path)
     by_slice = None
-    if isinstance(prompts, dict):
-        typed = "box=/points= on the command line"
-        by_slice = parse_prompt_objects([prompts], typed, file_geometry(image_path), image)
-        stack = predict_from_prompts(model, image, by_slice, settings, name)
-    elif prompts is not None:
-        by_slice = read_prompt_file(prompts, file_geometry(image_path), image)
-        stack = predict_from_prompts(model, image, by_slice, settings, name)
+    if prompts is not None:
+        if isinstance(prompts, dict):
+            typed = "box=/points= on the command line"
+            by_slice = parse_prompt_objects([prompts], typed, file_geometry(image_path), image)
+        else:
+            by_slice = read_prompt_file(prompts, file_geometry(image_path), image)
+        if propagate is not None:
+            stack = propagate_from_prompts(
+                model, image, by_slice, settings.mask_selection, settings.max_prompts_per_call
+            )
+        else:
+            stack = predict_from_prompts(model, image, by_slice, settings, name)
     else:
         stack = predict_everything(model, image, settings, name)
     return write_prediction(
@@ -241,6 +252,9 @@ def predict(cfg: DictConfig) -> list[Path]:
             "give labels=LABEL_MAP, prompts=PROMPTS.json, box=[x0,y0,x1,y1] (and/or "
             "points=[[x,y]]) or prompt=everything"
         )
+    propagate = check_propagate(cfg.get("propagate"))
+    if propagate is not None and not (cfg.prompts or typed):
+        raise ConfigError("propagate= carries prompts= or box=/points= through a volume: give one")
     inputs = list_inputs(cfg.input)
     single = len(inputs) == 1 and Path(str(cfg.input)).expanduser().resolve() == inputs[0].resolve()
     if typed and not single:
@@ -267,7 +281,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                     lab = companion(cfg.labels, image_path, single, _LABEL_SUFFIXES)
                 if cfg.prompts:
                     pro = companion(cfg.prompts, image_path, single, (".json",))
-                written += predict_one(model, image_path, settings, out_dir, lab, pro)
+                written += predict_one(model, image_path, settings, out_dir, lab, pro, propagate)
             except (ConfigError, CheckpointError):
                 raise
             except Exception as err:

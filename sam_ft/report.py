@@ -10,7 +10,10 @@ folder with numbered run subfolders). The run's ``.hydra/config.yaml``, found in
 folder or one above it (up to the given DIR), names the model size (``model.name``), the finetune
 mode (``finetune.name``) and the task (``task.name``). The merged table has one row per
 model size x finetune mode x task x prompt x jitter; the zero-shot evaluation is the baseline row
-(finetune mode ``zero_shot``) and ``delta_dice`` is each row's Dice minus that baseline.
+(finetune mode ``zero_shot``) and ``delta_dice`` is each row's Dice minus that baseline. A model
+study (``python evaluate.py -m model=tiny,litemedsam,...``) gives a row per model, prompt and
+jitter level; ``encoder_s_per_image`` is that model's median image-encoder time per image in its
+run (``run_info.json``, measured where it ran: ``encoder_device``).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ import pandas as pd
 
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation import plots
-from sam_ft.evaluation.order import BASELINE_MODEL, PROMPT_ORDER, rank_by_order, sort_table
+from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
 from sam_ft.evaluation.study import find_per_object, run_config, write_study
 from sam_ft.evaluation.summary_tables import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [
-    *MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "run", "sam_ft_version",
-    "config_hash",
+    *MERGED_KEYS, *SCORE_COLUMNS, "distance_unit", "delta_dice", "encoder_s_per_image",
+    "encoder_device", "run", "sam_ft_version", "config_hash",
 ]  # fmt: skip
 """``sam_ft_version`` and ``config_hash``: the run's ``provenance.json`` (empty before it)."""
 UNKNOWN = "unknown"
@@ -89,6 +92,10 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
         if "distance_unit" not in df:
             df["distance_unit"] = "mm"  # summaries written before the column existed
         df["run"] = os.path.relpath(summary.parent, root.parent)
+        timed = _encoder_times(summary.parent)
+        labels = df["model"].astype(str)
+        df["encoder_s_per_image"] = [timed.get(m, (float("nan"), ""))[0] for m in labels]
+        df["encoder_device"] = [timed.get(m, (float("nan"), ""))[1] for m in labels]
         provenance = summary.parent / "provenance.json"
         info = json.loads(provenance.read_text()) if provenance.is_file() else {}
         df["sam_ft_version"] = info.get("sam_ft_version", "")
@@ -109,6 +116,27 @@ def merge_summaries(dirs: Sequence[str | Path]) -> pd.DataFrame:
     # The runs' CIs (and their case counts) come along, after the fixed columns.
     intervals = [c for c in merged if c == "n_cases" or c.endswith(("_ci_low", "_ci_high"))]
     return _sort(merged[[*MERGED_COLUMNS, *intervals]])
+
+
+def _encoder_times(folder: Path) -> dict[str, tuple[float, str]]:
+    """Per model label: (median encoder seconds per image, device) from ``run_info.json``."""
+    path = folder / "run_info.json"
+    models = json.loads(path.read_text()).get("models", {}) if path.is_file() else {}
+    return {
+        name: (float(e["encoder_seconds_per_image"]), str(e.get("encoder_device", "")))
+        for name, e in models.items()
+        if e.get("encoder_seconds_per_image") is not None
+    }
+
+
+def encoder_table(merged: pd.DataFrame) -> pd.DataFrame:
+    """One row per model size x finetune mode that was timed: its encoder seconds per image."""
+    timed = merged.dropna(subset=["encoder_s_per_image"])
+    keys = ["model_size", "finetune", "encoder_device"]
+    out = timed.groupby(keys, sort=False)["encoder_s_per_image"].first().reset_index()
+    # 3 significant digits: a CPU-sized model takes milliseconds, ViT-H seconds.
+    out["encoder_s_per_image"] = out["encoder_s_per_image"].map(lambda t: f"{t:.3g}")
+    return out.rename(columns={"encoder_s_per_image": "encoder seconds per image"})
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
@@ -159,6 +187,10 @@ def write_markdown(merged: pd.DataFrame, path: Path, figure: Path | None) -> Pat
         "",
         to_markdown(dice_overview(merged)),
         "",
+        "## Image encoder time per image (median over the run's images)",
+        "",
+        to_markdown(encoder_table(merged)),
+        "",
         "## All rows",
         "",
         to_markdown(merged),
@@ -171,24 +203,33 @@ def write_markdown(merged: pd.DataFrame, path: Path, figure: Path | None) -> Pat
     return path
 
 
-def write_figure(merged: pd.DataFrame, path: Path) -> Path:
-    """Grouped bars: Dice per prompt at no jitter, one bar per model size x finetune mode,
-    averaged over tasks weighted by their number of objects (= pooled over objects)."""
-    s = merged[merged["jitter"].astype(str) == "none"].copy()
-    s["setting"] = s["model_size"].astype(str) + " " + s["finetune"].astype(str)
+def figure_table(merged: pd.DataFrame) -> pd.DataFrame:
+    """The bars of :func:`write_figure`: one row per (prompt and jitter level, model size x
+    finetune mode with its encoder time per image), Dice averaged over tasks weighted by their
+    number of objects (= pooled over objects), in the tables' order."""
+    s = merged.copy()
+    seconds = s["encoder_s_per_image"].map(lambda t: "" if pd.isna(t) else f" ({t:.3g} s/image)")
+    s["setting"] = s["model_size"].astype(str) + " " + s["finetune"].astype(str) + seconds
     s["weighted"] = s["dice_mean"] * s["n"]
-    table = s.groupby(["prompt", "setting"], sort=False)[["weighted", "n"]].sum().reset_index()
+    keys = ["prompt", "jitter", "setting"]
+    table = s.groupby(keys, sort=False)[["weighted", "n"]].sum().reset_index()
     table["dice_mean"] = table["weighted"] / table["n"]
-    table = table.iloc[
-        rank_by_order(table["prompt"], PROMPT_ORDER).sort_values(kind="stable").index
-    ]
-    table["prompt"] = table["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    table = sort_table(table, by=("prompt", "jitter"))
+    names = table["prompt"].map(lambda p: PROMPT_NAMES.get(p, p))
+    jitter = table["jitter"].astype(str).map(lambda j: "" if j == "none" else f", jitter {j}")
+    table["group"] = names + jitter
+    return table[["group", "setting", "dice_mean", "n"]]
+
+
+def write_figure(merged: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars (:func:`figure_table`): Dice per prompt and jitter level, a bar per model."""
     return plots.plot_grouped_bars(
-        table,
+        figure_table(merged),
         path,
+        group="group",
         hue="setting",
         error=None,
-        title="Dice per prompt strategy (no jitter, all tasks)",
+        title="Dice per prompt strategy and jitter (px), all tasks",
     )
 
 

@@ -256,16 +256,17 @@ def _frozen_encoder(model):
     key, so they never mix with full-precision ones.
     """
     from sam_ft.data.embedding_cache import encoder_fingerprint
+    from sam_ft.model.backend import map_embedding
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fingerprint = encoder_fingerprint(model.sam.image_encoder, model.transform)
+    fingerprint = encoder_fingerprint(model.encoder_state(), model.transform)
     if model.encodes_in_bf16(device):
         fingerprint += "-bf16"
 
     @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        model.sam.image_encoder.to(device)
-        return model.encode(images.to(device)).float()
+    def encode(images: torch.Tensor):
+        model.to(device)
+        return map_embedding(lambda t: t.float(), model.encode(images.to(device)))
 
     return encode, fingerprint, device
 

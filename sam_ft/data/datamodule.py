@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from sam_ft.atomic import remove_temp_files_of
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.cache import SliceCache
-from sam_ft.data.cache_check import index_splits, known_of, open_trusted, split_tag
+from sam_ft.data.cache_check import index_share, index_splits, known_of, open_trusted, split_tag
 from sam_ft.data.dataset import (
     PromptFn,
     ResumableLoader,
@@ -294,21 +294,14 @@ class SamDataModule(L.LightningDataModule):
         """The cases of ``split`` as files, in order, before any is read."""
         return list(self._split_cases()[_split_name(split)])
 
-    def prepare_share(
-        self, tagged: Sequence[tuple[str, CaseFiles]]
-    ) -> tuple[dict[str, CaseEntry], dict[str, DataError]]:
+    def prepare_share(self, tagged: Sequence[tuple[str, CaseFiles]]) -> tuple[dict, dict]:
         """Preprocess and index only the (split, case) pairs ``tagged`` (an evaluation's share:
-        nothing else is read). Returns ({image id: entry} of the good cases, {image id: error}
-        of the bad ones, neither raised nor logged here)."""
-        if not tagged:
-            return {}, {}
-        tag, errors = split_tag([c for _, c in tagged], self.task, self.data), {}
-        splits = list(dict.fromkeys(s for s, _ in tagged))
-        ready = {s: open_trusted(self.cache_dir, f"{tag}-{s}") for s in splits}
-        if any(index is None for index in ready.values()):
-            prepare = partial(self._prepare, label="share", record=False, errors=errors)
-            ready = index_splits(tagged, prepare, self.cache_dir, tag, [tag])
-        entries = [e for s in splits if s in ready for e in ready[s].case_entries()]
+        nothing else is read). Returns ({image id: CaseEntry} of the good cases, {image id:
+        DataError} of the bad ones, neither raised nor logged here)."""
+        errors: dict[str, DataError] = {}
+        prepare = partial(self._prepare, label="share", record=False, errors=errors)
+        ready = index_share(tagged, prepare, self.cache_dir, self.task, self.data)
+        entries = [e for index in ready.values() for e in index.case_entries()]
         return {e.image_id: e for e in entries}, errors
 
     def _require_split(self, split: str) -> str:
@@ -326,6 +319,12 @@ class SamDataModule(L.LightningDataModule):
         """The preprocessed cases of ``split`` ('train', 'val', 'test'; 'predict' = 'test'), in
         order; :func:`load_case_entry` reads one when it is evaluated."""
         return self._refs[self._require_split(split)].case_entries()
+
+    def case_files(self, split: str) -> list[CaseFiles]:
+        """The files of ``split``'s preprocessed cases, in :meth:`case_entries` order (what
+        ``eval.mode=propagate`` reads again, for the slices without objects)."""
+        files = {c.image_id: c for c in self.split_files(split)}
+        return [files[e.image_id] for e in self.case_entries(split)]
 
     def iter_case_data(self, split: str):
         """Yield the cases of ``split`` as ``CaseData``, one at a time, read from the cache."""

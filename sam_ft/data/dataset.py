@@ -27,6 +27,7 @@ from sam_ft.data.cache import SliceRef
 from sam_ft.data.embedding_cache import EmbeddingCache
 from sam_ft.data.slice_index import SliceIndex
 from sam_ft.data.types import SliceRecord
+from sam_ft.model.backend import stack_embeddings
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.geometry import mask_box
 from sam_ft.prompts.types import Prompt
@@ -197,8 +198,8 @@ def collate_slices(items: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"items differ in keys: {sorted(keys)} vs {sorted(it)}")
     batch: dict[str, Any] = {}
     for key in TENSOR_KEYS:
-        if key in keys:
-            batch[key] = torch.stack([it[key] for it in items])
+        if key in keys:  # an embedding may be a dict of tensors (SAM 2): stacked per tensor
+            batch[key] = stack_embeddings([it[key] for it in items])
     for key in LIST_KEYS:
         if key in keys:
             batch[key] = [it[key] for it in items]

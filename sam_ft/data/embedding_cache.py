@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,14 @@ from sam_ft.data.cache import SliceRef, image_digest
 from sam_ft.data.slice_index import file_stamp
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
+from sam_ft.model.backend import (
+    Embedding,
+    embedding_at,
+    embedding_tensors,
+    map_embedding,
+    unbatch,
+)
+from sam_ft.model.backend import batch_size as embedding_count
 from sam_ft.model.preprocess import SamTransform
 
 log = logging.getLogger(__name__)
@@ -69,15 +77,35 @@ def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def encoder_fingerprint(encoder: nn.Module, transform: SamTransform) -> str:
+def _checksum(emb: Embedding) -> str:
+    """SHA-256 of the embedding's bytes (its tensors in name order)."""
+    h = hashlib.sha256()
+    for _, t in embedding_tensors(emb):
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _shape(emb: Embedding) -> list[int] | dict[str, list[int]]:
+    if isinstance(emb, torch.Tensor):
+        return list(emb.shape)
+    return {k: list(t.shape) for k, t in emb.items()}
+
+
+def encoder_fingerprint(
+    encoder: nn.Module | Mapping[str, torch.Tensor], transform: SamTransform
+) -> str:
     """Hex SHA-256 of the encoder's state-dict tensors (names, dtypes, shapes, values) plus the
     preprocessing mode and image size: what an embedding depends on besides the image.
+
+    ``encoder``: the image encoder, or the backend's ``encoder_state()`` (SAM 2: the encoder
+    plus the decoder's high-resolution projections that the embedding goes through).
     """
+    state = encoder.state_dict() if isinstance(encoder, nn.Module) else encoder
     h = hashlib.sha256()
     h.update(
         f"format={EMBEDDING_CACHE_FORMAT};mode={transform.mode};size={transform.image_size}\n".encode()
     )
-    for name, t in sorted(encoder.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
@@ -112,8 +140,9 @@ class EmbeddingCache:
         """Entry file of an image digest."""
         return self.dir / digest[:2] / f"{digest}.pt"
 
-    def get(self, digest: str) -> torch.Tensor | None:
-        """(C, h, w) float32 embedding, or ``None`` when missing, truncated or corrupt."""
+    def get(self, digest: str) -> Embedding | None:
+        """(C, h, w) float32 embedding (or a dict of such tensors), or ``None`` when missing,
+        truncated or corrupt."""
         path = self.path(digest)
         if not path.is_file():
             self.misses += 1
@@ -125,8 +154,8 @@ class EmbeddingCache:
                 entry["format"] == EMBEDDING_CACHE_FORMAT
                 and entry["digest"] == digest
                 and entry["fingerprint"] == self.fingerprint
-                and list(emb.shape) == list(entry["shape"])
-                and hashlib.sha256(_tensor_bytes(emb)).hexdigest() == entry["sha256"]
+                and _shape(emb) == entry["shape"]
+                and _checksum(emb) == entry["sha256"]
             )
         except Exception as e:  # unreadable means "recompute", never "use"
             log.warning("embedding cache entry %s is unreadable (%s); recomputing", path, e)
@@ -137,29 +166,31 @@ class EmbeddingCache:
             self._distrust(digest)
             return None
         self.hits += 1
-        return emb.float()
+        return map_embedding(lambda t: t.float(), emb)
 
-    def put(self, digest: str, embedding: torch.Tensor) -> None:
-        """Store a (C, h, w) embedding atomically (a concurrent writer's copy is equally valid)."""
-        emb = embedding.detach().cpu().contiguous()
-        if self.store_dtype is not None:
-            emb = emb.to(self.store_dtype)
+    def put(self, digest: str, embedding: Embedding) -> None:
+        """Store a (C, h, w) embedding (or a dict of them) atomically (a concurrent writer's copy
+        is equally valid)."""
+        dtype = self.store_dtype
+        emb = map_embedding(lambda t: t.detach().cpu().contiguous().to(dtype or t.dtype), embedding)
         entry = {
             "format": EMBEDDING_CACHE_FORMAT,
             "digest": digest,
             "fingerprint": self.fingerprint,
-            "shape": list(emb.shape),
-            "sha256": hashlib.sha256(_tensor_bytes(emb)).hexdigest(),
+            "shape": _shape(emb),
+            "sha256": _checksum(emb),
             "embedding": emb,
         }
         atomic_write(self.path(digest), lambda f: torch.save(entry, f))
 
-    def entry_bytes(self, embedding: torch.Tensor) -> int:
+    def entry_bytes(self, embedding: Embedding) -> int:
         """Disk size of one entry holding ``embedding`` (C, h, w) in the storage dtype."""
-        dtype = self.store_dtype or embedding.dtype
-        return embedding.numel() * torch.empty(0, dtype=dtype).element_size() + ENTRY_OVERHEAD_BYTES
+        size = 0
+        for _, t in embedding_tensors(embedding):
+            size += t.numel() * torch.empty(0, dtype=self.store_dtype or t.dtype).element_size()
+        return size + ENTRY_OVERHEAD_BYTES
 
-    def check_space(self, count: int, embedding: torch.Tensor) -> int:
+    def check_space(self, count: int, embedding: Embedding) -> int:
         """Log the estimated size of ``count`` new entries like ``embedding``, and stop when the
         cache's disk has less free space than that.
 
@@ -188,7 +219,7 @@ class EmbeddingCache:
             )
         return need
 
-    def load(self, digest: str) -> torch.Tensor:
+    def load(self, digest: str) -> Embedding:
         """Like ``get`` but raises ``DataError`` naming the file when the entry is not valid
         (used by the dataset, which has no encoder to recompute with)."""
         emb = self.get(digest)
@@ -255,7 +286,7 @@ class EmbeddingCache:
     def fill(
         self,
         records: Sequence[SliceRecord | SliceRef],
-        encode: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[torch.Tensor], Embedding],
         transform: SamTransform,
         batch_size: int = 8,
         device: torch.device | str = "cpu",
@@ -309,13 +340,12 @@ class EmbeddingCache:
             ]
             batch = torch.stack([transform.apply_image(im) for im in images]).to(device)
             embeddings = encode(batch)
-            if embeddings.shape[0] != len(chunk):
-                raise ValueError(
-                    f"encode returned {embeddings.shape[0]} embeddings for {len(chunk)} images"
-                )
+            if embedding_count(embeddings) != len(chunk):
+                count = embedding_count(embeddings)
+                raise ValueError(f"encode returned {count} embeddings for {len(chunk)} images")
             if start == 0:  # the first batch gives the entry size; nothing is written yet
-                self.check_space(len(items), embeddings[0])
-            for (digest, _), emb in zip(chunk, embeddings, strict=True):
+                self.check_space(len(items), embedding_at(embeddings, 0))
+            for (digest, _), emb in zip(chunk, unbatch(embeddings), strict=True):
                 self.put(digest, emb)
             self.computed += len(chunk)
             bar.update(len(chunk))

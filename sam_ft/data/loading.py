@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sam_ft.data.folder import is_2d_file
-from sam_ft.data.intensity import case_bounds
+from sam_ft.data.intensity import case_bounds, prepare_slice
 from sam_ft.data.readers import check_file, read_2d, read_volume, spacing_from_affine
 from sam_ft.data.skips import SkipLog, raise_or_skip
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
@@ -101,6 +101,28 @@ class CaseData:
         if not self.is_3d:
             return stack
         return from_slicing_frame(stack, self.slice_axis)
+
+
+@dataclass
+class VolumeImages:
+    """Every slice of a case's image (``eval.mode=propagate`` reaches slices without objects),
+    mapped to uint8 RGB only when read: ``images[s]`` -> (R, C, 3) uint8, the loader's
+    :func:`~sam_ft.data.intensity.prepare_slice` of slice ``s``.
+
+    Attributes:
+        raw: (S, R, C) or (S, R, C, 3) raw intensities in the slicing frame.
+        intensity: ``task.intensity``; bounds: the case's (low, high), or None (per slice).
+    """
+
+    raw: np.ndarray
+    intensity: Mapping[str, Any] | None
+    bounds: tuple[float, float] | None
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return prepare_slice(np.asarray(self.raw[s], dtype=np.float32), self.intensity, self.bounds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +279,7 @@ def load_case(
     task: Mapping[str, Any],
     data: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    keep_images: bool = False,
 ) -> CaseData:
     """Read, check and slice one case.
 
@@ -265,6 +288,8 @@ def load_case(
         task: ``task`` config (see :mod:`sam_ft.data.tasks`).
         data: ``data`` config (``min_object_pixels``, ``affine_atol``).
         meta: the folder's dataset.json; read from ``<root>/dataset.json`` when None.
+        keep_images: keep every slice's image (``extra["images"]``, a :class:`VolumeImages`),
+            for ``eval.mode=propagate``.
 
     Raises:
         DataError: missing, empty, unreadable or truncated file; image/label shape or affine
@@ -328,6 +353,7 @@ def load_case(
         affine=affine,
         slice_axis=axis,
         modality=modality,
+        extra={"images": VolumeImages(image, opts["intensity"], bounds)} if keep_images else {},
     )
 
 

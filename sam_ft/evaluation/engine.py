@@ -63,6 +63,8 @@ from sam_ft.evaluation.tables import (
     PER_OBJECT_COLUMNS,
     PER_OBJECT_CSV,
     PROGRESS_FILE,
+    PROPAGATION_COLUMNS,
+    PROPAGATION_CSV,
     SKIPPED_CSV,
     STATE_DIR,
     append_progress,
@@ -74,6 +76,7 @@ from sam_ft.evaluation.tables import (
     truncate_partial_line,
     write_skipped,
 )
+from sam_ft.evaluation.volume_case import start_volume_case
 from sam_ft.model.trainable import TrainableSam
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,8 @@ class _Run:
             "per_object": (self.out / PER_OBJECT_CSV, PER_OBJECT_COLUMNS),
             "per_case": (self.out / PER_CASE_CSV, PER_CASE_COLUMNS),
             "clicks": (self.out / CLICKS_CSV, CLICK_COLUMNS),
+            # eval.mode=propagate only (no rows, no file, in the slices mode).
+            "propagation": (self.out / PROPAGATION_CSV, PROPAGATION_COLUMNS),
         }
         self.progress_path = self.out / PROGRESS_FILE
         truncate_partial_line(self.progress_path)
@@ -214,7 +219,8 @@ class _Run:
         try:
             records, case_data = loaded.result()
             path = case_data.image_path if case_data is not None else path
-            return start_case(
+            start = start_volume_case if self.opts.mode == "propagate" else start_case
+            return start(
                 todo, records, case_data, self.opts, self.seed, key, pool, str(path),
                 progress=self.slice_progress(key),
             )  # fmt: skip
@@ -324,6 +330,7 @@ def _commit_case(
         ("per_object", res.per_object),
         ("per_case", res.per_case),
         ("clicks", res.clicks),
+        ("propagation", res.propagation),
     ):
         path, columns = paths[table]
         patient = {"patient": _patient(case_data, key)} if "patient" in columns else {}

@@ -145,7 +145,7 @@ def generate_codes(
     Returns:
         :func:`encode_masks` codes (:func:`decode_mask` gives each (H, W) bool mask).
     """
-    threshold = float(model.sam.mask_threshold)
+    threshold = float(model.mask_threshold)
     points = point_grid(config.grid, original_size)
     # Counted in masks: filtering splits prompts.
     step = prompts_per_upsample(original_size, 1, model.image_size)

@@ -38,6 +38,8 @@ from sam_ft.evaluation.tables import (
     PER_CASE_CSV,
     PER_OBJECT_COLUMNS,
     PER_OBJECT_CSV,
+    PROPAGATION_COLUMNS,
+    PROPAGATION_CSV,
     SKIPPED_COLUMNS,
     SKIPPED_CSV,
     STATE_DIR,
@@ -177,6 +179,7 @@ def merge_shards_with_overlays(
         (PER_OBJECT_CSV, PER_OBJECT_COLUMNS),
         (PER_CASE_CSV, PER_CASE_COLUMNS),
         (CLICKS_CSV, CLICK_COLUMNS),
+        (PROPAGATION_CSV, PROPAGATION_COLUMNS),
     ):
         if not any((d / name).exists() for d, _ in shards):
             continue  # e.g. clicks.csv of an evaluation without clicks

@@ -21,6 +21,51 @@ from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
 
 
 @dataclass(frozen=True)
+class PropagateOptions:
+    """``eval.propagate``, checked (``eval.mode=propagate``; see
+    :mod:`sam_ft.evaluation.propagation`)."""
+
+    prompt: str
+    key: str
+    keys: int
+    stop: str
+    margin_px: int
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> PropagateOptions:
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown eval.propagate option(s) {unknown}")
+        opts = cls(**cfg)
+        if opts.prompt not in PROPAGATORS:
+            raise ConfigError(f"eval.propagate.prompt must be one of {PROPAGATORS}")
+        if opts.prompt == "memory":
+            raise ConfigError(
+                "eval.propagate.prompt=memory needs a SAM 2 model (not in the zoo yet, #30); "
+                "use eval.propagate.prompt=box"
+            )
+        if opts.key not in KEY_RULES:
+            raise ConfigError(f"eval.propagate.key must be one of {KEY_RULES}, got {opts.key!r}")
+        if isinstance(opts.keys, bool) or not isinstance(opts.keys, int) or opts.keys < 1:
+            raise ConfigError(f"eval.propagate.keys must be an integer >= 1, got {opts.keys!r}")
+        if opts.keys > 1 and opts.key != "even":
+            raise ConfigError("eval.propagate.keys > 1 needs eval.propagate.key=even")
+        if opts.stop not in STOP_RULES:
+            raise ConfigError(f"eval.propagate.stop must be one of {STOP_RULES}")
+        if isinstance(opts.margin_px, bool) or not isinstance(opts.margin_px, int):
+            raise ConfigError(f"eval.propagate.margin_px must be an integer, got {opts.margin_px}")
+        if opts.margin_px < 0:
+            raise ConfigError(f"eval.propagate.margin_px must be >= 0, got {opts.margin_px}")
+        return opts
+
+
+MODES = ("slices", "propagate")
+PROPAGATORS = ("box", "memory")
+KEY_RULES = ("largest", "middle", "even")
+STOP_RULES = ("vanish", "box_ends")
+
+
+@dataclass(frozen=True)
 class EvalOptions:
     """The ``eval`` config, checked. ``variants`` are the (prompt, jitter) pairs decoded per
     object, in table order; ``everything`` is evaluated without jitter only."""
@@ -39,6 +84,8 @@ class EvalOptions:
     on_error: str
     everything: EverythingConfig
     bootstrap: Bootstrap
+    mode: str
+    propagate: PropagateOptions
     workers: int = 0
 
     @property
@@ -97,6 +144,17 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         raise ConfigError(f"eval.jitter_px / eval.everything: {e}") from e
     if not isinstance(merged["bootstrap"], Mapping):
         raise ConfigError(f"eval.bootstrap must be a mapping, got {merged['bootstrap']!r}")
+    if merged["mode"] not in MODES:
+        raise ConfigError(f"eval.mode must be one of {MODES}, got {merged['mode']!r}")
+    if not isinstance(merged["propagate"], Mapping):
+        raise ConfigError(f"eval.propagate must be a mapping, got {merged['propagate']!r}")
+    propagate = PropagateOptions.from_mapping({**defaults["propagate"], **merged["propagate"]})
+    if merged["mode"] == "propagate" and "everything" in prompts:
+        raise ConfigError(
+            "eval.mode=propagate prompts key slices with S2-S6; remove everything from eval.prompts"
+        )
+    if merged["mode"] == "propagate" and int(merged["clicks"]):
+        raise ConfigError("eval.clicks needs eval.mode=slices (clicks are per slice)")
     bootstrap = Bootstrap.from_mapping({**defaults["bootstrap"], **merged["bootstrap"]})
     return EvalOptions(
         prompts=tuple(p for p in STRATEGIES if p in prompts),
@@ -113,5 +171,7 @@ def eval_options(cfg: Mapping[str, Any] | None) -> EvalOptions:
         on_error=on_error,
         everything=everything,
         bootstrap=bootstrap,
+        mode=str(merged["mode"]),
+        propagate=propagate,
         workers=resolve_workers(workers),
     )

@@ -143,6 +143,25 @@ def plot_dice_vs_clicks(curves: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_dice_vs_distance(table: pd.DataFrame, path: str | Path) -> Path:
+    """Mean slice Dice against the distance (slices) from the key slice, one line per model and
+    prompt, no jitter. ``table``: ``propagation_distance.csv``'s rows."""
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    rows = table[table["jitter"].astype(str) == "none"]
+    for (model, task, prompt), g in rows.groupby(["model", "task", "prompt"], sort=False):
+        label = f"{model} {prompt}" + (f" ({task})" if rows["task"].nunique() > 1 else "")
+        ax.plot(g["distance"], g["dice_mean"], marker="o", label=label)
+    ax.set_xlabel("distance from the key slice (slices)")
+    ax.set_ylabel("mean slice Dice")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Propagation: Dice vs distance from the key slice")
+    ax.grid(alpha=0.3)
+    if not rows.empty:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_reliability(bins: pd.DataFrame, path: str | Path) -> Path:
     """IoU-head reliability diagram: mean true IoU against mean predicted IoU per bin, one line
     per (model, prompt), the diagonal for a calibrated head. ``bins``: ``model, prompt,

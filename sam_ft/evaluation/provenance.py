@@ -33,6 +33,10 @@ def config_hash(options: EvalOptions, seed: int | None) -> str:
     """12 hex digits of SHA-256 over the options that decide the numbers, and the seed."""
     fields = dataclasses.asdict(options)
     fields.pop("workers", None)
+    if fields.get("mode") == "slices":
+        # eval.propagate decides nothing in the slices mode: the hash it had before the modes.
+        fields.pop("mode")
+        fields.pop("propagate", None)
     body = json.dumps({"eval": fields, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from sam_ft.evaluation.pipeline import (
 )
 from sam_ft.evaluation.predictions import CasePredictions
 from sam_ft.evaluation.selection import decode_scored
+from sam_ft.evaluation.timing import encoder_clock
+from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import jitter_name
@@ -267,6 +269,7 @@ class CaseOutput:
     overlay: list[dict]
     store: CasePredictions
     geometry: tuple[bool, int, tuple] = (False, 1, (1.0, 1.0, 1.0))
+    propagation: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -283,6 +286,7 @@ class PendingCase:
     slice_jobs: list[Future]
     case_job: Future
     geometry: tuple[bool, int, tuple]
+    propagation: dict[str, list[dict]] = field(default_factory=dict)
 
     def done(self) -> bool:
         return self.case_job.done() and all(f.done() for f in self.slice_jobs)
@@ -295,7 +299,15 @@ class PendingCase:
     def outputs(self) -> dict[str, CaseOutput]:
         """Wait for the jobs; their rows in slice order (raises what a job raised)."""
         outputs = {
-            name: CaseOutput([], [], self.clicks[name], [], self.stores[name], self.geometry)
+            name: CaseOutput(
+                [],
+                [],
+                self.clicks[name],
+                [],
+                self.stores[name],
+                self.geometry,
+                self.propagation.get(name, []),
+            )  # fmt: skip
             for name in self.models
         }
         images = {int(r.slice_index): r.image for r in self.records}
@@ -355,7 +367,8 @@ def start_case(
         columns: list[tuple[str, str]] = []
         for name, model in models.items():
             x = model.preprocess(rec.image)[None].to(_device(model))
-            embedding = model.encode(x)[0]
+            with encoder_clock(model, x.device):
+                embedding = embedding_at(model.encode(x), 0)
             columns, decoded[name] = _decode_slice(
                 model, rec, embedding, opts, prompts, store=stores[name]
             )

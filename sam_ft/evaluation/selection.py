@@ -16,6 +16,7 @@ import torch
 
 from sam_ft.evaluation.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
 from sam_ft.evaluation.overlap import dice_from_counts, dice_iou, overlap_counts, overlap_scores
+from sam_ft.model.backend import first_tensor
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
@@ -223,7 +224,7 @@ def decode_scored(
         raise ValueError(
             f"{n} prompts need one ground-truth mask each (gt {gt.shape}, gt_of {gt_of.shape})"
         )
-    device = embedding.device
+    device = first_tensor(embedding).device
     gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
     multimask_model = bool(getattr(model, "multimask_output", True))
     if packed:

@@ -16,6 +16,7 @@ from sam_ft.evaluation import plots
 from sam_ft.evaluation.attributes import spearman_table
 from sam_ft.evaluation.calibration import calibration_table, calibration_view, reliability_bins
 from sam_ft.evaluation.order import jitter_levels_sorted
+from sam_ft.evaluation.propagation_report import write_propagation_report
 from sam_ft.evaluation.provenance import provenance, provenance_lines
 from sam_ft.evaluation.statistics import CLUSTER, cluster_ids, comparison_table
 from sam_ft.evaluation.summary_tables import (
@@ -91,8 +92,11 @@ def write_report(
     paths["provenance_json"] = out_dir / "provenance.json"
     paths["provenance_json"].write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
+    propagation = write_propagation_report(out_dir, per_case, paths)
     tables["headline"] = headline_table(tables)
     lines = _markdown(out_dir, title, per_object, tables, paths)
+    at = lines.index("## Figures")
+    lines[at:at] = propagation
     lines += ["", *provenance_lines(info)]
     paths["summary_md"] = out_dir / "summary.md"
     paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")

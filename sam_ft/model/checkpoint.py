@@ -2,8 +2,10 @@
 
 Accepted files: the official SAM ``.pth`` (a flat state dict), MedSAM's full state dict (flat or
 under ``"model"``), our Lightning ``.ckpt`` (under ``"state_dict"``, keys prefixed ``model.sam.``,
-LoRA adapters unmerged) and our exported ``sam_finetuned.pth`` (official format). Every file is read
-with ``torch.load(..., weights_only=True)``: a file that needs pickled code is refused.
+LoRA adapters unmerged) and our exported ``sam_finetuned.pth`` (official format); SAM-HQ's
+``sam_hq_vit_*.pth`` alike. Every file is read with ``torch.load(..., weights_only=True)``: a file
+that needs pickled code is refused. A file of another family (SAM, SAM-HQ, SAM 2, LiteMedSAM;
+told apart by key names) is refused in one line that names its family.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ from sam_ft.model.specs import SPECS
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "model.", "sam.", "_orig_mod.")
+# SAM2Base's top-level names besides image_encoder (sam2.modeling.sam2_base).
+SAM2_TOPS = (
+    "sam_prompt_encoder.",
+    "sam_mask_decoder.",
+    "memory_attention.",
+    "memory_encoder.",
+    "mask_downsample.",
+    "obj_ptr_proj.",
+    "obj_ptr_tpos_proj.",
+    "maskmem_tpos_enc",
+    "no_mem_embed",
+    "no_mem_pos_enc",
+    "no_obj_ptr",
+    "no_obj_embed_spatial",
+)
 _LORA_BASE = re.compile(r"^(?P<stem>.*)\.base\.(?P<param>weight|bias)$")
 
 
@@ -65,6 +82,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             key = key.split(".", 1)[1]
         out[key] = value
     tops = ("image_encoder.", "prompt_encoder.", "mask_decoder.", "pixel_mean", "pixel_std")
+    tops += SAM2_TOPS
     if any(k.startswith(tops) for k in out):
         out = {k: v for k, v in out.items() if k.startswith(tops)}
     return out
@@ -95,20 +113,84 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# SAM 2 / 2.1 (and MedSAM2, its finetune) image encoders: a Hiera trunk, named by its width and
+# depth (sam2's configs: tiny 96 x 12 blocks, small 96 x 16, base+ 112 x 24, large 144 x 48).
+_HIERA = {
+    (96, 12): ("Hiera-T", "sam2.1_hiera_t"),
+    (96, 16): ("Hiera-S", "sam2.1_hiera_s"),
+    (112, 24): ("Hiera-B+", "sam2.1_hiera_b+"),
+    (144, 48): ("Hiera-L", "sam2.1_hiera_l"),
+}
+# A family's models, to say which ``model=`` takes a file of it.
+_FAMILY_MODELS = {
+    "SAM": "vit_b, vit_l, vit_h or medsam",
+    "SAM-HQ": "sam_hq_vit_b, sam_hq_vit_l or sam_hq_vit_h",
+    "SAM 2": "sam2.1_hiera_t, _s, _b+ or _l",
+    "LiteMedSAM": "litemedsam",
+}
+
+
+def checkpoint_family(state: dict[str, torch.Tensor]) -> str | None:
+    """The model family of a state dict, by its key names: ``"SAM 2"`` (a Hiera ``trunk``),
+    ``"SAM-HQ"`` (the HQ output token), ``"LiteMedSAM"`` (TinyViT stages), ``"SAM"`` (a ViT with
+    SAM's decoder; MedSAM's too), or None."""
+    if any(k.startswith("image_encoder.trunk.") for k in state):
+        return "SAM 2"
+    if "mask_decoder.hf_token.weight" in state:
+        return "SAM-HQ"
+    if any(k.startswith("image_encoder.layers.") for k in state):
+        return "LiteMedSAM"
+    if "image_encoder.patch_embed.proj.weight" in state:
+        return "SAM"
+    return None
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in state if (m := re.match(pattern, k))})
+
+
+def _hiera(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(width, blocks) of a SAM 2 image encoder's Hiera trunk."""
+    width = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
+    return width, _count(state, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+
+
+def matching_models(state: dict[str, torch.Tensor]) -> list[str]:
+    """The model names whose family, encoder width and depth match ``state`` (SAM 2's: by its
+    Hiera size; none for LiteMedSAM, whose one model needs no naming)."""
+    family = checkpoint_family(state)
+    if family == "SAM 2":
+        return [_HIERA[_hiera(state)][1]] if _hiera(state) in _HIERA else []
+    if family not in ("SAM", "SAM-HQ"):
+        return []
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    arch = (patch.shape[0], _count(state, r"image_encoder\.blocks\.(\d+)\."))
+    decoder = "hq" if family == "SAM-HQ" else "sam"
+    return [
+        n
+        for n, s in SPECS.items()
+        if s.family == "sam"
+        and (s.encoder_embed_dim, s.encoder_depth) == arch
+        and s.decoder == decoder
+    ]
+
+
 def describe_architecture(state: dict[str, torch.Tensor]) -> str | None:
-    """Name the known architecture whose encoder width and depth match ``state``, if any."""
-    patch = state.get("image_encoder.patch_embed.proj.weight")
-    if patch is None:
-        # TinyViT (LiteMedSAM) has stages (``layers``) and a convolutional patch embedding.
-        tinyvit = any(k.startswith("image_encoder.layers.") for k in state)
-        return "LiteMedSAM (TinyViT)" if tinyvit else None
-    block = re.compile(r"image_encoder\.blocks\.(\d+)\.")
-    blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
-    arch = (patch.shape[0], len(blocks))
-    names = [n for n, s in SPECS.items() if (s.encoder_embed_dim, s.encoder_depth) == arch]
+    """Name the known architecture whose family, encoder width and depth match ``state``."""
+    family = checkpoint_family(state)
+    if family in (None, "LiteMedSAM"):
+        return "LiteMedSAM (TinyViT)" if family else None
+    if family == "SAM 2":
+        width, depth = _hiera(state)
+        size = _HIERA.get((width, depth), (f"Hiera, width {width}, {depth} blocks",))[0]
+        return f"SAM 2 ({size})"
     label = {"vit_b": "ViT-B", "vit_l": "ViT-L", "vit_h": "ViT-H", "tiny": "tiny"}
+    label |= {f"sam_hq_{k}": f"SAM-HQ {v}" for k, v in label.items()}
+    names = matching_models(state)
     pretty = " or ".join(dict.fromkeys(label.get(n, n) for n in names if n != "medsam"))
-    return pretty or f"an unknown encoder (width {arch[0]}, {arch[1]} blocks)"
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    blocks = _count(state, r"image_encoder\.blocks\.(\d+)\.")
+    return pretty or f"an unknown {family} encoder (width {patch.shape[0]}, {blocks} blocks)"
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
@@ -127,6 +209,13 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
     if not (missing or unexpected or misshaped):
         model.load_state_dict(state, strict=True)
         return
+    found_family, wanted_family = checkpoint_family(state), checkpoint_family(expected)
+    if found_family and wanted_family and found_family != wanted_family:
+        raise CheckpointError(
+            f"{source} is a {describe_architecture(state)} checkpoint, of the {found_family} "
+            f"family, not {wanted_family} like model {name!r}: load it with model="
+            f"{' or '.join(matching_models(state)) or _FAMILY_MODELS[found_family]}"
+        )
     lines = [f"{source} does not fit model {name!r}:"]
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
         if keys:
@@ -150,4 +239,6 @@ def export_official(model: nn.Module, path: str | Path) -> Path:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"refusing to export {path}: parameter {key} is not finite")
-    return atomic_write(path, lambda f: torch.save(state, f))
+    # The family's own layout (SAM: the flat state dict; SAM 2: {"model": state dict}).
+    obj = model.official_checkpoint(state) if hasattr(model, "official_checkpoint") else state
+    return atomic_write(path, lambda f: torch.save(obj, f))

@@ -80,7 +80,9 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
     """Return the cached file for ``url``, downloading it first if needed.
 
     A cached file is reused only if its hash matches (when a hash is known; the result is
-    remembered by size and mtime, see :func:`verified_sha256`). The download goes to
+    remembered by size and mtime, see :func:`verified_sha256`). Without a known hash
+    (``sha256=None``: SAM-HQ's and SAM 2.1's files) nothing is verified here and the download's
+    own SHA-256 is logged; the caller's strict load checks the file's contents. The download goes to
     a temporary file in the cache directory and is renamed into place after verification, so a
     killed download or a concurrent job never leaves a partial file under the final name.
 
@@ -95,10 +97,11 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
             return target
         log.warning("%s does not match its published SHA-256; downloading it again", target)
 
+    digest = hashlib.sha256()
+
     def download(out: BinaryIO) -> None:
         # Hashed while streaming; a mismatch raises inside atomic_write, which then removes the
         # temporary file: a bad download never appears under the final name.
-        digest = hashlib.sha256()
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
@@ -120,7 +123,11 @@ def fetch(url: str, filename: str, sha256: str | None, directory: Path | None = 
             )
 
     atomic_write(target, download)
-    if sha256 is not None:
-        remember_sha256(target, sha256)  # just verified while downloading
+    remember_sha256(target, digest.hexdigest())  # hashed while downloading
+    if sha256 is None:
+        # Nothing to compare with (no published hash): the strict load checks the contents.
+        log.warning(
+            "%s: no published SHA-256 to verify; its SHA-256 is %s", target, digest.hexdigest()
+        )
     log.info("saved %s", target)
     return target

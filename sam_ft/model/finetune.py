@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from sam_ft.errors import ConfigError
-from sam_ft.model.trainable import TrainableSam, encoder_stages
+from sam_ft.model.backend import SegmentBackend as TrainableSam
+from sam_ft.model.backend import encoder_stages
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +71,28 @@ class Finetune:
 
     def apply(self, model: TrainableSam) -> dict[str, int]:
         """Set ``requires_grad`` per mode (adding LoRA adapters if asked); log and return counts."""
-        sam = model.sam
-        sam.requires_grad_(self.name == "full")
-        sam.mask_decoder.requires_grad_(True)
+        encoder = model.image_encoder
+        model.sam.requires_grad_(self.name == "full")
+        model.mask_decoder.requires_grad_(True)
+        # What the embedding is made of outside the encoder (SAM 2's high-resolution feature
+        # projections) trains with the encoder, so a frozen encoder's embeddings stay cacheable.
+        for part in model.encoding_parts():
+            part.requires_grad_(self.name in ("full", "encoder_last_n"))
         if self.name == "decoder_prompt":
-            sam.prompt_encoder.requires_grad_(True)
+            model.prompt_encoder.requires_grad_(True)
         elif self.name == "encoder_last_n":
-            blocks = encoder_stages(sam.image_encoder)
+            blocks = encoder_stages(encoder)
             if not 1 <= self.last_n <= len(blocks):
-                unit = "blocks" if hasattr(sam.image_encoder, "blocks") else "stages (TinyViT)"
+                unit = "stages (TinyViT)" if hasattr(encoder, "layers") else "blocks"
                 raise ConfigError(
                     f"finetune.last_n={self.last_n}: the encoder has {len(blocks)} {unit}"
                 )
             for block in blocks[len(blocks) - self.last_n :]:
                 block.requires_grad_(True)
-            sam.image_encoder.neck.requires_grad_(True)
+            encoder.neck.requires_grad_(True)
         elif self.name == "lora":
-            # Every attention's qkv: the ViT's blocks, or TinyViT's attention stages (1-3).
-            for attn in [m for m in sam.image_encoder.modules() if hasattr(m, "qkv")]:
+            # Every attention's qkv: the ViT's blocks, TinyViT's attention stages (1-3), Hiera's.
+            for attn in [m for m in encoder.modules() if hasattr(m, "qkv")]:
                 if not isinstance(attn.qkv, LoRALinear):
                     attn.qkv = LoRALinear(attn.qkv, self.rank, self.alpha)
                 attn.qkv.lora_a.requires_grad_(True)

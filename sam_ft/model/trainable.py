@@ -17,19 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sam_ft.model.attention import use_sdpa_attention
+from sam_ft.model.backend import SegmentBackend, encoder_stages
 from sam_ft.model.decoder import decode_prompts, fits_token_path, image_side
 from sam_ft.model.preprocess_lite import make_transform
 from sam_ft.prompts.types import Prompt
 
+__all__ = ["TrainableSam", "encoder_stages"]
+
 CPU_PROMPTS_PER_CALL = 4
-
-
-def encoder_stages(encoder: nn.Module) -> list[nn.Module]:
-    """The image encoder's trainable units, input to output: a ViT's blocks, or TinyViT's 4
-    stages (LiteMedSAM's encoder has ``layers``, each a stage of blocks)."""
-    if hasattr(encoder, "blocks"):
-        return list(encoder.blocks)
-    return list(encoder.layers)
 
 
 class LayerNorm2dFp32(LayerNorm2d):
@@ -39,8 +34,9 @@ class LayerNorm2dFp32(LayerNorm2d):
         return super().forward(x.float()).to(x.dtype)
 
 
-class TrainableSam(nn.Module):
-    """A ``Sam`` with gradients, many prompts per decoder call, and input/output transforms.
+class TrainableSam(SegmentBackend):
+    """The SAM family's backend (SAM, MedSAM, LiteMedSAM): a ``Sam`` with gradients, many
+    prompts per decoder call, and input/output transforms.
 
     Args:
         sam: the model (any of ``sam_ft.model.builders``).
@@ -85,53 +81,20 @@ class TrainableSam(nn.Module):
         return self.sam.image_encoder.img_size
 
     @property
-    def encoder_frozen(self) -> bool:
-        """True when no image-encoder parameter trains: embeddings may then be cached."""
-        return not any(p.requires_grad for p in self.sam.image_encoder.parameters())
+    def image_encoder(self) -> nn.Module:
+        return self.sam.image_encoder
 
-    def train(self, mode: bool = True) -> TrainableSam:
-        """Set train mode, but keep every fully frozen submodule in eval mode."""
-        super().train(mode)
-        if mode:
-            parts = [self.sam.prompt_encoder, self.sam.mask_decoder, self.sam.image_encoder]
-            parts += encoder_stages(self.sam.image_encoder)
-            for module in parts:
-                params = list(module.parameters())
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
-        return self
+    @property
+    def prompt_encoder(self) -> nn.Module:
+        return self.sam.prompt_encoder
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, S, S) float model input (same as ``SamPredictor.set_image``)."""
-        return self.transform.apply_image(image)
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return self.sam.mask_decoder
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings.
-
-        The embeddings are float32 when the encoder ran under bf16 autocast (see
-        ``encoder_bf16``), so callers see the same dtype either way.
-        """
-        if self.encodes_in_bf16(images.device) and (
-            self.encoder_frozen or not torch.is_grad_enabled()
-        ):  # bf16 only without encoder gradients: training keeps the trainer's precision
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self._encode(images).float()
-        return self._encode(images)
-
-    def encodes_in_bf16(self, device: torch.device | str) -> bool:
-        """Whether a frozen (or no-grad) encoder runs under bf16 autocast on ``device``."""
-        return (
-            self.encoder_bf16
-            and torch.device(device).type == "cuda"
-            and torch.cuda.is_bf16_supported()
-        )
-
-    def precision(self, device: torch.device | str | None = None) -> dict[str, str]:
-        """The arithmetic each part runs in on ``device`` (default: the model's), for reports:
-        ``{"encoder": "bf16-autocast" | "float32", "decoder": "float32"}``."""
-        device = device if device is not None else next(self.parameters()).device
-        encoder = "bf16-autocast" if self.encodes_in_bf16(device) else "float32"
-        return {"encoder": encoder, "decoder": "float32"}
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.sam.mask_threshold)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         enc = self.sam.image_encoder
@@ -226,26 +189,3 @@ class TrainableSam(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-
-    def postprocess(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
-        """(N, M, S/4, S/4) logits -> (N, M, H, W) logits at the original image size."""
-        return self.transform.postprocess(low_res_logits, original_size)
-
-    def binarize(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]):
-        """(N, M, S/4, S/4) logits -> (N, M, H, W) bool masks as the model's own code makes them
-        (SAM: logits upsampled, > ``mask_threshold``; MedSAM: sigmoid, upsampled, > 0.5)."""
-        return self.transform.binarize(low_res_logits, original_size, self.sam.mask_threshold)
-
-    @torch.no_grad()
-    def predict(
-        self, image: np.ndarray, prompts: list[Prompt], multimask_output: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image, many prompts, no gradients: the zero-shot path.
-
-        Returns:
-            logits (N, M, H, W) at the original size, IoU predictions (N, M), low-res logits.
-        """
-        device = next(self.parameters()).device
-        embedding = self.encode(self.preprocess(image)[None].to(device))[0]
-        low, iou = self.decode(embedding, prompts, image.shape[:2], multimask_output)
-        return self.postprocess(low, image.shape[:2]), iou, low

@@ -13,6 +13,7 @@ import torch
 from torchmetrics import MaxMetric, MeanMetric
 
 from sam_ft.errors import SamFtError
+from sam_ft.model.backend import first_tensor, unbatch
 from sam_ft.model.finetune import Finetune
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, low_res_to_original, next_clicks
@@ -99,7 +100,7 @@ class SamFinetuneModule(L.LightningModule):
         (the best of 3 equal masks is that mask, and its IoU error counts as once).
         """
         logits, ious = [], []
-        for emb, image_prompts, size in zip(embeddings, prompts, sizes, strict=True):
+        for emb, image_prompts, size in zip(unbatch(embeddings), prompts, sizes, strict=True):
             if not image_prompts:
                 continue
             if self.multimask_output == "auto":
@@ -135,14 +136,15 @@ class SamFinetuneModule(L.LightningModule):
         embeddings = self._embeddings(batch)
         prompts = [list(p) for p in batch["prompts"]]
         sizes = [tuple(s) for s in batch["original_size"]]
-        targets = [t.to(embeddings.device) for t in batch["target"]]
+        like = first_tensor(embeddings)
+        targets = [t.to(like.device) for t in batch["target"]]
         # Clicks are found on the low-res logits: they need low-res targets whatever the loss's.
         low_target = None
         if self.iterative_rounds:
             low_target = torch.cat(
                 targets if self.resolution == "low" else
                 [self.model.transform.masks_to_low_res(t.cpu()) for t in targets]
-            ).to(embeddings.device, embeddings.dtype)  # fmt: skip
+            ).to(like.device, like.dtype)  # fmt: skip
         total, parts = 0.0, {}
         for round_ in range(self.iterative_rounds + 1):
             logits, iou = self._decode_all(embeddings, prompts, sizes)
@@ -332,7 +334,7 @@ class SamFinetuneModule(L.LightningModule):
         from sam_ft.evaluation.selection import decode_scored
 
         embeddings = self._embeddings(batch)
-        for b, (emb, prompts) in enumerate(zip(embeddings, batch["prompts"], strict=True)):
+        for b, (emb, prompts) in enumerate(zip(unbatch(embeddings), batch["prompts"], strict=True)):
             if not prompts:
                 continue
             gt = batch["masks"][b].cpu().numpy().astype(bool)
@@ -344,7 +346,7 @@ class SamFinetuneModule(L.LightningModule):
             )  # fmt: skip
             pred = kept.masks
             dice = torch.as_tensor(kept.dice, dtype=torch.float32)
-            self.val_dice.update(dice.to(emb.device))
+            self.val_dice.update(dice.to(first_tensor(emb).device))
             wants = batch_idx == 0 and len(self._overlay_items) < self.overlays
             if wants and "image_uint8" in batch:
                 for k in range(min(len(prompts), self.overlays - len(self._overlay_items))):

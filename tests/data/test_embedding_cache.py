@@ -117,6 +117,43 @@ def test_damaged_entry_is_detected_and_recomputed(tmp_path, damage):
     torch.testing.assert_close(fresh.load(digests[0]), good)
 
 
+class TwoMaps(nn.Module):
+    """An encoder whose embedding is several tensors, as SAM 2's: a dict of maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.low = nn.Conv2d(3, 4, kernel_size=4, stride=4)  # -> (B, 4, 8, 8)
+        self.high = nn.Conv2d(3, 2, kernel_size=2, stride=2)  # -> (B, 2, 16, 16)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_embed": self.low(x), "high_res": self.high(x)}
+
+
+def test_dict_embeddings_round_trip_and_damage_is_detected(tmp_path):
+    from sam_ft.data.dataset import collate_slices
+
+    records, enc, tf = _records(3), TwoMaps(), SamTransform(S)
+    cache = EmbeddingCache(tmp_path, encoder_fingerprint(enc, tf), store_dtype=torch.float16)
+    digests = cache.fill(records, enc, tf, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = enc(tf.apply_image(records[1].image)[None])
+    got = cache.load(digests[1])
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value[0].half().float())
+    # The batch stacks each map (what the training module reads).
+    batch = collate_slices([{"embedding": cache.load(d)} for d in digests])
+    assert batch["embedding"]["high_res"].shape == (3, 2, 16, 16)
+    # One flipped byte in the second map's values: a miss, recomputed.
+    path = cache.path(digests[1])
+    data = path.read_bytes()
+    i = data.index(got["high_res"].half().numpy().tobytes()[:16]) + 20
+    path.write_bytes(data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :])
+    fresh = EmbeddingCache(tmp_path, cache.fingerprint, store_dtype=torch.float16)
+    assert fresh.get(digests[1]) is None and fresh.corrupt == 1
+
+
 def test_store_dtype_float16(tmp_path):
     records, enc, tf = _records(1), _encoder(), SamTransform(S)
     cache = EmbeddingCache(tmp_path, encoder_fingerprint(enc, tf), store_dtype=torch.float16)
