@@ -24,6 +24,9 @@ are always returned to the system and the peak measures what the program holds (
     python bench/scale.py                     # N = 4 and 16 of 512 x 512 x 150
     python bench/scale.py --quick             # the test's size: N = 2 and 6 of 512 x 512 x 12
 
+``python bench/scale.py index [--quick]``: start-up on an unchanged slice cache and index memory
+at 10k vs 100k entries (``bench/scale_index.py``).
+
 Last line: ``rss_growth_16_vs_4=<max over train/evaluate of peak(N large) / peak(N small)>``
 (target <= 1.15: memory does not grow with the number of cases).
 """
@@ -176,6 +179,12 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:  # start-up and index memory at 10k vs 100k cache entries
+        sys.path.insert(0, str(Path(__file__).parent))
+        import scale_index
+
+        return scale_index.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="4,16", help="the two task sizes N (small,large)")
     p.add_argument("--side", type=int, default=512)

@@ -18,10 +18,12 @@ from omegaconf import DictConfig
 from sam_ft.atomic import STALE_TEMP_S, atomic_write_text, sweep_temp_files
 from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule, load_case_entry
+from sam_ft.data.loading import load_case
 from sam_ft.defaults import config_dir
-from sam_ft.errors import ConfigError, exit_on_own_error
+from sam_ft.errors import ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.cases import LazyCase
 from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.evaluation.merge import Shard, balanced_shares, parse_shard
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
@@ -59,6 +61,68 @@ def split_cases(datamodule: SamDataModule, split: str, mode: str = "slices") -> 
     return [LazyCase(e.image_id, partial(load_case_entry, e), e.image) for e in entries]
 
 
+def share_cases(
+    datamodule: SamDataModule, cfg: DictConfig, ranks: Ranks | None
+) -> tuple[list[LazyCase], list[int]]:
+    """This process's share of ``eval.split`` (``eval.shard=K/N``, or rank K of N of
+    ``evaluate.py``'s own ranks), read and verified alone: every case of the split becomes a
+    :class:`LazyCase` weighted by its source files' bytes (known from one ``stat``, so every
+    share computes the same shares as ``evaluation.distributed`` will), and only the cases of
+    this share are preprocessed into the slice cache; the others are never read here.
+
+    A bad case of the share stops every rank (``data.on_error=raise``: the ranks exchange their
+    errors first, so none waits for another at a barrier) or, with ``skip``, fails when its turn
+    comes and the engine records it in its share's ``skipped.csv`` (merged with the others).
+    """
+    shard = parse_shard(cfg.eval.get("shard")) or Shard(ranks.rank, ranks.world)
+    tagged = [(s, c) for s in eval_splits(cfg.eval.split) for c in datamodule.split_files(s)]
+    keys = [c.image_id for _, c in tagged]
+    weights = [_source_bytes(c) for _, c in tagged]
+    share = balanced_shares(keys, weights, shard.count)[shard.index]
+    entries, errors = datamodule.prepare_share([tagged[i] for i in share])
+    if ranks is not None and torch.distributed.is_initialized():
+        every: list = [None] * ranks.world
+        torch.distributed.all_gather_object(every, errors)
+        errors = {k: v for part in every for k, v in part.items()}
+    bad = [errors[k] for k in keys if k in errors]
+    if bad and datamodule.data["on_error"] == "raise":
+        more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise DataError(bad[0].path, f"{bad[0].reason}{more}; nothing was evaluated")
+    cases = []
+    propagate = str(cfg.eval.get("mode", "slices")) == "propagate"
+    for _, c in tagged:
+        if c.image_id in entries and propagate:  # every slice's image: from the files
+            task, data = datamodule.task, datamodule.data
+            load = partial(load_case, c, task, data, keep_images=True)
+        elif c.image_id in entries:
+            load = partial(load_case_entry, entries[c.image_id])
+        else:  # a bad case of this share raises its error; another share's is never loaded
+            load = partial(_fail, errors.get(c.image_id) or _NotMine(c.image_id))
+        cases.append(LazyCase(c.image_id, load, str(c.image)))
+    return cases, weights
+
+
+def _source_bytes(case) -> int:
+    """Bytes of a case's source files (a DICOM folder's files summed): its share weight."""
+    total = 0
+    for path in (case.image, case.label, *case.label_parts):
+        if path is None:
+            continue
+        p = Path(path)
+        files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+        total += sum(f.stat().st_size for f in files if f.exists())
+    return max(total, 1)
+
+
+class _NotMine(RuntimeError):
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"case {image_id} belongs to another share; it is not read here")
+
+
+def _fail(error: Exception):
+    raise error
+
+
 def compare_models(
     models: Mapping[str, TrainableSam],
     datamodule: SamDataModule,
@@ -66,11 +130,13 @@ def compare_models(
     out_dir: Path,
     loggers: Sequence = (),
     ranks: Ranks | None = None,
+    shared: tuple[list[LazyCase], list[int]] | None = None,
 ) -> dict[str, float]:
     """Evaluate every model on the same cases and prompts; write and log one report.
 
     With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
-    (``sam_ft.evaluation.distributed``). Returns mean Dice per model for the box prompt without
+    (``sam_ft.evaluation.distributed``; ``shared``: its :func:`share_cases`, when prepared
+    already). Returns mean Dice per model for the box prompt without
     jitter (``eval/<model>/box_dice``) and the scalars logged to the run
     (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
     """
@@ -81,15 +147,18 @@ def compare_models(
         models = {f"{name}_propagate": model for name, model in models.items()}
     for model in models.values():
         model.to(device)
-    if ranks is not None and getattr(datamodule, "trainer", None) is None:
-        # evaluate.py's ranks: rank 0 fills the slice cache first, the others then read it (a
-        # Trainer's datamodule, in train.py, shares the work between its ranks itself).
-        cases = ranks.rank_zero_first(lambda: split_cases(datamodule, cfg.eval.split, mode))
+    own_ranks = ranks is not None and getattr(datamodule, "trainer", None) is None
+    if shared is not None:
+        cases, slices = shared
+    elif own_ranks or (ranks is None and parse_shard(cfg.eval.get("shard")) is not None):
+        # evaluate.py's ranks, or a shard: each process reads and verifies only its share (a
+        # Trainer's datamodule, in train.py, has indexed every split on every rank already).
+        cases, slices = share_cases(datamodule, cfg, ranks)
     else:
         cases = split_cases(datamodule, cfg.eval.split, mode)
+        slices = slice_counts(cases, datamodule)
     if not cases:
         raise ConfigError(f"eval.split={cfg.eval.split}: the split has no usable case")
-    slices = slice_counts(cases, datamodule)
     result = evaluate_cases(
         models, cases, cfg=cfg, out_dir=out_dir, slices=slices, ranks=ranks, datamodule=datamodule
     )
@@ -174,15 +243,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data_dir=cfg.paths.data_dir,
     )
     sweep_temp_files(datamodule.cache_dir, older_than_s=STALE_TEMP_S)
-    if ranks is None:
-        # Every input file is read (into the slice cache) before any weights are: a bad one is
-        # named now (data.on_error=raise), not after a model was loaded and hashed.
+    # Every input file is read (into the slice cache) before any weights are: a bad one is
+    # named now (data.on_error=raise), not after a model was loaded and hashed. Ranks and shards
+    # read only their own share.
+    shared = None
+    if ranks is not None or parse_shard(cfg.eval.get("shard")) is not None:
+        shared = share_cases(datamodule, cfg, ranks)
+    else:
         datamodule.prepare_splits(eval_splits(cfg.eval.split))
     model = instantiate(cfg.model, checkpoint=ckpt) if ckpt else instantiate(cfg.model)
     datamodule.transform = model.transform
     label = cfg.get("model_label") or ("finetuned" if ckpt else "zero_shot")
     loggers = eval_loggers(cfg, label)
-    metrics = compare_models({label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks)
+    metrics = compare_models(
+        {label: model}, datamodule, cfg, run_dir, loggers, ranks=ranks, shared=shared
+    )
     if ranks is None or ranks.rank == 0:
         from sam_ft.console import print_evaluation
 

@@ -23,6 +23,7 @@ FINAL_LINES = {
     "decoder_throughput.py": "decoder_speedup_vs_mask_decoder",
     "memory.py": "peak_mb_full_vs_decoder",
     "prep_throughput.py": "prep_speedup",
+    "scale_index.py": "startup_ratio_old_vs_new",  # python bench/scale.py index --quick
 }
 
 

@@ -73,7 +73,8 @@ def runs(tmp_path_factory) -> Path:
     _wait(_start(tmp / "single", cache))
     outs = _wait(
         _start(tmp / "ddp", cache, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"),
-        _start(tmp / "shard0", cache, "eval.shard=0/2"),
+        # A fresh slice cache: the shard fills it with its own cases only (#28).
+        _start(tmp / "shard0", cache, "eval.shard=0/2", f"data.cache_dir={tmp / 'cache0'}"),
         _start(tmp / "shard1", cache, "eval.shard=1/2"),
     )
     (tmp / "ddp.log").write_text(outs[0])
@@ -114,6 +115,11 @@ def test_two_merged_shards_equal_one_process(runs, tmp_path, capsys):
     ]
     whole = len((runs / "single" / "per_object.csv").read_text().splitlines())
     assert sum(r - 1 for r in rows) == whole - 1 and min(rows) > 1
+    # A shard reads (preprocesses, verifies) only its own cases, not the whole split.
+    mine = json.loads((runs / "shard0" / "shard.json").read_text())["cases"]
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in (runs / "cache0" / "slices").glob("*.npz"))
+    every = json.loads((runs / "single" / "splits.json").read_text())
+    assert entries == sorted(mine) and len(mine) < sum(len(v) for v in every.values())
 
 
 def test_merge_refuses_a_missing_shard_or_another_config(runs, tmp_path, capsys):

@@ -7,13 +7,16 @@ can share one cache folder. A truncated or damaged entry fails to load (zip CRC,
 recomputed.
 
 The entry is also what training and evaluation read (the data set lives on disk): the header
-alone gives the index (:class:`SliceRef` per slice: case, slice, object labels, sizes, image
-digest), and a slice's image and masks are read member by member when an item is needed
-(:func:`read_slice`), so memory does not grow with the number of cases.
+alone gives the index (a row per slice of :mod:`sam_ft.data.slice_index`: case, slice, object
+labels, sizes, image digest; :class:`SliceRef` is one row's view), and a slice's image and
+masks are read member by member when an item is needed (:func:`read_slice`, where zipfile
+checks each member's CRC), so memory does not grow with the number of cases. A read that fails
+marks the entry (:func:`distrust`): the next start verifies it whole and recomputes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -285,9 +288,15 @@ class SliceCache:
 
     def ensure(
         self, case: CaseFiles, settings: Mapping[str, Any], compute: Callable[[], CachedCase]
-    ) -> list[SliceRef]:
-        """Make sure the entry of ``case`` exists (``compute()`` on a miss, stored, then freed)
-        and return its index: one :class:`SliceRef` per slice, no pixel data.
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Make sure the entry of ``case`` exists (``compute()`` on a miss, stored, then freed;
+        an existing one is verified whole) and return its header and the facts of its file.
+
+        Returns:
+            (header, facts): ``header["slices"]`` describes each slice (no pixel data);
+            ``facts`` holds the entry file's ``path``, ``stamp`` ((size, mtime_ns, inode)) and
+            ``sha256``, what :mod:`sam_ft.data.slice_index` keeps so that the next start checks
+            a ``stat`` instead of reading the file.
 
         Raises:
             DataError: from ``compute``; or the entry cannot be stored (``meta`` not JSON-able),
@@ -306,7 +315,33 @@ class SliceCache:
                 raise DataError(case.image, "its slices cannot be stored in the slice cache")
             del entry
             header = _verified_header(self.path(case.image_id, key), key)
-        return slice_refs(self.path(case.image_id, key), header)
+        return header, entry_facts(self.path(case.image_id, key))
+
+
+def entry_facts(path: str | Path) -> dict[str, Any]:
+    """``path``, ``stamp`` ((size, mtime_ns, inode)) and ``sha256`` of an entry file, read now
+    (a verified or freshly written entry)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    stamp = (int(st.st_size), int(st.st_mtime_ns), int(st.st_ino))
+    return {"path": str(path), "stamp": stamp, "sha256": h.hexdigest()}
+
+
+DISTRUSTED = Path("index") / "distrusted"
+"""Under the cache folder: one empty file per entry that failed a read after it was indexed;
+its stat stamp is not trusted again until the entry is verified whole (see ``cache_check``)."""
+
+
+def distrust(path: str | Path) -> None:
+    """Mark the entry file ``path`` (``<cache>/slices/<name>``) as damaged for the next start."""
+    path = Path(path)
+    marker = path.parent.parent / DISTRUSTED / path.name
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 @dataclass
@@ -355,34 +390,6 @@ class SliceRef:
             slice_spacing=self.slice_spacing,
             image_id=self.image_id,
         )
-
-
-def slice_refs(path: str | Path, header: Mapping[str, Any]) -> list[SliceRef]:
-    """The :class:`SliceRef` of every slice of an entry, from its header."""
-    refs = []
-    for i, s in enumerate(header["slices"]):
-        shape = tuple(int(v) for v in s["image_shape"])
-        refs.append(
-            SliceRef(
-                path=str(path),
-                index=i,
-                case=s["case"],
-                slice_index=int(s["slice_index"]),
-                labels=np.asarray(s["labels"], dtype=np.int64),
-                names=list(s["names"]),
-                original_size=(shape[0], shape[1]),
-                image_shape=shape,
-                masks_shape=tuple(int(v) for v in s["masks_shape"]),  # type: ignore[arg-type]
-                digest=s["digest"],
-                spacing=tuple(s["spacing"]),  # type: ignore[arg-type]
-                modality=s["modality"],
-                num_slices=int(s["num_slices"]),
-                slice_spacing=float(s["slice_spacing"]),
-                image_id=s["image_id"],
-                has_raw=bool(s["has_raw"]),
-            )
-        )
-    return refs
 
 
 def _verified_header(path: Path, key: str) -> dict[str, Any]:
@@ -436,6 +443,7 @@ def read_slice(path: str | Path, index: int, names: Iterable[str]) -> dict[str, 
         return out
     except Exception as e:
         _OPEN.pop((os.getpid(), str(path)), None)
+        distrust(path)
         raise DataError(
             str(path), f"slice cache entry unreadable after indexing ({e}); rerun to rebuild it"
         ) from e
@@ -444,8 +452,12 @@ def read_slice(path: str | Path, index: int, names: Iterable[str]) -> dict[str, 
 def read_entry(path: str | Path, key: str | None = None) -> CachedCase:
     """A whole entry (one case: slices, meta, arrays) read from ``path``, e.g. for evaluating
     it; ``key`` (when given) must match the entry's."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:
+        distrust(path)
+        raise
     if key is None:
         key = json.loads(str(arrays["header"][()]))["key"]
     return _arrays_to_records(arrays, key)

@@ -3,13 +3,12 @@
 ``setup`` finds the task's cases, splits them by case (patient), writes ``splits.json`` and
 ``skipped.csv`` into the run folder and preprocesses the cases of the splits it needs into the
 slice cache (``data.prep_workers`` processes; the next run reads no NIfTI). The slice cache *is*
-the data set: the module keeps only an index (:class:`~sam_ft.data.cache.SliceRef` per slice),
-items are read from disk inside the DataLoader workers and evaluation loads one case at a time
-(:meth:`SamDataModule.case_entries`), so memory does not grow with the number of cases. The
-dataloaders yield the batch format of :func:`sam_ft.data.dataset.collate_slices`. When the
-training module's image encoder is frozen it calls :meth:`SamDataModule.use_embedding_cache`;
-items then carry cached ``embedding``s instead of ``image``s (for every split without image
-augmentation).
+the data set: the module keeps only an index (:mod:`~sam_ft.data.slice_index`), items are read
+inside the DataLoader workers and evaluation loads one case at a time
+(:meth:`SamDataModule.case_entries`), so memory does not grow with the number of cases. Batches:
+:func:`sam_ft.data.dataset.collate_slices`; with a frozen image encoder
+(:meth:`SamDataModule.use_embedding_cache`) items carry cached ``embedding``s instead of
+``image``s (every split without image augmentation).
 
 ``data`` keys read here (besides the loaders' ``min_object_pixels, split, seed, on_error,
 affine_atol``): ``cache_dir`` (null = ``<run_dir>/cache``, a cache of this run only),
@@ -25,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from sam_ft.atomic import remove_temp_files_of
 from sam_ft.data.augment import SliceAugment
-from sam_ft.data.cache import SliceCache, SliceRef
+from sam_ft.data.cache import SliceCache
+from sam_ft.data.cache_check import index_share, index_splits, known_of, open_trusted, split_tag
 from sam_ft.data.dataset import (
     PromptFn,
     ResumableLoader,
@@ -55,6 +56,7 @@ from sam_ft.data.preparation import (
     worker_init,
 )
 from sam_ft.data.skips import SkipLog
+from sam_ft.data.slice_index import SliceIndex
 from sam_ft.data.splits import SPLITS, make_splits, write_splits
 from sam_ft.data.tasks import data_options, prepare_task, task_options, to_plain
 from sam_ft.data.types import CaseFiles
@@ -129,8 +131,7 @@ class SamDataModule(L.LightningDataModule):
         self.splits: dict[str, list[str]] | None = None
         self.splits_path: Path | None = None
         self._assigned: dict[str, list[CaseFiles]] | None = None
-        self._refs: dict[str, list[SliceRef]] = {}
-        self._entries: dict[str, list[CaseEntry]] = {}
+        self._refs: dict[str, SliceIndex] = {}
         self._datasets: dict[str, SliceDataset] = {}
         self._embedding_request: tuple[Callable, str, torch.device | str] | None = None
         self._train_loader: ResumableLoader | None = None
@@ -172,44 +173,48 @@ class SamDataModule(L.LightningDataModule):
     def prepare_splits(self, splits: Sequence[str]) -> None:
         """Preprocess the cases of ``splits`` into the slice cache and index them (once each).
 
-        All their cases go through one pool of ``data.prep_workers`` processes: a pool per split
-        would leave a core idle while the last case of each (often 1-2 val/test cases) runs.
-        Under DDP each rank first fills its share of the cache, then (after a barrier) indexes
-        every case from it, so no case is read twice and every rank holds the same index.
+        An unchanged split opens its saved index (``sam_ft.data.cache_check``: a ``stat`` per
+        entry, nothing read). Otherwise all their cases go through one pool of
+        ``data.prep_workers`` processes (a pool per split would leave a core idle while the last
+        case of each runs), entries whose stamp is unchanged since an earlier index excepted.
+        Under DDP each rank first fills and indexes its share of the cache, then (after a
+        barrier) indexes every case from the shares' indexes, so no case is read twice and
+        every rank holds the same index.
         """
         todo = [s for s in dict.fromkeys(map(_split_name, splits)) if s not in self._refs]
         if not todo:
             return
         assigned = self._split_cases()
-        tagged = [(split, case) for split in todo for case in assigned[split]]
+        tags = {s: split_tag(assigned[s], self.task, self.data) for s in todo}
+        ready = {s: open_trusted(self.cache_dir, tags[s]) for s in todo}
+        world, rank, fast = *self._distributed(), all(i is not None for i in ready.values())
+        if world > 1:  # every rank takes the same path (the slow one has a barrier)
+            fast = bool(self.trainer.strategy.reduce_boolean_decision(fast, all=True))
         label = ", ".join(todo)
-        world, rank = self._distributed()
-        if world > 1 and tagged:
-            self._prepare(tagged[rank::world], label, record=False)
-            self.trainer.strategy.barrier(f"slice_cache_{'_'.join(todo)}")
-        refs: dict[str, list[SliceRef]] = {split: [] for split in todo}
-        entries: dict[str, list[CaseEntry]] = {split: [] for split in todo}
-        for split, case, case_refs in self._prepare(tagged, label, record=True):
-            refs[split].extend(case_refs)
-            entries[split].append(
-                CaseEntry(case.image_id, case.case, case_refs[0].path, str(case.image))
-            )
-        self._refs.update(refs)
-        self._entries.update(entries)
-        log.info(
-            "slice cache %s: %d hits, %d misses (%s)",
-            self.slice_cache.root,
-            self.slice_cache.hits,
-            self.slice_cache.misses,
-            label,
-        )
+        if fast:
+            self.slice_cache.hits += sum(len(index.entries) for index in ready.values())
+        else:
+            tagged = [(split, case) for split in todo for case in assigned[split]]
+            known = list(tags.values())
+            if world > 1 and tagged:
+                shares = [[c for _, c in tagged[r::world]] for r in range(world)]
+                known += [split_tag(share, self.task, self.data) for share in shares]
+                mine = partial(self._prepare, label=label, record=False)
+                index_splits(tagged[rank::world], mine, self.cache_dir, known[len(tags) + rank])
+                self.trainer.strategy.barrier(f"slice_cache_{'_'.join(todo)}")
+            prepare = partial(self._prepare, label=label, record=True)
+            ready = index_splits(tagged, prepare, self.cache_dir, tags, known)
+        self._refs.update(ready)
+        cache = self.slice_cache
+        log.info("slice cache %s: %d hits, %d misses (%s)", cache.root, cache.hits, cache.misses,
+                 label)  # fmt: skip
 
     def _check_usable(self, splits: Sequence[str]) -> None:
         """A split that had cases and lost every one to ``data.on_error=skip`` cannot be trained,
         validated or evaluated on: stop now, before training, not when it is first used."""
         assigned = self._split_cases()
         for split in map(_split_name, splits):
-            if assigned[split] and not self._entries[split]:
+            if assigned[split] and not len(self._refs[split].entries):
                 where = self.skip_log.path if self.skip_log is not None else self.run_dir
                 raise DataError(
                     str(where),
@@ -218,29 +223,40 @@ class SamDataModule(L.LightningDataModule):
                 )
 
     def _prepare(
-        self, tagged: Sequence[tuple[str, CaseFiles]], label: str, record: bool
-    ) -> list[tuple[str, CaseFiles, list[SliceRef]]]:
-        """(split, case, refs) of the good (split, case) pairs in order, preprocessing misses in
-        ``data.prep_workers`` processes. With ``record``, bad cases follow ``data.on_error`` and
-        hits/misses are counted; without, they are left out.
+        self,
+        tagged: Sequence[tuple[str, CaseFiles]],
+        label: str,
+        record: bool,
+        known: Mapping[str, tuple] | None = None,
+        errors: dict[str, DataError] | None = None,
+    ) -> list[tuple[str, CaseFiles, tuple]]:
+        """(split, case, (header, facts)) of the good (split, case) pairs in order, preprocessing
+        (or verifying whole) in ``data.prep_workers`` processes the entries not in ``known``
+        ({entry path: (header, facts)}, unchanged since indexed). With ``record``, bad cases
+        follow ``data.on_error`` and hits/misses are counted; without, they are left out (and
+        put in ``errors`` by image id when given).
 
         Every case is read before a bad one stops the run: with ``raise`` each bad file goes to
         ``skipped.csv`` and the error names the first and counts the others, so one run lists
         every file to fix (and none of them is found hours later)."""
         root = str(self.cache_dir)
-        args = [(c, self.task, self.data, root) for _, c in tagged]
-        workers = prep_workers(self.data.get("prep_workers"), len(tagged), self._local_ranks())
+        cases = [c for _, c in tagged]
+        found = known_of(cases, known or {}, self.slice_cache, self.task, self.data)
+        args = [(c, self.task, self.data, root) for c, f in zip(cases, found, strict=True) if not f]
+        workers = prep_workers(self.data.get("prep_workers"), len(args), self._local_ranks())
         bar = tqdm(
             total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
         )
-        out: list[tuple[str, CaseFiles, list[SliceRef]]] = []
+        out: list[tuple[str, CaseFiles, tuple]] = []
         bad: list[DataError] = []
         pool = pool_context().Pool(workers, worker_init) if workers > 1 else None
         try:
             # Ordered results, so the index (and every seeded choice) is the same for any
             # number of workers; each worker holds one case at a time.
-            results = pool.imap(prepare_star, args) if pool else map(prepare_star, args)
-            for (split, _), (case, refs, error, hit) in zip(tagged, results, strict=True):
+            results = iter(pool.imap(prepare_star, args) if pool else map(prepare_star, args))
+            for (split, case), f in zip(tagged, found, strict=True):
+                # An entry known unchanged is a hit read from nothing but its stamp.
+                case, entry, error, hit = (case, f, None, True) if f else next(results)
                 bar.update(1)
                 if record:
                     self.slice_cache.hits += int(hit)
@@ -251,8 +267,10 @@ class SamDataModule(L.LightningDataModule):
                     if record:
                         bad.append(DataError(*error))
                         self.skip_log.add(case.case, bad[-1].path, bad[-1].reason)
+                    elif errors is not None:
+                        errors[case.image_id] = DataError(*error)
                     continue
-                out.append((split, case, refs))
+                out.append((split, case, entry))
         finally:
             bar.close()
             if pool is not None:
@@ -272,25 +290,40 @@ class SamDataModule(L.LightningDataModule):
             )
         return out
 
+    def split_files(self, split: str) -> list[CaseFiles]:
+        """The cases of ``split`` as files, in order, before any is read."""
+        return list(self._split_cases()[_split_name(split)])
+
+    def prepare_share(self, tagged: Sequence[tuple[str, CaseFiles]]) -> tuple[dict, dict]:
+        """Preprocess and index only the (split, case) pairs ``tagged`` (an evaluation's share:
+        nothing else is read). Returns ({image id: CaseEntry} of the good cases, {image id:
+        DataError} of the bad ones, neither raised nor logged here)."""
+        errors: dict[str, DataError] = {}
+        prepare = partial(self._prepare, label="share", record=False, errors=errors)
+        ready = index_share(tagged, prepare, self.cache_dir, self.task, self.data)
+        entries = [e for index in ready.values() for e in index.case_entries()]
+        return {e.image_id: e for e in entries}, errors
+
     def _require_split(self, split: str) -> str:
         split = _split_name(split)
         if split not in self._refs:
             raise RuntimeError(f"call SamDataModule.setup() (or prepare_split({split!r})) first")
         return split
 
-    def records(self, split: str) -> list[SliceRef]:
-        """The index of ``split``: one ``SliceRef`` per slice, in case order (no pixel data)."""
+    def records(self, split: str) -> SliceIndex:
+        """The index of ``split``: columns with a row per slice, in case order (no pixel data);
+        ``records(split)[i]`` is a ``SliceRef``."""
         return self._refs[self._require_split(split)]
 
     def case_entries(self, split: str) -> list[CaseEntry]:
         """The preprocessed cases of ``split`` ('train', 'val', 'test'; 'predict' = 'test'), in
         order; :func:`load_case_entry` reads one when it is evaluated."""
-        return self._entries[self._require_split(split)]
+        return self._refs[self._require_split(split)].case_entries()
 
     def case_files(self, split: str) -> list[CaseFiles]:
         """The files of ``split``'s preprocessed cases, in :meth:`case_entries` order (what
         ``eval.mode=propagate`` reads again, for the slices without objects)."""
-        files = {c.image_id: c for c in self._split_cases()[_split_name(split)]}
+        files = {c.image_id: c for c in self.split_files(split)}
         return [files[e.image_id] for e in self.case_entries(split)]
 
     def iter_case_data(self, split: str):
@@ -450,20 +483,17 @@ class SamDataModule(L.LightningDataModule):
             )
         cache = self.embedding_cache
         world, rank = self._distributed()
+        shares: list[str] = []
         if world > 1:
-            # Each rank encodes its share first; after the barrier every entry exists and
-            # the full pass below only verifies.
-            cache.fill(
-                ds.records[rank::world],
-                encode,
-                self.transform,
-                self.batch_size,
-                device,
-                progress=self.progress,
-            )
+            # Each rank encodes (or checks) its share first; after the barrier every entry
+            # exists and the full pass below checks the stamps the shares saved.
+            share_digests = [ds.records.digests()[r::world] for r in range(world)]
+            shares = [cache.tag(list(dict.fromkeys(d))) for d in share_digests]
+            args = (encode, self.transform, self.batch_size, device, self.progress)
+            cache.fill(ds.records[rank::world], *args)
             self.trainer.strategy.barrier(f"embedding_cache_{split}")
         digests = cache.fill(
-            ds.records, encode, self.transform, self.batch_size, device, self.progress
+            ds.records, encode, self.transform, self.batch_size, device, self.progress, shares
         )
         ds.attach_embeddings(cache, digests)
         log.info("embedding cache %s: %d encoded (%s)", cache.dir, cache.computed, split)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.cache import SliceRef
 from sam_ft.data.embedding_cache import EmbeddingCache
+from sam_ft.data.slice_index import SliceIndex
 from sam_ft.data.types import SliceRecord
 from sam_ft.model.backend import stack_embeddings
 from sam_ft.model.preprocess import SamTransform
@@ -78,7 +79,8 @@ class SliceDataset(Dataset):
             the training module brings into the loss's frame.
 
     Index with ``(epoch, index)`` (what ``SeededSampler`` yields) or a plain ``index`` (epoch 0).
-    ``records`` may be :class:`SliceRef`s (read from the slice cache per item).
+    ``records`` may be :class:`SliceRef`s or a :class:`SliceIndex` (read from the slice cache
+    per item).
     """
 
     def __init__(
@@ -99,7 +101,8 @@ class SliceDataset(Dataset):
                 f"target_resolution must be low, input or original, not {target_resolution!r}"
             )
         self.target_resolution = target_resolution
-        self.records = list(records)
+        # A SliceIndex stays columns (shared by forked workers without copies); others a list.
+        self.records = records if isinstance(records, SliceIndex) else list(records)
         self.transform = transform
         self.prompt_fn = prompt_fn
         self.seed = int(seed)
@@ -110,7 +113,7 @@ class SliceDataset(Dataset):
         self.with_masks = with_masks
         self.with_image_uint8 = with_image_uint8
         self.embedding_cache: EmbeddingCache | None = None
-        self.digests: list[str] | None = None
+        self.digests: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -126,7 +129,8 @@ class SliceDataset(Dataset):
         if len(digests) != len(self.records):
             raise ValueError("one digest per record is needed")
         self.embedding_cache = cache
-        self.digests = list(digests)
+        # One array, not a list of str objects whose reference counts workers would copy.
+        self.digests = np.asarray(digests, dtype="S64")
 
     def record(self, index: int, image: bool = True) -> SliceRecord:
         """The record of ``index``, read from the slice cache for a ``SliceRef`` (``image=False``
@@ -167,7 +171,7 @@ class SliceDataset(Dataset):
         if len(item["prompts"]) != len(masks):
             raise ValueError(f"prompt_fn returned {len(item['prompts'])} prompts for {len(masks)}")
         if self.embedding_cache is not None:
-            item["embedding"] = self.embedding_cache.load(self.digests[index])
+            item["embedding"] = self.embedding_cache.load(self.digests[index].decode())
         else:
             item["image"] = self.transform.apply_image(np.ascontiguousarray(image))
         if self.with_masks:

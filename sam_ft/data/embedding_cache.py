@@ -6,14 +6,19 @@ hashes the image content: changing any of them reads different files, so nothing
 
 Each entry is a ``torch.save`` dict holding the embedding and a SHA-256 of its bytes; it is read
 with ``torch.load(weights_only=True)`` (no code runs) and the checksum, digest, fingerprint and
-shape are verified, so a truncated or damaged file is reported as a miss and recomputed. Writes are
+shape are verified on every read, so a truncated or damaged file is reported as a miss and
+recomputed. At start, ``fill`` checks an entry's stat stamp (``<dir>/stamps/``) instead of
+loading it; an entry that failed a read is marked (``<dir>/distrusted/``) and loaded at the next
+start. Writes are
 atomic, so parallel sweep jobs may fill one cache at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sam_ft.atomic import atomic_write
 from sam_ft.data.cache import SliceRef, image_digest
+from sam_ft.data.slice_index import file_stamp
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.model.backend import (
@@ -42,6 +48,10 @@ log = logging.getLogger(__name__)
 EMBEDDING_CACHE_FORMAT = 1
 # Per entry besides the tensor: torch.save's zip container and the checksum fields.
 ENTRY_OVERHEAD_BYTES = 2048
+STAMP = np.dtype([("digest", "S64"), ("size", "<i8"), ("mtime_ns", "<i8"), ("ino", "<i8")])
+RECENT = 4
+"""Stamps files read besides the ones asked for (the most recent): a changed split loads only
+its new entries."""
 
 
 def free_bytes(path: str | Path) -> int:
@@ -153,6 +163,7 @@ class EmbeddingCache:
         if not ok:
             self.corrupt += 1
             self.misses += 1
+            self._distrust(digest)
             return None
         self.hits += 1
         return map_embedding(lambda t: t.float(), emb)
@@ -220,6 +231,57 @@ class EmbeddingCache:
             )
         return emb
 
+    # Stat stamps: an entry whose (size, mtime_ns, inode) is what it was when it was written or
+    # last verified is not loaded again at the next start; one that failed a read since is.
+
+    @staticmethod
+    def tag(digests: Sequence[str]) -> str:
+        """Name of the stamps of a list of digests."""
+        return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+
+    def _distrust(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.dir / "distrusted").mkdir(parents=True, exist_ok=True)
+            (self.dir / "distrusted" / digest).touch()
+
+    def known_stamps(self, tags: Sequence[str]) -> dict[bytes, tuple[int, int, int]]:
+        """{digest: stamp} from the stamps ``tags`` and the ``RECENT`` most recent others."""
+        folder = self.dir / "stamps"
+        try:
+            files = sorted(folder.glob("*.npy"), key=lambda p: p.stat().st_mtime_ns)[::-1]
+        except OSError:
+            files = []
+        known: dict[bytes, tuple[int, int, int]] = {}
+        for path in dict.fromkeys([folder / f"{t}.npy" for t in tags] + files[:RECENT]):
+            with contextlib.suppress(Exception):  # missing or damaged: those entries are read
+                for row in np.load(path, allow_pickle=False).tolist():
+                    known.setdefault(row[0], tuple(row[1:]))
+        return known
+
+    def unchanged(self, digests: Sequence[str], tags: Sequence[str] = ()) -> set[str]:
+        """The digests whose entry has the stamp recorded in ``tags`` (or a recent stamps
+        file) and was not marked damaged since: no need to load them."""
+        known = self.known_stamps(tags)
+        try:
+            bad = set(os.listdir(self.dir / "distrusted"))
+        except OSError:
+            bad = set()
+        return {
+            d
+            for d in digests
+            if d not in bad and (s := known.get(d.encode())) is not None
+            and file_stamp(self.path(d)) == s
+        }  # fmt: skip
+
+    def save_stamps(self, tag: str, digests: Sequence[str]) -> None:
+        """Record the stamps of ``digests``' entries (just verified or written) as ``tag``."""
+        rows = [(d.encode(), *st) for d in digests if (st := file_stamp(self.path(d)))]
+        stamps = np.array(rows, dtype=STAMP)
+        atomic_write(self.dir / "stamps" / f"{tag}.npy", lambda f: np.save(f, stamps))
+        for d in digests:
+            with contextlib.suppress(OSError):
+                os.unlink(self.dir / "distrusted" / d)
+
     @torch.no_grad()
     def fill(
         self,
@@ -229,6 +291,7 @@ class EmbeddingCache:
         batch_size: int = 8,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        tags: Sequence[str] = (),
     ) -> list[str]:
         """Make sure every record's embedding is cached, encoding only the misses.
 
@@ -244,23 +307,30 @@ class EmbeddingCache:
         Returns:
             The image digest of each record (same order), the key for ``load``.
 
-        Every existing entry is read and verified once here, so a damaged one is recomputed now
-        rather than failing in a dataloader worker later.
+        An existing entry is loaded and verified here (a damaged one is recomputed now rather
+        than failing in a dataloader worker later) unless its stat stamp is unchanged since it
+        was written or verified (``tags``: stamps saved by other ranks; see :meth:`unchanged`):
+        an unchanged cache is checked with one ``stat`` per entry. The stamps of every entry
+        are saved under :meth:`tag` of the digests.
         """
-        digests = [r.digest if isinstance(r, SliceRef) else image_digest(r.image) for r in records]
+        if callable(getattr(records, "digests", None)):  # a SliceIndex: one column
+            digests = records.digests()
+        else:
+            digests = [
+                r.digest if isinstance(r, SliceRef) else image_digest(r.image) for r in records
+            ]
+        unique = list(dict.fromkeys(digests))
+        unchanged = self.unchanged(unique, tags)
+        where = dict(zip(digests, range(len(digests)), strict=True))
         todo: dict[str, SliceRecord | SliceRef] = {}
-        seen: set[str] = set()
-        for digest, record in tqdm(
-            list(zip(digests, records, strict=True)),
+        for digest in tqdm(
+            [d for d in unique if d not in unchanged],
             desc="embedding cache: check",
             disable=not progress,
             leave=False,
         ):
-            if digest in seen:
-                continue
-            seen.add(digest)
             if self.get(digest) is None:
-                todo[digest] = record
+                todo[digest] = records[where[digest]]
         items = list(todo.items())
         bar = tqdm(total=len(items), desc="embedding cache: encode", disable=not progress)
         for start in range(0, len(items), batch_size):
@@ -280,4 +350,5 @@ class EmbeddingCache:
             self.computed += len(chunk)
             bar.update(len(chunk))
         bar.close()
+        self.save_stamps(self.tag(unique), unique)
         return digests

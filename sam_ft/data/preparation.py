@@ -1,5 +1,5 @@
 """Preprocess cases into the slice cache, in parallel: one case per ``data.prep_workers`` process
-at a time, only the small index (``SliceRef``s) travels back; a cache entry converts to and from
+at a time, only the entry's header (its index) travels back; a cache entry converts to and from
 :class:`~sam_ft.data.loading.CaseData`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam_ft.data.cache import CachedCase, SliceCache, SliceRef, read_entry
+from sam_ft.data.cache import CachedCase, SliceCache, read_entry
 from sam_ft.data.loading import CaseData, dataset_meta, load_case, slice_settings
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import DataError
@@ -60,23 +60,29 @@ def load_case_entry(entry: CaseEntry) -> CaseData:
     return _entry_to_case(read_entry(entry.path))
 
 
+def case_settings(case: CaseFiles, task: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
+    """Every option the case's slices depend on: the slicing settings and, since dataset.json
+    names the labels and may set the modality (window, slicing axis), that file's content."""
+    return {**slice_settings(task, data), "dataset_json": dataset_meta(case, task)}
+
+
 def _prepare_case(
     case: CaseFiles, task: Mapping[str, Any], data: Mapping[str, Any], cache_root: str | None
-) -> tuple[CaseFiles, list[SliceRef] | None, tuple[str, str] | None]:
-    """Preprocess one case into the slice cache (a hit reads only its header).
+) -> tuple[CaseFiles, tuple | None, tuple[str, str] | None, bool]:
+    """Preprocess one case into the slice cache (a hit is verified whole, no NIfTI read).
 
     Runs in a ``data.prep_workers`` process: the case's volume lives only here, and only the
-    small index (``SliceRef``s) travels back. Returns (case, refs, None, hit) or (case, None,
-    (path, reason), hit) for a ``DataError``; ``hit``: the entry was already cached.
+    entry's (header, facts) (see ``SliceCache.ensure``) travel back. Returns (case, (header,
+    facts), None, hit) or (case, None, (path, reason), hit) for a ``DataError``; ``hit``: the
+    entry was already cached.
     """
     cache = SliceCache(cache_root)
     try:
-        # dataset.json names the labels and may set the modality (window, slicing axis).
-        settings = {**slice_settings(task, data), "dataset_json": dataset_meta(case, task)}
-        refs = cache.ensure(case, settings, lambda: _case_to_entry(load_case(case, task, data)))
+        settings = case_settings(case, task, data)
+        found = cache.ensure(case, settings, lambda: _case_to_entry(load_case(case, task, data)))
     except DataError as e:
         return case, None, (e.path, e.reason), cache.hits > 0
-    return case, refs, None, cache.hits > 0
+    return case, found, None, cache.hits > 0
 
 
 def prep_workers(setting: Any, n_cases: int, local_ranks: int = 1) -> int:

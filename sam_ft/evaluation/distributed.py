@@ -3,7 +3,8 @@
 ``python evaluate.py trainer=ddp trainer.devices=N [trainer.num_nodes=M]
 [trainer.accelerator=gpu|cpu]`` starts N x M ranks through Lightning Fabric (the launcher and
 environment variables Lightning's Trainer uses; NCCL on GPUs, gloo on CPUs). Each rank scores
-its share of the cases (``merge.balanced_shares``: balanced by slice count) into
+its share of the cases (``merge.balanced_shares``: balanced by slice count; ``evaluate.py``'s
+ranks and shards by source bytes, so each reads only its own cases: ``evaluate.share_cases``) into
 ``<run dir>/.ranks/<rank>-of-<world>/``, an ordinary resumable engine folder, so a killed
 distributed evaluation started again with the same world size resumes every rank where it
 stopped. After a barrier, rank 0 merges the shares into the run dir: the same ``per_object.csv``,
@@ -216,6 +217,9 @@ def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
             try:
                 refs = records(split)
             except (RuntimeError, KeyError):
+                continue
+            if callable(per_image := getattr(refs, "slices_per_image", None)):
+                index.update(per_image())  # a SliceIndex: from its entry table, no row read
                 continue
             index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
     counts = []

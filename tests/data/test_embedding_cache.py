@@ -195,8 +195,10 @@ def test_two_processes_writing_same_entries_leave_valid_entries(tmp_path):
     count = Counting(enc)
     cache.fill(records, count, tf, progress=False)
     assert count.images == 0 and cache.corrupt == 0
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "stamps"]
     assert len(files) == 6 and all(p.suffix == ".pt" for p in files)  # no temp files left
+    # Beside the entries: the stat stamps of the fills (one file per list of digests).
+    assert {p.suffix for p in tmp_path.rglob("stamps/*")} == {".npy"}
 
 
 def test_float16_embeddings_decode_like_float32(tmp_path):
@@ -241,3 +243,36 @@ def test_not_enough_disk_space_stops_before_writing(tmp_path, monkeypatch):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
     monkeypatch.setattr(ec, "free_bytes", lambda path: 3 * one)
     assert len(cache.fill(records, enc, tf, progress=False)) == 3
+
+
+def test_unchanged_fill_loads_no_entry_damage_found_on_read(tmp_path):
+    """An unchanged cache is checked by stat stamps (no entry loaded); damage that keeps the
+    stamp is found when the entry is read, and the next fill loads and recomputes it."""
+    import os
+
+    from sam_ft.errors import DataError
+
+    records, enc, tf = _records(3), _encoder(), SamTransform(S)
+    count = Counting(enc)
+    digests = _cache(tmp_path, enc, tf).fill(records, count, tf, progress=False)
+    fresh = _cache(tmp_path, enc, tf)
+    fresh.fill(records, count, tf, progress=False)
+    assert count.images == 3 and (fresh.hits, fresh.misses) == (0, 0)  # nothing loaded
+    good = fresh.load(digests[1])
+    path = fresh.path(digests[1])
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    i = data.index(good.numpy().tobytes()[:32]) + 40
+    data[i] ^= 0x55
+    with open(path, "r+b") as f:  # in place: same size, inode and (restored) mtime
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = _cache(tmp_path, enc, tf)
+    again.fill(records, count, tf, progress=False)
+    assert count.images == 3  # the stamp is unchanged: not loaded at start
+    with pytest.raises(DataError, match="embedding cache entry missing or corrupt"):
+        again.load(digests[1])
+    third = _cache(tmp_path, enc, tf)
+    third.fill(records, count, tf, progress=False)
+    assert count.images == 4 and third.corrupt == 1  # the marked entry alone was loaded
+    torch.testing.assert_close(third.load(digests[1]), good)
