@@ -14,13 +14,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_env(cache: Path) -> dict[str, str]:
-    return dict(
+    env = dict(
         os.environ,
         SAM_FT_CACHE=str(cache),
         WANDB_MODE="offline",
         OMP_NUM_THREADS="1",
         PYTHONPATH=str(Path(__file__).parent),
     )
+    # An in-process W&B test in this pytest worker started a wandb-core service and exported
+    # its address; a child that inherits it logs through that service, which outlives a child
+    # killed mid-run and keeps its run open ("run ID ... is in use" when the resume inits it
+    # again). Each train process gets its own service, as a real job does.
+    env.pop("WANDB_SERVICE", None)
+    return env
 
 
 def run_train(
