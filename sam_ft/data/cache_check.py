@@ -171,7 +171,9 @@ def index_splits(
     """
     done = prepare(tagged, known=known_entries(cache_dir, known))
     out = {}
-    for split in dict.fromkeys(s for s, _ in tagged):
+    # Every split named by ``tag``, an empty one too (an empty index, not a missing one).
+    splits = tag if isinstance(tag, Mapping) else dict.fromkeys(s for s, _ in tagged)
+    for split in splits:
         rows = [(c.case, c.image_id, str(c.image), *found) for s, c, found in done if s == split]
         index = build_index(rows)
         name = tag[split] if isinstance(tag, Mapping) else f"{tag}-{split}"

@@ -22,7 +22,6 @@ or float16 to halve the embedding cache).
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sam_ft.atomic import remove_temp_files_of
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.cache import SliceCache
 from sam_ft.data.cache_check import index_share, index_splits, known_of, open_trusted, split_tag
@@ -50,10 +48,8 @@ from sam_ft.data.folder import find_cases
 from sam_ft.data.preparation import (
     CaseEntry,
     load_case_entry,
-    pool_context,
+    prep_pool,
     prep_workers,
-    prepare_star,
-    worker_init,
 )
 from sam_ft.data.skips import SkipLog
 from sam_ft.data.slice_index import SliceIndex
@@ -244,16 +240,16 @@ class SamDataModule(L.LightningDataModule):
         found = known_of(cases, known or {}, self.slice_cache, self.task, self.data)
         args = [(c, self.task, self.data, root) for c, f in zip(cases, found, strict=True) if not f]
         workers = prep_workers(self.data.get("prep_workers"), len(args), self._local_ranks())
-        bar = tqdm(
-            total=len(tagged), desc=f"slices ({label})", unit="case", disable=not self.progress
-        )
         out: list[tuple[str, CaseFiles, tuple]] = []
         bad: list[DataError] = []
-        pool = pool_context().Pool(workers, worker_init) if workers > 1 else None
-        try:
+        desc, quiet = f"slices ({label})", not self.progress
+        with (
+            tqdm(total=len(tagged), desc=desc, unit="case", disable=quiet) as bar,
+            prep_pool(workers, self.slice_cache.root) as imap,
+        ):
             # Ordered results, so the index (and every seeded choice) is the same for any
             # number of workers; each worker holds one case at a time.
-            results = iter(pool.imap(prepare_star, args) if pool else map(prepare_star, args))
+            results = iter(imap(args))
             for (split, case), f in zip(tagged, found, strict=True):
                 # An entry known unchanged is a hit read from nothing but its stamp.
                 case, entry, error, hit = (case, f, None, True) if f else next(results)
@@ -271,16 +267,6 @@ class SamDataModule(L.LightningDataModule):
                         errors[case.image_id] = DataError(*error)
                     continue
                 out.append((split, case, entry))
-        finally:
-            bar.close()
-            if pool is not None:
-                workers = [p.pid for p in pool._pool]  # Pool keeps its processes here
-                pool.terminate()
-                pool.join()
-                if sys.exc_info()[0] is not None and self.slice_cache.root is not None:
-                    # Stopped by an error: the workers were killed mid-case, and their
-                    # half-written entries go with them (other ranks' files stay).
-                    remove_temp_files_of(self.slice_cache.root, workers)
         if bad and self.data["on_error"] == "raise":
             more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
             raise DataError(

@@ -4,16 +4,20 @@ at a time, only the entry's header (its index) travels back; a cache entry conve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import signal
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sam_ft.atomic import remove_temp_files_of
 from sam_ft.data.cache import CachedCase, SliceCache, read_entry
 from sam_ft.data.loading import CaseData, dataset_meta, load_case, slice_settings
 from sam_ft.data.types import CaseFiles
@@ -113,3 +117,27 @@ def worker_init() -> None:
 def prepare_star(args: tuple) -> tuple:
     """``_prepare_case`` on one tuple of arguments (what ``Pool.imap`` passes)."""
     return _prepare_case(*args)
+
+
+@contextlib.contextmanager
+def prep_pool(workers: int, cache_root: str | Path | None) -> Iterator[Callable]:
+    """An ordered ``map`` of :func:`prepare_star` over ``workers`` processes (in this process
+    for one). The pool ends with the block; when the block fails, its workers are killed in
+    the middle of their cases and the half-written cache entries they leave in ``cache_root``
+    are removed (another process's, such as another rank's, stay)."""
+    if workers <= 1:
+        yield partial(map, prepare_star)
+        return
+    pool = pool_context().Pool(workers, worker_init)
+    pids = [p.pid for p in pool._pool]  # Pool keeps its processes here
+    failed = False
+    try:
+        yield partial(pool.imap, prepare_star)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        pool.terminate()
+        pool.join()
+        if failed and cache_root is not None:
+            remove_temp_files_of(cache_root, pids)

@@ -386,17 +386,17 @@ def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tm
 def test_all_splits_share_one_preprocessing_pool(demo_task, tmp_path, monkeypatch):
     """``setup('fit')`` sends every split's cases through one pool (a pool per split idles a
     core on each split's last case), and indexes each split as preparing it alone does."""
-    import sam_ft.data.datamodule as datamodule
+    import sam_ft.data.preparation as preparation
 
     pools = []
-    real_context = datamodule.pool_context
+    real_context = preparation.pool_context
 
     def counting_context():
         context = real_context()
         pools.append(context)
         return context
 
-    monkeypatch.setattr(datamodule, "pool_context", counting_context)
+    monkeypatch.setattr(preparation, "pool_context", counting_context)
     together = _dm(demo_task, tmp_path / "a", prep_workers=2)
     together.setup("fit")
     assert len(pools) == 1
