@@ -75,6 +75,7 @@ from sam_ft.evaluation.tables import (
     write_skipped,
 )
 from sam_ft.model.trainable import TrainableSam
+from sam_ft.reproducible import thread_independent
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,8 @@ class _Run:
         def finished(key: str) -> bool:
             return all((n, self.task_name, key) in self.done for n in self.models)
 
-        with torch.inference_mode(), ScoringPool(self.opts.workers) as pool:
+        # thread_independent: the same bits on any core count (sam_ft/reproducible.py).
+        with torch.inference_mode(), thread_independent(), ScoringPool(self.opts.workers) as pool:
             try:
                 for item, key, loaded in loaded_ahead(cases, finished):
                     case = self.start(item, key, loaded, pool)
