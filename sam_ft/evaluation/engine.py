@@ -70,6 +70,7 @@ from sam_ft.evaluation.tables import (
     drop_unfinished,
     last_markers,
     read_progress,
+    read_table,
     rewrite_sorted,
     truncate_partial_line,
     write_skipped,
@@ -262,7 +263,9 @@ class _Run:
     def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
         """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,
         and the whole rewritten tables (every model and task in ``out_dir``, for the summary)."""
-        tables = {name: rewrite_sorted(path, cols) for name, (path, cols) in self.paths.items()}
+        for path, cols in self.paths.values():
+            rewrite_sorted(path, cols)
+        tables = {name: read_table(path, cols) for name, (path, cols) in self.paths.items()}
         skipped = write_skipped(self.out / SKIPPED_CSV, self.entries)
         if self.counts["failed"] and not self.counts["ok"] and not self.done:
             raise RuntimeError(
