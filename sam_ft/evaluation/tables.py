@@ -18,7 +18,13 @@ import pandas as pd
 
 from sam_ft.evaluation.order import sort_table
 from sam_ft.evaluation.pipeline import ATTRIBUTE_COLUMNS
-from sam_ft.evaluation.tablesort import STRING_COLUMNS, chunks, csv_options, write_sorted
+from sam_ft.evaluation.tablesort import (
+    CHUNK_ROWS,
+    STRING_COLUMNS,
+    chunks,
+    csv_options,
+    write_sorted,
+)
 
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
@@ -114,7 +120,7 @@ def drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, st
     if not old_columns:
         return
     # Also brings a table written by an older version to today's columns before appending.
-    if old_columns != list(columns) or any(not keep(c).all() for c in chunks(path, 200_000)):
+    if old_columns != list(columns) or any(not keep(c).all() for c in chunks(path, CHUNK_ROWS)):
         write_sorted([path], path, columns=columns, keep=keep, sort=False)
 
 

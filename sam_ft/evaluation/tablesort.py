@@ -35,8 +35,8 @@ STRING_COLUMNS = (
     "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
 )  # fmt: skip
 """Always text (a case id ``007`` stays ``007``)."""
-CHUNK_ROWS = 200_000
-"""Rows per chunk (one sorted run): ~100-200 MB of DataFrame for ``per_object.csv``."""
+CHUNK_ROWS = 50_000
+"""Rows per chunk (one sorted run): ~50 MB at most for ``per_object.csv`` (BENCHMARKS.md)."""
 BATCH = 1_000
 """Rows read back at a time from each run during the merge."""
 
