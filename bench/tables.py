@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+
+
+def hwm():
+    # Peak RSS in MB: VmHWM, which (unlike ru_maxrss) a process does not inherit across exec.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+
 from pathlib import Path
 import pandas as pd
 from sam_ft.evaluation.order import sort_table
@@ -33,7 +42,7 @@ from sam_ft.evaluation.tables import PER_OBJECT_COLUMNS, read_table
 from sam_ft.evaluation.tablesort import write_sorted
 
 method, out, inputs = sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = hwm()
 t0 = time.perf_counter()
 if method == "pandas":
     parts = [read_table(p, PER_OBJECT_COLUMNS) for p in inputs]
@@ -41,7 +50,7 @@ if method == "pandas":
 elif method == "streamed":
     write_sorted(inputs, out)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = hwm()
 print(json.dumps({"seconds": seconds, "base_mb": base, "peak_mb": peak}))
 """
 
@@ -94,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--shares", type=int, default=4, help="shares of the merge case")
     p.add_argument("--dir", type=Path, default=Path("/tmp/sam_ft_bench_tables"))
+    p.add_argument("--quick", action="store_true", help="20k rows (a smoke run)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rows = 20_000
     args.dir.mkdir(parents=True, exist_ok=True)
     one = args.dir / "per_object.csv"
     shares = [args.dir / f"share{k}.csv" for k in range(args.shares)]

@@ -27,8 +27,8 @@ from sam_ft.evaluation.levels import aggregation_levels, with_case_level
 from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
 from sam_ft.evaluation.statistics import Bootstrap
 
-CHUNK_ROWS = 50_000
-"""Rows read at a time from one ``per_object.csv``."""
+CHUNK_ROWS = 20_000
+"""Rows read at a time from one ``per_object.csv`` (~5 MB of the columns read)."""
 USED = ("model", "task", "case", "slice", "label", "name", "prompt", "jitter", "modality")
 """The columns of ``per_object.csv`` the study reads, besides its scores."""
 Key = tuple[str, str, str, bool]  # model size, setting, prompt, no jitter
