@@ -12,10 +12,11 @@ Two parts of a CPU forward sum in an order that follows the thread count:
   by thread count. :func:`thread_independent` turns oneDNN off around the evaluation forward:
   PyTorch then runs its own im2col + ``sgemm`` convolutions (the strict MKL path again).
 
-Measured (BENCHMARKS.md, "Thread-independent evaluation"): the same bytes with 1, 2 and 4
-threads; ViT-B at 1024 px costs a few percent more on CPU. Not covered: machines with different
-instruction sets (AVX2 vs AVX-512 pick different kernels; ``MKL_CBWR=AVX2,STRICT`` makes them
-agree at a larger cost) and CUDA, whose kernels do not depend on the CPU threads at all.
+Measured (BENCHMARKS.md, "Streamed tables and thread-independent numbers"): the same bytes with 1, 2
+and 4 threads; ViT-B at 1024 px on CPU: no measurable cost (0.99x at 1 thread, 0.91x at 2). Not
+covered: machines with different instruction sets (AVX2 vs AVX-512 pick different MKL kernels;
+forcing one branch, e.g. ``MKL_CBWR=AVX2,STRICT`` in the environment, may make them agree: not
+measured) and CUDA, whose kernels do not depend on the CPU threads at all.
 """
 
 from __future__ import annotations
