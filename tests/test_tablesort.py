@@ -63,6 +63,9 @@ def test_sorted_table_has_the_bytes_of_the_whole_table_path(tmp_path, chunk_rows
     path = tmp_path / "per_object.csv"
     _append(path, [_rows(s, 40) for s in range(5)])
     want = _whole([path])
+    stale = tmp_path / ".per_object.csv.runs-999999999-abc"  # a killed writer's runs
+    stale.mkdir()
+    (stale / "run000000.pkl").write_bytes(b"x")
     assert write_sorted([path], path, chunk_rows=chunk_rows) == 200
     assert path.read_bytes() == want
     assert b",,," in want and b"007" in want and b"1.0," in want  # NaN, ids, int->float kept

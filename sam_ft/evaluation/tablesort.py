@@ -10,7 +10,8 @@ chunks of ``chunk_rows`` rows, and hold at most one chunk plus one batch per sor
    writes the whole table, sorted stably by :func:`row_key` (the order of
    :func:`~sam_ft.evaluation.order.sort_table`) and stored in a temporary run file;
 3. *merge*: ``heapq.merge`` of the runs (stable: equal keys keep the input order) into the target,
-   written atomically.
+   written atomically. The runs live in ``.<target>.runs-<pid>-*/`` beside it; a killed writer's
+   are removed by the next one.
 
 The bytes are those of ``sort_table(read_table(...)).to_csv(index=False)`` (tests compare both;
 BENCHMARKS.md "Streamed tables" gives the time and peak memory of each). Text fields never hold a
@@ -20,7 +21,9 @@ line break (ids, names); a table that has one is refused.
 from __future__ import annotations
 
 import heapq
+import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -166,6 +169,17 @@ def _read_run(path: Path) -> Iterator[tuple]:
                 return
 
 
+def _remove_stale_runs(target: Path) -> None:
+    """Remove the run folders a killed writer of ``target`` left (named by its process id)."""
+    for folder in target.parent.glob(f".{target.name}.runs-*"):
+        try:
+            os.kill(int(folder.name.rsplit(".runs-", 1)[1].split("-")[0]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # a live process of another user
+
+
 def write_sorted(
     inputs: Sequence[Path],
     target: Path,
@@ -195,7 +209,9 @@ def write_sorted(
         for path in inputs:
             names += [c for c in header(path) if c not in names]
     types = column_types(inputs, chunk_rows)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.runs-") as tmp:
+    _remove_stale_runs(target)
+    prefix = f".{target.name}.runs-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=prefix) as tmp:
         runs, count = [], 0
         for path in inputs:
             dtype = {c: t for c, t in types.items() if c in header(path)}
