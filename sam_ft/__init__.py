@@ -11,5 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 from sam_ft.defaults import register_resolvers  # noqa: E402 (after the OpenMP setting)
+from sam_ft.reproducible import request_strict_mkl  # noqa: E402
 
 register_resolvers()
+# Before torch's first MKL call: the same sums for any thread count (sam_ft/reproducible.py).
+request_strict_mkl()

@@ -29,6 +29,7 @@ from sam_ft.inference.output import write_prediction
 from sam_ft.inference.prompt_file import parse_prompt_objects, read_prompt_file
 from sam_ft.inference.propagate import check_propagate, propagate_from_prompts
 from sam_ft.model.trainable import TrainableSam
+from sam_ft.reproducible import thread_independent
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     written: list[Path] = []
     from tqdm.auto import tqdm
 
-    with torch.inference_mode():
+    # thread_independent: the numbers of evaluate.py's forward, on any core count.
+    with torch.inference_mode(), thread_independent():
         for image_path in tqdm(inputs, desc="predict", unit="file", disable=len(inputs) < 2):
             try:
                 lab, pro = None, typed

@@ -1,8 +1,9 @@
 """Evaluation in shares equals one process: 2 CPU ranks (gloo), and 2 merged ``eval.shard`` jobs.
 
 Real ``evaluate.py`` processes on the demo task's NIfTI volumes (every split), three prompt
-strategies and one jitter level, tiny model with seeded random weights. "Equal" is byte-equal
-files: the tables, the summaries and the plots.
+strategies and one jitter level, tiny model with seeded random weights, each with its default
+thread count (sam_ft/reproducible.py). "Equal" is byte-equal files: the tables, the summaries
+and the plots.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ FILES = [
 
 
 def _start(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    for key in ("WANDB_API_KEY", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+    # Threads NOT pinned: one process, each rank (Lightning gives it its share of the cores) and
+    # each shard run with their own default thread counts and must still agree byte for byte.
+    env = dict(os.environ, SAM_FT_CACHE=str(cache), WANDB_MODE="offline")
+    drop = ("OMP_NUM_THREADS", "MKL_CBWR", "WANDB_API_KEY", "NODE_RANK", "LOCAL_RANK")
+    for key in (*drop, "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "evaluate.py"), *ARGS, *extra, f"hydra.run.dir={run_dir}"],

@@ -162,3 +162,19 @@ def test_report_cli_writes_the_study(study_dir, capsys):
     ):
         assert f"## {heading}" in text
     assert "S5 box" in text
+
+
+def test_streamed_study_writes_the_bytes_of_the_in_memory_tables(study_dir, tmp_path, monkeypatch):
+    """``write_study`` streams the rows through partitions (3-row chunks here, so every file is
+    read in several): each CSV is the one the whole-table path writes."""
+    from sam_ft.evaluation import study_parts
+    from sam_ft.evaluation.study import write_study
+
+    monkeypatch.setattr(study_parts, "CHUNK_ROWS", 3)
+    out = tmp_path / "streamed"
+    paths = write_study([study_dir], out, BOOT)
+    want = study_tables(load_study([study_dir]), BOOT)
+    assert [k for k in paths if k.endswith("_csv")] == [f"study_{k}_csv" for k in want]
+    for name, table in want.items():
+        assert len(table) and paths[f"study_{name}_csv"].read_text() == table.to_csv(index=False)
+    assert "2 tasks" in paths["study_md"].read_text() and not list(out.glob(".study-*"))

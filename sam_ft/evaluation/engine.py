@@ -72,12 +72,14 @@ from sam_ft.evaluation.tables import (
     drop_unfinished,
     last_markers,
     read_progress,
+    read_table,
     rewrite_sorted,
     truncate_partial_line,
     write_skipped,
 )
 from sam_ft.evaluation.volume_case import start_volume_case
 from sam_ft.model.trainable import TrainableSam
+from sam_ft.reproducible import thread_independent
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +255,8 @@ class _Run:
         def finished(key: str) -> bool:
             return all((n, self.task_name, key) in self.done for n in self.models)
 
-        with torch.inference_mode(), ScoringPool(self.opts.workers) as pool:
+        # thread_independent: the same bits on any core count (sam_ft/reproducible.py).
+        with torch.inference_mode(), thread_independent(), ScoringPool(self.opts.workers) as pool:
             try:
                 for item, key, loaded in loaded_ahead(cases, finished):
                     case = self.start(item, key, loaded, pool)
@@ -277,7 +280,9 @@ class _Run:
     def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
         """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,
         and the whole rewritten tables (every model and task in ``out_dir``, for the summary)."""
-        tables = {name: rewrite_sorted(path, cols) for name, (path, cols) in self.paths.items()}
+        for path, cols in self.paths.values():
+            rewrite_sorted(path, cols)
+        tables = {name: read_table(path, cols) for name, (path, cols) in self.paths.items()}
         skipped = write_skipped(self.out / SKIPPED_CSV, self.entries)
         if self.counts["failed"] and not self.counts["ok"] and not self.done:
             raise RuntimeError(

@@ -45,6 +45,7 @@ from sam_ft.evaluation.tables import (
     STATE_DIR,
     read_table,
 )
+from sam_ft.evaluation.tablesort import write_sorted
 
 SHARD_FILE = "shard.json"
 
@@ -183,12 +184,11 @@ def merge_shards_with_overlays(
     ):
         if not any((d / name).exists() for d, _ in shards):
             continue  # e.g. clicks.csv of an evaluation without clicks
-        parts = [read_table(d / name, columns) for d, _ in shards]
-        parts = [p for p in parts if not p.empty]
-        df = sort_table(pd.concat(parts, ignore_index=True)) if parts else None
-        df = df if df is not None else pd.DataFrame(columns=columns)
-        atomic_write_text(out / name, df.to_csv(index=False))
-        tables[name] = df
+        parts = [d / name for d, _ in shards if (d / name).is_file()]
+        # Streamed: the shares' rows are sorted in runs and merged, never held together.
+        if not write_sorted(parts, out / name):
+            atomic_write_text(out / name, pd.DataFrame(columns=columns).to_csv(index=False))
+        tables[name] = read_table(out / name, columns)
     _merge_skipped([d for d, _ in shards], out)
 
     per_object = tables.get(PER_OBJECT_CSV)

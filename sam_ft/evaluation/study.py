@@ -25,6 +25,7 @@ Files: ``study.md``; ``study_task.csv``, ``study_modality.csv``, ``study_object.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,24 +83,31 @@ def _select(cfg, key: str) -> str | None:
     return None if value is None else str(value)
 
 
+def label_rows(df: pd.DataFrame, info: dict[str, str | None], run: str) -> pd.DataFrame:
+    """One run's object rows with ``model_size, setting, modality, object, run`` (``info``:
+    :func:`run_config`)."""
+    df = df.copy()
+    df["model_size"] = info["model_size"] or UNKNOWN
+    df["setting"] = df["model"].astype(str)
+    if info["finetune"]:
+        df.loc[df["setting"] != BASELINE_MODEL, "setting"] = info["finetune"]
+    if info["modality"]:
+        df["modality"] = info["modality"]
+    elif "modality" not in df:
+        df["modality"] = UNKNOWN
+    df["object"] = df["name"].astype(str)
+    df["run"] = run
+    return df
+
+
 def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """All object rows of all runs with ``model_size, setting, task, modality, object``."""
+    """All object rows of all runs with ``model_size, setting, task, modality, object``, in
+    memory (``write_study`` streams them instead: :mod:`sam_ft.evaluation.study_parts`)."""
     frames = []
     for path, root in find_per_object(dirs):
         df = pd.read_csv(path, dtype={"model": str, "task": str, "name": str, "jitter": str})
-        info = run_config(path, root)
-        modality = info["modality"]
-        df["model_size"] = info["model_size"] or UNKNOWN
-        df["setting"] = df["model"].astype(str)
-        if info["finetune"]:
-            df.loc[df["setting"] != BASELINE_MODEL, "setting"] = info["finetune"]
-        if modality:
-            df["modality"] = modality
-        elif "modality" not in df:
-            df["modality"] = UNKNOWN
-        df["object"] = df["name"].astype(str)
-        df["run"] = os.path.relpath(path.parent, root.parent)
-        frames.append(df)
+        run = os.path.relpath(path.parent, root.parent)
+        frames.append(label_rows(df, run_config(path, root), run))
     if not frames:
         raise SamFtError(f"no per_object.csv under {', '.join(map(str, dirs))}")
     rows = pd.concat(frames, ignore_index=True)
@@ -223,12 +231,15 @@ def write_study(
     """Write the study's files into ``out_dir``; returns name -> path. ``boot``: the CIs'
     settings (None: ``eval.bootstrap`` of ``conf/eval/default.yaml``)."""
     from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.study_parts import read_parts, study_tables_streamed
 
     boot = boot or eval_options(None).bootstrap
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = load_study(dirs)
-    tables = study_tables(rows, boot)
+    # Streamed: the rows are partitioned on disk and the tables computed a partition at a time.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".study-") as tmp:
+        parts = read_parts(dirs, Path(tmp))
+        tables, by_prompt = study_tables_streamed(parts, boot)
     paths: dict[str, Path] = {}
     for name, table in tables.items():
         paths[f"study_{name}_csv"] = out / f"study_{name}.csv"
@@ -242,8 +253,6 @@ def write_study(
         bars[bars["prompt"] == main], out / "study_modality.png", group="modality", hue="hue",
         error=None, title=f"Dice per modality ({PROMPT_NAMES.get(main, main)}, no jitter)",
     )  # fmt: skip
-    plain = rows[rows["jitter"].astype(str) == "none"]
-    by_prompt = pooled(plain, ["model_size", "setting", "prompt"])
     by_prompt = by_prompt.assign(
         hue=by_prompt["model_size"].astype(str) + " " + by_prompt["setting"].astype(str),
         prompt=by_prompt["prompt"].map(lambda p: PROMPT_NAMES.get(p, p)),
@@ -253,12 +262,11 @@ def write_study(
         title="Dice per prompt strategy, every task pooled (no jitter)",
     )  # fmt: skip
 
-    counts = rows.groupby("run").size()
     lines = [
         "# sam_ft study",
         "",
-        f"{len(counts)} runs, {rows['task'].nunique()} tasks, {rows['modality'].nunique()} "
-        f"modalities, {rows['object'].nunique()} objects, {len(rows)} object rows (all jitter "
+        f"{len(parts.runs)} runs, {len(parts.tasks)} tasks, {len(parts.modalities)} "
+        f"modalities, {len(parts.objects)} objects, {parts.rows} object rows (all jitter "
         "levels). Means are pooled over objects unless labelled; `n` = object rows behind each "
         f"mean; no jitter. Brackets: {boot.describe()}. Comparisons: Δ over the objects both "
         "sides scored, p = two-sided Wilcoxon signed-rank over per-case mean differences, "

@@ -3,7 +3,8 @@
 Rows are appended and flushed after each case, then its marker line goes to ``progress.jsonl``;
 a new run in the same folder drops rows of unmarked cases (killed mid-write) and skips marked
 ones. At the end the CSVs are rewritten in :func:`sort_table` order, so a resumed run ends with
-the same files as an uninterrupted one.
+the same files as an uninterrupted one. The rewrite and the resume filter stream the tables
+(:mod:`~sam_ft.evaluation.tablesort`): a table is never held whole for them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sam_ft.atomic import atomic_write_text
 from sam_ft.evaluation.order import sort_table
 from sam_ft.evaluation.pipeline import ATTRIBUTE_COLUMNS
+from sam_ft.evaluation.tablesort import (
+    CHUNK_ROWS,
+    STRING_COLUMNS,
+    chunks,
+    csv_options,
+    write_sorted,
+)
 
 PER_OBJECT_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
@@ -38,9 +45,7 @@ PROPAGATION_COLUMNS = [
 """``propagation.csv`` (``eval.mode=propagate``): sam_ft.evaluation.volume_case."""
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
-_STRING_COLUMNS = (
-    "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
-)  # fmt: skip
+_STRING_COLUMNS = STRING_COLUMNS
 
 PER_OBJECT_CSV = "per_object.csv"
 PER_CASE_CSV = "per_case.csv"
@@ -74,13 +79,7 @@ def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=columns)
     present = pd.read_csv(path, nrows=0).columns
-    return pd.read_csv(
-        path,
-        dtype={c: str for c in _STRING_COLUMNS if c in present},
-        keep_default_na=False,
-        na_values=[""],
-        float_precision="round_trip",  # the default parser may change the last digit
-    )
+    return pd.read_csv(path, **csv_options(present))
 
 
 def read_progress(path: Path) -> list[dict]:
@@ -107,25 +106,28 @@ def last_markers(entries: list[dict]) -> dict[tuple[str, str, str], dict]:
     return {(e["model"], e["task"], e["case"]): e for e in entries}
 
 
-def rewrite_sorted(path: Path, columns: list[str]) -> pd.DataFrame:
-    df = sort_table(read_table(path, columns))
+def rewrite_sorted(path: Path, columns: list[str]) -> None:
+    """Rewrite ``path`` in :func:`sort_table` order, streamed (``tablesort.write_sorted``); an
+    empty file gets the header of ``columns``."""
     if path.exists():
-        atomic_write_text(path, df.to_csv(index=False))
-    return df
+        write_sorted([path], path, columns=None if path.stat().st_size else columns)
 
 
 def drop_unfinished(path: Path, columns: list[str], done: set[tuple[str, str, str]]) -> None:
-    """Remove rows of (model, task, case) without a "done" marker (a run killed mid-case)."""
+    """Remove rows of (model, task, case) without a "done" marker (a run killed mid-case),
+    streamed; a file with nothing to drop is left as it is."""
     truncate_partial_line(path)
-    df = read_table(path, columns)
-    if df.empty:
+
+    def keep(df: pd.DataFrame) -> np.ndarray:
+        cols = (df[c].astype(str) for c in ("model", "task", "case"))
+        return np.array([k in done for k in zip(*cols, strict=True)], dtype=bool)
+
+    old_columns = path.exists() and path.stat().st_size and list(pd.read_csv(path, nrows=0).columns)
+    if not old_columns:
         return
-    cols = (df[c].astype(str) for c in ("model", "task", "case"))
-    keys = list(zip(*cols, strict=True))
-    keep = np.array([k in done for k in keys], dtype=bool)
-    if not keep.all() or list(df.columns) != list(columns):
-        # Also brings a table written by an older version to today's columns before appending.
-        atomic_write_text(path, df[keep].reindex(columns=columns).to_csv(index=False))
+    # Also brings a table written by an older version to today's columns before appending.
+    if old_columns != list(columns) or any(not keep(c).all() for c in chunks(path, CHUNK_ROWS)):
+        write_sorted([path], path, columns=columns, keep=keep, sort=False)
 
 
 def write_skipped(path: Path, entries: list[dict]) -> pd.DataFrame:
