@@ -97,7 +97,7 @@ class KillInside(L.Callback):
 
     TARGETS = {
         # where: (module, attribute, the call writes a file to cut short)
-        "prep": ("sam_ft.data.datamodule", "prepare_star", False),
+        "prep": ("sam_ft.data.preparation", "prepare_star", False),
         "embedding": ("sam_ft.data.embedding_cache", "EmbeddingCache.put", False),
         "checkpoint": ("sam_ft.training.checkpoints", "atomic_write", True),
         "export": ("sam_ft.model.checkpoint", "atomic_write", True),
