@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -186,21 +186,27 @@ def _model_facts(model: Any, digest: Callable[[Any], str]) -> dict[str, Any]:
     }
 
 
+def _indexed_splits(datamodule: Any) -> Iterator[Any]:
+    """The index of each split the datamodule has prepared (none without a datamodule)."""
+    records = getattr(datamodule, "records", None)
+    if not callable(records):
+        return
+    for split in ("train", "val", "test"):
+        try:
+            yield records(split)
+        except (RuntimeError, KeyError):  # not prepared here (another share's split)
+            continue
+
+
 def _cases_digest(keys: Sequence[str], slices: Sequence[int], datamodule: Any) -> str:
     """SHA-256 over the split's cases in order, each with its slice count and (from the
     datamodule's index, no pixel read) its slices' image digests: another copy of the data with
     one changed pixel, or another split, gives another digest."""
     images: dict[str, list[str]] = {}
-    records = getattr(datamodule, "records", None)
-    if callable(records):
-        for split in ("train", "val", "test"):
-            try:
-                refs = records(split)
-            except (RuntimeError, KeyError):
-                continue
-            for r in refs:
-                key = str(getattr(r, "image_id", None) or r.case)
-                images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
+    for refs in _indexed_splits(datamodule):
+        for r in refs:
+            key = str(getattr(r, "image_id", None) or r.case)
+            images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
     h = hashlib.sha256()
     for key, count in zip(keys, slices, strict=True):
         h.update(json.dumps([key, int(count), images.get(key, [])]).encode() + b"\n")
@@ -211,17 +217,11 @@ def slice_counts(cases: Sequence[Case], datamodule: Any = None) -> list[int]:
     """Slices per case, the unit of encoder work, without loading a case that is not loaded:
     a loaded case's own slices, else the datamodule's index (one entry per slice)."""
     index: Counter = Counter()
-    records = getattr(datamodule, "records", None)
-    if callable(records):
-        for split in ("train", "val", "test"):
-            try:
-                refs = records(split)
-            except (RuntimeError, KeyError):
-                continue
-            if callable(per_image := getattr(refs, "slices_per_image", None)):
-                index.update(per_image())  # a SliceIndex: from its entry table, no row read
-                continue
-            index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
+    for refs in _indexed_splits(datamodule):
+        if callable(per_image := getattr(refs, "slices_per_image", None)):
+            index.update(per_image())  # a SliceIndex: from its entry table, no row read
+            continue
+        index.update(str(getattr(r, "image_id", None) or r.case) for r in refs)
     counts = []
     for case in cases:
         if isinstance(case, LazyCase):
