@@ -78,8 +78,8 @@ def _child(args) -> dict:
 
     import torch
 
-    from sam_ft.evaluation.cases import LazyCase
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.cases import LazyCase
+    from sam_ft.evaluation.protocol.engine import evaluate_models
     from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)

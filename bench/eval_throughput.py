@@ -1,6 +1,6 @@
 """Evaluation cost of the study's protocol vs one encoder pass per image.
 
-The product's ``sam_ft.evaluation.engine.evaluate_models`` runs S2-S6 (point1, point5,
+The product's ``sam_ft.evaluation.protocol.engine.evaluate_models`` runs S2-S6 (point1, point5,
 point5_neg5, box, box_point1) at no jitter and three jitter levels (0-10, 10-20, 20-30 px): 20
 prompts per object, oracle mask selection, Dice / IoU / HD95 / NSD per slice and per case, the
 CSVs and overlays.
@@ -80,7 +80,10 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 def _instrument(model, totals: dict[str, float]) -> None:
     """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts
     (in this process: the breakdown runs with ``eval.workers=0``)."""
-    from sam_ft.evaluation import engine, pipeline, scoring, selection
+    from sam_ft.evaluation.protocol import decode_select as selection
+    from sam_ft.evaluation.protocol import engine
+    from sam_ft.evaluation.protocol import run_case as scoring
+    from sam_ft.evaluation.protocol import scoring_pool as pipeline
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
@@ -100,8 +103,12 @@ def _worker_counts(text: str) -> list[int | None]:
 
 def pipeline(args, threads: int) -> float:
     """images/s of the full protocol for each ``--workers`` value, and of the encoder alone."""
-    from sam_ft.evaluation.engine import evaluate_models
-    from sam_ft.evaluation.pipeline import ScoringPool, default_workers, resolve_workers
+    from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.scoring_pool import (
+        ScoringPool,
+        default_workers,
+        resolve_workers,
+    )
 
     device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> float:
         return pipeline(args, threads)
     args.model = args.model or "vit_b"
 
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.engine import evaluate_models
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     splits = write_ct_task(tmp / "task", args.images, args.size)

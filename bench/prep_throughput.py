@@ -44,7 +44,7 @@ def prepare(root: Path, cache: Path, workers: int) -> float:
     """Seconds for ``setup()`` with ``workers`` prep processes on an empty ``cache``."""
     from sam_ft.data.datamodule import SamDataModule
     from sam_ft.model.preprocess import SamTransform
-    from sam_ft.prompts.training import BoxPrompts
+    from sam_ft.prompts.train_sampling import BoxPrompts
 
     task = _task(root)
     data = {"cache_dir": str(cache), "prep_workers": workers, "seed": 0}

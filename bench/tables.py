@@ -37,9 +37,9 @@ def hwm():
 
 from pathlib import Path
 import pandas as pd
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.tables import PER_OBJECT_COLUMNS, read_table
-from sam_ft.evaluation.tablesort import write_sorted
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.protocol.tables import PER_OBJECT_COLUMNS, read_table
+from sam_ft.evaluation.protocol.tablesort import write_sorted
 
 method, out, inputs = sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 base = hwm()
@@ -59,7 +59,7 @@ def write_table(path: Path, rows: int, seed: int = 0, per_case: int = 2000) -> N
     """``rows`` object rows in the engine's columns, one ``to_csv`` append per case."""
     import pandas as pd
 
-    from sam_ft.evaluation.tables import PER_OBJECT_COLUMNS
+    from sam_ft.evaluation.protocol.tables import PER_OBJECT_COLUMNS
 
     rng = np.random.default_rng(seed)
     cases = rng.permutation(max(1, rows // per_case))

@@ -138,7 +138,7 @@ class BootstrapConfig:
 
 @dataclass(frozen=True)
 class PropagateConfig:
-    """``eval.propagate`` (``eval.mode=propagate``: sam_ft.evaluation.propagation)."""
+    """``eval.propagate`` (``eval.mode=propagate``: sam_ft.evaluation.protocol.propagation)."""
 
     prompt: Literal["box", "memory"]
     key: Literal["largest", "middle", "even"]
@@ -149,7 +149,7 @@ class PropagateConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.options)."""
+    """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.protocol.options)."""
 
     split: Literal["test", "val", "all"]
     mode: Literal["slices", "propagate"]
@@ -170,7 +170,8 @@ class EvalConfig:
     queue_mb: int
     everything: EverythingConfig
     bootstrap: BootstrapConfig
-    # "K/N" (checked by sam_ft.evaluation.merge.parse_shard); conf/eval/default.yaml sets null.
+    # "K/N" (checked by sam_ft.evaluation.protocol.merge.parse_shard); conf/eval/default.yaml sets
+    # null.
     shard: str | None = optional()
 
 
@@ -272,7 +273,7 @@ def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping
     """Checks beyond types, by the code that uses the values (so the rules live in one place)."""
     from sam_ft.data.augment import SliceAugment
     from sam_ft.data.tasks import task_options
-    from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.protocol.options import eval_options
 
     task = run.task
     task_options({k: v for k, v in dataclasses.asdict(task).items() if v is not None})
@@ -286,7 +287,7 @@ def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping
     if task.source == "folder" and task.root is None:
         raise ConfigError("task.root is required for a folder task: task.root=/path/to/folder")
     eval_options(eval_cfg)
-    from sam_ft.evaluation.merge import parse_shard
+    from sam_ft.evaluation.protocol.merge import parse_shard
 
     parse_shard(eval_cfg.get("shard"))
     SliceAugment(data_cfg.get("augment") or {}, run.data.min_object_pixels)  # checks the keys

@@ -25,7 +25,7 @@ def job_line(eval_dir: Path, name: str) -> str:
     a multirun job's result in one line (the box prompt without jitter, the study's headline)."""
     import pandas as pd
 
-    from sam_ft.evaluation.summary_tables import ci_cells
+    from sam_ft.evaluation.reports.summary_tables import ci_cells
 
     summary = pd.read_csv(eval_dir / "summary.csv", dtype={"jitter": str, "prompt": str})
     rows = summary[(summary["prompt"] == "box") & (summary["jitter"] == "none")]
@@ -59,7 +59,7 @@ class PrintSweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from sam_ft.errors import SamFtError
-        from sam_ft.evaluation.summary_tables import to_text
+        from sam_ft.evaluation.reports.summary_tables import to_text
         from sam_ft.report import dice_overview, merge_summaries
 
         sweep_dir = Path(str(config.hydra.sweep.dir))

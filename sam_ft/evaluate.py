@@ -21,13 +21,13 @@ from sam_ft.data.datamodule import SamDataModule, load_case_entry
 from sam_ft.data.loading import load_case
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, DataError, exit_on_own_error
-from sam_ft.evaluation.cases import LazyCase
-from sam_ft.evaluation.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
-from sam_ft.evaluation.merge import Shard, balanced_shares, parse_shard
+from sam_ft.evaluation.protocol.cases import LazyCase
+from sam_ft.evaluation.protocol.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
+from sam_ft.evaluation.protocol.merge import Shard, balanced_shares, parse_shard
 from sam_ft.inference.card import apply_card
 from sam_ft.logging_results import eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
-from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.train_sampling import BoxPrompts
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def share_cases(
     """This process's share of ``eval.split`` (``eval.shard=K/N``, or rank K of N of
     ``evaluate.py``'s own ranks), read and verified alone: every case of the split becomes a
     :class:`LazyCase` weighted by its source files' bytes (known from one ``stat``, so every
-    share computes the same shares as ``evaluation.distributed`` will), and only the cases of
-    this share are preprocessed into the slice cache; the others are never read here.
+    share computes the same shares as ``evaluation.protocol.distributed`` will), and only the cases
+    of this share are preprocessed into the slice cache; the others are never read here.
 
     A bad case of the share stops every rank (``data.on_error=raise``: the ranks exchange their
     errors first, so none waits for another at a barrier) or, with ``skip``, fails when its turn
@@ -135,7 +135,7 @@ def compare_models(
     """Evaluate every model on the same cases and prompts; write and log one report.
 
     With ``ranks`` (a distributed evaluation) or ``eval.shard``, this process scores its share
-    (``sam_ft.evaluation.distributed``; ``shared``: its :func:`share_cases`, when prepared
+    (``sam_ft.evaluation.protocol.distributed``; ``shared``: its :func:`share_cases`, when prepared
     already). Returns mean Dice per model for the box prompt without
     jitter (``eval/<model>/box_dice``) and the scalars logged to the run
     (``sam_ft.logging_results.evaluation_scalars``); empty on ranks other than 0.
@@ -179,11 +179,11 @@ RUN_INFO = "run_info.json"
 def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: DictConfig) -> None:
     """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
     preprocessing, mask selection) and its image encoder's median time per image where this
-    process encoded images (``sam_ft.evaluation.timing``), merged with the entries of models
-    evaluated earlier into the same folder (the report covers them too)."""
+    process encoded images (``sam_ft.evaluation.protocol.timing``), merged with the entries of
+    models evaluated earlier into the same folder (the report covers them too)."""
     import json
 
-    from sam_ft.evaluation.timing import device_label, encoder_seconds
+    from sam_ft.evaluation.protocol.timing import device_label, encoder_seconds
 
     path = Path(out_dir) / RUN_INFO
     info = json.loads(path.read_text()) if path.is_file() else {}
@@ -209,7 +209,7 @@ def _write_run_info(out_dir: Path, models: Mapping[str, TrainableSam], cfg: Dict
 def _warn_skipped(out_dir: Path) -> None:
     """A warning naming the cases skipped for bad data (their number reaches every logger
     through :func:`log_evaluation`, as ``eval/skipped``)."""
-    from sam_ft.evaluation.summary import read_skipped
+    from sam_ft.evaluation.reports.summary import read_skipped
 
     skipped = read_skipped(out_dir).drop_duplicates(subset=["case"])
     if len(skipped):

@@ -148,7 +148,7 @@ def evaluation_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
     """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``comparisons``,
     ``calibration``, ``click_curve`` of the
     evaluation in ``out_dir`` (the ones that exist)."""
-    from sam_ft.evaluation.summary_tables import click_curves, prompt_table
+    from sam_ft.evaluation.reports.summary_tables import click_curves, prompt_table
 
     out_dir = Path(out_dir)
     tables: dict[str, pd.DataFrame] = {}
@@ -267,7 +267,7 @@ def _log_wandb(run, scalars, tables, plots, overlays) -> None:
 def _log_tensorboard(writer, scalars, tables, plots, step: int, out_dir: Path) -> None:
     from PIL import Image
 
-    from sam_ft.evaluation.summary_tables import to_markdown
+    from sam_ft.evaluation.reports.summary_tables import to_markdown
 
     for key, value in scalars.items():
         writer.add_scalar(key, value, step)

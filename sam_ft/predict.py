@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_ft.data.skips import SkipLog, check_on_error, raise_or_skip
 from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
-from sam_ft.evaluation.everything import EverythingConfig
+from sam_ft.evaluation.protocol.everything import EverythingConfig
 from sam_ft.inference.card import card_for, read_card
 from sam_ft.inference.frames import file_geometry
 from sam_ft.inference.inputs import companion, list_inputs, load_image, stem_of

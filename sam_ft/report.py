@@ -28,10 +28,10 @@ from pathlib import Path
 import pandas as pd
 
 from sam_ft.errors import SamFtError
-from sam_ft.evaluation import plots
-from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.study import find_per_object, run_config, write_study
-from sam_ft.evaluation.summary_tables import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
+from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
+from sam_ft.evaluation.reports import plots
+from sam_ft.evaluation.reports.study import find_per_object, run_config, write_study
+from sam_ft.evaluation.reports.summary_tables import PROMPT_NAMES, SCORE_COLUMNS, to_markdown
 
 MERGED_KEYS = ["model_size", "finetune", "task", "prompt", "jitter"]
 MERGED_COLUMNS = [
@@ -256,10 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam-ft-report``; returns the exit status (0 ok, 1 on a user error).
 
     ``sam-ft-report merge DIR... --out DIR`` merges ``eval.shard=K/N`` folders instead
-    (``sam_ft.evaluation.merge``)."""
+    (``sam_ft.evaluation.protocol.merge``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
-        from sam_ft.evaluation.merge import main as merge_main
+        from sam_ft.evaluation.protocol.merge import main as merge_main
 
         return merge_main(argv[1:])
     parser = argparse.ArgumentParser(

@@ -20,7 +20,7 @@ from sam_ft.config import parse_config
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, exit_on_own_error
-from sam_ft.evaluation.distributed import TrainerRanks
+from sam_ft.evaluation.protocol.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
     predicted_headline,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sam_ft.evaluation.attributes import object_attributes, spearman_table
+from sam_ft.evaluation.metrics.attributes import object_attributes, spearman_table
 
 ROWS, COLS = np.mgrid[:128, :128]
 

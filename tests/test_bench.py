@@ -66,7 +66,7 @@ def test_volume_metrics_match_monai_on_random_volumes():
     """The 3D metrics' KD-tree path (a bench-driven speed-up) gives MONAI's numbers."""
     from scipy.ndimage import gaussian_filter
 
-    from sam_ft.evaluation.metrics import _monai_metrics, volume_metrics
+    from sam_ft.evaluation.metrics.object_metrics import _monai_metrics, volume_metrics
 
     rng = np.random.default_rng(0)
     checked = 0
@@ -89,7 +89,7 @@ def test_volume_metrics_match_monai_on_random_volumes():
 
 def test_surface_metrics_exact_when_prediction_is_far_from_the_object():
     """The distance window around the ground truth must grow until it reaches the prediction."""
-    from sam_ft.evaluation.metrics import _monai_metrics, volume_metrics
+    from sam_ft.evaluation.metrics.object_metrics import _monai_metrics, volume_metrics
 
     gt = np.zeros((4, 120, 90), dtype=bool)
     gt[1:3, 5:12, 4:9] = True

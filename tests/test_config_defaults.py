@@ -16,7 +16,7 @@ from sam_ft.config import parse_config
 from sam_ft.data.augment import SliceAugment
 from sam_ft.data.tasks import data_options, task_options
 from sam_ft.defaults import group_defaults
-from sam_ft.evaluation.options import eval_options
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.prompts.jitter import jitter_levels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ MODULES = (
     "sam_ft.data.augment",
     "sam_ft.data.datamodule",
     "sam_ft.data.loading",
-    "sam_ft.evaluation.engine",
+    "sam_ft.evaluation.protocol.engine",
     "sam_ft.config",
 )
 

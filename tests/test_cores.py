@@ -10,7 +10,7 @@ import pytest
 
 from sam_ft.cores import cores_per_rank, slurm_tasks_on_node
 from sam_ft.data.preparation import prep_workers
-from sam_ft.evaluation.pipeline import default_workers
+from sam_ft.evaluation.protocol.scoring_pool import default_workers
 
 SLURM = (
     "SLURM_CPUS_PER_TASK",

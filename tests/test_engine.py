@@ -12,12 +12,12 @@ from segment_anything import SamPredictor
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
-from sam_ft.evaluation.cases import LazyCase, lazy_cases
-from sam_ft.evaluation.engine import evaluate_models
-from sam_ft.evaluation.metrics import volume_metrics
-from sam_ft.evaluation.options import eval_options
-from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.scoring import _per_case_rows
+from sam_ft.evaluation.metrics.object_metrics import volume_metrics
+from sam_ft.evaluation.protocol.cases import LazyCase, lazy_cases
+from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.options import eval_options
+from sam_ft.evaluation.protocol.predictions import CasePredictions
+from sam_ft.evaluation.protocol.run_case import _per_case_rows
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.strategies import make_eval_prompt

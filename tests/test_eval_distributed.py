@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.merge import balanced_shares, merge_shards, parse_shard
+from sam_ft.evaluation.protocol.merge import balanced_shares, merge_shards, parse_shard
 from sam_ft.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.engine import evaluate_models
-from sam_ft.evaluation.metrics import batch_slice_metrics
-from sam_ft.evaluation.options import eval_options
-from sam_ft.evaluation.pipeline import WorkerDiedError, pack_masks, unpack_masks
-from sam_ft.evaluation.predictions import CasePredictions
+from sam_ft.evaluation.metrics.object_metrics import batch_slice_metrics
+from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.options import eval_options
+from sam_ft.evaluation.protocol.predictions import CasePredictions
+from sam_ft.evaluation.protocol.scoring_pool import WorkerDiedError, pack_masks, unpack_masks
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -189,7 +189,7 @@ def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
 def test_overlap_scores_on_the_device_equal_the_numpy_metrics(device):
     """Dice / IoU from the device's counts are batch_slice_metrics' float64 numbers bit for bit,
     empty ground truth, empty prediction and both empty included."""
-    from sam_ft.evaluation.overlap import overlap_scores
+    from sam_ft.evaluation.metrics.overlap import overlap_scores
 
     rng = np.random.default_rng(7)
     n, h, w = 64, 37, 29  # H * W not a multiple of 8
@@ -214,7 +214,7 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     """Thresholding and selection stay on the model's device; the same channel as the host's
     ``select_masks`` comes out, ties (an empty GT, identical masks) included, with the kept
     masks' Dice / IoU equal to the numpy metrics'."""
-    from sam_ft.evaluation.selection import _select_on_device, pack_bits, select_masks
+    from sam_ft.evaluation.protocol.decode_select import _select_on_device, pack_bits, select_masks
 
     rng = np.random.default_rng(1)
     binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)
@@ -237,7 +237,7 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
 
 
 def test_decode_scored_packed_equals_unpacked(model):
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
     from sam_ft.prompts.strategies import make_eval_prompt
 
     rec = _records("p", (1,))[0]
@@ -260,7 +260,7 @@ def test_decode_scored_packed_equals_unpacked(model):
 def test_decode_scored_gives_the_numpy_metrics_with_one_gt_per_object(model, mode):
     """One GT per object on the device (``gt_of``) gives what one GT per prompt gives, and the
     scores are the numpy metrics of the kept masks against their object's GT."""
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
     from sam_ft.prompts.strategies import make_eval_prompt
 
     rec = _records("q", (2,))[0]
@@ -300,8 +300,8 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
     """End to end: the CSVs with Dice / IoU from the device equal, byte for byte, those of a
     run whose Dice / IoU are the numpy metrics of the same masks (what the workers computed
     before), Everything mode and the click curve included."""
-    from sam_ft.evaluation import scoring
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol import run_case as scoring
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
 
     kw = dict(task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "workers": 0, "prompts": ["everything", "point1", "point5_neg5", "box"]}
@@ -337,7 +337,7 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
 
     script = (
         "import os, signal\n"
-        "from sam_ft.evaluation.pipeline import ScoringPool, default_workers\n"
+        "from sam_ft.evaluation.protocol.scoring_pool import ScoringPool, default_workers\n"
         "pool = ScoringPool(2)\n"
         "pool.submit(default_workers, None).result()\n"
         "print(' '.join(str(p) for p in pool._executor._processes), flush=True)\n"
@@ -368,7 +368,7 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
     never loaded on resume; the files are those of cases given already loaded."""
     import threading
 
-    from sam_ft.evaluation.cases import LazyCase
+    from sam_ft.evaluation.protocol.cases import LazyCase
 
     loads: list[tuple[str, str]] = []
 

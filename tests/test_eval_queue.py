@@ -13,9 +13,9 @@ import torch
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.cases import LazyCase
-from sam_ft.evaluation.engine import evaluate_models
-from sam_ft.evaluation.options import eval_options
+from sam_ft.evaluation.protocol.cases import LazyCase
+from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -70,8 +70,8 @@ def test_cases_over_the_byte_bound_are_committed_before_the_next_is_started(tmp_
 
 
 def test_a_pending_case_counts_its_slices_volume_and_predictions():
-    from sam_ft.evaluation.predictions import CasePredictions
-    from sam_ft.evaluation.scoring import PendingCase
+    from sam_ft.evaluation.protocol.predictions import CasePredictions
+    from sam_ft.evaluation.protocol.run_case import PendingCase
 
     records = _case("c", type("P", (), {"is_file": lambda self: False})(), [])
     store = CasePredictions((SIZE, SIZE))

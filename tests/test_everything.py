@@ -8,13 +8,13 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from sam_ft.data.types import SliceRecord
-from sam_ft.evaluation.engine import evaluate_models
-from sam_ft.evaluation.everything import (
+from sam_ft.evaluation.metrics.overlap import dice_matrix
+from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.everything import (
     EverythingConfig,
     everything_predictions,
     generate_masks,
 )
-from sam_ft.evaluation.overlap import dice_matrix
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 

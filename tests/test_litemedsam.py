@@ -16,7 +16,7 @@ cv2 = pytest.importorskip("cv2")
 nib = pytest.importorskip("nibabel")
 datasets = pytest.importorskip("nilearn.datasets")
 
-from sam_ft.evaluation.selection import decode_scored  # noqa: E402
+from sam_ft.evaluation.protocol.decode_select import decode_scored  # noqa: E402
 from sam_ft.prompts.types import Prompt  # noqa: E402
 
 

@@ -61,7 +61,7 @@ def _medsam_masks(low_res_logits: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 def test_medsam_masks_are_sigmoid_then_upsampled_then_half():
     """The evaluation keeps MedSAM's mask: sigmoid before the upsampling, not logits > 0."""
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
     from sam_ft.model.builders import build_sam
     from sam_ft.model.trainable import TrainableSam
     from sam_ft.prompts.types import Prompt

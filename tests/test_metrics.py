@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-from sam_ft.evaluation.metrics import (
+from sam_ft.evaluation.metrics.object_metrics import (
     METRIC_KEYS,
     batch_slice_metrics,
     slice_metrics,
@@ -211,7 +211,7 @@ def _volume_variants(rng: np.random.Generator, gt: np.ndarray) -> list[np.ndarra
 
 def test_quantile_matches_torch_bit_for_bit():
     # The HD95 percentile skips torch's sort; it must still give torch.quantile's float32 value.
-    from sam_ft.evaluation.surface import _quantile95
+    from sam_ft.evaluation.metrics.surface import _quantile95
 
     rng = np.random.default_rng(3)
     sizes = [*range(1, 120), 1000, 4321, 65537]
@@ -230,7 +230,7 @@ def test_quantile_matches_torch_bit_for_bit():
 def test_surface_is_mask_minus_its_erosion():
     from scipy.ndimage import binary_erosion
 
-    from sam_ft.evaluation.surface import _surface
+    from sam_ft.evaluation.metrics.surface import _surface
 
     rng = np.random.default_rng(4)
     for shape in [(1, 5), (5, 1), (7, 9), (1, 6, 6), (2, 8, 9), (5, 1, 4), (6, 7, 8)]:
@@ -241,7 +241,7 @@ def test_surface_is_mask_minus_its_erosion():
 def test_distance_map_equals_scipy_edt():
     from scipy.ndimage import distance_transform_edt
 
-    from sam_ft.evaluation import surface
+    from sam_ft.evaluation.metrics import surface
 
     rng = np.random.default_rng(5)
     for shape in [(30, 41), (6, 25, 33)]:
@@ -252,7 +252,7 @@ def test_distance_map_equals_scipy_edt():
 
 
 def test_batch_volume_matches_volume_metrics_and_monai():
-    from sam_ft.evaluation.metrics import batch_volume_metrics
+    from sam_ft.evaluation.metrics.object_metrics import batch_volume_metrics
 
     rng = np.random.default_rng(6)
     for trial in range(3):
@@ -277,7 +277,7 @@ def test_batch_volume_matches_volume_metrics_and_monai():
 
 def test_batch_volume_grows_its_distance_map_for_later_predictions():
     # Each prediction reaches farther than the ones before: the shared map must be rebuilt.
-    from sam_ft.evaluation.metrics import batch_volume_metrics
+    from sam_ft.evaluation.metrics.object_metrics import batch_volume_metrics
 
     gt = np.zeros((4, 60, 50), dtype=bool)
     gt[1:3, 25:32, 20:26] = True
@@ -332,7 +332,7 @@ def test_far_apart_masks_2d_and_3d():
 
 
 def test_batch_volume_empty_rules_and_checks():
-    from sam_ft.evaluation.metrics import batch_volume_metrics
+    from sam_ft.evaluation.metrics.object_metrics import batch_volume_metrics
 
     gt = np.zeros((3, 8, 8), dtype=bool)
     gt[1, 2:6, 2:6] = True

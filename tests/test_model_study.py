@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sam_ft.evaluation.summary_tables import summarize
+from sam_ft.evaluation.reports.summary_tables import summarize
 from sam_ft.report import figure_table, main, merge_summaries
 
 ROOT = Path(__file__).resolve().parents[1]

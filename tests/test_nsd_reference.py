@@ -12,7 +12,7 @@ import pytest
 import surface_distance
 from scipy.ndimage import binary_dilation
 
-from sam_ft.evaluation.metrics import (
+from sam_ft.evaluation.metrics.object_metrics import (
     batch_slice_metrics,
     batch_volume_metrics,
     slice_metrics,

@@ -11,7 +11,7 @@ import torch
 from test_predict import lps_affine, make_volume, run_predict, save, weights  # noqa: F401
 
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.propagation import next_box
+from sam_ft.evaluation.protocol.propagation import next_box
 
 KEY = 2
 

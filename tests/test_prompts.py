@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything.utils.amg import build_point_grid
 
-from sam_ft.evaluation.overlap import dice_matrix, match_masks_to_objects
-from sam_ft.evaluation.selection import MASK_SELECTIONS, needs_multimask, select_masks
+from sam_ft.evaluation.metrics.overlap import dice_matrix, match_masks_to_objects
+from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS, needs_multimask, select_masks
 from sam_ft.prompts.geometry import enlarged_box, mask_box, mask_centroid, point_grid
 from sam_ft.prompts.jitter import (
     jitter_levels,
@@ -479,7 +479,7 @@ def test_even_first_point_inside_when_centroid_outside():
 
 
 def test_random_sampling_stays_an_option_and_deterministic():
-    from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.protocol.options import eval_options
 
     assert eval_options({}).point_sampling == "even"
     m = rect(40, 60, 10, 29, 20, 49)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sam_ft.evaluation.propagation import chain_ranges, key_slices, next_box
+from sam_ft.evaluation.protocol.propagation import chain_ranges, key_slices, next_box
 from sam_ft.model.preprocess_lite import LiteMedSamTransform
 
 cv2 = pytest.importorskip("cv2")
@@ -183,7 +183,7 @@ def _load(root):
 
 
 def _run(litemedsam, case, tmp_path, **propagate):
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.engine import evaluate_models
 
     ours, _ = litemedsam
     cfg = {
@@ -248,7 +248,7 @@ def test_box_propagation_equals_the_official_litemedsam_3d_loop(litemedsam, mni_
 )
 def test_bad_propagate_options_are_one_line_errors(cfg, message):
     from sam_ft.errors import ConfigError
-    from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.protocol.options import eval_options
 
     with pytest.raises(ConfigError, match=message) as info:
         eval_options(cfg)
@@ -258,8 +258,8 @@ def test_bad_propagate_options_are_one_line_errors(cfg, message):
 def test_slices_mode_keeps_its_config_hash():
     """eval.propagate decides nothing in the slices mode: the provenance hash ignores it (the
     slices mode's files stay byte-identical to those before the modes), and not in propagate."""
-    from sam_ft.evaluation.options import eval_options
-    from sam_ft.evaluation.provenance import config_hash
+    from sam_ft.evaluation.protocol.options import eval_options
+    from sam_ft.evaluation.reports.provenance import config_hash
 
     plain, other = eval_options({}), eval_options({"propagate": {"key": "middle"}})
     assert config_hash(plain, 0) == config_hash(other, 0)

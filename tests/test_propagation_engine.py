@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sam_ft.evaluation.engine import evaluate_models
+from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -108,8 +108,8 @@ def test_propagation_shards_merge_and_resume_equal_one_process(model, cases, tmp
     killed mid-case resumes to the same files."""
     from omegaconf import OmegaConf
 
-    from sam_ft.evaluation.distributed import evaluate_cases
-    from sam_ft.evaluation.merge import merge_shards
+    from sam_ft.evaluation.protocol.distributed import evaluate_cases
+    from sam_ft.evaluation.protocol.merge import merge_shards
 
     def run(out, shard=None, subset=cases):
         # Few bootstrap resamples: the reports' CIs are not what is tested here.

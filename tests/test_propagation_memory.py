@@ -22,8 +22,8 @@ import torch
 if importlib.util.find_spec("sam2") is None:  # pragma: no cover
     pytest.skip("sam2 is not installed (pip install 'sam_ft[sam2]')", allow_module_level=True)
 
-from sam_ft.evaluation.propagation import Chain, key_slices  # noqa: E402
-from sam_ft.evaluation.propagation_memory import propagate_memory  # noqa: E402
+from sam_ft.evaluation.protocol.propagation import Chain, key_slices  # noqa: E402
+from sam_ft.evaluation.protocol.propagation_memory import propagate_memory  # noqa: E402
 from sam_ft.prompts.strategies import make_eval_prompt  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
@@ -167,7 +167,7 @@ def test_evaluate_with_memory_writes_the_official_masks_tables(ours, official, o
     """``eval.mode=propagate eval.propagate.prompt=memory`` through the engine: the
     propagation table's pixel counts and Dice per slice are the official masks' (each object's
     box on its key slice, the whole volume both ways), and the 3D Dice is theirs."""
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.engine import evaluate_models
 
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
     cfg |= {"mode": "propagate", "propagate": {"prompt": "memory"}}
@@ -197,7 +197,7 @@ def test_memory_needs_a_sam2_model(case, tmp_path):
     """A SAM (not SAM 2) model with prompt=memory: one line naming the option; the box
     propagator runs SAM 2 models too (the engine test above uses the same case)."""
     from sam_ft.errors import ConfigError
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.engine import evaluate_models
     from sam_ft.model.builders import build_sam_architecture
     from sam_ft.model.trainable import TrainableSam
 
@@ -215,7 +215,7 @@ def test_memory_needs_a_sam2_model(case, tmp_path):
 def test_box_propagator_runs_a_sam2_model(ours, case, tmp_path):
     """eval.propagate.prompt=box with SAM 2.1: the box rule on its image path, one key per
     object, the key slice's mask scored."""
-    from sam_ft.evaluation.engine import evaluate_models
+    from sam_ft.evaluation.protocol.engine import evaluate_models
 
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
     cfg |= {"mode": "propagate", "propagate": {"prompt": "box"}}

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sam_ft.evaluation.plots import plot_overlay_grid
-from sam_ft.evaluation.summary import write_report
-from sam_ft.evaluation.summary_tables import SUMMARY_COLUMNS, noc, summarize
+from sam_ft.evaluation.reports.plots import plot_overlay_grid
+from sam_ft.evaluation.reports.summary import write_report
+from sam_ft.evaluation.reports.summary_tables import SUMMARY_COLUMNS, noc, summarize
 from sam_ft.prompts.types import Prompt
 from sam_ft.report import main, merge_summaries
 
@@ -90,7 +90,7 @@ def test_summaries_per_label_value_beside_the_pooled_one(tmp_path):
     """The official code reports each target (liver, tumour) on its own: summary_label.csv has
     one row per (model, task, label, prompt, jitter), with the same statistics as the pooled
     summary computed over that label's objects only."""
-    from sam_ft.evaluation.summary_tables import summarize_by_label
+    from sam_ft.evaluation.reports.summary_tables import summarize_by_label
 
     rng = np.random.default_rng(0)
     rows = []
@@ -313,8 +313,8 @@ def test_report_cli_names_the_folder_without_summaries(tmp_path, capsys):
 def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
     """Levels [[0, 5], [5, 10], [10, 20]]: as text "10-20" < "5-10"; every table must order
     none, 0-5, 5-10, 10-20 and the robustness drop must go to 10-20, the largest level."""
-    from sam_ft.evaluation.order import sort_table
-    from sam_ft.evaluation.summary_tables import jitter_table
+    from sam_ft.evaluation.protocol.order import sort_table
+    from sam_ft.evaluation.reports.summary_tables import jitter_table
 
     dice = {"none": 0.9, "0-5": 0.8, "5-10": 0.7, "10-20": 0.5}
     order = list(dice)
@@ -370,7 +370,7 @@ def test_2d_images_without_spacing_report_distances_in_pixels(tmp_path):
 
 def test_engine_labels_png_distances_px_and_volumes_mm():
     from sam_ft.data.types import SliceRecord
-    from sam_ft.evaluation.scoring import distance_unit
+    from sam_ft.evaluation.protocol.run_case import distance_unit
 
     def rec(s, spacing):
         m = np.zeros((1, 8, 8), bool)
@@ -386,7 +386,7 @@ def test_jitter_plot_tells_zero_shot_from_finetuned_by_colour():
     prompts of one model differ in line style. One model: the prompts get the colours."""
     from matplotlib.colors import to_hex
 
-    from sam_ft.evaluation.plots import jitter_figure
+    from sam_ft.evaluation.reports.plots import jitter_figure
 
     rows = [
         {"model": m, "prompt": p, "jitter": j, "dice_mean": d}

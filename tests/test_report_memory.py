@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sam_ft.evaluation.tables import PER_OBJECT_COLUMNS
+from sam_ft.evaluation.protocol.tables import PER_OBJECT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["everything", "point1", "point5", "point5_neg5", "box", "box_point1"]
@@ -38,7 +38,7 @@ def hwm():
 
 
 from sam_ft.report import main
-from sam_ft.evaluation.study import load_study
+from sam_ft.evaluation.reports.study import load_study
 
 base = hwm()
 if sys.argv[1] == "report":

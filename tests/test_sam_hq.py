@@ -226,7 +226,7 @@ def test_evaluate_cli_on_png_folder_gives_official_dice(official_file, tmp_path,
         got = {(r["case"], int(r["label"]), r["prompt"]): float(r["dice"])
                for r in csv.DictReader(f)}  # fmt: skip
     assert got.keys() == expected.keys()
-    # The encoder was timed on each of the 2 images (sam_ft.evaluation.timing).
+    # The encoder was timed on each of the 2 images (sam_ft.evaluation.protocol.timing).
     (info,) = run.rglob("run_info.json")
     timed = json.loads(info.read_text())["models"]["zero_shot"]
     assert timed["encoder_images_timed"] == 2 and timed["encoder_seconds_per_image"] > 0

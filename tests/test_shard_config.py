@@ -1,5 +1,5 @@
 """Shards refuse to merge unless they scored the same data, weights, preprocessing and
-precision: ``shard.json`` records each (``evaluation.distributed.shard_config``), and
+precision: ``shard.json`` records each (``evaluation.protocol.distributed.shard_config``), and
 ``sam-ft-report merge`` names the first that differs. Real tiny models and the real composed
 config; the weights' reference digest is computed here with hashlib."""
 
@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.distributed import shard_config
-from sam_ft.evaluation.merge import Shard, read_shards, write_shard_file
+from sam_ft.evaluation.protocol.distributed import shard_config
+from sam_ft.evaluation.protocol.merge import Shard, read_shards, write_shard_file
 
 KEYS, SLICES = ["demo_000", "demo_001"], [5, 7]
 

@@ -12,12 +12,12 @@ import pytest
 from scipy import stats
 
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.calibration import calibration_table
-from sam_ft.evaluation.options import eval_options
-from sam_ft.evaluation.provenance import config_hash
-from sam_ft.evaluation.statistics import Bootstrap, comparison_table, holm
-from sam_ft.evaluation.summary import write_report
-from sam_ft.evaluation.summary_tables import pooled_summary, summarize
+from sam_ft.evaluation.protocol.options import eval_options
+from sam_ft.evaluation.reports.calibration import calibration_table
+from sam_ft.evaluation.reports.provenance import config_hash
+from sam_ft.evaluation.reports.statistics import Bootstrap, comparison_table, holm
+from sam_ft.evaluation.reports.summary import write_report
+from sam_ft.evaluation.reports.summary_tables import pooled_summary, summarize
 
 BOOT = Bootstrap(resamples=999, seed=7, method="BCa", confidence=0.95)
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from sam_ft.evaluation.statistics import Bootstrap
-from sam_ft.evaluation.study import load_study, study_tables
+from sam_ft.evaluation.reports.statistics import Bootstrap
+from sam_ft.evaluation.reports.study import load_study, study_tables
 from sam_ft.report import main
 
 BOOT = Bootstrap(resamples=500, seed=1, method="percentile", confidence=0.95)
@@ -167,8 +167,8 @@ def test_report_cli_writes_the_study(study_dir, capsys):
 def test_streamed_study_writes_the_bytes_of_the_in_memory_tables(study_dir, tmp_path, monkeypatch):
     """``write_study`` streams the rows through partitions (3-row chunks here, so every file is
     read in several): each CSV is the one the whole-table path writes."""
-    from sam_ft.evaluation import study_parts
-    from sam_ft.evaluation.study import write_study
+    from sam_ft.evaluation.reports import study_parts
+    from sam_ft.evaluation.reports.study import write_study
 
     monkeypatch.setattr(study_parts, "CHUNK_ROWS", 3)
     out = tmp_path / "streamed"

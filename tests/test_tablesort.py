@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.tables import PER_OBJECT_COLUMNS, drop_unfinished, read_table
-from sam_ft.evaluation.tablesort import write_sorted
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.protocol.tables import PER_OBJECT_COLUMNS, drop_unfinished, read_table
+from sam_ft.evaluation.protocol.tablesort import write_sorted
 
 
 def _rows(seed: int, n: int) -> pd.DataFrame:

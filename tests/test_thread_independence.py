@@ -25,7 +25,7 @@ from sam_ft.data.types import SliceRecord  # sam_ft first: it sets MKL's mode
 import numpy as np
 import torch
 
-from sam_ft.evaluation.engine import evaluate_models
+from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.clicks import add_click, low_res_to_original, next_click, next_clicks
-from sam_ft.prompts.training import (
+from sam_ft.prompts.train_sampling import (
     BoxPrompts,
     IterativePrompts,
     JitteredBoxPrompts,

@@ -100,7 +100,7 @@ def test_model_configs_state_their_mask_outputs():
 
 
 def test_auto_selection_is_sams_convention():
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
 
     model = _tiny()
     image, masks = _scene()
@@ -120,7 +120,7 @@ def test_auto_selection_is_sams_convention():
 
 @pytest.mark.parametrize("mode", ["oracle", "predicted_iou", "single", "auto"])
 def test_single_output_model_uses_its_one_mask_in_every_mode(mode):
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
 
     model = _tiny(multimask_output=False)
     image, masks = _scene()
@@ -190,7 +190,7 @@ def _module(model, selection: str, resolution: str = "original"):
 @pytest.mark.parametrize("selection", ["oracle", "predicted_iou"])
 def test_validation_selects_masks_as_the_evaluation_does(selection):
     """val/dice is the mean Dice of the masks eval.mask_selection keeps (oracle: the best of 3)."""
-    from sam_ft.evaluation.selection import decode_scored
+    from sam_ft.evaluation.protocol.decode_select import decode_scored
 
     model = _tiny()
     module = _module(model, selection)

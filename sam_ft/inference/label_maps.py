@@ -36,10 +36,10 @@ import torch
 from sam_ft.data.loading import CaseData, dataset_meta, load_case
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.everything import EverythingConfig, generate_codes
-from sam_ft.evaluation.everything import decode_mask as decode_code
-from sam_ft.evaluation.predictions import label_map
-from sam_ft.evaluation.selection import MASK_SELECTIONS, decode_scored
+from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS, decode_scored
+from sam_ft.evaluation.protocol.everything import EverythingConfig, generate_codes
+from sam_ft.evaluation.protocol.everything import decode_mask as decode_code
+from sam_ft.evaluation.protocol.predictions import label_map
 from sam_ft.inference.inputs import LoadedImage, stem_of
 from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
@@ -101,10 +101,9 @@ def decode_select(
 ) -> np.ndarray:
     """(N, H, W) bool: one mask per prompt, chosen by ``mode``.
 
-    Evaluation's own decoding (:func:`sam_ft.evaluation.selection.decode_scored`: the same
-    decoder calls in the same order, the same per-prompt selection, e.g. ``auto`` keeps SAM's
-    single output for an unambiguous prompt), so the masks are bit for bit those evaluation
-    scores.
+    Evaluation's own decoding (:func:`sam_ft.evaluation.protocol.decode_select.decode_scored`: the
+    same decoder calls in the same order, the same per-prompt selection, e.g. ``auto`` keeps SAM's
+    single output for an unambiguous prompt), so the masks are bit for bit those evaluation scores.
 
     Args:
         embedding: (C, h, w) image embedding.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sam_ft.data.slicing import from_slicing_frame
-from sam_ft.evaluation.predictions import write_png
+from sam_ft.evaluation.protocol.predictions import write_png
 from sam_ft.inference.frames import file_geometry, write_label_volume
 from sam_ft.inference.inputs import stem_of
 from sam_ft.prompts.types import Prompt

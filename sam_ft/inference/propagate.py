@@ -1,5 +1,5 @@
 """``predict.py propagate=box``: prompts on one or a few slices of a volume, masks carried to
-every other slice (:func:`sam_ft.evaluation.propagation.propagate_boxes`, the box rule of
+every other slice (:func:`sam_ft.evaluation.protocol.propagation.propagate_boxes`, the box rule of
 ``evaluate.py eval.mode=propagate``), one label volume out."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.predictions import label_map
-from sam_ft.evaluation.propagation import Chain, chain_ranges, propagate_boxes
+from sam_ft.evaluation.protocol.predictions import label_map
+from sam_ft.evaluation.protocol.propagation import Chain, chain_ranges, propagate_boxes
 from sam_ft.inference.inputs import LoadedImage
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt

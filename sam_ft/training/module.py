@@ -39,8 +39,8 @@ class SamFinetuneModule(L.LightningModule):
             ``"auto"``: each prompt as ``eval.mask_selection=auto`` decodes it (3 masks for a
             lone point, else 1), so the IoU head learns to rank the masks auto ranks.
         mask_selection: how validation keeps one mask per object, as ``eval.mask_selection``
-            (``sam_ft.evaluation.selection.decode_scored``), so ``val/dice`` ranks checkpoints by
-            the measure the evaluation reports.
+            (``sam_ft.evaluation.protocol.decode_select.decode_scored``), so ``val/dice`` ranks
+            checkpoints by the measure the evaluation reports.
         iterative_rounds: extra click rounds per step (``prompt=iterative``); loss on every round.
         max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients
             (fp16 overflow steps that GradScaler skips are counted apart and never stop the run).
@@ -113,7 +113,7 @@ class SamFinetuneModule(L.LightningModule):
 
     def _decode_as_auto(self, emb, prompts, size):
         """(K, 3, h, w) logits and (K, 3) IoU: 3 masks for lone points, the single one x 3 else."""
-        from sam_ft.evaluation.selection import is_ambiguous
+        from sam_ft.evaluation.protocol.decode_select import is_ambiguous
 
         ambiguous = [is_ambiguous(p) for p in prompts]
         self.auto_ranked += sum(ambiguous)
@@ -255,7 +255,7 @@ class SamFinetuneModule(L.LightningModule):
     def _best_by_target(logits, target):
         """(N, M, h, w) logits of M candidate masks, (N, h, w) target -> (N,) index of the mask
         with the best Dice (the package's one Dice: an empty mask matches an empty target)."""
-        from sam_ft.evaluation.overlap import overlap_scores
+        from sam_ft.evaluation.metrics.overlap import overlap_scores
 
         dice, _ = overlap_scores(logits > 0, target[:, None].bool())
         return dice.argmax(dim=1)
@@ -331,7 +331,7 @@ class SamFinetuneModule(L.LightningModule):
     # --- validation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from sam_ft.evaluation.selection import decode_scored
+        from sam_ft.evaluation.protocol.decode_select import decode_scored
 
         embeddings = self._embeddings(batch)
         for b, (emb, prompts) in enumerate(zip(unbatch(embeddings), batch["prompts"], strict=True)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sam_ft.evaluation.plots import plot_overlay_grid
+from sam_ft.evaluation.reports.plots import plot_overlay_grid
 
 
 def log_overlays(items: list, path: Path, loggers: list, step: int) -> Path:

@@ -16,7 +16,7 @@ from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform
-from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.train_sampling import BoxPrompts
 
 SHAPE = (24, 24, 3)
 

@@ -22,7 +22,7 @@ from sam_ft.data.datamodule import SamDataModule
 from sam_ft.data.tasks import prepare_task
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform
-from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.train_sampling import BoxPrompts
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sam_ft.data.dataset import (
 from sam_ft.data.embedding_cache import encoder_fingerprint
 from sam_ft.data.types import SliceRecord
 from sam_ft.model.preprocess import SamTransform
-from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.train_sampling import BoxPrompts
 from sam_ft.prompts.types import Prompt
 
 S = 64

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from sam_ft.data.folder import find_cases
-from sam_ft.evaluation.cases import lazy_cases
-from sam_ft.evaluation.engine import evaluate_models
+from sam_ft.evaluation.protocol.cases import lazy_cases
+from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 

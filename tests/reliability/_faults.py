@@ -101,7 +101,7 @@ class KillInside(L.Callback):
         "embedding": ("sam_ft.data.embedding_cache", "EmbeddingCache.put", False),
         "checkpoint": ("sam_ft.training.checkpoints", "atomic_write", True),
         "export": ("sam_ft.model.checkpoint", "atomic_write", True),
-        "evaluation": ("sam_ft.evaluation.engine", "append_progress", False),
+        "evaluation": ("sam_ft.evaluation.protocol.engine", "append_progress", False),
     }
 
     def __init__(

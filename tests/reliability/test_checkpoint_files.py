@@ -94,7 +94,7 @@ import resource, signal, sys
 from omegaconf import OmegaConf
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.model.preprocess import SamTransform
-from sam_ft.prompts.training import BoxPrompts
+from sam_ft.prompts.train_sampling import BoxPrompts
 
 task = OmegaConf.to_container(OmegaConf.load("conf/task/demo.yaml").task)
 task["root"] = sys.argv[1] + "/demo"

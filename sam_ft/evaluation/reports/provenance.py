@@ -19,7 +19,7 @@ import pandas as pd
 from sam_ft import __version__
 
 if TYPE_CHECKING:
-    from sam_ft.evaluation.options import EvalOptions
+    from sam_ft.evaluation.protocol.options import EvalOptions
 
 NSD_WORDS = {
     "area": "DeepMind's surface Dice (surface-distance's area-weighted surface elements, as "
@@ -51,7 +51,8 @@ def provenance(options: EvalOptions, seed: int | None, rows: pd.DataFrame) -> di
         "sam_ft_version": __version__,
         "config_hash": config_hash(options, seed),
         "seed": seed,
-        "dice_iou": "sam_ft.evaluation.overlap (one Dice and IoU on the original-size masks; "
+        "dice_iou": "sam_ft.evaluation.metrics.overlap (one Dice and IoU on the original-size "
+        "masks; "
         "empty masks by its table)",
         "hd95": "MONAI's (monai.metrics.compute_hausdorff_distance, percentile=95); missing "
         "when a mask is empty, never 0",

@@ -14,8 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sam_ft.evaluation.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
-from sam_ft.evaluation.overlap import dice_from_counts, dice_iou, overlap_counts, overlap_scores
+from sam_ft.evaluation.metrics.overlap import (
+    dice_from_counts,
+    dice_iou,
+    overlap_counts,
+    overlap_scores,
+)
+from sam_ft.evaluation.protocol.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
 from sam_ft.model.backend import first_tensor
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt

@@ -2,9 +2,9 @@
 tasks (micro) lets the largest data set dominate; the mean of task means (macro) gives each task
 one vote; the mean of case means gives each case one vote.
 
-Every level's CI resamples cases (``scipy.stats.bootstrap``, :mod:`sam_ft.evaluation.statistics`);
-the macro CI recomputes each task's mean from the resampled cases of that task (a task absent
-from a resample is left out of that resample's mean).
+Every level's CI resamples cases (``scipy.stats.bootstrap``,
+:mod:`sam_ft.evaluation.reports.statistics`); the macro CI recomputes each task's mean from the
+resampled cases of that task (a task absent from a resample is left out of that resample's mean).
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.statistics import BATCH, Bootstrap, bootstrap_ci, case_totals, cluster_ids
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.reports.statistics import (
+    BATCH,
+    Bootstrap,
+    bootstrap_ci,
+    case_totals,
+    cluster_ids,
+)
 
 LEVELS = {
     "object": "object (micro: pooled over every object)",

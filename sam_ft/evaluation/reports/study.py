@@ -12,9 +12,9 @@ The task, modality and object tables are pooled over objects: a mean is over all
 behind it, and ``n`` says how many (as the study reports means over its masks); the task table
 adds the mean of case means. ``study_levels.csv`` sets the levels side by side across tasks:
 pooled over objects (micro), mean of case means, mean of task means (macro)
-(:mod:`sam_ft.evaluation.levels`). Every mean has a CI resampling cases, every comparison a
+(:mod:`sam_ft.evaluation.reports.levels`). Every mean has a CI resampling cases, every comparison a
 paired CI, a Wilcoxon p over cases and Holm's correction within its table
-(:mod:`sam_ft.evaluation.statistics`; the bootstrap settings of ``conf/eval/default.yaml``).
+(:mod:`sam_ft.evaluation.reports.statistics`; the bootstrap settings of ``conf/eval/default.yaml``).
 Rows without jitter unless named.
 
 Files: ``study.md``; ``study_task.csv``, ``study_modality.csv``, ``study_object.csv``,
@@ -34,11 +34,11 @@ from omegaconf import OmegaConf
 
 from sam_ft import __version__
 from sam_ft.errors import SamFtError
-from sam_ft.evaluation import plots
-from sam_ft.evaluation.levels import aggregation_levels, with_case_level
-from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.statistics import CI_SETTINGS, Bootstrap, add_intervals, holm, paired
-from sam_ft.evaluation.summary_tables import PROMPT_NAMES, signed_ci, to_markdown, with_ci
+from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
+from sam_ft.evaluation.reports import plots
+from sam_ft.evaluation.reports.levels import aggregation_levels, with_case_level
+from sam_ft.evaluation.reports.statistics import CI_SETTINGS, Bootstrap, add_intervals, holm, paired
+from sam_ft.evaluation.reports.summary_tables import PROMPT_NAMES, signed_ci, to_markdown, with_ci
 
 UNKNOWN = "unknown"
 ROW_KEYS = ["model_size", "setting", "task", "case", "slice", "label", "prompt", "jitter"]
@@ -102,7 +102,7 @@ def label_rows(df: pd.DataFrame, info: dict[str, str | None], run: str) -> pd.Da
 
 def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
     """All object rows of all runs with ``model_size, setting, task, modality, object``, in
-    memory (``write_study`` streams them instead: :mod:`sam_ft.evaluation.study_parts`)."""
+    memory (``write_study`` streams them instead: :mod:`sam_ft.evaluation.reports.study_parts`)."""
     frames = []
     for path, root in find_per_object(dirs):
         df = pd.read_csv(path, dtype={"model": str, "task": str, "name": str, "jitter": str})
@@ -117,7 +117,7 @@ def load_study(dirs: Sequence[str | Path]) -> pd.DataFrame:
 def pooled(rows: pd.DataFrame, by: Sequence[str], boot: Bootstrap | None = None) -> pd.DataFrame:
     """Mean of each score over the object rows of each group, and ``n`` (rows behind it); with
     ``boot``, ``n_cases`` and each mean's CI resampling cases
-    (:func:`~sam_ft.evaluation.statistics.add_intervals`)."""
+    (:func:`~sam_ft.evaluation.reports.statistics.add_intervals`)."""
     by = list(by)
     g = rows.groupby(by, sort=False, dropna=False)
     out = g.size().rename("n").to_frame()
@@ -140,7 +140,7 @@ def _paired(
 ) -> pd.DataFrame:
     """``b`` vs ``a`` of ``column`` on the objects both scored (same task, case, slice, label,
     prompt, jitter), per ``by``: Dice of each, ``delta_dice`` = ``b - a`` with its CI, the
-    Wilcoxon p over cases (:func:`~sam_ft.evaluation.statistics.paired`), ``n`` pairs,
+    Wilcoxon p over cases (:func:`~sam_ft.evaluation.reports.statistics.paired`), ``n`` pairs,
     ``n_cases`` and the cases ``left_out``."""
     keys = [k for k in ROW_KEYS if k != column and k not in ("model_size", "setting")]
     other = [c for c in ("model_size", "setting") if c != column]
@@ -230,8 +230,8 @@ def write_study(
 ) -> dict[str, Path]:
     """Write the study's files into ``out_dir``; returns name -> path. ``boot``: the CIs'
     settings (None: ``eval.bootstrap`` of ``conf/eval/default.yaml``)."""
-    from sam_ft.evaluation.options import eval_options
-    from sam_ft.evaluation.study_parts import read_parts, study_tables_streamed
+    from sam_ft.evaluation.protocol.options import eval_options
+    from sam_ft.evaluation.reports.study_parts import read_parts, study_tables_streamed
 
     boot = boot or eval_options(None).bootstrap
     out = Path(out_dir)

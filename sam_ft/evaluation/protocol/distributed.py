@@ -29,15 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.loading import CaseData
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.cases import Case, LazyCase, case_key_of
-from sam_ft.evaluation.merge import (
+from sam_ft.evaluation.protocol.cases import Case, LazyCase, case_key_of
+from sam_ft.evaluation.protocol.merge import (
     Shard,
     balanced_shares,
     merge_shards_with_overlays,
     parse_shard,
     write_shard_file,
 )
-from sam_ft.evaluation.pipeline import default_workers
+from sam_ft.evaluation.protocol.scoring_pool import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def evaluate_cases(
     Returns the engine's ``EvalResult`` for ``out_dir`` (one process, a shard, or rank 0 after
     the merge) or None on ranks other than 0.
     """
-    from sam_ft.evaluation import engine, tables
+    from sam_ft.evaluation.protocol import engine, tables
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     # One key for bad files, in loading and scoring alike.

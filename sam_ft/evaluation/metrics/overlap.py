@@ -76,10 +76,10 @@ def overlap_counts(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, 
 def dice_iou(inter: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice and IoU (float64, on the counts' device) from :func:`overlap_counts`.
 
-    The numbers of :func:`~sam_ft.evaluation.metrics.batch_slice_metrics` bit for bit: 1 when
-    both masks are empty, 0 when one is, else ``2 * inter / total`` and ``inter / (total -
-    inter)``, each one IEEE float64 division of exact integers (correctly rounded on CPUs and
-    CUDA alike), as numpy's and Python's.
+    The numbers of :func:`~sam_ft.evaluation.metrics.object_metrics.batch_slice_metrics` bit for
+    bit: 1 when both masks are empty, 0 when one is, else ``2 * inter / total`` and ``inter / (total
+    - inter)``, each one IEEE float64 division of exact integers (correctly rounded on CPUs and CUDA
+    alike), as numpy's and Python's.
     """
     inter, total = inter.double(), total.double()
     union = total - inter

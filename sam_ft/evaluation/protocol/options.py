@@ -8,11 +8,11 @@ from typing import Any
 
 from sam_ft.data.skips import check_on_error
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.everything import EverythingConfig
-from sam_ft.evaluation.metrics import NSD_METHODS
-from sam_ft.evaluation.pipeline import resolve_workers
-from sam_ft.evaluation.selection import MASK_SELECTIONS
-from sam_ft.evaluation.statistics import Bootstrap
+from sam_ft.evaluation.metrics.object_metrics import NSD_METHODS
+from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS
+from sam_ft.evaluation.protocol.everything import EverythingConfig
+from sam_ft.evaluation.protocol.scoring_pool import resolve_workers
+from sam_ft.evaluation.reports.statistics import Bootstrap
 from sam_ft.prompts.jitter import JitterRange, jitter_levels
 from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
 
@@ -23,7 +23,7 @@ from sam_ft.prompts.strategies import POINT_SAMPLINGS, STRATEGIES
 @dataclass(frozen=True)
 class PropagateOptions:
     """``eval.propagate``, checked (``eval.mode=propagate``; see
-    :mod:`sam_ft.evaluation.propagation`)."""
+    :mod:`sam_ft.evaluation.protocol.propagation`)."""
 
     prompt: str
     key: str

@@ -244,7 +244,7 @@ def comparison_table(rows: pd.DataFrame, opts: Bootstrap, metric: str = "dice") 
     ``summary.md``). ``rows``: per-object rows (``model, task, case, slice, label, prompt,
     jitter`` and ``metric``).
     """
-    from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
+    from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
 
     rows = rows.assign(jitter=rows["jitter"].astype(str) if "jitter" in rows else "none")
     on = [k for k in OBJECT_KEYS if k in rows]

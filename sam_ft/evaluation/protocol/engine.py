@@ -1,13 +1,13 @@
 """The evaluation engine: the loop over cases that scores every model and writes the tables.
 
-Each case is loaded one ahead in a thread (:mod:`sam_ft.evaluation.cases`), run on the models
-and handed to the scoring pool (:mod:`sam_ft.evaluation.scoring`), then committed in input
-order once its scoring is done (:mod:`sam_ft.evaluation.tables`), so the files are the same for
-any ``eval.workers``. Prompts are pure functions of (seed, case, slice, object label, strategy,
-jitter), so every model sees identical prompts.
+Each case is loaded one ahead in a thread (:mod:`sam_ft.evaluation.protocol.cases`), run on the
+models and handed to the scoring pool (:mod:`sam_ft.evaluation.protocol.scoring_pool`), then
+committed in input order once its scoring is done (:mod:`sam_ft.evaluation.protocol.tables`), so the
+files are the same for any ``eval.workers``. Prompts are pure functions of (seed, case, slice,
+object label, strategy, jitter), so every model sees identical prompts.
 
 Outputs in ``out_dir`` (one row per object and prompt variant; columns in
-:mod:`~sam_ft.evaluation.tables`):
+:mod:`~sam_ft.evaluation.protocol.tables`):
 
 - ``per_object.csv``: 2D scores per (model, task, case, slice, label, prompt, jitter) with the
   object's attributes;
@@ -49,13 +49,13 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.skips import raise_or_skip
 from sam_ft.errors import DataError
-from sam_ft.evaluation.cases import Case, case_path, loaded_ahead
-from sam_ft.evaluation.options import EvalOptions, eval_options
-from sam_ft.evaluation.overlays import OverlayPool
-from sam_ft.evaluation.pipeline import ScoringPool, WorkerDiedError
-from sam_ft.evaluation.predictions import write_case_predictions
-from sam_ft.evaluation.scoring import OVERLAY_PROMPT, CaseOutput, PendingCase, start_case
-from sam_ft.evaluation.tables import (
+from sam_ft.evaluation.protocol.best_worst import OverlayPool
+from sam_ft.evaluation.protocol.cases import Case, case_path, loaded_ahead
+from sam_ft.evaluation.protocol.options import EvalOptions, eval_options
+from sam_ft.evaluation.protocol.predictions import write_case_predictions
+from sam_ft.evaluation.protocol.run_case import OVERLAY_PROMPT, CaseOutput, PendingCase, start_case
+from sam_ft.evaluation.protocol.scoring_pool import ScoringPool, WorkerDiedError
+from sam_ft.evaluation.protocol.tables import (
     CLICK_COLUMNS,
     CLICKS_CSV,
     PER_CASE_COLUMNS,
@@ -77,7 +77,7 @@ from sam_ft.evaluation.tables import (
     truncate_partial_line,
     write_skipped,
 )
-from sam_ft.evaluation.volume_case import start_volume_case
+from sam_ft.evaluation.protocol.volume_case import start_volume_case
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.reproducible import thread_independent
 
@@ -389,8 +389,8 @@ def evaluate_models(
         models: ``{name: model}``, each on its device (set to eval mode here, restored
             afterwards); the name is the ``model`` column, e.g. ``"zero_shot"``.
         cases: each a ``CaseData``, a list of ``SliceRecord`` of one image, or a
-            :class:`~sam_ft.evaluation.cases.LazyCase` (loaded only when needed; loading errors
-            are recorded per case).
+            :class:`~sam_ft.evaluation.protocol.cases.LazyCase` (loaded only when needed; loading
+            errors are recorded per case).
         task_name: the ``task`` column.
         cfg: the ``eval`` config (keys of conf/eval/default.yaml; missing keys take its values).
         out_dir: where the CSVs go; existing results of (model, task, case) are kept.
@@ -420,7 +420,7 @@ def evaluate_models(
             m.train(training[name])
     result, tables = run.finish()
     if report and not tables["per_object"].empty:
-        from sam_ft.evaluation.summary import write_report
+        from sam_ft.evaluation.reports.summary import write_report
 
         clicks = tables["clicks"]
         result.report = write_report(

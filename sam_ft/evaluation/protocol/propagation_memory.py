@@ -1,7 +1,7 @@
 """SAM 2's ``memory`` propagator (``eval.propagate.prompt=memory``): the official
 ``SAM2VideoPredictor`` over a volume's slices as frames.
 
-Each :class:`~sam_ft.evaluation.propagation.Chain` (one object, one prompt variant, one key
+Each :class:`~sam_ft.evaluation.protocol.propagation.Chain` (one object, one prompt variant, one key
 slice, slices ``low..high``) runs as MedSAM2's 3D inference runs one object: ``reset_state``,
 ``add_new_points_or_box`` on the key slice, ``propagate_in_video`` up to ``high``; then
 ``reset_state``, the same prompt again and ``propagate_in_video(reverse=True)`` down to ``low``
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.propagation import Chain, Propagated, SliceMask
+from sam_ft.evaluation.protocol.propagation import Chain, Propagated, SliceMask
 from sam_ft.model.preprocess_sam2 import IMAGENET_MEAN, IMAGENET_STD
 
 # What build_sam2_video_predictor sets besides build_sam2's postprocessing (which our models
@@ -156,8 +156,8 @@ def propagate_memory(
     progress: Callable[[int, int], None] | None = None,
 ) -> Propagated:
     """Every chain through SAM 2's video predictor (module docstring), called as
-    :func:`~sam_ft.evaluation.propagation.propagate_boxes` is; ``gt_of``, ``stop`` (already in
-    the chains' ranges), ``margin_px``, ``selection`` and ``max_per_call`` are not used."""
+    :func:`~sam_ft.evaluation.protocol.propagation.propagate_boxes` is; ``gt_of``, ``stop`` (already
+    in the chains' ranges), ``margin_px``, ``selection`` and ``max_per_call`` are not used."""
     check_memory_model(model)
     out: Propagated = {i: {} for i in range(len(chains))}
     if not chains:

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.statistics import Bootstrap, cluster_ids, mean_ci
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.reports.statistics import Bootstrap, cluster_ids, mean_ci
 
 CALIBRATION_COLUMNS = [
     "model", "prompt", "n", "n_cases", "spearman_rho", "spearman_p", "pred_iou_mean",
@@ -71,7 +71,7 @@ def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame
 
 def calibration_view(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`calibration_table` for ``summary.md``: prompt names, rho, MACE [CI], gap [CI]."""
-    from sam_ft.evaluation.summary_tables import PROMPT_NAMES, ci_cells, signed_ci
+    from sam_ft.evaluation.reports.summary_tables import PROMPT_NAMES, ci_cells, signed_ci
 
     view = pd.DataFrame(
         {

@@ -1,14 +1,14 @@
 """The study's rows streamed into partitions, so that ``sam-ft-report`` never holds all of them.
 
-Every table of :mod:`sam_ft.evaluation.study` is a set of groups, each inside one (model size,
-setting, prompt) at no jitter, and every comparison joins two of them. So the object rows of all
-runs are read in chunks (only the columns the study uses) and appended to one temporary file per
-(model size, setting, prompt, jitter or not); each table is then computed one partition (or one
-pair of partitions) at a time with the functions of ``study`` and the pieces are put together in
-the tables' own order. The result is the same bytes as ``study_tables(load_study(...))`` (a test
+Every table of :mod:`sam_ft.evaluation.reports.study` is a set of groups, each inside one (model
+size, setting, prompt) at no jitter, and every comparison joins two of them. So the object rows of
+all runs are read in chunks (only the columns the study uses) and appended to one temporary file per
+(model size, setting, prompt, jitter or not); each table is then computed one partition (or one pair
+of partitions) at a time with the functions of ``study`` and the pieces are put together in the
+tables' own order. The result is the same bytes as ``study_tables(load_study(...))`` (a test
 compares them), with at most one chunk or two partitions in memory: the largest (model size,
-setting, prompt) slice of the no-jitter rows, about 1/(sizes x settings x prompts) of the study.
-A zero-shot run found in several runs counts once: duplicates are dropped within a partition
+setting, prompt) slice of the no-jitter rows, about 1/(sizes x settings x prompts) of the study. A
+zero-shot run found in several runs counts once: duplicates are dropped within a partition
 (``study.ROW_KEYS`` hold its keys).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from sam_ft.errors import SamFtError
-from sam_ft.evaluation.levels import aggregation_levels, with_case_level
-from sam_ft.evaluation.order import BASELINE_MODEL, sort_table
-from sam_ft.evaluation.statistics import Bootstrap
+from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
+from sam_ft.evaluation.reports.levels import aggregation_levels, with_case_level
+from sam_ft.evaluation.reports.statistics import Bootstrap
 
 CHUNK_ROWS = 20_000
 """Rows read at a time from one ``per_object.csv`` (~5 MB of the columns read)."""
@@ -57,7 +57,7 @@ class StudyParts:
 
     def load(self, key: Key) -> pd.DataFrame:
         """One partition's rows in the order they were read, duplicates dropped."""
-        from sam_ft.evaluation.study import ROW_KEYS
+        from sam_ft.evaluation.reports.study import ROW_KEYS
 
         frames = []
         with open(self.files[key], "rb") as f:
@@ -84,7 +84,7 @@ class StudyParts:
 def read_parts(dirs: Sequence[str | Path], folder: Path) -> StudyParts:
     """The object rows of every run under ``dirs`` (as ``study.load_study`` labels them),
     partitioned into ``folder``."""
-    from sam_ft.evaluation.study import find_per_object, label_rows, run_config
+    from sam_ft.evaluation.reports.study import find_per_object, label_rows, run_config
 
     parts = StudyParts(Path(folder))
     found = find_per_object(dirs)
@@ -102,7 +102,7 @@ def read_parts(dirs: Sequence[str | Path], folder: Path) -> StudyParts:
 
 
 def _order(df: pd.DataFrame) -> pd.DataFrame:
-    from sam_ft.evaluation.study import _order
+    from sam_ft.evaluation.reports.study import _order
 
     return _order(df) if not df.empty else df
 
@@ -112,7 +112,7 @@ def study_tables_streamed(
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """``study.study_tables`` one partition at a time (see the module docstring), and
     ``by_prompt``: the pooled Dice per (model size, setting, prompt) for the figure."""
-    from sam_ft.evaluation.study import _paired, _with_holm, pooled
+    from sam_ft.evaluation.reports.study import _paired, _with_holm, pooled
 
     base = ["model_size", "setting"]
     task_keys = [*base, "modality", "task", "prompt"]

@@ -1,6 +1,6 @@
 """One evaluation's summary files: ``summary.csv`` (and ``summary_case.csv``, ``spearman.csv``,
 ``noc.csv``), the figures in ``plots/`` and ``summary.md``, written from the engine's tables
-with :mod:`sam_ft.evaluation.summary_tables`.
+with :mod:`sam_ft.evaluation.reports.summary_tables`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from sam_ft.evaluation import plots
-from sam_ft.evaluation.attributes import spearman_table
-from sam_ft.evaluation.calibration import calibration_table, calibration_view, reliability_bins
-from sam_ft.evaluation.order import jitter_levels_sorted
-from sam_ft.evaluation.propagation_report import write_propagation_report
-from sam_ft.evaluation.provenance import provenance, provenance_lines
-from sam_ft.evaluation.statistics import CLUSTER, cluster_ids, comparison_table
-from sam_ft.evaluation.summary_tables import (
+from sam_ft.evaluation.metrics.attributes import spearman_table
+from sam_ft.evaluation.protocol.order import jitter_levels_sorted
+from sam_ft.evaluation.reports import plots
+from sam_ft.evaluation.reports.calibration import (
+    calibration_table,
+    calibration_view,
+    reliability_bins,
+)
+from sam_ft.evaluation.reports.propagation import write_propagation_report
+from sam_ft.evaluation.reports.provenance import provenance, provenance_lines
+from sam_ft.evaluation.reports.statistics import CLUSTER, cluster_ids, comparison_table
+from sam_ft.evaluation.reports.summary_tables import (
     PROMPT_NAMES,
     bar_table,
     click_curves,
@@ -42,7 +46,7 @@ from sam_ft.evaluation.summary_tables import (
 )
 
 if TYPE_CHECKING:
-    from sam_ft.evaluation.options import EvalOptions
+    from sam_ft.evaluation.protocol.options import EvalOptions
 
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
@@ -80,7 +84,7 @@ def write_report(
         ``plot_iou_reliability``, and when given ``summary_case_csv``, ``noc_csv``,
         ``plot_dice_vs_clicks``, ``plot_overlays[_<name>]``.
     """
-    from sam_ft.evaluation.options import eval_options
+    from sam_ft.evaluation.protocol.options import eval_options
 
     options = options or eval_options(None)
     out_dir = Path(out_dir)

@@ -1,8 +1,9 @@
 """One case in ``eval.mode=propagate``: every object prompted on its key slice(s), its masks
-propagated through the whole volume (:mod:`sam_ft.evaluation.propagation`), scored like
+propagated through the whole volume (:mod:`sam_ft.evaluation.protocol.propagation`), scored like
 ``eval.mode=slices`` scores its masks.
 
-The engine treats the result as any case (:class:`~sam_ft.evaluation.scoring.PendingCase`):
+The engine treats the result as any case
+(:class:`~sam_ft.evaluation.protocol.run_case.PendingCase`):
 
 - ``per_object.csv``: on each kept slice of each object, the propagated mask scored as the
   slices mode scores a prompted one (2D Dice, HD95, NSD, attributes), so the two modes pair
@@ -13,7 +14,7 @@ The engine treats the result as any case (:class:`~sam_ft.evaluation.scoring.Pen
   prediction is: the key slice it was propagated from, the signed distance to it, whether the
   slice is inside the object's z extent, the pixel counts and the 2D Dice. Over-propagation
   (predicted slices outside the extent) and missed slices (the object there, nothing predicted)
-  are counted from it (:mod:`sam_ft.evaluation.propagation_report`).
+  are counted from it (:mod:`sam_ft.evaluation.reports.propagation`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
-from sam_ft.evaluation.options import EvalOptions
-from sam_ft.evaluation.overlap import overlap_scores
-from sam_ft.evaluation.pipeline import ModelSlice, ScoringPool, SliceJob, score_case, score_slice
-from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.propagation import (
+from sam_ft.evaluation.metrics.overlap import overlap_scores
+from sam_ft.evaluation.protocol.options import EvalOptions
+from sam_ft.evaluation.protocol.predictions import CasePredictions
+from sam_ft.evaluation.protocol.propagation import (
     Chain,
     Propagated,
     SliceMask,
@@ -38,8 +38,15 @@ from sam_ft.evaluation.propagation import (
     key_slices,
     propagate_boxes,
 )
-from sam_ft.evaluation.propagation_memory import propagate_memory
-from sam_ft.evaluation.scoring import PendingCase, _case_job, case_geometry, distance_unit
+from sam_ft.evaluation.protocol.propagation_memory import propagate_memory
+from sam_ft.evaluation.protocol.run_case import PendingCase, _case_job, case_geometry, distance_unit
+from sam_ft.evaluation.protocol.scoring_pool import (
+    ModelSlice,
+    ScoringPool,
+    SliceJob,
+    score_case,
+    score_slice,
+)
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
@@ -49,7 +56,7 @@ PROPAGATORS: dict[str, Callable[..., Propagated]] = {
     "memory": propagate_memory,
 }
 """``eval.propagate.prompt`` -> its propagator: (the model, slice images, ground truth, chains,
-keywords) -> :data:`~sam_ft.evaluation.propagation.Propagated`."""
+keywords) -> :data:`~sam_ft.evaluation.protocol.propagation.Propagated`."""
 
 
 def _objects(records: list[SliceRecord]) -> tuple[list[int], dict[int, str], dict]:

@@ -4,7 +4,7 @@ Rows are appended and flushed after each case, then its marker line goes to ``pr
 a new run in the same folder drops rows of unmarked cases (killed mid-write) and skips marked
 ones. At the end the CSVs are rewritten in :func:`sort_table` order, so a resumed run ends with
 the same files as an uninterrupted one. The rewrite and the resume filter stream the tables
-(:mod:`~sam_ft.evaluation.tablesort`): a table is never held whole for them.
+(:mod:`~sam_ft.evaluation.protocol.tablesort`): a table is never held whole for them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.pipeline import ATTRIBUTE_COLUMNS
-from sam_ft.evaluation.tablesort import (
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.protocol.scoring_pool import ATTRIBUTE_COLUMNS
+from sam_ft.evaluation.protocol.tablesort import (
     CHUNK_ROWS,
     STRING_COLUMNS,
     chunks,
@@ -42,7 +42,7 @@ PROPAGATION_COLUMNS = [
     "model", "task", "case", "slice", "label", "name", "prompt", "jitter",
     "key_slice", "distance", "is_key", "in_extent", "gt_px", "pred_px", "dice",
 ]  # fmt: skip
-"""``propagation.csv`` (``eval.mode=propagate``): sam_ft.evaluation.volume_case."""
+"""``propagation.csv`` (``eval.mode=propagate``): sam_ft.evaluation.protocol.volume_case."""
 CLICK_COLUMNS = ["model", "task", "case", "slice", "label", "click", "dice"]
 SKIPPED_COLUMNS = ["case", "path", "reason", "stage", "model", "task"]
 _STRING_COLUMNS = STRING_COLUMNS

@@ -12,10 +12,9 @@ Two differences, both for reuse rather than behaviour:
 
 Prompts are (x, y) = (column, row) original-image pixels; masks are (H, W) indexed (row, col).
 Each ground-truth object is then matched to the generated mask with the highest Dice
-(as :func:`sam_ft.evaluation.overlap.match_masks_to_objects`); no generated mask gives an empty
-prediction. Memory stays bounded on large images: masks are upsampled a few at a time
-(:data:`UPSAMPLE_BUDGET_BYTES`), kept run-length encoded and decoded one at a time for
-matching.
+(as :func:`sam_ft.evaluation.metrics.overlap.match_masks_to_objects`); no generated mask gives an
+empty prediction. Memory stays bounded on large images: masks are upsampled a few at a time
+(:data:`UPSAMPLE_BUDGET_BYTES`), kept run-length encoded and decoded one at a time for matching.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-from sam_ft.evaluation.overlap import dice_matrix
+from sam_ft.evaluation.metrics.overlap import dice_matrix
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.geometry import point_grid
 from sam_ft.prompts.types import Prompt

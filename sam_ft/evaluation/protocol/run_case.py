@@ -4,8 +4,8 @@ For every slice the image encoder runs once per model; every prompt of the slice
 strategies x jitter levels) then goes through ``model.decode`` in chunks of
 ``eval.max_prompts_per_call``, and Everything mode (S1) reuses the same embedding. The CPU work
 around the model (prompts of the next slices, 2D and 3D metrics, attributes, rows) is submitted
-to a :class:`~sam_ft.evaluation.pipeline.ScoringPool`; a :class:`PendingCase` holds its futures.
-Coordinates: prompts (x, y) = (column, row); masks (row, col); volumes (slice, row, col).
+to a :class:`~sam_ft.evaluation.protocol.scoring_pool.ScoringPool`; a :class:`PendingCase` holds its
+futures. Coordinates: prompts (x, y) = (column, row); masks (row, col); volumes (slice, row, col).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import torch
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
-from sam_ft.evaluation.everything import everything_predictions
-from sam_ft.evaluation.options import EvalOptions
-from sam_ft.evaluation.overlap import overlap_scores
-from sam_ft.evaluation.pipeline import (
+from sam_ft.evaluation.metrics.overlap import overlap_scores
+from sam_ft.evaluation.protocol.decode_select import decode_scored
+from sam_ft.evaluation.protocol.everything import everything_predictions
+from sam_ft.evaluation.protocol.options import EvalOptions
+from sam_ft.evaluation.protocol.predictions import CasePredictions
+from sam_ft.evaluation.protocol.scoring_pool import (
     CaseJob,
     ModelSlice,
     PromptJob,
@@ -35,9 +37,7 @@ from sam_ft.evaluation.pipeline import (
     score_case,
     score_slice,
 )
-from sam_ft.evaluation.predictions import CasePredictions
-from sam_ft.evaluation.selection import decode_scored
-from sam_ft.evaluation.timing import encoder_clock
+from sam_ft.evaluation.protocol.timing import encoder_clock
 from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, next_click
@@ -65,12 +65,12 @@ def _decode_slice(
     store: CasePredictions,
 ) -> tuple[list[tuple[str, str]], ModelSlice]:
     """The model's part of one slice: every object under every prompt variant (``prompts``, K x
-    V object-major, from :func:`~sam_ft.evaluation.pipeline.make_prompts`), decoded.
+    V object-major, from :func:`~sam_ft.evaluation.protocol.scoring_pool.make_prompts`), decoded.
 
     Stores each prediction in ``store`` under (label, prompt, jitter name) for 3D stacking.
     Returns the (prompt, jitter name) of each prediction column and the predictions, bit-packed,
     with their Dice and IoU (computed on the model's device, with the selection) for
-    :func:`~sam_ft.evaluation.pipeline.score_slice` (the other metrics, in the pool).
+    :func:`~sam_ft.evaluation.protocol.scoring_pool.score_slice` (the other metrics, in the pool).
     """
     gt = np.asarray(rec.masks, dtype=bool)
     k, size = len(gt), rec.original_size
@@ -257,7 +257,7 @@ def _per_case_rows(
     case_key: str,
 ) -> list[dict]:
     """3D (or, for a 2D image, 2D) scores of each (object, prompt, jitter) over the case, in
-    this process (:func:`~sam_ft.evaluation.pipeline.score_case` of the case's job)."""
+    this process (:func:`~sam_ft.evaluation.protocol.scoring_pool.score_case` of the case's job)."""
     return score_case(_case_job(records, case_data, {"m": store}, opts, case_key))["m"]
 
 

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from sam_ft.evaluation.order import (
+from sam_ft.evaluation.protocol.order import (
     BASELINE_MODEL,
     jitter_levels_sorted,
     sort_table,
 )
-from sam_ft.evaluation.statistics import (
+from sam_ft.evaluation.reports.statistics import (
     CI_SETTINGS,
     CLUSTER,
     Bootstrap,
@@ -74,7 +74,7 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
         per_object: rows with at least ``model, task, prompt, dice, iou, hd95, nsd``; a missing
             ``jitter`` column means no jitter.
         bootstrap: when given, ``n_cases`` and the CI of every mean (``<metric>_ci_low``,
-            ``<metric>_ci_high``, :func:`~sam_ft.evaluation.statistics.add_intervals`) are
+            ``<metric>_ci_high``, :func:`~sam_ft.evaluation.reports.statistics.add_intervals`) are
             appended.
 
     Returns:
@@ -287,7 +287,7 @@ def _p(value: float) -> str:
 def prompt_table(summary: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> pd.DataFrame:
     """Dice per (task, prompt) at no jitter, one column per model (mean [CI] when the
     summary has CIs, else mean ± std), and each other model minus zero-shot: with
-    ``comparisons`` (:func:`~sam_ft.evaluation.statistics.comparison_table`) the paired
+    ``comparisons`` (:func:`~sam_ft.evaluation.reports.statistics.comparison_table`) the paired
     difference [CI], Holm-corrected Wilcoxon p and paired cases, else the difference of the
     means."""
     s = summary[summary["jitter"].astype(str) == "none"]
@@ -333,7 +333,7 @@ def _left_out(cases: str, shown: int = 4) -> str:
 
 
 def comparisons_view(comparisons: pd.DataFrame, family: str) -> pd.DataFrame:
-    """One family of :func:`~sam_ft.evaluation.statistics.comparison_table` for
+    """One family of :func:`~sam_ft.evaluation.reports.statistics.comparison_table` for
     ``summary.md``: B vs A, paired Δ [CI], p, Holm's p, paired cases and those left out."""
     c = comparisons[comparisons["family"] == family]
     if c.empty:

@@ -3,12 +3,12 @@
 The engine's main process loads the cases, runs the encoder and the decoder, and on the model's
 device the upsampling, thresholding, mask selection (the oracle's with the ground truth put on
 the device) and the Dice / IoU of the kept masks
-(:func:`~sam_ft.evaluation.selection.decode_scored`); it hands the rest to this pool: the
-prompts of the slices ahead (:func:`make_prompts`), HD95, NSD, object attributes and per-object
-rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a case
-(:func:`score_case`). The jobs carry the predicted masks bit-packed (``np.packbits`` per (H, W)
-mask, 8 masks-pixels to a byte), their Dice / IoU and the objects' ground truth, so a job is a
-few MB even for 512 x 512 slices.
+(:func:`~sam_ft.evaluation.protocol.decode_select.decode_scored`); it hands the rest to this pool:
+the prompts of the slices ahead (:func:`make_prompts`), HD95, NSD, object attributes and per-object
+rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a case (:func:`score_case`).
+The jobs carry the predicted masks bit-packed (``np.packbits`` per (H, W) mask, 8 masks-pixels to a
+byte), their Dice / IoU and the objects' ground truth, so a job is a few MB even for 512 x 512
+slices.
 
 ``eval.workers`` sets the pool's size: ``null`` (default) takes this rank's cores (its node's
 allocation divided among the ranks sharing it) less the main process, ``0`` scores in the main
@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from sam_ft.errors import SamFtError
-from sam_ft.evaluation.attributes import object_attributes
-from sam_ft.evaluation.metrics import batch_slice_metrics, batch_volume_metrics
-from sam_ft.evaluation.overlap import conformity
+from sam_ft.evaluation.metrics.attributes import object_attributes
+from sam_ft.evaluation.metrics.object_metrics import batch_slice_metrics, batch_volume_metrics
+from sam_ft.evaluation.metrics.overlap import conformity
 from sam_ft.prompts.strategies import make_eval_prompt
 from sam_ft.prompts.types import Prompt
 

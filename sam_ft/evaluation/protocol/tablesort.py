@@ -8,7 +8,7 @@ chunks of ``chunk_rows`` rows, and hold at most one chunk plus one batch per sor
    table infers it (int, float when any value is a float or missing, bool, text), so that
 2. *runs*: each chunk, read with those types, is written back as CSV lines exactly as pandas
    writes the whole table, sorted stably by :func:`row_key` (the order of
-   :func:`~sam_ft.evaluation.order.sort_table`) and stored in a temporary run file;
+   :func:`~sam_ft.evaluation.protocol.order.sort_table`) and stored in a temporary run file;
 3. *merge*: ``heapq.merge`` of the runs (stable: equal keys keep the input order) into the target,
    written atomically. The runs live in ``.<target>.runs-<pid>-*/`` beside it; a killed writer's
    are removed by the next one.
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from sam_ft.atomic import atomic_write
-from sam_ft.evaluation.order import BASELINE_MODEL, PROMPT_ORDER, SORT_KEYS, jitter_key
+from sam_ft.evaluation.protocol.order import BASELINE_MODEL, PROMPT_ORDER, SORT_KEYS, jitter_key
 
 STRING_COLUMNS = (
     "model", "task", "case", "name", "prompt", "jitter", "modality", "patient", "distance_unit",
@@ -110,8 +110,8 @@ def column_types(paths: Sequence[Path], chunk_rows: int) -> dict[str, object]:
 
 
 def _ranked(values: pd.Series, order: Sequence[str]) -> list[tuple]:
-    """:func:`~sam_ft.evaluation.order.rank_by_order` as a sort key: known values in ``order``,
-    then the others alphabetically."""
+    """:func:`~sam_ft.evaluation.protocol.order.rank_by_order` as a sort key: known values in
+    ``order``, then the others alphabetically."""
     known = {v: i for i, v in enumerate(order)}
     return [(known.get(v, len(order)), v) for v in values.astype(str).tolist()]
 
@@ -124,7 +124,7 @@ def _natural(values: pd.Series) -> list[tuple]:
 
 
 def row_key(chunk: pd.DataFrame, by: Sequence[str] = SORT_KEYS) -> list[tuple]:
-    """One sort key per row, ordering rows as :func:`~sam_ft.evaluation.order.sort_table`
+    """One sort key per row, ordering rows as :func:`~sam_ft.evaluation.protocol.order.sort_table`
     ranks them over the whole table (the ranks there depend on the values present; these keys
     give the same order from the values alone)."""
     parts = []
@@ -190,8 +190,8 @@ def write_sorted(
     chunk_rows: int = CHUNK_ROWS,
 ) -> int:
     """Write the rows of ``inputs`` (CSV tables) into ``target``, as one DataFrame of all of
-    them (``pd.concat``) sorted by :func:`~sam_ft.evaluation.order.sort_table` and written with
-    ``to_csv(index=False)`` would, without holding them. ``target`` may be one of the inputs.
+    them (``pd.concat``) sorted by :func:`~sam_ft.evaluation.protocol.order.sort_table` and written
+    with ``to_csv(index=False)`` would, without holding them. ``target`` may be one of the inputs.
 
     Args:
         columns: the output's columns (missing ones empty, as ``reindex``); None: the inputs'

@@ -22,7 +22,7 @@ How it differs from the official LiteMedSAM 3D loop (the CVPR 2024 challenge's
   so objects 2, 3... keep more boundary pixels; here every mask is 0/1 (object 1's rule).
 
 The ``memory`` propagator (SAM 2's video predictor,
-:mod:`sam_ft.evaluation.propagation_memory`) takes the same chains and returns the same
+:mod:`sam_ft.evaluation.protocol.propagation_memory`) takes the same chains and returns the same
 ``{chain: {slice: mask}}`` (:data:`Propagated`); ``volume_case.PROPAGATORS`` names both.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sam_ft.evaluation.selection import decode_scored
+from sam_ft.evaluation.protocol.decode_select import decode_scored
 from sam_ft.model.backend import embedding_at
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt

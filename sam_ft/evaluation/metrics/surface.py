@@ -1,10 +1,10 @@
 """Surface distances of a prediction to its ground truth: HD95 and NSD, as MONAI and DeepMind.
 
-The numbers of :func:`sam_ft.evaluation.metrics.slice_metrics` for non-empty masks (see
-:mod:`sam_ft.evaluation.metrics` for the definitions). MONAI's HD95 and NSD need, for every
-surface voxel of each mask, the distance to the nearest surface voxel of the other. Here they
-come from scipy's exact Euclidean feature transform, with the distances evaluated exactly as
-scipy's ``distance_transform_edt`` does (float64, then float32 like MONAI), but only over
+The numbers of :func:`sam_ft.evaluation.metrics.object_metrics.slice_metrics` for non-empty masks
+(see :mod:`sam_ft.evaluation.metrics.object_metrics` for the definitions). MONAI's HD95 and NSD
+need, for every surface voxel of each mask, the distance to the nearest surface voxel of the other.
+Here they come from scipy's exact Euclidean feature transform, with the distances evaluated exactly
+as scipy's ``distance_transform_edt`` does (float64, then float32 like MONAI), but only over
 bounding boxes and only where they are needed:
 
 - pred -> GT: one float32 distance map to the GT surface per ground truth, over a box holding
@@ -28,7 +28,12 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial import cKDTree
 
-from sam_ft.evaluation.overlap import conformity, dice_from_counts, empty_rule, iou_from_counts
+from sam_ft.evaluation.metrics.overlap import (
+    conformity,
+    dice_from_counts,
+    empty_rule,
+    iou_from_counts,
+)
 
 
 class GtSurface:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.summary_tables import PROMPT_NAMES, to_markdown
-from sam_ft.evaluation.tables import PROPAGATION_COLUMNS, PROPAGATION_CSV, read_table
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.protocol.tables import PROPAGATION_COLUMNS, PROPAGATION_CSV, read_table
+from sam_ft.evaluation.reports.summary_tables import PROMPT_NAMES, to_markdown
 
 VOLUME_KEYS = ["model", "task", "case", "label", "name", "prompt", "jitter"]
 SCORES = ["dice", "nsd", "hd95"]
@@ -102,7 +102,7 @@ def write_propagation_report(
     prop = read_table(out_dir / PROPAGATION_CSV, PROPAGATION_COLUMNS)
     if prop.empty:
         return []
-    from sam_ft.evaluation.plots import plot_dice_vs_distance
+    from sam_ft.evaluation.reports.plots import plot_dice_vs_distance
 
     volumes, distance = volume_table(prop, per_case), distance_table(prop)
     paths["propagation_volumes_csv"] = out_dir / "propagation_volumes.csv"

@@ -24,7 +24,8 @@ centres scaled by the spacing.
   whatever its spacing and orientation).
 
 Empty masks are scored explicitly, never left to MONAI (which returns NaN, inf or, for HD, 0),
-by the one rule of :mod:`sam_ft.evaluation.overlap` (its table lists Dice, IoU, NSD and HD95).
+by the one rule of :mod:`sam_ft.evaluation.metrics.overlap` (its table lists Dice, IoU, NSD and
+HD95).
 
 A missing HD95 is never replaced by 0 (the official COSMOS code did, which hides failed
 predictions); averages must skip it and report how many were missing.
@@ -45,8 +46,8 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
-from sam_ft.evaluation.overlap import conformity, dice_from_counts, empty_rule
-from sam_ft.evaluation.surface import GtSurface
+from sam_ft.evaluation.metrics.overlap import conformity, dice_from_counts, empty_rule
+from sam_ft.evaluation.metrics.surface import GtSurface
 
 METRIC_KEYS = (
     "dice", "iou", "hd95", "hd", "asd", "nsd", "conformity", "empty_pred", "empty_gt",

@@ -30,8 +30,8 @@ import pandas as pd
 
 from sam_ft.atomic import atomic_write_text
 from sam_ft.errors import ConfigError, SamFtError
-from sam_ft.evaluation.order import sort_table
-from sam_ft.evaluation.tables import (
+from sam_ft.evaluation.protocol.order import sort_table
+from sam_ft.evaluation.protocol.tables import (
     CLICK_COLUMNS,
     CLICKS_CSV,
     PER_CASE_COLUMNS,
@@ -45,7 +45,7 @@ from sam_ft.evaluation.tables import (
     STATE_DIR,
     read_table,
 )
-from sam_ft.evaluation.tablesort import write_sorted
+from sam_ft.evaluation.protocol.tablesort import write_sorted
 
 SHARD_FILE = "shard.json"
 
@@ -159,7 +159,7 @@ def read_shards(dirs: Sequence[str | Path]) -> list[tuple[Path, dict]]:
 def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None):
     """Merge share folders into ``out_dir``: the tables and report one process would write.
 
-    Returns the report's ``{name: path}`` (``evaluation.summary.write_report``).
+    Returns the report's ``{name: path}`` (``evaluation.reports.summary.write_report``).
     """
     return merge_shards_with_overlays(dirs, out_dir, title=title)[0]
 
@@ -169,8 +169,8 @@ def merge_shards_with_overlays(
 ) -> tuple[dict[str, Path], dict[str, list]]:
     """:func:`merge_shards`, also returning the merged best/worst overlay items (as
     ``engine.EvalResult.overlays``)."""
-    from sam_ft.evaluation.options import eval_options
-    from sam_ft.evaluation.summary import write_report
+    from sam_ft.evaluation.protocol.options import eval_options
+    from sam_ft.evaluation.reports.summary import write_report
 
     shards = read_shards(dirs)
     out = Path(out_dir)
@@ -238,7 +238,7 @@ def _merge_skipped(dirs: Sequence[Path], out: Path) -> None:
 
 def _merged_overlays(shards: Sequence[tuple[Path, dict]], out: Path) -> dict[str, list]:
     """The best/worst overlays of all shares together, per model (the engine's pool files)."""
-    from sam_ft.evaluation.overlays import OverlayPool
+    from sam_ft.evaluation.protocol.best_worst import OverlayPool
 
     config = shards[0][1]["config"]
     k = int((config.get("eval") or {}).get("overlays", 8))

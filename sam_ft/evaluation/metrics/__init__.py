@@ -1,0 +1,1 @@
+"""Metrics of one object: overlap, surface distances, attributes."""

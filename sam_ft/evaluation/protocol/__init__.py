@@ -1,0 +1,1 @@
+"""Running the study protocol: cases in, models run, rows scored and written."""

@@ -1,0 +1,1 @@
+"""Reports from the tables: summaries, statistics, plots, studies."""
