@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sam_ft import bitmask
 from sam_ft.evaluation.metrics.overlap import (
     dice_from_counts,
     dice_iou,
@@ -112,18 +113,6 @@ def select_masks(
     return m[np.arange(n), index], index
 
 
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, ceil(H * W / 8)) uint8 on the masks' device: ``np.packbits(mask,
-    axis=None)`` per mask (row-major, first pixel in the highest bit), 8x less to copy back."""
-    n = masks.shape[0]
-    flat = masks.reshape(n, -1)
-    pad = -flat.shape[1] % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
-    return (flat.reshape(n, -1, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.uint8)
-
-
 def _select_on_device(
     binary: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor | np.ndarray, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +150,7 @@ class Selected:
 
     Attributes:
         masks: (N, H, W) bool at the original size, or bit-packed (N, ceil(H * W / 8)) uint8
-            (``np.packbits(mask, axis=None)`` per mask).
+            (:func:`sam_ft.bitmask.pack`, packed on the device).
         index: (N,) int64 chosen channel (0 for a single output).
         pred_iou: (N,) float64 the chosen channel's predicted IoU.
         dice: (N,) float64 Dice of the kept mask against its object's ground truth.
@@ -233,7 +222,7 @@ def decode_scored(
     gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
     multimask_model = bool(getattr(model, "multimask_output", True))
     if packed:
-        masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
+        masks = np.zeros((n, bitmask.packed_bytes(size)), dtype=np.uint8)
     else:
         masks = np.zeros((n, *size), dtype=bool)
     index = np.zeros(n, dtype=np.int64)
@@ -265,7 +254,7 @@ def decode_scored(
                 g = gt_dev[torch.from_numpy(gt_of[idx]).to(device)]
                 chosen, ch, d, u = _select_on_device(binary, sub_iou, g, selection)
                 rows = torch.arange(len(idx), device=device)
-                masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
+                masks[idx] = (bitmask.pack(chosen) if packed else chosen).cpu().numpy()
                 best, top = _oracle_and_top_iou(binary, sub_iou, g, d)
                 # The scalars in one copy: channel (exact as float64), predicted IoU (float32,
                 # exact as float64, as numpy widens it), Dice, IoU, the two selections' Dice.

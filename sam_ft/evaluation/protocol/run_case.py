@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sam_ft import bitmask
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
@@ -33,7 +34,6 @@ from sam_ft.evaluation.protocol.scoring_pool import (
     ScoringPool,
     SliceJob,
     make_prompts,
-    pack_masks,
     score_case,
     score_slice,
 )
@@ -105,7 +105,7 @@ def _decode_slice(
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
         # Everything mode's masks are on the host already (run-length codes): scored here.
         d, u = overlap_scores(torch.from_numpy(matched), torch.from_numpy(gt))
-        packed = np.concatenate([pack_masks(matched[:, None]), packed], axis=1)
+        packed = np.concatenate([bitmask.pack(matched[:, None]), packed], axis=1)
         mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
         dice = np.concatenate([d.numpy()[:, None], dice], axis=1)
@@ -227,7 +227,7 @@ def _case_job(
                 gt_vol = np.zeros((num_slices, *shape), dtype=bool)
                 for s, mask in kept[label].items():
                     gt_vol[s] = mask
-            gt[label] = pack_masks(gt_vol)
+            gt[label] = bitmask.pack(gt_vol)
             gt_shape: tuple[int, ...] = gt_vol.shape
         else:
             slice_of[label] = next(iter(kept[label]))
