@@ -93,3 +93,43 @@ def test_no_function_over_the_line_limit():
         and (n := _code_lines(node)) > MAX_FUNCTION_LINES
     }
     assert not long, long
+
+
+def _imports_from(path: Path) -> dict[str, set[str]]:
+    """{module imported from: names} of one file (function-level imports included)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found[node.module] |= {a.name for a in node.names}
+    return found
+
+
+def test_the_decode_and_select_step_lives_in_one_module():
+    """Evaluation, training's validation and predict decode and keep masks with the one step in
+    ``evaluation/protocol/decode_select.py``; outside ``model/`` nothing else thresholds a
+    decoder's upsampled logits (``binarize``) or holds the upsample budget."""
+    step = "sam_ft.evaluation.protocol.decode_select"
+    users = {
+        "training/module.py": "decode_scored",
+        "inference/label_maps.py": "decode_masks",
+        "evaluation/protocol/run_case.py": "decode_scored",
+        "evaluation/protocol/propagation.py": "decode_scored",
+        "evaluation/protocol/everything.py": "prompts_per_upsample",
+    }
+    for module, name in users.items():
+        assert name in _imports_from(PACKAGE / module)[step], module
+    binarizing, budgets = set(), set()
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(PACKAGE))
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "binarize":
+                binarizing.add(rel)
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(getattr(t, "id", "").endswith("UPSAMPLE_BUDGET_BYTES") for t in targets):
+                    budgets.add(rel)
+    assert {p for p in binarizing if not p.startswith("model/")} == {
+        "evaluation/protocol/decode_select.py"
+    }
+    assert budgets == {"evaluation/protocol/decode_select.py"}
