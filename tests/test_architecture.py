@@ -133,3 +133,22 @@ def test_the_decode_and_select_step_lives_in_one_module():
         "evaluation/protocol/decode_select.py"
     }
     assert budgets == {"evaluation/protocol/decode_select.py"}
+
+
+def test_family_independent_code_names_the_backend_not_sam():
+    """The engine, the decode-and-select step, the propagators, training and inference work with
+    any model family: they take a ``model.backend.SegmentBackend``; ``TrainableSam`` (the SAM
+    family's backend) is named only by code that is SAM's own."""
+    naming_sam = {
+        str(path.relative_to(PACKAGE))
+        for part in ("evaluation", "training", "inference", "data", "prompts")
+        for path in (PACKAGE / part).rglob("*.py")
+        if any(
+            isinstance(node, ast.Name | ast.alias)
+            and (node.id if isinstance(node, ast.Name) else node.name) == "TrainableSam"
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        )
+    }
+    assert not naming_sam, naming_sam
+    hints = _imports_from(PACKAGE / "evaluation/protocol/engine.py")["sam_ft.model.backend"]
+    assert "SegmentBackend" in hints

@@ -41,8 +41,7 @@ from sam_ft.evaluation.protocol.everything import EverythingConfig, generate_cod
 from sam_ft.evaluation.protocol.everything import decode_mask as decode_code
 from sam_ft.evaluation.protocol.predictions import label_map
 from sam_ft.inference.inputs import LoadedImage, stem_of
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.strategies import STRATEGIES, make_eval_prompt
 from sam_ft.prompts.types import Prompt
 
@@ -86,7 +85,7 @@ class Settings:
             raise ConfigError("max_prompts_per_call must be >= 1")
 
 
-def _embed(model: TrainableSam, image: np.ndarray) -> torch.Tensor:
+def _embed(model: SegmentBackend, image: np.ndarray) -> torch.Tensor:
     device = next(model.parameters()).device
     return embedding_at(model.encode(model.preprocess(image)[None].to(device)), 0)
 
@@ -98,7 +97,7 @@ def _bar(total: int, desc: str, leave: bool = False):
 
 
 def predict_from_labels(
-    model: TrainableSam, image_path: Path, label_path: Path, settings: Settings
+    model: SegmentBackend, image_path: Path, label_path: Path, settings: Settings
 ) -> tuple[CaseData, np.ndarray, dict[int, np.ndarray], dict[int, list[tuple[int, Prompt]]]]:
     """Prompts from a label map, per object per slice -> (case, (S, R, C) label stack,
     {slice: (H, W, 3) uint8 image} of the prompted slices, {slice: [(label, Prompt)]}: the
@@ -151,7 +150,7 @@ def predict_from_labels(
 
 
 def predict_from_prompts(
-    model: TrainableSam,
+    model: SegmentBackend,
     image: LoadedImage,
     by_slice: Mapping[int, list[tuple[int, Prompt]]],
     settings: Settings,
@@ -180,7 +179,7 @@ def predict_from_prompts(
 
 
 def predict_everything(
-    model: TrainableSam, image: LoadedImage, settings: Settings, name: str
+    model: SegmentBackend, image: LoadedImage, settings: Settings, name: str
 ) -> np.ndarray:
     """Everything mode on every slice -> (S, R, C) label stack, values 1..M per slice."""
     stack = np.zeros((image.num_slices, *image.size), dtype=np.uint16)

@@ -25,8 +25,7 @@ from sam_ft.evaluation.metrics.overlap import (
     overlap_counts,
     overlap_scores,
 )
-from sam_ft.model.backend import first_tensor
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, first_tensor
 from sam_ft.prompts.types import Prompt
 
 UPSAMPLE_BUDGET_BYTES = 32 * 2**20
@@ -62,7 +61,7 @@ MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
 head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
 own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
 mask prompt) and the single mask for every other prompt. A model with a single mask output
-(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
+(``SegmentBackend.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
 
 
 def is_ambiguous(prompt: Prompt) -> bool:
@@ -199,7 +198,7 @@ class Selected:
 
 
 def decode_scored(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     prompts: Sequence[Prompt],
     gt: np.ndarray,
@@ -294,7 +293,7 @@ def decode_scored(
 
 
 def decode_masks(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     prompts: Sequence[Prompt],
     size: tuple[int, int],

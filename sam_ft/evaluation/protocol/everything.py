@@ -35,7 +35,7 @@ from torchvision.ops.boxes import batched_nms
 
 from sam_ft.evaluation.metrics.overlap import dice_matrix
 from sam_ft.evaluation.protocol.decode_select import prompts_per_upsample
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.prompts.geometry import point_grid
 from sam_ft.prompts.types import Prompt
 
@@ -104,7 +104,7 @@ def mask_boxes(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_codes(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
     config: EverythingConfig = EverythingConfig(),
@@ -172,7 +172,7 @@ def generate_codes(
 
 
 def generate_masks(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
     config: EverythingConfig = EverythingConfig(),
@@ -210,7 +210,7 @@ def _remove_small_regions(codes: list[dict], config: EverythingConfig) -> list[d
 
 
 def everything_predictions(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     gt: np.ndarray,
     config: EverythingConfig = EverythingConfig(),

@@ -38,8 +38,7 @@ from sam_ft.evaluation.protocol.scoring_pool import (
     score_slice,
 )
 from sam_ft.evaluation.protocol.timing import encoder_clock
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
@@ -51,12 +50,12 @@ OVERLAY_PROMPT = ("box", "none")
 """(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
 
 
-def _device(model: TrainableSam) -> torch.device:
+def _device(model: SegmentBackend) -> torch.device:
     return next(model.parameters()).device
 
 
 def _decode_slice(
-    model: TrainableSam,
+    model: SegmentBackend,
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
@@ -123,7 +122,7 @@ def _decode_slice(
 
 
 def _click_curve(
-    model: TrainableSam,
+    model: SegmentBackend,
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
@@ -330,7 +329,7 @@ class PendingCase:
 
 
 def start_case(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     records: list[SliceRecord],
     case_data: CaseData | None,
     opts: EvalOptions,

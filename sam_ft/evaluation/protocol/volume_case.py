@@ -48,7 +48,7 @@ from sam_ft.evaluation.protocol.scoring_pool import (
     score_case,
     score_slice,
 )
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
 
@@ -186,7 +186,7 @@ def _slice_job(
 
 
 def start_volume_case(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     records: list[SliceRecord],
     case_data: CaseData | None,
     opts: EvalOptions,
