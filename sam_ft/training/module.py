@@ -13,9 +13,8 @@ import torch
 from torchmetrics import MaxMetric, MeanMetric
 
 from sam_ft.errors import SamFtError
-from sam_ft.model.backend import first_tensor, unbatch
+from sam_ft.model.backend import SegmentBackend, first_tensor, unbatch
 from sam_ft.model.finetune import Finetune
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, low_res_to_original, next_clicks
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,8 @@ VAL_PROMPTS_PER_CALL = 256
 
 
 class SamFinetuneModule(L.LightningModule):
-    """Finetunes a ``TrainableSam``; validation scores box prompts per object.
+    """Finetunes a model of any family (a ``SegmentBackend``); validation scores box prompts
+    per object.
 
     Args:
         model: the SAM to train, its trainable parts already chosen by ``finetune``.
@@ -49,7 +49,7 @@ class SamFinetuneModule(L.LightningModule):
 
     def __init__(
         self,
-        model: TrainableSam,
+        model: SegmentBackend,
         finetune: Finetune,
         loss: torch.nn.Module,
         optimizer: Callable,

@@ -78,7 +78,7 @@ from sam_ft.evaluation.protocol.tables import (
     write_skipped,
 )
 from sam_ft.evaluation.protocol.volume_case import start_volume_case
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.reproducible import thread_independent
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class _Run:
 
     def __init__(
         self,
-        models: Mapping[str, TrainableSam],
+        models: Mapping[str, SegmentBackend],
         *,
         task_name: str,
         opts: EvalOptions,
@@ -371,7 +371,7 @@ def _patient(case_data: CaseData | None, key: str) -> str:
 
 
 def evaluate_models(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     cases: Iterable[Case],
     *,
     task_name: str,

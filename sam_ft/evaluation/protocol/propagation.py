@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from sam_ft.evaluation.protocol.decode_select import decode_scored
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.types import Prompt
 
 FRAME = 256
@@ -163,7 +162,7 @@ def propagated_selection(mode: str) -> str:
 
 
 def propagate_boxes(
-    model: TrainableSam,
+    model: SegmentBackend,
     image_of: Callable[[int], np.ndarray],
     gt_of: Callable[[int], np.ndarray],
     chains: Sequence[Chain],
