@@ -71,6 +71,20 @@ def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
     return copy.deepcopy(_load_group(config_dir(), group, name))
 
 
+def build_from_yaml(group: str, name: str = "default", **overrides: Any) -> Any:
+    """The object ``conf/<group>/<name>.yaml`` describes (its ``_target_`` called with the file's
+    values and ``overrides``, as Hydra's ``instantiate`` does): the Python API's and the tests'
+    way to build a loss, prompt sampler, finetune mode or model with the YAML's defaults, e.g.
+    ``build_from_yaml("loss", "dice_ce", iou_weight=0.0)``.
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    from hydra.utils import instantiate
+
+    return instantiate({**group_defaults(group, name), **overrides})
+
+
 @functools.cache
 def _load_group(conf: str, group: str, name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf

@@ -52,9 +52,9 @@ IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
     """``loss`` config -> the loss; ``iou_weight: null`` becomes 1.0 when
     ``eval.mask_selection`` reads the IoU head (``IOU_HEAD_SELECTIONS``), else 0.0."""
-    if cfg.loss.get("iou_weight", 0.0) is not None:
+    if cfg.loss.iou_weight is not None:
         return instantiate(cfg.loss)
-    selection = str(cfg.eval.get("mask_selection", "oracle"))
+    selection = str(cfg.eval.mask_selection)
     return instantiate(cfg.loss, iou_weight=1.0 if selection in IOU_HEAD_SELECTIONS else 0.0)
 
 

@@ -180,9 +180,14 @@ def _module(model, selection: str, resolution: str = "original"):
     return SamFinetuneModule(
         model=model,
         finetune=finetune,
-        loss=SegmentationLoss(iou_weight=0.0, resolution=resolution),
+        loss=SegmentationLoss(
+            "dice_ce", 0.0, 1.0, ce_weight=1.0, iou_on="all", resolution=resolution
+        ),
         optimizer=partial(torch.optim.AdamW, lr=1e-4),
+        scheduler=None,
+        multimask_output=False,
         mask_selection=selection,
+        max_nonfinite_steps=10,
         overlays=0,
     )
 
@@ -274,7 +279,9 @@ def test_original_resolution_loss_is_the_mean_over_objects_of_images_of_any_size
 
     model = _tiny()
     module = _module(model, "oracle", "original")
-    module.loss = SegmentationLoss(iou_weight=1.0, resolution="original")
+    module.loss = SegmentationLoss(
+        "dice_ce", 1.0, 1.0, ce_weight=1.0, iou_on="all", resolution="original"
+    )
     s = model.transform.low_res_size
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 3, s, s, generator=gen, requires_grad=True)
@@ -383,7 +390,9 @@ def test_cosmos_official_loss_is_monai_dicece_per_image(second):
 
     model = _tiny(False)
     module = _module(model, "oracle")
-    module.loss = SegmentationLoss("cosmos_official", iou_weight=0.0)
+    module.loss = SegmentationLoss(
+        "cosmos_official", 0.0, 1.0, ce_weight=1.0, iou_on="all", resolution="original"
+    )
     sizes, counts = [(H, W), second], [1, 3]
     g = torch.Generator().manual_seed(0)
     s = model.transform.low_res_size
