@@ -230,13 +230,6 @@ ALLOWED = {
 PENDING = {
     "sam_ft.data.augment.SliceAugment.from_config: enabled",
     "sam_ft.data.datamodule.SamDataModule._local_ranks: num_nodes",
-    "sam_ft.data.intensity.intensity_bounds: mode",
-    "sam_ft.data.intensity.intensity_scope: scope",
-    "sam_ft.data.intensity.intensity_scope: mode",
-    "sam_ft.data.intensity.map_slice: mode",
-    "sam_ft.data.intensity.map_slice: keep_zero",
-    "sam_ft.data.slicing.object_masks: min_object_pixels",
-    "sam_ft.data.slicing.slice_records: min_object_pixels",
     "sam_ft.data.splits.split_case_ids: seed",
     "sam_ft.evaluate.split_cases: mode",
     "sam_ft.evaluate.share_cases: mode",
