@@ -292,11 +292,6 @@ PENDING = {
     "sam_ft.predict.typed_prompt: label",
     "sam_ft.train.train_multimask: multimask_output",
     "sam_ft.training.options._dry_trainer: precision",
-    "sam_ft.training.schedule.warmup_cosine: warmup_fraction",
-    "sam_ft.training.schedule.warmup_cosine: min_lr_ratio",
-    "sam_ft.training.wandb.make_wandb_logger: project",
-    "sam_ft.training.wandb.make_wandb_logger: offline",
-    "sam_ft.training.wandb.make_wandb_logger: log_model",
 }
 
 
