@@ -228,9 +228,7 @@ ALLOWED = {
 
 # Copies still to remove (#32): the list only shrinks.
 PENDING = {
-    "sam_ft.data.augment.SliceAugment.from_config: enabled",
     "sam_ft.data.datamodule.SamDataModule._local_ranks: num_nodes",
-    "sam_ft.data.splits.split_case_ids: seed",
     "sam_ft.evaluate.split_cases: mode",
     "sam_ft.evaluate.share_cases: mode",
     "sam_ft.evaluate.compare_models: mode",
@@ -259,7 +257,6 @@ PENDING = {
     "sam_ft.evaluation.protocol.everything.EverythingConfig: min_mask_region_area",
     "sam_ft.evaluation.protocol.everything.EverythingConfig.from_eval_cfg: max_prompts_per_call",
     "sam_ft.evaluation.protocol.everything.generate_codes: multimask_output",
-    "sam_ft.evaluation.protocol.propagation.next_box: margin_px",
     "sam_ft.inference.card.predicted_headline: prompt",
     "sam_ft.inference.label_maps.Settings: prompt",
     "sam_ft.inference.label_maps.Settings: seed",
