@@ -117,12 +117,11 @@ def train_rows(
 
     from sam_ft.defaults import build_from_yaml
     from sam_ft.model.builders import build_trainable_sam
-    from sam_ft.model.finetune import Finetune
     from sam_ft.training.module import SamFinetuneModule
 
     torch.manual_seed(0)
     model = build_trainable_sam(model_name).to(device)
-    finetune = Finetune(name=mode)
+    finetune = build_from_yaml("finetune", mode)
     finetune.apply(model)
     loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)
     module = SamFinetuneModule(

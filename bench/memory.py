@@ -49,12 +49,11 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
 
     from sam_ft.defaults import build_from_yaml
     from sam_ft.model.builders import build_trainable_sam
-    from sam_ft.model.finetune import Finetune
     from sam_ft.prompts.types import Prompt
     from sam_ft.training.module import SamFinetuneModule
 
     model = build_trainable_sam(model_name).to(device)
-    finetune = Finetune(name=mode)
+    finetune = build_from_yaml("finetune", mode)
     counts = finetune.apply(model)
     loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)
     module = SamFinetuneModule(

@@ -171,11 +171,11 @@ def test_iou_head_is_trained_when_the_selection_reads_it(selection, weight):
 def _module(model, selection: str, resolution: str = "original"):
     from functools import partial
 
-    from sam_ft.model.finetune import Finetune
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
-    finetune = Finetune(name="decoder")
+    finetune = build_from_yaml("finetune", "decoder")
     finetune.apply(model)
     return SamFinetuneModule(
         model=model,
