@@ -71,8 +71,8 @@ def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
     return copy.deepcopy(_load_group(config_dir(), group, name))
 
 
-def build_from_yaml(group: str, name: str = "default", **overrides: Any) -> Any:
-    """The object ``conf/<group>/<name>.yaml`` describes (its ``_target_`` called with the file's
+def build_from_yaml(group: str, file: str = "default", /, **overrides: Any) -> Any:
+    """The object ``conf/<group>/<file>.yaml`` describes (its ``_target_`` called with the file's
     values and ``overrides``, as Hydra's ``instantiate`` does): the Python API's and the tests'
     way to build a loss, prompt sampler, finetune mode or model with the YAML's defaults, e.g.
     ``build_from_yaml("loss", "dice_ce", iou_weight=0.0)``, ``build_from_yaml("finetune",
@@ -83,7 +83,7 @@ def build_from_yaml(group: str, name: str = "default", **overrides: Any) -> Any:
     """
     from hydra.utils import instantiate
 
-    return instantiate({**group_defaults(group, name), **overrides})
+    return instantiate({**group_defaults(group, file), **overrides})
 
 
 @functools.cache
