@@ -311,11 +311,21 @@ def test_training_step_with_clicks_on_images_of_two_sizes(resolution):
     records = [_thin_record(), _thin_record(200, 230)]
     ds = SliceDataset(records, model.transform, tight_box_prompts, seed=0, progress=False,
                       target_resolution=resolution)  # fmt: skip
-    loss = module.training_step(collate_slices([ds[0], ds[1]]), 0)
+    batch = collate_slices([ds[0], ds[1]])
+    loss = module.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss)
-    grads = [p.grad for p in model.sam.mask_decoder.parameters() if p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads)
+    # finetune=decoder: the encoders are frozen (no gradient); a small step of the decoder along
+    # its gradient lowers the same batch's loss, so the gradient is the loss's.
+    frozen = [*model.sam.image_encoder.parameters(), *model.sam.prompt_encoder.parameters()]
+    assert all(p.grad is None for p in frozen)
+    trained = [p for p in model.sam.mask_decoder.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in trained))
+    assert norm > 0
+    with torch.no_grad():
+        for p in trained:
+            p -= 1e-2 * p.grad / norm
+        assert module.training_step(batch, 0) < loss - 1e-3 * norm
 
 
 # --- the zero-shot baseline (issue 13, item 4) ----------------------------------------------
