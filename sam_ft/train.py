@@ -71,7 +71,7 @@ def train_multimask(cfg: DictConfig, model) -> bool | str:
             ``loss=cosmos_official``.
     """
     value = cfg.get("train", {}).get("multimask")
-    model_multimask = bool(getattr(model, "multimask_output", True))
+    model_multimask = bool(model.multimask_output)
     single_loss = cfg.get("loss", {}).get("kind") == "cosmos_official"
     if value is None:
         if not model_multimask or single_loss:

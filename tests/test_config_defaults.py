@@ -256,7 +256,6 @@ PENDING = {
     "sam_ft.evaluation.protocol.everything.EverythingConfig: box_nms_thresh",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: min_mask_region_area",
     "sam_ft.evaluation.protocol.everything.EverythingConfig.from_eval_cfg: max_prompts_per_call",
-    "sam_ft.evaluation.protocol.everything.generate_codes: multimask_output",
     "sam_ft.inference.card.predicted_headline: prompt",
     "sam_ft.inference.label_maps.Settings: prompt",
     "sam_ft.inference.label_maps.Settings: seed",
@@ -282,8 +281,6 @@ PENDING = {
     "sam_ft.model.trainable.TrainableSam.__init__: multimask_output",
     "sam_ft.model.trainable.TrainableSam.decode: multimask_output",
     "sam_ft.predict.typed_prompt: label",
-    "sam_ft.train.train_multimask: multimask_output",
-    "sam_ft.training.options._dry_trainer: precision",
 }
 
 
