@@ -52,9 +52,9 @@ IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
     """``loss`` config -> the loss; ``iou_weight: null`` becomes 1.0 when
     ``eval.mask_selection`` reads the IoU head (``IOU_HEAD_SELECTIONS``), else 0.0."""
-    if cfg.loss.get("iou_weight", 0.0) is not None:
+    if cfg.loss.iou_weight is not None:
         return instantiate(cfg.loss)
-    selection = str(cfg.eval.get("mask_selection", "oracle"))
+    selection = str(cfg.eval.mask_selection)
     return instantiate(cfg.loss, iou_weight=1.0 if selection in IOU_HEAD_SELECTIONS else 0.0)
 
 
@@ -71,7 +71,7 @@ def train_multimask(cfg: DictConfig, model) -> bool | str:
             ``loss=cosmos_official``.
     """
     value = cfg.get("train", {}).get("multimask")
-    model_multimask = bool(getattr(model, "multimask_output", True))
+    model_multimask = bool(model.multimask_output)
     single_loss = cfg.get("loss", {}).get("kind") == "cosmos_official"
     if value is None:
         if not model_multimask or single_loss:

@@ -8,6 +8,7 @@ wandb's own protobuf records (``tests/wandb_records.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,22 @@ def _eval_scalars(summary: dict) -> dict[str, float]:
 # A 2-job multirun with W&B and TensorBoard
 
 
+# A Hydra callback that writes what each job's task function returned (what a sweeper
+# optimises) to <job dir>/returned.json.
+RECORD_RETURN = """
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+
+class RecordReturn(Callback):
+    def on_job_end(self, config, job_return, **kwargs):
+        out = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "returned.json"
+        out.write_text(json.dumps(job_return.return_value))
+"""
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
@@ -100,8 +117,11 @@ def sweep(tmp_path_factory) -> Path:
         "eval.clicks=2",
         "eval.overlays=2",
         f"hydra.sweep.dir={tmp / 'multirun'}",
+        "+hydra.callbacks.record_return._target_=record_return.RecordReturn",
     ]
-    proc = _run("train.py", args, _env(tmp))
+    (tmp / "record_return.py").write_text(RECORD_RETURN)
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+    proc = _run("train.py", args, _env(tmp, PYTHONPATH=path))
     (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp / "multirun"
 
@@ -201,11 +221,18 @@ def test_tensorboard_has_the_same_scalars_and_images(sweep):
 
 
 def test_train_returns_the_evaluated_box_dice(sweep):
-    from sam_ft.logging_results import OBJECTIVE, sweep_objective
+    """What each job's train.py returned to Hydra (recorded by a Hydra callback) is the finetuned
+    model's unjittered box Dice in that job's eval/summary.csv."""
+    from sam_ft.logging_results import sweep_objective
 
-    job = _jobs(sweep)[0]
-    summary = run_info(_wandb_file(job))["summary"]
-    assert sweep_objective(summary) == summary[OBJECTIVE]
+    for job in _jobs(sweep):
+        returned = json.loads((job / "returned.json").read_text())
+        table = pd.read_csv(job / "eval" / "summary.csv", keep_default_na=False)
+        row = table[
+            (table.model == "finetuned") & (table.prompt == "box") & (table.jitter == "none")
+        ]
+        assert len(row) == 1 and isinstance(returned, float)
+        assert returned == pytest.approx(float(row["dice_mean"].iloc[0]), abs=1e-9)
     assert sweep_objective({"val/dice_best": 0.5}) == 0.5  # train.evaluate=false
 
 

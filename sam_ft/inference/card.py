@@ -128,7 +128,7 @@ def write_model_card(
         "finetune": finetune,
         "task": task,
         "labels": _plain(facts.get("labels")) or task.get("labels"),
-        "min_object_pixels": int((plain.get("data") or {}).get("min_object_pixels", 50)),
+        "min_object_pixels": int(plain["data"]["min_object_pixels"]),
         "evaluation": _plain(evaluation),
         "evaluation_protocol": {k: (plain.get("eval") or {}).get(k) for k in PROTOCOL_KEYS},
         "base_weights": base_weights(model),

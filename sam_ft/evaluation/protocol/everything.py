@@ -133,7 +133,7 @@ def generate_codes(
     for (batch,) in batch_iterator(max(1, config.points_per_batch), points):
         prompts = [Prompt(points=p[None], point_labels=np.ones(1)) for p in batch]
         # SAM's generator asks for 3 masks per point; a single-output model (MedSAM) gives 1.
-        multimask = bool(getattr(model, "multimask_output", True))
+        multimask = bool(model.multimask_output)
         low, iou = model.decode(embedding, prompts, original_size, multimask_output=multimask)
         low, iou = low.flatten(0, 1), iou.flatten(0, 1)
         if config.pred_iou_thresh > 0.0:

@@ -241,7 +241,7 @@ def _merged_overlays(shards: Sequence[tuple[Path, dict]], out: Path) -> dict[str
     from sam_ft.evaluation.protocol.best_worst import OverlayPool
 
     config = shards[0][1]["config"]
-    k = int((config.get("eval") or {}).get("overlays", 8))
+    k = int(config["eval"]["overlays"])  # the shares' eval.overlays (checked equal)
     overlays: dict[str, list] = {}
     for model in config.get("models", []):
         file = f"overlays_{model}_{config.get('task_name', '')}.npz"

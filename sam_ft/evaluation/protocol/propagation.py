@@ -121,7 +121,7 @@ def chain_ranges(
 # The box rule
 
 
-def next_box(mask: np.ndarray, margin_px: int = 3, frame: int = FRAME) -> np.ndarray | None:
+def next_box(mask: np.ndarray, margin_px: int, frame: int = FRAME) -> np.ndarray | None:
     """The next slice's box from this slice's (H, W) bool mask, or None when it is empty.
 
     The official rule (``get_bbox256``): the mask resized like the image (longest side to
