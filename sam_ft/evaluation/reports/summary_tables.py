@@ -16,6 +16,7 @@ Inputs are the evaluation engine's tables:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ from sam_ft.evaluation.reports.statistics import (
     Bootstrap,
     add_intervals,
     cluster_ids,
+    exact_mean,
+    exact_std,
 )
 
 PROMPT_NAMES = {
@@ -48,6 +51,8 @@ SCORE_COLUMNS = [
     "conformity_mean",
 ]  # fmt: skip
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
+MEAN_METRICS = ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity")
+"""The columns a summary row averages (``<metric>_mean``), each with :func:`exact_mean`."""
 SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
 """``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
 tolerance are then in pixels); ``mm+px`` when a group mixes both."""
@@ -94,18 +99,12 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
         df["distance_unit"] = "mm"
     df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
     grouped = df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
-    out = grouped.agg(
-        n=("dice", "size"),
-        dice_mean=("dice", "mean"),
-        iou_mean=("iou", "mean"),
-        hd95_mean=("hd95", "mean"),
-        nsd_mean=("nsd", "mean"),
-        hd_mean=("hd", "mean"),
-        asd_mean=("asd", "mean"),
-        conformity_mean=("conformity", "mean"),
-        hd95_missing=("_missing", "sum"),
-    )
-    out["dice_std"] = grouped["dice"].std(ddof=0)
+    out = grouped.agg(n=("dice", "size"), hd95_missing=("_missing", "sum"))
+    # One correctly rounded sum per mean: the same float whatever the rows' order or grouping
+    # (pandas' own mean changes its summation with the number of groups and rows).
+    for metric in MEAN_METRICS:
+        out[f"{metric}_mean"] = grouped[metric].agg(exact_mean)
+    out["dice_std"] = grouped["dice"].agg(exact_std)
     out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
@@ -181,9 +180,10 @@ def noc(clicks: pd.DataFrame, thresholds: Sequence[float] = (0.85, 0.90)) -> pd.
             first = np.where(
                 reached.any(axis=1), clicks_taken[reached.argmax(axis=1)], clicks_taken.max()
             )
-            row[f"noc@{round(t * 100)}"] = float(first.mean())
-        for click, mean in zip(clicks_taken, values.mean(axis=0), strict=True):
-            row[f"dice@{int(click)}"] = float(mean)
+            row[f"noc@{round(t * 100)}"] = exact_mean(first)
+        for click, column in zip(clicks_taken, values.T, strict=True):
+            # NaN stays NaN (a click no object reached), as numpy's mean gave.
+            row[f"dice@{int(click)}"] = math.fsum(column.tolist()) / len(column)
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -198,8 +198,8 @@ def click_curves(clicks: pd.DataFrame) -> pd.DataFrame:
     object_keys = [c for c in ("task", "case", "slice", "label") if c in clicks]
     rows = []
     for model, group in clicks.groupby("model", sort=False):
-        means = _click_matrix(group, object_keys).mean(axis=0)
-        rows += [(model, int(k), float(v)) for k, v in means.items()]
+        matrix = _click_matrix(group, object_keys)
+        rows += [(model, int(k), exact_mean(matrix[k])) for k in matrix.columns]
     return sort_rows(pd.DataFrame(rows, columns=["model", "click", "dice_mean"]))
 
 
