@@ -102,14 +102,25 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
     out = grouped.agg(n=("dice", "size"), hd95_missing=("_missing", "sum"))
     # One correctly rounded sum per mean: the same float whatever the rows' order or grouping
     # (pandas' own mean changes its summation with the number of groups and rows).
+    members = _members(grouped.ngroup().to_numpy())
     for metric in MEAN_METRICS:
-        out[f"{metric}_mean"] = grouped[metric].agg(exact_mean)
-    out["dice_std"] = grouped["dice"].agg(exact_std)
+        values = pd.to_numeric(df[metric], errors="coerce").to_numpy(float)
+        out[f"{metric}_mean"] = [exact_mean(values[rows]) for rows in members]
+    dice = pd.to_numeric(df["dice"], errors="coerce").to_numpy(float)
+    out["dice_std"] = [exact_std(dice[rows]) for rows in members]
     out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
     out = sort_rows(out[SUMMARY_COLUMNS])
     return out if bootstrap is None else add_intervals(out, df, SUMMARY_KEYS, bootstrap)
+
+
+def _members(codes: np.ndarray) -> list[np.ndarray]:
+    """The row positions of each group, by group number (``GroupBy.ngroup``'s, the order of
+    the groupby's results)."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(order, bounds) if len(order) else []
 
 
 def _official_metric_columns(df: pd.DataFrame) -> None:
@@ -121,6 +132,8 @@ def _official_metric_columns(df: pd.DataFrame) -> None:
 
 
 LABEL_KEYS = ["label", "name"]
+LABEL_ORDER = ("model", "task", "label", "prompt", "jitter")
+"""The row order of :func:`summarize_by_label`."""
 
 
 def summarize_by_label(
@@ -146,7 +159,7 @@ def summarize_by_label(
     if not frames:
         return pd.DataFrame(columns=[*SUMMARY_KEYS[:2], *LABEL_KEYS, *SUMMARY_COLUMNS[2:]])
     out = pd.concat(frames, ignore_index=True)
-    return sort_table(out, by=("model", "task", "label", "prompt", "jitter"))
+    return sort_table(out, by=LABEL_ORDER)
 
 
 def _click_matrix(group: pd.DataFrame, object_keys: list[str]) -> pd.DataFrame:
