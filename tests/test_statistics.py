@@ -204,8 +204,8 @@ def test_logged_scalars_carry_the_ci_bounds_and_the_paired_test(tmp_path):
     from sam_ft.logging_results import evaluation_scalars
 
     rows = _objects()
-    write_report(tmp_path, rows, options=eval_options(None))
-    scalars = evaluation_scalars(tmp_path)
+    report = write_report(tmp_path, rows, options=eval_options(None))
+    scalars = evaluation_scalars(report, tmp_path)
     summary = pd.read_csv(tmp_path / "summary.csv")
     box = summary[(summary["model"] == "finetuned") & (summary["prompt"] == "box")].iloc[0]
     assert scalars["eval/finetuned/box/none/dice"] == pytest.approx(box["dice_mean"])
