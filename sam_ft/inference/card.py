@@ -366,12 +366,17 @@ def trained_facts(datamodule: Any) -> dict[str, Any]:
             continue
     groups = dict((getattr(datamodule, "task", None) or {}).get("labels") or {})
     labels: dict[str, list[int]] = {}
-    modalities = sorted({r.modality for r in refs if r.modality})
-    for ref in refs:
-        for name, value in zip(ref.names, ref.labels.tolist(), strict=True):
-            if name not in labels:
-                group = groups.get(name, [value])
-                labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
+    if callable(getattr(refs, "first_labels", None)):  # a SliceIndex: from its columns
+        modalities, first = refs.modalities(), refs.first_labels()
+    else:
+        modalities = sorted({r.modality for r in refs if r.modality})
+        first = {}
+        for ref in refs:
+            for name, value in zip(ref.names, ref.labels.tolist(), strict=True):
+                first.setdefault(name, value)
+    for name, value in first.items():
+        group = groups.get(name, [value])
+        labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
     return {
         "labels": labels or None,
         "modality": modalities[0] if modalities else None,

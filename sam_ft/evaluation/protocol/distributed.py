@@ -204,6 +204,10 @@ def _cases_digest(keys: Sequence[str], slices: Sequence[int], datamodule: Any) -
     one changed pixel, or another split, gives another digest."""
     images: dict[str, list[str]] = {}
     for refs in _indexed_splits(datamodule):
+        if callable(getattr(refs, "slice_keys", None)):  # a SliceIndex: from its columns
+            for key, entry in refs.slice_keys():
+                images.setdefault(key, []).append(entry)
+            continue
         for r in refs:
             key = str(getattr(r, "image_id", None) or r.case)
             images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
