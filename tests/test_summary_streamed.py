@@ -119,7 +119,11 @@ def test_report_memory_stays_far_below_the_table(tmp_path, monkeypatch):
     peak, size = _peak(tmp_path / "big", cases=80, slices=15)
     # One (model, prompt, jitter) partition is 1/18 of the rows; a comparison holds two.
     grown = peak - fixed
-    assert grown < size / 4, f"+{grown / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB table"
+    figures = (
+        f"peak {fixed / 2**20:.1f} MiB + {grown / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB table"
+    )
+    print(figures)  # BENCHMARKS.md "One evaluation's summary"
+    assert grown < size / 4, figures
 
 
 def test_report_without_unjittered_rows_has_the_empty_tables_of_the_whole_table(tmp_path):
