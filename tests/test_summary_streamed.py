@@ -61,11 +61,14 @@ def _table(
     return df
 
 
-def test_streamed_report_has_the_bytes_of_the_whole_table(tmp_path, monkeypatch):
+# 7: chunks cut groups everywhere, one partition per batch, comparisons pair by pair; 100: a
+# few partitions per batch; 50_000 (the default): the whole table in one batch.
+@pytest.mark.parametrize("chunk_rows", [7, 100, 50_000])
+def test_streamed_report_has_the_bytes_of_the_whole_table(tmp_path, monkeypatch, chunk_rows):
     path = tmp_path / "per_object.csv"
     _table(path, cases=3, slices=1)
     options = eval_options(OPTIONS)
-    monkeypatch.setattr(summary_parts, "CHUNK_ROWS", 7)  # chunks cut groups everywhere
+    monkeypatch.setattr(summary_parts, "CHUNK_ROWS", chunk_rows)
     streamed = write_report(tmp_path / "streamed", path, options=options, seed=1)
     assert not list((tmp_path / "streamed").glob(".summary-parts-*"))  # removed after use
 

@@ -104,7 +104,10 @@ def exact_std(values: Any) -> float:
 
 def _numbers(values: Any) -> np.ndarray:
     """The values as floats (text parsed, unparsable as NaN), NaN left out."""
-    v = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        v = values.astype(float, copy=False)
+    else:
+        v = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
     return v[~np.isnan(v)]
 
 

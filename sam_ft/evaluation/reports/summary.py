@@ -157,29 +157,27 @@ def _write_tables(
     paths: dict[str, Path],
     options: EvalOptions,
 ) -> dict[str, Any]:
-    """The summary CSVs (paths added to ``paths``), each computed one partition (or one pair
-    of partitions) of the rows at a time; -> the tables, and the pooled rows."""
+    """The summary CSVs (paths added to ``paths``), each computed on whole partitions of the
+    rows at a time (:meth:`SummaryParts.batches`); -> the tables, and the pooled rows."""
     boot = options.bootstrap
     several_tasks = len(parts.tasks) > 1
     pieces: dict[str, list[pd.DataFrame]] = {
         k: [] for k in ("summary", "pooled", "by_label", "calibration", "spearman", "bins")
     }
-    for (_, _, jitter), rows in parts.each():
+    for rows in parts.batches():
         pieces["summary"].append(summarize(rows, boot))
         # Pooled rows: CIs only where summary.md shows them (several tasks); the figures and
         # the dashboards need none.
         pieces["pooled"].append(pooled_summary(rows, boot if several_tasks else None))
         # Per target (label value) beside the pooled task rows, as the official code reports.
         pieces["by_label"].append(summarize_by_label(rows, boot))
-        if jitter == "none":
-            pieces["calibration"].append(calibration_table(rows, boot))
-            # Correlations within one (model, prompt) at no jitter: pooling prompts would mix
-            # differences between prompts into the attribute effect.
-            pieces["spearman"].append(
-                spearman_table(rows, "dice", REPORT_ATTRIBUTES, by=["model", "prompt"])
-            )
-            pieces["bins"].append(reliability_bins(rows))
-    empty = parts.empty
+        pieces["calibration"].append(calibration_table(rows, boot))
+        # Correlations within one (model, prompt) at no jitter: pooling prompts would mix
+        # differences between prompts into the attribute effect.
+        pieces["spearman"].append(
+            spearman_table(no_jitter(rows), "dice", REPORT_ATTRIBUTES, by=["model", "prompt"])
+        )
+        pieces["bins"].append(reliability_bins(rows))
     summary = joined(pieces["summary"], sort_rows)
     paths["summary_csv"] = out_dir / "summary.csv"
     summary.to_csv(paths["summary_csv"], index=False)
@@ -189,10 +187,7 @@ def _write_tables(
         comparisons = pd.concat([comparisons, comparisons_streamed(parts, boot, pooled=True)])
     paths["comparisons_csv"] = out_dir / "comparisons.csv"
     comparisons.to_csv(paths["comparisons_csv"], index=False)
-    calibration = joined(
-        pieces["calibration"] or [calibration_table(empty, boot)],
-        lambda t: sort_table(t, by=("model", "prompt")),
-    )
+    calibration = joined(pieces["calibration"], lambda t: sort_table(t, by=("model", "prompt")))
     paths["calibration_csv"] = out_dir / "calibration.csv"
     calibration.to_csv(paths["calibration_csv"], index=False)
     by_label = joined(pieces["by_label"], lambda t: sort_table(t, by=LABEL_ORDER))
@@ -206,12 +201,7 @@ def _write_tables(
         paths["summary_case_csv"] = out_dir / "summary_case.csv"
         case_summary.to_csv(paths["summary_case_csv"], index=False)
 
-    spearman = joined(
-        pieces["spearman"]
-        or [spearman_table(no_jitter(empty), "dice", REPORT_ATTRIBUTES, by=["model", "prompt"])],
-        sort_rows,
-    )
-    spearman = sort_rows(spearman)
+    spearman = joined(pieces["spearman"], sort_rows)
     paths["spearman_csv"] = out_dir / "spearman.csv"
     spearman.to_csv(paths["spearman_csv"], index=False)
 
@@ -232,10 +222,7 @@ def _write_tables(
         "click_curves": curves,
         "comparisons": comparisons,
         "calibration": calibration,
-        "bins": joined(
-            pieces["bins"] or [reliability_bins(empty)],
-            lambda t: sort_table(t, by=("model", "prompt", "bin")),
-        ),
+        "bins": joined(pieces["bins"], lambda t: sort_table(t, by=("model", "prompt", "bin"))),
         "ci": boot.describe(),
     }
 
@@ -267,7 +254,8 @@ def _write_figures(
     groups = no_jitter(pd.DataFrame(list(parts.groups), columns=SUMMARY_KEYS))
     prompts = set(groups["prompt"].astype(str))
     scatter_prompt = "box" if "box" in prompts else next(iter(sort_rows(groups)["prompt"]), "")
-    scatter = [rows for (_, p, j), rows in parts.each(plain=True) if p == str(scatter_prompt)]
+    keys = [k for k in parts.files if k[1] == str(scatter_prompt) and k[2] == "none"]
+    scatter = [parts.load(key) for key in keys]
     paths["plot_attributes"] = plots.plot_attribute_scatter(
         pd.concat(scatter, ignore_index=True) if scatter else parts.empty,
         REPORT_ATTRIBUTES,

@@ -5,13 +5,15 @@ Every table of :mod:`sam_ft.evaluation.reports.summary` is a set of groups insid
 prompt, jitter): the summaries (per task, per target, pooled over tasks), the calibration, the
 Spearman rho and the reliability bins; each paired comparison joins two of them (a model and
 zero-shot on one prompt, a prompt and the box for one model). So the rows are read in chunks and
-appended to one temporary file per (model, prompt, jitter); each table is then computed one
-partition (or one pair) at a time by the functions that compute it from the whole table, and the
-pieces are put together in the tables' own order. Every mean is a correctly rounded sum
+appended to one temporary file per (model, prompt, jitter); each table is then computed by the
+functions that compute it from the whole table, on whole partitions at a time (as many as fit in
+one chunk, or one larger partition; each pair of partitions for the comparisons), and the pieces
+are put together in the tables' own order. Every mean is a correctly rounded sum
 (:func:`~sam_ft.evaluation.reports.statistics.exact_mean`) and every case total is sorted, so the
 result is the same bytes as the whole-table computation (a test compares them), with at most one
-chunk or two partitions in memory. What ``summary.md`` counts over all rows (objects, cases,
-models, prompt settings, distance units) is gathered while the rows are read.
+chunk, or the largest partition or pair of partitions, in memory. What ``summary.md`` counts over
+all rows (objects, cases, models, prompt settings, distance units) is gathered while the rows are
+read.
 """
 
 from __future__ import annotations
@@ -95,21 +97,34 @@ class SummaryParts:
                     break
         return pd.concat(frames, ignore_index=True)
 
-    def each(self, plain: bool = False) -> Iterator[tuple[Key, pd.DataFrame]]:
-        """Each partition (only those without jitter when ``plain``), in the order first read."""
-        for key in list(self.files):
-            if not plain or key[2] == "none":
-                yield key, self.load(key)
+    def batches(self) -> Iterator[pd.DataFrame]:
+        """The rows, whole partitions at a time, as many as fit in :data:`CHUNK_ROWS` rows (a
+        larger partition alone): every group of a table lies in one batch, and a small table
+        is one batch (the tables' functions are then called once, as on the whole table)."""
+        frames: list[pd.DataFrame] = []
+        held = 0
+        for part in map(self.load, list(self.files)):
+            if frames and held + len(part) > CHUNK_ROWS:
+                yield pd.concat(frames, ignore_index=True)
+                frames, held = [], 0
+            frames.append(part)
+            held += len(part)
+        if frames:
+            yield pd.concat(frames, ignore_index=True)
 
     def pairs(self, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
-        """The rows of each pair that a paired comparison joins (only ``columns``, those it
-        reads): zero-shot and a model on one (prompt, jitter); the box and another prompt of
-        one (model, jitter)."""
+        """The rows that the paired comparisons join (only ``columns``, those they read): all
+        of them when they fit in :data:`CHUNK_ROWS` rows, else each pair of partitions in turn:
+        zero-shot and a model on one (prompt, jitter), the box and another prompt of one
+        (model, jitter)."""
 
         def rows(key: Key) -> pd.DataFrame:
             part = self.load(key)
             return part[[c for c in columns if c in part]]
 
+        if self.rows <= CHUNK_ROWS:
+            yield pd.concat([rows(key) for key in self.files], ignore_index=True)
+            return
         for model, prompt, jitter in list(self.files):
             key = (model, prompt, jitter)
             for other in ((BASELINE_MODEL, prompt, jitter), (model, "box", jitter)):
