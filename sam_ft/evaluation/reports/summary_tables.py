@@ -249,14 +249,6 @@ def to_text(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def object_counts(per_object: pd.DataFrame) -> tuple[int, int]:
-    """(objects, rows): an object is one (task, case, slice, label); each is scored once per
-    model, prompt and jitter level, so the rows are a multiple of the objects (the ``n`` of a
-    summary row counts objects)."""
-    keys = [c for c in ("task", "case", "slice", "label") if c in per_object]
-    return len(per_object[keys].drop_duplicates()), len(per_object)
-
-
 def _signed(value: float) -> str:
     return "–" if pd.isna(value) else f"{value:+.3f}"
 
