@@ -25,7 +25,7 @@ from sam_ft.evaluation.protocol.cases import LazyCase
 from sam_ft.evaluation.protocol.distributed import Ranks, evaluate_cases, slice_counts, start_ranks
 from sam_ft.evaluation.protocol.merge import Shard, balanced_shares, parse_shard
 from sam_ft.inference.card import apply_card
-from sam_ft.logging_results import eval_loggers, log_evaluation
+from sam_ft.logging_results import box_dice, eval_loggers, log_evaluation
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.train_sampling import BoxPrompts
 
@@ -166,11 +166,8 @@ def compare_models(
         return {}
     _write_run_info(out_dir, models, cfg)
     _warn_skipped(out_dir)
-    scalars = log_evaluation(out_dir, loggers, result.overlays)
-    rows = result.per_object
-    box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
-    box_dice = {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
-    return {**box_dice, **scalars}
+    scalars = log_evaluation(out_dir, result.report, loggers, result.overlays)
+    return {**box_dice(result.report, result.models, result.task), **scalars}
 
 
 RUN_INFO = "run_info.json"
