@@ -211,7 +211,7 @@ def test_per_case_3d_matches_volume_metrics():
         store.add((1, "box", "none"), s, pred[s])
     opts = eval_options({"nsd_tolerance_mm": 1.5})
     (row,) = _per_case_rows(records, None, store, opts, "v")
-    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5)
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5, "area")
     for key in ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
@@ -251,7 +251,7 @@ def test_per_case_scores_against_full_ground_truth_by_default():
     assert kept["dice"] == pytest.approx(1.0)
     pred = np.zeros_like(label, dtype=bool)
     pred[:3] = label[:3] == 1
-    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0)
+    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0, "area")
     assert full["dice"] == pytest.approx(expected["dice"]) and full["dice"] < 1.0
     assert full["nsd"] == pytest.approx(expected["nsd"], rel=1e-6)
 
@@ -276,7 +276,7 @@ def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     for rec in records:
         gt[rec.slice_index] = rec.masks[0]
     assert not pred[1].any()
-    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 2.0)
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 2.0, "area")
     row = res.per_case[(res.per_case["prompt"] == "box") & (res.per_case["jitter"] == "none")]
     assert row["dice"].item() == pytest.approx(expected["dice"], rel=1e-9)
     assert row["nsd"].item() == pytest.approx(expected["nsd"], rel=1e-6)

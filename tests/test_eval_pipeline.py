@@ -168,7 +168,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The reference: the workers' numpy metrics (``batch_slice_metrics``), one GT per mask."""
-    scores = batch_slice_metrics(preds, gt)
+    scores = batch_slice_metrics(preds, gt, (1.0, 1.0), 2.0, "area")
     return scores["dice"], scores["iou"]
 
 
