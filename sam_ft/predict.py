@@ -172,7 +172,7 @@ def typed_prompt(cfg: DictConfig) -> dict[str, Any] | None:
             if cfg.get(key) is not None:
                 raise ConfigError(f"{key}= needs box= or points= (the prompt it belongs to)")
         return None
-    obj = {"label": cfg.get("label", 1)}
+    obj = {"label": cfg.label}
     for key in ("box", "points", "point_labels", "slice"):
         value = cfg.get(key)
         if value is not None:

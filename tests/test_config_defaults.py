@@ -246,11 +246,6 @@ PENDING = {
     "sam_ft.evaluation.protocol.everything.EverythingConfig: box_nms_thresh",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: min_mask_region_area",
     "sam_ft.evaluation.protocol.everything.EverythingConfig.from_eval_cfg: max_prompts_per_call",
-    "sam_ft.inference.card.predicted_headline: prompt",
-    "sam_ft.inference.label_maps.Settings: prompt",
-    "sam_ft.inference.label_maps.Settings: seed",
-    "sam_ft.inference.label_maps.Settings: max_prompts_per_call",
-    "sam_ft.inference.label_maps.Settings: overlay",
     "sam_ft.model.backend.SegmentBackend.decode: multimask_output",
     "sam_ft.model.backend.SegmentBackend.predict: multimask_output",
     "sam_ft.model.builders.build_trainable_sam: grad_checkpointing",
@@ -270,7 +265,6 @@ PENDING = {
     "sam_ft.model.trainable.TrainableSam.__init__: encoder_bf16",
     "sam_ft.model.trainable.TrainableSam.__init__: multimask_output",
     "sam_ft.model.trainable.TrainableSam.decode: multimask_output",
-    "sam_ft.predict.typed_prompt: label",
 }
 
 
