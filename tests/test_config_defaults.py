@@ -233,7 +233,6 @@ PENDING = {
     "sam_ft.evaluate.share_cases: mode",
     "sam_ft.evaluate.compare_models: mode",
     "sam_ft.evaluate._write_run_info: multimask_output",
-    "sam_ft.evaluation.protocol.decode_select.decode_scored: multimask_output",
     "sam_ft.evaluation.protocol.distributed.start_ranks: accelerator",
     "sam_ft.evaluation.protocol.distributed.start_ranks: devices",
     "sam_ft.evaluation.protocol.distributed.start_ranks: num_nodes",
