@@ -127,6 +127,9 @@ def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
         checkpoint=checkpoint,
         image_size=m.get("image_size"),
         preprocess=m.get("preprocess"),
+        grad_checkpointing=False,  # no training here
+        compile_encoder=bool(m["compile_encoder"]),
+        encoder_bf16=bool(m["encoder_bf16"]),
         hq_token_only=m.get("hq_token_only"),
     )
 

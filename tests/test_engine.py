@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from segment_anything import SamPredictor
+from wrapped_sam import wrap_sam
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
@@ -33,7 +34,7 @@ FAST = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 2}
 @pytest.fixture(scope="module")
 def model() -> TrainableSam:
     torch.manual_seed(0)
-    return TrainableSam(build_sam_architecture("tiny", image_size=TINY_INPUT)).eval()
+    return wrap_sam(build_sam_architecture("tiny", image_size=TINY_INPUT)).eval()
 
 
 def _image(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
