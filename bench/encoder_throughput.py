@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> float:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     size = args.image_size or SPECS[args.model].image_size
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture(args.model, image_size=size)).to(device).eval()
+    sam = build_sam_architecture(args.model, image_size=size)
+    model = (
+        TrainableSam(sam, "sam", grad_checkpointing=False, encoder_bf16=True, multimask_output=True)
+        .to(device)
+        .eval()
+    )
     images = torch.randn(args.batch, 3, size, size, device=device)
 
     modes = [("original fp32", False, False), ("sdpa fp32", True, False)]

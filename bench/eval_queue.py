@@ -78,12 +78,12 @@ def _child(args) -> dict:
 
     import torch
 
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.evaluation.protocol.cases import LazyCase
     from sam_ft.evaluation.protocol.engine import evaluate_models
-    from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)
-    model = build_trainable_sam("tiny")
+    model = build_from_yaml("model", "tiny")
     cases = [
         LazyCase(f"case_{i:02d}", partial(_case, i, args.size, args.slices))
         for i in range(args.cases)

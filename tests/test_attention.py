@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
+from wrapped_sam import wrap_sam
 
 from sam_ft.model.attention import SdpaAttention, use_original_attention, use_sdpa_attention
 from sam_ft.model.builders import SPECS, build_sam_architecture
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
 
@@ -112,7 +112,7 @@ def test_tiny_encoder_embedding_equals_official():
 def test_trainable_sam_uses_sdpa_and_keeps_keys():
     sam = build_sam_architecture("tiny")
     keys = list(sam.state_dict())
-    model = TrainableSam(sam)
+    model = wrap_sam(sam)
     assert all(type(b.attn) is SdpaAttention for b in model.sam.image_encoder.blocks)
     assert list(model.sam.state_dict()) == keys
 
@@ -120,8 +120,8 @@ def test_trainable_sam_uses_sdpa_and_keeps_keys():
 def test_encoder_gradients_with_checkpointing_match_without():
     torch.manual_seed(0)
     base = _randomise(build_sam_architecture("tiny"))
-    plain = TrainableSam(copy.deepcopy(base)).train()
-    ckpt = TrainableSam(copy.deepcopy(base), grad_checkpointing=True).train()
+    plain = wrap_sam(copy.deepcopy(base)).train()
+    ckpt = wrap_sam(copy.deepcopy(base), grad_checkpointing=True).train()
     images = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     for model in (plain, ckpt):
         model.encode(images).square().mean().backward()
@@ -132,7 +132,7 @@ def test_encoder_gradients_with_checkpointing_match_without():
 
 def test_sdpa_encoder_compiles_without_graph_breaks():
     # aot_eager traces like inductor but skips code generation: seconds, no C++ compiler needed.
-    model = TrainableSam(build_sam_architecture("tiny", image_size=64)).eval()
+    model = wrap_sam(build_sam_architecture("tiny", image_size=64)).eval()
     keys = list(model.state_dict())
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_sdpa_encoder_compiles_without_graph_breaks():
 
 
 def test_encode_stays_float32_on_cpu():
-    model = TrainableSam(build_sam_architecture("tiny")).eval()
+    model = wrap_sam(build_sam_architecture("tiny")).eval()
     for p in model.sam.image_encoder.parameters():
         p.requires_grad_(False)
     emb = model.encode(torch.zeros(1, 3, 256, 256))
@@ -159,8 +159,8 @@ def test_cuda_sdpa_and_bf16_encode_close_to_official():
     images = torch.randn(2, 3, 256, 256, device="cuda")
     with torch.no_grad():
         ref = sam.image_encoder(images)
-        model = TrainableSam(sam).eval()
-        fp32 = TrainableSam(sam, encoder_bf16=False).encode(images)
+        model = wrap_sam(sam).eval()
+        fp32 = wrap_sam(sam, encoder_bf16=False).encode(images)
         mixed = model.encode(images)
     torch.testing.assert_close(fp32, ref, atol=1e-4, rtol=1e-4)
     assert mixed.dtype == torch.float32
@@ -169,5 +169,5 @@ def test_cuda_sdpa_and_bf16_encode_close_to_official():
         rel = (mixed - ref).norm() / ref.norm()
         assert rel < 2e-2, rel.item()
         image = np.zeros((100, 120, 3), np.uint8)
-        masks, _, _ = model.predict(image, [Prompt(box=[10, 10, 60, 80])])
+        masks, _, _ = model.predict(image, [Prompt(box=[10, 10, 60, 80])], True)
         assert masks.dtype == torch.float32

@@ -79,8 +79,8 @@ def test_volume_metrics_match_monai_on_random_volumes():
         if not (gt.any() and pred.any()):
             continue
         spacing = tuple(float(s) for s in rng.uniform([1, 0.3, 0.3], [5, 1.5, 1.5]))
-        fast = volume_metrics(pred, gt, spacing, 2.0)
-        ref = _monai_metrics(pred, gt, spacing, 2.0)
+        fast = volume_metrics(pred, gt, spacing, 2.0, "area")
+        ref = _monai_metrics(pred, gt, spacing, 2.0, "area")
         for key in ("dice", "iou", "hd95", "nsd"):
             assert fast[key] == pytest.approx(ref[key], abs=1e-5), key
         checked += 1
@@ -96,7 +96,7 @@ def test_surface_metrics_exact_when_prediction_is_far_from_the_object():
     pred = np.zeros_like(gt)
     pred[2:4, 100:118, 70:88] = True
     pred[0, 60, 45] = True
-    fast = volume_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0)
-    ref = _monai_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0)
+    fast = volume_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0, "area")
+    ref = _monai_metrics(pred, gt, (3.0, 0.6, 0.8), 2.0, "area")
     for key in ("dice", "iou", "hd95", "nsd"):
         assert fast[key] == pytest.approx(ref[key], abs=1e-5), key

@@ -11,13 +11,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft.defaults import build_from_yaml
 from sam_ft.errors import CheckpointError
 from sam_ft.model.builders import build_sam, build_sam_architecture
 from sam_ft.model.checkpoint import export_official, read_state_dict
 from sam_ft.model.download import fetch
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
 
@@ -39,7 +39,7 @@ def test_load_official_then_export_reloads_with_segment_anything(official_tiny, 
     sam, path = official_tiny
     loaded = build_sam("tiny", checkpoint=str(path))
     assert _same(loaded.state_dict(), sam.state_dict())
-    out = export_official(TrainableSam(loaded), tmp_path / "sam_finetuned.pth")
+    out = export_official(wrap_sam(loaded), tmp_path / "sam_finetuned.pth")
     # The official format: a flat state dict that plain torch + Sam.load_state_dict accept.
     fresh = build_sam_architecture("tiny")
     fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
@@ -50,7 +50,7 @@ def test_export_official_vit_b_loads_in_sam_model_registry(tmp_path):
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture("vit_b"))
+    model = wrap_sam(build_sam_architecture("vit_b"))
     out = export_official(model, tmp_path / "sam_finetuned.pth")
     reloaded = sam_model_registry["vit_b"](checkpoint=str(out))
     assert _same(reloaded.state_dict(), model.sam.state_dict())
@@ -122,25 +122,25 @@ def test_missing_file():
 
 def test_lora_checkpoint_is_merged_into_plain_weights(tmp_path):
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture("tiny"))
+    model = wrap_sam(build_sam_architecture("tiny"))
     build_from_yaml("finetune", "lora", rank=2).apply(model)
     with torch.no_grad():  # a trained adapter: B non-zero
         for block in model.sam.image_encoder.blocks:
             block.attn.qkv.lora_b.normal_(0, 0.05)
     image = np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8)
     prompts = [Prompt(box=[5, 5, 40, 30])]
-    expected, _, _ = model.eval().predict(image, prompts)
+    expected, _, _ = model.eval().predict(image, prompts, True)
     ckpt = tmp_path / "lora.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    plain = TrainableSam(build_sam("tiny", checkpoint=str(ckpt))).eval()
-    got, _, _ = plain.predict(image, prompts)
+    plain = wrap_sam(build_sam("tiny", checkpoint=str(ckpt))).eval()
+    got, _, _ = plain.predict(image, prompts, True)
     assert torch.allclose(expected, got, atol=1e-4)
     exported = export_official(model, tmp_path / "sam_finetuned.pth")
     assert not any("lora" in k for k in torch.load(exported, weights_only=True))
 
 
 def test_export_refuses_non_finite(tmp_path):
-    model = TrainableSam(build_sam_architecture("tiny"))
+    model = wrap_sam(build_sam_architecture("tiny"))
     with torch.no_grad():
         model.sam.mask_decoder.iou_token.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="not finite"):

@@ -12,9 +12,10 @@ import logging
 import pytest
 import torch
 
+from sam_ft.defaults import build_from_yaml
 from sam_ft.errors import CheckpointError
 from sam_ft.model import builders
-from sam_ft.model.builders import build_sam, build_trainable_sam, resolve_checkpoint
+from sam_ft.model.builders import build_sam, resolve_checkpoint
 from sam_ft.model.checkpoint import checkpoint_family, describe_architecture
 from sam_ft.model.specs import SPECS
 
@@ -61,7 +62,7 @@ def files(tmp_path_factory):
 
 def _one_line_error(name: str, path) -> str:
     with pytest.raises(CheckpointError) as err:
-        build_trainable_sam(name, str(path))
+        build_from_yaml("model", name, checkpoint=str(path))
     text = str(err.value)
     assert "\n" not in text, text
     return text
@@ -116,7 +117,7 @@ def test_auto_downloads_a_sam_hq_file_and_logs_its_unverified_hash(
         **{**spec.__dict__, "url": path.as_uri(), "sha256": None}))  # fmt: skip
     monkeypatch.setenv("SAM_FT_CACHE", str(tmp_path / "c"))
     with caplog.at_level(logging.WARNING, logger="sam_ft.model.download"):
-        model = build_trainable_sam("sam_hq_tiny", "auto")
+        model = build_from_yaml("model", "sam_hq_tiny", checkpoint="auto")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert f"no published SHA-256 to verify; its SHA-256 is {digest}" in caplog.text
     cached = tmp_path / "c" / path.name

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from segment_anything import SamPredictor
+from wrapped_sam import wrap_sam
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
@@ -33,7 +34,7 @@ FAST = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 2}
 @pytest.fixture(scope="module")
 def model() -> TrainableSam:
     torch.manual_seed(0)
-    return TrainableSam(build_sam_architecture("tiny", image_size=TINY_INPUT)).eval()
+    return wrap_sam(build_sam_architecture("tiny", image_size=TINY_INPUT)).eval()
 
 
 def _image(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
@@ -211,7 +212,7 @@ def test_per_case_3d_matches_volume_metrics():
         store.add((1, "box", "none"), s, pred[s])
     opts = eval_options({"nsd_tolerance_mm": 1.5})
     (row,) = _per_case_rows(records, None, store, opts, "v")
-    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5)
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 1.5, "area")
     for key in ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
     assert row["num_slices"] == 3 and row["hd95_missing"] is False
@@ -251,7 +252,7 @@ def test_per_case_scores_against_full_ground_truth_by_default():
     assert kept["dice"] == pytest.approx(1.0)
     pred = np.zeros_like(label, dtype=bool)
     pred[:3] = label[:3] == 1
-    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0)
+    expected = volume_metrics(pred, label == 1, (2.5, 0.8, 0.7), 2.0, "area")
     assert full["dice"] == pytest.approx(expected["dice"]) and full["dice"] < 1.0
     assert full["nsd"] == pytest.approx(expected["nsd"], rel=1e-6)
 
@@ -276,7 +277,7 @@ def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
     for rec in records:
         gt[rec.slice_index] = rec.masks[0]
     assert not pred[1].any()
-    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 2.0)
+    expected = volume_metrics(pred, gt, (2.5, 0.8, 0.7), 2.0, "area")
     row = res.per_case[(res.per_case["prompt"] == "box") & (res.per_case["jitter"] == "none")]
     assert row["dice"].item() == pytest.approx(expected["dice"], rel=1e-9)
     assert row["nsd"].item() == pytest.approx(expected["nsd"], rel=1e-6)

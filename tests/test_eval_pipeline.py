@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft import bitmask
 from sam_ft.data.loading import CaseData
@@ -37,7 +38,7 @@ TABLES = ("per_object.csv", "per_case.csv", "clicks.csv", "summary.csv")
 @pytest.fixture(scope="module")
 def model() -> TrainableSam:
     torch.manual_seed(0)
-    return TrainableSam(build_sam_architecture("tiny", image_size=128)).eval()
+    return wrap_sam(build_sam_architecture("tiny", image_size=128)).eval()
 
 
 def _records(case: str, slices, modality="CT") -> list[SliceRecord]:
@@ -168,7 +169,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 def _numpy_dice_iou(preds: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The reference: the workers' numpy metrics (``batch_slice_metrics``), one GT per mask."""
-    scores = batch_slice_metrics(preds, gt)
+    scores = batch_slice_metrics(preds, gt, (1.0, 1.0), 2.0, "area")
     return scores["dice"], scores["iou"]
 
 

@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
@@ -17,7 +18,6 @@ from sam_ft.evaluation.protocol.cases import LazyCase
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
-from sam_ft.model.trainable import TrainableSam
 
 SIZE, SLICES, CASES = 256, 5, 4  # ~1.3 MB of slices per case: above a 1 MiB queue
 
@@ -58,7 +58,7 @@ def _run(model, out, queue_mb: int) -> list:
 
 def test_cases_over_the_byte_bound_are_committed_before_the_next_is_started(tmp_path):
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture("tiny", image_size=128)).eval()
+    model = wrap_sam(build_sam_architecture("tiny", image_size=128)).eval()
     seen = _run(model, tmp_path / "bound", queue_mb=1)
     # Case i loads (one ahead) while case i-1 is decoded: every case before i-1 was committed
     # (with only the count bound, up to workers + 1 = 3 could still wait for their scoring).

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
+from wrapped_sam import wrap_sam
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.evaluation.metrics.overlap import dice_matrix
@@ -38,7 +39,7 @@ def sam():
 def scene(sam):
     """(model, image, gt, embedding, generated masks) computed once for the module."""
     image, gt = _scene()
-    model = TrainableSam(sam).eval()
+    model = wrap_sam(sam).eval()
     embedding = _embed(model, image)
     return model, image, gt, embedding, generate_masks(model, embedding, (H, W), KEEP_ALL)
 
@@ -150,7 +151,7 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
         case="c", slice_index=-1, image=image, masks=gt, labels=np.array([1, 2]), names=["a", "b"]
     )
     res = evaluate_models(
-        {"zero_shot": TrainableSam(sam)},
+        {"zero_shot": wrap_sam(sam)},
         [[rec]],
         report=False,
         task_name="t",
@@ -169,7 +170,7 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
 def test_medsam_preprocessing_path(sam):
     """MedSAM's transform (square resize, no padding) goes through model.transform too."""
     image, gt = _scene()
-    model = TrainableSam(sam, preprocess="medsam").eval()
+    model = wrap_sam(sam, preprocess="medsam").eval()
     embedding = _embed(model, image)
     masks = generate_masks(model, embedding, (H, W), KEEP_ALL)  # masks at the original size
     assert masks.ndim == 3 and masks.shape[1:] == (H, W) and len(masks) > 0

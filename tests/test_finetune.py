@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft.defaults import build_from_yaml
 from sam_ft.model.builders import build_sam_architecture
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
 
@@ -30,7 +30,7 @@ def _expected(name: str, mode: str, depth: int = 2) -> bool:
 
 def _model(mode: str):
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture("tiny"))
+    model = wrap_sam(build_sam_architecture("tiny"))
     build_from_yaml("finetune", mode, last_n=1).apply(model)
     return model
 
@@ -50,7 +50,7 @@ def test_step_changes_only_trainable(mode):
     image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     for _ in range(2):  # two steps, so LoRA's A moves once B is non-zero
         emb = model.encode(model.preprocess(image)[None])[0]
-        logits, iou = model.decode(emb, [Prompt(box=[10, 10, 50, 40])], (70, 90))
+        logits, iou = model.decode(emb, [Prompt(box=[10, 10, 50, 40])], (70, 90), True)
         opt.zero_grad()
         (logits.sigmoid().mean() + iou.mean()).backward()
         opt.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft.model.preprocess import SamTransform
 
@@ -63,11 +64,10 @@ def test_medsam_masks_are_sigmoid_then_upsampled_then_half():
     """The evaluation keeps MedSAM's mask: sigmoid before the upsampling, not logits > 0."""
     from sam_ft.evaluation.protocol.decode_select import decode_scored
     from sam_ft.model.builders import build_sam
-    from sam_ft.model.trainable import TrainableSam
     from sam_ft.prompts.types import Prompt
 
     torch.manual_seed(0)
-    model = TrainableSam(build_sam("tiny", None), "medsam", multimask_output=False).eval()
+    model = wrap_sam(build_sam("tiny", None), preprocess="medsam", multimask_output=False).eval()
     h, w = 300, 230
     image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
     prompts = [Prompt(box=[40, 60, 150, 220]), Prompt(box=[10, 10, 90, 120])]

@@ -38,7 +38,7 @@ def test_shift_by_one_row_with_anisotropic_spacing():
     # The moved bottom edge is one row (2.0 mm) from the old one; every other surface pixel is
     # 0 or one column (0.5 mm) away, so the 95th percentile is 2.0 mm.
     gt = _square()
-    m = slice_metrics(np.roll(gt, 1, axis=0), gt, spacing=(2.0, 0.5), nsd_tolerance_mm=2.0)
+    m = slice_metrics(np.roll(gt, 1, axis=0), gt, (2.0, 0.5), 2.0, "area")
     assert set(m) == set(METRIC_KEYS)
     assert m["dice"] == pytest.approx(0.75)
     assert m["iou"] == pytest.approx(0.6)
@@ -49,7 +49,7 @@ def test_shift_by_one_row_with_anisotropic_spacing():
 
 def test_shift_by_one_column_uses_column_spacing():
     gt = _square()
-    m = slice_metrics(np.roll(gt, 1, axis=1), gt, spacing=(2.0, 0.5))
+    m = slice_metrics(np.roll(gt, 1, axis=1), gt, (2.0, 0.5), 2.0, "area")
     assert m["hd95"] == pytest.approx(0.5)
 
 
@@ -58,27 +58,27 @@ def test_nsd_counts_surface_within_tolerance():
     # direction: (8 + 8) of (12 + 12) surface pixels are within tolerance.
     gt = _square()
     shifted = np.roll(gt, 1, axis=0)
-    m = slice_metrics(shifted, gt, spacing=(2.0, 0.5), nsd_tolerance_mm=1.0, nsd_method="count")
+    m = slice_metrics(shifted, gt, (2.0, 0.5), 1.0, "count")
     assert m["nsd"] == pytest.approx(16 / 24)
-    batch = batch_slice_metrics(shifted[None], gt, (2.0, 0.5), 1.0, nsd_method="count")
+    batch = batch_slice_metrics(shifted[None], gt, (2.0, 0.5), 1.0, "count")
     assert batch["nsd"][0] == pytest.approx(16 / 24)
 
 
 def test_identical_masks():
     gt = _square()
-    m = slice_metrics(gt, gt, spacing=(3.0, 3.0))
+    m = slice_metrics(gt, gt, (3.0, 3.0), 2.0, "area")
     assert (m["dice"], m["iou"], m["hd95"], m["nsd"]) == (1.0, 1.0, 0.0, 1.0)
 
 
 def test_empty_prediction_is_a_failure_with_missing_hd95():
-    m = slice_metrics(np.zeros((8, 8), bool), _square())
+    m = slice_metrics(np.zeros((8, 8), bool), _square(), (1.0, 1.0), 2.0, "area")
     assert (m["dice"], m["iou"], m["nsd"]) == (0.0, 0.0, 0.0)
     assert math.isnan(m["hd95"]) and m["hd95_missing"]
     assert m["empty_pred"] and not m["empty_gt"]
 
 
 def test_empty_ground_truth_with_prediction():
-    m = slice_metrics(_square(), np.zeros((8, 8), bool))
+    m = slice_metrics(_square(), np.zeros((8, 8), bool), (1.0, 1.0), 2.0, "area")
     assert (m["dice"], m["iou"], m["nsd"]) == (0.0, 0.0, 0.0)
     assert math.isnan(m["hd95"]) and m["hd95_missing"]
     assert m["empty_gt"] and not m["empty_pred"]
@@ -86,16 +86,16 @@ def test_empty_ground_truth_with_prediction():
 
 def test_both_empty_is_perfect():
     empty = np.zeros((8, 8), bool)
-    m = slice_metrics(empty, empty)
+    m = slice_metrics(empty, empty, (1.0, 1.0), 2.0, "area")
     assert (m["dice"], m["iou"], m["hd95"], m["nsd"]) == (1.0, 1.0, 0.0, 1.0)
     assert not m["hd95_missing"]
 
 
 def test_shape_and_spacing_checks():
     with pytest.raises(ValueError, match="differ in shape"):
-        slice_metrics(np.zeros((4, 4), bool), np.zeros((4, 5), bool))
+        slice_metrics(np.zeros((4, 4), bool), np.zeros((4, 5), bool), (1.0, 1.0), 2.0, "area")
     with pytest.raises(ValueError, match="spacing"):
-        slice_metrics(_square(), _square(), spacing=(1.0, 1.0, 1.0))
+        slice_metrics(_square(), _square(), (1.0, 1.0, 1.0), 2.0, "area")
 
 
 def _monai_reference(pred, gt, spacing, tol, nsd_method="area"):
@@ -124,10 +124,10 @@ def test_random_masks_match_monai_and_batch_matches_single():
     spacing = (0.7, 1.3)
     gt = _blob(rng)
     preds = np.stack([_blob(rng) for _ in range(12)] + [np.zeros_like(gt)])
-    batch = batch_slice_metrics(preds, gt, spacing=spacing, nsd_tolerance_mm=1.5)
-    pergt = batch_slice_metrics(preds, np.broadcast_to(gt, preds.shape), spacing, 1.5)
+    batch = batch_slice_metrics(preds, gt, spacing, 1.5, "area")
+    pergt = batch_slice_metrics(preds, np.broadcast_to(gt, preds.shape), spacing, 1.5, "area")
     for i, pred in enumerate(preds):
-        single = slice_metrics(pred, gt, spacing=spacing, nsd_tolerance_mm=1.5)
+        single = slice_metrics(pred, gt, spacing, 1.5, "area")
         for key in METRIC_KEYS:
             for got in (batch[key][i], pergt[key][i]):
                 assert got == pytest.approx(single[key], abs=1e-6, nan_ok=True), key
@@ -143,12 +143,12 @@ def test_random_masks_match_monai_and_batch_matches_single():
 def test_batch_with_one_gt_per_prediction_and_empty_gt():
     gt = np.stack([_square(), np.zeros((8, 8), bool)])
     preds = np.stack([np.roll(_square(), 1, axis=0), np.zeros((8, 8), bool)])
-    out = batch_slice_metrics(preds, gt, spacing=(2.0, 0.5))
+    out = batch_slice_metrics(preds, gt, (2.0, 0.5), 2.0, "area")
     np.testing.assert_allclose(out["dice"], [0.75, 1.0])
     np.testing.assert_allclose(out["hd95"], [2.0, 0.0])
     np.testing.assert_array_equal(out["empty_gt"], [False, True])
     with pytest.raises(ValueError, match="fits neither"):
-        batch_slice_metrics(preds, np.zeros((3, 8, 8), bool))
+        batch_slice_metrics(preds, np.zeros((3, 8, 8), bool), (1.0, 1.0), 2.0, "area")
 
 
 def test_volume_metrics_use_slice_spacing():
@@ -156,11 +156,11 @@ def test_volume_metrics_use_slice_spacing():
     gt = np.zeros((6, 8, 8), dtype=bool)
     gt[1:5, 2:6, 2:6] = True
     pred = np.roll(gt, 1, axis=0)
-    m = volume_metrics(pred, gt, spacing=(5.0, 0.5, 0.5), nsd_tolerance_mm=2.0)
+    m = volume_metrics(pred, gt, (5.0, 0.5, 0.5), 2.0, "area")
     assert m["dice"] == pytest.approx(0.75)
     assert m["hd95"] == pytest.approx(5.0)
     assert 0.0 < m["nsd"] < 1.0
-    empty = volume_metrics(np.zeros_like(gt), gt, spacing=(5.0, 0.5, 0.5))
+    empty = volume_metrics(np.zeros_like(gt), gt, (5.0, 0.5, 0.5), 2.0, "area")
     assert empty["dice"] == 0.0 and empty["hd95_missing"]
 
 
@@ -263,11 +263,13 @@ def test_batch_volume_matches_volume_metrics_and_monai():
         spacing = (float(rng.uniform(2, 5)), float(rng.uniform(0.4, 1)), float(rng.uniform(0.4, 1)))
         tol = [2.0, spacing[0], 1.0][trial]  # one tolerance exactly one slice away
         preds = _volume_variants(rng, gt)
-        batch = batch_volume_metrics(iter(preds), gt, spacing, tol)  # a generator, one at a time
-        stacked = batch_volume_metrics(np.stack(preds), gt, spacing, tol)
+        batch = batch_volume_metrics(
+            iter(preds), gt, spacing, tol, "area"
+        )  # a generator, one at a time
+        stacked = batch_volume_metrics(np.stack(preds), gt, spacing, tol, "area")
         assert len(batch["dice"]) == len(preds)
         for i, pred in enumerate(preds):
-            single = volume_metrics(pred, gt, spacing, tol)
+            single = volume_metrics(pred, gt, spacing, tol, "area")
             _assert_same(batch, i, single)
             _assert_same(stacked, i, single)
             _assert_monai(single, pred, gt, spacing, tol)
@@ -288,10 +290,10 @@ def test_batch_volume_grows_its_distance_map_for_later_predictions():
         p[1, 28 - reach, 22] = True
         preds.append(p)
     spacing = (3.0, 0.7, 0.9)
-    batch = batch_volume_metrics(iter(preds), gt, spacing, 1.5)
+    batch = batch_volume_metrics(iter(preds), gt, spacing, 1.5, "area")
     for i, pred in enumerate(preds):
-        _assert_same(batch, i, volume_metrics(pred, gt, spacing, 1.5))
-        _assert_monai(volume_metrics(pred, gt, spacing, 1.5), pred, gt, spacing, 1.5)
+        _assert_same(batch, i, volume_metrics(pred, gt, spacing, 1.5, "area"))
+        _assert_monai(volume_metrics(pred, gt, spacing, 1.5, "area"), pred, gt, spacing, 1.5)
 
 
 def test_gt_far_from_prediction_in_part_only():
@@ -307,7 +309,7 @@ def test_gt_far_from_prediction_in_part_only():
         pred[11:41, 9:39] = True
         pred[299, 0] = True
         spacing = (0.8, 0.6)
-        out = batch_slice_metrics(pred[None], gt, spacing, 1.0)
+        out = batch_slice_metrics(pred[None], gt, spacing, 1.0, "area")
         _assert_monai({k: v[0] for k, v in out.items()}, pred, gt, spacing, 1.0)
 
 
@@ -318,7 +320,7 @@ def test_far_apart_masks_2d_and_3d():
     pred2 = np.zeros_like(gt2)
     pred2[70:85, 95:115] = True
     preds = np.stack([pred2, pred2 | (rng.random(gt2.shape) < 0.001)])  # far, and far + noise
-    out = batch_slice_metrics(preds, gt2)
+    out = batch_slice_metrics(preds, gt2, (1.0, 1.0), 2.0, "area")
     for i, pred in enumerate(preds):
         _assert_monai({k: v[i] for k, v in out.items()}, pred, gt2, (1.0, 1.0), 2.0)
     gt3 = np.zeros((6, 50, 40), dtype=bool)
@@ -326,7 +328,7 @@ def test_far_apart_masks_2d_and_3d():
     pred3 = np.zeros_like(gt3)
     pred3[4:6, 40:48, 30:38] = True
     spacing = (4.0, 0.5, 0.7)
-    m = volume_metrics(pred3, gt3, spacing, 2.0)
+    m = volume_metrics(pred3, gt3, spacing, 2.0, "area")
     assert m["dice"] == 0.0 and m["nsd"] == 0.0
     _assert_monai(m, pred3, gt3, spacing, 2.0)
 
@@ -337,19 +339,19 @@ def test_batch_volume_empty_rules_and_checks():
     gt = np.zeros((3, 8, 8), dtype=bool)
     gt[1, 2:6, 2:6] = True
     empty = np.zeros_like(gt)
-    out = batch_volume_metrics([empty, gt], empty, (2.0, 1.0, 1.0))  # empty GT
+    out = batch_volume_metrics([empty, gt], empty, (2.0, 1.0, 1.0), 2.0, "area")  # empty GT
     np.testing.assert_array_equal(out["dice"], [1.0, 0.0])
     np.testing.assert_array_equal(out["nsd"], [1.0, 0.0])
     assert out["hd95"][0] == 0.0 and math.isnan(out["hd95"][1])
     np.testing.assert_array_equal(out["hd95_missing"], [False, True])
     np.testing.assert_array_equal(out["empty_gt"], [True, True])
-    out = batch_volume_metrics([empty], gt, (2.0, 1.0, 1.0))  # empty prediction
+    out = batch_volume_metrics([empty], gt, (2.0, 1.0, 1.0), 2.0, "area")  # empty prediction
     assert out["dice"][0] == 0.0 and out["hd95_missing"][0] and out["empty_pred"][0]
-    assert len(batch_volume_metrics([], gt)["dice"]) == 0
+    assert len(batch_volume_metrics([], gt, (1.0, 1.0, 1.0), 2.0, "area")["dice"]) == 0
     with pytest.raises(ValueError, match="differ in shape"):
-        batch_volume_metrics([np.zeros((3, 8, 9), bool)], gt)
+        batch_volume_metrics([np.zeros((3, 8, 9), bool)], gt, (1.0, 1.0, 1.0), 2.0, "area")
     with pytest.raises(ValueError, match="spacing"):
-        batch_volume_metrics([gt], gt, spacing=(1.0, 1.0))
+        batch_volume_metrics([gt], gt, (1.0, 1.0), 2.0, "area")
 
 
 # --- the official cal_matric.py metrics (issue 25, item 8) ---------------------------------
@@ -393,12 +395,12 @@ def test_hd_asd_conformity_are_the_official_codes_and_monais():
             gts.append(g)
     preds.append(gts[0] & ~_square((40, 48), 0, 0, 40))  # no overlap: Dice 0, conformity 0
     gts.append(gts[0] & _square((40, 48), 0, 0, 40))
-    batch = batch_slice_metrics(np.stack(preds), np.stack(gts), spacing)
+    batch = batch_slice_metrics(np.stack(preds), np.stack(gts), spacing, 2.0, "area")
     for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
         if not (p.any() and g.any()):
             continue
         hd, asd, con = _official_scores(p, g, spacing)
-        single = slice_metrics(p, g, spacing)  # the MONAI path
+        single = slice_metrics(p, g, spacing, 2.0, "area")  # the MONAI path
         for got in (single, {k: v[i] for k, v in batch.items()}):
             assert got["hd"] == pytest.approx(hd, rel=1e-5)
             assert got["asd"] == pytest.approx(asd, rel=1e-5)
@@ -417,10 +419,10 @@ def test_hd_asd_conformity_are_the_official_codes_and_monais():
     # 3D: the per-case path, with the slice spacing.
     vp, vg = np.stack(preds[:4]), np.stack(gts[:4])
     hd, asd, con = _official_scores(vp, vg, (3.0, *spacing))
-    got = volume_metrics(vp, vg, (3.0, *spacing))
+    got = volume_metrics(vp, vg, (3.0, *spacing), 2.0, "area")
     assert got["hd"] == pytest.approx(hd, rel=1e-5) and got["asd"] == pytest.approx(asd, rel=1e-5)
     assert got["conformity"] == pytest.approx(con, rel=1e-9)
     # An empty prediction: the official code says HD = ASD = 0; here they are missing.
-    empty = slice_metrics(np.zeros_like(gts[0]), gts[0], spacing)
+    empty = slice_metrics(np.zeros_like(gts[0]), gts[0], spacing, 2.0, "area")
     assert math.isnan(empty["hd"]) and math.isnan(empty["asd"]) and empty["hd95_missing"]
     assert empty["conformity"] == 0.0

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
+from wrapped_sam import wrap_sam
 
 from sam_ft.model.builders import build_sam_architecture
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
 
@@ -52,7 +52,7 @@ def test_mask_logits_equal_sam_predictor(sam_1024, image, reference, name, multi
         multimask_output=multimask,
         return_logits=True,
     )
-    model = TrainableSam(sam_1024).eval()
+    model = wrap_sam(sam_1024).eval()
     logits, iou, low = model.predict(image, [prompt], multimask_output=multimask)
     assert logits.shape == (1, 3 if multimask else 1, 300, 457)
     assert np.abs(logits[0].numpy() - ref_logits).max() <= 1e-4
@@ -60,17 +60,17 @@ def test_mask_logits_equal_sam_predictor(sam_1024, image, reference, name, multi
 
 
 def test_many_prompts_in_one_call_match_one_by_one(sam_1024, image):
-    model = TrainableSam(sam_1024).eval()
+    model = wrap_sam(sam_1024).eval()
     prompts = [CASES["box"], Prompt(box=[10, 20, 100, 250]), CASES["points_pos_neg"]]
-    together, iou_together, _ = model.predict(image, prompts)
+    together, iou_together, _ = model.predict(image, prompts, True)
     for i, prompt in enumerate(prompts):
-        alone, iou_alone, _ = model.predict(image, [prompt])
+        alone, iou_alone, _ = model.predict(image, [prompt], True)
         assert torch.allclose(together[i], alone[0], atol=1e-4)
         assert torch.allclose(iou_together[i], iou_alone[0], atol=1e-5)
 
 
 def test_preprocess_equals_predictor_input(sam_1024, image, reference):
-    model = TrainableSam(sam_1024)
+    model = wrap_sam(sam_1024)
     ours = model.preprocess(image)
     resized = reference.transform.apply_image(image)
     theirs = sam_1024.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].float())[0]
@@ -82,12 +82,12 @@ def test_decode_gradients_equal_finite_differences():
     the gradient g, a central difference of the loss (step 1e-3) equals |g| (the decoder's last
     upscaling layer and the encoder's first layer, so the whole path is covered)."""
     torch.manual_seed(0)
-    model = TrainableSam(build_sam_architecture("tiny"))
+    model = wrap_sam(build_sam_architecture("tiny"))
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
 
     def loss() -> torch.Tensor:
         emb = model.encode(model.preprocess(image)[None])[0]
-        logits, iou = model.decode(emb, [Prompt(box=[5, 5, 40, 30])], (64, 80))
+        logits, iou = model.decode(emb, [Prompt(box=[5, 5, 40, 30])], (64, 80), True)
         return logits.mean() + iou.mean()
 
     loss().backward()

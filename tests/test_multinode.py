@@ -93,9 +93,9 @@ def test_two_nodes_equal_one_node_two_processes(tmp_path):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
     # The runs trained (equal weights are not both the zero-shot model's).
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
     key = "mask_decoder.output_upscaling.0.weight"
-    start = build_trainable_sam("tiny").sam.state_dict()[key]
+    start = build_from_yaml("model", "tiny").sam.state_dict()[key]
     assert not torch.equal(got[f"model.sam.{key}"], start)
     assert (two_nodes / "sam_finetuned.pth").is_file()  # global rank 0 (node 0) exported

@@ -39,8 +39,10 @@ def test_2d_area_nsd_matches_surface_distance(spacing):
     for pred, gt in _pairs(rng, (40, 52), 4):
         for tol in (0.5, 1.0, 2.0, 3.5):
             want = _deepmind_nsd(pred, gt, spacing, tol)
-            assert slice_metrics(pred, gt, spacing, tol)["nsd"] == pytest.approx(want, abs=1e-3)
-            got = batch_slice_metrics(pred[None], gt, spacing, tol)["nsd"][0]
+            assert slice_metrics(pred, gt, spacing, tol, "area")["nsd"] == pytest.approx(
+                want, abs=1e-3
+            )
+            got = batch_slice_metrics(pred[None], gt, spacing, tol, "area")["nsd"][0]
             assert got == pytest.approx(want, abs=1e-3)
 
 
@@ -51,10 +53,12 @@ def test_3d_area_nsd_matches_surface_distance(spacing):
     gt = pairs[0][1]
     preds = [p for p, _ in pairs]
     for tol in (1.0, 2.0, 6.0):
-        batch = batch_volume_metrics(iter(preds), gt, spacing, tol)["nsd"]
+        batch = batch_volume_metrics(iter(preds), gt, spacing, tol, "area")["nsd"]
         for i, pred in enumerate(preds):
             want = _deepmind_nsd(pred, gt, spacing, tol)
-            assert volume_metrics(pred, gt, spacing, tol)["nsd"] == pytest.approx(want, abs=1e-3)
+            assert volume_metrics(pred, gt, spacing, tol, "area")["nsd"] == pytest.approx(
+                want, abs=1e-3
+            )
             assert batch[i] == pytest.approx(want, abs=1e-3)
 
 
@@ -66,9 +70,9 @@ def test_voxel_count_nsd_is_another_number_on_anisotropic_masks():
     pred = np.roll(gt, 2, axis=2)
     spacing = (5.0, 0.5, 0.5)
     want = _deepmind_nsd(pred, gt, spacing, 0.6)
-    area = volume_metrics(pred, gt, spacing, 0.6)["nsd"]
-    count = volume_metrics(pred, gt, spacing, 0.6, nsd_method="count")["nsd"]
+    area = volume_metrics(pred, gt, spacing, 0.6, "area")["nsd"]
+    count = volume_metrics(pred, gt, spacing, 0.6, "count")["nsd"]
     assert area == pytest.approx(want, abs=1e-3)
     assert abs(count - want) > 0.01
     with pytest.raises(ValueError, match="nsd_method"):
-        volume_metrics(pred, gt, spacing, 0.6, nsd_method="voxels")
+        volume_metrics(pred, gt, spacing, 0.6, "voxels")

@@ -15,11 +15,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sam_ft.data.readers import read_volume
-from sam_ft.defaults import config_dir
+from sam_ft.defaults import build_from_yaml, config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError
 from sam_ft.inference.card import card_path, read_card, write_model_card
 from sam_ft.inference.frames import file_geometry
-from sam_ft.model.builders import build_trainable_sam
 from sam_ft.model.checkpoint import export_official
 
 # File shape (i, j, k) and spacing: anisotropic; slices along the 4 mm axis.
@@ -83,7 +82,7 @@ def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 def weights(tmp_path_factory) -> Path:
     """A tiny model with random weights, exported with its card as training does."""
     torch.manual_seed(0)
-    model = build_trainable_sam("tiny")
+    model = build_from_yaml("model", "tiny")
     path = export_official(model, tmp_path_factory.mktemp("run") / "sam_finetuned.pth")
     cfg = OmegaConf.create(
         {

@@ -136,7 +136,7 @@ def test_next_box_is_the_official_box_in_the_256_frame(shape):
     """The box rule is the official ``get_bbox256`` of the resized previous mask, and
     LiteMedSAM's box transform gives back exactly that frame box."""
     rng = np.random.default_rng(shape[0])
-    lite = LiteMedSamTransform()
+    lite = LiteMedSamTransform(256)  # LiteMedSAM's input side
     for _ in range(20):
         mask = np.zeros(shape, dtype=bool)
         r0, c0 = rng.integers(0, shape[0] - 2), rng.integers(0, shape[1] - 2)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from wrapped_sam import wrap_sam
 
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
@@ -23,7 +24,7 @@ CFG = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
 @pytest.fixture(scope="module")
 def model() -> TrainableSam:
     torch.manual_seed(0)
-    return TrainableSam(build_sam_architecture("tiny", image_size=64)).eval()
+    return wrap_sam(build_sam_architecture("tiny", image_size=64)).eval()
 
 
 def _write_case(root, name: str, shift: int) -> None:

@@ -22,6 +22,8 @@ import torch
 if importlib.util.find_spec("sam2") is None:  # pragma: no cover
     pytest.skip("sam2 is not installed (pip install 'sam_ft[sam2]')", allow_module_level=True)
 
+from wrapped_sam import wrap_sam
+
 from sam_ft.evaluation.protocol.propagation import Chain, key_slices  # noqa: E402
 from sam_ft.evaluation.protocol.propagation_memory import propagate_memory  # noqa: E402
 from sam_ft.prompts.strategies import make_eval_prompt  # noqa: E402
@@ -47,9 +49,11 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(weights):
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
-    return build_trainable_sam("sam2.1_hiera_t", str(weights), image_size=SIZE).eval()
+    return build_from_yaml(
+        "model", "sam2.1_hiera_t", checkpoint=str(weights), image_size=SIZE
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +203,8 @@ def test_memory_needs_a_sam2_model(case, tmp_path):
     from sam_ft.errors import ConfigError
     from sam_ft.evaluation.protocol.engine import evaluate_models
     from sam_ft.model.builders import build_sam_architecture
-    from sam_ft.model.trainable import TrainableSam
 
-    tiny = TrainableSam(build_sam_architecture("tiny", image_size=64)).eval()
+    tiny = wrap_sam(build_sam_architecture("tiny", image_size=64)).eval()
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
     cfg |= {"mode": "propagate", "propagate": {"prompt": "memory"}}
     with pytest.raises(ConfigError, match=r"^eval\.propagate\.prompt=memory needs a SAM 2") as e:

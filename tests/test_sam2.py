@@ -24,7 +24,8 @@ import torch
 if importlib.util.find_spec("sam2") is None:  # pragma: no cover
     pytest.skip("sam2 is not installed (pip install 'sam_ft[sam2]')", allow_module_level=True)
 
-from sam_ft.model.builders import build_sam_architecture, build_trainable_sam  # noqa: E402
+from sam_ft.defaults import build_from_yaml  # noqa: E402
+from sam_ft.model.builders import build_sam_architecture  # noqa: E402
 from sam_ft.prompts.strategies import make_eval_prompt  # noqa: E402
 from sam_ft.prompts.types import Prompt  # noqa: E402
 
@@ -91,7 +92,9 @@ def weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ours(weights):
-    return build_trainable_sam("sam2.1_hiera_t", str(weights), image_size=SIZE).eval()
+    return build_from_yaml(
+        "model", "sam2.1_hiera_t", checkpoint=str(weights), image_size=SIZE
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +140,9 @@ def test_masks_equal_sam2_image_predictor(ours, reference, name, multimask):
 
 def test_many_prompts_in_one_call_match_one_by_one(ours):
     prompts = list(CASES.values()) + [Prompt(box=[10, 20, 100, 250])]
-    together, iou_together, _ = ours.predict(_image(), prompts)
+    together, iou_together, _ = ours.predict(_image(), prompts, True)
     for i, prompt in enumerate(prompts):
-        alone, iou_alone, _ = ours.predict(_image(), [prompt])
+        alone, iou_alone, _ = ours.predict(_image(), [prompt], True)
         assert torch.allclose(together[i], alone[0], atol=1e-4)
         assert torch.allclose(iou_together[i], iou_alone[0], atol=1e-5)
 
@@ -211,13 +214,13 @@ def test_medsam2_is_sam2_tiny_at_512_with_the_released_checkpoint_format(tmp_pat
     state dict}``) loads strictly, and a box gives the masks of SAM2ImagePredictor run as
     MedSAM2's fork runs it at 512."""
     weights = save_random_weights(tmp_path / "MedSAM2_latest.pt", 512, seed=5)
-    ours = build_trainable_sam("medsam2", str(weights)).eval()
+    ours = build_from_yaml("model", "medsam2", checkpoint=str(weights)).eval()
     assert ours.image_size == 512 and ours.transform.mode == "sam2"
     predictor = official_predictor(weights, 512)
     image, prompt = _image(), CASES["box"]
     predictor.set_image(image)
     ref, _, _ = predictor.predict(box=np.asarray(prompt.box), return_logits=True)
-    logits, _, _ = ours.predict(image, [prompt])
+    logits, _, _ = ours.predict(image, [prompt], True)
     assert np.abs(logits[0].numpy() - ref).max() <= 1e-4
 
 
@@ -229,7 +232,7 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real(name, *a)
     )
     with pytest.raises(ConfigError) as err:
-        build_trainable_sam("sam2.1_hiera_t", None, image_size=SIZE)
+        build_from_yaml("model", "sam2.1_hiera_t", checkpoint=None, image_size=SIZE)
     message = str(err.value)
     assert "\n" not in message and "pip install 'sam_ft[sam2]'" in message
     assert message.startswith("model.name=sam2.1_hiera_t needs the package sam2")
@@ -238,11 +241,10 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
 def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
     """``finetune=lora`` adapts every Hiera attention's qkv (gradients reach the adapters, the
     embedding is then not cacheable); the export merges them into the official layout."""
-    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.checkpoint import export_official
     from sam_ft.model.finetune import LoRALinear
 
-    model = build_trainable_sam("sam2.1_hiera_t", str(weights), image_size=SIZE)
+    model = build_from_yaml("model", "sam2.1_hiera_t", checkpoint=str(weights), image_size=SIZE)
     build_from_yaml("finetune", "lora", rank=2, alpha=2.0).apply(model)
     adapters = [m for m in model.image_encoder.modules() if isinstance(m, LoRALinear)]
     assert len(adapters) == 12 and not model.encoder_frozen
@@ -250,7 +252,9 @@ def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
     assert not conv_s0.requires_grad  # part of the embedding: frozen with the encoder
     model.train()
     embedding = model.encode(model.preprocess(_image())[None])
-    low, iou = model.decode({k: v[0] for k, v in embedding.items()}, [CASES["box"]], (300, 457))
+    low, iou = model.decode(
+        {k: v[0] for k, v in embedding.items()}, [CASES["box"]], (300, 457), True
+    )
     (low.mean() + iou.mean()).backward()
     grad = adapters[0].lora_b.grad  # B starts at zero, so A gets none yet
     assert grad is not None and grad.abs().sum() > 0
@@ -258,7 +262,7 @@ def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
         for m in adapters:
             m.lora_b.normal_(std=0.01)
     model.eval()
-    expected, _, _ = model.predict(_image(), [CASES["box"]])
+    expected, _, _ = model.predict(_image(), [CASES["box"]], True)
     exported = export_official(model, tmp_path / "lora.pth")
     predictor = official_predictor(exported, SIZE)
     predictor.set_image(_image())
@@ -270,8 +274,10 @@ def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
 def _spawned_build(checkpoint: str, queue) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    model = build_trainable_sam("sam2.1_hiera_t", checkpoint, image_size=SIZE).eval()
-    logits, _, _ = model.predict(_image(), [CASES["box"]])
+    model = build_from_yaml(
+        "model", "sam2.1_hiera_t", checkpoint=checkpoint, image_size=SIZE
+    ).eval()
+    logits, _, _ = model.predict(_image(), [CASES["box"]], True)
     queue.put((GlobalHydra.instance().is_initialized(), logits.numpy()))
 
 
@@ -285,7 +291,7 @@ def test_builds_in_a_spawned_worker(ours, weights):
     hydra_set, logits = queue.get(timeout=300)
     proc.join(timeout=60)
     assert proc.exitcode == 0 and not hydra_set
-    expected, _, _ = ours.predict(_image(), [CASES["box"]])
+    expected, _, _ = ours.predict(_image(), [CASES["box"]], True)
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5)
 
 
@@ -407,7 +413,9 @@ def test_decoder_finetuning_on_the_demo_exports_what_sam2_loads(tmp_path):
         point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box,
         multimask_output=False, return_logits=True,
     )  # fmt: skip
-    ours = build_trainable_sam("sam2.1_hiera_t", str(exported), image_size=SIZE).eval()
+    ours = build_from_yaml(
+        "model", "sam2.1_hiera_t", checkpoint=str(exported), image_size=SIZE
+    ).eval()
     logits, _, _ = ours.predict(image, [prompt], multimask_output=False)
     assert np.abs(logits[0].numpy() - ref).max() <= 1e-4
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam_ft.model.builders import build_sam, build_trainable_sam
+from sam_ft.defaults import build_from_yaml
+from sam_ft.model.builders import build_sam
 from sam_ft.model.sam_hq import TrainableSamHQ, import_hq
 from sam_ft.model.specs import SPECS
 from sam_ft.prompts.strategies import make_eval_prompt
@@ -100,9 +101,11 @@ def test_masks_equal_sam_hq_predictor(official_file, image, hq_token_only):
     official, path = official_file
     predictor = hq.SamPredictor(official)
     predictor.set_image(image)
-    ours = build_trainable_sam("sam_hq_tiny", str(path), hq_token_only=hq_token_only).eval()
+    ours = build_from_yaml(
+        "model", "sam_hq_tiny", checkpoint=str(path), hq_token_only=hq_token_only
+    ).eval()
     assert isinstance(ours, TrainableSamHQ)
-    logits, iou, _ = ours.predict(image, list(CASES.values()))
+    logits, iou, _ = ours.predict(image, list(CASES.values()), False)
     assert logits.shape == (len(CASES), 1, *image.shape[:2])
     for i, prompt in enumerate(CASES.values()):
         ref_logits, ref_iou, _ = predictor.predict(
@@ -116,9 +119,11 @@ def test_masks_equal_sam_hq_predictor(official_file, image, hq_token_only):
 
 def test_hq_token_only_changes_the_masks(official_file, image):
     _, path = official_file
-    a = build_trainable_sam("sam_hq_tiny", str(path)).predict(image, [CASES["box"]])[0]
-    b = build_trainable_sam("sam_hq_tiny", str(path), hq_token_only=True)
-    assert not torch.allclose(a, b.predict(image, [CASES["box"]])[0])
+    a = build_from_yaml("model", "sam_hq_tiny", checkpoint=str(path)).predict(
+        image, [CASES["box"]], False
+    )[0]
+    b = build_from_yaml("model", "sam_hq_tiny", checkpoint=str(path), hq_token_only=True)
+    assert not torch.allclose(a, b.predict(image, [CASES["box"]], False)[0])
 
 
 def test_official_sam_parity_holds_with_both_packages_imported(image):
@@ -132,9 +137,9 @@ def test_official_sam_parity_holds_with_both_packages_imported(image):
     predictor = segment_anything.SamPredictor(sam)
     predictor.set_image(image)
     ref, _, _ = predictor.predict(box=CASES["box"].box, multimask_output=True, return_logits=True)
-    ours = build_trainable_sam("tiny").eval()
+    ours = build_from_yaml("model", "tiny").eval()
     ours.sam.load_state_dict(sam.state_dict())
-    logits, _, _ = ours.predict(image, [CASES["box"]])
+    logits, _, _ = ours.predict(image, [CASES["box"]], True)
     assert np.abs(logits[0].numpy() - ref).max() <= 1e-4
 
 
@@ -142,7 +147,7 @@ def test_embedding_carries_the_early_vit_features(official_file, image):
     """encode -> (1, 256 + D, h, w): the neck's output, then the first global block's output,
     both equal to SAM-HQ's encoder's (its ``interm_embeddings[0]``)."""
     official, path = official_file
-    ours = build_trainable_sam("sam_hq_tiny", str(path)).eval()
+    ours = build_from_yaml("model", "sam_hq_tiny", checkpoint=str(path)).eval()
     x = ours.preprocess(image)[None]
     with torch.no_grad():
         emb = ours.encode(x)
@@ -156,9 +161,9 @@ def test_wrong_options_are_one_line_errors():
     from sam_ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sam_hq_tiny returns one mask per prompt"):
-        build_trainable_sam("sam_hq_tiny", multimask_output=True)
+        build_from_yaml("model", "sam_hq_tiny", multimask_output=True)
     with pytest.raises(ConfigError, match="tiny is not a SAM-HQ model"):
-        build_trainable_sam("tiny", hq_token_only=True)
+        build_from_yaml("model", "tiny", hq_token_only=True)
 
 
 # --- evaluate.py on a folder: per-object Dice of the official predictor --------------------------
@@ -318,15 +323,17 @@ def test_export_of_vit_b_size_loads_in_sam_model_registry(tmp_path):
     from sam_ft.model.checkpoint import export_official
 
     torch.manual_seed(0)
-    path = export_official(build_trainable_sam("sam_hq_vit_b", None), tmp_path / "hq_b.pth")
+    path = export_official(
+        build_from_yaml("model", "sam_hq_vit_b", checkpoint=None), tmp_path / "hq_b.pth"
+    )
     official = hq.sam_model_registry["vit_b"]()
     official.load_state_dict(torch.load(path, weights_only=True), strict=True)
 
 
 def test_grad_checkpointing_gives_the_same_embedding_and_gradients(image):
     torch.manual_seed(0)
-    plain = build_trainable_sam("sam_hq_tiny").train()
-    ckpt = build_trainable_sam("sam_hq_tiny", grad_checkpointing=True).train()
+    plain = build_from_yaml("model", "sam_hq_tiny").train()
+    ckpt = build_from_yaml("model", "sam_hq_tiny", grad_checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
     x = plain.preprocess(image)[None]
     grads = []
@@ -349,21 +356,20 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
         real(name, *a)
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"^SAM-HQ models need .*sam_ft\[samhq\]") as err:
-        build_trainable_sam("sam_hq_tiny")
+        build_from_yaml("model", "sam_hq_tiny")
     assert "\n" not in str(err.value)
 
 
 def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_path):
     """finetune=lora on SAM-HQ: adapters in the ViT's qkv get gradients through the early
     features and the neck; the export (adapters merged) loads into SAM-HQ's classes."""
-    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.checkpoint import export_official
 
     torch.manual_seed(0)
-    model = build_trainable_sam("sam_hq_tiny").train()
+    model = build_from_yaml("model", "sam_hq_tiny").train()
     build_from_yaml("finetune", "lora", rank=2).apply(model)
     x = model.preprocess(image)[None]
-    low, iou = model.decode(model.encode(x)[0], [CASES["box"]], image.shape[:2])
+    low, iou = model.decode(model.encode(x)[0], [CASES["box"]], image.shape[:2], False)
     (low.mean() + iou.mean()).backward()
     qkv = model.sam.image_encoder.blocks[0].attn.qkv
     assert qkv.lora_b.grad is not None and qkv.lora_b.grad.abs().sum() > 0
@@ -377,7 +383,7 @@ def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_
 
 
 def test_compile_encoder_compiles_what_encode_calls():
-    model = build_trainable_sam("sam_hq_tiny", compile_encoder=True)
+    model = build_from_yaml("model", "sam_hq_tiny", compile_encoder=True)
     assert all(block._compiled_call_impl is not None for block in model.sam.image_encoder.blocks)
 
 

@@ -52,7 +52,11 @@ def record(case, s):
 
 out, threads = Path(sys.argv[1]), [int(t) for t in sys.argv[2:]]
 torch.manual_seed(0)
-model = TrainableSam(build_sam_architecture("tiny", image_size=128)).eval()
+sam = build_sam_architecture("tiny", image_size=128)
+# conf/model/tiny.yaml's settings
+model = TrainableSam(
+    sam, "sam", grad_checkpointing=False, encoder_bf16=True, multimask_output=True
+).eval()
 cases = [[record("a", s) for s in (0, 1)]]
 cfg = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 0}
 for n in threads:

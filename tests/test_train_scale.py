@@ -59,9 +59,9 @@ def _metrics(run_dir: Path) -> pd.DataFrame:
 
 def _changed_from_start(run_dir: Path) -> bool:
     """Whether the decoder weights in last.ckpt differ from the zero-shot model's."""
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
-    start = build_trainable_sam("tiny").sam.state_dict()
+    start = build_from_yaml("model", "tiny").sam.state_dict()
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     key = "mask_decoder.output_upscaling.0.weight"
     return not torch.equal(state[f"model.sam.{key}"], start[key])

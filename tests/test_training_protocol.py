@@ -67,10 +67,10 @@ H, W = 64, 80
 
 
 def _tiny(multimask_output: bool = True):
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
 
     torch.manual_seed(0)
-    return build_trainable_sam("tiny", multimask_output=multimask_output).eval()
+    return build_from_yaml("model", "tiny", multimask_output=multimask_output).eval()
 
 
 def _scene():

@@ -42,6 +42,9 @@ LICENCES = {
     # The package's LICENSE file (its metadata says MIT; the file and SysCV/sam-hq: Apache-2.0).
     **{f"sam_hq_vit_{s}": "Apache-2.0 (SAM-HQ, SysCV)" for s in "blh"},
 }
+# The card's headline is the box prompt's Dice, unjittered (the protocol's reference strategy):
+# a definition of the card, not a setting.
+HEADLINE_PROMPT = "box"
 PROTOCOL_KEYS = ("split", "prompts", "jitter_px", "mask_selection", "point_sampling")
 
 
@@ -211,12 +214,13 @@ def evaluation_summary(
 
 
 def predicted_headline(
-    eval_dir: str | Path, card: str | Path, eval_selection: str, prompt: str = "box"
+    eval_dir: str | Path, card: str | Path, eval_selection: str
 ) -> dict[str, Any]:
-    """The card's headline: mean Dice per model for ``prompt`` without jitter with the masks
-    ``predict.py`` keeps by default for these weights (``auto``: the IoU head's choice of 3 for
-    weights trained with 3 masks, else the single mask), which may differ from the evaluation's
-    ``eval.mask_selection`` (the study's oracle picks the best of 3 against the ground truth).
+    """The card's headline: mean Dice per model for the box prompt (:data:`HEADLINE_PROMPT`)
+    without jitter with the masks ``predict.py`` keeps by default for these weights (``auto``:
+    the IoU head's choice of 3 for weights trained with 3 masks, else the single mask), which may
+    differ from the evaluation's ``eval.mask_selection`` (the study's oracle picks the best of 3
+    against the ground truth).
 
     ``per_object.csv`` records the Dice of the evaluation's choice and of the IoU head's
     (``dice_top_iou``); when predict's choice is neither (single-mask decoding after a 3-mask
@@ -247,6 +251,7 @@ def predicted_headline(
         column = "dice_top_iou"
     else:
         column = None
+    prompt = HEADLINE_PROMPT
     out: dict[str, Any] = {"prompt": prompt, "jitter": "none", "mask_selection": selection}
     table = Path(eval_dir) / "per_object.csv"
     if column is None or not table.is_file():

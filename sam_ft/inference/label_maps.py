@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    """How images are read and fed (from the model card or run config, then the overrides).
+    """How images are read and fed (from the model card or run config, then the overrides):
+    every field is given (``predict.build_settings`` reads ``conf/predict.yaml``'s values).
 
     Attributes:
         task: a ``task`` mapping for the loader (name, modality, intensity, slice_axis, channel,
@@ -67,12 +68,12 @@ class Settings:
 
     task: dict[str, Any]
     data: dict[str, Any]
-    prompt: str = "box"
-    mask_selection: str = "predicted_iou"
-    seed: int = 42
-    max_prompts_per_call: int = 256
-    everything: EverythingConfig = field(default_factory=EverythingConfig)
-    overlay: bool = True
+    prompt: str
+    mask_selection: str
+    seed: int
+    max_prompts_per_call: int
+    everything: EverythingConfig
+    overlay: bool
 
     def __post_init__(self) -> None:
         if self.prompt not in STRATEGIES:

@@ -198,7 +198,7 @@ class SegmentBackend(nn.Module):
         embedding: Embedding,
         prompts: list[Prompt],
         original_size: tuple[int, int],
-        multimask_output: bool = True,
+        multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """N prompts of ONE image ((x, y) original pixels) -> low-res logits (N, M, s, s) and
         IoU predictions (N, M), M = 3 or 1, in the order of ``prompts``."""
@@ -214,7 +214,7 @@ class SegmentBackend(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, image: np.ndarray, prompts: list[Prompt], multimask_output: bool = True
+        self, image: np.ndarray, prompts: list[Prompt], multimask_output: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One image, many prompts, no gradients: the zero-shot path.
 

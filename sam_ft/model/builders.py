@@ -193,9 +193,10 @@ def build_trainable_sam(
     checkpoint: str | None = None,
     image_size: int | None = None,
     preprocess: str | None = None,
-    grad_checkpointing: bool = False,
-    compile_encoder: bool = False,
-    encoder_bf16: bool = True,
+    *,
+    grad_checkpointing: bool,
+    compile_encoder: bool,
+    encoder_bf16: bool,
     multimask_output: bool | None = None,
     hq_token_only: bool | None = None,
 ) -> TrainableSam:
@@ -203,6 +204,8 @@ def build_trainable_sam(
 
     ``image_size`` and ``preprocess`` must match the architecture (they are in the config so that
     the data pipeline and reports can read them); a mismatch is a config error, not a silent fix.
+    ``grad_checkpointing``, ``compile_encoder`` and ``encoder_bf16`` are the ``model`` config's
+    (no copy of its defaults here: the Python API builds with ``build_from_yaml("model", name)``).
     ``encoder_bf16``: run the image encoder under bf16 autocast on CUDA GPUs when it gets no
     gradients (faster); False keeps everything float32, as the study assumes.
     ``multimask_output``: whether the model's 3 mask outputs are used (SAM) or only its single

@@ -51,7 +51,7 @@ class LiteMedSamTransform(SamTransform):
     low-resolution frame IS the padded input frame.
     """
 
-    def __init__(self, image_size: int = LITE_SIZE) -> None:
+    def __init__(self, image_size: int) -> None:
         super().__init__(image_size, "sam")
         self.mode = "litemedsam"
 

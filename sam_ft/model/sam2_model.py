@@ -109,7 +109,7 @@ class TrainableSam2(SegmentBackend):
 
     family = "sam2"
 
-    def __init__(self, sam: nn.Module, encoder_bf16: bool = True, multimask_output: bool = True):
+    def __init__(self, sam: nn.Module, encoder_bf16: bool, multimask_output: bool):
         super().__init__()
         self.sam = sam
         self.transform = Sam2Transform(sam.image_size)
@@ -160,7 +160,7 @@ class TrainableSam2(SegmentBackend):
         embedding: dict[str, torch.Tensor],
         prompts: list[Prompt],
         original_size: tuple[int, int],
-        multimask_output: bool = True,
+        multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode all prompts of ONE image, as ``SAM2ImagePredictor._predict``.
 

@@ -70,7 +70,7 @@ class TrainableSamHQ(TrainableSam):
     """``TrainableSam`` for SAM-HQ: the encoder also returns the early ViT features, the decoder
     is ``MaskDecoderHQ`` (one mask per prompt). ``hq_token_only``: see the module docstring."""
 
-    def __init__(self, sam, *args, hq_token_only: bool = False, **kwargs):
+    def __init__(self, sam, *args, hq_token_only: bool, **kwargs):
         super().__init__(sam, *args, **kwargs)
         self.hq_token_only = bool(hq_token_only)
         hq_norm = import_hq().modeling.common.LayerNorm2d
@@ -96,7 +96,7 @@ class TrainableSamHQ(TrainableSam):
         embedding = enc.neck(x.permute(0, 3, 1, 2))
         return torch.cat([embedding, early.permute(0, 3, 1, 2).to(embedding.dtype)], dim=1)
 
-    def decode(self, embedding, prompts, original_size, multimask_output: bool = False):
+    def decode(self, embedding, prompts, original_size, multimask_output: bool):
         """As ``TrainableSam.decode``, with M = 1 always: the HQ decoder's single mask, decoded
         as SAM-HQ's ``SamPredictor.predict(..., multimask_output=False)`` (its demo's setting;
         the official ``True`` picks SAM's part among its 3 masks, which is not offered here)."""

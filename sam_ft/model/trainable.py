@@ -60,10 +60,10 @@ class TrainableSam(SegmentBackend):
     def __init__(
         self,
         sam: Sam,
-        preprocess: str = "sam",
-        grad_checkpointing: bool = False,
-        encoder_bf16: bool = True,
-        multimask_output: bool = True,
+        preprocess: str,
+        grad_checkpointing: bool,
+        encoder_bf16: bool,
+        multimask_output: bool,
     ):
         super().__init__()
         self.sam = sam
@@ -118,7 +118,7 @@ class TrainableSam(SegmentBackend):
         embedding: torch.Tensor,
         prompts: list[Prompt],
         original_size: tuple[int, int],
-        multimask_output: bool = True,
+        multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode all prompts of ONE image.
 

@@ -203,11 +203,11 @@ def test_two_processes_writing_same_entries_leave_valid_entries(tmp_path):
 
 def test_float16_embeddings_decode_like_float32(tmp_path):
     """The default 16-bit cache halves each entry and the decoder's output barely moves."""
-    from sam_ft.model.builders import build_trainable_sam
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.prompts.types import Prompt
 
     torch.manual_seed(0)
-    model = build_trainable_sam("tiny").eval()
+    model = build_from_yaml("model", "tiny").eval()
     rng = np.random.default_rng(0)
     image = np.zeros((160, 200, 3), np.uint8)
     image[40:120, 50:150] = 180
@@ -221,8 +221,8 @@ def test_float16_embeddings_decode_like_float32(tmp_path):
         )
         for cache in (full, half):
             cache.put("d" * 64, reference)
-        a, _ = model.decode(full.load("d" * 64), prompts, image.shape[:2])
-        b, _ = model.decode(half.load("d" * 64), prompts, image.shape[:2])
+        a, _ = model.decode(full.load("d" * 64), prompts, image.shape[:2], True)
+        b, _ = model.decode(half.load("d" * 64), prompts, image.shape[:2], True)
     assert half.path("d" * 64).stat().st_size < 0.6 * full.path("d" * 64).stat().st_size
     assert (a - b).abs().max() <= 1e-2 * a.abs().max()
     assert ((a > 0) == (b > 0)).float().mean() > 0.999

@@ -69,7 +69,11 @@ def main(jobs_json: str) -> None:
     torch.manual_seed(0)
     # tiny at a 128 input: the encoder and decoder are cheap; the memory at stake is the
     # full-resolution masks and volumes, which do not depend on the input size.
-    model = TrainableSam(build_sam_architecture("tiny", image_size=128)).eval()
+    sam = build_sam_architecture("tiny", image_size=128)
+    # conf/model/tiny.yaml's settings
+    model = TrainableSam(
+        sam, "sam", grad_checkpointing=False, encoder_bf16=True, multimask_output=True
+    ).eval()
     print(json.dumps([run(model, job) for job in json.loads(jobs_json)]))
 
 

@@ -13,7 +13,7 @@ centres scaled by the spacing.
 - ASD: the mean distance from the prediction's surface pixels to the GT surface (directed, as the
   official ``asd(result, reference)``), ``compute_average_surface_distance(symmetric=False)``.
 - conformity: ``(3 Dice - 2) / Dice``, 0 where Dice is 0 (the official ``d2c``).
-- NSD, ``nsd_method="area"`` (default): DeepMind's surface Dice (the ``surface-distance``
+- NSD, ``nsd_method="area"`` (the study's): DeepMind's surface Dice (the ``surface-distance``
   package, used by the Decathlon and MedSAM papers): surface elements on the grid of voxel
   corners, each weighted by its area (3D) or contour length (2D) from the neighbour-code lookup
   table, the fraction of the total area of both surfaces lying within ``nsd_tolerance_mm`` of the
@@ -76,7 +76,7 @@ def _monai_metrics(
     gt: np.ndarray,
     spacing: Sequence[float],
     nsd_tolerance_mm: float,
-    nsd_method: str = "area",
+    nsd_method: str,
 ) -> dict:
     """All four metrics from MONAI for a pair of NON-empty masks of any dimension."""
     p = torch.from_numpy(pred)[None, None]
@@ -119,9 +119,9 @@ def _monai_metrics(
 def slice_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
-    spacing: Sequence[float] = (1.0, 1.0),
-    nsd_tolerance_mm: float = 2.0,
-    nsd_method: str = "area",
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str,
 ) -> dict:
     """Score one predicted object mask against its ground truth on one 2D slice.
 
@@ -149,9 +149,9 @@ def slice_metrics(
 def volume_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    nsd_tolerance_mm: float = 2.0,
-    nsd_method: str = "area",
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str,
 ) -> dict:
     """Score one object over a whole case: its per-slice masks stacked back into a volume.
 
@@ -172,9 +172,9 @@ def volume_metrics(
 def batch_volume_metrics(
     preds: Iterable[np.ndarray],
     gt: np.ndarray,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    nsd_tolerance_mm: float = 2.0,
-    nsd_method: str = "area",
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str,
 ) -> dict[str, np.ndarray]:
     """Score many predicted volumes of one object (e.g. its prompt variants) against one GT.
 
@@ -213,9 +213,9 @@ def batch_volume_metrics(
 def batch_slice_metrics(
     preds: np.ndarray,
     gt: np.ndarray,
-    spacing: Sequence[float] = (1.0, 1.0),
-    nsd_tolerance_mm: float = 2.0,
-    nsd_method: str = "area",
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float,
+    nsd_method: str,
 ) -> dict[str, np.ndarray]:
     """Score many predicted masks of one slice (e.g. the prompt variants of one object) at once.
 

@@ -47,7 +47,7 @@ class GtSurface:
     """
 
     def __init__(
-        self, gt: np.ndarray, spacing: Sequence[float], tol: float, nsd_method: str = "area"
+        self, gt: np.ndarray, spacing: Sequence[float], tol: float, nsd_method: str
     ) -> None:
         self.gt = gt
         self.nsd_method = nsd_method

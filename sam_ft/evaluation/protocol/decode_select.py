@@ -244,7 +244,7 @@ def decode_scored(
         )
     device = first_tensor(embedding).device
     gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
-    multimask_model = bool(getattr(model, "multimask_output", True))
+    multimask_model = bool(model.multimask_output)
     if packed:
         masks = np.zeros((n, bitmask.packed_bytes(size)), dtype=np.uint8)
     else:
