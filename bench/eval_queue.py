@@ -80,6 +80,7 @@ def _child(args) -> dict:
 
     from sam_ft.evaluation.protocol.cases import LazyCase
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
     from sam_ft.model.builders import build_trainable_sam
 
     torch.manual_seed(0)
@@ -97,9 +98,15 @@ def _child(args) -> dict:
     }
     start = time.perf_counter()
     evaluate_models(
-        {"m": model}, cases, task_name="t", cfg=cfg, out_dir=args.out, seed=0,
-        progress=False, report=False,
-    )  # fmt: skip
+        {"m": model},
+        cases,
+        task_name="t",
+        options=eval_options(cfg),
+        out_dir=args.out,
+        seed=0,
+        progress=False,
+        report=False,
+    )
     one = _case(0, args.size, args.slices)
     case_mb = (
         sum(r.image.nbytes + r.masks.nbytes + r.raw.nbytes for r in one.slices)

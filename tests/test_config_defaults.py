@@ -55,7 +55,7 @@ def test_python_fallbacks_equal_the_yaml():
         assert getattr(opts, key) == ev[key], key
     for key in ("save_predictions", "max_prompts_per_call", "overlays", "volume_gt"):
         assert getattr(opts, key) == ev[key], key
-    assert opts.everything.grid == ev["grid"]
+    assert opts.grid == ev["grid"]
     # Bad files follow data.on_error (one key for loading and scoring), whose default is raise.
     assert "on_error" not in ev and opts.on_error == data["on_error"] == "raise"
     for key, value in ev["everything"].items():
@@ -86,7 +86,7 @@ def test_changing_the_yaml_changes_the_python_defaults(tmp_path, monkeypatch):
     topts = task_options({"root": "/x"})
     assert topts["images_dir"] == "scans" and topts["slice_axis"] == 1
     eopts = eval_options({})
-    assert eopts.everything.grid == 12 and eopts.mask_selection == "single"
+    assert eopts.grid == 12 and eopts.mask_selection == "single"
     assert eopts.overlays == 3
     aug = SliceAugment({"enabled": True})
     assert aug.cfg["hflip_p"] == 0.25 and aug.cfg["elastic_sigma"] == 3.5
