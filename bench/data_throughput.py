@@ -67,7 +67,17 @@ def _step_time(cfg, model, batch: dict, repeats: int) -> float:
 
     finetune = instantiate(cfg.finetune)
     finetune.apply(model)
-    module = SamFinetuneModule(model, finetune, build_loss(cfg), instantiate(cfg.optimizer))
+    module = SamFinetuneModule(
+        model,
+        finetune,
+        build_loss(cfg),
+        instantiate(cfg.optimizer),
+        None,
+        multimask_output=False,
+        mask_selection=str(cfg.eval.mask_selection),
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+        overlays=0,
+    )
     module.train()
     optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
 

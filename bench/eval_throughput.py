@@ -80,19 +80,16 @@ def _wrap(owner, name: str, totals: dict[str, float], label: str) -> None:
 def _instrument(model, totals: dict[str, float]) -> None:
     """Time the engine's parts: encoder, decoder, upsampling, selection, metrics, prompts
     (in this process: the breakdown runs with ``eval.workers=0``)."""
-    from sam_ft.evaluation.protocol import decode_select as selection
-    from sam_ft.evaluation.protocol import engine
-    from sam_ft.evaluation.protocol import run_case as scoring
-    from sam_ft.evaluation.protocol import scoring_pool as pipeline
+    from sam_ft.evaluation.protocol import decode_select, engine, run_case, scoring_pool
 
     _wrap(model, "encode", totals, "encoder")
     _wrap(model, "decode", totals, "mask decoder (all prompts)")
     _wrap(model, "postprocess", totals, "upsample logits to original size")
-    _wrap(selection, "_select_on_device", totals, "oracle mask selection")
-    _wrap(pipeline, "make_eval_prompt", totals, "prompt generation + jitter")
-    _wrap(pipeline, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
-    _wrap(pipeline, "object_attributes", totals, "object attributes")
-    _wrap(scoring, "score_case", totals, "3D per-case metrics")
+    _wrap(decode_select, "_select_on_device", totals, "oracle mask selection")
+    _wrap(scoring_pool, "make_eval_prompt", totals, "prompt generation + jitter")
+    _wrap(scoring_pool, "batch_slice_metrics", totals, "2D metrics (Dice, IoU, HD95, NSD)")
+    _wrap(scoring_pool, "object_attributes", totals, "object attributes")
+    _wrap(run_case, "score_case", totals, "3D per-case metrics")
     _wrap(engine, "_commit_case", totals, "CSV writes")
 
 

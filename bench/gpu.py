@@ -113,16 +113,21 @@ def _train_batch(model, batch: int, mode: str, device: torch.device) -> dict:
 def train_rows(
     model_name: str, batch: int, iters: int, device: torch.device, mode: str, precision: str
 ) -> list[dict]:
+    from functools import partial
+
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.builders import build_trainable_sam
-    from sam_ft.model.finetune import Finetune
-    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
     torch.manual_seed(0)
     model = build_trainable_sam(model_name).to(device)
-    finetune = Finetune(name=mode)
+    finetune = build_from_yaml("finetune", mode)
     finetune.apply(model)
-    module = SamFinetuneModule(model, finetune, SegmentationLoss(), torch.optim.AdamW)
+    loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)
+    module = SamFinetuneModule(
+        model, finetune, loss, partial(torch.optim.AdamW, lr=1e-4), None,
+        multimask_output=False, mask_selection="oracle", max_nonfinite_steps=10, overlays=0,
+    )  # fmt: skip
     module.train()
     optimizer = torch.optim.AdamW(finetune.param_groups(model, 1e-4))
     data = _train_batch(model, batch, mode, device)

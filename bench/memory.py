@@ -43,18 +43,23 @@ def _child(model_name: str, mode: str, batch_size: int, device: str) -> dict:
     One step holds both peaks: the activations during backward and, at ``optimizer.step``, the
     AdamW state, which later steps reuse.
     """
+    from functools import partial
+
     import numpy as np
 
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.builders import build_trainable_sam
-    from sam_ft.model.finetune import Finetune
     from sam_ft.prompts.types import Prompt
-    from sam_ft.training.losses import SegmentationLoss
     from sam_ft.training.module import SamFinetuneModule
 
     model = build_trainable_sam(model_name).to(device)
-    finetune = Finetune(name=mode)
+    finetune = build_from_yaml("finetune", mode)
     counts = finetune.apply(model)
-    module = SamFinetuneModule(model, finetune, SegmentationLoss(), torch.optim.AdamW)
+    loss = build_from_yaml("loss", "dice_ce", iou_weight=1.0)
+    module = SamFinetuneModule(
+        model, finetune, loss, partial(torch.optim.AdamW, lr=1e-4), None,
+        multimask_output=False, mask_selection="oracle", max_nonfinite_steps=10, overlays=0,
+    )  # fmt: skip
     module.train()
     optimizer = torch.optim.AdamW(finetune.param_groups(model, 1e-4))
     s = model.image_size

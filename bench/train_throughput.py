@@ -76,6 +76,7 @@ def _module(cfg, model, finetune, **kwargs):
         optimizer=instantiate(cfg.optimizer),
         multimask_output=train_multimask(cfg, model),
         mask_selection=str(cfg.eval.mask_selection),
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         **kwargs,
     )
 
@@ -106,7 +107,7 @@ def _fit(cfg, model, finetune, datamodule, epochs: int, run_dir: Path) -> list[f
 def _pure_epoch_times(cfg, model, finetune, datamodule, repeats: int) -> list[float]:
     """The epoch's own batches, loaded beforehand, through ``training_step`` + backward + AdamW:
     what a cached epoch would cost with free data loading and no Lightning (the limit)."""
-    module = _module(cfg, model, finetune)
+    module = _module(cfg, model, finetune, overlays=0)
     module.train()
     optimizer = instantiate(cfg.optimizer)(finetune.param_groups(model, cfg.optimizer.lr))
     batches = list(datamodule.train_dataloader())

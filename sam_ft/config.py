@@ -25,32 +25,41 @@ reported as unknown.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sam_ft.errors import ConfigError
-from sam_ft.schema import build as _build
-from sam_ft.schema import check as _check
-from sam_ft.schema import optional
+from sam_ft.schema import build, check, optional
 
-if typing.TYPE_CHECKING:
+if TYPE_CHECKING:  # the schema's Literal[NAME]s; owned_choices() gives them at run time
+    from sam_ft.data.demo import VARIANTS as DEMO_VARIANTS
+    from sam_ft.data.embedding_cache import CACHE_EMBEDDINGS, EMBEDDING_DTYPES
+    from sam_ft.data.intensity import MODES as INTENSITY_MODES
+    from sam_ft.data.intensity import SCOPES as INTENSITY_SCOPES
+    from sam_ft.data.skips import ON_ERROR
+    from sam_ft.data.tasks import SLICE_AXES, SOURCES
+    from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS
     from sam_ft.evaluation.protocol.distributed import RunFacts
     from sam_ft.evaluation.protocol.options import EvalOptions
+    from sam_ft.model.finetune import MODES as FINETUNE_MODES
+    from sam_ft.model.specs import PREPROCESSES
 
 
 # ---------------------------------------------------------------------------------------------
-# Schema: one field per key (see the module docstring)
+# Schema: one field per key (see the module docstring). ``Literal[NAME]``: NAME is the tuple of
+# allowed values in the module that uses them (:func:`owned_choices`), never restated here.
 
 
 @dataclass(frozen=True)
 class IntensityConfig:
     """``task.intensity`` (sam_ft/data/intensity.py)."""
 
-    mode: Literal["window", "percentile", "none"]
-    scope: Literal["slice", "volume"] | None = optional()
+    mode: Literal[INTENSITY_MODES]
+    scope: Literal[INTENSITY_SCOPES] | None = optional()
     keep_zero: bool | None = optional()
     level: float | None = optional()
     width: float | None = optional()
@@ -63,12 +72,12 @@ class TaskConfig:
     """``task`` (conf/task/*.yaml; keys documented in sam_ft/data/tasks.py)."""
 
     name: str
-    source: Literal["folder", "decathlon", "demo", "mni152"]
+    source: Literal[SOURCES]
     root: str | None
     modality: str | None
     intensity: IntensityConfig
     labels: dict[str, list[int] | int] | None
-    slice_axis: Literal["auto", 0, 1, 2]
+    slice_axis: Literal[SLICE_AXES]
     channel: int
     label_binarize: bool | float
     ignore_labels: list[int] | None = optional()
@@ -81,7 +90,7 @@ class TaskConfig:
     url: str | None = optional()
     md5: str | None = optional()
     keep_archive: bool | None = optional()
-    demo_variant: Literal["2d", "3d"] | None = optional()
+    demo_variant: Literal[DEMO_VARIANTS] | None = optional()
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,14 @@ class DataConfig:
     min_object_pixels: int
     split: SplitConfig
     seed: int
-    on_error: Literal["raise", "skip"]
+    on_error: Literal[ON_ERROR]
     affine_atol: float
     cache_dir: str | None
-    cache_embeddings: Literal["auto", True, False]
+    cache_embeddings: Literal[CACHE_EMBEDDINGS]
     augment: dict[str, Any]  # keys checked by sam_ft.data.augment.SliceAugment
     batch_size: int
     max_objects_per_image: int | None
-    embedding_dtype: Literal["float32", "float16", "bfloat16"] | None
+    embedding_dtype: Literal[EMBEDDING_DTYPES] | None
     num_workers: int
     prep_workers: int | None
     pin_memory: bool | None = optional()
@@ -121,7 +130,7 @@ class ModelConfig:
     name: str
     checkpoint: str | None
     image_size: int
-    preprocess: Literal["sam", "medsam", "litemedsam", "sam2"]
+    preprocess: Literal[PREPROCESSES]
     grad_checkpointing: bool
     compile_encoder: bool
     encoder_bf16: bool
@@ -134,7 +143,7 @@ class ModelConfig:
 class FinetuneConfig:
     """``finetune`` (conf/finetune/*.yaml)."""
 
-    name: Literal["decoder", "decoder_prompt", "encoder_last_n", "full", "lora"]
+    name: Literal[FINETUNE_MODES]
     last_n: int
     rank: int
     alpha: float
@@ -184,12 +193,12 @@ class PredictConfig:
     label: int
     propagate: str | bool | None  # checked by sam_ft.inference.propagate.check_propagate
     strategy: str
-    mask_selection: Literal["auto", "predicted_iou", "single", "oracle"]
+    mask_selection: Literal[MASK_SELECTIONS]  # auto: the card's multimask_output decides
     overlay: bool
-    on_error: Literal["raise", "skip"]
+    on_error: Literal[ON_ERROR]
     max_prompts_per_call: int
     intensity: IntensityConfig | None
-    slice_axis: Literal["auto", 0, 1, 2] | None
+    slice_axis: Literal[SLICE_AXES] | None
     modality: str | None
     channel: int | None
     min_object_pixels: int | None
@@ -261,7 +270,7 @@ def parse_predict_config(cfg: Any) -> PredictConfig:
 
     # eval's first: predict's Everything settings and batch are its values.
     eval_options(OmegaConf.to_container(cfg.eval, resolve=True))
-    hints = typing.get_type_hints(PredictConfig)
+    hints = type_hints(PredictConfig)
     values = {}
     for f in dataclasses.fields(PredictConfig):
         if f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
@@ -318,3 +327,42 @@ def _check_values(run: RunConfig, data_cfg: Mapping) -> None:
         low = 0 if name == "num_workers" else 1
         if value is not None and value < low:
             raise ConfigError(f"data.{name}={value}: expected an integer >= {low}")
+
+
+@functools.cache
+def owned_choices() -> dict[str, tuple]:
+    """The allowed values of the schema's ``Literal[NAME]`` fields, from the modules that own
+    them; imported when a config is checked (not when this module is), so those modules may
+    import this one."""
+    from sam_ft.data import demo, embedding_cache, intensity, skips, tasks
+    from sam_ft.evaluation.protocol import decode_select
+    from sam_ft.model import finetune, specs
+
+    return {
+        "INTENSITY_MODES": intensity.MODES,
+        "INTENSITY_SCOPES": intensity.SCOPES,
+        "SOURCES": tasks.SOURCES,
+        "SLICE_AXES": tasks.SLICE_AXES,
+        "DEMO_VARIANTS": demo.VARIANTS,
+        "ON_ERROR": skips.ON_ERROR,
+        "CACHE_EMBEDDINGS": embedding_cache.CACHE_EMBEDDINGS,
+        "EMBEDDING_DTYPES": embedding_cache.EMBEDDING_DTYPES,
+        "PREPROCESSES": specs.PREPROCESSES,
+        "FINETUNE_MODES": finetune.MODES,
+        "MASK_SELECTIONS": decode_select.MASK_SELECTIONS,  # predict's mask_selection
+    }
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a schema class, its ``Literal[NAME]`` resolved."""
+    return typing.get_type_hints(cls, localns=owned_choices())
+
+
+def _build(cls: type, value: Any, name: str) -> Any:
+    """``value`` (a mapping) -> ``cls``, checked (:func:`sam_ft.schema.build`)."""
+    return build(cls, value, name, owned_choices())
+
+
+def _check(value: Any, tp: Any, name: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (:func:`sam_ft.schema.check`)."""
+    return check(value, tp, name, owned_choices())

@@ -71,6 +71,21 @@ def group_defaults(group: str, name: str = "default") -> dict[str, Any]:
     return copy.deepcopy(_load_group(config_dir(), group, name))
 
 
+def build_from_yaml(group: str, file: str = "default", /, **overrides: Any) -> Any:
+    """The object ``conf/<group>/<file>.yaml`` describes (its ``_target_`` called with the file's
+    values and ``overrides``, as Hydra's ``instantiate`` does): the Python API's and the tests'
+    way to build a loss, prompt sampler, finetune mode or model with the YAML's defaults, e.g.
+    ``build_from_yaml("loss", "dice_ce", iou_weight=0.0)``, ``build_from_yaml("finetune",
+    "lora", rank=2)``.
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    from hydra.utils import instantiate
+
+    return instantiate({**group_defaults(group, file), **overrides})
+
+
 @functools.cache
 def _load_group(conf: str, group: str, name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
@@ -80,7 +95,19 @@ def _load_group(conf: str, group: str, name: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file of {group}={name} not found")
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     root = OmegaConf.to_container(OmegaConf.load(Path(conf) / "train.yaml"), resolve=False)
-    return _concrete(values, root.get("seed"))
+    return _concrete(_with_bases(conf, group, values), root.get("seed"))
+
+
+def _with_bases(conf: str, group: str, values: dict) -> dict:
+    """A group file with its own defaults list (``- _base/shared@_here_``, ``- default``) merged
+    under it, as Hydra composes it (``conf/finetune/lora.yaml`` = shared keys + ``name``)."""
+    entries = values.pop("defaults", None) or []
+    merged: dict[str, Any] = {}
+    for entry in entries:
+        if entry == "_self_":
+            continue
+        merged.update(_load_group(conf, group, str(entry).removesuffix("@_here_")))
+    return {**merged, **values}
 
 
 def _concrete(value: Any, seed: Any) -> Any:

@@ -18,10 +18,10 @@ from sam_ft.data.datamodule import SamDataModule
 from sam_ft.data.tasks import to_plain
 from sam_ft.defaults import config_dir
 from sam_ft.errors import exit_on_own_error
-from sam_ft.evaluation.protocol.compare import box_dice, compare_models, share_cases
+from sam_ft.evaluation.protocol.compare import compare_models, share_cases
 from sam_ft.evaluation.protocol.distributed import start_ranks
 from sam_ft.inference.card import apply_card
-from sam_ft.logging_results import log_evaluation
+from sam_ft.logging_results import box_dice, log_evaluation
 from sam_ft.prompts.train_sampling import BoxPrompts
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     metrics = {}
     if result is not None:
-        metrics = {**box_dice(result), **log_evaluation(run_dir, loggers, result.overlays)}
+        scalars = log_evaluation(run_dir, result.report, loggers, result.overlays)
+        metrics = {**box_dice(result.report, result.models, result.task), **scalars}
     if ranks is None or ranks.rank == 0:
         from sam_ft.console import print_evaluation
 

@@ -30,10 +30,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from sam_ft.evaluation.reports.summary import ReportTables
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +62,13 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=keys, keep_default_na=False, na_values=[""])
 
 
-def _means(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, prompt, jitter): each metric's mean over the objects of all tasks (a summary
-    row's mean weighted by its ``n``; HD95 by the objects that have one)."""
-    rows = []
-    for (model, prompt, jitter), g in summary.groupby(["model", "prompt", "jitter"], sort=False):
-        row = {"model": model, "prompt": prompt, "jitter": jitter}
-        n = g["n"].astype(float)
-        for metric in METRICS:
-            values = g[f"{metric}_mean"].astype(float)
-            weights = n - g["hd95_missing"].astype(float) if metric == "hd95" else n
-            ok = values.notna() & (weights > 0)
-            row[metric] = (
-                float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
-            )
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _means(pooled: pd.DataFrame, metric: str) -> dict[tuple[str, str, str], float]:
+    """(model, prompt, jitter) -> the mean of ``metric`` over the objects of all tasks: the
+    report's pooled rows (task ``all``), computed once there."""
+    return {
+        (str(r["model"]), str(r["prompt"]), str(r["jitter"])): float(r[f"{metric}_mean"])
+        for r in pooled.to_dict("records")
+    }
 
 
 def _interval_scalars(summary: pd.DataFrame, prefix: str = "") -> dict[str, float]:
@@ -106,69 +100,75 @@ SKIPPED_KEY = "eval/skipped"
 """The logged number of cases skipped for bad data (``skipped.csv``), in every logger."""
 
 
-def evaluation_scalars(out_dir: str | Path) -> dict[str, float]:
-    """The summary scalars of the evaluation written in ``out_dir`` (see the module docstring),
-    read from its ``summary.csv``, ``summary_case.csv``, ``noc.csv`` and ``skipped.csv``.
-    Missing values (no HD95 when every prediction was empty) are left out, not NaN."""
-    out_dir = Path(out_dir)
-    scalars: dict[str, float] = {}
-    summary = _read(out_dir / "summary.csv")
-    if summary.empty:
+def evaluation_scalars(report: ReportTables | None, out_dir: str | Path) -> dict[str, float]:
+    """The summary scalars of an evaluation (see the module docstring), from the tables its
+    report wrote (``summary.write_report``'s; None: the evaluation has no rows) and
+    ``out_dir``'s ``skipped.csv``. Missing values (no HD95 when every prediction was empty) are
+    left out, not NaN."""
+    skipped = _read(Path(out_dir) / "skipped.csv")
+    scalars = {SKIPPED_KEY: float(skipped["case"].nunique()) if "case" in skipped else 0.0}
+    if report is None:
         return scalars
-    means = _means(summary)
-    for r in means.itertuples(index=False):
+    for metric in METRICS:
+        for (model, prompt, jitter), value in _means(report.pooled, metric).items():
+            scalars[f"eval/{model}/{prompt}/{jitter}/{metric}"] = value
+    scalars.update(_interval_scalars(report.summary))
+    if report.case_pooled is not None:
         for metric in METRICS:
-            scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/{metric}"] = getattr(r, metric)
-    scalars.update(_interval_scalars(summary))
-    case = _read(out_dir / "summary_case.csv")
-    if not case.empty:
-        for r in _means(case).itertuples(index=False):
-            for metric in METRICS:
-                scalars[f"eval/{r.model}/{r.prompt}/{r.jitter}/case_{metric}"] = getattr(r, metric)
-        scalars.update(_interval_scalars(case, "case_"))
-    scalars.update(_paired_scalars(_read(out_dir / "comparisons.csv")))
-    base = means[means["model"] == BASELINE_MODEL].set_index(["prompt", "jitter"])
-    for r in means[means["model"] != BASELINE_MODEL].itertuples(index=False):
-        if (r.prompt, r.jitter) in base.index:
-            ref = base.loc[(r.prompt, r.jitter)]
-            for metric in METRICS:
-                delta = getattr(r, metric) - float(ref[metric])
-                scalars[f"eval/delta/{r.model}/{r.prompt}/{r.jitter}/{metric}"] = delta
-    noc = _read(out_dir / "noc.csv")
-    for model, g in noc.groupby("model", sort=False) if not noc.empty else ():
+            for (model, prompt, jitter), value in _means(report.case_pooled, metric).items():
+                scalars[f"eval/{model}/{prompt}/{jitter}/case_{metric}"] = value
+        scalars.update(_interval_scalars(report.case_summary, "case_"))
+    scalars.update(_paired_scalars(report.comparisons))
+    for metric in METRICS:
+        means = _means(report.pooled, metric)
+        for (model, prompt, jitter), value in means.items():
+            base = means.get((BASELINE_MODEL, prompt, jitter))
+            if model != BASELINE_MODEL and base is not None:
+                scalars[f"eval/delta/{model}/{prompt}/{jitter}/{metric}"] = value - base
+    noc = report.noc
+    for model, g in noc.groupby("model", sort=False) if noc is not None else ():
         for col in (c for c in g.columns if c.startswith("noc@")):
             value = np.average(g[col].astype(float), weights=g["n"].astype(float))
             scalars[f"eval/{model}/clicks/noc{col[4:]}"] = float(value)
-    skipped = _read(out_dir / "skipped.csv")
-    scalars[SKIPPED_KEY] = float(skipped["case"].nunique()) if "case" in skipped else 0.0
     return {k: float(v) for k, v in scalars.items() if not math.isnan(v)}
 
 
-def evaluation_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``comparisons``,
-    ``calibration``, ``click_curve`` of the
-    evaluation in ``out_dir`` (the ones that exist)."""
-    from sam_ft.evaluation.reports.summary_tables import click_curves, prompt_table
+def box_dice(report: ReportTables | None, models: Sequence[str], task: str) -> dict[str, float]:
+    """``{"eval/<model>/box_dice": mean Dice}`` of ``models`` on ``task`` with an unjittered
+    box: the report's summary rows (its means, not computed again)."""
+    if report is None:
+        return {}
+    s = report.summary
+    rows = s[
+        s["model"].isin(list(models))
+        & (s["task"].astype(str) == task)
+        & (s["prompt"] == "box")
+        & (s["jitter"].astype(str) == "none")
+    ]
+    return {f"eval/{r.model}/box_dice": float(r.dice_mean) for r in rows.itertuples(index=False)}
 
-    out_dir = Path(out_dir)
+
+def evaluation_tables(report: ReportTables | None, out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """``summary``, ``prompt_table``, ``per_case``, ``spearman``, ``comparisons``,
+    ``calibration``, ``click_curve`` of the evaluation (the ones it has): the report's tables,
+    and the per-case rows of ``out_dir``'s ``per_case.csv``."""
+    from sam_ft.evaluation.reports.summary_tables import prompt_table
+
+    if report is None:
+        return {}
     tables: dict[str, pd.DataFrame] = {}
-    summary = _read(out_dir / "summary.csv")
-    comparisons = _read(out_dir / "comparisons.csv")
-    if not summary.empty:
-        tables["summary"] = summary
-        tables["prompt_table"] = prompt_table(summary, comparisons)
-    for name, file in (
-        ("per_case", "per_case.csv"),
-        ("spearman", "spearman.csv"),
-        ("comparisons", "comparisons.csv"),
-        ("calibration", "calibration.csv"),
+    if not report.summary.empty:
+        tables["summary"] = report.summary
+        tables["prompt_table"] = prompt_table(report.summary, report.comparisons)
+    for name, table in (
+        ("per_case", _read(Path(out_dir) / "per_case.csv")),
+        ("spearman", report.spearman),
+        ("comparisons", report.comparisons),
+        ("calibration", report.calibration),
+        ("click_curve", report.click_curves),
     ):
-        df = _read(out_dir / file)
-        if not df.empty:
-            tables[name] = df
-    clicks = _read(out_dir / "clicks.csv")
-    if not clicks.empty:
-        tables["click_curve"] = click_curves(clicks)
+        if table is not None and not table.empty:
+            tables[name] = table
     return tables
 
 
@@ -216,16 +216,19 @@ def _is_tensorboard(logger: Any) -> bool:
 
 def log_evaluation(
     out_dir: str | Path,
+    report: ReportTables | None,
     loggers: Sequence[Any],
     overlays: Mapping[str, Sequence[Any]] | None = None,
     step: int = 0,
 ) -> dict[str, float]:
-    """Send the evaluation in ``out_dir`` to every W&B and TensorBoard logger, and the number
-    of skipped cases (``eval/skipped``) to any other logger that takes metrics (the CSV
-    logger: its ``metrics.csv`` shows it beside the training curves).
+    """Send the evaluation to every W&B and TensorBoard logger, and the number of skipped cases
+    (``eval/skipped``) to any other logger that takes metrics (the CSV logger: its
+    ``metrics.csv`` shows it beside the training curves).
 
     Args:
-        out_dir: the evaluation folder (``summary.csv``, ``plots/``, ...).
+        out_dir: the evaluation folder (``plots/``, ``summary.md``, ``skipped.csv``, ...).
+        report: the tables its report wrote (``summary.write_report``'s ``ReportTables``,
+            ``EvalResult.report``), None when the evaluation has no rows.
         loggers: Lightning loggers; the CSV files are already in the run dir, so loggers other
             than W&B and TensorBoard get only the skipped count.
         overlays: ``{"best_<model>": items, "worst_<model>": items}`` from the engine's
@@ -236,10 +239,10 @@ def log_evaluation(
         The scalars (:func:`evaluation_scalars`).
     """
     out_dir = Path(out_dir)
-    scalars = evaluation_scalars(out_dir)
+    scalars = evaluation_scalars(report, out_dir)
     if not loggers:
         return scalars
-    tables = evaluation_tables(out_dir)
+    tables = evaluation_tables(report, out_dir)
     plots = sorted((out_dir / "plots").glob("*.png"))
     for logger in loggers:
         if _is_wandb(logger):

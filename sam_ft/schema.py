@@ -21,11 +21,12 @@ def optional() -> Any:
     return field(default=None, metadata={"optional": True})
 
 
-def build(cls: type, value: Any, name: str) -> Any:
-    """``value`` (a mapping) -> ``cls`` with every field checked; unknown keys are errors."""
+def build(cls: type, value: Any, name: str, names: dict[str, Any] | None = None) -> Any:
+    """``value`` (a mapping) -> ``cls`` with every field checked; unknown keys are errors.
+    ``names``: what the annotations' names not in ``cls``'s module are (``Literal[NAME]``)."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"{name}={_show(value)}: expected a mapping of {cls.__name__} options")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=names)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in value:
         if str(key).startswith("_"):  # Hydra's _target_ etc.
@@ -47,25 +48,25 @@ def build(cls: type, value: Any, name: str) -> Any:
                 f"missing required option {name}.{key}: expected {_describe(hints[key])} "
                 f"(set it on the command line: {name}.{key}=...)"
             )
-        kwargs[key] = check(value[key], hints[key], f"{name}.{key}")
+        kwargs[key] = check(value[key], hints[key], f"{name}.{key}", names)
     return cls(**kwargs)
 
 
-def check(value: Any, tp: Any, name: str) -> Any:
+def check(value: Any, tp: Any, name: str, names: dict[str, Any] | None = None) -> Any:
     """``value`` checked against the annotation ``tp`` (converted where lossless)."""
-    ok, out = _match(value, tp, name)
+    ok, out = _match(value, tp, name, names)
     if not ok:
         raise ConfigError(f"{name}={_show(value)}: expected {_describe(tp)}")
     return out
 
 
-def _match(value: Any, tp: Any, name: str) -> tuple[bool, Any]:
+def _match(value: Any, tp: Any, name: str, names: dict[str, Any] | None) -> tuple[bool, Any]:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True, value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
-            ok, out = _match(value, arg, name)
+            ok, out = _match(value, arg, name, names)
             if ok:
                 return True, out
         return False, None
@@ -91,7 +92,7 @@ def _match(value: Any, tp: Any, name: str) -> tuple[bool, Any]:
         if not isinstance(value, list | tuple):
             return False, None
         arg = typing.get_args(tp)[0]
-        out = [check(v, arg, f"{name}[{i}]") for i, v in enumerate(value)]
+        out = [check(v, arg, f"{name}[{i}]", names) for i, v in enumerate(value)]
         return True, out if origin is list else tuple(out)
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
@@ -99,11 +100,11 @@ def _match(value: Any, tp: Any, name: str) -> tuple[bool, Any]:
         args = typing.get_args(tp)
         if not args:
             return True, dict(value)
-        return True, {k: check(v, args[1], f"{name}.{k}") for k, v in value.items()}
+        return True, {k: check(v, args[1], f"{name}.{k}", names) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             return False, None
-        return True, build(tp, value, name)
+        return True, build(tp, value, name, names)
     raise TypeError(f"unsupported annotation {tp!r} for {name}")  # a schema bug, not the user's
 
 

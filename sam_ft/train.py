@@ -20,7 +20,7 @@ from sam_ft.config import RunConfig, parse_config, run_facts
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, exit_on_own_error
-from sam_ft.evaluation.protocol.compare import box_dice, compare_models
+from sam_ft.evaluation.protocol.compare import compare_models
 from sam_ft.evaluation.protocol.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
@@ -29,7 +29,7 @@ from sam_ft.inference.card import (
     update_card_evaluation,
     write_model_card,
 )
-from sam_ft.logging_results import log_evaluation, log_exported_model, sweep_objective
+from sam_ft.logging_results import box_dice, log_evaluation, log_exported_model, sweep_objective
 from sam_ft.model.builders import weights_loaded_later
 from sam_ft.model.checkpoint import (
     export_official,
@@ -53,9 +53,9 @@ IOU_HEAD_SELECTIONS = ("predicted_iou", "auto")
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
     """``loss`` config -> the loss; ``iou_weight: null`` becomes 1.0 when
     ``eval.mask_selection`` reads the IoU head (``IOU_HEAD_SELECTIONS``), else 0.0."""
-    if cfg.loss.get("iou_weight", 0.0) is not None:
+    if cfg.loss.iou_weight is not None:
         return instantiate(cfg.loss)
-    selection = str(cfg.eval.get("mask_selection", "oracle"))
+    selection = str(cfg.eval.mask_selection)
     return instantiate(cfg.loss, iou_weight=1.0 if selection in IOU_HEAD_SELECTIONS else 0.0)
 
 
@@ -72,7 +72,7 @@ def train_multimask(cfg: DictConfig, model) -> bool | str:
             ``loss=cosmos_official``.
     """
     value = cfg.get("train", {}).get("multimask")
-    model_multimask = bool(getattr(model, "multimask_output", True))
+    model_multimask = bool(model.multimask_output)
     single_loss = cfg.get("loss", {}).get("kind") == "cosmos_official"
     if value is None:
         if not model_multimask or single_loss:
@@ -248,10 +248,8 @@ def _compare_with_zero_shot(
     )
     if result is None:
         return {}
-    summary = {
-        **box_dice(result),
-        **log_evaluation(run_dir / "eval", trainer.loggers, result.overlays),
-    }
+    scalars = log_evaluation(run_dir / "eval", result.report, trainer.loggers, result.overlays)
+    summary = {**box_dice(result.report, result.models, result.task), **scalars}
     if card is not None:
         summary_csv = run_dir / "eval" / "summary.csv"
         headline = predicted_headline(run_dir / "eval", card, str(cfg.eval.mask_selection))

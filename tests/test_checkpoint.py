@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from sam_ft.defaults import build_from_yaml
 from sam_ft.errors import CheckpointError
 from sam_ft.model.builders import build_sam, build_sam_architecture
 from sam_ft.model.checkpoint import export_official, read_state_dict
 from sam_ft.model.download import fetch
-from sam_ft.model.finetune import Finetune
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
@@ -123,7 +123,7 @@ def test_missing_file():
 def test_lora_checkpoint_is_merged_into_plain_weights(tmp_path):
     torch.manual_seed(0)
     model = TrainableSam(build_sam_architecture("tiny"))
-    Finetune(name="lora", rank=2).apply(model)
+    build_from_yaml("finetune", "lora", rank=2).apply(model)
     with torch.no_grad():  # a trained adapter: B non-zero
         for block in model.sam.image_encoder.blocks:
             block.attn.qkv.lora_b.normal_(0, 0.05)

@@ -115,3 +115,55 @@ def test_a_folder_task_is_named_after_its_folder(config, tmp_path):
     assert parse_config(cfg, "train" if config == "train" else "evaluate").task.name == (
         "Task05_Prostate"
     )
+
+
+def _owned():
+    """(schema class, field, the owning module's tuple of allowed values), read independently of
+    the schema's own resolution."""
+    from sam_ft.config import DataConfig, FinetuneConfig, IntensityConfig, ModelConfig
+    from sam_ft.data import demo, embedding_cache, intensity, skips, tasks
+    from sam_ft.model import finetune, specs
+
+    return [
+        (IntensityConfig, "mode", intensity.MODES),
+        (IntensityConfig, "scope", intensity.SCOPES),
+        (TaskConfig, "source", tasks.SOURCES),
+        (TaskConfig, "slice_axis", tasks.SLICE_AXES),
+        (TaskConfig, "demo_variant", demo.VARIANTS),
+        (DataConfig, "on_error", skips.ON_ERROR),
+        (DataConfig, "cache_embeddings", embedding_cache.CACHE_EMBEDDINGS),
+        (DataConfig, "embedding_dtype", embedding_cache.EMBEDDING_DTYPES),
+        (ModelConfig, "preprocess", specs.PREPROCESSES),
+        (FinetuneConfig, "name", finetune.MODES),
+    ]
+
+
+@pytest.mark.parametrize(("cls", "key", "owned"), _owned(), ids=lambda x: getattr(x, "__name__", x))
+def test_the_checker_allows_exactly_the_owners_values(cls, key, owned):
+    """A Literal's values are the owning module's tuple: the checker accepts each of them (with
+    its type: true is not 1) and refuses a value the owner does not list."""
+    import typing
+
+    from sam_ft.config import _check, type_hints
+
+    hint = type_hints(cls)[key]
+    literals = [a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal]
+    literals += [hint] if typing.get_origin(hint) is typing.Literal else []
+    assert [typing.get_args(lit) for lit in literals] == [tuple(owned)]
+    for value in owned:
+        assert _check(value, hint, key) == value
+    with pytest.raises(ConfigError, match=f"^{key}='not_one_of_them': expected one of "):
+        _check("not_one_of_them", hint, key)
+
+
+def test_the_owners_lists_are_what_their_modules_use():
+    """Each owner's tuple is what its own code accepts: the specs' preprocessing modes, the
+    finetune modes Finetune accepts."""
+    from sam_ft.defaults import build_from_yaml
+    from sam_ft.model import finetune, specs
+
+    assert {s.preprocess for s in specs.SPECS.values()} == set(specs.PREPROCESSES)
+    for mode in finetune.MODES:
+        assert build_from_yaml("finetune", mode).name == mode
+    with pytest.raises(ConfigError, match="finetune.name"):
+        finetune.Finetune("adapters", last_n=2, rank=4, alpha=4.0, encoder_lr_scale=0.1)

@@ -87,7 +87,6 @@ def test_predict_takes_evals_everything_settings_and_batch():
     command line, as a change of conf/eval/default.yaml would) is predict's, and predict's own
     key still wins."""
     from sam_ft.config import parse_predict_config
-
     from sam_ft.defaults import group_defaults
 
     cfg = parse_predict_config(_compose("predict", PREDICT))
@@ -108,7 +107,7 @@ def test_predict_options_are_checked_as_a_runs():
     from sam_ft.config import parse_predict_config
     from sam_ft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^mask_selection='best': expected one of 'auto'"):
+    with pytest.raises(ConfigError, match=r"^mask_selection='best': expected one of 'oracle'"):
         parse_predict_config(_compose("predict", [*PREDICT, "mask_selection=best"]))
     with pytest.raises(ConfigError, match=r"^eval\.grid='x': expected an integer$"):
         parse_predict_config(_compose("predict", [*PREDICT, "eval.grid=x"]))

@@ -97,9 +97,20 @@ def test_eval_config_composes():
     assert cfg.eval.split == "test" and cfg.eval.mask_selection == "oracle"
 
 
-def test_slurm_launcher_config_is_documented():
-    text = (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
-    assert "submitit_slurm" in text and "python train.py -m hydra/launcher=slurm" in text
+def test_slurm_launcher_composes_with_the_submitit_plugin():
+    """``hydra/launcher=slurm`` composes onto the installed submitit plugin's schema (a key it
+    does not know would fail here) and names a launcher class that imports."""
+    import yaml
+    from hydra.utils import get_class
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    mine = yaml.safe_load((CONF / "hydra" / "launcher" / "slurm.yaml").read_text())
+    for key, value in mine.items():
+        if key != "defaults":
+            assert launcher[key] == value, key
 
 
 def test_readme_sweep_composes_every_job(tmp_path):

@@ -8,6 +8,7 @@ wandb's own protobuf records (``tests/wandb_records.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,22 @@ def _eval_scalars(summary: dict) -> dict[str, float]:
 # A 2-job multirun with W&B and TensorBoard
 
 
+# A Hydra callback that writes what each job's task function returned (what a sweeper
+# optimises) to <job dir>/returned.json.
+RECORD_RETURN = """
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+
+class RecordReturn(Callback):
+    def on_job_end(self, config, job_return, **kwargs):
+        out = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "returned.json"
+        out.write_text(json.dumps(job_return.return_value))
+"""
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
@@ -100,8 +117,11 @@ def sweep(tmp_path_factory) -> Path:
         "eval.clicks=2",
         "eval.overlays=2",
         f"hydra.sweep.dir={tmp / 'multirun'}",
+        "+hydra.callbacks.record_return._target_=record_return.RecordReturn",
     ]
-    proc = _run("train.py", args, _env(tmp))
+    (tmp / "record_return.py").write_text(RECORD_RETURN)
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+    proc = _run("train.py", args, _env(tmp, PYTHONPATH=path))
     (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp / "multirun"
 
@@ -201,11 +221,18 @@ def test_tensorboard_has_the_same_scalars_and_images(sweep):
 
 
 def test_train_returns_the_evaluated_box_dice(sweep):
-    from sam_ft.logging_results import OBJECTIVE, sweep_objective
+    """What each job's train.py returned to Hydra (recorded by a Hydra callback) is the finetuned
+    model's unjittered box Dice in that job's eval/summary.csv."""
+    from sam_ft.logging_results import sweep_objective
 
-    job = _jobs(sweep)[0]
-    summary = run_info(_wandb_file(job))["summary"]
-    assert sweep_objective(summary) == summary[OBJECTIVE]
+    for job in _jobs(sweep):
+        returned = json.loads((job / "returned.json").read_text())
+        table = pd.read_csv(job / "eval" / "summary.csv", keep_default_na=False)
+        row = table[
+            (table.model == "finetuned") & (table.prompt == "box") & (table.jitter == "none")
+        ]
+        assert len(row) == 1 and isinstance(returned, float)
+        assert returned == pytest.approx(float(row["dice_mean"].iloc[0]), abs=1e-9)
     assert sweep_objective({"val/dice_best": 0.5}) == 0.5  # train.evaluate=false
 
 
@@ -352,24 +379,41 @@ def test_report_wandb_offline_without_credentials(tmp_path):
 
 
 def test_evaluation_scalars_hand_computed(tmp_path):
-    from sam_ft.logging_results import evaluation_scalars
+    from sam_ft.evaluation.reports.summary import write_report
+    from sam_ft.logging_results import box_dice, evaluation_scalars
 
-    cols = "model,task,prompt,jitter,n,dice_mean,dice_std,iou_mean,hd95_mean,nsd_mean,hd95_missing"
-    (tmp_path / "summary.csv").write_text(
-        f"{cols}\n"
-        "zero_shot,liver,box,none,2,0.5,0,0.4,10,0.3,0\n"
-        "zero_shot,spleen,box,none,2,0.7,0,0.6,,0.5,2\n"
-        "finetuned,liver,box,none,2,0.9,0,0.8,4,0.7,1\n"
-        "finetuned,spleen,box,none,2,0.7,0,0.6,2,0.5,0\n"
-    )
-    (tmp_path / "noc.csv").write_text(
-        "model,task,n,noc@85,noc@90,dice@1\nfinetuned,liver,1,2,3,0.5\nfinetuned,spleen,3,4,5,0.6\n"
-    )
+    nan = float("nan")
+    objects = {  # (model, task): (dice, hd95) of its two objects
+        ("zero_shot", "liver"): ((0.4, 10.0), (0.6, 10.0)),
+        ("zero_shot", "spleen"): ((0.7, nan), (0.7, nan)),
+        ("finetuned", "liver"): ((0.9, 4.0), (0.9, nan)),
+        ("finetuned", "spleen"): ((0.7, 2.0), (0.7, 2.0)),
+    }
+    rows = [
+        {"model": model, "task": task, "case": f"c{i}", "slice": 0, "label": 1, "prompt": "box",
+         "jitter": "none", "dice": dice, "iou": dice, "hd95": hd95,
+         "hd95_missing": hd95 != hd95, "nsd": dice, "distance_unit": "mm"}
+        for (model, task), found in objects.items()
+        for i, (dice, hd95) in enumerate(found)
+    ]  # fmt: skip
+    # NoC: finetuned liver's object reaches Dice 0.85 at click 2 and 0.90 at click 3; each of
+    # spleen's three objects at clicks 4 and 5.
+    curves = {("liver", 0): (0.5, 0.86, 0.95)}
+    curves |= {("spleen", i): (0.5, 0.6, 0.7, 0.87, 0.95) for i in range(3)}
+    clicks = pd.DataFrame(
+        [
+            {"model": "finetuned", "task": task, "case": f"c{i}", "slice": 0, "label": 1,
+             "click": k + 1, "dice": d}
+            for (task, i), dice in curves.items()
+            for k, d in enumerate(dice)
+        ]
+    )  # fmt: skip
     (tmp_path / "skipped.csv").write_text(
         "case,path,reason,stage,model,task\n"
         "c1,x,bad,evaluate,zero_shot,liver\nc1,x,bad,evaluate,finetuned,liver\n"
     )
-    s = evaluation_scalars(tmp_path)
+    report = write_report(tmp_path, pd.DataFrame(rows), clicks=clicks)
+    s = evaluation_scalars(report, tmp_path)
     # Two tasks of 2 objects each: the object-weighted mean.
     assert s["eval/zero_shot/box/none/dice"] == pytest.approx(0.6)
     assert s["eval/finetuned/box/none/dice"] == pytest.approx(0.8)
@@ -381,6 +425,8 @@ def test_evaluation_scalars_hand_computed(tmp_path):
     assert s["eval/finetuned/clicks/noc90"] == pytest.approx((3 * 1 + 5 * 3) / 4)
     assert s["eval/skipped"] == 1  # one case, skipped for both models
     assert not any("case_" in k for k in s)  # no summary_case.csv
+    # The box Dice of one task: its summary row's mean, over that task's objects only.
+    assert box_dice(report, ["finetuned"], "liver") == {"eval/finetuned/box_dice": 0.9}
 
 
 def test_run_name_has_own_overrides_but_no_secret(monkeypatch):

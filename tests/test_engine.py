@@ -360,7 +360,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     cases = [_case("ok0", slices=(0,), objects=1), unreadable("b1"), unreadable("b2")]
     out = tmp_path / "eval"
     skip = {**FAST, "on_error": "skip"}
-    evaluate_models(
+    result = evaluate_models(
         {"zero_shot": model},
         cases,
         task_name="t",
@@ -372,7 +372,7 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     md = (out / "summary.md").read_text()
     assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md
     logger = CSVLogger(tmp_path / "logs", name="")
-    log_evaluation(out, [logger])
+    log_evaluation(out, result.report, [logger])
     logger.save()
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
     assert metrics["eval/skipped"].dropna().tolist() == [2.0]

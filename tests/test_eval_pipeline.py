@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from sam_ft import bitmask
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.metrics.object_metrics import batch_slice_metrics
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.options import eval_options
-from sam_ft.evaluation.protocol.predictions import CasePredictions
-from sam_ft.evaluation.protocol.scoring_pool import (
-    WorkerDiedError,
-    pack_masks,
-    resolve_workers,
-    unpack_masks,
-)
+from sam_ft.evaluation.protocol.scoring_pool import WorkerDiedError, resolve_workers
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -177,19 +172,6 @@ def test_workers_option_is_checked():
             eval_options({"workers": bad})
 
 
-def test_packed_masks_round_trip_and_fit_the_store():
-    rng = np.random.default_rng(0)
-    masks = rng.random((2, 3, 5, 7)) < 0.5  # 35 px: not a multiple of 8
-    packed = pack_masks(masks)
-    assert packed.shape == (2, 3, 5) and packed.dtype == np.uint8
-    assert np.array_equal(unpack_masks(packed, (5, 7)), masks)
-    store = CasePredictions((5, 7))
-    store.add_packed("k", 4, packed[1, 2])
-    assert np.array_equal(store.get("k", 4), masks[1, 2])
-    with pytest.raises(ValueError, match="packed mask"):
-        store.add_packed("k", 5, packed[1])
-
-
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
@@ -228,7 +210,7 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     """Thresholding and selection stay on the model's device; the same channel as the host's
     ``select_masks`` comes out, ties (an empty GT, identical masks) included, with the kept
     masks' Dice / IoU equal to the numpy metrics'."""
-    from sam_ft.evaluation.protocol.decode_select import _select_on_device, pack_bits, select_masks
+    from sam_ft.evaluation.protocol.decode_select import _select_on_device, select_masks
 
     rng = np.random.default_rng(1)
     binary = torch.from_numpy(rng.random((6, 3, 5, 7)) < 0.4)
@@ -244,7 +226,6 @@ def test_selection_on_the_device_picks_what_select_masks_picks(mode, device):
     expected, expected_index = select_masks(binary.numpy(), iou, gt, mode)
     assert np.array_equal(index.cpu().numpy(), expected_index)
     assert np.array_equal(chosen.cpu().numpy(), expected)
-    assert np.array_equal(pack_bits(chosen).cpu().numpy(), pack_masks(expected.reshape(6, 5, 7)))
     ref_dice, ref_iou = _numpy_dice_iou(expected, gt)
     assert np.array_equal(dice.cpu().numpy(), ref_dice)
     assert np.array_equal(jaccard.cpu().numpy(), ref_iou)
@@ -267,7 +248,7 @@ def test_decode_scored_packed_equals_unpacked(model):
         p, index_p, _, _ = _as_tuple(
             decode_scored(model, emb, prompts, gt, "oracle", 3, packed=True)
         )
-    assert np.array_equal(unpack_masks(p, (H, W)), m) and np.array_equal(index, index_p)
+    assert np.array_equal(bitmask.unpack(p, (H, W)), m) and np.array_equal(index, index_p)
 
 
 @pytest.mark.parametrize("mode", ["oracle", "predicted_iou"])
@@ -326,7 +307,7 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
 
     def numpy_scored(m, emb, prompts, gt, mode, max_per_call, **opts):
         sel = decode_scored(m, emb, prompts, gt, mode, max_per_call, **opts)
-        masks = unpack_masks(sel.masks, gt.shape[1:]) if opts.get("packed") else sel.masks
+        masks = bitmask.unpack(sel.masks, gt.shape[1:]) if opts.get("packed") else sel.masks
         gt_of = opts.get("gt_of")
         sel.dice, sel.iou = _numpy_dice_iou(masks, gt if gt_of is None else gt[gt_of])
         calls["decode"] += 1

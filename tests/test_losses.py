@@ -16,6 +16,17 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
 LN2 = math.log(2.0)
 
 
+def make_loss(kind: str, iou_weight: float = 0.0, iou_on: str = "all") -> SegmentationLoss:
+    """The loss with the weights the hand values below assume (Dice 1, CE 1; focal 20, alpha
+    0.25, gamma 2: SAM's), given here, not taken from a default."""
+    pixel = (
+        {"focal_weight": 20.0, "focal_alpha": 0.25, "focal_gamma": 2.0}
+        if kind == "focal_dice"
+        else {"ce_weight": 1.0}
+    )
+    return SegmentationLoss(kind, iou_weight, 1.0, iou_on=iou_on, resolution="original", **pixel)
+
+
 def one_pixel_target() -> torch.Tensor:
     """(1, 2, 2) target with one foreground pixel."""
     return torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
@@ -23,7 +34,7 @@ def one_pixel_target() -> torch.Tensor:
 
 def test_dice_ce_hand_value_at_zero_logits():
     # p = 0.5 everywhere: Dice = 1 - 2*0.5 / (2 + 1) = 2/3; BCE = ln 2 per pixel.
-    loss_fn = SegmentationLoss("dice_ce", iou_weight=0.0)
+    loss_fn = make_loss("dice_ce")
     loss, parts = loss_fn(torch.zeros(1, 1, 2, 2), None, one_pixel_target())
     assert parts["dice"].item() == pytest.approx(2 / 3, abs=1e-5)
     assert parts["ce"].item() == pytest.approx(LN2, abs=1e-6)
@@ -32,7 +43,7 @@ def test_dice_ce_hand_value_at_zero_logits():
 
 def test_iou_term_hand_value():
     # Zero logits predict nothing: true IoU 0 against one foreground pixel; (0.5 - 0)^2 = 0.25.
-    loss_fn = SegmentationLoss("dice_ce", iou_weight=1.0)
+    loss_fn = make_loss("dice_ce", iou_weight=1.0)
     loss, parts = loss_fn(torch.zeros(1, 1, 2, 2), torch.tensor([[0.5]]), one_pixel_target())
     assert parts["iou"].item() == 0.0
     assert parts["iou_mse"].item() == pytest.approx(0.25)
@@ -42,7 +53,7 @@ def test_iou_term_hand_value():
 def test_focal_dice_hand_value_at_zero_logits():
     # Focal at p = 0.5: alpha_t * 0.5^2 * ln 2, alpha_t = 0.25 on the 1 foreground pixel and 0.75
     # on the 3 background ones -> mean 0.25 * ln 2 * (0.25 + 3 * 0.75) / 4.
-    loss_fn = SegmentationLoss("focal_dice", iou_weight=0.0)
+    loss_fn = make_loss("focal_dice")
     loss, parts = loss_fn(torch.zeros(1, 1, 2, 2), None, one_pixel_target())
     focal = 0.25 * LN2 * (0.25 + 3 * 0.75) / 4
     assert parts["focal"].item() == pytest.approx(focal, abs=1e-6)
@@ -58,14 +69,14 @@ def random_batch(n: int = 4, c: int = 1, size: int = 16, seed: int = 0):
 
 def test_dice_ce_equals_monai():
     logits, target = random_batch()
-    ours, _ = SegmentationLoss("dice_ce", iou_weight=0.0)(logits, None, target)
+    ours, _ = make_loss("dice_ce")(logits, None, target)
     ref = DiceCELoss(sigmoid=True)(logits, target[:, None])
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_focal_dice_equals_monai():
     logits, target = random_batch(seed=1)
-    ours, _ = SegmentationLoss("focal_dice", iou_weight=0.0)(logits, None, target)
+    ours, _ = make_loss("focal_dice")(logits, None, target)
     ref = DiceFocalLoss(sigmoid=True, lambda_dice=1.0, lambda_focal=20.0, gamma=2.0, alpha=0.25)(
         logits, target[:, None]
     )
@@ -74,7 +85,7 @@ def test_focal_dice_equals_monai():
 
 def test_dice_is_per_object_not_batch_global():
     logits, target = random_batch(n=3, seed=2)
-    loss_fn = SegmentationLoss("dice_ce", iou_weight=0.0)
+    loss_fn = make_loss("dice_ce")
     batch, parts = loss_fn(logits, None, target)
     singles = [loss_fn(logits[i : i + 1], None, target[i : i + 1])[0] for i in range(3)]
     assert batch.item() == pytest.approx(torch.stack(singles).mean().item(), rel=1e-6)
@@ -91,7 +102,7 @@ def test_best_of_three_takes_the_minimum():
     logits = torch.stack(
         [torch.stack([bad[0], meh[0], good[0]]), torch.stack([good[1], bad[1], meh[1]])]
     ).requires_grad_(True)
-    loss_fn = SegmentationLoss("dice_ce", iou_weight=0.0)
+    loss_fn = make_loss("dice_ce")
     loss, parts = loss_fn(logits, None, target)
     per = loss_fn.per_mask(logits.detach(), target)
     per_total = per["dice"] + per["ce"]  # (2, 3)
@@ -114,8 +125,8 @@ def test_iou_head_trained_on_all_or_best_masks():
     np_iou = mask_iou(logits, target[:, None])
     assert np_iou.tolist() == [[1.0, 0.5, 0.0]]
     iou_pred = torch.tensor([[0.5, 0.5, 0.5]])
-    _, all_parts = SegmentationLoss("dice_ce", iou_on="all")(logits, iou_pred, target)
-    _, best_parts = SegmentationLoss("dice_ce", iou_on="best")(logits, iou_pred, target)
+    _, all_parts = make_loss("dice_ce", 1.0, iou_on="all")(logits, iou_pred, target)
+    _, best_parts = make_loss("dice_ce", 1.0, iou_on="best")(logits, iou_pred, target)
     assert all_parts["iou_mse"].item() == pytest.approx((0.25 + 0 + 0.25) / 3)
     assert best_parts["iou_mse"].item() == pytest.approx(0.25)
 
@@ -123,14 +134,12 @@ def test_iou_head_trained_on_all_or_best_masks():
 def test_empty_masks_have_iou_one_and_missing_iou_pred_raises():
     assert mask_iou(torch.full((1, 3, 3), -1.0), torch.zeros(1, 3, 3)).item() == 1.0
     with pytest.raises(ValueError, match="iou_pred"):
-        SegmentationLoss("dice_ce", iou_weight=1.0)(
-            torch.zeros(1, 1, 2, 2), None, torch.zeros(1, 2, 2)
-        )
+        make_loss("dice_ce", iou_weight=1.0)(torch.zeros(1, 1, 2, 2), None, torch.zeros(1, 2, 2))
 
 
 def test_no_objects_gives_zero_loss_with_graph():
     logits = torch.zeros(0, 3, 8, 8, requires_grad=True)
-    loss, parts = SegmentationLoss()(logits, torch.zeros(0, 3), torch.zeros(0, 8, 8))
+    loss, parts = make_loss("dice_ce", 1.0)(logits, torch.zeros(0, 3), torch.zeros(0, 8, 8))
     assert loss.item() == 0.0 and loss.requires_grad
     assert set(parts) == {"dice", "ce", "iou_mse", "iou"}
 

@@ -77,12 +77,32 @@ def test_preprocess_equals_predictor_input(sam_1024, image, reference):
     assert torch.equal(ours, theirs)
 
 
-def test_decode_has_gradients():
+def test_decode_gradients_equal_finite_differences():
+    """Back-propagation through decode and encode gives each weight the loss's true slope: along
+    the gradient g, a central difference of the loss (step 1e-3) equals |g| (the decoder's last
+    upscaling layer and the encoder's first layer, so the whole path is covered)."""
     torch.manual_seed(0)
     model = TrainableSam(build_sam_architecture("tiny"))
-    image = np.zeros((64, 80, 3), np.uint8)
-    emb = model.encode(model.preprocess(image)[None])[0]
-    logits, iou = model.decode(emb, [Prompt(box=[5, 5, 40, 30])], (64, 80))
-    (logits.mean() + iou.mean()).backward()
-    assert model.sam.mask_decoder.output_upscaling[0].weight.grad is not None
-    assert model.sam.image_encoder.patch_embed.proj.weight.grad is not None
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+
+    def loss() -> torch.Tensor:
+        emb = model.encode(model.preprocess(image)[None])[0]
+        logits, iou = model.decode(emb, [Prompt(box=[5, 5, 40, 30])], (64, 80))
+        return logits.mean() + iou.mean()
+
+    loss().backward()
+    eps = 1e-3
+    for weight in (
+        model.sam.mask_decoder.output_upscaling[0].weight,
+        model.sam.image_encoder.patch_embed.proj.weight,
+    ):
+        grad = weight.grad.clone()
+        step = eps * grad / grad.norm()
+        with torch.no_grad():
+            weight += step
+            up = loss()
+            weight -= 2 * step
+            down = loss()
+            weight += step
+        slope = float(up - down) / (2 * eps)
+        assert grad.norm() > 0 and slope == pytest.approx(float(grad.norm()), rel=1e-2)

@@ -44,8 +44,9 @@ def test_one_box_on_one_slice_gives_a_label_volume(tmp_path, weights):  # noqa: 
     from test_predict import _compose
 
     from sam_ft.config import parse_predict_config
+    from sam_ft.evaluation.protocol.decode_select import decode_masks
     from sam_ft.inference.inputs import load_image
-    from sam_ft.inference.label_maps import _embed, decode_select
+    from sam_ft.inference.label_maps import _embed
     from sam_ft.predict import build_model, build_settings, trained_settings
     from sam_ft.prompts.types import Prompt
 
@@ -58,7 +59,7 @@ def test_one_box_on_one_slice_gives_a_label_volume(tmp_path, weights):  # noqa: 
     loaded = load_image(Path(img), settings.task)
     box = next_box(pred[:, :, KEY] == 4, 3)
     with torch.inference_mode():
-        (mask,) = decode_select(
+        (mask,) = decode_masks(
             model, _embed(model, loaded.slice_image(KEY + 1)), [Prompt(box=box)], loaded.size,
             settings.mask_selection, 256,
         )  # fmt: skip

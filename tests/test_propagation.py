@@ -147,7 +147,7 @@ def test_next_box_is_the_official_box_in_the_256_frame(shape):
             assert box is None
             continue
         np.testing.assert_array_equal(lite.apply_boxes(box[None], shape)[0], get_bbox256(small))
-    assert next_box(np.zeros(shape, dtype=bool)) is None
+    assert next_box(np.zeros(shape, dtype=bool), 3) is None
 
 
 # --- the whole path on real MRI with LiteMedSAM's real weights ---------------------------------

@@ -118,7 +118,7 @@ def test_summaries_per_label_value_beside_the_pooled_one(tmp_path):
     pooled = summarize(per_object)
     assert len(pooled) == 1 and pooled["n"].item() == 12
     assert pooled["dice_mean"].item() == pytest.approx(per_object["dice"].mean())
-    paths = write_report(tmp_path / "eval", per_object)
+    paths = write_report(tmp_path / "eval", per_object).paths
     written = pd.read_csv(paths["summary_label_csv"])
     assert list(written["label"]) == [1, 2]
     assert "## Per target (label value, no jitter)" in paths["summary_md"].read_text()
@@ -184,7 +184,7 @@ def test_write_report_creates_every_file(per_object, tmp_path):
         per_case,
         clicks=clicks,
         overlays={"best": _overlay_items(), "worst": _overlay_items()[:1]},
-    )
+    ).paths
     expected = {
         "summary_csv",
         "summary_label_csv",
@@ -336,7 +336,7 @@ def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
     assert robust[drop[0]].tolist() == pytest.approx([0.4, 0.4])
     assert [c for c in robust.columns if c.startswith("Dice ")] == [f"Dice {j}" for j in order]
 
-    paths = write_report(tmp_path / "eval", per_object)
+    paths = write_report(tmp_path / "eval", per_object).paths
     md = paths["summary_md"].read_text()
     assert "drop none→10-20" in md
     assert md.index("Dice 5-10") < md.index("Dice 10-20")
@@ -356,15 +356,15 @@ def test_every_table_ranks_nondefault_jitter_levels_numerically(tmp_path):
 def test_2d_images_without_spacing_report_distances_in_pixels(tmp_path):
     """HD95 of 2D images without a spacing is in pixels: every table says px, not mm."""
     rows = [{**_row("zero_shot", "box", 0.8), "distance_unit": "px"}]
-    paths = write_report(tmp_path / "px", pd.DataFrame(rows))
+    paths = write_report(tmp_path / "px", pd.DataFrame(rows)).paths
     assert pd.read_csv(paths["summary_csv"])["distance_unit"].tolist() == ["px"]
     md = paths["summary_md"].read_text()
     assert "HD95 (px)" in md and "HD95 (mm)" not in md and "HD95 in pixels" in md
     # Volumes stay in mm; a table mixing both keeps the unit beside each row.
     mm = write_report(tmp_path / "mm", pd.DataFrame([_row("zero_shot", "box", 0.8)]))
-    assert "HD95 (mm)" in mm["summary_md"].read_text()
+    assert "HD95 (mm)" in mm.paths["summary_md"].read_text()
     mixed = [rows[0], {**_row("zero_shot", "box", 0.8, task="spleen"), "distance_unit": "mm"}]
-    md = write_report(tmp_path / "mixed", pd.DataFrame(mixed))["summary_md"].read_text()
+    md = write_report(tmp_path / "mixed", pd.DataFrame(mixed)).paths["summary_md"].read_text()
     assert "| px |" in md and "| mm |" in md and "HD95 (mm)" not in md
 
 

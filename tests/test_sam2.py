@@ -238,11 +238,12 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
 def test_lora_trains_hiera_and_its_export_loads_in_sam2(weights, tmp_path):
     """``finetune=lora`` adapts every Hiera attention's qkv (gradients reach the adapters, the
     embedding is then not cacheable); the export merges them into the official layout."""
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.checkpoint import export_official
-    from sam_ft.model.finetune import Finetune, LoRALinear
+    from sam_ft.model.finetune import LoRALinear
 
     model = build_trainable_sam("sam2.1_hiera_t", str(weights), image_size=SIZE)
-    Finetune(name="lora", rank=2, alpha=2.0).apply(model)
+    build_from_yaml("finetune", "lora", rank=2, alpha=2.0).apply(model)
     adapters = [m for m in model.image_encoder.modules() if isinstance(m, LoRALinear)]
     assert len(adapters) == 12 and not model.encoder_frozen
     conv_s0 = model.mask_decoder.conv_s0.weight

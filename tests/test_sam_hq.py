@@ -356,12 +356,12 @@ def test_missing_package_is_one_line_naming_the_extra(monkeypatch):
 def test_lora_trains_the_encoder_adapters_and_exports_sam_hq_weights(image, tmp_path):
     """finetune=lora on SAM-HQ: adapters in the ViT's qkv get gradients through the early
     features and the neck; the export (adapters merged) loads into SAM-HQ's classes."""
+    from sam_ft.defaults import build_from_yaml
     from sam_ft.model.checkpoint import export_official
-    from sam_ft.model.finetune import Finetune
 
     torch.manual_seed(0)
     model = build_trainable_sam("sam_hq_tiny").train()
-    Finetune("lora", rank=2).apply(model)
+    build_from_yaml("finetune", "lora", rank=2).apply(model)
     x = model.preprocess(image)[None]
     low, iou = model.decode(model.encode(x)[0], [CASES["box"]], image.shape[:2])
     (low.mean() + iou.mean()).backward()

@@ -182,7 +182,7 @@ def test_report_writes_provenance_and_the_config_hash_survives_json(tmp_path):
     options = eval_options(cfg)
     again = eval_options(json.loads(json.dumps({**cfg, "workers": 3})))  # as shard.json keeps it
     assert config_hash(options, 1) == config_hash(again, 1) != config_hash(options, 2)
-    paths = write_report(tmp_path, _objects(), options=options, seed=1)
+    paths = write_report(tmp_path, _objects(), options=options, seed=1).paths
     info = json.loads(paths["provenance_json"].read_text())
     assert info["config_hash"] == config_hash(options, 1) and info["sam_ft_version"]
     assert "count" in info["nsd"] and "999" not in info["confidence_intervals"]
@@ -204,8 +204,8 @@ def test_logged_scalars_carry_the_ci_bounds_and_the_paired_test(tmp_path):
     from sam_ft.logging_results import evaluation_scalars
 
     rows = _objects()
-    write_report(tmp_path, rows, options=eval_options(None))
-    scalars = evaluation_scalars(tmp_path)
+    report = write_report(tmp_path, rows, options=eval_options(None))
+    scalars = evaluation_scalars(report, tmp_path)
     summary = pd.read_csv(tmp_path / "summary.csv")
     box = summary[(summary["model"] == "finetuned") & (summary["prompt"] == "box")].iloc[0]
     assert scalars["eval/finetuned/box/none/dice"] == pytest.approx(box["dice_mean"])

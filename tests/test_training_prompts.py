@@ -58,7 +58,7 @@ def test_box_sampler_gives_tight_boxes():
 
 def test_jittered_box_grows_by_at_most_scaled_px():
     masks = objects()
-    sampler = JitteredBoxPrompts(px=20, reference_size=1024)
+    sampler = JitteredBoxPrompts(px=20, reference_size=1024, outward_only=True)
     assert sampler.shift((40, 64)) == pytest.approx(20 * 64 / 1024)  # 1.25 px at this size
     for seed in range(20):
         prompts = sampler(masks, np.random.default_rng(seed))
@@ -96,7 +96,9 @@ def test_point_sampler_counts_labels_and_positions():
 
 
 def test_mixed_sampler_uses_both_kinds():
-    sampler = MixedPrompts(p_box=0.5, max_points=3)
+    sampler = MixedPrompts(
+        0.5, 0.0, 1024, max_points=3, min_points=1, max_negatives=0, min_negatives=0
+    )
     kinds = set()
     for seed in range(10):
         prompts = sampler(objects(), np.random.default_rng(seed))
@@ -107,15 +109,20 @@ def test_mixed_sampler_uses_both_kinds():
             assert_inside(p, (40, 64))
     assert kinds == {True, False}
     assert all(
-        p.box is not None for p in MixedPrompts(p_box=1.0)(objects(), np.random.default_rng(0))
+        p.box is not None
+        for p in MixedPrompts(1.0, 0.0, 1024, 5, 1, 0, 0)(objects(), np.random.default_rng(0))
     )
 
 
 def test_iterative_first_prompts():
     masks = objects()
-    boxes = IterativePrompts(first="box", rounds=3)(masks, np.random.default_rng(0))
+    boxes = IterativePrompts(first="box", rounds=3, box_px=0.0, reference_size=1024)(
+        masks, np.random.default_rng(0)
+    )
     np.testing.assert_array_equal(boxes[0].box, [30, 10, 49, 19])
-    points = IterativePrompts(first="point", rounds=3)(masks, np.random.default_rng(0))
+    points = IterativePrompts(first="point", rounds=3, box_px=0.0, reference_size=1024)(
+        masks, np.random.default_rng(0)
+    )
     for p, m in zip(points, masks, strict=True):
         assert p.box is None and p.points.shape == (1, 2)
         np.testing.assert_array_equal(p.point_labels, [1])

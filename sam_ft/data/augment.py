@@ -105,9 +105,8 @@ class SliceAugment:
         cls, cfg: Mapping[str, Any] | None, min_object_pixels: int = 0
     ) -> SliceAugment | None:
         """The augmentation ``data.augment`` asks for, or ``None`` (identity) when disabled."""
-        if not cfg or not bool(cfg.get("enabled", False)):
-            return None
-        return cls(cfg, min_object_pixels)
+        augment = cls(cfg or {}, min_object_pixels)  # keys not given: the YAML's
+        return augment if augment.cfg["enabled"] else None
 
     def __call__(
         self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator

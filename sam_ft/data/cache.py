@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sam_ft import bitmask
 from sam_ft.atomic import atomic_write
 from sam_ft.data.types import CaseFiles, SliceRecord
 from sam_ft.errors import DataError
@@ -111,7 +112,7 @@ def _records_to_arrays(
     for i, r in enumerate(records):
         masks = np.asarray(r.masks, dtype=bool)
         # Masks are 1 bit of information in 8; packing shrinks the entry ~8x.
-        out[f"masks_{i}"] = np.packbits(masks.reshape(-1))
+        out[f"masks_{i}"] = bitmask.pack(masks, ndim=masks.ndim)  # the stack as one run of bits
         image = np.ascontiguousarray(r.image, dtype=np.uint8)
         out[f"image_{i}"] = image
         out[f"labels_{i}"] = np.asarray(r.labels, dtype=np.int64)
@@ -151,7 +152,7 @@ def _arrays_to_records(z: Mapping[str, np.ndarray], key: str) -> CachedCase:
                 case=s["case"],
                 slice_index=s["slice_index"],
                 image=z[f"image_{i}"],
-                masks=unpack_masks(z[f"masks_{i}"], s["masks_shape"]),
+                masks=bitmask.unpack(z[f"masks_{i}"], s["masks_shape"]),
                 labels=z[f"labels_{i}"],
                 names=list(s["names"]),
                 spacing=tuple(s["spacing"]),
@@ -380,7 +381,7 @@ class SliceRef:
             slice_index=self.slice_index,
             # Not read: a zero-stride view of the right shape (original_size still holds).
             image=arrays["image"] if image else np.broadcast_to(np.uint8(0), self.image_shape),
-            masks=unpack_masks(arrays["masks"], self.masks_shape),
+            masks=bitmask.unpack(arrays["masks"], self.masks_shape),
             labels=self.labels,
             names=list(self.names),
             spacing=self.spacing,
@@ -461,9 +462,3 @@ def read_entry(path: str | Path, key: str | None = None) -> CachedCase:
     if key is None:
         key = json.loads(str(arrays["header"][()]))["key"]
     return _arrays_to_records(arrays, key)
-
-
-def unpack_masks(packed: np.ndarray, shape: Iterable[int]) -> np.ndarray:
-    """Inverse of ``np.packbits(mask.reshape(-1))``: (n_bytes,) uint8 -> bool array of ``shape``."""
-    shape = tuple(shape)
-    return np.unpackbits(packed, count=int(np.prod(shape))).astype(bool).reshape(shape)

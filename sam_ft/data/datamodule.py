@@ -43,7 +43,7 @@ from sam_ft.data.dataset import (
     collate_slices,
     tight_box_prompts,
 )
-from sam_ft.data.embedding_cache import EmbeddingCache
+from sam_ft.data.embedding_cache import CACHE_EMBEDDINGS, EMBEDDING_DTYPES, EmbeddingCache
 from sam_ft.data.folder import find_cases
 from sam_ft.data.preparation import (
     CaseEntry,
@@ -111,11 +111,11 @@ class SamDataModule(L.LightningDataModule):
         self.max_objects = self.data.get("max_objects_per_image")
         mode = self.data["cache_embeddings"]
         dtype = self.data.get("embedding_dtype")
-        if dtype not in (None, "float32", "float16", "bfloat16"):
+        if dtype is not None and dtype not in EMBEDDING_DTYPES:
             raise ConfigError(
                 f"data.embedding_dtype must be null, float32, float16 or bfloat16, got {dtype!r}"
             )
-        if mode not in ("auto", True, False):
+        if mode not in CACHE_EMBEDDINGS:
             raise ConfigError(f"data.cache_embeddings must be auto, true or false, got {mode!r}")
         self.cache_embeddings = mode
         self.augment = SliceAugment.from_config(

@@ -29,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 
 MARKER = ".complete"
 GENERATOR_VERSION = 1
+VARIANTS = ("3d", "2d")  # task.demo_variant: NIfTI volumes or PNG images
 DEMO_LABELS = {1: "liver", 2: "kidney", 3: "lesion"}
 DEMO_2D_LABELS = {1: "ventricle", 2: "tumour"}
 
@@ -169,7 +170,7 @@ def generate_demo(root: str | Path, variant: str = "3d", num_cases: int = 8, see
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         labels, modality = DEMO_2D_LABELS, "MR"
     else:
-        raise ValueError(f"demo variant must be '3d' or '2d', got {variant!r}")
+        raise ValueError(f"demo variant must be one of {VARIANTS}, got {variant!r}")
     meta = {
         "name": "demo" if variant == "3d" else "demo_2d",
         "description": "synthetic sam_ft demo data (sam_ft.data.demo)",

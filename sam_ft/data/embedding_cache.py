@@ -46,6 +46,8 @@ from sam_ft.model.preprocess import SamTransform
 log = logging.getLogger(__name__)
 
 EMBEDDING_CACHE_FORMAT = 1
+CACHE_EMBEDDINGS = ("auto", True, False)  # data.cache_embeddings
+EMBEDDING_DTYPES = ("float32", "float16", "bfloat16")  # data.embedding_dtype (null: the encoder's)
 # Per entry besides the tensor: torch.save's zip container and the checksum fields.
 ENTRY_OVERHEAD_BYTES = 2048
 STAMP = np.dtype([("digest", "S64"), ("size", "<i8"), ("mtime_ns", "<i8"), ("ino", "<i8")])

@@ -59,9 +59,7 @@ def scale_to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return y.astype(np.uint8)
 
 
-def intensity_bounds(
-    volume: np.ndarray, intensity: Mapping[str, Any] | None
-) -> tuple[float, float]:
+def intensity_bounds(volume: np.ndarray, intensity: Mapping[str, Any]) -> tuple[float, float]:
     """Bounds used to map one whole volume (or one 2D image) to uint8.
 
     Args:
@@ -72,8 +70,7 @@ def intensity_bounds(
         (low, high) for :func:`scale_to_uint8`. ``none`` returns (0, 255) for data already in
         0-255, else the data's min and max.
     """
-    intensity = dict(intensity or {})
-    mode = intensity.get("mode", "percentile")
+    mode = intensity["mode"]
     if mode == "window":
         if intensity.get("level") is None or intensity.get("width") is None:
             raise ConfigError("task.intensity.mode=window needs task.intensity.level and .width")
@@ -94,46 +91,43 @@ def intensity_bounds(
     raise ConfigError(f"task.intensity.mode must be one of {MODES}, got {mode!r}")
 
 
-def intensity_scope(intensity: Mapping[str, Any] | None) -> str:
+def intensity_scope(intensity: Mapping[str, Any]) -> str:
     """``slice`` when the bounds are computed per 2D slice, else ``volume``.
 
     Only the percentile rule depends on the data; ``window`` and ``none`` give the same bounds
     either way, so they count as ``volume`` (one computation per case).
     """
-    intensity = dict(intensity or {})
-    scope = intensity.get("scope", "slice")
+    scope = intensity["scope"]
     if scope not in SCOPES:
         raise ConfigError(f"task.intensity.scope must be one of {SCOPES}, got {scope!r}")
-    return scope if intensity.get("mode", "percentile") == "percentile" else "volume"
+    return scope if intensity["mode"] == "percentile" else "volume"
 
 
 def map_slice(
-    raw: np.ndarray, intensity: Mapping[str, Any] | None, bounds: tuple[float, float] | None
+    raw: np.ndarray, intensity: Mapping[str, Any], bounds: tuple[float, float] | None
 ) -> np.ndarray:
     """One raw 2D slice -> uint8 with the task's intensity mapping.
 
     Args:
         raw: (H, W) or (H, W, 3) raw intensities.
-        intensity: ``task.intensity``.
+        intensity: ``task.intensity`` with every key (``task_options`` fills a preset's from
+            conf/task/folder.yaml).
         bounds: the volume's (low, high), or None to compute them on this slice (``scope:
             slice``, the official code's per-image percentiles).
 
     Returns:
-        uint8 array of ``raw``'s shape; with the percentile rule and ``keep_zero`` (default),
-        pixels that were exactly 0 stay 0.
+        uint8 array of ``raw``'s shape; with the percentile rule and ``keep_zero``, pixels
+        that were exactly 0 stay 0.
     """
-    intensity = dict(intensity or {})
     if bounds is None:
         bounds = intensity_bounds(raw, intensity)
     out = to_uint8(raw, *bounds)
-    if intensity.get("mode", "percentile") == "percentile" and intensity.get("keep_zero", True):
+    if intensity["mode"] == "percentile" and intensity["keep_zero"]:
         out[np.asarray(raw) == 0] = 0
     return out
 
 
-def case_bounds(
-    volume: np.ndarray, intensity: Mapping[str, Any] | None
-) -> tuple[float, float] | None:
+def case_bounds(volume: np.ndarray, intensity: Mapping[str, Any]) -> tuple[float, float] | None:
     """The bounds of a whole case for :func:`prepare_slice`, or None when they are computed on
     each slice (``scope: slice`` with the percentile rule)."""
     if intensity_scope(intensity) == "slice":
@@ -142,7 +136,7 @@ def case_bounds(
 
 
 def prepare_slice(
-    raw: np.ndarray, intensity: Mapping[str, Any] | None, bounds: tuple[float, float] | None
+    raw: np.ndarray, intensity: Mapping[str, Any], bounds: tuple[float, float] | None
 ) -> np.ndarray:
     """One raw 2D slice -> the (H, W, 3) uint8 image SAM's preprocessing takes.
 

@@ -192,6 +192,43 @@ class SliceIndex(Sequence[SliceRef]):
         keys = ("image_id", "case", "path", "image")
         return [CaseEntry(*(self.string(e[k]) for k in keys)) for e in self.entries]
 
+    def strings(self) -> list[str]:
+        """The whole string table, decoded once (ids index it)."""
+        return [self.string(i) for i in range(len(self.offsets) - 1)]
+
+    def slice_keys(self, chunk: int = 65_536) -> Iterator[tuple[str, str]]:
+        """(image id, or the case where it has none; ``<slice_index>:<hex digest>``) of every
+        slice in order, from the columns: what ``SliceRef.image_id or case``,
+        ``slice_index`` and ``digest`` give, without building one ``SliceRef`` per slice.
+        Digests are made hex ``chunk`` rows at a time (memory flat in the number of slices)."""
+        strings = self.strings()
+        for at in range(0, len(self.rows), chunk):
+            rows = self.rows[at : at + chunk]
+            digests = np.ascontiguousarray(rows["digest"]).tobytes().hex()
+            columns = (rows[c].tolist() for c in ("slice_index", "image_id", "case"))
+            for i, (index, image, case) in enumerate(zip(*columns, strict=True)):
+                yield strings[image] or strings[case], f"{index}:{digests[64 * i : 64 * i + 64]}"
+
+    def modalities(self) -> list[str]:
+        """The slices' modalities (non-empty), sorted."""
+        found = {self.string(int(m)) for m in np.unique(self.rows["modality"])}
+        return sorted(m for m in found if m)
+
+    def first_labels(self) -> dict[str, int]:
+        """{object name: its label value on the first slice that has it}, in the order names
+        first appear when the slices' ``names`` and ``labels`` are walked in row order."""
+        if not len(self.rows):
+            return {}
+        counts = self.rows["masks_shape"][:, 0].astype(np.int64)
+        starts = self.rows["label_start"].astype(np.int64)
+        # Each row's label positions, rows in order: start + 0 .. start + K - 1.
+        before = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        at = np.repeat(starts - before, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+        names, values = np.asarray(self.names)[at], np.asarray(self.labels)[at]
+        ids, first = np.unique(names, return_index=True)
+        order = np.argsort(first, kind="stable")
+        return {self.string(int(ids[k])): int(values[first[k]]) for k in order}
+
     def entry_paths(self) -> list[str]:
         return [self.string(p) for p in self.entries["path"]]
 

@@ -54,7 +54,7 @@ def from_slicing_frame(stack: np.ndarray, axis: int) -> np.ndarray:
 def object_masks(
     label: np.ndarray,
     groups: dict[str, list[int]] | None,
-    min_object_pixels: int = 50,
+    min_object_pixels: int,
     names: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One binary mask per object of a 2D label map, objects of <= ``min_object_pixels`` dropped.
@@ -93,11 +93,11 @@ def slice_records(
     bounds: tuple[float, float] | None,
     spacing: tuple[float, float, float],
     groups: dict[str, list[int]] | None,
-    min_object_pixels: int = 50,
+    min_object_pixels: int,
+    intensity: dict,
     modality: str = "",
     names: dict[int, str] | None = None,
     is_3d: bool = True,
-    intensity: dict | None = None,
 ) -> list[SliceRecord]:
     """The slices of one case that keep at least one object.
 
@@ -106,7 +106,8 @@ def slice_records(
         label: (S, R, C) integer label map in the same frame.
         bounds: (low, high) of the case's intensity mapping (:mod:`sam_ft.data.intensity`), or
             None to compute them on each slice (``task.intensity.scope: slice``).
-        intensity: ``task.intensity`` (mode, percentiles, ``keep_zero``); None: percentile rule.
+        intensity: ``task.intensity`` (mode, percentiles, ``keep_zero``), every key given.
+        min_object_pixels: ``data.min_object_pixels``.
         spacing: (slice, row, col) mm.
         is_3d: False for a 2D image (slice_index is then -1).
     """

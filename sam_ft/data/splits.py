@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 def split_case_ids(
-    case_ids: Iterable[str], fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0
+    case_ids: Iterable[str], fractions: Sequence[float], seed: int
 ) -> dict[str, list[str]]:
     """Deterministic random split of unique case ids into train / val / test.
 
@@ -99,7 +99,7 @@ def make_splits(
             raise ConfigError(f"data.split.file {split['file']}: unknown case ids {shown}")
     else:
         fractions = (split["train"], split["val"], split["test"])
-        by_id = split_case_ids(ids, fractions, int(dopts.get("seed") or 0))
+        by_id = split_case_ids(ids, fractions, int(dopts["seed"]))
     where = {cid: name for name, v in by_id.items() for cid in v}
     out: dict[str, list[CaseFiles]] = {k: [] for k in SPLITS}
     for c in cases:

@@ -55,6 +55,7 @@ DECATHLON_TASKS: dict[str, str] = {
 }
 
 SOURCES = ("folder", "decathlon", "demo", "mni152")
+SLICE_AXES = ("auto", 0, 1, 2)  # task.slice_axis: auto or a RAS axis
 
 
 def to_plain(cfg: Any) -> Any:
@@ -95,7 +96,7 @@ def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
                 )
             groups[str(name)] = [int(v) for v in values]
         opts["labels"] = groups
-    if opts["slice_axis"] not in ("auto", 0, 1, 2):
+    if opts["slice_axis"] not in SLICE_AXES:
         raise ConfigError(f"task.slice_axis must be auto, 0, 1 or 2, got {opts['slice_axis']!r}")
     return opts
 

@@ -123,7 +123,7 @@ def write_model_card(
         "finetune": finetune,
         "task": task,
         "labels": _plain(facts.get("labels")) or task.get("labels"),
-        "min_object_pixels": int((plain.get("data") or {}).get("min_object_pixels", 50)),
+        "min_object_pixels": int(plain["data"]["min_object_pixels"]),
         "evaluation": _plain(evaluation),
         "evaluation_protocol": {k: (plain.get("eval") or {}).get(k) for k in PROTOCOL_KEYS},
         "base_weights": base_weights(model),
@@ -217,8 +217,11 @@ def predicted_headline(
     (``dice_top_iou``); when predict's choice is neither (single-mask decoding after a 3-mask
     evaluation), the headline says it was not measured instead of giving another number.
     """
+    import numpy as np
     import pandas as pd
 
+    from sam_ft.evaluation.protocol.tablesort import CHUNK_ROWS
+    from sam_ft.evaluation.reports.statistics import exact_mean
     from sam_ft.model.specs import SPECS
 
     data = json.loads(Path(card).read_text())
@@ -245,11 +248,15 @@ def predicted_headline(
         out["dice"] = None
         out["why"] = f"{selection} masks were not scored (eval.mask_selection={eval_selection})"
         return out
-    rows = pd.read_csv(table, usecols=["model", "prompt", "jitter", column], dtype={"jitter": str})
-    rows = rows[(rows["prompt"] == prompt) & (rows["jitter"] == "none")]
-    out["dice"] = {
-        str(m): float(v) for m, v in rows.groupby("model", sort=False)[column].mean().items()
-    }
+    # Read in chunks, only the rows of the prompt kept: the table may hold millions of rows.
+    values: dict[str, list] = {}
+    usecols, text = ["model", "prompt", "jitter", column], {"model": str, "jitter": str}
+    with pd.read_csv(table, usecols=usecols, dtype=text, chunksize=CHUNK_ROWS) as chunks:
+        for rows in chunks:
+            rows = rows[(rows["prompt"] == prompt) & (rows["jitter"] == "none")]
+            for m, g in rows.groupby("model", sort=False):
+                values.setdefault(str(m), []).append(g[column].to_numpy(float))
+    out["dice"] = {m: exact_mean(np.concatenate(v)) for m, v in values.items()}
     out["note"] = "mean over objects, masks selected as predict.py selects them by default"
     return out
 
@@ -355,12 +362,17 @@ def trained_facts(datamodule: Any) -> dict[str, Any]:
             continue
     groups = dict((getattr(datamodule, "task", None) or {}).get("labels") or {})
     labels: dict[str, list[int]] = {}
-    modalities = sorted({r.modality for r in refs if r.modality})
-    for ref in refs:
-        for name, value in zip(ref.names, ref.labels.tolist(), strict=True):
-            if name not in labels:
-                group = groups.get(name, [value])
-                labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
+    if callable(getattr(refs, "first_labels", None)):  # a SliceIndex: from its columns
+        modalities, first = refs.modalities(), refs.first_labels()
+    else:
+        modalities = sorted({r.modality for r in refs if r.modality})
+        first = {}
+        for ref in refs:
+            for name, value in zip(ref.names, ref.labels.tolist(), strict=True):
+                first.setdefault(name, value)
+    for name, value in first.items():
+        group = groups.get(name, [value])
+        labels[name] = [int(v) for v in ([group] if isinstance(group, int) else group)]
     return {
         "labels": labels or None,
         "modality": modalities[0] if modalities else None,

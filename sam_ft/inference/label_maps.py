@@ -25,7 +25,7 @@ intensity mapping, grey to RGB); each prediction is written back in the input's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,12 @@ import torch
 from sam_ft.data.loading import CaseData, dataset_meta, load_case
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS, decode_scored
+from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS, decode_masks
 from sam_ft.evaluation.protocol.everything import EverythingConfig, generate_codes
 from sam_ft.evaluation.protocol.everything import decode_mask as decode_code
 from sam_ft.evaluation.protocol.predictions import label_map
 from sam_ft.inference.inputs import LoadedImage, stem_of
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.strategies import STRATEGIES, make_eval_prompt
 from sam_ft.prompts.types import Prompt
 
@@ -86,45 +85,7 @@ class Settings:
             raise ConfigError("max_prompts_per_call must be >= 1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-def decode_select(
-    model: TrainableSam,
-    embedding: torch.Tensor,
-    prompts: Sequence[Prompt],
-    size: tuple[int, int],
-    mode: str,
-    max_per_call: int,
-    gt: np.ndarray | None = None,
-) -> np.ndarray:
-    """(N, H, W) bool: one mask per prompt, chosen by ``mode``.
-
-    Evaluation's own decoding (:func:`sam_ft.evaluation.protocol.decode_select.decode_scored`: the
-    same decoder calls in the same order, the same per-prompt selection, e.g. ``auto`` keeps SAM's
-    single output for an unambiguous prompt), so the masks are bit for bit those evaluation scores.
-
-    Args:
-        embedding: (C, h, w) image embedding.
-        prompts: N prompts, (x, y) original pixels.
-        size: (H, W) of the image.
-        gt: (N, H, W) bool reference masks, needed for ``oracle`` only.
-    """
-    if gt is None:
-        if mode == "oracle":
-            raise ConfigError("mask_selection=oracle needs a reference label map")
-        # Scores against an empty stand-in (one mask for all prompts) are computed and dropped.
-        gt, gt_of = np.zeros((1, *size), dtype=bool), np.zeros(len(prompts), dtype=np.int64)
-    else:
-        gt_of = None
-    selected = decode_scored(
-        model, embedding, prompts, gt, mode, max_per_call, gt_of=gt_of, keep_low=False
-    )
-    return selected.masks
-
-
-def _embed(model: TrainableSam, image: np.ndarray) -> torch.Tensor:
+def _embed(model: SegmentBackend, image: np.ndarray) -> torch.Tensor:
     device = next(model.parameters()).device
     return embedding_at(model.encode(model.preprocess(image)[None].to(device)), 0)
 
@@ -136,7 +97,7 @@ def _bar(total: int, desc: str, leave: bool = False):
 
 
 def predict_from_labels(
-    model: TrainableSam, image_path: Path, label_path: Path, settings: Settings
+    model: SegmentBackend, image_path: Path, label_path: Path, settings: Settings
 ) -> tuple[CaseData, np.ndarray, dict[int, np.ndarray], dict[int, list[tuple[int, Prompt]]]]:
     """Prompts from a label map, per object per slice -> (case, (S, R, C) label stack,
     {slice: (H, W, 3) uint8 image} of the prompted slices, {slice: [(label, Prompt)]}: the
@@ -169,7 +130,7 @@ def predict_from_labels(
                 )
                 for i, lab in enumerate(labels)
             ]
-            masks = decode_select(
+            masks = decode_masks(
                 model,
                 _embed(model, rec.image),
                 prompts,
@@ -189,7 +150,7 @@ def predict_from_labels(
 
 
 def predict_from_prompts(
-    model: TrainableSam,
+    model: SegmentBackend,
     image: LoadedImage,
     by_slice: Mapping[int, list[tuple[int, Prompt]]],
     settings: Settings,
@@ -202,7 +163,7 @@ def predict_from_prompts(
     with _bar(len(by_slice), f"predict {name}") as bar:
         for s, items in sorted(by_slice.items()):
             idx = max(s, 0)
-            masks = decode_select(
+            masks = decode_masks(
                 model,
                 _embed(model, image.slice_image(idx)),
                 [p for _, p in items],
@@ -218,7 +179,7 @@ def predict_from_prompts(
 
 
 def predict_everything(
-    model: TrainableSam, image: LoadedImage, settings: Settings, name: str
+    model: SegmentBackend, image: LoadedImage, settings: Settings, name: str
 ) -> np.ndarray:
     """Everything mode on every slice -> (S, R, C) label stack, values 1..M per slice."""
     stack = np.zeros((image.num_slices, *image.size), dtype=np.uint16)

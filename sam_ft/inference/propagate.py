@@ -12,7 +12,7 @@ from sam_ft.errors import ConfigError
 from sam_ft.evaluation.protocol.predictions import label_map
 from sam_ft.evaluation.protocol.propagation import Chain, chain_ranges, propagate_boxes
 from sam_ft.inference.inputs import LoadedImage
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.prompts.types import Prompt
 
 PROPAGATORS = ("box",)
@@ -35,7 +35,7 @@ def check_propagate(value: object) -> str | None:
 
 
 def propagate_from_prompts(
-    model: TrainableSam,
+    model: SegmentBackend,
     image: LoadedImage,
     by_slice: Mapping[int, list[tuple[int, Prompt]]],
     mask_selection: str,

@@ -13,12 +13,16 @@ and convert either form, so no caller needs to know which one it holds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from sam_ft.prompts.types import Prompt
+
+if TYPE_CHECKING:
+    from sam_ft.model.preprocess import SamTransform
 
 Embedding = torch.Tensor | dict[str, torch.Tensor]
 
@@ -94,6 +98,9 @@ class SegmentBackend(nn.Module):
     """
 
     sam: nn.Module
+    transform: SamTransform
+    multimask_output: bool
+    encoder_bf16: bool
     family: str = "sam"
 
     # --- the parts -------------------------------------------------------------------------

@@ -57,13 +57,15 @@ class Finetune:
         rank, alpha: LoRA rank and scaling (scale = alpha / rank).
         encoder_lr_scale: learning-rate multiplier for pretrained encoder weights when they train
             (not for LoRA adapters, which are new and use the base rate).
+
+    The values live in conf/finetune/ (``sam_ft.defaults.build_from_yaml("finetune", mode)``).
     """
 
-    name: str = "decoder"
-    last_n: int = 2
-    rank: int = 4
-    alpha: float = 4.0
-    encoder_lr_scale: float = 0.1
+    name: str
+    last_n: int
+    rank: int
+    alpha: float
+    encoder_lr_scale: float
 
     def __post_init__(self) -> None:
         if self.name not in MODES:

@@ -48,6 +48,10 @@ class SamSpec:
         return self.url.rsplit("/", 1)[-1] if self.url else None
 
 
+# model.preprocess: SAM's resize-and-normalise, MedSAM's, LiteMedSAM's, SAM 2's
+# (sam_ft.model.preprocess, preprocess_lite, preprocess_sam2).
+PREPROCESSES = ("sam", "medsam", "litemedsam", "sam2")
+
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 

@@ -62,7 +62,7 @@ class JitteredBoxPrompts:
             side in [-px, px], corners re-sorted if they cross.
     """
 
-    def __init__(self, px: float = 20.0, reference_size: int = 1024, outward_only: bool = True):
+    def __init__(self, px: float, reference_size: int, outward_only: bool):
         if px < 0 or reference_size <= 0:
             raise ValueError(f"need px >= 0 and reference_size > 0, got {px}, {reference_size}")
         self.px = float(px)
@@ -102,10 +102,10 @@ class PointPrompts:
 
     def __init__(
         self,
-        max_points: int = 5,
-        min_points: int = 1,
-        max_negatives: int = 0,
-        min_negatives: int = 0,
+        max_points: int,
+        min_points: int,
+        max_negatives: int,
+        min_negatives: int,
     ):
         if not 1 <= min_points <= max_points:
             raise ValueError(f"need 1 <= min_points <= max_points, got {min_points}, {max_points}")
@@ -147,18 +147,20 @@ class MixedPrompts:
 
     def __init__(
         self,
-        p_box: float = 0.5,
-        box_px: float = 0.0,
-        reference_size: int = 1024,
-        max_points: int = 5,
-        min_points: int = 1,
-        max_negatives: int = 0,
-        min_negatives: int = 0,
+        p_box: float,
+        box_px: float,
+        reference_size: int,
+        max_points: int,
+        min_points: int,
+        max_negatives: int,
+        min_negatives: int,
     ):
         if not 0.0 <= p_box <= 1.0:
             raise ValueError(f"p_box must lie in [0, 1], got {p_box}")
         self.p_box = float(p_box)
-        self.boxes = JitteredBoxPrompts(box_px, reference_size) if box_px > 0 else BoxPrompts()
+        # A jittered box only grows (MedSAM's augmentation), as prompt=box_jitter's default.
+        jittered = JitteredBoxPrompts(box_px, reference_size, outward_only=True)
+        self.boxes = jittered if box_px > 0 else BoxPrompts()
         self.points = PointPrompts(max_points, min_points, max_negatives, min_negatives)
 
     def __call__(self, masks: np.ndarray, rng: np.random.Generator) -> list[Prompt]:
@@ -195,10 +197,10 @@ class IterativePrompts:
 
     def __init__(
         self,
-        first: Literal["box", "point"] = "box",
-        rounds: int = 8,
-        box_px: float = 0.0,
-        reference_size: int = 1024,
+        first: Literal["box", "point"],
+        rounds: int,
+        box_px: float,
+        reference_size: int,
     ):
         if first not in ("box", "point"):
             raise ValueError(f"first must be 'box' or 'point', got {first!r}")
@@ -208,9 +210,9 @@ class IterativePrompts:
         self.rounds = int(rounds)
         self._first: BoxPrompts | JitteredBoxPrompts | PointPrompts
         if first == "point":
-            self._first = PointPrompts(max_points=1)
+            self._first = PointPrompts(1, 1, 0, 0)  # one positive click
         elif box_px > 0:
-            self._first = JitteredBoxPrompts(box_px, reference_size)
+            self._first = JitteredBoxPrompts(box_px, reference_size, outward_only=True)
         else:
             self._first = BoxPrompts()
 

@@ -55,10 +55,15 @@ class SegmentationLoss(nn.Module):
             ``groups``).
         iou_weight: weight of the IoU-head MSE; 0 disables it (``iou_pred`` may then be None).
         dice_weight: weight of the Dice term.
-        ce_weight: weight of the cross-entropy term (``dice_ce``).
-        focal_weight: weight of the focal term (``focal_dice``; SAM uses 20 with Dice at 1).
-        focal_alpha: focal loss weight of the foreground class (0.25 as in SAM/DETR; None = off).
-        focal_gamma: focal loss focusing exponent.
+        ce_weight: weight of the cross-entropy term (``dice_ce``, ``cosmos_official``: required
+            there, unused by ``focal_dice``).
+        focal_weight: weight of the focal term (``focal_dice``, required there; SAM uses 20 with
+            Dice at 1).
+        focal_alpha: focal loss weight of the foreground class (conf/loss/focal_dice.yaml: 0.25 as
+            in SAM/DETR; None = no class weighting).
+        focal_gamma: focal loss focusing exponent (``focal_dice``, required there).
+        The values live in conf/loss/<kind>.yaml (``sam_ft.defaults.build_from_yaml("loss",
+        kind)`` builds one from it).
         iou_on: ``"all"`` trains the IoU head on all C masks (it must rank them to select one at
             inference); ``"best"`` only on the mask that the mask loss kept.
         smooth: Dice smoothing added to numerator and denominator (MONAI's default 1e-5).
@@ -73,16 +78,17 @@ class SegmentationLoss(nn.Module):
 
     def __init__(
         self,
-        kind: LossKind = "dice_ce",
-        iou_weight: float = 1.0,
-        dice_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        focal_weight: float = 20.0,
-        focal_alpha: float | None = 0.25,
-        focal_gamma: float = 2.0,
-        iou_on: Literal["all", "best"] = "all",
+        kind: LossKind,
+        iou_weight: float,
+        dice_weight: float,
+        *,
+        iou_on: Literal["all", "best"],
+        resolution: Resolution,
+        ce_weight: float | None = None,
+        focal_weight: float | None = None,
+        focal_alpha: float | None = None,
+        focal_gamma: float | None = None,
         smooth: float = 1e-5,
-        resolution: Resolution = "original",
     ) -> None:
         super().__init__()
         if resolution not in RESOLUTIONS:
@@ -96,19 +102,28 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"loss kind must be one of {KINDS}, got {kind!r}")
         if iou_on not in ("all", "best"):
             raise ValueError(f"iou_on must be 'all' or 'best', got {iou_on!r}")
+        needed = ("focal_weight", "focal_gamma") if kind == "focal_dice" else ("ce_weight",)
+        given = {"ce_weight": ce_weight, "focal_weight": focal_weight, "focal_gamma": focal_gamma}
+        for key in needed:
+            if given[key] is None:
+                raise ValueError(f"loss.{key} is required by loss kind {kind!r}")
         self.kind = kind
         self.iou_weight = float(iou_weight)
         self.dice_weight = float(dice_weight)
         self.pixel_weight = float(focal_weight if kind == "focal_dice" else ce_weight)
         self.pixel_name = "focal" if kind == "focal_dice" else "ce"
         self.per_image = kind == "cosmos_official"
-        self.official = DiceCELoss(
-            sigmoid=True,
-            squared_pred=True,
-            lambda_dice=dice_weight,
-            lambda_ce=ce_weight,
-            smooth_nr=smooth,
-            smooth_dr=smooth,
+        self.official = (
+            DiceCELoss(
+                sigmoid=True,
+                squared_pred=True,
+                lambda_dice=dice_weight,
+                lambda_ce=ce_weight,
+                smooth_nr=smooth,
+                smooth_dr=smooth,
+            )
+            if self.per_image
+            else None
         )
         self.iou_on = iou_on
         self.resolution = resolution

@@ -13,9 +13,8 @@ import torch
 from torchmetrics import MaxMetric, MeanMetric
 
 from sam_ft.errors import SamFtError
-from sam_ft.model.backend import first_tensor, unbatch
+from sam_ft.model.backend import SegmentBackend, first_tensor, unbatch
 from sam_ft.model.finetune import Finetune
-from sam_ft.model.trainable import TrainableSam
 from sam_ft.prompts.clicks import add_click, low_res_to_original, next_clicks
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,8 @@ VAL_PROMPTS_PER_CALL = 256
 
 
 class SamFinetuneModule(L.LightningModule):
-    """Finetunes a ``TrainableSam``; validation scores box prompts per object.
+    """Finetunes a model of any family (a ``SegmentBackend``); validation scores box prompts
+    per object.
 
     Args:
         model: the SAM to train, its trainable parts already chosen by ``finetune``.
@@ -33,7 +33,8 @@ class SamFinetuneModule(L.LightningModule):
             ``resolution`` (``low``, ``input`` or ``original``) says in which frame the logits
             meet the targets, and the batches' ``target`` must be of that kind (low-res targets
             for ``low``, original-resolution masks otherwise).
-        optimizer: partial ``torch.optim`` constructor taking parameter groups.
+        optimizer: partial ``torch.optim`` constructor taking parameter groups, with its ``lr``
+            (the base rate of :meth:`Finetune.param_groups`).
         scheduler: partial ``(optimizer, total_steps) -> LRScheduler`` or None.
         multimask_output: train with 3 masks per prompt (loss on the best), 1 (the paper's), or
             ``"auto"``: each prompt as ``eval.mask_selection=auto`` decodes it (3 masks for a
@@ -45,20 +46,24 @@ class SamFinetuneModule(L.LightningModule):
         max_nonfinite_steps: stop after this many consecutive non-finite losses or gradients
             (fp16 overflow steps that GradScaler skips are counted apart and never stop the run).
         overlays: number of validation objects drawn each epoch (0 = none).
+
+    Every value comes from the run's config (``train.py``); none has a Python default but
+    ``iterative_rounds`` (0: the prompt samplers that are not iterative).
     """
 
     def __init__(
         self,
-        model: TrainableSam,
+        model: SegmentBackend,
         finetune: Finetune,
         loss: torch.nn.Module,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        multimask_output: bool | str = False,
-        mask_selection: str = "oracle",
+        *,
+        multimask_output: bool | str,
+        mask_selection: str,
+        max_nonfinite_steps: int,
+        overlays: int,
         iterative_rounds: int = 0,
-        max_nonfinite_steps: int = 10,
-        overlays: int = 4,
     ) -> None:
         super().__init__()
         self.model = model
@@ -372,7 +377,7 @@ class SamFinetuneModule(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        lr = self.optimizer_factory.keywords.get("lr", 1e-4)
+        lr = self.optimizer_factory.keywords["lr"]
         optimizer = self.optimizer_factory(self.finetune.param_groups(self.model, lr))
         if self.scheduler_factory is None:
             return optimizer

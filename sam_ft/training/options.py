@@ -127,8 +127,9 @@ def _dry_trainer(values: dict) -> None:
     from hydra.utils import get_object
 
     kwargs = {k: v for k, v in values.items() if not k.startswith("_")}
+    if "precision" in kwargs:
+        kwargs["precision"] = resolve_precision(kwargs["precision"])
     kwargs.update(
-        precision=resolve_precision(kwargs.get("precision", "auto")),
         logger=False,
         callbacks=[],
         enable_checkpointing=False,

@@ -10,8 +10,8 @@ import torch
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
-    warmup_fraction: float = 0.05,
-    min_lr_ratio: float = 0.01,
+    warmup_fraction: float,
+    min_lr_ratio: float,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio``.
 

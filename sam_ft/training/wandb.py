@@ -225,15 +225,16 @@ def run_id(save_dir: str | Path, name: str) -> str | None:
 
 
 def make_wandb_logger(
-    project: str = "sam_ft",
+    project: str,
     name: str | None = None,
     group: str | None = None,
     tags: list[str] | None = None,
     run_tags: list[str] | None = None,
     save_dir: str = ".",
     entity: str | None = None,
-    offline: bool = False,
-    log_model: bool = False,
+    *,
+    offline: bool,
+    log_model: bool,
     job_type: str | None = None,
 ):
     """``WandbLogger`` for this job's own run, offline (with a notice) without credentials.

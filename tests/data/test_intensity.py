@@ -76,7 +76,7 @@ def test_percentile_bounds_per_volume_option(nifti_folder):
 def test_percentile_keeps_zero_pixels_at_zero():
     # 0 lies above the 0.95th percentile here (negatives present), yet stays 0 as prescribed.
     raw = np.concatenate([np.full(10, -500.0), np.zeros(10), np.linspace(1, 1000, 980)])
-    intensity = {"mode": "percentile"}
+    intensity = {"mode": "percentile", "keep_zero": True}
     out = map_slice(raw.reshape(20, 50), intensity, None).ravel()
     assert (out[10:20] == 0).all() and out.max() == 255
     kept = map_slice(raw.reshape(20, 50), {**intensity, "keep_zero": False}, None).ravel()

@@ -21,12 +21,15 @@ from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
 
 IDS = [f"case_{i:02d}" for i in range(20)]
+FRACTIONS = (0.7, 0.1, 0.2)  # the sizes below are computed for these
 
 
 def test_deterministic_and_seeded():
-    a = split_case_ids(IDS, seed=3)
-    assert a == split_case_ids(list(reversed(IDS)), seed=3)  # order of input does not matter
-    assert a != split_case_ids(IDS, seed=4)
+    a = split_case_ids(IDS, FRACTIONS, seed=3)
+    assert a == split_case_ids(
+        list(reversed(IDS)), FRACTIONS, seed=3
+    )  # order of input does not matter
+    assert a != split_case_ids(IDS, FRACTIONS, seed=4)
     assert [len(a[k]) for k in SPLITS] == [14, 2, 4]
     assert sorted(a["train"] + a["val"] + a["test"]) == IDS
     check_disjoint(a)
@@ -34,7 +37,7 @@ def test_deterministic_and_seeded():
 
 @pytest.mark.parametrize(("n", "sizes"), [(3, [1, 1, 1]), (4, [2, 1, 1]), (10, [7, 1, 2])])
 def test_small_datasets_keep_val_and_test(n, sizes):
-    s = split_case_ids([str(i) for i in range(n)])
+    s = split_case_ids([str(i) for i in range(n)], FRACTIONS, 0)
     assert [len(s[k]) for k in SPLITS] == sizes
 
 

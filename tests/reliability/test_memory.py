@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_ft.evaluation.protocol.everything import UPSAMPLE_BUDGET_BYTES
+from sam_ft.evaluation.protocol.decode_select import UPSAMPLE_BUDGET_BYTES
 
 HERE = Path(__file__).resolve().parent
 GiB = 2**30

@@ -12,6 +12,9 @@ import pytest
 
 from sam_ft.training.wandb import make_wandb_logger
 
+# Online asked for (logger=wandb's choice): what the credentials then decide is under test.
+WANDB = {"project": "sam_ft", "offline": False, "log_model": False}
+
 
 @pytest.fixture
 def no_machine_credentials(tmp_path, monkeypatch):
@@ -27,7 +30,7 @@ def test_without_credentials_the_logger_goes_offline_and_says_so(
     tmp_path, monkeypatch, no_machine_credentials, caplog
 ):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the choice itself is under test
-    logger = make_wandb_logger(save_dir=str(tmp_path / "run"))
+    logger = make_wandb_logger(**WANDB, save_dir=str(tmp_path / "run"))
     assert logger._offline is True and os.environ["WANDB_MODE"] == "offline"
     assert "no API key found" in caplog.text
     assert logger._experiment is None  # never started
@@ -39,7 +42,7 @@ def test_with_credentials_in_netrc_the_logger_is_online(
     no_machine_credentials.write_text("machine api.wandb.ai\n  login user\n  password x\n")
     no_machine_credentials.chmod(0o600)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    logger = make_wandb_logger(save_dir=str(tmp_path / "run"))
+    logger = make_wandb_logger(**WANDB, save_dir=str(tmp_path / "run"))
     assert logger._offline is False and "WANDB_MODE" not in os.environ
     assert logger._experiment is None  # never started
 
@@ -48,6 +51,6 @@ def test_explicit_offline_mode_wins_over_credentials(tmp_path, monkeypatch, no_m
     no_machine_credentials.write_text("machine api.wandb.ai\n  login user\n  password x\n")
     monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = make_wandb_logger(save_dir=str(tmp_path / "run"), offline=False)
+    logger = make_wandb_logger(**WANDB, save_dir=str(tmp_path / "run"))
     assert os.environ["WANDB_MODE"] == "offline"
     assert logger._experiment is None

@@ -22,7 +22,7 @@ from sam_ft.evaluation.protocol.distributed import Ranks, RunFacts, evaluate_cas
 from sam_ft.evaluation.protocol.engine import EvalResult
 from sam_ft.evaluation.protocol.merge import Shard, balanced_shares
 from sam_ft.evaluation.protocol.options import EvalOptions
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _fail(error: Exception):
 
 
 def compare_models(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     datamodule: SamDataModule,
     options: EvalOptions,
     facts: RunFacts,
@@ -159,15 +159,8 @@ def compare_models(
     return result
 
 
-def box_dice(result: EvalResult) -> dict[str, float]:
-    """Mean Dice per model for the box prompt without jitter (``eval/<model>/box_dice``)."""
-    rows = result.per_object
-    box = rows[(rows["prompt"] == "box") & (rows["jitter"] == "none")]
-    return {f"eval/{m}/box_dice": float(g["dice"].mean()) for m, g in box.groupby("model")}
-
-
 def _write_run_info(
-    out_dir: Path, models: Mapping[str, TrainableSam], options: EvalOptions
+    out_dir: Path, models: Mapping[str, SegmentBackend], options: EvalOptions
 ) -> None:
     """``run_info.json``: how each model's numbers were computed (precision, mask outputs,
     preprocessing, mask selection) and its image encoder's median time per image where this

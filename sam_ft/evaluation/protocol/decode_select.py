@@ -1,9 +1,12 @@
-"""Mask selection among SAM's outputs (``eval.mask_selection``), on the host and on the device,
-and decoding one image's prompts with it.
+"""The decode-and-select step: one image's prompts through the mask decoder, the logits
+upsampled to the image's size a block at a time (the upsample budget), one of SAM's masks kept
+per prompt (``eval.mask_selection``, on the host or on the device) and scored against its
+ground truth.
 
-Shared by the evaluation engine and the training module's validation, so the checkpoint kept is
-the best by the measure that is reported. Prompts are (x, y) original-image pixels; masks are
-(row, col).
+One step for evaluation (:func:`decode_scored`, from ``run_case`` and the propagators), the
+training module's validation (so the checkpoint kept is the best by the measure that is
+reported) and ``predict.py`` (:func:`decode_masks`: the same masks, no ground truth needed but
+for the oracle). Prompts are (x, y) original-image pixels; masks are (row, col).
 """
 
 from __future__ import annotations
@@ -14,16 +17,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sam_ft import bitmask
+from sam_ft.errors import ConfigError
 from sam_ft.evaluation.metrics.overlap import (
     dice_from_counts,
     dice_iou,
     overlap_counts,
     overlap_scores,
 )
-from sam_ft.evaluation.protocol.everything import UPSAMPLE_BUDGET_BYTES, prompts_per_upsample
-from sam_ft.model.backend import first_tensor
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, first_tensor
 from sam_ft.prompts.types import Prompt
+
+UPSAMPLE_BUDGET_BYTES = 32 * 2**20
+"""Bytes of float32 logits upsampled at once (:func:`decode_scored` on a CPU, Everything mode):
+SAM's (S, S) intermediate and the (H, W) result of each mask. It bounds memory (a 4096 x 4096
+image costs 64 MiB per mask, and one decoder call of 64 prompts x 3 masks would otherwise need
+12 GiB) and keeps each block under the 32 MiB from which glibc maps and unmaps every new block:
+a 512 x 512 slice then upsamples 2 prompts at a time, about 3x faster per prompt than 40 at once
+(BENCHMARKS.md)."""
+
+
+def prompts_per_upsample(
+    original_size: tuple[int, int],
+    masks_per_prompt: int = 3,
+    input_size: int = 1024,
+    budget: int = UPSAMPLE_BUDGET_BYTES,
+) -> int:
+    """Prompts whose (masks_per_prompt, S, S) and (masks_per_prompt, H, W) float32 logits fit
+    ``budget`` bytes (at least 1), S = ``input_size`` (the model's)."""
+    h, w = original_size
+    per_prompt = 4 * max(1, masks_per_prompt) * (int(input_size) ** 2 + int(h) * int(w))
+    return max(1, int(budget) // per_prompt)
+
 
 DEVICE_UPSAMPLE_BUDGET_BYTES = 2 * 2**30
 """Bytes of float32 logits upsampled at once on an accelerator (:data:`UPSAMPLE_BUDGET_BYTES`
@@ -36,7 +61,7 @@ MASK_SELECTIONS: tuple[str, ...] = ("oracle", "predicted_iou", "single", "auto")
 head (usable without GT); ``single``: ``multimask_output=False``, SAM's one mask; ``auto``: SAM's
 own convention, 3 masks ranked by the IoU head for an ambiguous prompt (one point, no box, no
 mask prompt) and the single mask for every other prompt. A model with a single mask output
-(``TrainableSam.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
+(``SegmentBackend.multimask_output`` False, e.g. MedSAM) uses its one mask in every mode."""
 
 
 def is_ambiguous(prompt: Prompt) -> bool:
@@ -112,18 +137,6 @@ def select_masks(
     return m[np.arange(n), index], index
 
 
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, ceil(H * W / 8)) uint8 on the masks' device: ``np.packbits(mask,
-    axis=None)`` per mask (row-major, first pixel in the highest bit), 8x less to copy back."""
-    n = masks.shape[0]
-    flat = masks.reshape(n, -1)
-    pad = -flat.shape[1] % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
-    return (flat.reshape(n, -1, 8).to(torch.uint8) * weights).sum(dim=-1, dtype=torch.uint8)
-
-
 def _select_on_device(
     binary: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor | np.ndarray, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +174,7 @@ class Selected:
 
     Attributes:
         masks: (N, H, W) bool at the original size, or bit-packed (N, ceil(H * W / 8)) uint8
-            (``np.packbits(mask, axis=None)`` per mask).
+            (:func:`sam_ft.bitmask.pack`, packed on the device).
         index: (N,) int64 chosen channel (0 for a single output).
         pred_iou: (N,) float64 the chosen channel's predicted IoU.
         dice: (N,) float64 Dice of the kept mask against its object's ground truth.
@@ -185,7 +198,7 @@ class Selected:
 
 
 def decode_scored(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     prompts: Sequence[Prompt],
     gt: np.ndarray,
@@ -207,7 +220,7 @@ def decode_scored(
     goes to the device once, one mask per object); only the kept masks (bit-packed with
     ``packed``), the chosen channels and the scalars come back to the host, once per upsampling
     block. A block holds the prompts whose logits fit :data:`UPSAMPLE_BUDGET_BYTES` on a CPU
-    (memory, and glibc's allocator: see ``everything.py``) and
+    (memory, and glibc's allocator) and
     :data:`DEVICE_UPSAMPLE_BUDGET_BYTES` on an accelerator (136 prompts of a 512 x 512 slice
     with 3 masks: a decoder call of ``eval.max_prompts_per_call`` 256 in two blocks).
 
@@ -233,7 +246,7 @@ def decode_scored(
     gt_dev = torch.from_numpy(np.ascontiguousarray(gt)).to(device)
     multimask_model = bool(getattr(model, "multimask_output", True))
     if packed:
-        masks = np.zeros((n, -(-size[0] * size[1] // 8)), dtype=np.uint8)
+        masks = np.zeros((n, bitmask.packed_bytes(size)), dtype=np.uint8)
     else:
         masks = np.zeros((n, *size), dtype=bool)
     index = np.zeros(n, dtype=np.int64)
@@ -265,7 +278,7 @@ def decode_scored(
                 g = gt_dev[torch.from_numpy(gt_of[idx]).to(device)]
                 chosen, ch, d, u = _select_on_device(binary, sub_iou, g, selection)
                 rows = torch.arange(len(idx), device=device)
-                masks[idx] = (pack_bits(chosen) if packed else chosen).cpu().numpy()
+                masks[idx] = (bitmask.pack(chosen) if packed else chosen).cpu().numpy()
                 best, top = _oracle_and_top_iou(binary, sub_iou, g, d)
                 # The scalars in one copy: channel (exact as float64), predicted IoU (float32,
                 # exact as float64, as numpy widens it), Dice, IoU, the two selections' Dice.
@@ -277,6 +290,40 @@ def decode_scored(
                 if low_kept is not None:
                     low_kept[idx] = sub_low[rows, ch].float().cpu()
     return Selected(masks, index, pred_iou, dice, iou, low_kept, dice_oracle, dice_top_iou)
+
+
+def decode_masks(
+    model: SegmentBackend,
+    embedding: torch.Tensor,
+    prompts: Sequence[Prompt],
+    size: tuple[int, int],
+    mode: str,
+    max_per_call: int,
+    gt: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, H, W) bool: one mask per prompt, chosen by ``mode``, for ``predict.py``.
+
+    :func:`decode_scored` itself (the same decoder calls in the same order, the same per-prompt
+    selection, e.g. ``auto`` keeps SAM's single output for an unambiguous prompt), so the masks
+    are bit for bit those evaluation scores.
+
+    Args:
+        embedding: (C, h, w) image embedding.
+        prompts: N prompts, (x, y) original pixels.
+        size: (H, W) of the image.
+        gt: (N, H, W) bool reference masks, needed for ``oracle`` only.
+    """
+    if gt is None:
+        if mode == "oracle":
+            raise ConfigError("mask_selection=oracle needs a reference label map")
+        # Scores against an empty stand-in (one mask for all prompts) are computed and dropped.
+        gt, gt_of = np.zeros((1, *size), dtype=bool), np.zeros(len(prompts), dtype=np.int64)
+    else:
+        gt_of = None
+    selected = decode_scored(
+        model, embedding, prompts, gt, mode, max_per_call, gt_of=gt_of, keep_low=False
+    )
+    return selected.masks
 
 
 def _oracle_and_top_iou(

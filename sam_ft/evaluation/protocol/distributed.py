@@ -210,6 +210,10 @@ def _cases_digest(keys: Sequence[str], slices: Sequence[int], datamodule: Any) -
     one changed pixel, or another split, gives another digest."""
     images: dict[str, list[str]] = {}
     for refs in _indexed_splits(datamodule):
+        if callable(getattr(refs, "slice_keys", None)):  # a SliceIndex: from its columns
+            for key, entry in refs.slice_keys():
+                images.setdefault(key, []).append(entry)
+            continue
         for r in refs:
             key = str(getattr(r, "image_id", None) or r.case)
             images.setdefault(key, []).append(f"{r.slice_index}:{r.digest}")
@@ -290,11 +294,5 @@ def evaluate_cases(
         return None
     parts = [out_dir / RANKS_DIR / f"{r}-of-{ranks.world}" for r in range(ranks.world)]
     report, overlays = merge_shards_with_overlays(parts, out_dir)
-    result = engine.EvalResult(
-        per_object=tables.read_table(out_dir / tables.PER_OBJECT_CSV, tables.PER_OBJECT_COLUMNS),
-        per_case=tables.read_table(out_dir / tables.PER_CASE_CSV, tables.PER_CASE_COLUMNS),
-        clicks=tables.read_table(out_dir / tables.CLICKS_CSV, tables.CLICK_COLUMNS),
-        skipped=tables.read_table(out_dir / tables.SKIPPED_CSV, tables.SKIPPED_COLUMNS),
-    )
-    result.report, result.overlays = report, overlays
-    return result
+    skipped = tables.read_table(out_dir / tables.SKIPPED_CSV, tables.SKIPPED_COLUMNS)
+    return engine.EvalResult(out_dir, list(models), facts.task_name, skipped, overlays, report)

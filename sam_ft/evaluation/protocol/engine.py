@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,7 @@ from sam_ft.evaluation.protocol.tables import (
     append_progress,
     append_rows,
     drop_unfinished,
+    has_rows,
     last_markers,
     read_progress,
     read_table,
@@ -77,24 +78,64 @@ from sam_ft.evaluation.protocol.tables import (
     truncate_partial_line,
     write_skipped,
 )
+from sam_ft.evaluation.protocol.tablesort import CHUNK_ROWS, chunks, column_types
 from sam_ft.evaluation.protocol.volume_case import start_volume_case
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.reproducible import thread_independent
+
+if TYPE_CHECKING:
+    from sam_ft.evaluation.reports.summary import ReportTables
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalResult:
-    """Rows of the evaluated models (all cases, resumed ones included) and the overlay items
-    (``{"best_<model>": [...], "worst_<model>": [...]}`` for ``summary.write_report``)."""
+    """What one call of the engine leaves: its folder, the models and task it scored, the
+    skipped cases, the overlay items (``{"best_<model>": [...], "worst_<model>": [...]}`` for
+    ``summary.write_report``) and the report's tables (``summary.ReportTables``, None without a
+    report). The rows stay on disk: :meth:`table` reads this call's rows of one table in chunks
+    (``per_object``, ``per_case``, ``clicks`` name them); the numbers of a run are its report's
+    tables, not these rows."""
 
-    per_object: pd.DataFrame
-    per_case: pd.DataFrame
-    clicks: pd.DataFrame
+    out_dir: Path
+    models: list[str]
+    task: str
     skipped: pd.DataFrame
     overlays: dict[str, list] = field(default_factory=dict)
-    report: dict[str, Path] = field(default_factory=dict)
+    report: ReportTables | None = None
+
+    def table(self, name: str) -> pd.DataFrame:
+        """This call's models' and task's rows of ``<name>.csv`` (the folder may hold other
+        calls' rows too), read in chunks of which only those rows are kept."""
+        path = self.out_dir / f"{name}.csv"
+        types = column_types([path], CHUNK_ROWS)  # those of one read of the whole file
+        parts = [
+            chunk[chunk["model"].isin(self.models) & (chunk["task"].astype(str) == self.task)]
+            for chunk in chunks(path, CHUNK_ROWS, dtype=types)
+        ]
+        if not parts:
+            return read_table(path, TABLE_COLUMNS[name])
+        return pd.concat(parts, ignore_index=True)
+
+    @property
+    def per_object(self) -> pd.DataFrame:
+        return self.table("per_object")
+
+    @property
+    def per_case(self) -> pd.DataFrame:
+        return self.table("per_case")
+
+    @property
+    def clicks(self) -> pd.DataFrame:
+        return self.table("clicks")
+
+
+TABLE_COLUMNS = {
+    "per_object": PER_OBJECT_COLUMNS,
+    "per_case": PER_CASE_COLUMNS,
+    "clicks": CLICK_COLUMNS,
+}
 
 
 class _Run:
@@ -103,7 +144,7 @@ class _Run:
 
     def __init__(
         self,
-        models: Mapping[str, TrainableSam],
+        models: Mapping[str, SegmentBackend],
         *,
         task_name: str,
         opts: EvalOptions,
@@ -278,56 +319,50 @@ class _Run:
             while pending:
                 commit_first()
 
-    def finish(self) -> tuple[EvalResult, dict[str, pd.DataFrame]]:
-        """Rewrite the tables in canonical order. Returns this call's models' rows and overlays,
-        and the whole rewritten tables (every model and task in ``out_dir``, for the summary)."""
+    def finish(self) -> EvalResult:
+        """Rewrite the tables in canonical order (streamed, never held whole). Returns this
+        call's result (its rows stay in the files)."""
         for path, cols in self.paths.values():
             rewrite_sorted(path, cols)
-        tables = {name: read_table(path, cols) for name, (path, cols) in self.paths.items()}
         skipped = write_skipped(self.out / SKIPPED_CSV, self.entries)
         if self.counts["failed"] and not self.counts["ok"] and not self.done:
             raise RuntimeError(
                 f"all {self.counts['failed']} cases failed; first: {self.first_error[0]}"
             )
-
-        def mine(df: pd.DataFrame) -> pd.DataFrame:
-            if df.empty:
-                return df
-            sel = df["model"].isin(list(self.models)) & (df["task"].astype(str) == self.task_name)
-            return df[sel].reset_index(drop=True)
-
         overlays: dict[str, list] = {}
         for name, pool in self.pools.items():
             best, worst = pool.grids()
             if best:
                 overlays[f"best_{name}"], overlays[f"worst_{name}"] = best, worst
-        warn_if_everything_kept_nothing(mine(tables["per_object"]), self.opts)
-        result = EvalResult(
-            per_object=mine(tables["per_object"]),
-            per_case=mine(tables["per_case"]),
-            clicks=mine(tables["clicks"]),
-            skipped=skipped,
-            overlays=overlays,
-        )
-        return result, tables
+        result = EvalResult(self.out, list(self.models), self.task_name, skipped, overlays)
+        warn_if_everything_kept_nothing(result, self.opts)
+        return result
 
 
-def warn_if_everything_kept_nothing(per_object: pd.DataFrame, opts: EvalOptions) -> None:
+def warn_if_everything_kept_nothing(result: EvalResult, opts: EvalOptions) -> None:
     """S1's Dice is 0 for an object when the generator kept no mask on its slice (``mask_index``
     -1): say how often, per model, and which thresholds dropped them, so a 0.000 in the summary
-    is not read as a bug or a model that found the object and missed it."""
-    if per_object.empty or "everything" not in set(per_object["prompt"]):
-        return
-    s1 = per_object[per_object["prompt"] == "everything"]
-    for model, rows in s1.groupby("model", sort=False):
-        empty = int((rows["mask_index"] < 0).sum())
-        if empty:
+    is not read as a bug or a model that found the object and missed it. Counted over this
+    call's rows of ``per_object.csv``, read in chunks."""
+    empty: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for chunk in chunks(result.out_dir / PER_OBJECT_CSV, CHUNK_ROWS):
+        s1 = chunk[
+            (chunk["prompt"] == "everything")
+            & chunk["model"].isin(result.models)
+            & (chunk["task"].astype(str) == result.task)
+        ]
+        for model, rows in s1.groupby("model", sort=False):
+            total[model] = total.get(model, 0) + len(rows)
+            empty[model] = empty.get(model, 0) + int((rows["mask_index"] < 0).sum())
+    for model in total:
+        if empty[model]:
             e = opts.everything
             log.warning(
                 "S1 everything, %s: the generator kept no mask for %d of %d objects (their Dice "
                 "is 0): no grid prompt passed pred_iou_thresh=%s / stability_score_thresh=%s "
                 "(SAM's defaults; eval.everything.* sets them)",
-                model, empty, len(rows), e.pred_iou_thresh, e.stability_score_thresh,
+                model, empty[model], total[model], e.pred_iou_thresh, e.stability_score_thresh,
             )  # fmt: skip
 
 
@@ -372,7 +407,7 @@ def _patient(case_data: CaseData | None, key: str) -> str:
 
 
 def evaluate_models(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     cases: Iterable[Case],
     *,
     task_name: str,
@@ -403,7 +438,8 @@ def evaluate_models(
         title: the summary's title.
 
     Returns:
-        :class:`EvalResult` with all rows of these models and task in ``out_dir``.
+        :class:`EvalResult` of these models and task in ``out_dir`` (its ``report``: the
+        summary's tables).
     """
     models = dict(models)
     run = _Run(models, task_name=task_name, opts=options, out_dir=out_dir, seed=seed)
@@ -419,15 +455,17 @@ def evaluate_models(
             run.bar.close()
         for name, m in models.items():
             m.train(training[name])
-    result, tables = run.finish()
-    if report and not tables["per_object"].empty:
+    result = run.finish()
+    per_object = run.out / PER_OBJECT_CSV
+    if report and has_rows(per_object):
         from sam_ft.evaluation.reports.summary import write_report
 
-        clicks = tables["clicks"]
+        per_case = read_table(run.out / PER_CASE_CSV, PER_CASE_COLUMNS)
+        clicks = read_table(run.out / CLICKS_CSV, CLICK_COLUMNS)
         result.report = write_report(
             run.out,
-            tables["per_object"],
-            tables["per_case"],
+            per_object,
+            per_case,
             clicks if not clicks.empty else None,
             overlays=result.overlays or None,
             title=title,

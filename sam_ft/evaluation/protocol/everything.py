@@ -14,7 +14,8 @@ Prompts are (x, y) = (column, row) original-image pixels; masks are (H, W) index
 Each ground-truth object is then matched to the generated mask with the highest Dice
 (as :func:`sam_ft.evaluation.metrics.overlap.match_masks_to_objects`); no generated mask gives an
 empty prediction. Memory stays bounded on large images: masks are upsampled a few at a time
-(:data:`UPSAMPLE_BUDGET_BYTES`), kept run-length encoded and decoded one at a time for matching.
+(:data:`~sam_ft.evaluation.protocol.decode_select.UPSAMPLE_BUDGET_BYTES`), kept run-length
+encoded and decoded one at a time for matching.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from sam_ft.evaluation.metrics.overlap import dice_matrix
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.evaluation.protocol.decode_select import prompts_per_upsample
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.prompts.geometry import point_grid
 from sam_ft.prompts.types import Prompt
 
@@ -60,28 +62,6 @@ class EverythingConfig:
             points_per_batch=int(cfg.get("max_prompts_per_call", 256)),
             **{k: type(getattr(cls, k))(v) for k, v in sub.items()},
         )
-
-
-UPSAMPLE_BUDGET_BYTES = 32 * 2**20
-"""Bytes of float32 logits upsampled at once (Everything mode and the engine's mask selection):
-SAM's (S, S) intermediate and the (H, W) result of each mask. It bounds memory (a 4096 x 4096
-image costs 64 MiB per mask, and one decoder call of 64 prompts x 3 masks would otherwise need
-12 GiB) and keeps each block under the 32 MiB from which glibc maps and unmaps every new block:
-a 512 x 512 slice then upsamples 2 prompts at a time, about 3x faster per prompt than 40 at once
-(BENCHMARKS.md)."""
-
-
-def prompts_per_upsample(
-    original_size: tuple[int, int],
-    masks_per_prompt: int = 3,
-    input_size: int = 1024,
-    budget: int = UPSAMPLE_BUDGET_BYTES,
-) -> int:
-    """Prompts whose (masks_per_prompt, S, S) and (masks_per_prompt, H, W) float32 logits fit
-    ``budget`` bytes (at least 1), S = ``input_size`` (the model's)."""
-    h, w = original_size
-    per_prompt = 4 * max(1, masks_per_prompt) * (int(input_size) ** 2 + int(h) * int(w))
-    return max(1, int(budget) // per_prompt)
 
 
 def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
@@ -124,7 +104,7 @@ def mask_boxes(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_codes(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
     config: EverythingConfig = EverythingConfig(),
@@ -153,7 +133,7 @@ def generate_codes(
     for (batch,) in batch_iterator(max(1, config.points_per_batch), points):
         prompts = [Prompt(points=p[None], point_labels=np.ones(1)) for p in batch]
         # SAM's generator asks for 3 masks per point; a single-output model (MedSAM) gives 1.
-        multimask = bool(getattr(model, "multimask_output", True))
+        multimask = bool(model.multimask_output)
         low, iou = model.decode(embedding, prompts, original_size, multimask_output=multimask)
         low, iou = low.flatten(0, 1), iou.flatten(0, 1)
         if config.pred_iou_thresh > 0.0:
@@ -192,7 +172,7 @@ def generate_codes(
 
 
 def generate_masks(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
     config: EverythingConfig = EverythingConfig(),
@@ -230,7 +210,7 @@ def _remove_small_regions(codes: list[dict], config: EverythingConfig) -> list[d
 
 
 def everything_predictions(
-    model: TrainableSam,
+    model: SegmentBackend,
     embedding: torch.Tensor,
     gt: np.ndarray,
     config: EverythingConfig = EverythingConfig(),

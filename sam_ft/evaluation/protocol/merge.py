@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -43,9 +43,13 @@ from sam_ft.evaluation.protocol.tables import (
     SKIPPED_COLUMNS,
     SKIPPED_CSV,
     STATE_DIR,
+    has_rows,
     read_table,
 )
 from sam_ft.evaluation.protocol.tablesort import write_sorted
+
+if TYPE_CHECKING:
+    from sam_ft.evaluation.reports.summary import ReportTables
 
 SHARD_FILE = "shard.json"
 
@@ -161,14 +165,15 @@ def merge_shards(dirs: Sequence[str | Path], out_dir: str | Path, *, title: str 
 
     Returns the report's ``{name: path}`` (``evaluation.reports.summary.write_report``).
     """
-    return merge_shards_with_overlays(dirs, out_dir, title=title)[0]
+    report = merge_shards_with_overlays(dirs, out_dir, title=title)[0]
+    return report.paths if report is not None else {}
 
 
 def merge_shards_with_overlays(
     dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None
-) -> tuple[dict[str, Path], dict[str, list]]:
-    """:func:`merge_shards`, also returning the merged best/worst overlay items (as
-    ``engine.EvalResult.overlays``)."""
+) -> tuple[ReportTables | None, dict[str, list]]:
+    """:func:`merge_shards`, returning the report's tables (None without rows) and the merged
+    best/worst overlay items (as ``engine.EvalResult.overlays``)."""
     from sam_ft.evaluation.protocol.options import eval_options
     from sam_ft.evaluation.reports.summary import write_report
 
@@ -188,12 +193,13 @@ def merge_shards_with_overlays(
         # Streamed: the shares' rows are sorted in runs and merged, never held together.
         if not write_sorted(parts, out / name):
             atomic_write_text(out / name, pd.DataFrame(columns=columns).to_csv(index=False))
-        tables[name] = read_table(out / name, columns)
+        if name != PER_OBJECT_CSV:  # the report reads per_object.csv in chunks
+            tables[name] = read_table(out / name, columns)
     _merge_skipped([d for d, _ in shards], out)
 
-    per_object = tables.get(PER_OBJECT_CSV)
-    if per_object is None or per_object.empty:
-        return {}, {}
+    per_object = out / PER_OBJECT_CSV
+    if not has_rows(per_object):
+        return None, {}
     overlays = _merged_overlays(shards, out)
     clicks = tables.get(CLICKS_CSV)
     config = shards[0][1]["config"]
@@ -241,7 +247,7 @@ def _merged_overlays(shards: Sequence[tuple[Path, dict]], out: Path) -> dict[str
     from sam_ft.evaluation.protocol.best_worst import OverlayPool
 
     config = shards[0][1]["config"]
-    k = int((config.get("eval") or {}).get("overlays", 8))
+    k = int(config["eval"]["overlays"])  # the shares' eval.overlays (checked equal)
     overlays: dict[str, list] = {}
     for model in config.get("models", []):
         file = f"overlays_{model}_{config.get('task_name', '')}.npz"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sam_ft import bitmask
 from sam_ft.atomic import atomic_path, atomic_write
 from sam_ft.data.loading import CaseData
 
@@ -35,13 +36,13 @@ class CasePredictions:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != self.shape:
             raise ValueError(f"mask {mask.shape} does not fit the case's slices {self.shape}")
-        self._masks[key][int(slice_index)] = np.packbits(mask, axis=None)
+        self._masks[key][int(slice_index)] = bitmask.pack(mask)
 
     def add_packed(self, key: Hashable, slice_index: int, packed: np.ndarray) -> None:
         """Store a prediction already packed as :meth:`add` packs it
-        (``np.packbits(mask, axis=None)``, ``ceil(H * W / 8)`` bytes)."""
+        (:func:`sam_ft.bitmask.pack`, ``ceil(H * W / 8)`` bytes)."""
         packed = np.asarray(packed, dtype=np.uint8)
-        if packed.shape != (-(-self.shape[0] * self.shape[1] // 8),):
+        if packed.shape != (bitmask.packed_bytes(self.shape),):
             raise ValueError(f"packed mask {packed.shape} does not fit the case's {self.shape}")
         self._masks[key][int(slice_index)] = packed
 
@@ -62,7 +63,7 @@ class CasePredictions:
         packed = self._masks.get(key, {}).get(int(slice_index))
         if packed is None:
             return np.zeros(self.shape, dtype=bool)
-        return np.unpackbits(packed, count=self.shape[0] * self.shape[1]).reshape(self.shape) > 0
+        return bitmask.unpack(packed, self.shape)
 
     def stack(self, key: Hashable, num_slices: int, offset: int = 0) -> np.ndarray:
         """(num_slices, H, W) bool volume: stored slices at ``index - offset``, others empty."""

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from sam_ft.evaluation.protocol.decode_select import decode_scored
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.types import Prompt
 
 FRAME = 256
@@ -122,7 +121,7 @@ def chain_ranges(
 # The box rule
 
 
-def next_box(mask: np.ndarray, margin_px: int = 3, frame: int = FRAME) -> np.ndarray | None:
+def next_box(mask: np.ndarray, margin_px: int, frame: int = FRAME) -> np.ndarray | None:
     """The next slice's box from this slice's (H, W) bool mask, or None when it is empty.
 
     The official rule (``get_bbox256``): the mask resized like the image (longest side to
@@ -163,7 +162,7 @@ def propagated_selection(mode: str) -> str:
 
 
 def propagate_boxes(
-    model: TrainableSam,
+    model: SegmentBackend,
     image_of: Callable[[int], np.ndarray],
     gt_of: Callable[[int], np.ndarray],
     chains: Sequence[Chain],

@@ -38,6 +38,7 @@ import torch
 
 from sam_ft.errors import ConfigError
 from sam_ft.evaluation.protocol.propagation import Chain, Propagated, SliceMask
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.model.preprocess_sam2 import IMAGENET_MEAN, IMAGENET_STD
 
 # What build_sam2_video_predictor sets besides build_sam2's postprocessing (which our models
@@ -143,7 +144,7 @@ class _Runs:
 
 
 def propagate_memory(
-    model,
+    model: SegmentBackend,
     image_of: Callable[[int], np.ndarray],
     gt_of: Callable[[int], np.ndarray],
     chains: Sequence[Chain],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sam_ft import bitmask
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
@@ -33,13 +34,11 @@ from sam_ft.evaluation.protocol.scoring_pool import (
     ScoringPool,
     SliceJob,
     make_prompts,
-    pack_masks,
     score_case,
     score_slice,
 )
 from sam_ft.evaluation.protocol.timing import encoder_clock
-from sam_ft.model.backend import embedding_at
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend, embedding_at
 from sam_ft.prompts.clicks import add_click, next_click
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
@@ -51,12 +50,12 @@ OVERLAY_PROMPT = ("box", "none")
 """(prompt, jitter) of the rows shown in the best/worst overlays and the progress bar's Dice."""
 
 
-def _device(model: TrainableSam) -> torch.device:
+def _device(model: SegmentBackend) -> torch.device:
     return next(model.parameters()).device
 
 
 def _decode_slice(
-    model: TrainableSam,
+    model: SegmentBackend,
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
@@ -105,7 +104,7 @@ def _decode_slice(
         matched, match_index, _ = everything_predictions(model, embedding, gt, opts.generator)
         # Everything mode's masks are on the host already (run-length codes): scored here.
         d, u = overlap_scores(torch.from_numpy(matched), torch.from_numpy(gt))
-        packed = np.concatenate([pack_masks(matched[:, None]), packed], axis=1)
+        packed = np.concatenate([bitmask.pack(matched[:, None]), packed], axis=1)
         mask_index = np.concatenate([match_index[:, None], mask_index], axis=1)
         pred_iou = np.concatenate([np.full((k, 1), np.nan), pred_iou], axis=1)
         dice = np.concatenate([d.numpy()[:, None], dice], axis=1)
@@ -123,7 +122,7 @@ def _decode_slice(
 
 
 def _click_curve(
-    model: TrainableSam,
+    model: SegmentBackend,
     rec: SliceRecord,
     embedding: torch.Tensor,
     opts: EvalOptions,
@@ -227,7 +226,7 @@ def _case_job(
                 gt_vol = np.zeros((num_slices, *shape), dtype=bool)
                 for s, mask in kept[label].items():
                     gt_vol[s] = mask
-            gt[label] = pack_masks(gt_vol)
+            gt[label] = bitmask.pack(gt_vol)
             gt_shape: tuple[int, ...] = gt_vol.shape
         else:
             slice_of[label] = next(iter(kept[label]))
@@ -330,7 +329,7 @@ class PendingCase:
 
 
 def start_case(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     records: list[SliceRecord],
     case_data: CaseData | None,
     opts: EvalOptions,

@@ -6,7 +6,7 @@ the device) and the Dice / IoU of the kept masks
 (:func:`~sam_ft.evaluation.protocol.decode_select.decode_scored`); it hands the rest to this pool:
 the prompts of the slices ahead (:func:`make_prompts`), HD95, NSD, object attributes and per-object
 rows of a decoded slice (:func:`score_slice`), and the 3D metrics of a case (:func:`score_case`).
-The jobs carry the predicted masks bit-packed (``np.packbits`` per (H, W) mask, 8 masks-pixels to a
+The jobs carry the predicted masks bit-packed (:mod:`sam_ft.bitmask`: 8 pixels of a mask to a
 byte), their Dice / IoU and the objects' ground truth, so a job is a few MB even for 512 x 512
 slices.
 
@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from sam_ft import bitmask
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation.metrics.attributes import object_attributes
 from sam_ft.evaluation.metrics.object_metrics import batch_slice_metrics, batch_volume_metrics
@@ -64,25 +65,6 @@ def default_workers(local_ranks: int | None = 1) -> int:
 def resolve_workers(value: Any) -> int:
     """``eval.workers`` -> a worker count (``None`` -> :func:`default_workers`)."""
     return default_workers() if value is None else int(value)
-
-
-# --------------------------------------------------------------------------------------------
-# Bit-packed masks
-
-
-def pack_masks(masks: np.ndarray) -> np.ndarray:
-    """(..., H, W) bool -> (..., ceil(H * W / 8)) uint8: each mask packed on its own, row-major
-    (``np.packbits(mask, axis=None)`` per mask, the layout of ``CasePredictions``)."""
-    masks = np.asarray(masks, dtype=bool)
-    lead, (h, w) = masks.shape[:-2], masks.shape[-2:]
-    return np.packbits(masks.reshape(*lead, h * w), axis=-1)
-
-
-def unpack_masks(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Inverse of :func:`pack_masks`: (..., nbytes) uint8 -> (..., H, W) bool."""
-    h, w = int(shape[0]), int(shape[1])
-    flat = np.unpackbits(packed, axis=-1, count=h * w)
-    return flat.reshape(*packed.shape[:-1], h, w).astype(bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +172,7 @@ def score_slice(job: SliceJob) -> dict[str, tuple[list[dict], list[dict]]]:
     ]
     out: dict[str, tuple[list[dict], list[dict]]] = {}
     for name, ms in job.models.items():
-        preds = unpack_masks(ms.packed, size)
+        preds = bitmask.unpack(ms.packed, size)
         rows, overlay = [], []
         for i in range(len(gt)):
             scores = batch_slice_metrics(
@@ -245,7 +227,8 @@ class CaseJob:
     """Everything :func:`score_case` needs about one case's objects.
 
     ``gt`` maps each label to its ground truth: (S, H, W) bool volume packed with
-    :func:`pack_masks` (shape ``gt_shape``) for a 3D case, the (H, W) bool mask for a 2D image.
+    :func:`sam_ft.bitmask.pack` (shape ``gt_shape``) for a 3D case, the (H, W) bool mask for a
+    2D image.
     ``slice_of`` is a 2D image's slice index per label; ``stores`` are the models'
     ``CasePredictions``; ``spacing`` is (slice, row, col) in mm.
     """
@@ -293,7 +276,7 @@ def score_case(job: CaseJob) -> dict[str, list[dict]]:
             if not keys:
                 continue
             if job.is_3d:
-                gt_vol = unpack_masks(job.gt[label], job.gt_shape[1:])
+                gt_vol = bitmask.unpack(job.gt[label], job.gt_shape[1:])
                 start, stop = _slice_range(gt_vol, store, keys)
                 # One (slices, H, W) prediction volume at a time: memory stays flat in the
                 # number of variants.

@@ -75,6 +75,15 @@ def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+def has_rows(path: Path) -> bool:
+    """Whether a table has a row under its header (read up to its second line only)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        f.readline()
+        return bool(f.readline().strip())
+
+
 def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=columns)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from sam_ft import bitmask
 from sam_ft.data.loading import CaseData
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
@@ -47,7 +48,7 @@ from sam_ft.evaluation.protocol.scoring_pool import (
     score_case,
     score_slice,
 )
-from sam_ft.model.trainable import TrainableSam
+from sam_ft.model.backend import SegmentBackend
 from sam_ft.prompts.jitter import jitter_name
 from sam_ft.prompts.strategies import make_eval_prompt
 
@@ -172,7 +173,7 @@ def _slice_job(
                 if hit is not None:
                     preds[a, j], index[a, j], pred_iou[a, j] = hit[0].mask, 0, hit[0].pred_iou
         d, u = overlap_scores(torch.from_numpy(preds), torch.from_numpy(gt[:, None]))
-        packed = np.packbits(preds.reshape(k, v, -1), axis=-1)
+        packed = bitmask.pack(preds)
         nan = np.full((k, v), np.nan)
         decoded[model] = ModelSlice(packed, index, pred_iou, d.numpy(), u.numpy(), [], nan, nan)
     return SliceJob(
@@ -185,7 +186,7 @@ def _slice_job(
 
 
 def start_volume_case(
-    models: Mapping[str, TrainableSam],
+    models: Mapping[str, SegmentBackend],
     records: list[SliceRecord],
     case_data: CaseData | None,
     opts: EvalOptions,

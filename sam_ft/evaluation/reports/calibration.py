@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from sam_ft.evaluation.protocol.order import sort_table
-from sam_ft.evaluation.reports.statistics import Bootstrap, cluster_ids, mean_ci
+from sam_ft.evaluation.reports.statistics import Bootstrap, cluster_ids, exact_mean, mean_ci
 
 CALIBRATION_COLUMNS = [
     "model", "prompt", "n", "n_cases", "spearman_rho", "spearman_p", "pred_iou_mean",
@@ -53,8 +53,8 @@ def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame
         error = (g["pred_iou"] - g["iou"]).abs()
         row = {
             "model": model, "prompt": prompt, "n": len(g), "n_cases": clusters.nunique(),
-            "spearman_rho": rho, "spearman_p": p, "pred_iou_mean": g["pred_iou"].mean(),
-            "iou_mean": g["iou"].mean(), "mace": error.mean(),
+            "spearman_rho": rho, "spearman_p": p, "pred_iou_mean": exact_mean(g["pred_iou"]),
+            "iou_mean": exact_mean(g["iou"]), "mace": exact_mean(error),
         }  # fmt: skip
         row["mace_ci_low"], row["mace_ci_high"] = mean_ci(error, clusters, opts)
         gap = np.nan, np.nan, np.nan
@@ -62,7 +62,7 @@ def calibration_table(per_object: pd.DataFrame, opts: Bootstrap) -> pd.DataFrame
             d = pd.to_numeric(g["dice_oracle"], errors="coerce")
             d = d - pd.to_numeric(g["dice_top_iou"], errors="coerce")
             if d.notna().any():
-                gap = (float(d.mean()), *mean_ci(d, clusters, opts))
+                gap = (exact_mean(d), *mean_ci(d, clusters, opts))
         row["dice_gap"], row["dice_gap_ci_low"], row["dice_gap_ci_high"] = gap
         out.append(row)
     table = pd.DataFrame(out, columns=CALIBRATION_COLUMNS).assign(**opts.columns())
@@ -103,5 +103,5 @@ def reliability_bins(per_object: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(rows["pred_iou"].clip(0, 1), edges[1:-1]), 0, bins - 1)
     g = rows.assign(bin=which).groupby(["model", "prompt", "bin"], sort=False)
-    table = g.agg(pred_iou=("pred_iou", "mean"), iou=("iou", "mean"), n=("iou", "size"))
+    table = g.agg(pred_iou=("pred_iou", exact_mean), iou=("iou", exact_mean), n=("iou", "size"))
     return sort_table(table.reset_index(), by=("model", "prompt", "bin"))

@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-
-import pandas as pd
 
 from sam_ft import __version__
 
@@ -54,11 +53,9 @@ HASHED = (
 row's numbers)."""
 
 
-def provenance(options: EvalOptions, seed: int | None, rows: pd.DataFrame) -> dict[str, Any]:
-    """The provenance of a summary of ``rows`` (per-object rows, for their distance units)."""
-    units = (
-        sorted(set(rows["distance_unit"].dropna().astype(str))) if "distance_unit" in rows else []
-    )
+def provenance(options: EvalOptions, seed: int | None, units: Iterable[str]) -> dict[str, Any]:
+    """The provenance of a summary whose per-object rows have these distance units."""
+    units = sorted(set(units))
     return {
         "sam_ft_version": __version__,
         "config_hash": config_hash(options, seed),

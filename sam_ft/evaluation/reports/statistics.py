@@ -15,6 +15,7 @@ Cases scored on one side only are left out, and named.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
 
 CLUSTER = "_cluster"
 """Column of the case a row belongs to (``task/case``), kept when rows are pooled over tasks."""
@@ -79,6 +81,34 @@ class Bootstrap:
             f"{round(self.confidence * 100)}% CI: scipy.stats.bootstrap over cases "
             f"({self.method}, {self.resamples} resamples, seed {self.seed})"
         )
+
+
+def exact_mean(values: Any) -> float:
+    """The mean of the non-NaN ``values`` (numbers, or text read as numbers) as
+    ``math.fsum(values) / count``: the sum is correctly rounded, so the mean is the same float
+    for any order or grouping of the rows (one table or its partitions, one process or shards);
+    NaN when there is none."""
+    v = _numbers(values)
+    return math.fsum(v.tolist()) / len(v) if len(v) else float("nan")
+
+
+def exact_std(values: Any) -> float:
+    """The population standard deviation (ddof=0) of the non-NaN ``values`` around
+    :func:`exact_mean`, its squared deviations summed with ``math.fsum``."""
+    v = _numbers(values)
+    if not len(v):
+        return float("nan")
+    mean = math.fsum(v.tolist()) / len(v)
+    return math.sqrt(math.fsum(((v - mean) ** 2).tolist()) / len(v))
+
+
+def _numbers(values: Any) -> np.ndarray:
+    """The values as floats (text parsed, unparsable as NaN), NaN left out."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        v = values.astype(float, copy=False)
+    else:
+        v = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+    return v[~np.isnan(v)]
 
 
 def ratio_of_sums(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -219,9 +249,9 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, on: Sequence[str], metric: str, opt
     return {
         "n_cases": len(paired_cases),
         "n_objects": n,
-        "mean_a": float(va[ok].mean()) if n else float("nan"),
-        "mean_b": float(vb[ok].mean()) if n else float("nan"),
-        "delta": float(ratio_of_sums(sums, counts)) if n else float("nan"),
+        "mean_a": exact_mean(va[ok]),
+        "mean_b": exact_mean(vb[ok]),
+        "delta": exact_mean(vb[ok] - va[ok]),
         "delta_ci_low": low,
         "delta_ci_high": high,
         "p_value": wilcoxon_p(sums / counts) if n else float("nan"),
@@ -244,8 +274,16 @@ def comparison_table(rows: pd.DataFrame, opts: Bootstrap, metric: str = "dice") 
     ``summary.md``). ``rows``: per-object rows (``model, task, case, slice, label, prompt,
     jitter`` and ``metric``).
     """
-    from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
+    return finish_comparisons(comparison_rows(rows, opts, metric), opts, metric)
 
+
+COMPARISON_KEYS = ["family", "model", "task", "prompt", "jitter", "a", "b"]
+
+
+def comparison_rows(rows: pd.DataFrame, opts: Bootstrap, metric: str = "dice") -> list[dict]:
+    """The records of :func:`comparison_table` found in ``rows`` (each comparison needs only
+    its two groups: the rows of a pair of partitions give its records), before Holm's
+    correction."""
     rows = rows.assign(jitter=rows["jitter"].astype(str) if "jitter" in rows else "none")
     on = [k for k in OBJECT_KEYS if k in rows]
     out = []
@@ -259,11 +297,13 @@ def comparison_table(rows: pd.DataFrame, opts: Bootstrap, metric: str = "dice") 
         if prompt != "box" and box is not None:
             result = paired(box, b, on, metric, opts)
             out.append(("prompt", model, task, prompt, jitter, "box", prompt, result))
-    columns = ["family", "model", "task", "prompt", "jitter", "a", "b"]
-    table = pd.DataFrame(
-        [dict(zip(columns, r[:-1], strict=True)) | r[-1] for r in out],
-        columns=[*columns, *PAIRED_COLUMNS],
-    )
+    return [dict(zip(COMPARISON_KEYS, r[:-1], strict=True)) | r[-1] for r in out]
+
+
+def finish_comparisons(records: list[dict], opts: Bootstrap, metric: str = "dice") -> pd.DataFrame:
+    """:func:`comparison_table` from its records: Holm's correction within each family, the
+    metric and the bootstrap settings, in table order."""
+    table = pd.DataFrame(records, columns=[*COMPARISON_KEYS, *PAIRED_COLUMNS])
     table["p_holm"] = np.nan
     for _, family in table.groupby("family", sort=False):
         table.loc[family.index, "p_holm"] = holm(family["p_value"])

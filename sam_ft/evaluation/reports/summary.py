@@ -6,14 +6,16 @@ with :mod:`sam_ft.evaluation.reports.summary_tables`.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from sam_ft.evaluation.metrics.attributes import spearman_table
-from sam_ft.evaluation.protocol.order import jitter_levels_sorted
+from sam_ft.evaluation.protocol.order import jitter_levels_sorted, sort_table
 from sam_ft.evaluation.reports import plots
 from sam_ft.evaluation.reports.calibration import (
     calibration_table,
@@ -22,9 +24,16 @@ from sam_ft.evaluation.reports.calibration import (
 )
 from sam_ft.evaluation.reports.propagation import write_propagation_report
 from sam_ft.evaluation.reports.provenance import provenance, provenance_lines
-from sam_ft.evaluation.reports.statistics import CLUSTER, cluster_ids, comparison_table
+from sam_ft.evaluation.reports.summary_parts import (
+    SummaryParts,
+    comparisons_streamed,
+    joined,
+    read_parts,
+)
 from sam_ft.evaluation.reports.summary_tables import (
+    LABEL_ORDER,
     PROMPT_NAMES,
+    SUMMARY_KEYS,
     bar_table,
     click_curves,
     comparisons_view,
@@ -32,7 +41,6 @@ from sam_ft.evaluation.reports.summary_tables import (
     metrics_view,
     no_jitter,
     noc,
-    object_counts,
     pooled_summary,
     prompt_table,
     sort_rows,
@@ -51,21 +59,48 @@ if TYPE_CHECKING:
 REPORT_ATTRIBUTES = ("area_px", "aspect_ratio", "boundary_complexity", "contrast")
 
 
+@dataclass
+class ReportTables:
+    """What :func:`write_report` wrote: the paths, and the tables handed on (the dashboards take
+    them, :func:`sam_ft.logging_results.log_evaluation`) instead of being read back.
+
+    ``summary`` (``summary.csv``), ``pooled`` (the same over the objects of all tasks, task
+    ``all``: the run's means), ``by_label`` (``summary_label.csv``), ``comparisons``,
+    ``calibration``, ``spearman``, ``headline`` (Dice per prompt, ``summary.txt``); with per-case
+    rows ``case_summary`` (``summary_case.csv``) and ``case_pooled``; with clicks ``noc`` and
+    ``click_curves``."""
+
+    paths: dict[str, Path]
+    summary: pd.DataFrame
+    pooled: pd.DataFrame
+    by_label: pd.DataFrame
+    comparisons: pd.DataFrame
+    calibration: pd.DataFrame
+    spearman: pd.DataFrame
+    headline: pd.DataFrame
+    case_summary: pd.DataFrame | None = None
+    case_pooled: pd.DataFrame | None = None
+    noc: pd.DataFrame | None = None
+    click_curves: pd.DataFrame | None = None
+
+
 def write_report(
     out_dir: str | Path,
-    per_object: pd.DataFrame,
+    per_object: pd.DataFrame | str | Path,
     per_case: pd.DataFrame | None = None,
     clicks: pd.DataFrame | None = None,
     overlays: Mapping[str, Sequence[plots.OverlayItem]] | Sequence[plots.OverlayItem] | None = None,
     title: str = "Evaluation summary",
     options: EvalOptions | None = None,
     seed: int | None = None,
-) -> dict[str, Path]:
+) -> ReportTables:
     """Write the summary tables, ``summary.md`` and the figures of one evaluation.
 
     Args:
         out_dir: the evaluation folder (created if needed); figures go to ``out_dir/plots``.
-        per_object: per-object rows (see the module docstring).
+        per_object: per-object rows (see the module docstring), or the path of a
+            ``per_object.csv``: read in chunks into partitions on disk, never whole
+            (:mod:`~sam_ft.evaluation.reports.summary_parts`; the same bytes either way).
         per_case: per-case (3D) rows, or None.
         clicks: per-click rows for the interactive study, or None.
         overlays: overlay items for :func:`plots.plot_overlay_grid`, one grid
@@ -77,9 +112,9 @@ def write_report(
         seed: the prompt seed, for the provenance's config hash.
 
     Returns:
-        name -> path of every file written: ``summary_csv``, ``summary_md``, ``summary_txt``
-        (the headline as plain text, what the commands print), ``spearman_csv``,
-        ``comparisons_csv``, ``calibration_csv``, ``provenance_json``,
+        :class:`ReportTables`, whose ``paths`` name every file written: ``summary_csv``,
+        ``summary_md``, ``summary_txt`` (the headline as plain text, what the commands print),
+        ``spearman_csv``, ``comparisons_csv``, ``calibration_csv``, ``provenance_json``,
         ``plot_dice_per_prompt``, ``plot_dice_vs_jitter``, ``plot_attributes``,
         ``plot_iou_reliability``, and when given ``summary_case_csv``, ``noc_csv``,
         ``plot_dice_vs_clicks``, ``plot_overlays[_<name>]``.
@@ -91,73 +126,89 @@ def write_report(
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    tables = _write_tables(out_dir, per_object, per_case, clicks, paths, options)
-    info = provenance(options, seed, per_object)
-    paths["provenance_json"] = out_dir / "provenance.json"
-    paths["provenance_json"].write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    _write_figures(plot_dir, per_object, tables["pooled"], clicks, overlays, paths)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".summary-parts-") as folder:
+        parts = read_parts(per_object, Path(folder))
+        tables = _write_tables(out_dir, parts, per_case, clicks, paths, options)
+        info = provenance(options, seed, parts.units)
+        paths["provenance_json"] = out_dir / "provenance.json"
+        paths["provenance_json"].write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        _write_figures(plot_dir, parts, tables, clicks, overlays, paths)
     propagation = write_propagation_report(out_dir, per_case, paths)
     tables["headline"] = headline_table(tables)
-    lines = _markdown(out_dir, title, per_object, tables, paths)
+    counts = counts_line(parts)
+    lines = _markdown(out_dir, title, counts, tables, paths)
     at = lines.index("## Figures")
     lines[at:at] = propagation
     lines += ["", *provenance_lines(info)]
     paths["summary_md"] = out_dir / "summary.md"
     paths["summary_md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     paths["summary_txt"] = out_dir / "summary.txt"
-    text = summary_text(title, per_object, tables) + "All tables and figures: summary.md\n"
+    text = summary_text(title, counts, tables) + "All tables and figures: summary.md\n"
     paths["summary_txt"].write_text(text, encoding="utf-8")
-    return paths
+    names = [f.name for f in fields(ReportTables) if f.name != "paths"]
+    return ReportTables(paths=paths, **{name: tables.get(name) for name in names})
 
 
 def _write_tables(
     out_dir: Path,
-    per_object: pd.DataFrame,
+    parts: SummaryParts,
     per_case: pd.DataFrame | None,
     clicks: pd.DataFrame | None,
     paths: dict[str, Path],
     options: EvalOptions,
 ) -> dict[str, Any]:
-    """The summary CSVs (paths added to ``paths``); -> the tables, and the pooled rows."""
+    """The summary CSVs (paths added to ``paths``), each computed on whole partitions of the
+    rows at a time (:meth:`SummaryParts.batches`); -> the tables, and the pooled rows."""
     boot = options.bootstrap
-    summary = summarize(per_object, boot)
+    several_tasks = len(parts.tasks) > 1
+    pieces: dict[str, list[pd.DataFrame]] = {
+        k: [] for k in ("summary", "pooled", "by_label", "calibration", "spearman", "bins")
+    }
+    for rows in parts.batches():
+        pieces["summary"].append(summarize(rows, boot))
+        # Pooled rows: CIs only where summary.md shows them (several tasks); the figures and
+        # the dashboards need none.
+        pieces["pooled"].append(pooled_summary(rows, boot if several_tasks else None))
+        # Per target (label value) beside the pooled task rows, as the official code reports.
+        pieces["by_label"].append(summarize_by_label(rows, boot))
+        pieces["calibration"].append(calibration_table(rows, boot))
+        # Correlations within one (model, prompt) at no jitter: pooling prompts would mix
+        # differences between prompts into the attribute effect.
+        pieces["spearman"].append(
+            spearman_table(no_jitter(rows), "dice", REPORT_ATTRIBUTES, by=["model", "prompt"])
+        )
+        pieces["bins"].append(reliability_bins(rows))
+    summary = joined(pieces["summary"], sort_rows)
     paths["summary_csv"] = out_dir / "summary.csv"
     summary.to_csv(paths["summary_csv"], index=False)
-    several_tasks = per_object["task"].nunique() > 1
-    # Pooled rows: CIs only where summary.md shows them (several tasks); the figures need none.
-    pooled = pooled_summary(per_object, boot if several_tasks else None)
-    comparisons = comparison_table(per_object, boot)
+    pooled = joined(pieces["pooled"], sort_rows)
+    comparisons = comparisons_streamed(parts, boot, pooled=False)
     if several_tasks:
-        everything = per_object.assign(**{CLUSTER: cluster_ids(per_object)}, task="all")
-        comparisons = pd.concat([comparisons, comparison_table(everything, boot)])
+        comparisons = pd.concat([comparisons, comparisons_streamed(parts, boot, pooled=True)])
     paths["comparisons_csv"] = out_dir / "comparisons.csv"
     comparisons.to_csv(paths["comparisons_csv"], index=False)
-    calibration = calibration_table(per_object, boot)
+    calibration = joined(pieces["calibration"], lambda t: sort_table(t, by=("model", "prompt")))
     paths["calibration_csv"] = out_dir / "calibration.csv"
     calibration.to_csv(paths["calibration_csv"], index=False)
-    # Per target (label value) beside the pooled task rows, as the official code reports.
-    by_label = summarize_by_label(per_object, boot)
+    by_label = joined(pieces["by_label"], lambda t: sort_table(t, by=LABEL_ORDER))
     paths["summary_label_csv"] = out_dir / "summary_label.csv"
     by_label.to_csv(paths["summary_label_csv"], index=False)
 
-    case_summary = None
+    case_summary = case_pooled = None
     if per_case is not None and not per_case.empty:
         case_summary = summarize(per_case, boot)
+        case_pooled = pooled_summary(per_case)
         paths["summary_case_csv"] = out_dir / "summary_case.csv"
         case_summary.to_csv(paths["summary_case_csv"], index=False)
 
-    # Correlations within one (model, prompt) at no jitter: pooling prompts would mix
-    # differences between prompts into the attribute effect.
-    spearman = spearman_table(
-        no_jitter(per_object), "dice", REPORT_ATTRIBUTES, by=["model", "prompt"]
-    )
-    spearman = sort_rows(spearman)
+    spearman = joined(pieces["spearman"], sort_rows)
     paths["spearman_csv"] = out_dir / "spearman.csv"
     spearman.to_csv(paths["spearman_csv"], index=False)
 
-    noc_table = None
+    noc_table = curves = None
     if clicks is not None and not clicks.empty:
         noc_table = noc(clicks)
+        curves = click_curves(clicks)
         paths["noc_csv"] = out_dir / "noc.csv"
         noc_table.to_csv(paths["noc_csv"], index=False)
     return {
@@ -165,23 +216,27 @@ def _write_tables(
         "by_label": by_label,
         "pooled": pooled,
         "case_summary": case_summary,
+        "case_pooled": case_pooled,
         "spearman": spearman,
         "noc": noc_table,
+        "click_curves": curves,
         "comparisons": comparisons,
         "calibration": calibration,
+        "bins": joined(pieces["bins"], lambda t: sort_table(t, by=("model", "prompt", "bin"))),
         "ci": boot.describe(),
     }
 
 
 def _write_figures(
     plot_dir: Path,
-    per_object: pd.DataFrame,
-    pooled: pd.DataFrame,
+    parts: SummaryParts,
+    tables: dict[str, Any],
     clicks: pd.DataFrame | None,
     overlays: Mapping[str, Sequence[plots.OverlayItem]] | Sequence[plots.OverlayItem] | None,
     paths: dict[str, Path],
 ) -> None:
     """The summary's figures in ``plot_dir`` (paths added to ``paths``)."""
+    pooled = tables["pooled"]
     paths["plot_dice_per_prompt"] = plots.plot_grouped_bars(
         bar_table(pooled),
         plot_dir / "dice_per_prompt.png",
@@ -195,23 +250,24 @@ def _write_figures(
     paths["plot_dice_vs_jitter"] = plots.plot_dice_vs_jitter(
         pooled_jitter, plot_dir / "dice_vs_jitter.png", jitter_levels_sorted(pooled["jitter"])
     )
-    scatter_rows = no_jitter(per_object)
-    prompts = set(scatter_rows["prompt"].astype(str))
-    scatter_prompt = (
-        "box" if "box" in prompts else next(iter(sort_rows(scatter_rows)["prompt"]), "")
-    )
+    # The scatter's prompt: the box, else the first prompt in table order without jitter.
+    groups = no_jitter(pd.DataFrame(list(parts.groups), columns=SUMMARY_KEYS))
+    prompts = set(groups["prompt"].astype(str))
+    scatter_prompt = "box" if "box" in prompts else next(iter(sort_rows(groups)["prompt"]), "")
+    keys = [k for k in parts.files if k[1] == str(scatter_prompt) and k[2] == "none"]
+    scatter = [parts.load(key) for key in keys]
     paths["plot_attributes"] = plots.plot_attribute_scatter(
-        scatter_rows[scatter_rows["prompt"].astype(str) == scatter_prompt],
+        pd.concat(scatter, ignore_index=True) if scatter else parts.empty,
         REPORT_ATTRIBUTES,
         plot_dir / "dice_vs_attributes.png",
         title=f"Dice vs object attributes ({PROMPT_NAMES.get(scatter_prompt, scatter_prompt)})",
     )
     paths["plot_iou_reliability"] = plots.plot_reliability(
-        reliability_bins(per_object), plot_dir / "iou_reliability.png"
+        tables["bins"], plot_dir / "iou_reliability.png"
     )
-    if clicks is not None and not clicks.empty:
+    if tables["click_curves"] is not None:
         paths["plot_dice_vs_clicks"] = plots.plot_dice_vs_clicks(
-            click_curves(clicks), plot_dir / "dice_vs_clicks.png"
+            tables["click_curves"], plot_dir / "dice_vs_clicks.png"
         )
     if overlays is not None:
         grids = overlays if isinstance(overlays, Mapping) else {"": overlays}
@@ -224,7 +280,7 @@ def _write_figures(
 def _markdown(
     out_dir: Path,
     title: str,
-    per_object: pd.DataFrame,
+    counts: str,
     tables: dict[str, Any],
     paths: dict[str, Path],
 ) -> list[str]:
@@ -238,7 +294,7 @@ def _markdown(
     lines = [
         f"# {title}",
         "",
-        f"{counts_line(per_object)}; models: {models}; tasks: "
+        f"{counts}; models: {models}; tasks: "
         f"{', '.join(map(str, tasks))}. Means are over objects (2D slices); task `all` pools the "
         f"objects of all tasks. Brackets: {tables['ci']}, the case being the unit (its objects are "
         "correlated). Paired Δ: over the objects both sides scored; p: two-sided Wilcoxon "
@@ -311,16 +367,14 @@ def _markdown(
 FEW_CASES = 10
 
 
-def counts_line(per_object: pd.DataFrame) -> str:
+def counts_line(parts: SummaryParts) -> str:
     """``51 objects in 2 cases, each scored by 2 models x 21 prompt settings (2142 rows)``: the
-    objects are what a summary row's ``n`` counts."""
-    objects, rows = object_counts(per_object)
-    n_cases = per_object.assign(**{CLUSTER: cluster_ids(per_object)})[CLUSTER].nunique()
-    models = per_object["model"].nunique()
-    settings = len(per_object[["prompt", "jitter"]].drop_duplicates())
+    objects (one (task, case, slice, label) each) are what a summary row's ``n`` counts; each
+    is scored once per model, prompt and jitter level."""
     return (
-        f"{objects} objects in {n_cases} case(s), each scored by {models} model(s) x {settings} "
-        f"prompt setting(s) ({rows} rows)"
+        f"{len(parts.objects)} objects in {len(parts.cases)} case(s), each scored by "
+        f"{len(parts.models)} model(s) x {len(parts.settings)} prompt setting(s) "
+        f"({parts.rows} rows)"
     )
 
 
@@ -333,7 +387,7 @@ def headline_table(tables: dict[str, Any]) -> pd.DataFrame:
     return prompt_table(source, tables["comparisons"])
 
 
-def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -> str:
+def summary_text(title: str, counts: str, tables: dict[str, Any]) -> str:
     """The headline as plain text for the console and logs (``summary.txt``): the counts, the
     Dice per prompt without jitter (with CIs and the paired test when computed), and where the
     rest is. Markdown stays in ``summary.md``."""
@@ -341,7 +395,7 @@ def summary_text(title: str, per_object: pd.DataFrame, tables: dict[str, Any]) -
     few = [line.replace("**", "").replace("`", "") for line in few_cases_lines(summary)]
     lines = [
         title,
-        counts_line(per_object) + ".",
+        counts + ".",
         *few[:1],
         f"Dice per prompt, no jitter (brackets: {tables['ci']}; p: Wilcoxon over cases, Holm):",
         "",

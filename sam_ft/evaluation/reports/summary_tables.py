@@ -16,6 +16,7 @@ Inputs are the evaluation engine's tables:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ from sam_ft.evaluation.reports.statistics import (
     Bootstrap,
     add_intervals,
     cluster_ids,
+    exact_mean,
+    exact_std,
 )
 
 PROMPT_NAMES = {
@@ -48,6 +51,8 @@ SCORE_COLUMNS = [
     "conformity_mean",
 ]  # fmt: skip
 """The statistics of a summary row; ``sam-ft-report``'s merged table has the same ones."""
+MEAN_METRICS = ("dice", "iou", "hd95", "nsd", "hd", "asd", "conformity")
+"""The columns a summary row averages (``<metric>_mean``), each with :func:`exact_mean`."""
 SUMMARY_COLUMNS = [*SUMMARY_KEYS, *SCORE_COLUMNS, "hd95_missing", "distance_unit"]
 """``distance_unit``: ``mm``, or ``px`` for 2D images without a spacing (HD95 and the NSD
 tolerance are then in pixels); ``mm+px`` when a group mixes both."""
@@ -94,23 +99,28 @@ def summarize(per_object: pd.DataFrame, bootstrap: Bootstrap | None = None) -> p
         df["distance_unit"] = "mm"
     df["distance_unit"] = df["distance_unit"].fillna("mm").astype(str)
     grouped = df.groupby(SUMMARY_KEYS, sort=False, dropna=False)
-    out = grouped.agg(
-        n=("dice", "size"),
-        dice_mean=("dice", "mean"),
-        iou_mean=("iou", "mean"),
-        hd95_mean=("hd95", "mean"),
-        nsd_mean=("nsd", "mean"),
-        hd_mean=("hd", "mean"),
-        asd_mean=("asd", "mean"),
-        conformity_mean=("conformity", "mean"),
-        hd95_missing=("_missing", "sum"),
-    )
-    out["dice_std"] = grouped["dice"].std(ddof=0)
+    out = grouped.agg(n=("dice", "size"), hd95_missing=("_missing", "sum"))
+    # One correctly rounded sum per mean: the same float whatever the rows' order or grouping
+    # (pandas' own mean changes its summation with the number of groups and rows).
+    members = _members(grouped.ngroup().to_numpy())
+    for metric in MEAN_METRICS:
+        values = pd.to_numeric(df[metric], errors="coerce").to_numpy(float)
+        out[f"{metric}_mean"] = [exact_mean(values[rows]) for rows in members]
+    dice = pd.to_numeric(df["dice"], errors="coerce").to_numpy(float)
+    out["dice_std"] = [exact_std(dice[rows]) for rows in members]
     out["distance_unit"] = grouped["distance_unit"].agg(lambda u: "+".join(sorted(set(u))))
     out = out.reset_index()
     out["hd95_missing"] = out["hd95_missing"].astype(int)
     out = sort_rows(out[SUMMARY_COLUMNS])
     return out if bootstrap is None else add_intervals(out, df, SUMMARY_KEYS, bootstrap)
+
+
+def _members(codes: np.ndarray) -> list[np.ndarray]:
+    """The row positions of each group, by group number (``GroupBy.ngroup``'s, the order of
+    the groupby's results)."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(order, bounds) if len(order) else []
 
 
 def _official_metric_columns(df: pd.DataFrame) -> None:
@@ -122,6 +132,8 @@ def _official_metric_columns(df: pd.DataFrame) -> None:
 
 
 LABEL_KEYS = ["label", "name"]
+LABEL_ORDER = ("model", "task", "label", "prompt", "jitter")
+"""The row order of :func:`summarize_by_label`."""
 
 
 def summarize_by_label(
@@ -147,7 +159,7 @@ def summarize_by_label(
     if not frames:
         return pd.DataFrame(columns=[*SUMMARY_KEYS[:2], *LABEL_KEYS, *SUMMARY_COLUMNS[2:]])
     out = pd.concat(frames, ignore_index=True)
-    return sort_table(out, by=("model", "task", "label", "prompt", "jitter"))
+    return sort_table(out, by=LABEL_ORDER)
 
 
 def _click_matrix(group: pd.DataFrame, object_keys: list[str]) -> pd.DataFrame:
@@ -181,9 +193,10 @@ def noc(clicks: pd.DataFrame, thresholds: Sequence[float] = (0.85, 0.90)) -> pd.
             first = np.where(
                 reached.any(axis=1), clicks_taken[reached.argmax(axis=1)], clicks_taken.max()
             )
-            row[f"noc@{round(t * 100)}"] = float(first.mean())
-        for click, mean in zip(clicks_taken, values.mean(axis=0), strict=True):
-            row[f"dice@{int(click)}"] = float(mean)
+            row[f"noc@{round(t * 100)}"] = exact_mean(first)
+        for click, column in zip(clicks_taken, values.T, strict=True):
+            # NaN stays NaN (a click no object reached), as numpy's mean gave.
+            row[f"dice@{int(click)}"] = math.fsum(column.tolist()) / len(column)
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -198,8 +211,8 @@ def click_curves(clicks: pd.DataFrame) -> pd.DataFrame:
     object_keys = [c for c in ("task", "case", "slice", "label") if c in clicks]
     rows = []
     for model, group in clicks.groupby("model", sort=False):
-        means = _click_matrix(group, object_keys).mean(axis=0)
-        rows += [(model, int(k), float(v)) for k, v in means.items()]
+        matrix = _click_matrix(group, object_keys)
+        rows += [(model, int(k), exact_mean(matrix[k])) for k in matrix.columns]
     return sort_rows(pd.DataFrame(rows, columns=["model", "click", "dice_mean"]))
 
 
@@ -234,14 +247,6 @@ def to_text(df: pd.DataFrame, digits: int = 3) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
-
-
-def object_counts(per_object: pd.DataFrame) -> tuple[int, int]:
-    """(objects, rows): an object is one (task, case, slice, label); each is scored once per
-    model, prompt and jitter level, so the rows are a multiple of the objects (the ``n`` of a
-    summary row counts objects)."""
-    keys = [c for c in ("task", "case", "slice", "label") if c in per_object]
-    return len(per_object[keys].drop_duplicates()), len(per_object)
 
 
 def _signed(value: float) -> str:
