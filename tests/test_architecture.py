@@ -156,9 +156,9 @@ def test_family_independent_code_names_the_backend_not_sam():
 
 
 ROOMS = {"protocol", "metrics", "reports"}
-REPORTS_READ_FROM_PROTOCOL = {"options", "order", "tables"}
-"""What the reports take from the protocol: its options, its row order and its tables' columns;
-never the engine or anything that runs a model."""
+REPORTS_READ_FROM_PROTOCOL = {"options", "order", "tables", "tablesort"}
+"""What the reports take from the protocol: its options, its row order, its tables' columns and
+their streamed reading; never the engine or anything that runs a model."""
 
 
 def _sam_ft_imports(path: Path) -> set[str]:
