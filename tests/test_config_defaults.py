@@ -229,10 +229,6 @@ ALLOWED = {
 # Copies still to remove (#32): the list only shrinks.
 PENDING = {
     "sam_ft.data.datamodule.SamDataModule._local_ranks: num_nodes",
-    "sam_ft.evaluate.split_cases: mode",
-    "sam_ft.evaluate.share_cases: mode",
-    "sam_ft.evaluate.compare_models: mode",
-    "sam_ft.evaluate._write_run_info: multimask_output",
     "sam_ft.evaluation.metrics.object_metrics._monai_metrics: nsd_method",
     "sam_ft.evaluation.metrics.object_metrics.slice_metrics: nsd_tolerance_mm",
     "sam_ft.evaluation.metrics.object_metrics.slice_metrics: nsd_method",
@@ -247,8 +243,6 @@ PENDING = {
     "sam_ft.evaluation.protocol.distributed.start_ranks: accelerator",
     "sam_ft.evaluation.protocol.distributed.start_ranks: devices",
     "sam_ft.evaluation.protocol.distributed.start_ranks: num_nodes",
-    "sam_ft.evaluation.protocol.distributed._model_facts: multimask_output",
-    "sam_ft.evaluation.protocol.distributed.evaluate_cases: on_error",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: grid",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: pred_iou_thresh",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: stability_score_thresh",

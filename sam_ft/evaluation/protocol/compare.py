@@ -180,7 +180,7 @@ def _write_run_info(
         entries[name] = {
             **{k: v for k, v in entries.get(name, {}).items() if k.startswith("encoder_")},
             "precision": model.precision(),
-            "multimask_output": bool(getattr(model, "multimask_output", True)),
+            "multimask_output": bool(model.multimask_output),
             "preprocess": model.transform.mode,
             "mask_selection": options.mask_selection,
             **timed,

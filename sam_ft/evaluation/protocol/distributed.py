@@ -188,7 +188,7 @@ def _model_facts(model: Any, digest: Callable[[Any], str]) -> dict[str, Any]:
         "precision": precision,
         "preprocess": getattr(transform, "mode", None),
         "image_size": getattr(transform, "image_size", None),
-        "multimask_output": bool(getattr(model, "multimask_output", True)),
+        "multimask_output": bool(model.multimask_output),
     }
 
 
