@@ -137,12 +137,13 @@ def compose(model: str, task_root: Path, splits: Path, cache_dir: Path, extra: S
 def make_datamodule(cfg, model, run_dir: Path, progress: bool = False):
     """The ``SamDataModule`` exactly as ``sam_ft.train.train`` builds it."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from sam_ft.data.datamodule import SamDataModule
 
     return SamDataModule(
-        task=cfg.task,
-        data=cfg.data,
+        task=OmegaConf.to_container(cfg.task, resolve=True),
+        data=OmegaConf.to_container(cfg.data, resolve=True),
         transform=model.transform,
         train_prompt=instantiate(cfg.prompt),
         seed=cfg.seed,

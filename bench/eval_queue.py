@@ -81,6 +81,7 @@ def _child(args) -> dict:
     from sam_ft.defaults import build_from_yaml
     from sam_ft.evaluation.protocol.cases import LazyCase
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
 
     torch.manual_seed(0)
     model = build_from_yaml("model", "tiny")
@@ -97,9 +98,15 @@ def _child(args) -> dict:
     }
     start = time.perf_counter()
     evaluate_models(
-        {"m": model}, cases, task_name="t", cfg=cfg, out_dir=args.out, seed=0,
-        progress=False, report=False,
-    )  # fmt: skip
+        {"m": model},
+        cases,
+        task_name="t",
+        options=eval_options(cfg),
+        out_dir=args.out,
+        seed=0,
+        progress=False,
+        report=False,
+    )
     one = _case(0, args.size, args.slices)
     case_mb = (
         sum(r.image.nbytes + r.masks.nbytes + r.raw.nbytes for r in one.slices)

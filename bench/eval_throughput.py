@@ -101,6 +101,7 @@ def _worker_counts(text: str) -> list[int | None]:
 def pipeline(args, threads: int) -> float:
     """images/s of the full protocol for each ``--workers`` value, and of the encoder alone."""
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
     from sam_ft.evaluation.protocol.scoring_pool import (
         ScoringPool,
         default_workers,
@@ -162,7 +163,7 @@ def pipeline(args, threads: int) -> float:
             cases,
             report=False,
             task_name="bench",
-            cfg=eval_cfg,
+            options=eval_options(eval_cfg),
             out_dir=out,
             seed=0,
             progress=False,
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> float:
     args.model = args.model or "vit_b"
 
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     splits = write_ct_task(tmp / "task", args.images, args.size)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> float:
         cases,
         report=False,
         task_name="bench",
-        cfg=serial,
+        options=eval_options(serial),
         out_dir=tmp / "eval",
         seed=0,
         progress=not args.quick,

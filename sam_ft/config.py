@@ -13,29 +13,27 @@ required (the YAML must set it); ``optional()`` marks keys that only some preset
 Hydra (the Python API, tests, notebooks) fills the keys it is not given from the same YAML with
 :func:`sam_ft.defaults.group_defaults`, so no Python module holds a second copy of a default.
 
-**Adding a config key**: declare it as one field of the dataclass of its group below (``task`` ->
+**Adding a config key**: declare it as one field of the dataclass of its group (``task`` ->
 :class:`TaskConfig`, ``task.intensity`` -> :class:`IntensityConfig`, ``data`` ->
-:class:`DataConfig`, ``data.split`` -> :class:`SplitConfig`, ``eval`` -> :class:`EvalConfig`,
-``eval.everything`` -> :class:`EverythingConfig`, ``eval.bootstrap`` -> :class:`BootstrapConfig`,
-``eval.propagate`` -> :class:`PropagateConfig`,
-``model`` -> :class:`ModelConfig`, ``finetune`` -> :class:`FinetuneConfig`, ``train`` ->
-:class:`TrainConfig`), with its type, and set its default in the YAML. An undeclared key is
+:class:`DataConfig`, ``data.split`` -> :class:`SplitConfig`, ``model`` -> :class:`ModelConfig`,
+``finetune`` -> :class:`FinetuneConfig`, ``train`` -> :class:`TrainConfig`; ``eval`` ->
+``EvalOptions`` in its owner, :mod:`sam_ft.evaluation.protocol.options`), with its type, and set
+its default in the YAML. An undeclared key is
 reported as unknown.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sam_ft.errors import ConfigError
+from sam_ft.schema import build, check, optional
 
 if TYPE_CHECKING:  # the schema's Literal[NAME]s; owned_choices() gives them at run time
     from sam_ft.data.demo import VARIANTS as DEMO_VARIANTS
@@ -44,13 +42,11 @@ if TYPE_CHECKING:  # the schema's Literal[NAME]s; owned_choices() gives them at 
     from sam_ft.data.intensity import SCOPES as INTENSITY_SCOPES
     from sam_ft.data.skips import ON_ERROR
     from sam_ft.data.tasks import SLICE_AXES, SOURCES
+    from sam_ft.evaluation.protocol.decode_select import MASK_SELECTIONS
+    from sam_ft.evaluation.protocol.distributed import RunFacts
+    from sam_ft.evaluation.protocol.options import EvalOptions
     from sam_ft.model.finetune import MODES as FINETUNE_MODES
     from sam_ft.model.specs import PREPROCESSES
-
-
-def optional() -> Any:
-    """A key only some presets set; absent means "not used" (``None``)."""
-    return field(default=None, metadata={"optional": True})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,66 +124,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class EverythingConfig:
-    """``eval.everything`` (SamAutomaticMaskGenerator settings)."""
-
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    stability_score_offset: float
-    box_nms_thresh: float
-    min_mask_region_area: int
-
-
-@dataclass(frozen=True)
-class BootstrapConfig:
-    """``eval.bootstrap`` (the CIs' ``scipy.stats.bootstrap`` settings)."""
-
-    resamples: int
-    seed: int
-    method: Literal["BCa", "percentile", "basic"]
-    confidence: float
-
-
-@dataclass(frozen=True)
-class PropagateConfig:
-    """``eval.propagate`` (``eval.mode=propagate``: sam_ft.evaluation.protocol.propagation)."""
-
-    prompt: Literal["box", "memory"]
-    key: Literal["largest", "middle", "even"]
-    keys: int
-    stop: Literal["vanish", "box_ends"]
-    margin_px: int
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """``eval`` (conf/eval/default.yaml; values checked by sam_ft.evaluation.protocol.options)."""
-
-    split: Literal["test", "val", "all"]
-    mode: Literal["slices", "propagate"]
-    propagate: PropagateConfig
-    prompts: list[str]
-    jitter_px: list[list[float]]
-    mask_selection: Literal["oracle", "predicted_iou", "single", "auto"]
-    point_sampling: Literal["even", "random", "official"]
-    grid: int
-    nsd_tolerance_mm: float
-    nsd_method: Literal["area", "count"]
-    clicks: int
-    save_predictions: bool
-    max_prompts_per_call: int
-    overlays: int
-    volume_gt: Literal["full", "kept"]
-    workers: int | None
-    queue_mb: int
-    everything: EverythingConfig
-    bootstrap: BootstrapConfig
-    # "K/N" (checked by sam_ft.evaluation.protocol.merge.parse_shard); conf/eval/default.yaml sets
-    # null.
-    shard: str | None = optional()
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """``model`` (conf/model/*.yaml; ``_target_`` keys are Hydra's)."""
 
@@ -226,15 +162,47 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The checked groups of one run (``train`` only for ``train.py``)."""
+    """The checked groups of one run (``train`` only for ``train.py``); ``eval`` holds
+    ``data.on_error`` too, the one key for bad files in loading and scoring alike."""
 
     task: TaskConfig
     data: DataConfig
-    eval: EvalConfig
+    eval: EvalOptions
     model: ModelConfig
     finetune: FinetuneConfig
     train: TrainConfig | None
     seed: int
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``predict.py``'s options (conf/predict.yaml; sam_ft/predict.py says what each does), with
+    its ``model`` group and ``seed``."""
+
+    model: ModelConfig
+    seed: int
+    checkpoint: str | None
+    input: str
+    output: str
+    labels: str | None
+    prompts: str | None
+    box: list[float] | None
+    points: list[list[float]] | None
+    point_labels: list[int] | None
+    slice: int | None
+    label: int
+    propagate: str | bool | None  # checked by sam_ft.inference.propagate.check_propagate
+    strategy: str
+    mask_selection: Literal[MASK_SELECTIONS]  # auto: the card's multimask_output decides
+    overlay: bool
+    on_error: Literal[ON_ERROR]
+    max_prompts_per_call: int
+    intensity: IntensityConfig | None
+    slice_axis: Literal[SLICE_AXES] | None
+    modality: str | None
+    channel: int | None
+    min_object_pixels: int | None
+    everything: dict[str, int | float]  # grid and eval.everything's keys (checked by predict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +220,8 @@ def parse_config(cfg: Any, entry: Literal["train", "evaluate"] = "train") -> Run
     """
     from omegaconf import DictConfig, OmegaConf
 
+    from sam_ft.evaluation.protocol.options import eval_options
+
     def group(name: str) -> Any:
         if isinstance(cfg, DictConfig):
             if name not in cfg:
@@ -265,27 +235,80 @@ def parse_config(cfg: Any, entry: Literal["train", "evaluate"] = "train") -> Run
         return cfg[name]
 
     seed = _check(group("seed") if "seed" in cfg else 0, int, "seed")
+    task = _build(TaskConfig, group("task"), "task")
+    data = _build(DataConfig, group("data"), "data")
+    eval_cfg = group("eval")
+    if not isinstance(eval_cfg, Mapping):
+        raise ConfigError(f"eval={eval_cfg!r}: expected a mapping of EvalOptions options")
+    options = eval_options({**eval_cfg, "on_error": data.on_error})
     run = RunConfig(
-        task=_build(TaskConfig, group("task"), "task"),
-        data=_build(DataConfig, group("data"), "data"),
-        eval=_build(EvalConfig, group("eval"), "eval"),
+        task=task,
+        data=data,
+        eval=options,
         model=_build(ModelConfig, group("model"), "model"),
         finetune=_build(FinetuneConfig, group("finetune"), "finetune"),
         train=_build(TrainConfig, group("train"), "train") if entry == "train" else None,
         seed=seed,
     )
-    _check_values(run, group("eval"), group("data"))
+    _check_values(run, group("data"))
     from sam_ft.training.options import check_library_values
 
     check_library_values(cfg, entry)  # trainer, optimizer, scheduler: the libraries' values
     return run
 
 
-def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping) -> None:
+def parse_predict_config(cfg: Any) -> PredictConfig:
+    """Check ``predict.py``'s composed config and return its typed options (the ``eval`` group
+    it interpolates from is checked too).
+
+    Raises:
+        ConfigError: one line naming the first bad option and what is expected.
+    """
+    from omegaconf import OmegaConf
+
+    from sam_ft.evaluation.protocol.options import eval_options
+
+    # eval's first: predict's Everything settings and batch are its values.
+    eval_options(OmegaConf.to_container(cfg.eval, resolve=True))
+    hints = type_hints(PredictConfig)
+    values = {}
+    for f in dataclasses.fields(PredictConfig):
+        if f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
+            raise ConfigError(f"missing required option {f.name}: set {f.name}=...")
+        node = cfg[f.name]
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        values[f.name] = _check(value, hints[f.name], f.name)
+    return PredictConfig(**values)
+
+
+def with_model(run: RunConfig, model: Mapping[str, Any]) -> RunConfig:
+    """``run`` with another ``model`` group (a model card's, ``inference.card.apply_card``),
+    checked as :func:`parse_config` checks it."""
+    return dataclasses.replace(run, model=_build(ModelConfig, model, "model"))
+
+
+def run_facts(run: RunConfig, checkpoint: str | None) -> RunFacts:
+    """What the run's evaluation rows depend on beside its options and models
+    (:class:`~sam_ft.evaluation.protocol.distributed.RunFacts`); ``checkpoint``: the weights
+    evaluated (``ckpt_path``), else ``model.checkpoint``."""
+    from sam_ft.data.loading import slice_settings
+    from sam_ft.data.tasks import to_plain
+    from sam_ft.evaluation.protocol.distributed import RunFacts
+
+    return RunFacts(
+        task_name=run.task.name,
+        seed=run.seed,
+        model_name=run.model.name,
+        checkpoint=str(checkpoint or run.model.checkpoint or ""),
+        slicing=slice_settings(to_plain(run.task), to_plain(run.data)),
+        data_split=dataclasses.asdict(run.data.split),
+    )
+
+
+def _check_values(run: RunConfig, data_cfg: Mapping) -> None:
     """Checks beyond types, by the code that uses the values (so the rules live in one place)."""
     from sam_ft.data.augment import SliceAugment
     from sam_ft.data.tasks import task_options
-    from sam_ft.evaluation.protocol.options import eval_options
 
     task = run.task
     task_options({k: v for k, v in dataclasses.asdict(task).items() if v is not None})
@@ -298,10 +321,6 @@ def _check_values(run: RunConfig, eval_cfg: Mapping[str, Any], data_cfg: Mapping
             raise ConfigError(f"task.root={task.root}: {what}{layout}")
     if task.source == "folder" and task.root is None:
         raise ConfigError("task.root is required for a folder task: task.root=/path/to/folder")
-    eval_options(eval_cfg)
-    from sam_ft.evaluation.protocol.merge import parse_shard
-
-    parse_shard(eval_cfg.get("shard"))
     SliceAugment(data_cfg.get("augment") or {}, run.data.min_object_pixels)  # checks the keys
     for name in ("batch_size", "num_workers", "prep_workers", "max_objects_per_image"):
         value = getattr(run.data, name)
@@ -316,6 +335,7 @@ def owned_choices() -> dict[str, tuple]:
     them; imported when a config is checked (not when this module is), so those modules may
     import this one."""
     from sam_ft.data import demo, embedding_cache, intensity, skips, tasks
+    from sam_ft.evaluation.protocol import decode_select
     from sam_ft.model import finetune, specs
 
     return {
@@ -329,6 +349,7 @@ def owned_choices() -> dict[str, tuple]:
         "EMBEDDING_DTYPES": embedding_cache.EMBEDDING_DTYPES,
         "PREPROCESSES": specs.PREPROCESSES,
         "FINETUNE_MODES": finetune.MODES,
+        "MASK_SELECTIONS": decode_select.MASK_SELECTIONS,  # predict's mask_selection
     }
 
 
@@ -338,110 +359,10 @@ def type_hints(cls: type) -> dict[str, Any]:
 
 
 def _build(cls: type, value: Any, name: str) -> Any:
-    """``value`` (a mapping) -> ``cls`` with every field checked; unknown keys are errors."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{name}={_show(value)}: expected a mapping of {cls.__name__} options")
-    hints = type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if str(key).startswith("_"):  # Hydra's _target_ etc.
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
-            raise ConfigError(
-                f"unknown option {name}.{key}{hint}; known: {', '.join(sorted(known))}"
-            )
-    kwargs = {}
-    for key, f in known.items():
-        if key not in value or value[key] == "???":
-            if f.default is not dataclasses.MISSING:
-                continue
-            raise ConfigError(
-                f"missing required option {name}.{key}: expected {_describe(hints[key])} "
-                f"(set it on the command line: {name}.{key}=...)"
-            )
-        kwargs[key] = _check(value[key], hints[key], f"{name}.{key}")
-    return cls(**kwargs)
+    """``value`` (a mapping) -> ``cls``, checked (:func:`sam_ft.schema.build`)."""
+    return build(cls, value, name, owned_choices())
 
 
 def _check(value: Any, tp: Any, name: str) -> Any:
-    """``value`` checked against the annotation ``tp`` (converted where lossless)."""
-    ok, out = _match(value, tp, name)
-    if not ok:
-        raise ConfigError(f"{name}={_show(value)}: expected {_describe(tp)}")
-    return out
-
-
-def _match(value: Any, tp: Any, name: str) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, out = _match(value, arg, name)
-            if ok:
-                return True, out
-        return False, None
-    if tp is type(None):
-        return value is None, None
-    if origin is Literal:
-        for allowed in typing.get_args(tp):
-            if value == allowed and type(value) is type(allowed):
-                return True, value
-        return False, None
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok, float(value) if ok else None
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            return False, None
-        (arg,) = typing.get_args(tp)
-        return True, [_check(v, arg, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            return False, None
-        args = typing.get_args(tp)
-        if not args:
-            return True, dict(value)
-        return True, {k: _check(v, args[1], f"{name}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            return False, None
-        return True, _build(tp, value, name)
-    raise TypeError(f"unsupported annotation {tp!r} for {name}")  # a schema bug, not the user's
-
-
-def _describe(tp: Any) -> str:
-    """Human words for an annotation: ``int | None`` -> ``an integer or null``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(_show(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
-    words = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    if tp in words:
-        return words[tp]
-    if origin is list:
-        return f"a list of ({_describe(typing.get_args(tp)[0])})"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    return str(tp)
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value) if isinstance(value, str) else str(value)
+    """``value`` checked against the annotation ``tp`` (:func:`sam_ft.schema.check`)."""
+    return check(value, tp, name, owned_choices())

@@ -319,26 +319,3 @@ def log_exported_model(loggers: Sequence[Any], exported: str | Path, name: str) 
             artifact.add_file(str(card))
         logger.experiment.log_artifact(artifact, aliases=["best"])
         log.info("W&B: logged %s as artifact %s:best", exported, artifact.name)
-
-
-def eval_loggers(cfg, label: str) -> list:
-    """``evaluate.py``'s loggers: a W&B run named ``<model>_<task>_<label>`` (zero-shot and
-    checkpoint evaluations apart), each given the resolved config with secrets scrubbed."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from sam_ft.training.wandb import scrub
-
-    loggers = []
-    for c in (cfg.get("logger") or {}).values():
-        if not c:
-            continue
-        if "wandb" in str(c.get("_target_", "")) and c.get("name"):
-            loggers.append(instantiate(c, name=f"{c.name}_{label}"))
-        else:
-            loggers.append(instantiate(c))
-    if loggers:
-        plain = scrub(OmegaConf.to_container(cfg, resolve=True))
-        for logger in loggers:
-            logger.log_hyperparams(plain)
-    return loggers

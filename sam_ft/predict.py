@@ -12,7 +12,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sam_ft.config import PredictConfig, parse_predict_config
 from sam_ft.data.skips import SkipLog, check_on_error, raise_or_skip
+from sam_ft.data.tasks import to_plain
 from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.protocol.everything import EverythingConfig
@@ -53,7 +55,7 @@ def _run_config(ckpt: Path) -> dict[str, Any] | None:
     return None
 
 
-def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
+def trained_settings(cfg: PredictConfig) -> tuple[dict[str, Any], str | None]:
     """What the checkpoint says about itself: {model, task, min_object_pixels, multimask} and
     the file to load (or ``auto``: the official download of ``model=``).
 
@@ -61,7 +63,7 @@ def trained_settings(cfg: DictConfig) -> tuple[dict[str, Any], str | None]:
     by its run's ``.hydra/config.yaml`` (and the task facts of the run's card, which hold the
     modality found in the data); other files by ``model=`` and the options given.
     """
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = to_plain(cfg.model)
     ckpt = cfg.checkpoint
     facts: dict[str, Any] = {"model": model, "task": {}, "min_object_pixels": None}
     if ckpt is None or str(ckpt) in ("null", "none", ""):
@@ -134,25 +136,32 @@ def build_model(facts: dict[str, Any], checkpoint: str | None) -> TrainableSam:
     )
 
 
-def build_settings(cfg: DictConfig, facts: dict[str, Any]) -> Settings:
+def build_settings(cfg: PredictConfig, facts: dict[str, Any]) -> Settings:
     """Explicit options, then the checkpoint's facts, then the defaults."""
     trained = facts.get("task") or {}
     task: dict[str, Any] = {"name": "predict", "source": "folder"}
     for key in _TASK_KEYS:
-        given = cfg.get(key) if key in _OPTION_KEYS else None
+        given = getattr(cfg, key) if key in _OPTION_KEYS else None
         if given is not None:
-            task[key] = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
+            task[key] = to_plain(given)
         elif trained.get(key) is not None:
             task[key] = trained[key]
-    min_pixels = cfg.get("min_object_pixels")
+    min_pixels = cfg.min_object_pixels
     if min_pixels is None:
         min_pixels = facts.get("min_object_pixels")
     data = {"on_error": "raise", "min_object_pixels": 50 if min_pixels is None else min_pixels}
     selection = str(cfg.mask_selection)
     if selection == "auto":
         selection = "single" if facts.get("multimask_output") is False else "predicted_iou"
-    everything = dict(OmegaConf.to_container(cfg.everything, resolve=True) or {})
-    grid = int(everything.pop("grid", 32))
+    everything = dict(cfg.everything)
+    try:
+        generator = EverythingConfig(
+            grid=int(everything.pop("grid")),
+            points_per_batch=cfg.max_prompts_per_call,
+            **everything,
+        )
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"everything={cfg.everything}: {err}") from None
     return Settings(
         task=task,
         data=data,
@@ -160,26 +169,24 @@ def build_settings(cfg: DictConfig, facts: dict[str, Any]) -> Settings:
         mask_selection=selection,
         seed=int(cfg.seed),
         max_prompts_per_call=int(cfg.max_prompts_per_call),
-        everything=EverythingConfig(
-            grid=grid, points_per_batch=int(cfg.max_prompts_per_call), **everything
-        ),
+        everything=generator,
         overlay=bool(cfg.overlay),
     )
 
 
-def typed_prompt(cfg: DictConfig) -> dict[str, Any] | None:
+def typed_prompt(cfg: PredictConfig) -> dict[str, Any] | None:
     """The object given as ``box=`` / ``points=`` (+ ``point_labels=``, ``slice=``, ``label=``)
     on the command line, in a prompts file's form; None when neither box nor points is given."""
-    if cfg.get("box") is None and cfg.get("points") is None:
+    if cfg.box is None and cfg.points is None:
         for key in ("point_labels", "slice"):
-            if cfg.get(key) is not None:
+            if getattr(cfg, key) is not None:
                 raise ConfigError(f"{key}= needs box= or points= (the prompt it belongs to)")
         return None
-    obj = {"label": cfg.label}
+    obj: dict[str, Any] = {"label": cfg.label}
     for key in ("box", "points", "point_labels", "slice"):
-        value = cfg.get(key)
+        value = getattr(cfg, key)
         if value is not None:
-            obj[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            obj[key] = value
     return obj
 
 
@@ -237,13 +244,14 @@ def predict_one(
     )
 
 
-def predict(cfg: DictConfig) -> list[Path]:
-    """Predict every input of ``cfg.input``; returns the files written.
+def predict(hydra_cfg: DictConfig) -> list[Path]:
+    """Predict every input of ``input=``; returns the files written.
 
     Raises:
         ConfigError / CheckpointError: bad options or weights (before any input is read).
         DataError: a bad input with ``on_error=raise``, or when every input failed.
     """
+    cfg = parse_predict_config(hydra_cfg)
     on_error = check_on_error(str(cfg.on_error), "on_error")
     typed = typed_prompt(cfg)
     if sum(bool(x) for x in (cfg.labels, cfg.prompts, typed)) > 1:
@@ -256,7 +264,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             "give labels=LABEL_MAP, prompts=PROMPTS.json, box=[x0,y0,x1,y1] (and/or "
             "points=[[x,y]]) or prompt=everything"
         )
-    propagate = check_propagate(cfg.get("propagate"))
+    propagate = check_propagate(cfg.propagate)
     if propagate is not None and not (cfg.prompts or typed):
         raise ConfigError("propagate= carries prompts= or box=/points= through a volume: give one")
     inputs = list_inputs(cfg.input)

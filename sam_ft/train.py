@@ -16,10 +16,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.atomic import STALE_TEMP_S, sweep_temp_files
-from sam_ft.config import parse_config
+from sam_ft.config import RunConfig, parse_config, run_facts
 from sam_ft.data.datamodule import SamDataModule
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError, exit_on_own_error
+from sam_ft.evaluation.protocol.compare import compare_models
 from sam_ft.evaluation.protocol.distributed import TrainerRanks
 from sam_ft.inference.card import (
     evaluation_summary,
@@ -28,7 +29,7 @@ from sam_ft.inference.card import (
     update_card_evaluation,
     write_model_card,
 )
-from sam_ft.logging_results import log_exported_model, sweep_objective
+from sam_ft.logging_results import box_dice, log_evaluation, log_exported_model, sweep_objective
 from sam_ft.model.builders import weights_loaded_later
 from sam_ft.model.checkpoint import (
     export_official,
@@ -113,7 +114,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, export ``sam_finetuned.pth``, evaluate zero-shot vs finetuned; return final metrics."""
     # Every option checked before anything is built, hashed or downloaded.
-    parse_config(cfg, "train")
+    run = parse_config(cfg, "train")
     run_dir = Path(cfg.paths.output_dir)
     _sweep_run_dir(run_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
@@ -129,8 +130,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prompt = instantiate(cfg.prompt)
     loss = build_loss(cfg)
     datamodule = SamDataModule(
-        task=cfg.task,
-        data=cfg.data,
+        task=run.task,
+        data=run.data,
         transform=model.transform,
         train_prompt=prompt,
         seed=cfg.seed,
@@ -172,7 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finetuned, exported, card = _export(cfg, trainer, module, datamodule, run_dir)
     if cfg.train.evaluate:
         metrics.update(
-            _compare_with_zero_shot(cfg, initial, finetuned, datamodule, trainer, ranks, card)
+            _compare_with_zero_shot(cfg, run, initial, finetuned, datamodule, trainer, ranks, card)
         )
     if not trainer.is_global_zero:
         return metrics
@@ -214,7 +215,7 @@ def _export(cfg, trainer, module, datamodule, run_dir: Path):
             # "auto" decodes most prompts (boxes, several points) with the single mask: not "3 masks
             # per prompt", so predict keeps its single-mask default for such a checkpoint.
             exported,
-            cfg,
+            OmegaConf.to_container(cfg, resolve=True),
             multimask_output=module.multimask_output is True,
             facts=trained_facts(datamodule),
         )
@@ -224,6 +225,7 @@ def _export(cfg, trainer, module, datamodule, run_dir: Path):
 
 def _compare_with_zero_shot(
     cfg: DictConfig,
+    run: RunConfig,
     initial: str,
     finetuned,
     datamodule: SamDataModule,
@@ -234,18 +236,20 @@ def _compare_with_zero_shot(
     """Evaluate the zero-shot model (the initial weights, whose digest is ``initial``) and the
     finetuned one into ``<run dir>/eval``; the results go into the model ``card`` too (rank 0
     only has one)."""
-    from sam_ft.evaluate import compare_models
-
     run_dir = Path(cfg.paths.output_dir)
     zero_shot = _initial_model(cfg, initial)
-    summary = compare_models(
+    result = compare_models(
         {"zero_shot": zero_shot, "finetuned": finetuned},
         datamodule,
-        cfg,
+        run.eval,
+        run_facts(run, cfg.get("ckpt_path")),
         run_dir / "eval",
-        loggers=trainer.loggers,
         ranks=ranks,
     )
+    if result is None:
+        return {}
+    scalars = log_evaluation(run_dir / "eval", result.report, trainer.loggers, result.overlays)
+    summary = {**box_dice(result.report, result.models, result.task), **scalars}
     if card is not None:
         summary_csv = run_dir / "eval" / "summary.csv"
         headline = predicted_headline(run_dir / "eval", card, str(cfg.eval.mask_selection))

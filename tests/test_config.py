@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sam_ft.config import EvalConfig, RunConfig, TaskConfig, parse_config
+from sam_ft.config import RunConfig, TaskConfig, parse_config
 from sam_ft.errors import ConfigError
+from sam_ft.evaluation.protocol.options import EvalOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -32,7 +33,7 @@ def test_every_task_preset_parses(task, tmp_path):
         cfg = _compose("train", [*overrides, f"task.root={root}"])
     run = parse_config(cfg, "train")
     assert isinstance(run, RunConfig) and isinstance(run.task, TaskConfig)
-    assert isinstance(run.eval, EvalConfig) and run.train is not None
+    assert isinstance(run.eval, EvalOptions) and run.train is not None
 
 
 def test_typed_values(tmp_path):
@@ -40,7 +41,7 @@ def test_typed_values(tmp_path):
     run = parse_config(_compose("eval", ["task=kvasir_seg", f"task.root={tmp_path}"]), "evaluate")
     assert run.train is None and run.task.label_binarize == 127.0
     assert run.task.intensity.mode == "none" and run.task.labels == {"polyp": [1]}
-    assert run.eval.jitter_px == [[0.0, 10.0], [10.0, 20.0], [20.0, 30.0]]
+    assert run.eval.levels == (None, (0.0, 10.0), (10.0, 20.0), (20.0, 30.0))
     assert run.data.split.train == 0.7 and run.data.prep_workers is None
 
 

@@ -58,7 +58,7 @@ def test_python_fallbacks_equal_the_yaml():
         assert getattr(opts, key) == ev[key], key
     for key in ("save_predictions", "max_prompts_per_call", "overlays", "volume_gt"):
         assert getattr(opts, key) == ev[key], key
-    assert opts.everything.grid == ev["grid"]
+    assert opts.grid == ev["grid"]
     # Bad files follow data.on_error (one key for loading and scoring), whose default is raise.
     assert "on_error" not in ev and opts.on_error == data["on_error"] == "raise"
     for key, value in ev["everything"].items():
@@ -89,7 +89,7 @@ def test_changing_the_yaml_changes_the_python_defaults(tmp_path, monkeypatch):
     topts = task_options({"root": "/x"})
     assert topts["images_dir"] == "scans" and topts["slice_axis"] == 1
     eopts = eval_options({})
-    assert eopts.everything.grid == 12 and eopts.mask_selection == "single"
+    assert eopts.grid == 12 and eopts.mask_selection == "single"
     assert eopts.overlays == 3
     aug = SliceAugment({"enabled": True})
     assert aug.cfg["hflip_p"] == 0.25 and aug.cfg["elastic_sigma"] == 3.5
@@ -234,15 +234,9 @@ ALLOWED = {
 # Copies still to remove (#32): the list only shrinks.
 PENDING = {
     "sam_ft.data.datamodule.SamDataModule._local_ranks: num_nodes",
-    "sam_ft.evaluate.split_cases: mode",
-    "sam_ft.evaluate.share_cases: mode",
-    "sam_ft.evaluate.compare_models: mode",
-    "sam_ft.evaluate._write_run_info: multimask_output",
     "sam_ft.evaluation.protocol.distributed.start_ranks: accelerator",
     "sam_ft.evaluation.protocol.distributed.start_ranks: devices",
     "sam_ft.evaluation.protocol.distributed.start_ranks: num_nodes",
-    "sam_ft.evaluation.protocol.distributed._model_facts: multimask_output",
-    "sam_ft.evaluation.protocol.distributed.evaluate_cases: on_error",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: grid",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: pred_iou_thresh",
     "sam_ft.evaluation.protocol.everything.EverythingConfig: stability_score_thresh",

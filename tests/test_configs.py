@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Every group of conf/ except hydra's own (its launcher plugins are not installed here).
@@ -43,8 +44,9 @@ def _build_everything(cfg, run_dir: Path) -> None:
         assert factory(optimizer, **({"total_steps": 100} if takes_steps else {})) is not None
     assert isinstance(build_loss(cfg), torch.nn.Module)  # iou_weight: null follows the selection
     prompt = instantiate(cfg.prompt)
+    task, data = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "data"))
     SamDataModule(
-        task=cfg.task, data=cfg.data, transform=model.transform, train_prompt=prompt,
+        task=task, data=data, transform=model.transform, train_prompt=prompt,
         seed=cfg.seed, run_dir=run_dir, data_dir=cfg.paths.data_dir,
     )  # fmt: skip
     trainer = build_trainer(cfg, run_dir)

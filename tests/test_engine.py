@@ -82,7 +82,7 @@ def test_zero_shot_matches_sam_predictor(model, tmp_path):
         cases,
         report=False,
         task_name="t",
-        cfg={**FAST, "mask_selection": "oracle"},
+        options=eval_options({**FAST, "mask_selection": "oracle"}),
         out_dir=tmp_path,
         seed=SEED,
         progress=False,
@@ -138,7 +138,7 @@ def test_encoder_runs_once_per_slice(model, tmp_path):
             cases,
             report=False,
             task_name="t",
-            cfg=cfg,
+            options=eval_options(cfg),
             out_dir=tmp_path,
             seed=SEED,
             progress=False,
@@ -167,7 +167,7 @@ def _files(d) -> dict[str, bytes]:
 def test_resume_after_kill_gives_same_files(model, tmp_path):
     cfg = {**FAST, "clicks": 2}
     cases = [_case(f"r{i}", slices=(0,), objects=1) for i in range(3)]
-    kw = dict(report=False, task_name="t", cfg=cfg, seed=SEED, progress=False)
+    kw = dict(report=False, task_name="t", options=eval_options(cfg), seed=SEED, progress=False)
 
     full = tmp_path / "full"
     evaluate_models({"zero_shot": model}, cases, out_dir=full, **kw)
@@ -266,7 +266,7 @@ def test_per_case_end_to_end_with_saved_predictions(model, tmp_path):
         [records],
         report=False,
         task_name="t",
-        cfg={**FAST, "save_predictions": True},
+        options=eval_options({**FAST, "save_predictions": True}),
         out_dir=tmp_path,
         seed=SEED,
         progress=False,
@@ -299,15 +299,21 @@ def test_failing_case_is_skipped_and_others_scored(model, tmp_path):
     # The default (data.on_error=raise) stops at the first bad case, naming its file.
     with pytest.raises(DataError, match="bad: slice 0: mask/image sizes differ"):
         evaluate_models(
-            {"zero_shot": model}, cases, report=False, task_name="t", cfg=FAST,
-            out_dir=tmp_path / "raise", seed=SEED, progress=False,
-        )  # fmt: skip
+            {"zero_shot": model},
+            cases,
+            report=False,
+            task_name="t",
+            options=eval_options(FAST),
+            out_dir=tmp_path / "raise",
+            seed=SEED,
+            progress=False,
+        )
     res = evaluate_models(
         {"zero_shot": model},
         cases,
         report=False,
         task_name="t",
-        cfg={**FAST, "on_error": "skip"},
+        options=eval_options({**FAST, "on_error": "skip"}),
         out_dir=tmp_path,
         seed=SEED,
         progress=False,
@@ -332,7 +338,7 @@ def test_a_bug_is_never_a_skipped_case(model, tmp_path):
             cases,
             report=False,
             task_name="t",
-            cfg={**FAST, "on_error": "skip"},
+            options=eval_options({**FAST, "on_error": "skip"}),
             out_dir=tmp_path,
             seed=SEED,
             progress=False,
@@ -356,7 +362,13 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
     out = tmp_path / "eval"
     skip = {**FAST, "on_error": "skip"}
     result = evaluate_models(
-        {"zero_shot": model}, cases, task_name="t", cfg=skip, out_dir=out, seed=SEED, progress=False
+        {"zero_shot": model},
+        cases,
+        task_name="t",
+        options=eval_options(skip),
+        out_dir=out,
+        seed=SEED,
+        progress=False,
     )
     md = (out / "summary.md").read_text()
     assert "**2 case(s) skipped**" in md and "| b1 |" in md and "| b2 |" in md
@@ -368,9 +380,14 @@ def test_skipped_cases_are_counted_in_summary_and_logger(model, tmp_path):
 
     clean = tmp_path / "clean"
     evaluate_models(
-        {"zero_shot": model}, cases[:1], task_name="t", cfg=FAST, out_dir=clean, seed=SEED,
+        {"zero_shot": model},
+        cases[:1],
+        task_name="t",
+        options=eval_options(FAST),
+        out_dir=clean,
+        seed=SEED,
         progress=False,
-    )  # fmt: skip
+    )
     assert "No case was skipped." in (clean / "summary.md").read_text()
 
 
@@ -380,7 +397,7 @@ def test_two_models_share_prompts_and_report(model, tmp_path):
         {"zero_shot": model, "finetuned": model},
         [_case("m0", slices=(0,), objects=1)],
         task_name="t",
-        cfg=FAST,
+        options=eval_options(FAST),
         out_dir=tmp_path,
         seed=SEED,
         progress=False,
@@ -397,7 +414,7 @@ def test_two_models_share_prompts_and_report(model, tmp_path):
 def test_config_errors():
     from sam_ft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown eval option"):
+    with pytest.raises(ConfigError, match=r"unknown option eval\.promts \(did you mean"):
         eval_options({"promts": ["box"]})
     with pytest.raises(ConfigError, match="mask_selection"):
         eval_options({"mask_selection": "best"})
@@ -421,7 +438,7 @@ def test_real_png_files_match_sam_predictor(model, tmp_path):
         lazy_cases(files, task),
         report=False,
         task_name="demo_2d",
-        cfg=FAST,
+        options=eval_options(FAST),
         out_dir=tmp_path / "eval",
         seed=SEED,
         progress=False,
@@ -452,10 +469,15 @@ def test_the_bar_shows_the_slice_being_decoded(model, tmp_path, capsys):
     """Inside a long case the bar names the case and slice, so a slow case does not look hung."""
     cases = [_case("p0", slices=(0, 1, 2), objects=1)]
     evaluate_models(
-        {"zero_shot": model}, cases, report=False, task_name="t",
-        cfg={**FAST, "prompts": ["box"], "overlays": 0}, out_dir=tmp_path, seed=SEED,
+        {"zero_shot": model},
+        cases,
+        report=False,
+        task_name="t",
+        options=eval_options({**FAST, "prompts": ["box"], "overlays": 0}),
+        out_dir=tmp_path,
+        seed=SEED,
         progress=True,
-    )  # fmt: skip
+    )
     err = capsys.readouterr().err
     assert "p0: slice 1/3" in err and "p0: slice 3/3" in err
 
@@ -467,9 +489,15 @@ def test_everything_keeping_no_mask_is_said_not_silent(model, tmp_path, caplog):
     cfg["everything"] = {"pred_iou_thresh": 1.5, "stability_score_thresh": 0.0}
     with caplog.at_level("WARNING", logger="sam_ft"):
         res = evaluate_models(
-            {"zero_shot": model}, [_case("w0", slices=(0,), objects=2)], report=False,
-            task_name="t", cfg=cfg, out_dir=tmp_path, seed=SEED, progress=False,
-        )  # fmt: skip
+            {"zero_shot": model},
+            [_case("w0", slices=(0,), objects=2)],
+            report=False,
+            task_name="t",
+            options=eval_options(cfg),
+            out_dir=tmp_path,
+            seed=SEED,
+            progress=False,
+        )
     assert (res.per_object["dice"] == 0).all()
     said = [r.getMessage() for r in caplog.records if "kept no mask" in r.getMessage()]
     assert len(said) == 1 and "2 of 2 objects" in said[0] and "pred_iou_thresh=1.5" in said[0]

@@ -17,7 +17,7 @@ from sam_ft.errors import ConfigError
 from sam_ft.evaluation.metrics.object_metrics import batch_slice_metrics
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.options import eval_options
-from sam_ft.evaluation.protocol.scoring_pool import WorkerDiedError
+from sam_ft.evaluation.protocol.scoring_pool import WorkerDiedError, resolve_workers
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -108,10 +108,10 @@ def test_two_workers_equal_the_serial_path_row_for_row(model, tmp_path):
     kw = dict(task_name="t", seed=SEED, progress=False)
     models = {"zero_shot": model, "finetuned": model}
     serial = evaluate_models(
-        models, _cases(), cfg={**CFG, "workers": 0}, out_dir=tmp_path / "w0", **kw
+        models, _cases(), options=eval_options({**CFG, "workers": 0}), out_dir=tmp_path / "w0", **kw
     )
     pooled = evaluate_models(
-        models, _cases(), cfg={**CFG, "workers": 2}, out_dir=tmp_path / "w2", **kw
+        models, _cases(), options=eval_options({**CFG, "workers": 2}), out_dir=tmp_path / "w2", **kw
     )
     assert _files(tmp_path / "w2") == _files(tmp_path / "w0")
     assert len(serial.per_object) == 2 * (3 + 2 + 1 + 3) * 2 * 5  # models x objects x variants
@@ -138,7 +138,11 @@ def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, 
     out = tmp_path / "run"
     with pytest.raises(WorkerDiedError, match="case doomed"):
         evaluate_models(
-            {"zero_shot": model}, [*good, doomed, _records("a2", (2,))], cfg=cfg, out_dir=out, **kw
+            {"zero_shot": model},
+            [*good, doomed, _records("a2", (2,))],
+            options=eval_options(cfg),
+            out_dir=out,
+            **kw,
         )
     # The cases committed before the worker died are saved and marked done (which of a0, a1
     # were still in flight, and lost with it, depends on timing), nothing else.
@@ -148,9 +152,13 @@ def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, 
 
     # Rerun after the crash (the bad job replaced): the same files as one uninterrupted run.
     cases = [*good, _records("doomed", (0, 1)), _records("a2", (2,))]
-    evaluate_models({"zero_shot": model}, cases, cfg=cfg, out_dir=out, **kw)
+    evaluate_models({"zero_shot": model}, cases, options=eval_options(cfg), out_dir=out, **kw)
     evaluate_models(
-        {"zero_shot": model}, cases, cfg={**cfg, "workers": 0}, out_dir=tmp_path / "serial", **kw
+        {"zero_shot": model},
+        cases,
+        options=eval_options({**cfg, "workers": 0}),
+        out_dir=tmp_path / "serial",
+        **kw,
     )
     for name in ("per_object.csv", "per_case.csv"):
         assert (out / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
@@ -158,7 +166,8 @@ def test_a_dying_worker_is_an_error_naming_the_case_and_resume_completes(model, 
 
 def test_workers_option_is_checked():
     assert eval_options({"workers": 0}).workers == 0
-    assert eval_options({}).workers == max(len(os.sched_getaffinity(0)) - 1, 0)
+    assert eval_options({}).workers is None  # null: resolved where the pool starts
+    assert resolve_workers(None) == max(len(os.sched_getaffinity(0)) - 1, 0)
     for bad in (-1, "two", 1.5):
         with pytest.raises(ConfigError, match="eval.workers"):
             eval_options({"workers": bad})
@@ -293,7 +302,7 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
     kw = dict(task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "workers": 0, "prompts": ["everything", "point1", "point5_neg5", "box"]}
     models = {"zero_shot": model}
-    evaluate_models(models, _cases(), cfg=cfg, out_dir=tmp_path / "device", **kw)
+    evaluate_models(models, _cases(), options=eval_options(cfg), out_dir=tmp_path / "device", **kw)
 
     calls = {"decode": 0, "everything": 0}
 
@@ -311,7 +320,7 @@ def test_device_dice_iou_give_the_files_of_the_numpy_metrics(model, tmp_path, mo
 
     monkeypatch.setattr(scoring, "decode_scored", numpy_scored)
     monkeypatch.setattr(scoring, "overlap_scores", numpy_overlap)
-    evaluate_models(models, _cases(), cfg=cfg, out_dir=tmp_path / "numpy", **kw)
+    evaluate_models(models, _cases(), options=eval_options(cfg), out_dir=tmp_path / "numpy", **kw)
     assert calls["decode"] > 0 and calls["everything"] > 0
     assert _files(tmp_path / "device") == _files(tmp_path / "numpy")
 
@@ -370,15 +379,19 @@ def test_next_case_loads_in_a_thread_while_this_one_is_evaluated(model, tmp_path
     lazy = [LazyCase(n, loader(n, s), f"{n}.nii.gz") for n, s in names.items()]
     kw = dict(report=False, task_name="t", seed=SEED, progress=False)
     cfg = {**CFG, "clicks": 0, "workers": 0}
-    evaluate_models({"zero_shot": model}, lazy[:1], cfg=cfg, out_dir=tmp_path / "lazy", **kw)
+    evaluate_models(
+        {"zero_shot": model}, lazy[:1], options=eval_options(cfg), out_dir=tmp_path / "lazy", **kw
+    )
     loads.clear()
     evaluate_models(
-        {"zero_shot": model}, lazy, cfg=cfg, out_dir=tmp_path / "lazy", **kw
+        {"zero_shot": model}, lazy, options=eval_options(cfg), out_dir=tmp_path / "lazy", **kw
     )  # l0 is done: not loaded
     assert [n for n, _ in loads] == ["l1", "l2"]
     assert all(t.startswith("eval-load") for _, t in loads)
     loaded = [_records(n, s) for n, s in names.items()]
-    evaluate_models({"zero_shot": model}, loaded, cfg=cfg, out_dir=tmp_path / "ready", **kw)
+    evaluate_models(
+        {"zero_shot": model}, loaded, options=eval_options(cfg), out_dir=tmp_path / "ready", **kw
+    )
     for name in ("per_object.csv", "per_case.csv"):
         assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "ready" / name).read_bytes()
 

@@ -51,7 +51,8 @@ def _run(model, out, queue_mb: int) -> list:
     progress = out / "progress.jsonl"
     cases = [LazyCase(f"c{i}", partial(_case, f"c{i}", progress, seen)) for i in range(CASES)]
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 2, "queue_mb": queue_mb}
-    evaluate_models({"m": model}, cases, task_name="t", cfg=cfg, out_dir=out, seed=0,
+    options = eval_options(cfg)
+    evaluate_models({"m": model}, cases, task_name="t", options=options, out_dir=out, seed=0,
                     progress=False, report=False)  # fmt: skip
     return seen
 

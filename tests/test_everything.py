@@ -16,6 +16,7 @@ from sam_ft.evaluation.protocol.everything import (
     everything_predictions,
     generate_masks,
 )
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -155,7 +156,9 @@ def test_engine_scores_zero_when_nothing_generated(sam, tmp_path):
         [[rec]],
         report=False,
         task_name="t",
-        cfg={"prompts": ["everything"], "grid": 3, "everything": {"pred_iou_thresh": 1e9}},
+        options=eval_options(
+            {"prompts": ["everything"], "grid": 3, "everything": {"pred_iou_thresh": 1e9}}
+        ),
         out_dir=tmp_path,
         seed=0,
         progress=False,

@@ -246,7 +246,7 @@ def test_predict_cli_gives_the_official_masks(litemedsam, mni_slices, official, 
             "data": {"min_object_pixels": 20},
         }
     )
-    write_model_card(weights, cfg, multimask_output=False)
+    write_model_card(weights, OmegaConf.to_container(cfg), multimask_output=False)
     image, _ = mni_slices[0]
     boxes, expected = official[0]
     png = tmp_path / "slice.png"

@@ -92,6 +92,7 @@ def weights(tmp_path_factory) -> Path:
             "data": {"min_object_pixels": 20},
         }
     )
+    cfg = OmegaConf.to_container(cfg)
     write_model_card(path, cfg, multimask_output=True, evaluation={"finetuned": {"box_dice": 0.5}})
     return path
 

@@ -43,13 +43,16 @@ def test_one_box_on_one_slice_gives_a_label_volume(tmp_path, weights):  # noqa: 
 
     from test_predict import _compose
 
+    from sam_ft.config import parse_predict_config
     from sam_ft.evaluation.protocol.decode_select import decode_masks
     from sam_ft.inference.inputs import load_image
     from sam_ft.inference.label_maps import _embed
     from sam_ft.predict import build_model, build_settings, trained_settings
     from sam_ft.prompts.types import Prompt
 
-    cfg = _compose("predict", [f"checkpoint={weights}", f"input={img}", "output=x"])
+    cfg = parse_predict_config(
+        _compose("predict", [f"checkpoint={weights}", f"input={img}", "output=x"])
+    )
     facts, checkpoint = trained_settings(cfg)
     settings = build_settings(cfg, facts)
     model = build_model(facts, checkpoint).eval()

@@ -184,6 +184,7 @@ def _load(root):
 
 def _run(litemedsam, case, tmp_path, **propagate):
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
 
     ours, _ = litemedsam
     cfg = {
@@ -191,9 +192,15 @@ def _run(litemedsam, case, tmp_path, **propagate):
         "save_predictions": True, "overlays": 0, "propagate": propagate,
     }  # fmt: skip
     res = evaluate_models(
-        {"lite": ours}, [case], task_name="slab", cfg=cfg, out_dir=tmp_path, seed=0,
-        progress=False, report=False,
-    )  # fmt: skip
+        {"lite": ours},
+        [case],
+        task_name="slab",
+        options=eval_options(cfg),
+        out_dir=tmp_path,
+        seed=0,
+        progress=False,
+        report=False,
+    )
     nib = pytest.importorskip("nibabel")
     from sam_ft.data.slicing import to_slicing_frame
 
@@ -239,8 +246,8 @@ def test_box_propagation_equals_the_official_litemedsam_3d_loop(litemedsam, mni_
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"mode": "sideways"}, r"^eval\.mode must be one of"),
-        ({"propagate": {"key": "first"}}, r"^eval\.propagate\.key must be one of"),
+        ({"mode": "sideways"}, r"^eval\.mode='sideways': expected one of 'slices'"),
+        ({"propagate": {"key": "first"}}, r"^eval\.propagate\.key='first': expected one of"),
         ({"propagate": {"keys": 3}}, r"keys > 1 needs eval\.propagate\.key=even"),
         ({"propagate": {"margin_px": -1}}, r"^eval\.propagate\.margin_px must be >= 0"),
         ({"mode": "propagate", "prompts": ["everything"]}, r"remove everything"),

@@ -11,6 +11,7 @@ import torch
 from wrapped_sam import wrap_sam
 
 from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -59,9 +60,15 @@ def cases(tmp_path_factory):
 
 def _evaluate(model, cases, out, name, **cfg):
     return evaluate_models(
-        {name: model}, cases, task_name="vol", cfg={**CFG, **cfg}, out_dir=out, seed=SEED,
-        progress=False, report=False,
-    )  # fmt: skip
+        {name: model},
+        cases,
+        task_name="vol",
+        options=eval_options({**CFG, **cfg}),
+        out_dir=out,
+        seed=SEED,
+        progress=False,
+        report=False,
+    )
 
 
 def test_propagation_pairs_with_the_slices_mode_and_scores_whole_volumes(model, cases, tmp_path):
@@ -107,20 +114,18 @@ def _files(out) -> dict[str, bytes]:
 def test_propagation_shards_merge_and_resume_equal_one_process(model, cases, tmp_path):
     """Shards 0/2 and 1/2 merge to the one-process files (propagation's included), and a run
     killed mid-case resumes to the same files."""
-    from omegaconf import OmegaConf
-
-    from sam_ft.evaluation.protocol.distributed import evaluate_cases
+    from sam_ft.evaluation.protocol.distributed import RunFacts, evaluate_cases
     from sam_ft.evaluation.protocol.merge import merge_shards
 
     def run(out, shard=None, subset=cases):
         # Few bootstrap resamples: the reports' CIs are not what is tested here.
         boot = {"resamples": 100, "method": "percentile"}
         eval_cfg = {**CFG, "mode": "propagate", "shard": shard, "bootstrap": boot}
-        cfg = OmegaConf.create(
-            {"eval": eval_cfg, "task": {"name": "vol"}, "seed": SEED, "model": {"name": "tiny"},
-             "data": {"on_error": "raise"}}
+        facts = RunFacts("vol", SEED, "tiny", checkpoint="", slicing={}, data_split={})
+        evaluate_cases(
+            {"m_propagate": model}, subset, options=eval_options(eval_cfg), facts=facts,
+            out_dir=out, slices=[1] * 3,
         )  # fmt: skip
-        evaluate_cases({"m_propagate": model}, subset, cfg=cfg, out_dir=out, slices=[1] * 3)
 
     run(tmp_path / "one")
     run(tmp_path / "s0", "0/2")
@@ -150,10 +155,15 @@ def test_propagation_shards_merge_and_resume_equal_one_process(model, cases, tmp
 def test_two_evenly_spaced_keys_split_the_volume(model, cases, tmp_path):
     """key=even keys=2: two prompted slices per object, each slice carried from its nearest."""
     evaluate_models(
-        {"m_propagate": model}, cases[:1], task_name="vol", out_dir=tmp_path, seed=SEED,
-        cfg={**CFG, "mode": "propagate", "propagate": {"key": "even", "keys": 2}},
-        progress=False, report=True,
-    )  # fmt: skip
+        {"m_propagate": model},
+        cases[:1],
+        task_name="vol",
+        out_dir=tmp_path,
+        seed=SEED,
+        options=eval_options({**CFG, "mode": "propagate", "propagate": {"key": "even", "keys": 2}}),
+        progress=False,
+        report=True,
+    )
     table = pd.read_csv(tmp_path / "propagation.csv")
     volumes = pd.read_csv(tmp_path / "propagation_volumes.csv")
     assert (volumes["prompts"] == 2).all()

@@ -172,13 +172,20 @@ def test_evaluate_with_memory_writes_the_official_masks_tables(ours, official, o
     propagation table's pixel counts and Dice per slice are the official masks' (each object's
     box on its key slice, the whole volume both ways), and the 3D Dice is theirs."""
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
 
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
     cfg |= {"mode": "propagate", "propagate": {"prompt": "memory"}}
     res = evaluate_models(
-        {"m_propagate": ours}, [case], task_name="vol", cfg=cfg, out_dir=tmp_path, seed=SEED,
-        progress=False, report=False,
-    )  # fmt: skip
+        {"m_propagate": ours},
+        [case],
+        task_name="vol",
+        options=eval_options(cfg),
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+        report=False,
+    )
     table = pd.read_csv(tmp_path / "propagation.csv")
     for label in (1, 2):
         gt = case.gt_volume(label).astype(bool)
@@ -202,6 +209,7 @@ def test_memory_needs_a_sam2_model(case, tmp_path):
     propagator runs SAM 2 models too (the engine test above uses the same case)."""
     from sam_ft.errors import ConfigError
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
     from sam_ft.model.builders import build_sam_architecture
 
     tiny = wrap_sam(build_sam_architecture("tiny", image_size=64)).eval()
@@ -209,9 +217,15 @@ def test_memory_needs_a_sam2_model(case, tmp_path):
     cfg |= {"mode": "propagate", "propagate": {"prompt": "memory"}}
     with pytest.raises(ConfigError, match=r"^eval\.propagate\.prompt=memory needs a SAM 2") as e:
         evaluate_models(
-            {"tiny_propagate": tiny}, [case], task_name="vol", cfg=cfg, out_dir=tmp_path,
-            seed=SEED, progress=False, report=False,
-        )  # fmt: skip
+            {"tiny_propagate": tiny},
+            [case],
+            task_name="vol",
+            options=eval_options(cfg),
+            out_dir=tmp_path,
+            seed=SEED,
+            progress=False,
+            report=False,
+        )
     assert "\n" not in str(e.value)
 
 
@@ -219,13 +233,20 @@ def test_box_propagator_runs_a_sam2_model(ours, case, tmp_path):
     """eval.propagate.prompt=box with SAM 2.1: the box rule on its image path, one key per
     object, the key slice's mask scored."""
     from sam_ft.evaluation.protocol.engine import evaluate_models
+    from sam_ft.evaluation.protocol.options import eval_options
 
     cfg = {"prompts": ["box"], "jitter_px": [], "overlays": 0, "workers": 0}
     cfg |= {"mode": "propagate", "propagate": {"prompt": "box"}}
     evaluate_models(
-        {"m_propagate": ours}, [case], task_name="vol", cfg=cfg, out_dir=tmp_path, seed=SEED,
-        progress=False, report=False,
-    )  # fmt: skip
+        {"m_propagate": ours},
+        [case],
+        task_name="vol",
+        options=eval_options(cfg),
+        out_dir=tmp_path,
+        seed=SEED,
+        progress=False,
+        report=False,
+    )
     table = pd.read_csv(tmp_path / "propagation.csv")
     assert table["is_key"].sum() == 2 and (table.loc[table["is_key"], "pred_px"] > 0).all()
 

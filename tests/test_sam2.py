@@ -172,7 +172,7 @@ def test_predict_cli_on_an_export_gives_sam2_image_predictor_masks(ours, weights
             "data": {"min_object_pixels": 20},
         }
     )
-    write_model_card(exported, cfg, multimask_output=False)
+    write_model_card(exported, OmegaConf.to_container(cfg), multimask_output=False)
     gray = _image()[..., 0]
     png = tmp_path / "slice.png"
     Image.fromarray(gray).save(png)

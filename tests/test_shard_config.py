@@ -12,9 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from sam_ft.config import parse_config, run_facts
 from sam_ft.defaults import config_dir
 from sam_ft.errors import ConfigError
-from sam_ft.evaluation.protocol.distributed import shard_config
+from sam_ft.evaluation.protocol import distributed
 from sam_ft.evaluation.protocol.merge import Shard, read_shards, write_shard_file
 
 KEYS, SLICES = ["demo_000", "demo_001"], [5, 7]
@@ -23,6 +24,12 @@ KEYS, SLICES = ["demo_000", "demo_001"], [5, 7]
 def _cfg(*overrides: str):
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return compose("eval", overrides=["model=tiny", "task=demo", *overrides])
+
+
+def shard_config(cfg, models, keys, slices):
+    """The shard config of a composed evaluate.py config, as the evaluate task records it."""
+    run = parse_config(cfg, "evaluate")
+    return distributed.shard_config(run.eval, run_facts(run, None), models, keys, slices)
 
 
 def _model(cfg, seed: int = 0):

@@ -25,6 +25,7 @@ from sam_ft.data.types import SliceRecord  # sam_ft first: it sets MKL's mode
 import numpy as np
 import torch
 
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
@@ -62,7 +63,8 @@ cfg = {"prompts": ["point1", "box"], "jitter_px": [], "overlays": 0}
 for n in threads:
     torch.set_num_threads(n)
     evaluate_models(
-        {"zero_shot": model}, cases, task_name="t", cfg=cfg, out_dir=out / f"threads{n}",
+        {"zero_shot": model}, cases, task_name="t", options=eval_options(cfg),
+        out_dir=out / f"threads{n}",
         seed=3, progress=False, report=False,
     )
 """

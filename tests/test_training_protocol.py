@@ -344,16 +344,16 @@ class RecordInitialState(L.Callback):
 def test_zero_shot_baseline_is_the_finetuned_models_initial_state(tmp_path, monkeypatch):
     """With random weights (model=tiny, the demo) a freshly built model is another network: the
     baseline must be the exact weights finetuning started from."""
-    import sam_ft.evaluate as eval_run
+    import sam_ft.train as train_task
     from sam_ft.train import train
 
     seen = {}
 
-    def capture(models, datamodule, cfg, out_dir, loggers=(), ranks=None):
+    def capture(models, datamodule, options, facts, out_dir, ranks=None):
         seen.update(models)
-        return {}
+        return None
 
-    monkeypatch.setattr(eval_run, "compare_models", capture)
+    monkeypatch.setattr(train_task, "compare_models", capture)
     cfg = _compose(
         "train",
         [

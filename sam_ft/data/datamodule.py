@@ -66,8 +66,9 @@ class SamDataModule(L.LightningDataModule):
     """Data for finetuning and evaluating SAM on one task.
 
     Args:
-        task: the ``task`` config (``conf/task/*.yaml``).
-        data: the ``data`` config (``conf/data/default.yaml``).
+        task: the ``task`` group, checked (``sam_ft.config.TaskConfig``; a mapping of its keys
+            also, e.g. a partial one from Python: the others take ``conf/task/folder.yaml``'s).
+        data: the ``data`` group, checked (``sam_ft.config.DataConfig``, or a mapping).
         transform: model input / low-res target transform of the model being trained; may be
             set after preprocessing (``evaluate.py`` checks the files before building a model),
             it is first needed by :meth:`dataset`.
@@ -83,8 +84,8 @@ class SamDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: Mapping[str, Any],
-        data: Mapping[str, Any],
+        task: Any,
+        data: Any,
         transform: SamTransform | None,
         train_prompt: PromptFn,
         seed: int,

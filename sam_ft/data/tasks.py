@@ -22,12 +22,13 @@ labels_dir (dir or list of binary-mask dirs), label_name, layout, demo_variant, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,14 +59,20 @@ SLICE_AXES = ("auto", 0, 1, 2)  # task.slice_axis: auto or a RAS axis
 
 
 def to_plain(cfg: Any) -> Any:
-    """DictConfig / ListConfig -> plain dict / list (resolved); other values unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig | ListConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    """A config group as plain dicts and lists: a typed group (a dataclass of
+    :mod:`sam_ft.config`) without the optional keys its YAML did not set (as Hydra's config had
+    them); any other mapping or list (a partial one from Python) copied; other values unchanged.
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {
+            f.name: to_plain(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if not (getattr(cfg, f.name) is None and f.metadata.get("optional"))
+        }
+    if isinstance(cfg, Mapping):
+        return {k: to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, Sequence) and not isinstance(cfg, str | bytes | tuple):
+        return [to_plain(v) for v in cfg]
     return cfg
 
 

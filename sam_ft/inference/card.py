@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,18 +63,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _plain(cfg: Any) -> Any:
+    """A mapping / sequence as plain JSON-able dicts and lists."""
     if cfg is None or isinstance(cfg, str | int | float | bool):
         return cfg
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig | ListConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
     if isinstance(cfg, Mapping):
         return {str(k): _plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, list | tuple):
+    if isinstance(cfg, Sequence):
         return [_plain(v) for v in cfg]
     return cfg
 
@@ -100,7 +94,8 @@ def write_model_card(
 
     Args:
         weights: the exported ``sam_finetuned.pth``.
-        cfg: the run's config (``model``, ``finetune``, ``task``, ``data`` are read).
+        cfg: the run's config as plain mappings (``model``, ``finetune``, ``task``, ``data``,
+            ``eval`` are read).
         multimask_output: whether training decoded 3 masks per prompt (loss on the best).
         facts: :func:`trained_facts`: the object names and label values the model was trained
             on (else ``task.labels``) and the modality (else ``task.modality``).
@@ -321,42 +316,36 @@ def model_overrides(card: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def apply_card(cfg: Any, weights: str | Path | None) -> dict[str, Any] | None:
-    """Make ``cfg.model`` feed ``weights`` as they were trained, when a card is beside them.
-
-    ``cfg.model``'s ``name``, ``image_size`` and ``preprocess`` are set from the card (a
-    difference is logged); a task whose intensity mapping differs from the card's is warned
-    about. Returns the card, or None when ``weights`` has none.
-    """
-    if not weights:
-        return None
-    card = card_for(weights)
+def apply_card(
+    model: Mapping[str, Any], intensity: Mapping[str, Any] | None, weights: str | Path | None
+) -> dict[str, Any]:
+    """The ``model`` group (a plain mapping) that feeds ``weights`` as they were trained: its
+    ``name``, ``image_size`` and ``preprocess`` from the card beside them (a difference is
+    logged), or ``model`` unchanged when they have none. A task ``intensity`` that differs from
+    the card's is warned about. The caller checks the new group (``config.with_model``)."""
+    card = card_for(weights) if weights else None
     if card is None:
-        return None
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        for key, value in model_overrides(card).items():
-            if cfg.model.get(key) not in (None, value):
-                log.warning(
-                    "model.%s=%s, but the model card of %s says %s: using the card's",
-                    key,
-                    cfg.model.get(key),
-                    weights,
-                    value,
-                )
-            cfg.model[key] = value
+        return dict(model)
+    new = dict(model)
+    for key, value in model_overrides(card).items():
+        if model.get(key) not in (None, value):
+            log.warning(
+                "model.%s=%s, but the model card of %s says %s: using the card's",
+                key,
+                model.get(key),
+                weights,
+                value,
+            )
+        new[key] = value
     trained = (card.get("task") or {}).get("intensity")
-    task = cfg.get("task") or {}
-    current = _plain(task.get("intensity")) if hasattr(task, "get") else None
-    if trained is not None and current is not None and trained != current:
+    if trained is not None and intensity is not None and trained != dict(intensity):
         log.warning(
             "task.intensity=%s differs from %s, with which %s was trained",
-            current,
+            dict(intensity),
             trained,
             weights,
         )
-    return card
+    return new
 
 
 def trained_facts(datamodule: Any) -> dict[str, Any]:

@@ -24,6 +24,11 @@ def task_preset(cfg):
     return cfg.task if "task" in cfg else cfg
 
 
+def plain(node) -> dict:
+    """A composed group as the plain mapping a task module hands the library (resolved)."""
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def test_png_folder_with_0_255_masks(tmp_path, h):
     root = tmp_path / "polyps"
     for i in range(2):
@@ -131,7 +136,7 @@ def test_all_presets_parse(tmp_path):
     for name in names:
         cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
         cfg.task = task_preset(OmegaConf.load(CONF / "task" / f"{name}.yaml"))
-        opts = task_options(cfg.task)
+        opts = task_options(plain(cfg.task))
         assert opts["name"] == name
         if opts["source"] == "decathlon":
             assert opts["decathlon_task"] == DECATHLON_TASKS[name.removesuffix("_merged")]
@@ -145,7 +150,7 @@ def test_presets_make_one_object_per_label_value(tmp_path):
     def preset(path):
         cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
         cfg.task = task_preset(OmegaConf.load(path))
-        return task_options(cfg.task)
+        return task_options(plain(cfg.task))
 
     for path in sorted((CONF / "task").glob("*.yaml")):
         opts = preset(path)
@@ -198,7 +203,7 @@ def test_missing_2d_dataset_names_path_and_layout(tmp_path, name):
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
     cfg.task = task_preset(OmegaConf.load(CONF / "task" / f"{name}.yaml"))
     with pytest.raises(DataError) as err:
-        prepare_task(cfg.task)
+        prepare_task(plain(cfg.task))
     assert str(tmp_path) in str(err.value) and "expected layout" in str(err.value)
     assert cfg.task.layout in str(err.value)
 
@@ -212,9 +217,9 @@ def test_drive_preset_pairs_training_and_manual(tmp_path, h):
         h.write_png(root / "training" / "1st_manual" / f"{n}_manual1.gif", vessels)
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}})
     cfg.task = task_preset(OmegaConf.load(CONF / "task" / "drive_vessels.yaml"))
-    cases = find_cases(prepare_task(cfg.task), cfg.task)
+    cases = find_cases(prepare_task(plain(cfg.task)), plain(cfg.task))
     assert [(c.case, c.image_id) for c in cases] == [("21", "21_training"), ("22", "22_training")]
-    data = load_cases(cases, cfg.task, progress=False)
+    data = load_cases(cases, plain(cfg.task), progress=False)
     assert data[0].slices[0].names == ["retinal_vessel"] and data[0].slices[0].masks.sum() == 80
 
 

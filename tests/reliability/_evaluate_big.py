@@ -17,6 +17,7 @@ import torch
 from sam_ft.data.folder import find_cases
 from sam_ft.evaluation.protocol.cases import lazy_cases
 from sam_ft.evaluation.protocol.engine import evaluate_models
+from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
@@ -49,7 +50,7 @@ def run(model: TrainableSam, job: dict) -> dict:
         lazy_cases(find_cases(job["root"], TASK), TASK),
         report=False,
         task_name="big",
-        cfg=job["cfg"],
+        options=eval_options(job["cfg"]),
         out_dir=job["out"],
         seed=0,
         progress=False,

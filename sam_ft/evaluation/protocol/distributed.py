@@ -4,7 +4,7 @@
 [trainer.accelerator=gpu|cpu]`` starts N x M ranks through Lightning Fabric (the launcher and
 environment variables Lightning's Trainer uses; NCCL on GPUs, gloo on CPUs). Each rank scores
 its share of the cases (``merge.balanced_shares``: balanced by slice count; ``evaluate.py``'s
-ranks and shards by source bytes, so each reads only its own cases: ``evaluate.share_cases``) into
+ranks and shards by source bytes, so each reads only its own cases: ``compare.share_cases``) into
 ``<run dir>/.ranks/<rank>-of-<world>/``, an ordinary resumable engine folder, so a killed
 distributed evaluation started again with the same world size resumes every rank where it
 stopped. After a barrier, rank 0 merges the shares into the run dir: the same ``per_object.csv``,
@@ -16,16 +16,16 @@ separate machines); ``sam-ft-report merge DIR... --out DIR`` then writes the ful
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.data.loading import CaseData
 from sam_ft.errors import ConfigError
@@ -34,9 +34,9 @@ from sam_ft.evaluation.protocol.merge import (
     Shard,
     balanced_shares,
     merge_shards_with_overlays,
-    parse_shard,
     write_shard_file,
 )
+from sam_ft.evaluation.protocol.options import EvalOptions
 from sam_ft.evaluation.protocol.scoring_pool import default_workers
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,25 @@ def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
     return Ranks(fabric)
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What an evaluation's rows depend on beside its options, models and cases: the task's
+    name (the ``task`` column), the prompts' seed, the model's architecture and checkpoint file
+    name, how the cases were sliced (``data.loading.slice_settings``) and the split's settings
+    (``data.split``). Each share records them in its ``shard.json``: only shares of one run
+    merge."""
+
+    task_name: str
+    seed: int
+    model_name: str
+    checkpoint: str
+    slicing: dict[str, Any]
+    data_split: dict[str, Any]
+
+
 def shard_config(
-    cfg: DictConfig,
+    options: EvalOptions,
+    facts: RunFacts,
     models: Mapping[str, Any],
     keys: Sequence[str],
     slices: Sequence[int],
@@ -142,31 +159,20 @@ def shard_config(
     """What must be equal for shares to be merged: the models (each one's weights digest,
     precision and preprocessing), the data (the split's cases, their slice counts, their pixels
     where the index knows them, and how they were sliced: intensity, axis, labels), the
-    evaluation protocol and the seed. ``eval.workers`` and ``eval.queue_mb`` are left out: they
-    never change a row."""
-    from sam_ft.data.loading import slice_settings
+    evaluation protocol (``EvalOptions.protocol``) and the seed."""
     from sam_ft.model.checkpoint import weights_digest
 
-    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
-    eval_cfg.pop("shard", None)
-    eval_cfg.pop("workers", None)
-    eval_cfg.pop("queue_mb", None)
-    ckpt = cfg.get("ckpt_path")
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
     return {
         "models": list(models),
         "weights": {name: _model_facts(m, weights_digest) for name, m in models.items()},
-        "task_name": str(cfg.task.name),
-        "model_name": str(cfg.model.name),
-        "checkpoint": Path(str(ckpt or cfg.model.get("checkpoint") or "")).name,
-        "seed": int(cfg.seed),
-        "eval": eval_cfg,
-        "data_split": OmegaConf.to_container(cfg.data.split, resolve=True)
-        if "split" in cfg.data
-        else None,
+        "task_name": facts.task_name,
+        "model_name": facts.model_name,
+        "checkpoint": Path(facts.checkpoint).name,
+        "seed": facts.seed,
+        "eval": options.protocol(),
+        "data_split": facts.data_split,
         "data": {
-            "slicing": json.loads(json.dumps(slice_settings(task, data), default=str)),
+            "slicing": json.loads(json.dumps(facts.slicing, default=str)),
             "cases": _cases_digest(keys, slices, datamodule),
         },
     }
@@ -182,7 +188,7 @@ def _model_facts(model: Any, digest: Callable[[Any], str]) -> dict[str, Any]:
         "precision": precision,
         "preprocess": getattr(transform, "mode", None),
         "image_size": getattr(transform, "image_size", None),
-        "multimask_output": bool(getattr(model, "multimask_output", True)),
+        "multimask_output": bool(model.multimask_output),
     }
 
 
@@ -239,30 +245,28 @@ def evaluate_cases(
     models: Mapping[str, Any],
     cases: Sequence[Case],
     *,
-    cfg: DictConfig,
+    options: EvalOptions,
+    facts: RunFacts,
     out_dir: Path,
     slices: Sequence[int],
     ranks: Ranks | None = None,
     datamodule: Any = None,
 ):
     """Score ``cases`` with ``models`` into ``out_dir`` in one process, as share
-    ``eval.shard``, or as this rank's share of a distributed run (then merged by rank 0).
+    ``options.share``, or as this rank's share of a distributed run (then merged by rank 0).
 
     Returns the engine's ``EvalResult`` for ``out_dir`` (one process, a shard, or rank 0 after
     the merge) or None on ranks other than 0.
     """
     from sam_ft.evaluation.protocol import engine, tables
 
-    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
-    # One key for bad files, in loading and scoring alike.
-    eval_cfg["on_error"] = str((cfg.get("data") or {}).get("on_error", "raise"))
-    if ranks is not None and eval_cfg.get("workers") is None:
+    if ranks is not None and options.workers is None:
         # The node's cores divided among its ranks (each would otherwise take them all).
-        eval_cfg["workers"] = default_workers(ranks.local_world)
-    shard = parse_shard(eval_cfg.pop("shard", None))
+        options = dataclasses.replace(options, workers=default_workers(ranks.local_world))
+    shard = options.share
     if shard is not None and ranks is not None:
         raise ConfigError("eval.shard and a distributed trainer= cannot be combined")
-    common = {"task_name": cfg.task.name, "cfg": eval_cfg, "seed": cfg.seed}
+    common = {"task_name": facts.task_name, "options": options, "seed": facts.seed}
     if shard is None and ranks is None:
         return engine.evaluate_models(dict(models), cases, out_dir=out_dir, **common)
 
@@ -270,7 +274,7 @@ def evaluate_cases(
     shard = shard or Shard(ranks.rank, ranks.world)
     share = balanced_shares(keys, slices, shard.count)[shard.index]
     where = out_dir if ranks is None else out_dir / RANKS_DIR / f"{shard.index}-of-{shard.count}"
-    config = shard_config(cfg, models, keys, slices, datamodule)
+    config = shard_config(options, facts, models, keys, slices, datamodule)
     write_shard_file(where, shard, [keys[i] for i in share], config)
     log.info(
         "evaluation share %s: %d of %d cases, %d of %d slices",
@@ -291,4 +295,4 @@ def evaluate_cases(
     parts = [out_dir / RANKS_DIR / f"{r}-of-{ranks.world}" for r in range(ranks.world)]
     report, overlays = merge_shards_with_overlays(parts, out_dir)
     skipped = tables.read_table(out_dir / tables.SKIPPED_CSV, tables.SKIPPED_COLUMNS)
-    return engine.EvalResult(out_dir, list(models), cfg.task.name, skipped, overlays, report)
+    return engine.EvalResult(out_dir, list(models), facts.task_name, skipped, overlays, report)

@@ -51,10 +51,10 @@ from sam_ft.data.skips import raise_or_skip
 from sam_ft.errors import DataError
 from sam_ft.evaluation.protocol.best_worst import OverlayPool
 from sam_ft.evaluation.protocol.cases import Case, case_path, loaded_ahead
-from sam_ft.evaluation.protocol.options import EvalOptions, eval_options
+from sam_ft.evaluation.protocol.options import EvalOptions
 from sam_ft.evaluation.protocol.predictions import write_case_predictions
 from sam_ft.evaluation.protocol.run_case import OVERLAY_PROMPT, CaseOutput, PendingCase, start_case
-from sam_ft.evaluation.protocol.scoring_pool import ScoringPool, WorkerDiedError
+from sam_ft.evaluation.protocol.scoring_pool import ScoringPool, WorkerDiedError, resolve_workers
 from sam_ft.evaluation.protocol.tables import (
     CLICK_COLUMNS,
     CLICKS_CSV,
@@ -152,6 +152,7 @@ class _Run:
         seed: int,
     ) -> None:
         self.models, self.task_name, self.opts, self.seed = models, task_name, opts, seed
+        self.workers = resolve_workers(opts.workers)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.paths = {
@@ -225,7 +226,7 @@ class _Run:
             # are lost is named, the first in input order first.
             lost = [c.key for c in in_flight if c is not case and not c.done_ok()]
             raise WorkerDiedError(
-                f"a scoring worker process (eval.workers={self.opts.workers}) died: the results "
+                f"a scoring worker process (eval.workers={self.workers}) died: the results "
                 f"of case {case.key} ({case.path or 'in memory'})"
                 + (f" and of the cases in flight with it {lost}" if lost else "")
                 + " are lost. The cases before it are saved; rerun in the same out_dir to resume."
@@ -279,7 +280,7 @@ class _Run:
         # the main process encodes the next one; more would only hold memory: at most
         # workers + 1 cases and eval.queue_mb MiB of them (a case larger than that alone).
         pending: deque[PendingCase] = deque()
-        max_pending = self.opts.workers + 1
+        max_pending = self.workers + 1
         budget = None if self.opts.queue_mb is None else self.opts.queue_mb * 2**20
         held = [0]  # bytes of the pending cases
 
@@ -297,7 +298,7 @@ class _Run:
             return all((n, self.task_name, key) in self.done for n in self.models)
 
         # thread_independent: the same bits on any core count (sam_ft/reproducible.py).
-        with torch.inference_mode(), thread_independent(), ScoringPool(self.opts.workers) as pool:
+        with torch.inference_mode(), thread_independent(), ScoringPool(self.workers) as pool:
             try:
                 for item, key, loaded in loaded_ahead(cases, finished):
                     case = self.start(item, key, loaded, pool)
@@ -410,7 +411,7 @@ def evaluate_models(
     cases: Iterable[Case],
     *,
     task_name: str,
-    cfg: Mapping[str, Any] | None,
+    options: EvalOptions,
     out_dir: str | Path,
     seed: int,
     progress: bool = True,
@@ -427,7 +428,7 @@ def evaluate_models(
             :class:`~sam_ft.evaluation.protocol.cases.LazyCase` (loaded only when needed; loading
             errors are recorded per case).
         task_name: the ``task`` column.
-        cfg: the ``eval`` config (keys of conf/eval/default.yaml; missing keys take its values).
+        options: the ``eval`` group, checked (``options.eval_options``).
         out_dir: where the CSVs go; existing results of (model, task, case) are kept.
         seed: prompt seed (same seed, same prompts for every model).
         progress: show a tqdm bar (cases/s, running mean box Dice).
@@ -441,7 +442,7 @@ def evaluate_models(
         summary's tables).
     """
     models = dict(models)
-    run = _Run(models, task_name=task_name, opts=eval_options(cfg), out_dir=out_dir, seed=seed)
+    run = _Run(models, task_name=task_name, opts=options, out_dir=out_dir, seed=seed)
     training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()

@@ -101,7 +101,7 @@ def _decode_slice(
         dice[:], iou[:] = sel.dice.reshape(k, v), sel.iou.reshape(k, v)
         oracle[:], top_iou[:] = sel.dice_oracle.reshape(k, v), sel.dice_top_iou.reshape(k, v)
     if "everything" in opts.prompts:
-        matched, match_index, _ = everything_predictions(model, embedding, gt, opts.everything)
+        matched, match_index, _ = everything_predictions(model, embedding, gt, opts.generator)
         # Everything mode's masks are on the host already (run-length codes): scored here.
         d, u = overlap_scores(torch.from_numpy(matched), torch.from_numpy(gt))
         packed = np.concatenate([bitmask.pack(matched[:, None]), packed], axis=1)

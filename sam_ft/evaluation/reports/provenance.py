@@ -29,16 +29,28 @@ NSD_WORDS = {
 
 
 def config_hash(options: EvalOptions, seed: int | None) -> str:
-    """12 hex digits of SHA-256 over the options that decide the numbers, and the seed."""
-    fields = dataclasses.asdict(options)
-    fields.pop("workers", None)
-    fields.pop("queue_mb", None)
-    if fields.get("mode") == "slices":
+    """12 hex digits of SHA-256 over the options that decide the numbers, and the seed (in the
+    layout the hash has always had, so runs before and after compare)."""
+    fields = {
+        "prompts": list(options.prompts),
+        "levels": list(options.levels),
+        **{k: getattr(options, k) for k in HASHED},
+        "everything": dataclasses.asdict(options.generator),
+        "bootstrap": dataclasses.asdict(options.bootstrap),
+    }
+    if options.mode != "slices":
         # eval.propagate decides nothing in the slices mode: the hash it had before the modes.
-        fields.pop("mode")
-        fields.pop("propagate", None)
+        fields.update(mode=options.mode, propagate=dataclasses.asdict(options.propagate))
     body = json.dumps({"eval": fields, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+HASHED = (
+    "mask_selection", "point_sampling", "nsd_tolerance_mm", "nsd_method", "clicks",
+    "save_predictions", "max_prompts_per_call", "overlays", "volume_gt", "on_error",
+)  # fmt: skip
+"""The plain options in the hash (which cases, and how many processes score them, change no
+row's numbers)."""
 
 
 def provenance(options: EvalOptions, seed: int | None, units: Iterable[str]) -> dict[str, Any]:
