@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,6 @@ from sam_ft.data.types import SliceRecord
 from sam_ft.evaluation.metrics.overlap import dice_matrix
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.everything import (
-    EverythingConfig,
     everything_predictions,
     generate_masks,
 )
@@ -23,11 +24,14 @@ from sam_ft.model.trainable import TrainableSam
 H, W = 64, 80
 # tiny at a 128 input: 8 x 8 embedding tokens keep the decoder cheap on a CPU.
 TINY_INPUT = 128
+# The generator's settings of conf/eval/default.yaml, on a 3 x 3 grid.
+DEFAULT = dataclasses.replace(eval_options(None).generator, grid=3)
 # No filtering, so a random-weight model still yields masks.
-KEEP_ALL = EverythingConfig(grid=3, points_per_batch=4, pred_iou_thresh=0.0,
-                            stability_score_thresh=0.0)  # fmt: skip
+KEEP_ALL = dataclasses.replace(
+    DEFAULT, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0
+)
 # An IoU threshold no prediction can pass: nothing is generated.
-KEEP_NONE = EverythingConfig(grid=3, pred_iou_thresh=1e9)
+KEEP_NONE = dataclasses.replace(DEFAULT, pred_iou_thresh=1e9)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +122,10 @@ def test_generate_masks_equals_the_generator_with_its_filters_on(sam, scene, on)
         filters.update(chosen[name])
     theirs = SamAutomaticMaskGenerator(sam, **grid, **filters).generate(image)
     ours = generate_masks(
-        model, embedding, (H, W), EverythingConfig(grid=6, points_per_batch=16, **filters)
+        model,
+        embedding,
+        (H, W),
+        dataclasses.replace(DEFAULT, grid=6, points_per_batch=16, **filters),
     )
     assert 1 < len(theirs) < len(unfiltered), len(theirs)  # the filters bite, masks are left
     theirs = np.stack([a["segmentation"] for a in theirs])

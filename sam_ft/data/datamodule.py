@@ -355,7 +355,7 @@ class SamDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 1
-        return max(1, int(trainer.world_size) // max(1, int(getattr(trainer, "num_nodes", 1))))
+        return max(1, int(trainer.world_size) // max(1, int(trainer.num_nodes)))
 
     def _loader(self, split: str) -> DataLoader | list:
         ds = self.dataset(split)

@@ -117,13 +117,14 @@ def start_ranks(trainer_cfg: Mapping | None) -> Ranks | None:
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
+    # The keys the trainer group sets; Lightning's own defaults for the others.
     kwargs = {
-        "accelerator": trainer_cfg.get("accelerator", "auto"),
-        "devices": trainer_cfg.get("devices", 1),
-        "num_nodes": int(trainer_cfg.get("num_nodes", 1) or 1),
+        k: trainer_cfg[k]
+        for k in ("accelerator", "devices", "num_nodes")
+        if trainer_cfg.get(k) is not None
     }
-    if kwargs["devices"] in (1, "1") and kwargs["num_nodes"] == 1:
-        return None
+    if kwargs.get("devices") in (1, "1") and kwargs.get("num_nodes") in (None, 1, "1"):
+        return None  # one process, without asking Lightning (it may check the accelerator)
     if Fabric(**kwargs, strategy="auto").world_size <= 1:  # devices=auto on one device
         return None
     fabric = Fabric(**kwargs, strategy=DDPStrategy(timeout=BARRIER_TIMEOUT))

@@ -20,9 +20,7 @@ encoded and decoded one at a time for matching.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,26 +40,17 @@ from sam_ft.prompts.types import Prompt
 
 @dataclass(frozen=True)
 class EverythingConfig:
-    """``SamAutomaticMaskGenerator`` settings (its defaults); ``grid`` is ``points_per_side``."""
+    """``SamAutomaticMaskGenerator`` settings; ``grid`` is ``points_per_side``. Their values
+    (the generator's own defaults) are ``eval.grid``, ``eval.max_prompts_per_call`` and
+    ``eval.everything`` in ``conf/eval/default.yaml``: ``EvalOptions.generator`` builds this."""
 
-    grid: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    min_mask_region_area: int = 0
-
-    @classmethod
-    def from_eval_cfg(cls, cfg: Mapping[str, Any]) -> EverythingConfig:
-        """Build from the ``eval`` config: ``grid``, ``max_prompts_per_call`` and the optional
-        ``everything`` sub-mapping (any field of this class)."""
-        sub = dict(cfg.get("everything") or {})
-        return cls(
-            grid=int(cfg.get("grid", cls.grid)),
-            points_per_batch=int(cfg.get("max_prompts_per_call", 256)),
-            **{k: type(getattr(cls, k))(v) for k, v in sub.items()},
-        )
+    grid: int
+    points_per_batch: int
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    box_nms_thresh: float
+    min_mask_region_area: int
 
 
 def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
@@ -107,7 +96,7 @@ def generate_codes(
     model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
-    config: EverythingConfig = EverythingConfig(),
+    config: EverythingConfig,
 ) -> list[dict]:
     """The kept masks of one image as run-length codes, in ``SamAutomaticMaskGenerator`` order.
 
@@ -175,7 +164,7 @@ def generate_masks(
     model: SegmentBackend,
     embedding: torch.Tensor,
     original_size: tuple[int, int],
-    config: EverythingConfig = EverythingConfig(),
+    config: EverythingConfig,
 ) -> np.ndarray:
     """All masks of one image from an m x m point grid, as ``SamAutomaticMaskGenerator``.
 
@@ -213,7 +202,7 @@ def everything_predictions(
     model: SegmentBackend,
     embedding: torch.Tensor,
     gt: np.ndarray,
-    config: EverythingConfig = EverythingConfig(),
+    config: EverythingConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The study's S1: generate masks, then give each object its best-Dice generated mask.
 
