@@ -140,10 +140,11 @@ def make_datamodule(cfg, model, run_dir: Path, progress: bool = False):
     from omegaconf import OmegaConf
 
     from sam_ft.data.datamodule import SamDataModule
+    from sam_ft.data.tasks import data_options, task_options
 
     return SamDataModule(
-        task=OmegaConf.to_container(cfg.task, resolve=True),
-        data=OmegaConf.to_container(cfg.data, resolve=True),
+        task=task_options(OmegaConf.to_container(cfg.task, resolve=True)),
+        data=data_options(OmegaConf.to_container(cfg.data, resolve=True)),
         transform=model.transform,
         train_prompt=instantiate(cfg.prompt),
         seed=cfg.seed,

@@ -23,12 +23,16 @@ from scale import write_volumes
 
 
 def _task(root: Path) -> dict:
-    return {
-        "name": "bench",
-        "root": str(root),
-        "modality": "CT",
-        "intensity": {"mode": "window", "level": 40, "width": 400},
-    }
+    from sam_ft.data.tasks import task_options
+
+    return task_options(
+        {
+            "name": "bench",
+            "root": str(root),
+            "modality": "CT",
+            "intensity": {"mode": "window", "level": 40, "width": 400},
+        }
+    )
 
 
 def warm_up(root: Path) -> None:
@@ -36,20 +40,28 @@ def warm_up(root: Path) -> None:
     would inherit it warm, which would flatter the parallel run."""
     from sam_ft.data.folder import find_cases
     from sam_ft.data.loading import load_case
+    from sam_ft.data.tasks import data_options
 
-    load_case(find_cases(root, _task(root))[0], _task(root))
+    load_case(find_cases(root, _task(root))[0], _task(root), data_options(None))
 
 
 def prepare(root: Path, cache: Path, workers: int) -> float:
     """Seconds for ``setup()`` with ``workers`` prep processes on an empty ``cache``."""
     from sam_ft.data.datamodule import SamDataModule
+    from sam_ft.data.tasks import data_options, task_options
     from sam_ft.model.preprocess import SamTransform
     from sam_ft.prompts.train_sampling import BoxPrompts
 
     task = _task(root)
     data = {"cache_dir": str(cache), "prep_workers": workers, "seed": 0}
     dm = SamDataModule(
-        task, data, SamTransform(256), BoxPrompts(), 0, run_dir=cache / "run", progress=False
+        task_options(task),
+        data_options(data),
+        SamTransform(256),
+        BoxPrompts(),
+        0,
+        run_dir=cache / "run",
+        progress=False,
     )
     t0 = time.perf_counter()
     dm.setup("fit")

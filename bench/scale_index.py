@@ -87,10 +87,13 @@ def write_entries(cache_dir: Path, n: int, side: int, processes: int) -> float:
 def _datamodule(cache_dir: Path, run_dir: Path, cases: list):
     from sam_ft.data.datamodule import SamDataModule
     from sam_ft.data.skips import SkipLog
+    from sam_ft.data.tasks import data_options, task_options
     from sam_ft.prompts.train_sampling import BoxPrompts
 
     data = {"cache_dir": str(cache_dir), "prep_workers": 1, "num_workers": 0}
-    dm = SamDataModule(TASK, data, None, BoxPrompts(), 0, run_dir, progress=False)
+    dm = SamDataModule(
+        task_options(TASK), data_options(data), None, BoxPrompts(), 0, run_dir, progress=False
+    )
     # The split's cases as find_cases + make_splits would give them (no source files here).
     dm._assigned = {"train": cases, "val": [], "test": []}
     dm.skip_log = SkipLog(run_dir)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from sam_ft.defaults import group_defaults
 from sam_ft.errors import ConfigError
 from sam_ft.schema import build, check, optional
 
@@ -59,10 +60,10 @@ class IntensityConfig:
     """``task.intensity`` (sam_ft/data/intensity.py)."""
 
     mode: Literal[INTENSITY_MODES]
-    scope: Literal[INTENSITY_SCOPES] | None = optional()
-    keep_zero: bool | None = optional()
-    level: float | None = optional()
-    width: float | None = optional()
+    scope: Literal[INTENSITY_SCOPES] | None
+    keep_zero: bool | None
+    level: float | None
+    width: float | None
     lower: float | None = optional()
     upper: float | None = optional()
 
@@ -80,12 +81,13 @@ class TaskConfig:
     slice_axis: Literal[SLICE_AXES]
     channel: int
     label_binarize: bool | float
-    ignore_labels: list[int] | None = optional()
-    case_pattern: str | None = optional()
-    images_dir: str | None = optional()
-    labels_dir: str | list[str] | None = optional()
-    label_name: str | None = optional()
-    layout: str | None = optional()
+    # The base task's keys (conf/task/folder.yaml), which parse_config gives every preset.
+    ignore_labels: list[int] | None
+    case_pattern: str | None
+    images_dir: str | None
+    labels_dir: str | list[str] | None
+    label_name: str | None
+    layout: str | None
     decathlon_task: str | None = optional()
     url: str | None = optional()
     md5: str | None = optional()
@@ -235,7 +237,7 @@ def parse_config(cfg: Any, entry: Literal["train", "evaluate"] = "train") -> Run
         return cfg[name]
 
     seed = _check(group("seed") if "seed" in cfg else 0, int, "seed")
-    task = _build(TaskConfig, group("task"), "task")
+    task = _task_group(group("task"))
     data = _build(DataConfig, group("data"), "data")
     eval_cfg = group("eval")
     if not isinstance(eval_cfg, Mapping):
@@ -305,13 +307,27 @@ def run_facts(run: RunConfig, checkpoint: str | None) -> RunFacts:
     )
 
 
+def _task_group(task: Any) -> TaskConfig:
+    """The ``task`` group complete: Hydra does not merge a preset over the base task, so the
+    keys a preset leaves out take ``conf/task/folder.yaml``'s values here, once; the code below
+    the task modules reads every key from the group it is handed."""
+    from sam_ft.data.tasks import task_options, to_plain
+
+    if isinstance(task, Mapping):
+        base = group_defaults("task", "folder")
+        intensity = task.get("intensity")
+        task = {**base, **task}
+        if intensity is None or isinstance(intensity, Mapping):
+            task["intensity"] = {**base["intensity"], **(intensity or {})}
+    checked = _build(TaskConfig, task, "task")  # types first: task_options trusts them
+    return _build(TaskConfig, task_options(to_plain(checked)), "task")
+
+
 def _check_values(run: RunConfig, data_cfg: Mapping) -> None:
     """Checks beyond types, by the code that uses the values (so the rules live in one place)."""
     from sam_ft.data.augment import SliceAugment
-    from sam_ft.data.tasks import task_options
 
     task = run.task
-    task_options({k: v for k, v in dataclasses.asdict(task).items() if v is not None})
     if task.source == "folder" and task.root is not None:
         root = Path(task.root).expanduser()
         images = root / (task.images_dir or "imagesTr")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_ft.config import PredictConfig, parse_predict_config
 from sam_ft.data.skips import SkipLog, check_on_error, raise_or_skip
-from sam_ft.data.tasks import to_plain
+from sam_ft.data.tasks import data_options, task_options, to_plain
 from sam_ft.defaults import config_dir
 from sam_ft.errors import CheckpointError, ConfigError, DataError, exit_on_own_error
 from sam_ft.evaluation.protocol.everything import EverythingConfig
@@ -163,8 +163,8 @@ def build_settings(cfg: PredictConfig, facts: dict[str, Any]) -> Settings:
     except (KeyError, TypeError) as err:
         raise ConfigError(f"everything={cfg.everything}: {err}") from None
     return Settings(
-        task=task,
-        data=data,
+        task=task_options(task),  # complete here, once: the loaders read no default
+        data=data_options(data),
         prompt=str(cfg.strategy),
         mask_selection=selection,
         seed=int(cfg.seed),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "sam_ft"
 
 # The task modules and the parser: the only ones that hold the composed Hydra config.
@@ -113,3 +115,80 @@ def test_predict_options_are_checked_as_a_runs():
         parse_predict_config(_compose("predict", [*PREDICT, "eval.grid=x"]))
     with pytest.raises(ConfigError, match=r"^missing required option input"):
         parse_predict_config(_compose("predict", ["checkpoint=auto", "output=out"]))
+
+
+# The functions of data/ take the complete task / data groups they are handed: only tasks.py
+# (which defines them) may complete a partial mapping from conf/'s YAML.
+COMPLETERS = {"task_options", "data_options"}
+
+
+def _completer_calls(tree: ast.AST, names: set[str] = COMPLETERS) -> list[str]:
+    return [
+        f"{node.lineno}: {ast.unparse(node.func)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, "id", None) or getattr(node.func, "attr", None)) in names
+    ]
+
+
+def test_no_data_function_completes_the_task_from_the_yaml():
+    below = [*(PACKAGE / "data").rglob("*.py"), *(PACKAGE / "inference").rglob("*.py")]
+    bad = {
+        path.relative_to(PACKAGE).as_posix(): found
+        for path in below
+        if path.name != "tasks.py"  # defines them (the Python API's completion)
+        if (found := _completer_calls(ast.parse(path.read_text(), str(path))))
+    }
+    assert not bad, bad
+    tasks = ast.parse((PACKAGE / "data" / "tasks.py").read_text())
+    inner = [
+        f"{fn.name}: {call}"
+        for fn in tasks.body
+        if isinstance(fn, ast.FunctionDef) and fn.name not in COMPLETERS
+        for call in _completer_calls(fn, COMPLETERS | {"group_defaults"})
+    ]
+    assert not inner, inner
+
+
+def test_the_walk_sees_a_completion():
+    found = _completer_calls(ast.parse("def f(t):\n    return tasks.task_options(t)\n"))
+    assert found == ["2: tasks.task_options"]
+
+
+def test_the_demo_run_reads_no_default_below_parse_config(tmp_path, monkeypatch):
+    """parse_config completes the demo preset over the base task once; the data module then
+    prepares and splits the demo with no YAML default read (any completion would raise)."""
+    from hydra import compose, initialize_config_dir
+
+    from sam_ft.config import parse_config
+    from sam_ft.data import tasks
+    from sam_ft.data.datamodule import SamDataModule
+    from sam_ft.data.loading import slice_settings
+    from sam_ft.data.tasks import data_options, task_options, to_plain
+    from sam_ft.prompts.train_sampling import BoxPrompts
+
+    overrides = ["model=tiny", "task=demo", f"paths.data_dir={tmp_path}"]
+    overrides += [f"data.cache_dir={tmp_path / 'cache'}", "data.prep_workers=1"]
+    with initialize_config_dir(config_dir=str(PACKAGE.parent / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    run = parse_config(cfg)
+    assert run.task.images_dir == "imagesTr" and run.task.intensity.scope == "slice"
+    # The cache key is the one the slices were cached under before (completed in the loaders).
+    from omegaconf import OmegaConf
+
+    task, data = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "data"))
+    before = slice_settings(task_options(task), data_options(data))
+    assert slice_settings(to_plain(run.task), to_plain(run.data)) == before
+
+    def no_default(*args, **kwargs):
+        raise AssertionError("a YAML default was read below parse_config")
+
+    monkeypatch.setattr(tasks, "group_defaults", no_default)
+    dm = SamDataModule(
+        run.task, run.data, None, BoxPrompts(), run.seed, tmp_path / "run", progress=False
+    )
+    dm.prepare_data()
+    dm.setup("validate")
+    assert dm.splits is not None and len(dm.splits["val"]) >= 1
+    with pytest.raises(TypeError, match="TaskConfig"):
+        SamDataModule(cfg.task, run.data, None, BoxPrompts(), 0, tmp_path / "x")

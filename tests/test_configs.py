@@ -31,6 +31,7 @@ def _build_everything(cfg, run_dir: Path) -> None:
     groups, loss, prompt, data module, and through ``build_trainer`` every callback, logger and
     the trainer. Raises whatever an option that cannot build raises."""
     from sam_ft.data.datamodule import SamDataModule
+    from sam_ft.data.tasks import data_options, task_options
     from sam_ft.train import build_loss, build_trainer
 
     with torch.device("meta"):
@@ -45,6 +46,7 @@ def _build_everything(cfg, run_dir: Path) -> None:
     assert isinstance(build_loss(cfg), torch.nn.Module)  # iou_weight: null follows the selection
     prompt = instantiate(cfg.prompt)
     task, data = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "data"))
+    task, data = task_options(task), data_options(data)  # as complete as parse_config's
     SamDataModule(
         task=task, data=data, transform=model.transform, train_prompt=prompt,
         seed=cfg.seed, run_dir=run_dir, data_dir=cfg.paths.data_dir,

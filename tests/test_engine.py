@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from partial_api import lazy_cases
 from segment_anything import SamPredictor
 from wrapped_sam import wrap_sam
 
 from sam_ft.data.types import SliceRecord
 from sam_ft.errors import DataError
 from sam_ft.evaluation.metrics.object_metrics import volume_metrics
-from sam_ft.evaluation.protocol.cases import LazyCase, lazy_cases
+from sam_ft.evaluation.protocol.cases import LazyCase
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.evaluation.protocol.predictions import CasePredictions
@@ -425,9 +426,9 @@ def test_config_errors():
 
 def test_real_png_files_match_sam_predictor(model, tmp_path):
     """8-bit PNGs on disk -> data loaders -> engine: box/point1 oracle Dice equals SamPredictor."""
+    from partial_api import find_cases, load_case
+
     from sam_ft.data.demo import ensure_demo
-    from sam_ft.data.folder import find_cases
-    from sam_ft.data.loading import load_case
 
     root = ensure_demo(tmp_path / "demo_2d", "2d", num_cases=2)
     task = {"name": "demo_2d", "source": "demo", "root": str(root), "modality": "MR"}

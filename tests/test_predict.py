@@ -301,9 +301,7 @@ def test_predict_writes_the_masks_evaluate_scored(tmp_path, weights, prompt, sel
     np.testing.assert_allclose(nib.as_closest_canonical(mine).affine, scored.affine, atol=1e-5)
     # The images themselves: predict's are the loader's, slice for slice (per-slice percentiles;
     # a random tiny model's masks alone may not show a different intensity mapping).
-    from sam_ft.data.folder import find_cases
-    from sam_ft.data.loading import load_case
-    from sam_ft.inference.inputs import load_image
+    from partial_api import find_cases, load_case, load_image
 
     case = load_case(find_cases(root, cfg.task)[0], cfg.task, {"min_object_pixels": 20})
     loaded = load_image(root / "imagesTr" / "case1.nii.gz", read_card(card_path(weights))["task"])

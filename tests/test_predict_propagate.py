@@ -41,11 +41,11 @@ def test_one_box_on_one_slice_gives_a_label_volume(tmp_path, weights):  # noqa: 
     # The next slice up: prompted by the prompted slice's mask's box + 3 px (256 frame).
     from pathlib import Path
 
+    from partial_api import load_image
     from test_predict import _compose
 
     from sam_ft.config import parse_predict_config
     from sam_ft.evaluation.protocol.decode_select import decode_masks
-    from sam_ft.inference.inputs import load_image
     from sam_ft.inference.label_maps import _embed
     from sam_ft.predict import build_model, build_settings, trained_settings
     from sam_ft.prompts.types import Prompt

@@ -173,8 +173,7 @@ def mni_slab(tmp_path_factory):
 
 
 def _load(root):
-    from sam_ft.data.folder import find_cases
-    from sam_ft.data.loading import load_case
+    from partial_api import find_cases, load_case
 
     task = {"name": "slab", "source": "folder", "root": str(root), "modality": "MR"}
     task |= {"slice_axis": 2}

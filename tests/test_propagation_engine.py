@@ -46,8 +46,7 @@ def _write_case(root, name: str, shift: int) -> None:
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    from sam_ft.data.folder import find_cases
-    from sam_ft.data.loading import load_case
+    from partial_api import find_cases, load_case
 
     root = tmp_path_factory.mktemp("volumes")
     for i in range(3):

@@ -82,8 +82,7 @@ def official(weights):
 def case(tmp_path_factory):
     """A (W, H, S) NIfTI volume on 8 x 8 blocks: object 1 on slices 1-4 (widest on 2), object 2
     on slices 2-5, loaded as eval.mode=propagate loads it (every slice's image)."""
-    from sam_ft.data.folder import find_cases
-    from sam_ft.data.loading import load_case
+    from partial_api import find_cases, load_case
 
     root = tmp_path_factory.mktemp("volume")
     rng = np.random.default_rng(0)

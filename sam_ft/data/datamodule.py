@@ -54,7 +54,7 @@ from sam_ft.data.preparation import (
 from sam_ft.data.skips import SkipLog
 from sam_ft.data.slice_index import SliceIndex
 from sam_ft.data.splits import SPLITS, make_splits, write_splits
-from sam_ft.data.tasks import data_options, prepare_task, task_options, to_plain
+from sam_ft.data.tasks import plain_group, prepare_task, to_plain
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError, DataError
 from sam_ft.model.preprocess import SamTransform
@@ -66,9 +66,11 @@ class SamDataModule(L.LightningDataModule):
     """Data for finetuning and evaluating SAM on one task.
 
     Args:
-        task: the ``task`` group, checked (``sam_ft.config.TaskConfig``; a mapping of its keys
-            also, e.g. a partial one from Python: the others take ``conf/task/folder.yaml``'s).
-        data: the ``data`` group, checked (``sam_ft.config.DataConfig``, or a mapping).
+        task: the ``task`` group, checked and complete (``sam_ft.config.TaskConfig`` from
+            ``parse_config``, or a dict of every key: ``data.tasks.task_options`` completes a
+            partial one from Python). Nothing is filled in here.
+        data: the ``data`` group, the same way (``sam_ft.config.DataConfig``, or a dict from
+            ``data.tasks.data_options``).
         transform: model input / low-res target transform of the model being trained; may be
             set after preprocessing (``evaluate.py`` checks the files before building a model),
             it is first needed by :meth:`dataset`.
@@ -97,8 +99,8 @@ class SamDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.target_resolution = target_resolution
-        self.task = task_options(task)
-        self.data = data_options(data)
+        self.task = plain_group(task, "TaskConfig", "task_options")
+        self.data = plain_group(data, "DataConfig", "data_options")
         self.transform = transform
         self.train_prompt = train_prompt
         self.val_prompt = val_prompt or tight_box_prompts

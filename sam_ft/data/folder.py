@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sam_ft.data.tasks import task_options
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError, DataError
 
@@ -78,7 +77,7 @@ def find_cases(root: str | Path, task: Mapping[str, Any]) -> list[CaseFiles]:
     Raises:
         DataError: the images folder is missing or holds no supported file.
     """
-    opts = task_options(task)
+    opts = task
     root = Path(root)
     images_dir = root / opts["images_dir"]
     if not images_dir.is_dir():

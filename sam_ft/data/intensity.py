@@ -110,8 +110,8 @@ def map_slice(
 
     Args:
         raw: (H, W) or (H, W, 3) raw intensities.
-        intensity: ``task.intensity`` with every key (``task_options`` fills a preset's from
-            conf/task/folder.yaml).
+        intensity: ``task.intensity`` with every key (``parse_config`` or ``task_options``
+            fills a preset's from conf/task/folder.yaml).
         bounds: the volume's (low, high), or None to compute them on this slice (``scope:
             slice``, the official code's per-image percentiles).
 

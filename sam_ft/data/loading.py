@@ -24,12 +24,10 @@ from sam_ft.data.readers import check_file, read_2d, read_volume, spacing_from_a
 from sam_ft.data.skips import SkipLog, raise_or_skip
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, slice_records
 from sam_ft.data.tasks import (
-    data_options,
     dataset_label_groups,
     object_groups,
     read_dataset_json,
     task_modality,
-    task_options,
 )
 from sam_ft.data.types import CaseFiles, SliceRecord
 from sam_ft.errors import DataError
@@ -136,7 +134,7 @@ def _meta_cached(root: str, mtime: float) -> dict:
 
 def dataset_meta(case: CaseFiles, task: Mapping[str, Any]) -> dict:
     """dataset.json of the task folder holding ``case`` ({} when absent)."""
-    depth = len(Path(task_options(task)["images_dir"]).parts)
+    depth = len(Path(task["images_dir"]).parts)
     parents = Path(case.image).absolute().parents
     if depth >= len(parents):
         return {}
@@ -277,7 +275,7 @@ def _check_label_groups(
 def load_case(
     case: CaseFiles,
     task: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
     keep_images: bool = False,
 ) -> CaseData:
@@ -296,8 +294,7 @@ def load_case(
             mismatch; 4D channel out of range; NaN/Inf; label values outside the task's labels;
             no object left after filtering. The message names the file.
     """
-    opts = task_options(task)
-    dopts = data_options(data)
+    opts, dopts = task, data
     if meta is None:
         meta = dataset_meta(case, opts)
     if case.label is None:
@@ -357,9 +354,9 @@ def load_case(
     )
 
 
-def slice_settings(task: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict:
+def slice_settings(task: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
     """Every option the output of :func:`load_case` depends on (JSON-able), for cache keys."""
-    opts, dopts = task_options(task), data_options(data)
+    opts, dopts = task, data
     keys = (
         "modality", "intensity", "labels", "ignore_labels", "slice_axis", "channel",
         "label_binarize", "case_pattern",
@@ -375,7 +372,7 @@ def slice_settings(task: Mapping[str, Any], data: Mapping[str, Any] | None = Non
 def iter_cases(
     cases: Iterable[CaseFiles],
     task: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any],
     skip_log: SkipLog | None = None,
     progress: bool = True,
 ) -> Iterator[CaseData]:
@@ -384,14 +381,14 @@ def iter_cases(
     ``data.on_error=raise`` re-raises the first :class:`DataError`; ``skip`` records it in
     ``skip_log`` (a fresh in-memory log when None) and continues with the next case.
     """
-    dopts = data_options(data)
+    dopts = data
     skip_log = skip_log if skip_log is not None else SkipLog()
     cases = list(cases)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cases), desc=f"loading {task_options(task)['name']}", unit="case")
+        bar = tqdm(total=len(cases), desc=f"loading {task['name']}", unit="case")
     try:
         for case in cases:
             try:
@@ -411,7 +408,7 @@ def iter_cases(
 def load_cases(
     cases: Iterable[CaseFiles],
     task: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any],
     skip_log: SkipLog | None = None,
     progress: bool = True,
 ) -> list[CaseData]:

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sam_ft.atomic import atomic_write_text
-from sam_ft.data.tasks import data_options
 from sam_ft.data.types import CaseFiles
 from sam_ft.errors import ConfigError
 
@@ -79,17 +78,14 @@ def check_disjoint(splits: Mapping[str, Iterable[str]], source: str = "splits") 
             seen[cid] = name
 
 
-def make_splits(
-    cases: Sequence[CaseFiles], data: Mapping[str, Any] | None = None
-) -> dict[str, list[CaseFiles]]:
+def make_splits(cases: Sequence[CaseFiles], data: Mapping[str, Any]) -> dict[str, list[CaseFiles]]:
     """Assign the task's cases to train / val / test from ``data.split`` and ``data.seed``.
 
     With ``data.split.file`` the file decides (ids it names that do not exist raise; cases it does
     not name are left out); otherwise :func:`split_case_ids`. All images of one case (see
     ``task.case_pattern``) go to the same split.
     """
-    dopts = data_options(data)
-    split = dopts["split"]
+    split = data["split"]
     ids = {c.case for c in cases}
     if split.get("file"):
         by_id = read_split_file(split["file"])
@@ -99,7 +95,7 @@ def make_splits(
             raise ConfigError(f"data.split.file {split['file']}: unknown case ids {shown}")
     else:
         fractions = (split["train"], split["val"], split["test"])
-        by_id = split_case_ids(ids, fractions, int(dopts["seed"]))
+        by_id = split_case_ids(ids, fractions, int(data["seed"]))
     where = {cid: name for name, v in by_id.items() for cid in v}
     out: dict[str, list[CaseFiles]] = {k: [] for k in SPLITS}
     for c in cases:

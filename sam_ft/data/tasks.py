@@ -13,8 +13,9 @@ preset's own ``images_dir`` / ``labels_dir``) that :mod:`sam_ft.data.folder` rea
 
 Task keys (declared in :class:`sam_ft.config.TaskConfig`; defaults in ``conf/task/folder.yaml``,
 the base task, and ``data`` defaults in ``conf/data/default.yaml``, read by
-:func:`sam_ft.defaults.group_defaults`): ``name, source, root, decathlon_task, url, md5,
-modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
+:func:`sam_ft.defaults.group_defaults`; the functions here take the complete ``task`` dict,
+which ``parse_config`` or :func:`task_options` builds): ``name, source, root, decathlon_task,
+url, md5, modality, intensity {mode, level, width, lower, upper, scope, keep_zero},
 labels ({name: [values]} or null), ignore_labels, slice_axis (auto|0|1|2), channel,
 label_binarize (false | true | threshold), case_pattern, images_dir,
 labels_dir (dir or list of binary-mask dirs), label_name, layout, demo_variant, keep_archive``.
@@ -76,9 +77,32 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+def plain_group(group: Any, typed: str, completes: str) -> dict[str, Any]:
+    """A typed group (``sam_ft.config.<typed>``, matched by name: config imports data) or a
+    complete plain dict -> a plain dict, once; nothing is filled in.
+
+    Raises:
+        TypeError: anything else, e.g. a Hydra DictConfig (``parse_config`` types it); the
+            message names ``completes``, the function that completes a partial dict.
+    """
+    if type(group).__name__ == typed and dataclasses.is_dataclass(group):
+        return to_plain(group)
+    if type(group) is dict:
+        return to_plain(group)
+    raise TypeError(
+        f"SamDataModule takes sam_ft.config.{typed} (from parse_config) or a complete dict "
+        f"(sam_ft.data.tasks.{completes}), got {type(group).__name__}"
+    )
+
+
 def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
     """The task config as a plain dict; keys it lacks (``task.intensity``'s too) take their
-    values from ``conf/task/folder.yaml`` (:func:`~sam_ft.defaults.group_defaults`)."""
+    values from ``conf/task/folder.yaml`` (:func:`~sam_ft.defaults.group_defaults`).
+
+    The Python API's way (tests, benches, a user's script) to complete a partial mapping, and
+    ``parse_config``'s, once per run. Every function below it (this module's, ``data/``'s,
+    ``inference/``'s) takes the complete dict it is handed and reads no default.
+    """
     base = group_defaults("task", "folder")
     opts = {**base, **(to_plain(task) or {})}
     opts["intensity"] = {**base["intensity"], **(opts.get("intensity") or {})}
@@ -104,7 +128,11 @@ def task_options(task: Mapping[str, Any] | Any) -> dict[str, Any]:
 def data_options(data: Mapping[str, Any] | Any | None) -> dict[str, Any]:
     """The data config as a plain dict; keys it lacks (``data.split``'s too) take their values
     from ``conf/data/default.yaml`` (:func:`~sam_ft.defaults.group_defaults`: ``seed`` is
-    ``conf/train.yaml``'s, ``cache_dir`` None, i.e. ``<run dir>/cache``)."""
+    ``conf/train.yaml``'s, ``cache_dir`` None, i.e. ``<run dir>/cache``).
+
+    Like :func:`task_options`, the Python API's way to complete a partial mapping; the code below
+    the task modules takes the complete ``data`` dict it is handed.
+    """
     base = group_defaults("data")
     opts = {**base, **(to_plain(data) or {})}
     opts["split"] = {**base["split"], **(opts.get("split") or {})}
@@ -114,7 +142,7 @@ def data_options(data: Mapping[str, Any] | Any | None) -> dict[str, Any]:
 
 def task_root(task: Mapping[str, Any], data_dir: str | Path | None = None) -> Path:
     """The folder the task reads, from ``task.root`` or ``<data_dir>/<default folder>``."""
-    opts = task_options(task)
+    opts = task
     if opts["root"]:
         return Path(str(opts["root"])).expanduser()
     if data_dir is None:
@@ -131,7 +159,7 @@ def prepare_task(task: Mapping[str, Any], data_dir: str | Path | None = None) ->
         DataError: the folder of a ``folder`` task is missing (the message gives the layout), or
             a download failed.
     """
-    opts = task_options(task)
+    opts = task
     root = task_root(opts, data_dir)
     if opts["source"] == "demo":
         from sam_ft.data.demo import ensure_demo
@@ -291,7 +319,7 @@ def ensure_decathlon(task: Mapping[str, Any], root: Path) -> Path:
     mismatch is an error naming the file. After a verified extraction the archive is removed
     unless ``task.keep_archive=true``.
     """
-    opts = task_options(task)
+    opts = task
     name = _decathlon_name(opts)
     if (root / opts["images_dir"]).is_dir():
         return root
@@ -391,13 +419,13 @@ def dataset_label_groups(meta: Mapping[str, Any]) -> dict[str, list[int]] | None
 
 def object_groups(task: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, list[int]] | None:
     """The task's objects ({name: [label values]}), or None for "each value present is one"."""
-    opts = task_options(task)
+    opts = task
     return opts["labels"] if opts["labels"] is not None else dataset_label_groups(meta)
 
 
 def task_modality(task: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     """``task.modality``, else the dataset.json modality of the used channel, else ``""``."""
-    opts = task_options(task)
+    opts = task
     if opts.get("modality"):
         return str(opts["modality"])
     modality = meta.get("modality") or meta.get("channel_names") or {}

@@ -118,9 +118,8 @@ class LoadedImage:
 def load_image(path: Path, task: Mapping[str, Any]) -> LoadedImage:
     """Read an image as :func:`sam_ft.data.loading.load_case` does, without a label."""
     from sam_ft.data.readers import spacing_from_affine
-    from sam_ft.data.tasks import task_options
 
-    opts = task_options(task)
+    opts = task
     if is_2d_file(path):
         img = read_2d(str(path)).astype(np.float32)
         raw, axis, affine = img[None], -1, np.eye(4)

@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sam_ft.data.datamodule import SamDataModule
+from sam_ft.data.tasks import data_options, task_options
 from sam_ft.defaults import config_dir
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform
@@ -45,7 +46,15 @@ def _datamodule(root: Path, run: Path, on_error: str, split_file: Path) -> SamDa
         "min_object_pixels": 10,
         "prep_workers": 1,
     }
-    return SamDataModule(task, data, SamTransform(64), BoxPrompts(), 0, run, progress=False)
+    return SamDataModule(
+        task_options(task),
+        data_options(data),
+        SamTransform(64),
+        BoxPrompts(),
+        0,
+        run,
+        progress=False,
+    )
 
 
 def test_every_bad_file_is_named_and_an_unusable_split_fails_before_training(tmp_path, h):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from partial_api import find_cases, load_cases
 
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_cases
 from sam_ft.data.skips import SkipLog
 from sam_ft.errors import ConfigError, DataError
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from partial_api import prepare_task
 
 from sam_ft.data.cache import _verified_header
 from sam_ft.data.cache_check import main as cache_main
 from sam_ft.data.datamodule import SamDataModule
-from sam_ft.data.tasks import prepare_task
+from sam_ft.data.tasks import data_options, task_options
 from sam_ft.errors import DataError
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.train_sampling import BoxPrompts
@@ -36,7 +37,8 @@ def _dm(root: Path, tmp_path: Path, run: str) -> SamDataModule:
     task = OmegaConf.to_container(OmegaConf.load("conf/task/demo.yaml").task)
     data = {"cache_dir": str(tmp_path / "cache"), "seed": 0, "batch_size": 2, "prep_workers": 1}
     dm = SamDataModule(
-        {**task, "root": str(root)}, data, SamTransform(32), BoxPrompts(), 1, tmp_path / run,
+        task_options({**task, "root": str(root)}), data_options(data), SamTransform(32),
+        BoxPrompts(), 1, tmp_path / run,
         progress=False,
     )  # fmt: skip
     dm.setup("fit")

@@ -19,6 +19,7 @@ from sam_ft.data.dataset import (
     tight_box_prompts,
 )
 from sam_ft.data.embedding_cache import encoder_fingerprint
+from sam_ft.data.tasks import data_options, task_options
 from sam_ft.data.types import SliceRecord
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.train_sampling import BoxPrompts
@@ -155,7 +156,13 @@ def demo_task(tmp_path_factory):
 def _dm(task, tmp_path, run: str = "run", **data) -> SamDataModule:
     cfg = {"cache_dir": str(tmp_path / "cache"), "seed": 0, "batch_size": 3, **data}
     return SamDataModule(
-        task, cfg, SamTransform(S), BoxPrompts(), seed=1, run_dir=tmp_path / run, progress=False
+        task_options(task),
+        data_options(cfg),
+        SamTransform(S),
+        BoxPrompts(),
+        seed=1,
+        run_dir=tmp_path / run,
+        progress=False,
     )
 
 
@@ -359,7 +366,7 @@ def test_parallel_preprocessing_matches_serial_and_skips_bad_cases(demo_task, tm
     import shutil
     from pathlib import Path
 
-    from sam_ft.data.tasks import prepare_task
+    from partial_api import prepare_task
 
     root = tmp_path / "task"
     shutil.copytree(prepare_task(demo_task), root)  # generates the demo when absent

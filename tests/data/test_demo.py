@@ -7,12 +7,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from omegaconf import OmegaConf
+from partial_api import find_cases, load_cases, make_splits, prepare_task
 
 from sam_ft.data.demo import MARKER, ensure_demo, make_demo_case
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_cases
-from sam_ft.data.splits import make_splits
-from sam_ft.data.tasks import prepare_task
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

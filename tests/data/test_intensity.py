@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from partial_api import find_cases, load_case
 
-from sam_ft.data.folder import find_cases
 from sam_ft.data.intensity import (
     intensity_bounds,
     intensity_scope,
@@ -16,7 +16,6 @@ from sam_ft.data.intensity import (
     to_uint8,
     window_bounds,
 )
-from sam_ft.data.loading import load_case
 from sam_ft.errors import ConfigError
 
 
@@ -152,7 +151,7 @@ def test_ct_presets_keep_water_visible(name):
 def test_predict_prepares_images_as_the_loader(nifti_folder, tmp_path, scope):
     """predict.py's load_image gives each slice the loader's image: per-slice percentiles and
     the zero rule included (the official rule computed here on each 2D image)."""
-    from sam_ft.inference.inputs import load_image
+    from partial_api import load_image
 
     image, data = _two_slice_case(nifti_folder, scope)
     task = {"slice_axis": 2, "intensity": {"mode": "percentile", "scope": scope}}

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from partial_api import find_cases, load_case, load_cases, prepare_task
 
 from sam_ft.data import tasks as tasks_module
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_case, load_cases
-from sam_ft.data.tasks import DECATHLON_TASKS, prepare_task, task_options
+from sam_ft.data.tasks import DECATHLON_TASKS, task_options
 from sam_ft.errors import DataError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

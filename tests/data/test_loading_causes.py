@@ -16,10 +16,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from partial_api import find_cases, load_cases
 
 from sam_ft.data import readers
-from sam_ft.data.folder import VOLUME_SUFFIXES, find_cases
-from sam_ft.data.loading import load_cases
+from sam_ft.data.folder import VOLUME_SUFFIXES
 from sam_ft.data.readers import read_volume
 from sam_ft.errors import DataError
 

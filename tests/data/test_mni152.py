@@ -10,8 +10,9 @@ import pytest
 nib = pytest.importorskip("nibabel")
 datasets = pytest.importorskip("nilearn.datasets")
 
+from partial_api import prepare_task  # noqa: E402
+
 from sam_ft.data.mni152 import GAP_MM, STRIDE, ensure_mni152, is_complete  # noqa: E402
-from sam_ft.data.tasks import prepare_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from partial_api import find_cases, prepare_task
 
 from sam_ft.data import tasks as tasks_module
-from sam_ft.data.folder import find_cases
-from sam_ft.data.tasks import prepare_task
 from sam_ft.errors import DataError
 
 SPLEEN = {"name": "spleen_ct", "source": "decathlon"}

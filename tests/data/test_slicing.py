@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from partial_api import find_cases, load_case
 
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_case
 from sam_ft.data.slicing import choose_slice_axis, from_slicing_frame, object_masks
 
 

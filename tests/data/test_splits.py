@@ -6,13 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from partial_api import find_cases, load_cases, make_splits
 
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_cases
 from sam_ft.data.splits import (
     SPLITS,
     check_disjoint,
-    make_splits,
     read_split_file,
     split_case_ids,
     write_splits,

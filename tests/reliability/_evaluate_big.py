@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from sam_ft.data.folder import find_cases
+from sam_ft.data.tasks import data_options, task_options
 from sam_ft.evaluation.protocol.cases import lazy_cases
 from sam_ft.evaluation.protocol.engine import evaluate_models
 from sam_ft.evaluation.protocol.options import eval_options
 from sam_ft.model.builders import build_sam_architecture
 from sam_ft.model.trainable import TrainableSam
 
-TASK = {"modality": "CT", "intensity": {"mode": "window", "level": 40, "width": 400}}
+TASK = task_options({"modality": "CT", "intensity": {"mode": "window", "level": 40, "width": 400}})
 
 
 def _status(field: str) -> int:
@@ -47,7 +48,7 @@ def run(model: TrainableSam, job: dict) -> dict:
     t0 = time.perf_counter()
     result = evaluate_models(
         {"zero_shot": model},
-        lazy_cases(find_cases(job["root"], TASK), TASK),
+        lazy_cases(find_cases(job["root"], TASK), TASK, data_options(None)),
         report=False,
         task_name="big",
         options=eval_options(job["cfg"]),

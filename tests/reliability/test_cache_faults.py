@@ -13,10 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from partial_api import find_cases, load_case, slice_settings
 
 from sam_ft.data.cache import CachedCase, SliceCache, slice_cache_key
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import load_case, slice_settings
 from sam_ft.errors import CheckpointError
 from sam_ft.model.builders import build_sam, build_sam_architecture
 from sam_ft.model.download import fetch

@@ -93,12 +93,14 @@ FULL_DISK = """
 import resource, signal, sys
 from omegaconf import OmegaConf
 from sam_ft.data.datamodule import SamDataModule
+from sam_ft.data.tasks import data_options, task_options
 from sam_ft.model.preprocess import SamTransform
 from sam_ft.prompts.train_sampling import BoxPrompts
 
 task = OmegaConf.to_container(OmegaConf.load("conf/task/demo.yaml").task)
 task["root"] = sys.argv[1] + "/demo"
 data = {"cache_dir": sys.argv[1] + "/cache", "prep_workers": 2}
+task, data = task_options(task), data_options(data)
 dm = SamDataModule(task, data, SamTransform(64), BoxPrompts(), 0, sys.argv[1] + "/run")
 dm.prepare_data()  # the demo files, before the disk is "full"
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -16,11 +16,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from partial_api import find_cases, load_case, prepare_task
 from PIL import Image
 
-from sam_ft.data.folder import find_cases
-from sam_ft.data.loading import CaseData, load_case
-from sam_ft.data.tasks import prepare_task
+from sam_ft.data.loading import CaseData
 from sam_ft.errors import DataError, SamFtError
 
 FUZZ = settings(

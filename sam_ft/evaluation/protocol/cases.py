@@ -38,10 +38,10 @@ only when it is evaluated."""
 
 
 def lazy_cases(
-    files: Iterable[CaseFiles], task: Mapping[str, Any], data: Mapping[str, Any] | None = None
+    files: Iterable[CaseFiles], task: Mapping[str, Any], data: Mapping[str, Any]
 ) -> list[LazyCase]:
     """``CaseFiles`` (from ``sam_ft.data.folder.find_cases``) -> :class:`LazyCase` via
-    ``sam_ft.data.loading.load_case``."""
+    ``sam_ft.data.loading.load_case`` (``task``, ``data``: the complete groups)."""
     from functools import partial
 
     from sam_ft.data.loading import load_case
