@@ -45,6 +45,13 @@ sys.path.insert(0, str(ROOT))
 TASK = {"name": "scale_index", "modality": "CT", "intensity": {"mode": "minmax"}}
 
 
+def _groups() -> tuple[dict, dict]:
+    """TASK and the default data group, complete (the loaders read no default)."""
+    from sam_ft.data.tasks import data_options, task_options
+
+    return task_options(TASK), data_options({})
+
+
 def _write_some(args: tuple) -> None:
     cache_dir, start, stop, side = args
     from sam_ft.data.cache import CachedCase, SliceCache, slice_cache_key
@@ -61,7 +68,7 @@ def _write_some(args: tuple) -> None:
             case.case, -1, image, mask, np.array([1]), ["organ"], (0.8, 0.8), "CT",
             image[..., 0].astype(np.float32), image_id=case.image_id,
         )  # fmt: skip
-        key = slice_cache_key(case, case_settings(case, TASK, {}))
+        key = slice_cache_key(case, case_settings(case, *_groups()))
         cache.save(case.image_id, key, CachedCase([record], {"slice_axis": 2}, {}))
 
 
@@ -110,7 +117,7 @@ def old_check(cache_dir: Path, cases: list) -> tuple[float, list]:
     t0 = time.perf_counter()
     refs = []
     for case in cases:
-        key = slice_cache_key(case, case_settings(case, TASK, {}))
+        key = slice_cache_key(case, case_settings(case, *_groups()))
         path = cache.path(case.image_id, key)
         header = _verified_header(path, key)
         for i, s in enumerate(header["slices"]):
