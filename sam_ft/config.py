@@ -279,6 +279,10 @@ def parse_predict_config(cfg: Any) -> PredictConfig:
             raise ConfigError(f"missing required option {f.name}: set {f.name}=...")
         node = cfg[f.name]
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if f.name == "intensity" and isinstance(value, Mapping):
+            # Options given in part (intensity={mode: none}) complete over the base task's, as
+            # a task preset's do (_task_group).
+            value = {**group_defaults("task", "folder")["intensity"], **value}
         values[f.name] = _check(value, hints[f.name], f.name)
     return PredictConfig(**values)
 

@@ -117,6 +117,19 @@ def test_predict_options_are_checked_as_a_runs():
         parse_predict_config(_compose("predict", ["checkpoint=auto", "output=out"]))
 
 
+def test_predict_intensity_given_in_part_completes_as_a_tasks_does():
+    """``intensity={mode: none}`` on predict's command line: the keys left out take the base
+    task's values, as a task preset's do, so the typed group is complete and checked."""
+    from sam_ft.config import parse_predict_config
+    from sam_ft.data.tasks import task_options, to_plain
+
+    given = {"mode": "none"}
+    cfg = parse_predict_config(_compose("predict", [*PREDICT, "intensity={mode: none}"]))
+    completed = task_options({"name": "x", "source": "folder", "intensity": given})["intensity"]
+    assert to_plain(cfg.intensity) == completed
+    assert cfg.intensity.mode == "none"
+
+
 # The functions of data/ take the complete task / data groups they are handed: only tasks.py
 # (which defines them) may complete a partial mapping from conf/'s YAML.
 COMPLETERS = {"task_options", "data_options"}
