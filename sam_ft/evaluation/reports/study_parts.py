@@ -15,7 +15,6 @@ zero-shot run found in several runs counts once: duplicates are dropped within a
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import pandas as pd
 from sam_ft.errors import SamFtError
 from sam_ft.evaluation.protocol.order import BASELINE_MODEL, sort_table
 from sam_ft.evaluation.reports.levels import aggregation_levels, with_case_level
+from sam_ft.evaluation.reports.partition_files import append_rows, read_rows
 from sam_ft.evaluation.reports.statistics import Bootstrap
 
 CHUNK_ROWS = 20_000
@@ -52,21 +52,13 @@ class StudyParts:
         for key, part in chunk.groupby(keys, sort=False, dropna=False):
             key = (str(key[0]), str(key[1]), str(key[2]), bool(key[3]))
             path = self.files.setdefault(key, self.folder / f"part{len(self.files):05d}.pkl")
-            with open(path, "ab") as f:
-                pickle.dump(part.drop(columns="_plain"), f, protocol=pickle.HIGHEST_PROTOCOL)
+            append_rows(path, part.drop(columns="_plain"))
 
     def load(self, key: Key) -> pd.DataFrame:
         """One partition's rows in the order they were read, duplicates dropped."""
         from sam_ft.evaluation.reports.study import ROW_KEYS
 
-        frames = []
-        with open(self.files[key], "rb") as f:
-            while True:
-                try:
-                    frames.append(pickle.load(f))
-                except EOFError:
-                    break
-        rows = pd.concat(frames, ignore_index=True)
+        rows = read_rows(self.files[key])
         return rows.drop_duplicates(subset=ROW_KEYS, keep="first").reset_index(drop=True)
 
     def plain(self) -> Iterator[tuple[Key, pd.DataFrame]]:

@@ -18,7 +18,6 @@ read.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 
 from sam_ft.evaluation.protocol.order import BASELINE_MODEL
 from sam_ft.evaluation.protocol.tablesort import chunks, column_types
+from sam_ft.evaluation.reports.partition_files import append_rows, read_rows
 from sam_ft.evaluation.reports.statistics import (
     CLUSTER,
     Bootstrap,
@@ -83,19 +83,11 @@ class SummaryParts:
         by = [chunk["model"].astype(str), chunk["prompt"].astype(str), jitter.astype(str)]
         for key, part in chunk.groupby(by, sort=False, dropna=False):
             path = self.files.setdefault(key, self.folder / f"part{len(self.files):05d}.pkl")
-            with open(path, "ab") as f:
-                pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+            append_rows(path, part)
 
     def load(self, key: Key) -> pd.DataFrame:
         """One partition's rows, in the order they were read."""
-        frames = []
-        with open(self.files[key], "rb") as f:
-            while True:
-                try:
-                    frames.append(pickle.load(f))
-                except EOFError:
-                    break
-        return pd.concat(frames, ignore_index=True)
+        return read_rows(self.files[key])
 
     def batches(self) -> Iterator[pd.DataFrame]:
         """The rows, whole partitions at a time, as many as fit in :data:`CHUNK_ROWS` rows (a
